@@ -1,0 +1,102 @@
+//! Typed errors for the core. Each kind has a stable code that the binding puts on the
+//! JavaScript `Error` as `code`, so callers can branch on it without parsing messages.
+
+use std::fmt;
+
+/// What went wrong, independent of where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The path does not exist.
+    NotFound,
+    /// The path is not a regular file or block device (a directory, a socket, ...).
+    NotADevice,
+    /// The OS refused access.
+    PermissionDenied,
+    /// The device is already opened exclusively by someone else.
+    Busy,
+    /// An offset or length outside the device.
+    OutOfRange,
+    /// An offset or length not aligned to what the device requires.
+    Misaligned,
+    /// Any other I/O failure.
+    Io,
+    /// A stored checksum does not match the data it covers.
+    ChecksumMismatch,
+    /// A structure does not start with the magic it must have.
+    MagicMismatch,
+    /// No free space (buckets) left.
+    NoSpace,
+    /// A caller passed an argument that can never be valid.
+    InvalidArgument,
+}
+
+impl ErrorKind {
+    /// Stable code for this kind, as seen from JavaScript (`err.code`).
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "ENOENT",
+            ErrorKind::NotADevice => "NOT_A_DEVICE",
+            ErrorKind::PermissionDenied => "EACCES",
+            ErrorKind::Busy => "EBUSY",
+            ErrorKind::OutOfRange => "OUT_OF_RANGE",
+            ErrorKind::Misaligned => "MISALIGNED",
+            ErrorKind::Io => "EIO",
+            ErrorKind::ChecksumMismatch => "CHECKSUM_MISMATCH",
+            ErrorKind::MagicMismatch => "MAGIC_MISMATCH",
+            ErrorKind::NoSpace => "NO_SPACE",
+            ErrorKind::InvalidArgument => "INVALID_ARGUMENT",
+        }
+    }
+}
+
+/// A core error: a kind and a message that names the thing concerned.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    source: Option<std::io::Error>,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error { kind, message: message.into(), source: None }
+    }
+
+    /// Wraps an OS error, keeping the errno-derived kind.
+    pub fn io(context: impl Into<String>, err: std::io::Error) -> Self {
+        let kind = match err.kind() {
+            std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+            _ if err.raw_os_error() == Some(libc::EBUSY) => ErrorKind::Busy,
+            _ if err.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
+            _ => ErrorKind::Io,
+        };
+        Error { kind, message: format!("{}: {}", context.into(), err), source: Some(err) }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.kind.code()
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

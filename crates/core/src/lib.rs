@@ -1,0 +1,10 @@
+//! ubcache core: everything on the hot path of a user-space bcache, with no napi dependency.
+//!
+//! One module per concept, named in bcache's vocabulary. The napi crate converts types and
+//! errors from here and holds no logic of its own.
+
+pub mod crc64;
+pub mod device;
+pub mod error;
+
+pub use error::{Error, ErrorKind, Result};

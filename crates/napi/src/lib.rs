@@ -1,0 +1,78 @@
+//! The napi-rs binding: converts between JavaScript and `ubcache-core` types and maps core
+//! errors to JavaScript `Error`s carrying a `code`. No logic lives here.
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+type JsResult<T> = std::result::Result<T, napi::Error<String>>;
+
+fn to_js(err: ubcache_core::Error) -> napi::Error<String> {
+    napi::Error::new(err.code().to_string(), err.message().to_string())
+}
+
+/// CRC-64/WE of `data`, as bcache's `bch_crc64` computes it.
+#[napi]
+pub fn crc64(data: &[u8]) -> BigInt {
+    BigInt::from(ubcache_core::crc64::crc64(data))
+}
+
+/// Incremental CRC-64/WE: feed pieces in order with `update`, read the result with `digest`.
+#[napi]
+pub struct Crc64 {
+    inner: ubcache_core::crc64::Crc64,
+}
+
+#[napi]
+impl Crc64 {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        Crc64 { inner: ubcache_core::crc64::Crc64::new() }
+    }
+
+    /// Adds `data` after everything fed so far; returns `this` for chaining.
+    #[napi]
+    pub fn update(&mut self, data: &[u8]) -> &Self {
+        self.inner.update(data);
+        self
+    }
+
+    /// The checksum of everything fed so far.
+    #[napi]
+    pub fn digest(&self) -> BigInt {
+        BigInt::from(self.inner.finish())
+    }
+
+    /// Forgets everything fed so far.
+    #[napi]
+    pub fn reset(&mut self) {
+        self.inner.reset();
+    }
+}
+
+/// Size and geometry of a regular file or block device.
+#[napi(object)]
+pub struct DeviceInfo {
+    /// Capacity in bytes.
+    pub size_bytes: i64,
+    /// Smallest addressable unit in bytes (512 for regular files).
+    pub logical_block_size: u32,
+    /// True for a block device, false for a regular file.
+    pub is_block_device: bool,
+}
+
+/// Describes the file or block device at `path` (BLKGETSIZE64 / BLKSSZGET for devices).
+#[napi]
+pub fn device_info(path: String) -> JsResult<DeviceInfo> {
+    let info = ubcache_core::device::device_info(std::path::Path::new(&path)).map_err(to_js)?;
+    Ok(DeviceInfo {
+        size_bytes: info.size_bytes as i64,
+        logical_block_size: info.logical_block_size,
+        is_block_device: info.is_block_device,
+    })
+}
+
+/// Name of the crc64 kernel selected on this CPU.
+#[napi]
+pub fn crc64_implementation() -> String {
+    ubcache_core::crc64::implementation()
+}
