@@ -341,6 +341,7 @@ export function parseSuperblock(buf: Buffer, device?: DeviceGeometry): ParsedSup
     if (incompat) throw new SuperblockError('UNSUPPORTED_FEATURE', 'Unsupported incompatible feature found', `0x${incompat.toString(16)}`)
   }
 
+  const cache = isCacheVersion(version)
   const labelBytes = buf.subarray(O.label, O.label + SB_LABEL_SIZE)
   const nul = labelBytes.indexOf(0)
   const sb: Superblock = {
@@ -362,11 +363,13 @@ export function parseSuperblock(buf: Buffer, device?: DeviceGeometry): ParsedSup
     lastMount: buf.readUInt32LE(O.lastMount),
     firstBucket,
     journalBuckets,
-    cacheSync: bits(flags, ...CACHE_SYNC) === 1,
-    discard: bits(flags, ...CACHE_DISCARD) === 1,
-    replacement: REPLACEMENTS[bits(flags, ...CACHE_REPLACEMENT)] ?? 'lru',
-    cacheMode: CACHE_MODES[bits(flags, ...BDEV_CACHE_MODE)] ?? 'writethrough',
-    state: BACKING_STATES[bits(flags, ...BDEV_STATE)],
+    // The flags word means different things on cache and backing devices; the fields of
+    // the other kind keep their defaults.
+    cacheSync: cache && bits(flags, ...CACHE_SYNC) === 1,
+    discard: cache && bits(flags, ...CACHE_DISCARD) === 1,
+    replacement: (cache && REPLACEMENTS[bits(flags, ...CACHE_REPLACEMENT)]) || 'lru',
+    cacheMode: (!cache && CACHE_MODES[bits(flags, ...BDEV_CACHE_MODE)]) || 'writethrough',
+    state: cache ? 'none' : BACKING_STATES[bits(flags, ...BDEV_STATE)],
   }
   return { sb, storedCsum, computedCsum }
 }
