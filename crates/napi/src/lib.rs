@@ -23,6 +23,12 @@ pub struct Crc64 {
     inner: ubcache_core::crc64::Crc64,
 }
 
+impl Default for Crc64 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[napi]
 impl Crc64 {
     #[napi(constructor)]
