@@ -1,0 +1,209 @@
+//! The prio bucket format (bcache's `prio_set`): every bucket's prio and gen, spread over a
+//! chain of buckets on the cache device. Each prio bucket starts with a 40-byte header and
+//! then holds 3-byte entries for consecutive buckets; the chain's head is recorded in the
+//! journal. See `docs/format.md`, "Prio buckets".
+
+use crate::crc64::crc64;
+use crate::error::{Error, ErrorKind, Result};
+
+/// XORed with the set magic (the first 8 bytes of the set UUID, little endian) to give the
+/// magic of every prio bucket of that cache set.
+pub const PSET_MAGIC: u64 = 0x6750_e15f_8733_7f91;
+/// Bytes before the first entry: csum, magic, seq, version, pad, next_bucket.
+pub const PRIO_SET_HEADER_BYTES: usize = 40;
+/// Bytes per entry: prio (u16 LE) then gen (u8), packed.
+pub const PRIO_ENTRY_BYTES: usize = 3;
+/// Version written in the header (bcache leaves it zero and never checks it).
+pub const PRIO_SET_VERSION: u32 = 0;
+
+const OFF_CSUM: usize = 0;
+const OFF_MAGIC: usize = 8;
+const OFF_SEQ: usize = 16;
+const OFF_VERSION: usize = 24;
+const OFF_PAD: usize = 28;
+const OFF_NEXT: usize = 32;
+
+/// The set magic: the set UUID's first 8 bytes read as a little-endian u64.
+pub fn set_magic(set_uuid: &[u8; 16]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&set_uuid[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// Magic of the prio buckets of the cache set with this UUID.
+pub fn pset_magic(set_uuid: &[u8; 16]) -> u64 {
+    set_magic(set_uuid) ^ PSET_MAGIC
+}
+
+/// How many bucket entries fit in one prio bucket of `bucket_bytes` bytes.
+pub fn prios_per_bucket(bucket_bytes: usize) -> usize {
+    bucket_bytes.saturating_sub(PRIO_SET_HEADER_BYTES) / PRIO_ENTRY_BYTES
+}
+
+/// How many prio buckets a chain needs for `nbuckets` buckets (0 if a bucket cannot hold one
+/// entry).
+pub fn prio_buckets(nbuckets: u64, bucket_bytes: usize) -> usize {
+    let per = prios_per_bucket(bucket_bytes) as u64;
+    if per == 0 {
+        return 0;
+    }
+    nbuckets.div_ceil(per) as usize
+}
+
+/// One prio bucket's header, as read back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrioSetHeader {
+    pub csum: u64,
+    pub magic: u64,
+    pub seq: u64,
+    pub version: u32,
+    pub next_bucket: u64,
+}
+
+/// Writes one prio bucket into `buf` (the whole bucket): the header, the `(prio, gen)` entries
+/// in order, zeroes after them, and the checksum last. Fails if `buf` is too small or more
+/// entries are given than fit.
+pub fn encode_prio_set<I>(buf: &mut [u8], magic: u64, seq: u64, next_bucket: u64, entries: I) -> Result<()>
+where
+    I: IntoIterator<Item = (u16, u8)>,
+{
+    if buf.len() < PRIO_SET_HEADER_BYTES + PRIO_ENTRY_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("prio bucket buffer of {} bytes cannot hold a header and one entry", buf.len()),
+        ));
+    }
+    let per = prios_per_bucket(buf.len());
+    let (head, body) = buf.split_at_mut(PRIO_SET_HEADER_BYTES);
+    head[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&magic.to_le_bytes());
+    head[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+    head[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&PRIO_SET_VERSION.to_le_bytes());
+    head[OFF_PAD..OFF_PAD + 4].fill(0);
+    head[OFF_NEXT..OFF_NEXT + 8].copy_from_slice(&next_bucket.to_le_bytes());
+
+    let mut used = 0;
+    let mut slots = body.chunks_exact_mut(PRIO_ENTRY_BYTES);
+    for (prio, gen) in entries {
+        let Some(slot) = slots.next() else {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("more than {per} entries for one prio bucket"),
+            ));
+        };
+        let p = prio.to_le_bytes();
+        slot[0] = p[0];
+        slot[1] = p[1];
+        slot[2] = gen;
+        used += 1;
+    }
+    body[used * PRIO_ENTRY_BYTES..].fill(0);
+    seal(buf);
+    Ok(())
+}
+
+/// Recomputes and stores the checksum: crc64 over everything after the csum field.
+pub fn seal(buf: &mut [u8]) {
+    let csum = crc64(&buf[OFF_MAGIC..]);
+    buf[OFF_CSUM..OFF_CSUM + 8].copy_from_slice(&csum.to_le_bytes());
+}
+
+/// Reads and checks a prio bucket's header: the checksum first (a torn or foreign bucket),
+/// then the magic (a bucket of another cache set). `bucket` only names the bucket in errors.
+pub fn decode_prio_set_header(buf: &[u8], magic: u64, bucket: u64) -> Result<PrioSetHeader> {
+    if buf.len() < PRIO_SET_HEADER_BYTES + PRIO_ENTRY_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("prio bucket {bucket}: buffer of {} bytes is too small", buf.len()),
+        ));
+    }
+    let h = PrioSetHeader {
+        csum: le64(buf, OFF_CSUM),
+        magic: le64(buf, OFF_MAGIC),
+        seq: le64(buf, OFF_SEQ),
+        version: u32::from_le_bytes(buf[OFF_VERSION..OFF_VERSION + 4].try_into().unwrap()),
+        next_bucket: le64(buf, OFF_NEXT),
+    };
+    let want = crc64(&buf[OFF_MAGIC..]);
+    if h.csum != want {
+        return Err(Error::new(
+            ErrorKind::ChecksumMismatch,
+            format!("prio bucket {bucket}: checksum {:#018x}, computed {want:#018x}", h.csum),
+        ));
+    }
+    if h.magic != magic {
+        return Err(Error::new(
+            ErrorKind::MagicMismatch,
+            format!("prio bucket {bucket}: magic {:#018x}, expected {magic:#018x}", h.magic),
+        ));
+    }
+    Ok(h)
+}
+
+/// The `i`-th `(prio, gen)` entry of a prio bucket.
+#[inline]
+pub fn prio_entry(buf: &[u8], i: usize) -> (u16, u8) {
+    let o = PRIO_SET_HEADER_BYTES + i * PRIO_ENTRY_BYTES;
+    (u16::from_le_bytes([buf[o], buf[o + 1]]), buf[o + 2])
+}
+
+fn le64(buf: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(buf[off..off + 8].try_into().unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_bcache() {
+        // 512 KiB buckets: (524288 - 40) / 3 entries.
+        assert_eq!(prios_per_bucket(512 << 10), 174_749);
+        assert_eq!(prio_buckets(1 << 20, 512 << 10), 7);
+        assert_eq!(prio_buckets(174_749, 512 << 10), 1);
+        assert_eq!(prio_buckets(174_750, 512 << 10), 2);
+    }
+
+    #[test]
+    fn header_layout_is_little_endian_at_fixed_offsets() {
+        let mut buf = vec![0xAAu8; 4096];
+        encode_prio_set(&mut buf, 0x1122_3344_5566_7788, 9, 77, [(0x0102, 3), (0xFFFF, 255)]).unwrap();
+        assert_eq!(&buf[8..16], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&buf[16..24], &9u64.to_le_bytes());
+        assert_eq!(&buf[24..32], &[0; 8]);
+        assert_eq!(&buf[32..40], &77u64.to_le_bytes());
+        assert_eq!(&buf[40..46], &[0x02, 0x01, 3, 0xFF, 0xFF, 255]);
+        assert!(buf[46..].iter().all(|&b| b == 0));
+        assert_eq!(&buf[0..8], &crc64(&buf[8..]).to_le_bytes());
+        let h = decode_prio_set_header(&buf, 0x1122_3344_5566_7788, 5).unwrap();
+        assert_eq!((h.seq, h.next_bucket, h.version), (9, 77, 0));
+        assert_eq!(prio_entry(&buf, 1), (0xFFFF, 255));
+    }
+
+    #[test]
+    fn corruption_and_foreign_magic_are_refused() {
+        let mut buf = vec![0u8; 4096];
+        encode_prio_set(&mut buf, 42, 1, 0, [(1, 1)]).unwrap();
+        let e = decode_prio_set_header(&buf, 43, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::MagicMismatch);
+        buf[100] ^= 1;
+        let e = decode_prio_set_header(&buf, 42, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ChecksumMismatch);
+    }
+
+    #[test]
+    fn too_many_entries_is_an_error() {
+        let mut buf = vec![0u8; 46];
+        assert!(encode_prio_set(&mut buf, 0, 0, 0, [(1, 1), (2, 2)]).is_ok());
+        assert!(encode_prio_set(&mut buf, 0, 0, 0, [(1, 1), (2, 2), (3, 3)]).is_err());
+    }
+
+    #[test]
+    fn set_magic_is_first_half_of_uuid_le() {
+        let mut u = [0u8; 16];
+        u[0] = 1;
+        u[7] = 0x80;
+        u[8] = 0xFF;
+        assert_eq!(set_magic(&u), 0x8000_0000_0000_0001);
+        assert_eq!(pset_magic(&u), 0x8000_0000_0000_0001 ^ PSET_MAGIC);
+    }
+}
