@@ -133,18 +133,18 @@ impl CacheAlloc {
         let first = self.first_bucket as usize;
         let mut heap = std::mem::take(&mut self.heap);
         heap.clear();
-        for (i, b) in self.buckets.iter().enumerate().skip(first) {
-            if !b.can_invalidate() {
-                continue;
-            }
+        // Most buckets lose to the heap's current worst: compare against a cached copy of it
+        // and leave the heap to a cold path for the few that win.
+        // Most buckets lose to the heap's current worst: compare against a cached copy of it
+        // and leave the heap to a cold path for the few that win.
+        let mut worst = u64::MAX;
+        let mut i = first as u64;
+        for b in &self.buckets[first..] {
             // Weight in the high half, index in the low half: ties go to the lower index.
-            let key = (weight(b.prio, b.sectors_used(), min_prio, base) << 32) | i as u64;
-            if heap.len() < cap {
-                heap.push(key);
-            } else if let Some(mut top) = heap.peek_mut() {
-                if key < *top {
-                    *top = key;
-                }
+            let key = (weight(b.prio, b.sectors_used(), min_prio, base) << 32) | i;
+            i += 1;
+            if b.can_invalidate() & (key < worst) {
+                worst = heap_offer(&mut heap, cap, key);
             }
         }
         let mut picked = heap.into_sorted_vec();
@@ -205,6 +205,22 @@ impl CacheAlloc {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+}
+
+/// Adds `key` to the bounded max-heap of the best candidates, displacing its worst when full;
+/// returns the bar a later key must get under (u64::MAX while the heap is not full).
+#[cold]
+#[inline(never)]
+fn heap_offer(heap: &mut BinaryHeap<u64>, cap: usize, key: u64) -> u64 {
+    if heap.len() < cap {
+        heap.push(key);
+        if heap.len() < cap {
+            return u64::MAX;
+        }
+    } else {
+        *heap.peek_mut().expect("heap is full") = key;
+    }
+    *heap.peek().expect("heap is full")
 }
 
 /// bcache's `bucket_prio`: the prio above the set's minimum, plus an eighth of the range up to

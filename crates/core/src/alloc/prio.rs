@@ -74,13 +74,8 @@ where
         ));
     }
     let per = prios_per_bucket(buf.len());
-    let (head, body) = buf.split_at_mut(PRIO_SET_HEADER_BYTES);
-    head[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&magic.to_le_bytes());
-    head[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
-    head[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&PRIO_SET_VERSION.to_le_bytes());
-    head[OFF_PAD..OFF_PAD + 4].fill(0);
-    head[OFF_NEXT..OFF_NEXT + 8].copy_from_slice(&next_bucket.to_le_bytes());
-
+    write_header(buf, magic, seq, next_bucket);
+    let body = &mut buf[PRIO_SET_HEADER_BYTES..];
     let mut used = 0;
     let mut slots = body.chunks_exact_mut(PRIO_ENTRY_BYTES);
     for (prio, gen) in entries {
@@ -91,14 +86,21 @@ where
             ));
         };
         let p = prio.to_le_bytes();
-        slot[0] = p[0];
-        slot[1] = p[1];
-        slot[2] = gen;
+        slot.copy_from_slice(&[p[0], p[1], gen]);
         used += 1;
     }
     body[used * PRIO_ENTRY_BYTES..].fill(0);
     seal(buf);
     Ok(())
+}
+
+/// Writes everything of the header but the checksum.
+pub(crate) fn write_header(buf: &mut [u8], magic: u64, seq: u64, next_bucket: u64) {
+    buf[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&magic.to_le_bytes());
+    buf[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+    buf[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&PRIO_SET_VERSION.to_le_bytes());
+    buf[OFF_PAD..OFF_PAD + 4].fill(0);
+    buf[OFF_NEXT..OFF_NEXT + 8].copy_from_slice(&next_bucket.to_le_bytes());
 }
 
 /// Recomputes and stores the checksum: crc64 over everything after the csum field.
