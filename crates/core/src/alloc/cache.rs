@@ -138,11 +138,9 @@ impl CacheAlloc {
         // Most buckets lose to the heap's current worst: compare against a cached copy of it
         // and leave the heap to a cold path for the few that win.
         let mut worst = u64::MAX;
-        let mut i = first as u64;
-        for b in &self.buckets[first..] {
+        for (i, b) in (first as u64..).zip(&self.buckets[first..]) {
             // Weight in the high half, index in the low half: ties go to the lower index.
             let key = (weight(b.prio, b.sectors_used(), min_prio, base) << 32) | i;
-            i += 1;
             if b.can_invalidate() & (key < worst) {
                 worst = heap_offer(&mut heap, cap, key);
             }

@@ -652,15 +652,23 @@ impl Allocator {
         Ok(())
     }
 
-    /// The prio write failed: its buckets go back, and [`Step::WritePrios`] is asked again.
+    /// The prio write failed: [`Step::WritePrios`] is asked again. Its buckets go straight
+    /// back to the free lists (nothing points into them and their gens are durable); were
+    /// they merely freed, the retry could find no bucket to write to.
     pub fn prio_write_failed(&mut self, dev: u8) -> Result<()> {
         let c = self.cache_mut(dev)?;
         let Some(w) = c.prio_inflight.take() else {
             return Err(inval(format!("cache {dev}: no prio write in flight")));
         };
         for &b in &w.buckets {
-            self.bucket_free(dev, b)?;
-            self.unpin(dev, b)?;
+            let bucket = &mut c.buckets[b as usize];
+            bucket.set_mark(GcMark::Unused);
+            bucket.set_sectors_used(0);
+            bucket.prio = INITIAL_PRIO;
+            if !c.push_free(b as u32) {
+                // Cannot happen (the lists only shrank since), but never lose a bucket.
+                bucket_release(&mut c.buckets[b as usize]);
+            }
         }
         Ok(())
     }
@@ -755,6 +763,11 @@ impl Allocator {
         }
         Ok(())
     }
+}
+
+/// Drops the allocator's pin on a bucket it could not place: it is invalidated again later.
+fn bucket_release(b: &mut bucket::Bucket) {
+    b.pin = b.pin.saturating_sub(1);
 }
 
 fn check_bucket(c: &CacheAlloc, dev: u8, bucket: u64) -> Result<usize> {
