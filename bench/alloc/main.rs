@@ -8,7 +8,9 @@
 //!   allocator wrapper, divided by the bucket count.
 //! - lru_select_ms: one LRU selection of a free_inc batch over 1M buckets with random prios
 //!   and sectors used (median of 5).
+//!
 //! The reference is std's sort of 1M (weight, index) keys, a full-order LRU, in the same run.
+//!
 //! Run: cargo bench -p ubcache-core --bench alloc
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -186,7 +188,7 @@ fn aged(buf: &mut [u8], seed: u64) -> Allocator {
     drop(disk);
     a.gc_start();
     for b in 2 + links as u64..NBUCKETS {
-        if rng(&mut s) % 8 == 0 {
+        if rng(&mut s).is_multiple_of(8) {
             continue;
         }
         let ptr = a.bucket_ptr(0, b).unwrap();

@@ -563,7 +563,7 @@ proptest! {
                     }
                 }
             }
-            if s.a.free_inc(0).unwrap().len() != 0 {
+            if !s.a.free_inc(0).unwrap().is_empty() {
                 // The allocator already selected the next batch while we drained: check it.
                 let got = s.a.free_inc(0).unwrap();
                 let mut expect = Vec::new();
