@@ -3,7 +3,7 @@
 
 use std::collections::BinaryHeap;
 
-use super::bucket::{Bucket, INITIAL_PRIO};
+use super::bucket::{Bucket, BUCKET_GC_GEN_MAX, INITIAL_PRIO};
 use super::fifo::Fifo;
 use super::{Replacement, Reserve, RESERVE_NR};
 
@@ -128,23 +128,11 @@ impl CacheAlloc {
     /// one pass over the array keeps the best `heap_cap` candidates in a max-heap, then they
     /// are taken smallest first.
     fn invalidate_lru(&mut self, min_prio: u16, need_gc: &mut u8) {
-        let base = u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8);
         let cap = self.heap_cap;
         let first = self.first_bucket as usize;
         let mut heap = std::mem::take(&mut self.heap);
         heap.clear();
-        // Most buckets lose to the heap's current worst: compare against a cached copy of it
-        // and leave the heap to a cold path for the few that win.
-        // Most buckets lose to the heap's current worst: compare against a cached copy of it
-        // and leave the heap to a cold path for the few that win.
-        let mut worst = u64::MAX;
-        for (i, b) in (first as u64..).zip(&self.buckets[first..]) {
-            // Weight in the high half, index in the low half: ties go to the lower index.
-            let key = (weight(b.prio, b.sectors_used(), min_prio, base) << 32) | i;
-            if b.can_invalidate() & (key < worst) {
-                worst = heap_offer(&mut heap, cap, key);
-            }
-        }
+        lru_scan(&self.buckets, first, min_prio, &mut heap, cap);
         let mut picked = heap.into_sorted_vec();
         for &key in picked.iter() {
             if self.free_inc.is_full() {
@@ -205,6 +193,86 @@ impl CacheAlloc {
     }
 }
 
+/// Fills `heap` with the `cap` smallest LRU keys (weight << 32 | index) among the buckets from
+/// `first` on that can be invalidated.
+pub(crate) fn lru_scan(buckets: &[Bucket], first: usize, min_prio: u16, heap: &mut BinaryHeap<u64>, cap: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            unsafe { lru_scan_avx2(buckets, first, min_prio, heap, cap) };
+            return;
+        }
+    }
+    lru_scan_scalar(buckets, first, min_prio, heap, cap, u64::MAX);
+}
+
+/// The scan one bucket at a time, from `first` on, with `worst` the heap's bar so far. Most
+/// buckets lose to the heap's current worst: compare against a cached copy of it and leave the
+/// heap to a cold path for the few that win.
+pub(crate) fn lru_scan_scalar(buckets: &[Bucket], first: usize, min_prio: u16, heap: &mut BinaryHeap<u64>, cap: usize, mut worst: u64) {
+    let base = u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8);
+    for (i, b) in (first as u64..).zip(&buckets[first..]) {
+        // Weight in the high half, index in the low half: ties go to the lower index.
+        let key = (weight(b.prio, b.sectors_used(), min_prio, base) << 32) | i;
+        if b.can_invalidate() & (key < worst) {
+            worst = heap_offer(heap, cap, key);
+        }
+    }
+}
+
+/// The same scan four buckets at a time: each 8-byte bucket is one 64-bit lane (prio in bits
+/// 0..16, GC mark and sectors in 16..32, pin in 32..48, gen in 48..56, last_gc in 56..64).
+/// Lanes that can be invalidated and weigh strictly less than the heap's worst go to the
+/// exact scalar check. Strictly less is exact: buckets are visited in index order, so a later
+/// bucket of equal weight has the larger key.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn lru_scan_avx2(buckets: &[Bucket], first: usize, min_prio: u16, heap: &mut BinaryHeap<u64>, cap: usize) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(std::mem::size_of::<Bucket>() == 8);
+    let base = u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8);
+    let min16 = _mm256_set1_epi64x(i64::from(min_prio));
+    let low16 = _mm256_set1_epi64x(0xFFFF);
+    let base_v = _mm256_set1_epi64x(base as i64);
+    let sectors_mask = _mm256_set1_epi64x(0x3FFF);
+    // Any pin, or GC mark 2 or 3 (dirty, metadata): bit 17 is the high bit of the mark.
+    let busy = _mm256_set1_epi64x(((0xFFFFu64 << 32) | (2 << 16)) as i64);
+    let byte = _mm256_set1_epi64x(0xFF);
+    let gen_max = _mm256_set1_epi64x(i64::from(BUCKET_GC_GEN_MAX));
+    let zero = _mm256_setzero_si256();
+    let mut worst = u64::MAX;
+    let mut i = first;
+    while i + 4 <= buckets.len() {
+        // SAFETY: buckets[i..i + 4] is in bounds and is 32 plain bytes (Bucket is repr(C),
+        // 8 bytes, no padding); loadu has no alignment requirement.
+        let w = unsafe { _mm256_loadu_si256(buckets.as_ptr().add(i).cast::<__m256i>()) };
+        // Saturating 16-bit subtract touches only the prio field: min16 is zero elsewhere.
+        let prio = _mm256_and_si256(_mm256_subs_epu16(w, min16), low16);
+        let sectors = _mm256_and_si256(_mm256_srli_epi64::<18>(w), sectors_mask);
+        // (prio + base) < 2^17 and sectors < 2^14: a 32x32 multiply is exact.
+        let weights = _mm256_mul_epu32(_mm256_add_epi64(prio, base_v), sectors);
+        let idle = _mm256_cmpeq_epi64(_mm256_and_si256(w, busy), zero);
+        let gc_gen = _mm256_and_si256(_mm256_sub_epi64(_mm256_srli_epi64::<48>(w), _mm256_srli_epi64::<56>(w)), byte);
+        let gen_ok = _mm256_cmpgt_epi64(gen_max, gc_gen);
+        let bar = _mm256_set1_epi64x((worst >> 32) as i64);
+        let light = _mm256_cmpgt_epi64(bar, weights);
+        let hits = _mm256_and_si256(_mm256_and_si256(idle, gen_ok), light);
+        let mut mask = _mm256_movemask_pd(_mm256_castsi256_pd(hits)) as u32;
+        while mask != 0 {
+            let j = i + mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let b = &buckets[j];
+            let key = (weight(b.prio, b.sectors_used(), min_prio, base) << 32) | j as u64;
+            if key < worst {
+                worst = heap_offer(heap, cap, key);
+            }
+        }
+        i += 4;
+    }
+    lru_scan_scalar(buckets, i, min_prio, heap, cap, worst);
+}
+
 /// Adds `key` to the bounded max-heap of the best candidates, displacing its worst when full;
 /// returns the bar a later key must get under (u64::MAX while the heap is not full).
 #[cold]
@@ -233,4 +301,51 @@ fn weight(prio: u16, sectors: u32, min_prio: u16, base: u64) -> u64 {
 /// `min_prio` (smaller is invalidated first).
 pub fn lru_weight(prio: u16, sectors_used: u32, min_prio: u16) -> u64 {
     weight(prio, sectors_used, min_prio, u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::bucket::GcMark;
+
+    fn random_buckets(n: usize, seed: u64) -> Vec<Bucket> {
+        let mut s = seed | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        (0..n)
+            .map(|_| {
+                let mut b = Bucket { prio: (next() % 70000).min(65535) as u16, gen: next() as u8, ..Bucket::default() };
+                b.last_gc = b.gen.wrapping_sub((next() % 110) as u8);
+                b.set_mark([GcMark::Unused, GcMark::Reclaimable, GcMark::Reclaimable, GcMark::Dirty, GcMark::Metadata][(next() % 5) as usize]);
+                b.set_sectors_used(if next() % 4 == 0 { 1024 } else { (next() % 20000) as u32 });
+                b.pin = if next() % 6 == 0 { (next() % 3) as u16 } else { 0 };
+                b
+            })
+            .collect()
+    }
+
+    /// Whatever path the CPU takes, the picks are those of the plain definition: the `cap`
+    /// smallest (weight, index) keys of the buckets that can be invalidated.
+    #[test]
+    fn lru_scan_matches_the_definition() {
+        for (seed, n, cap, min_prio, first) in [(1, 1000, 64, 0, 1), (2, 4099, 8, 30000, 3), (3, 10_003, 512, 100, 0), (4, 7, 16, 0, 2), (5, 5000, 4000, 65535, 5)] {
+            let bs = random_buckets(n, seed);
+            let mut heap = BinaryHeap::new();
+            lru_scan(&bs, first, min_prio, &mut heap, cap);
+            let mut want: Vec<u64> = (first..n)
+                .filter(|&i| bs[i].can_invalidate())
+                .map(|i| (lru_weight(bs[i].prio, bs[i].sectors_used(), min_prio) << 32) | i as u64)
+                .collect();
+            want.sort_unstable();
+            want.truncate(cap);
+            assert_eq!(heap.into_sorted_vec(), want, "seed {seed}");
+            let mut heap = BinaryHeap::new();
+            lru_scan_scalar(&bs, first, min_prio, &mut heap, cap, u64::MAX);
+            assert_eq!(heap.into_sorted_vec(), want, "scalar, seed {seed}");
+        }
+    }
 }

@@ -606,29 +606,13 @@ impl Allocator {
         let start = link * per;
         let end = ((link + 1) * per).min(c.buckets.len());
         let next = w.buckets.get(link + 1).copied().unwrap_or(0);
-        // The same bytes as prio::encode_prio_set, in a loop the compiler can keep tight: this
-        // runs over every bucket of the device for every batch.
+        // The same bytes as prio::encode_prio_set, from the bucket array directly: this runs
+        // over every bucket of the device for every batch.
         prio::write_header(buf, self.pset_magic, w.seq, next);
         let body = &mut buf[prio::PRIO_SET_HEADER_BYTES..];
         let src = &c.buckets[start..end];
         let used = src.len() * prio::PRIO_ENTRY_BYTES;
-        // Four entries (12 bytes) per store, in fixed-size pieces the compiler can check once.
-        let mut outs = body[..used].chunks_exact_mut(12);
-        let mut ins = src.chunks_exact(4);
-        for (out, four) in (&mut outs).zip(&mut ins) {
-            let mut w = [0u8; 12];
-            for (k, b) in four.iter().enumerate() {
-                let p = b.prio.to_le_bytes();
-                w[k * 3] = p[0];
-                w[k * 3 + 1] = p[1];
-                w[k * 3 + 2] = b.gen;
-            }
-            out.copy_from_slice(&w);
-        }
-        for (out, b) in outs.into_remainder().chunks_exact_mut(3).zip(ins.remainder()) {
-            let p = b.prio.to_le_bytes();
-            out.copy_from_slice(&[p[0], p[1], b.gen]);
-        }
+        prio::encode_entries(src, body);
         body[used..].fill(0);
         prio::seal(buf);
         Ok(())
