@@ -931,6 +931,9 @@ fn prios_age_with_sectors_written() {
         s.a.rescale_priorities(step as u64);
     }
     assert_eq!(s.a.bucket(0, b).unwrap().prio, INITIAL_PRIO - 11);
+    // A huge write ages one step per call, and returns at once.
+    s.a.rescale_priorities(u64::MAX);
+    assert_eq!(s.a.bucket(0, b).unwrap().prio, INITIAL_PRIO - 12);
     s.a.touch(s.a.bucket_ptr(0, b).unwrap()).unwrap();
     assert_eq!(s.a.bucket(0, b).unwrap().prio, INITIAL_PRIO);
     // alloc_sectors drives the aging too.
@@ -942,6 +945,25 @@ fn prios_age_with_sectors_written() {
         }
     }
     assert!(s.a.bucket(0, b).unwrap().prio < INITIAL_PRIO);
+}
+
+#[test]
+fn stale_pointers_change_nothing() {
+    let mut s = Sim::new(&config(1, 1024, Replacement::Lru, false));
+    s.drive();
+    let b = alloc_retry(&mut s, 0, Reserve::None);
+    let fresh = s.a.bucket_ptr(0, b).unwrap();
+    let stale = Ptr { gen: fresh.gen.wrapping_sub(1), ..fresh };
+    assert_eq!(s.a.ptr_stale(stale).unwrap(), 1);
+    assert!(!s.a.ptr_valid(stale) && s.a.ptr_valid(fresh));
+    s.a.rescale_priorities(1 << 20);
+    let before = s.a.bucket(0, b).unwrap();
+    s.a.mark_dirty(stale).unwrap();
+    s.a.touch(stale).unwrap();
+    assert_eq!(s.a.bucket(0, b).unwrap(), before);
+    s.a.mark_dirty(fresh).unwrap();
+    assert_eq!(s.a.bucket(0, b).unwrap().mark, GcMark::Dirty);
+    assert!(!s.a.ptr_valid(Ptr { offset: 1024 * 16, ..fresh }), "a pointer past the device is not valid");
 }
 
 #[test]

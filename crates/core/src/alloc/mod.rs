@@ -458,11 +458,11 @@ impl Allocator {
     }
 
     /// A write with dirty data went into this pointer's bucket: it must not be invalidated
-    /// before writeback (and the next GC) says so.
+    /// before writeback (and the next GC) says so. A stale pointer changes nothing.
     pub fn mark_dirty(&mut self, ptr: Ptr) -> Result<()> {
         let bucket = self.ptr_bucket(ptr)?;
         let b = &mut self.caches[ptr.dev as usize].buckets[bucket as usize];
-        if b.mark() != GcMark::Metadata {
+        if b.gen == ptr.gen && b.mark() != GcMark::Metadata {
             b.set_mark(GcMark::Dirty);
         }
         Ok(())
@@ -476,9 +476,9 @@ impl Allocator {
         if self.rescale >= 0 {
             return;
         }
-        while self.rescale < 0 {
-            self.rescale += self.rescale_step;
-        }
+        // One step per call, as bcache: a huge write ages once now and again on the next call,
+        // rather than spinning here.
+        self.rescale += self.rescale_step;
         let mut min = u16::MAX;
         for c in &mut self.caches {
             let first = c.first_bucket as usize;
