@@ -48,6 +48,10 @@ pub(crate) struct CacheAlloc {
     pub prio_inflight: Option<PrioInFlight>,
     pub sectors_written: u64,
     pub meta_sectors_written: u64,
+    /// Every bucket's prio-file entry (prio u16 LE, gen u8), kept up to date as prios and gens
+    /// change so that a prio write copies it instead of re-reading the whole bucket array.
+    /// Empty until the first prio write builds it.
+    pub image: Vec<u8>,
 }
 
 impl CacheAlloc {
@@ -80,6 +84,7 @@ impl CacheAlloc {
             prio_inflight: None,
             sectors_written: 0,
             meta_sectors_written: 0,
+            image: Vec::new(),
         }
     }
 
@@ -98,6 +103,39 @@ impl CacheAlloc {
         self.free.iter().any(|f| !f.is_full())
     }
 
+    /// Records bucket `idx`'s current prio and gen in the prio-file image, if there is one.
+    #[inline]
+    pub fn note(&mut self, idx: usize) {
+        if let Some(e) = self.image.get_mut(idx * 3..idx * 3 + 3) {
+            let b = &self.buckets[idx];
+            let p = b.prio.to_le_bytes();
+            e.copy_from_slice(&[p[0], p[1], b.gen]);
+        }
+    }
+
+    /// Forgets the image (after changes too many to follow one by one).
+    pub fn drop_image(&mut self) {
+        self.image = Vec::new();
+    }
+
+    /// The prio-file entries of buckets `start..end`, building the image first if needed.
+    pub fn entries(&mut self, start: usize, end: usize) -> &[u8] {
+        if self.image.is_empty() {
+            self.image = vec![0; self.buckets.len() * super::prio::PRIO_ENTRY_BYTES];
+            super::prio::encode_entries(&self.buckets, &mut self.image);
+        }
+        let img = &self.image[start * 3..end * 3];
+        debug_assert!(
+            {
+                let mut fresh = vec![0u8; img.len()];
+                super::prio::encode_entries(&self.buckets[start..end], &mut fresh);
+                fresh == img
+            },
+            "the prio-file image missed a change"
+        );
+        img
+    }
+
     /// bcache's `__bch_invalidate_one_bucket`: bump the gen (every pointer into the bucket is
     /// now stale), reset the prio, and pin the bucket while it waits to be handed out.
     #[inline]
@@ -107,6 +145,7 @@ impl CacheAlloc {
         *need_gc = (*need_gc).max(b.gc_gen());
         b.prio = INITIAL_PRIO;
         b.pin += 1;
+        self.note(idx);
     }
 
     fn invalidate_to_free_inc(&mut self, idx: usize, need_gc: &mut u8) {
@@ -133,7 +172,8 @@ impl CacheAlloc {
         let mut heap = std::mem::take(&mut self.heap);
         heap.clear();
         lru_scan(&self.buckets, first, min_prio, &mut heap, cap);
-        let mut picked = heap.into_sorted_vec();
+        let mut picked = heap.into_vec();
+        picked.sort_unstable();
         for &key in picked.iter() {
             if self.free_inc.is_full() {
                 break;

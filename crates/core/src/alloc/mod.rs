@@ -360,12 +360,17 @@ impl Allocator {
         let b = &mut c.buckets[r as usize];
         debug_assert_eq!(b.pin, 1, "bucket {r} on a free list must carry exactly the allocator's pin");
         b.set_sectors_used(bucket_size);
-        if matches!(reserve, Reserve::Btree | Reserve::Prio) {
+        let prio = if matches!(reserve, Reserve::Btree | Reserve::Prio) {
             b.set_mark(GcMark::Metadata);
-            b.prio = BTREE_PRIO;
+            BTREE_PRIO
         } else {
             b.set_mark(GcMark::Reclaimable);
-            b.prio = INITIAL_PRIO;
+            INITIAL_PRIO
+        };
+        // Invalidation already set INITIAL_PRIO: only metadata changes the prio file here.
+        if b.prio != prio {
+            b.prio = prio;
+            c.note(r as usize);
         }
         self.avail_nbuckets = self.avail_nbuckets.saturating_sub(1);
         Ok(u64::from(r))
@@ -450,9 +455,11 @@ impl Allocator {
     /// A read hit: the bucket is young again (data buckets only; metadata keeps BTREE_PRIO).
     pub fn touch(&mut self, ptr: Ptr) -> Result<()> {
         let bucket = self.ptr_bucket(ptr)?;
-        let b = &mut self.caches[ptr.dev as usize].buckets[bucket as usize];
-        if b.prio != BTREE_PRIO && b.gen == ptr.gen {
+        let c = &mut self.caches[ptr.dev as usize];
+        let b = &mut c.buckets[bucket as usize];
+        if b.prio != BTREE_PRIO && b.prio != INITIAL_PRIO && b.gen == ptr.gen {
             b.prio = INITIAL_PRIO;
+            c.note(bucket as usize);
         }
         Ok(())
     }
@@ -482,10 +489,17 @@ impl Allocator {
         let mut min = u16::MAX;
         for c in &mut self.caches {
             let first = c.first_bucket as usize;
-            for b in &mut c.buckets[first..] {
+            let (buckets, image) = (&mut c.buckets, &mut c.image);
+            // The image follows in the same pass, while each bucket is at hand.
+            let mut entries = image.get_mut(first * 3..).map(|e| e.chunks_exact_mut(3));
+            for b in &mut buckets[first..] {
+                let e = entries.as_mut().and_then(|it| it.next());
                 if b.prio != 0 && b.prio != BTREE_PRIO && b.pin == 0 {
                     b.prio -= 1;
                     min = min.min(b.prio);
+                    if let Some(e) = e {
+                        e[..2].copy_from_slice(&b.prio.to_le_bytes());
+                    }
                 }
             }
         }
@@ -590,30 +604,29 @@ impl Allocator {
 
     /// Serializes link `link` of the prio write in flight into `buf`, which must be exactly one
     /// bucket long.
-    pub fn encode_prio_bucket(&self, dev: u8, link: usize, buf: &mut [u8]) -> Result<()> {
-        let c = self.cache(dev)?;
+    pub fn encode_prio_bucket(&mut self, dev: u8, link: usize, buf: &mut [u8]) -> Result<()> {
+        let bucket_bytes = self.bucket_size as usize * 512;
+        let magic = self.pset_magic;
+        let c = self.cache_mut(dev)?;
         let Some(w) = &c.prio_inflight else {
             return Err(inval(format!("cache {dev}: no prio write in flight")));
         };
-        let bucket_bytes = self.bucket_size as usize * 512;
         if buf.len() != bucket_bytes {
             return Err(inval(format!("prio bucket buffer is {} bytes, a bucket is {bucket_bytes}", buf.len())));
         }
         if link >= w.buckets.len() {
             return Err(inval(format!("prio chain of {} links has no link {link}", w.buckets.len())));
         }
+        let (seq, next) = (w.seq, w.buckets.get(link + 1).copied().unwrap_or(0));
         let per = prio::prios_per_bucket(bucket_bytes);
         let start = link * per;
         let end = ((link + 1) * per).min(c.buckets.len());
-        let next = w.buckets.get(link + 1).copied().unwrap_or(0);
-        // The same bytes as prio::encode_prio_set, from the bucket array directly: this runs
-        // over every bucket of the device for every batch.
-        prio::write_header(buf, self.pset_magic, w.seq, next);
-        let body = &mut buf[prio::PRIO_SET_HEADER_BYTES..];
-        let src = &c.buckets[start..end];
-        let used = src.len() * prio::PRIO_ENTRY_BYTES;
-        prio::encode_entries(src, body);
-        body[used..].fill(0);
+        // The same bytes as prio::encode_prio_set, copied from the kept-up-to-date image.
+        prio::write_header(buf, magic, seq, next);
+        let entries = c.entries(start, end);
+        let (used, rest) = buf[prio::PRIO_SET_HEADER_BYTES..].split_at_mut(entries.len());
+        used.copy_from_slice(entries);
+        rest.fill(0);
         prio::seal(buf);
         Ok(())
     }
@@ -649,6 +662,7 @@ impl Allocator {
             bucket.set_mark(GcMark::Unused);
             bucket.set_sectors_used(0);
             bucket.prio = INITIAL_PRIO;
+            c.note(b as usize);
             if !c.push_free(b as u32) {
                 // Cannot happen (the lists only shrank since), but never lose a bucket.
                 bucket_release(&mut c.buckets[b as usize]);
@@ -709,6 +723,7 @@ impl Allocator {
         }
         c.prio_buckets = chain;
         c.prio_seq = seq.unwrap_or(0);
+        c.drop_image();
         Ok(())
     }
 
