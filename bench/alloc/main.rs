@@ -188,7 +188,8 @@ fn aged(buf: &mut [u8], seed: u64) -> Allocator {
     let mut disk: Vec<Vec<u8>> = Vec::new();
     for link in 0..links {
         let count = per.min(NBUCKETS as usize - link * per);
-        let entries: Vec<(u16, u8)> = (0..count).map(|_| ((rng(&mut s) % 32769) as u16, (rng(&mut s) % 256) as u8)).collect();
+        let entries: Vec<(u16, u8)> =
+            (0..count).map(|_| ((rng(&mut s) % 32769) as u16, (rng(&mut s) % 256) as u8)).collect();
         let next = if link + 1 < links { 2 + link as u64 + 1 } else { 0 };
         prio::encode_prio_set(buf, a.pset_magic(), 1, next, entries).unwrap();
         disk.push(buf.to_vec());
@@ -270,7 +271,11 @@ fn main() {
     let t = Watch::start();
     keys.sort_unstable();
     let (_, sort_cpu) = t.read();
-    eprintln!("reference: sort_unstable of 1M LRU keys: {:.2} ms CPU (LRU select takes {:.0}% of that)", sort_cpu * 1e3, select_cpu / (sort_cpu * 1e3) * 100.0);
+    eprintln!(
+        "reference: sort_unstable of 1M LRU keys: {:.2} ms CPU (LRU select takes {:.0}% of that)",
+        sort_cpu * 1e3,
+        select_cpu / (sort_cpu * 1e3) * 100.0
+    );
     eprintln!("wall-clock figures: alloc_buckets_per_s {lru_wall:.0}, lru_select_ms {select_wall:.3} (the JSON below uses CPU time)");
 
     println!(

@@ -55,7 +55,14 @@ pub(crate) struct CacheAlloc {
 }
 
 impl CacheAlloc {
-    pub fn new(nbuckets: u64, first_bucket: u64, replacement: Replacement, discard: bool, prio_nr: usize, seed: u64) -> CacheAlloc {
+    pub fn new(
+        nbuckets: u64,
+        first_bucket: u64,
+        replacement: Replacement,
+        discard: bool,
+        prio_nr: usize,
+        seed: u64,
+    ) -> CacheAlloc {
         // bcache's sizing: `free` is nbuckets/1024 rounded up to a power of two.
         let free = (nbuckets.next_power_of_two() >> 10) as usize;
         let mut lists = [Fifo::new(0), Fifo::new(0), Fifo::new(0), Fifo::new(0)];
@@ -250,7 +257,14 @@ pub(crate) fn lru_scan(buckets: &[Bucket], first: usize, min_prio: u16, heap: &m
 /// The scan one bucket at a time, from `first` on, with `worst` the heap's bar so far. Most
 /// buckets lose to the heap's current worst: compare against a cached copy of it and leave the
 /// heap to a cold path for the few that win.
-pub(crate) fn lru_scan_scalar(buckets: &[Bucket], first: usize, min_prio: u16, heap: &mut BinaryHeap<u64>, cap: usize, mut worst: u64) {
+pub(crate) fn lru_scan_scalar(
+    buckets: &[Bucket],
+    first: usize,
+    min_prio: u16,
+    heap: &mut BinaryHeap<u64>,
+    cap: usize,
+    mut worst: u64,
+) {
     let base = u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8);
     for (i, b) in (first as u64..).zip(&buckets[first..]) {
         // Weight in the high half, index in the low half: ties go to the lower index.
@@ -360,7 +374,10 @@ mod tests {
             .map(|_| {
                 let mut b = Bucket { prio: (next() % 70000).min(65535) as u16, gen: next() as u8, ..Bucket::default() };
                 b.last_gc = b.gen.wrapping_sub((next() % 110) as u8);
-                b.set_mark([GcMark::Unused, GcMark::Reclaimable, GcMark::Reclaimable, GcMark::Dirty, GcMark::Metadata][(next() % 5) as usize]);
+                b.set_mark(
+                    [GcMark::Unused, GcMark::Reclaimable, GcMark::Reclaimable, GcMark::Dirty, GcMark::Metadata]
+                        [(next() % 5) as usize],
+                );
                 b.set_sectors_used(if next() % 4 == 0 { 1024 } else { (next() % 20000) as u32 });
                 b.pin = if next() % 6 == 0 { (next() % 3) as u16 } else { 0 };
                 b
@@ -372,7 +389,13 @@ mod tests {
     /// smallest (weight, index) keys of the buckets that can be invalidated.
     #[test]
     fn lru_scan_matches_the_definition() {
-        for (seed, n, cap, min_prio, first) in [(1, 1000, 64, 0, 1), (2, 4099, 8, 30000, 3), (3, 10_003, 512, 100, 0), (4, 7, 16, 0, 2), (5, 5000, 4000, 65535, 5)] {
+        for (seed, n, cap, min_prio, first) in [
+            (1, 1000, 64, 0, 1),
+            (2, 4099, 8, 30000, 3),
+            (3, 10_003, 512, 100, 0),
+            (4, 7, 16, 0, 2),
+            (5, 5000, 4000, 65535, 5),
+        ] {
             let bs = random_buckets(n, seed);
             let mut heap = BinaryHeap::new();
             lru_scan(&bs, first, min_prio, &mut heap, cap);

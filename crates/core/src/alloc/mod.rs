@@ -15,6 +15,48 @@
 //! There is no allocator thread: the engine calls [`Allocator::poll`] after anything that can
 //! make progress possible (an allocation, a completed discard or prio write, a finished GC) and
 //! carries out the [`Step`] it returns.
+//!
+//! Memory: 8 bytes per bucket for the bucket array, 3 more for an image of the prio file that
+//! is kept current as prios and gens change (so a prio write copies it rather than walking the
+//! array again), plus free lists and the LRU heap of about nbuckets/64 entries.
+//!
+//! A typical engine loop:
+//! ```
+//! use ubcache_core::alloc::{Allocator, CacheConfig, Replacement, Reserve, SetConfig, Step};
+//! let cfg = SetConfig {
+//!     set_uuid: [7; 16],
+//!     bucket_size: 16,
+//!     block_size: 8,
+//!     caches: vec![CacheConfig { nbuckets: 1024, first_bucket: 1, replacement: Replacement::Lru, discard: false }],
+//!     seed: 1,
+//! };
+//! let mut a = Allocator::new(&cfg)?;
+//! a.gc_start(); // a new set: nothing is live
+//! a.gc_finish()?;
+//! let mut buf = vec![0u8; 16 * 512];
+//! let bucket = loop {
+//!     match a.bucket_alloc(0, Reserve::None) {
+//!         Ok(b) => break b,
+//!         Err(_) => match a.poll(0)? {
+//!             Step::WritePrios => {
+//!                 let w = a.prio_write_begin(0)?;
+//!                 for link in 0..w.buckets.len() {
+//!                     a.encode_prio_bucket(0, link, &mut buf)?; // then write buf to bucket w.buckets[link]
+//!                 }
+//!                 // ... and have the journal record w.buckets[0] before:
+//!                 a.prio_write_committed(0)?;
+//!             }
+//!             Step::Discard(b) => a.discard_done(0, b)?,
+//!             Step::NeedGc => { a.gc_start(); a.gc_finish()?; }
+//!             Step::Idle | Step::Waiting => {}
+//!         },
+//!     }
+//! };
+//! let ptr = a.bucket_ptr(0, bucket)?; // goes into a key; unpin once the key is indexed
+//! a.unpin(0, bucket)?;
+//! assert!(a.ptr_valid(ptr));
+//! # Ok::<(), ubcache_core::Error>(())
+//! ```
 
 mod bucket;
 mod cache;
@@ -162,7 +204,10 @@ impl Allocator {
     /// live data and metadata.
     pub fn new(cfg: &SetConfig) -> Result<Allocator> {
         if cfg.caches.is_empty() || cfg.caches.len() > MAX_CACHES_PER_SET {
-            return Err(inval(format!("a cache set has 1 to {MAX_CACHES_PER_SET} cache devices, got {}", cfg.caches.len())));
+            return Err(inval(format!(
+                "a cache set has 1 to {MAX_CACHES_PER_SET} cache devices, got {}",
+                cfg.caches.len()
+            )));
         }
         if cfg.block_size == 0 || !cfg.block_size.is_power_of_two() {
             return Err(inval(format!("block size of {} sectors is not a power of two", cfg.block_size)));
@@ -193,7 +238,14 @@ impl Allocator {
                 )));
             }
             total += c.nbuckets - c.first_bucket;
-            caches.push(CacheAlloc::new(c.nbuckets, c.first_bucket, c.replacement, c.discard, prio_nr, cfg.seed.wrapping_add(i as u64)));
+            caches.push(CacheAlloc::new(
+                c.nbuckets,
+                c.first_bucket,
+                c.replacement,
+                c.discard,
+                prio_nr,
+                cfg.seed.wrapping_add(i as u64),
+            ));
         }
         let step = (total * u64::from(cfg.bucket_size) / 1024).max(1) as i64;
         Ok(Allocator {
@@ -304,9 +356,9 @@ impl Allocator {
     }
 
     fn cache(&self, dev: u8) -> Result<&CacheAlloc> {
-        self.caches
-            .get(dev as usize)
-            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, format!("no cache device {dev} in this set of {}", self.caches.len())))
+        self.caches.get(dev as usize).ok_or_else(|| {
+            Error::new(ErrorKind::OutOfRange, format!("no cache device {dev} in this set of {}", self.caches.len()))
+        })
     }
 
     fn cache_mut(&mut self, dev: u8) -> Result<&mut CacheAlloc> {
@@ -354,7 +406,9 @@ impl Allocator {
             Some(r) => r,
             None => match c.free[reserve as usize].pop() {
                 Some(r) => r,
-                None => return Err(Error::new(ErrorKind::NoSpace, format!("cache {dev}: no free bucket for {reserve:?}"))),
+                None => {
+                    return Err(Error::new(ErrorKind::NoSpace, format!("cache {dev}: no free bucket for {reserve:?}")))
+                }
             },
         };
         let b = &mut c.buckets[r as usize];
@@ -423,10 +477,9 @@ impl Allocator {
         let c = self.cache_mut(dev)?;
         let i = check_bucket(c, dev, bucket)?;
         let b = &mut c.buckets[i];
-        b.pin = b
-            .pin
-            .checked_add(1)
-            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, format!("cache {dev} bucket {bucket}: pin count overflow")))?;
+        b.pin = b.pin.checked_add(1).ok_or_else(|| {
+            Error::new(ErrorKind::InvalidArgument, format!("cache {dev} bucket {bucket}: pin count overflow"))
+        })?;
         Ok(())
     }
 
@@ -436,10 +489,9 @@ impl Allocator {
         let c = self.cache_mut(dev)?;
         let i = check_bucket(c, dev, bucket)?;
         let b = &mut c.buckets[i];
-        b.pin = b
-            .pin
-            .checked_sub(1)
-            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, format!("cache {dev} bucket {bucket} is not pinned")))?;
+        b.pin = b.pin.checked_sub(1).ok_or_else(|| {
+            Error::new(ErrorKind::InvalidArgument, format!("cache {dev} bucket {bucket} is not pinned"))
+        })?;
         Ok(())
     }
 
@@ -568,7 +620,10 @@ impl Allocator {
             Some(b) if u64::from(b) == bucket => {
                 c.discarding = None;
                 if !c.push_free(b) {
-                    return Err(Error::new(ErrorKind::Corrupt, format!("cache {dev}: no free list room for discarded bucket {bucket}")));
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        format!("cache {dev}: no free list room for discarded bucket {bucket}"),
+                    ));
                 }
                 Ok(())
             }
@@ -589,7 +644,10 @@ impl Allocator {
         let n = c.prio_nr;
         let ready = c.free[Reserve::None as usize].len() + c.free[Reserve::Prio as usize].len();
         if ready < n {
-            return Err(Error::new(ErrorKind::NoSpace, format!("cache {dev}: {ready} free buckets for a prio chain of {n}")));
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!("cache {dev}: {ready} free buckets for a prio chain of {n}"),
+            ));
         }
         c.prio_seq += 1;
         c.meta_sectors_written += u64::from(bucket_size) * n as u64;
@@ -700,14 +758,21 @@ impl Allocator {
                 ));
             }
             if chain.contains(&bucket) {
-                return Err(Error::new(ErrorKind::Corrupt, format!("cache {dev}: prio chain loops back to bucket {bucket}")));
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!("cache {dev}: prio chain loops back to bucket {bucket}"),
+                ));
             }
             read(bucket, &mut buf)?;
             let h = prio::decode_prio_set_header(&buf, magic, bucket)?;
             if *seq.get_or_insert(h.seq) != h.seq {
                 return Err(Error::new(
                     ErrorKind::Corrupt,
-                    format!("cache {dev}: prio bucket {bucket} has seq {}, the chain's head has {}", h.seq, seq.unwrap_or(0)),
+                    format!(
+                        "cache {dev}: prio bucket {bucket} has seq {}, the chain's head has {}",
+                        h.seq,
+                        seq.unwrap_or(0)
+                    ),
                 ));
             }
             let count = per.min(nb as usize - link * per);
@@ -756,7 +821,11 @@ impl Allocator {
             }
             for (i, b) in c.buckets.iter().enumerate() {
                 if b.gc_gen() > BUCKET_GC_GEN_MAX {
-                    return corrupt(format!("cache {dev}: bucket {i} gen {} is {} past its last GC", b.gen, b.gc_gen()));
+                    return corrupt(format!(
+                        "cache {dev}: bucket {i} gen {} is {} past its last GC",
+                        b.gen,
+                        b.gc_gen()
+                    ));
                 }
             }
         }
@@ -771,7 +840,10 @@ fn bucket_release(b: &mut bucket::Bucket) {
 
 fn check_bucket(c: &CacheAlloc, dev: u8, bucket: u64) -> Result<usize> {
     if bucket >= c.nbuckets {
-        return Err(Error::new(ErrorKind::OutOfRange, format!("cache {dev}: bucket {bucket} is past the last ({})", c.nbuckets - 1)));
+        return Err(Error::new(
+            ErrorKind::OutOfRange,
+            format!("cache {dev}: bucket {bucket} is past the last ({})", c.nbuckets - 1),
+        ));
     }
     Ok(bucket as usize)
 }

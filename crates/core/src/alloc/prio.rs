@@ -81,10 +81,7 @@ where
     let mut slots = body.chunks_exact_mut(PRIO_ENTRY_BYTES);
     for (prio, gen) in entries {
         let Some(slot) = slots.next() else {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("more than {per} entries for one prio bucket"),
-            ));
+            return Err(Error::new(ErrorKind::InvalidArgument, format!("more than {per} entries for one prio bucket")));
         };
         let p = prio.to_le_bytes();
         slot.copy_from_slice(&[p[0], p[1], gen]);
@@ -266,7 +263,13 @@ mod tests {
     fn fast_entry_encoding_matches_the_format() {
         for n in [0usize, 1, 3, 4, 5, 17, 1000, 1003] {
             let src: Vec<Bucket> = (0..n)
-                .map(|i| Bucket { prio: (i as u16).wrapping_mul(40503), gen: (i * 7) as u8, pin: 3, gc: 0xFFFF, last_gc: 9 })
+                .map(|i| Bucket {
+                    prio: (i as u16).wrapping_mul(40503),
+                    gen: (i * 7) as u8,
+                    pin: 3,
+                    gc: 0xFFFF,
+                    last_gc: 9,
+                })
                 .collect();
             for slack in [0usize, 1, 5, 20] {
                 let mut fast = vec![0xEEu8; n * 3 + slack];

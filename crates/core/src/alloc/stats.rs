@@ -42,7 +42,8 @@ impl Allocator {
             }
         }
         // Highest prio first; drop never-used (prio 0) buckets and metadata (BTREE_PRIO).
-        let mut prios: Vec<u16> = c.buckets[first..].iter().map(|b| b.prio).filter(|&p| p != 0 && p != BTREE_PRIO).collect();
+        let mut prios: Vec<u16> =
+            c.buckets[first..].iter().map(|b| b.prio).filter(|&p| p != 0 && p != BTREE_PRIO).collect();
         prios.sort_unstable_by(|a, b| b.cmp(a));
         let n = prios.len();
         let age = |p: u16| INITIAL_PRIO.saturating_sub(p);
