@@ -28,6 +28,9 @@ pub enum ErrorKind {
     NoSpace,
     /// A caller passed an argument that can never be valid.
     InvalidArgument,
+    /// Metadata that passed its checksum is inconsistent (a chain that loops, mixed sequence
+    /// numbers), or in-memory bookkeeping broke an invariant.
+    Corrupt,
 }
 
 impl ErrorKind {
@@ -45,6 +48,7 @@ impl ErrorKind {
             ErrorKind::MagicMismatch => "MAGIC_MISMATCH",
             ErrorKind::NoSpace => "NO_SPACE",
             ErrorKind::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorKind::Corrupt => "CORRUPT",
         }
     }
 }

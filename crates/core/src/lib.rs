@@ -3,6 +3,7 @@
 //! One module per concept, named in bcache's vocabulary. The napi crate converts types and
 //! errors from here and holds no logic of its own.
 
+pub mod alloc;
 pub mod crc64;
 pub mod device;
 pub mod error;

@@ -1,0 +1,160 @@
+//! The sector allocator: data is written into up to 128 open buckets at once, each filled by
+//! one stream. Segregating streams keeps data of like lifetime together, so a bucket tends to
+//! empty all at once; flash-only volume data (never reclaimable) is kept away from cached
+//! data (reclaimable once clean), or one dirty sector would pin a bucket of clean data.
+
+use super::{inval, Allocator, Ptr, Reserve};
+use crate::error::Result;
+
+/// Open buckets per cache set (bcache's MAX_OPEN_BUCKETS).
+pub const MAX_OPEN_BUCKETS: usize = 128;
+
+/// A write looking for space in the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataWrite {
+    /// Cached device or flash-only volume the data belongs to.
+    pub inode: u64,
+    /// First sector of the write on that device.
+    pub offset: u64,
+    /// Sectors wanted; fewer may be given.
+    pub sectors: u32,
+    /// Who writes (a task, a client): writes of one writer stay together.
+    pub write_point: u64,
+    /// The data belongs to a flash-only volume.
+    pub flash_only: bool,
+    /// Moving GC is rewriting it: draw from the moving-GC reserve.
+    pub moving_gc: bool,
+}
+
+/// Space handed out by [`Allocator::alloc_sectors`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SectorAlloc {
+    /// Where the data goes; the key for it carries this pointer.
+    pub ptr: Ptr,
+    /// Sectors given, at most what was asked.
+    pub sectors: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct OpenBucket {
+    /// Where the last write into this bucket ended: a write starting here continues it.
+    inode: u64,
+    offset: u64,
+    flash_only: bool,
+    write_point: u64,
+    /// Next free sector.
+    ptr: Ptr,
+    sectors_free: u32,
+}
+
+pub(crate) struct OpenBuckets {
+    slots: Vec<OpenBucket>,
+    /// Slot numbers, least recently used first.
+    lru: Vec<u8>,
+}
+
+impl OpenBuckets {
+    pub fn new() -> OpenBuckets {
+        OpenBuckets { slots: vec![OpenBucket::default(); MAX_OPEN_BUCKETS], lru: (0..MAX_OPEN_BUCKETS as u8).collect() }
+    }
+
+    /// bcache's `pick_data_bucket`, most recent first: the bucket this write continues, else
+    /// the oldest one last used by the same writer, else the least recently used one. Buckets
+    /// holding data of the other kind (flash-only or cached) are never chosen to share.
+    fn pick(&self, w: &DataWrite) -> usize {
+        let mut same_writer = None;
+        for (pos, &s) in self.lru.iter().enumerate().rev() {
+            let ob = &self.slots[s as usize];
+            if ob.flash_only != w.flash_only {
+                continue;
+            }
+            if ob.inode == w.inode && ob.offset == w.offset {
+                return pos;
+            }
+            if ob.write_point == w.write_point {
+                same_writer = Some(pos);
+            }
+        }
+        same_writer.unwrap_or_else(|| {
+            self.lru
+                .iter()
+                .position(|&s| {
+                    let ob = &self.slots[s as usize];
+                    ob.sectors_free == 0 || ob.flash_only == w.flash_only
+                })
+                .unwrap_or(0)
+        })
+    }
+}
+
+impl Allocator {
+    /// Finds space for a write in an open bucket, opening a new bucket (from the `None`
+    /// reserve, or `MovingGc` for moving GC) when needed. May give fewer sectors than asked:
+    /// the caller writes that much and asks again for the rest. The returned pointer's bucket
+    /// is pinned for the caller; unpin it once the key is in the index. Ages prios by the
+    /// sectors handed out.
+    pub fn alloc_sectors(&mut self, w: &DataWrite) -> Result<SectorAlloc> {
+        if w.sectors == 0 {
+            return Err(inval("a write of 0 sectors needs no space".into()));
+        }
+        let pos = self.open.pick(w);
+        let slot = self.open.lru[pos] as usize;
+        let ob = self.open.slots[slot];
+        if ob.sectors_free > 0 && ob.flash_only != w.flash_only {
+            // Every slot holds the other kind of data: give up the rest of the oldest.
+            let b = self.ptr_bucket(ob.ptr)?;
+            self.unpin(ob.ptr.dev, b)?;
+            self.open.slots[slot].sectors_free = 0;
+        }
+        if self.open.slots[slot].sectors_free == 0 {
+            let reserve = if w.moving_gc { Reserve::MovingGc } else { Reserve::None };
+            let p = self.alloc_set(reserve, 1)?[0];
+            let ob = &mut self.open.slots[slot];
+            ob.ptr = p;
+            ob.sectors_free = self.bucket_size;
+        }
+        let ob = self.open.slots[slot];
+        let sectors = w.sectors.min(ob.sectors_free);
+        let mut left = ob.sectors_free - sectors;
+        if left < self.block_size {
+            left = 0;
+        }
+        let bucket = self.ptr_bucket(ob.ptr)?;
+        if left > 0 {
+            // The key takes its own pin; otherwise the open bucket's pin passes to the key.
+            self.pin(ob.ptr.dev, bucket)?;
+        }
+        let out = SectorAlloc { ptr: ob.ptr, sectors };
+        let ob = &mut self.open.slots[slot];
+        ob.inode = w.inode;
+        ob.offset = w.offset + u64::from(sectors);
+        ob.flash_only = w.flash_only;
+        ob.write_point = w.write_point;
+        ob.ptr.offset += u64::from(sectors);
+        ob.sectors_free = left;
+        let s = self.open.lru.remove(pos);
+        self.open.lru.push(s);
+        self.caches[out.ptr.dev as usize].sectors_written += u64::from(sectors);
+        self.rescale_priorities(u64::from(sectors));
+        Ok(out)
+    }
+
+    /// Closes every open bucket, dropping the pins they hold (before a GC that must see the
+    /// true marks, or at shutdown). Their unused rest is not written.
+    pub fn close_open_buckets(&mut self) -> Result<()> {
+        for slot in 0..MAX_OPEN_BUCKETS {
+            let ob = self.open.slots[slot];
+            if ob.sectors_free > 0 {
+                let b = self.ptr_bucket(ob.ptr)?;
+                self.unpin(ob.ptr.dev, b)?;
+                self.open.slots[slot].sectors_free = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Open buckets that still have room.
+    pub fn open_buckets_in_use(&self) -> usize {
+        self.open.slots.iter().filter(|o| o.sectors_free > 0).count()
+    }
+}
