@@ -611,8 +611,9 @@ impl ExtentIndex {
                 break;
             }
             if word::is_dirty(e.word) && es >= key.start && e.end <= key.end() {
-                // Cache space is never handed out twice under one gen, so sharing a pointer
-                // (at the same position) means holding the same data.
+                // Cache space is never handed out twice under one gen, so sharing a live
+                // pointer (at the same position) means holding the same data. A dead extent
+                // has nothing left to clean.
                 let dec = word::decode(e.word);
                 let ptrs: &[Ptr] = match &dec {
                     Word::Direct(p) => std::slice::from_ref(p),
@@ -620,7 +621,7 @@ impl ExtentIndex {
                     Word::Placeholder(_) => &[],
                 };
                 let skip = es - key.start;
-                if key.ptrs().iter().any(|kp| ptrs.contains(&kp.advance(skip))) {
+                if key.ptrs().iter().map(|kp| kp.advance(skip)).any(|p| ptrs.contains(&p) && !b.ptr_stale(p)) {
                     let n = e.size as u64;
                     for &p in ptrs {
                         if !b.ptr_stale(p) {
