@@ -1,0 +1,31 @@
+//! The extent index: which sectors of which cached device (or flash volume) sit where in
+//! the cache.
+//!
+//! - [`key`]: keys (inode, start, size, dirty, pointers with gens, optional data crc) and
+//!   lookup fragments;
+//! - [`bkey`]: bcache's on-disk `bkey` encoding of keys;
+//! - [`buckets`]: what the index needs from the allocator (gens, sector accounting);
+//! - `btree`: the B+tree of one inode's extents, with overlap fix-up;
+//! - `word`/`side`: how a leaf packs a key into 18 bytes, and where the rare keys with
+//!   several pointers or a checksum keep the rest;
+//! - [`extents`]: [`ExtentIndex`], the operations the cache engine calls.
+//!
+//! The index is owned by the engine thread of a cache set and takes no locks. The allocator
+//! is consulted through [`BucketGens`] and told about sectors through
+//! [`BucketAccounting`]; neither is stored, both are passed to each call.
+
+pub mod bkey;
+mod btree;
+pub mod buckets;
+pub mod extents;
+pub mod key;
+mod side;
+mod word;
+
+pub use bkey::{bkey_u64s, BKEY_U64S_MAX};
+pub use buckets::{BucketAccounting, BucketGens, MemBucket, MemBuckets};
+pub use extents::{ExtentIndex, FillOutcome, IndexStats, Placeholder, ScanFilter, ScanPos};
+pub use key::{
+    Fragment, FragmentKind, Key, Ptr, KEY_CRC_MASK, KEY_INODE_MAX, KEY_OFFSET_MAX, KEY_PTRS_MAX, KEY_SIZE_MAX,
+    PTR_OFFSET_MAX,
+};
