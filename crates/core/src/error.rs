@@ -28,6 +28,8 @@ pub enum ErrorKind {
     NoSpace,
     /// A caller passed an argument that can never be valid.
     InvalidArgument,
+    /// The device or engine was closed before or while the request was made.
+    Closed,
 }
 
 impl ErrorKind {
@@ -45,6 +47,7 @@ impl ErrorKind {
             ErrorKind::MagicMismatch => "MAGIC_MISMATCH",
             ErrorKind::NoSpace => "NO_SPACE",
             ErrorKind::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorKind::Closed => "CLOSED",
         }
     }
 }

@@ -6,5 +6,6 @@
 pub mod crc64;
 pub mod device;
 pub mod error;
+pub mod io;
 
 pub use error::{Error, ErrorKind, Result};
