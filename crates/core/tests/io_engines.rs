@@ -111,7 +111,7 @@ fn readback(choice: EngineChoice, ops: &[(u64, usize, u8)], qd: usize, pool: Opt
             let data = pattern(len, seed);
             // Later writes in one batch may overlap earlier ones: order is not defined, so
             // keep one batch free of overlaps by skipping those.
-            if chunk[..i].iter().any(|&(b, n, _)| (b as usize) < blk as usize + nblk && blk as usize <= b as usize + n - 1) {
+            if chunk[..i].iter().any(|&(b, n, _)| (b as usize) < blk as usize + nblk && (blk as usize) < b as usize + n) {
                 continue;
             }
             model[off..off + len].copy_from_slice(&data);
@@ -145,7 +145,7 @@ fn ops_strategy() -> impl Strategy<Value = Vec<(u64, usize, u8)>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(12))]
+    #![proptest_config(ProptestConfig::with_cases(8))]
     #[test]
     fn uring_reads_back_what_it_wrote(ops in ops_strategy(), qd in prop::sample::select(vec![1usize, 4, 32])) {
         readback(EngineChoice::Uring, &ops, qd, None);

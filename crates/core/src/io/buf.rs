@@ -190,12 +190,15 @@ struct Arena {
     len: usize,
 }
 
+/// Free buffers of one size class: start, and whether it lies in the arena.
+type FreeList = Vec<(NonNull<u8>, bool)>;
+
 struct PoolShared {
     id: u64,
     cfg: BufPoolConfig,
     arena: Option<Arena>,
     arena_used: AtomicUsize,
-    classes: [Mutex<Vec<(NonNull<u8>, bool)>>; CLASSES],
+    classes: [Mutex<FreeList>; CLASSES],
     reused: AtomicU64,
     fresh: AtomicU64,
 }

@@ -270,7 +270,7 @@ impl Device {
         } else {
             self.alignment() as u64
         };
-        if req.offset % align != 0 || len % align != 0 {
+        if !req.offset.is_multiple_of(align) || !len.is_multiple_of(align) {
             return Err(Error::new(
                 ErrorKind::Misaligned,
                 format!("{shown}: {what} of {len} bytes at offset {} is not aligned to the {align}-byte block size", req.offset),
@@ -285,7 +285,7 @@ impl Device {
     fn check_buffer(&self, what: &str, b: &[u8]) -> Result<()> {
         let mem = self.mem_alignment() as usize;
         let lbs = self.alignment() as usize;
-        if (b.as_ptr() as usize) % mem != 0 || b.len() % lbs != 0 {
+        if !(b.as_ptr() as usize).is_multiple_of(mem) || !b.len().is_multiple_of(lbs) {
             return Err(Error::new(
                 ErrorKind::Misaligned,
                 format!(

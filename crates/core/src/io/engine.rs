@@ -23,12 +23,14 @@ use crate::io::{DevId, Device, EngineKind, EventFd, IoCompletion, IoEngine, IoRe
 /// Where completions go: called on the engine thread with one batch per loop turn.
 pub type CompletionSink = Box<dyn FnMut(Vec<IoCompletion>) + Send>;
 
+type EngineFn = Box<dyn FnOnce(&mut dyn IoEngine) + Send>;
+
 enum Cmd {
     Io(IoRequest),
     AddDevice(Arc<Device>, mpsc::Sender<Result<DevId>>),
     RemoveDevice(DevId, mpsc::Sender<Result<()>>),
     /// Runs a closure with the engine on its thread (tests and control paths).
-    With(Box<dyn FnOnce(&mut dyn IoEngine) + Send>),
+    With(EngineFn),
 }
 
 struct Shared {

@@ -180,6 +180,7 @@ struct FaultState {
     undo: Vec<UndoEntry>,
     epoch: u64,
     next_undo: u64,
+    crashes: u64,
     powered_off: bool,
     inner_inflight: usize,
     injected: u64,
@@ -254,6 +255,8 @@ impl FaultControl {
 }
 
 fn apply_crash(st: &mut FaultState, mode: CrashMode) -> Result<CrashReport> {
+    // Completions held back by the latency model were never seen by the host: they fail.
+    st.crashes += 1;
     let mut report = CrashReport { unflushed_writes: st.undo.len(), ..Default::default() };
     let mut rng = match mode {
         CrashMode::TearUnflushed { seed } => seed ^ 0x9e37_79b9_7f4a_7c15,
@@ -313,6 +316,8 @@ struct Pending {
 struct Delayed {
     due: Instant,
     seq: u64,
+    /// Crash count when it was held back; a crash since then fails it.
+    crashes: u64,
     c: IoCompletion,
 }
 
@@ -397,9 +402,16 @@ impl<E: IoEngine> FaultEngine<E> {
     }
 
     fn release_due(&mut self) {
+        if self.delayed.is_empty() {
+            return;
+        }
+        let crashes = self.shared.lock().crashes;
         let now = Instant::now();
         while self.delayed.peek().is_some_and(|d| d.0.due <= now) {
-            let d = self.delayed.pop().expect("peeked").0;
+            let mut d = self.delayed.pop().expect("peeked").0;
+            if d.crashes != crashes {
+                d.c.result = Err(Self::power_off_error());
+            }
             self.ready.push(d.c);
         }
     }
@@ -435,7 +447,7 @@ impl<E: IoEngine> FaultEngine<E> {
             match p.due {
                 Some(due) if due > now => {
                     self.next_tag += 1;
-                    self.delayed.push(Reverse(Delayed { due, seq: self.next_tag, c }));
+                    self.delayed.push(Reverse(Delayed { due, seq: self.next_tag, crashes: st.crashes, c }));
                 }
                 _ => self.ready.push(c),
             }

@@ -52,10 +52,13 @@ struct Op {
     iov: Vec<libc::iovec>,
 }
 
+/// Finished helper-thread ops: slab index and outcome.
+type SideDone = Vec<(u32, std::io::Result<()>)>;
+
 /// Completions of BLKDISCARD helper threads.
 struct Side {
     efd: Arc<EventFd>,
-    done: Arc<Mutex<Vec<(u32, std::io::Result<()>)>>>,
+    done: Arc<Mutex<SideDone>>,
     pending: usize,
     armed: bool,
 }
