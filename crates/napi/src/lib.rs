@@ -4,10 +4,11 @@
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-type JsResult<T> = std::result::Result<T, napi::Error<String>>;
-
-fn to_js(err: ubcache_core::Error) -> napi::Error<String> {
-    napi::Error::new(err.code().to_string(), err.message().to_string())
+/// Throws `err` as a JavaScript `Error` whose `code` is the core error's code, and returns
+/// the marker error that tells napi-rs an exception is already pending.
+fn throw<T>(env: &Env, err: ubcache_core::Error) -> Result<T> {
+    env.throw_error(err.message(), Some(err.code()))?;
+    Err(napi::Error::new(Status::PendingException, err.message().to_string()))
 }
 
 /// CRC-64/WE of `data`, as bcache's `bch_crc64` computes it.
@@ -62,8 +63,11 @@ pub struct DeviceInfo {
 
 /// Describes the file or block device at `path` (BLKGETSIZE64 / BLKSSZGET for devices).
 #[napi]
-pub fn device_info(path: String) -> JsResult<DeviceInfo> {
-    let info = ubcache_core::device::device_info(std::path::Path::new(&path)).map_err(to_js)?;
+pub fn device_info(env: &Env, path: String) -> Result<DeviceInfo> {
+    let info = match ubcache_core::device::device_info(std::path::Path::new(&path)) {
+        Ok(info) => info,
+        Err(err) => return throw(env, err),
+    };
     Ok(DeviceInfo {
         size_bytes: info.size_bytes as i64,
         logical_block_size: info.logical_block_size,

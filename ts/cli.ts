@@ -1,0 +1,200 @@
+#!/usr/bin/env node
+/**
+ * The `ubcache` command line. Every failure prints one line to stderr and exits 1; a bad
+ * command line exits 1 too (with usage on `--help` only).
+ * @module
+ */
+import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { parseArgs } from 'node:util'
+import { InvalidArgumentError, UbcacheError } from './errors'
+import { makeSet } from './format'
+import { formatSuperblock, superblockJson } from './show'
+import { readSuperblock } from './super-io'
+import { REPLACEMENTS, type Replacement } from './superblock'
+
+const USAGE = `Usage: ubcache <command> [options]
+
+Commands:
+  make     Format cache (-C) and backing (-B) devices, as make-bcache does
+  show     Print a device's superblock, as bcache-super-show does
+  example  Format two temporary files as a cache set and show them
+  help     Print this help
+
+ubcache make [-C <cache>]... [-B <backing>]... [options]
+  -C, --cache <path>                 format a cache device (repeat for several)
+  -B, --bdev <path>                  format a backing device (repeat for several)
+  -b, --bucket <size>                bucket size (default 512k)
+  -w, --block <size>                 block size (default: device block size, 4k for files)
+  -o, --data-offset <sectors>        data offset of backing devices (default 16)
+      --cset-uuid <uuid>             cache set UUID (default random)
+      --writeback                    backing devices start in writeback mode
+      --discard                      cache devices discard buckets before reuse
+      --cache_replacement_policy <p> lru, fifo or random (default lru)
+      --label <text>                 device label (at most 32 bytes)
+      --wipe-bcache                  overwrite an existing bcache superblock
+      --json                         print the superblocks written as JSON
+
+ubcache show <path> [--json]
+`
+
+/** A command-line error: printed as one line, exit code 1. */
+class UsageError extends Error {}
+
+function print(line: string) {
+  process.stdout.write(line + '\n')
+}
+
+async function cmdMake(argv: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      cache: { type: 'string', short: 'C', multiple: true },
+      bdev: { type: 'string', short: 'B', multiple: true },
+      bucket: { type: 'string', short: 'b' },
+      block: { type: 'string', short: 'w' },
+      'data-offset': { type: 'string', short: 'o' },
+      'cset-uuid': { type: 'string' },
+      writeback: { type: 'boolean' },
+      discard: { type: 'boolean' },
+      cache_replacement_policy: { type: 'string' },
+      label: { type: 'string' },
+      'wipe-bcache': { type: 'boolean' },
+      json: { type: 'boolean' },
+    },
+  })
+  if (positionals.length) throw new UsageError(`make: unexpected argument '${positionals[0]}' (give devices with -C or -B)`)
+  const caches = values.cache ?? []
+  const backings = values.bdev ?? []
+  if (caches.length === 0 && backings.length === 0) throw new UsageError('make: give at least one device with -C <cache> or -B <backing>')
+  if (backings.length === 0) {
+    if (values.writeback) throw new UsageError('make: --writeback applies to backing devices, but no -B was given')
+    if (values['data-offset'] !== undefined) throw new UsageError('make: --data-offset applies to backing devices, but no -B was given')
+  }
+  if (caches.length === 0) {
+    if (values.discard) throw new UsageError('make: --discard applies to cache devices, but no -C was given')
+    if (values.cache_replacement_policy !== undefined) {
+      throw new UsageError('make: --cache_replacement_policy applies to cache devices, but no -C was given')
+    }
+  }
+  const policy = values.cache_replacement_policy
+  if (policy !== undefined && !REPLACEMENTS.includes(policy as Replacement)) {
+    throw new UsageError(`make: --cache_replacement_policy must be one of ${REPLACEMENTS.join(', ')}, not '${policy}'`)
+  }
+  let dataOffset: number | undefined
+  if (values['data-offset'] !== undefined) {
+    if (!/^\d+$/.test(values['data-offset'])) throw new UsageError(`make: --data-offset must be a number of sectors, not '${values['data-offset']}'`)
+    dataOffset = Number(values['data-offset'])
+  }
+  const written = await makeSet({
+    caches,
+    backings,
+    bucketSize: values.bucket,
+    blockSize: values.block,
+    dataOffset,
+    setUuid: values['cset-uuid'],
+    cacheMode: values.writeback ? 'writeback' : 'writethrough',
+    discard: values.discard,
+    replacement: policy as Replacement | undefined,
+    label: values.label,
+    wipe: values['wipe-bcache'],
+  })
+  if (values.json) {
+    // Read back what was written: the JSON shows what is on disk, checks included.
+    const shown = []
+    for (const { path } of written) shown.push(superblockJson(path, await readSuperblock(path)))
+    print(JSON.stringify(shown))
+    return
+  }
+  for (const { path, sb } of written) {
+    const kind = caches.includes(path) ? 'cache' : 'backing'
+    print(`${path}: ${kind} device ${sb.uuid}, set ${sb.setUuid}`)
+  }
+}
+
+async function cmdShow(argv: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { json: { type: 'boolean' } },
+  })
+  if (positionals.length !== 1) throw new UsageError(`show: give exactly one device path (got ${positionals.length})`)
+  const path = positionals[0]
+  try {
+    const parsed = await readSuperblock(path)
+    print(values.json ? JSON.stringify(superblockJson(path, parsed)) : formatSuperblock(parsed))
+  } catch (err) {
+    if (values.json && err instanceof UbcacheError) {
+      print(JSON.stringify({ path, error: { code: err.code, message: err.message } }))
+    }
+    throw err
+  }
+}
+
+/** The built-in example: a 64 MiB cache and a 32 MiB backing file formatted as one set. */
+async function cmdExample(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'ubcache-example-'))
+  try {
+    const cache = join(dir, 'cache.img')
+    const backing = join(dir, 'backing.img')
+    await writeFile(cache, '')
+    await writeFile(backing, '')
+    await truncate(cache, 64 << 20)
+    await truncate(backing, 32 << 20)
+    print(`$ ubcache make -C ${cache} -B ${backing} --bucket 256k --writeback --label example`)
+    await cmdMake(['-C', cache, '-B', backing, '--bucket', '256k', '--writeback', '--label', 'example'])
+    for (const p of [cache, backing]) {
+      print(`\n$ ubcache show ${p}`)
+      await cmdShow([p])
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+}
+
+/** Runs the CLI on `argv` (without node and script); resolves to the exit code. */
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv
+  try {
+    switch (command) {
+      case 'make':
+        await cmdMake(rest)
+        return 0
+      case 'show':
+        await cmdShow(rest)
+        return 0
+      case 'example':
+        await cmdExample()
+        return 0
+      case 'help':
+      case '--help':
+      case '-h':
+        process.stdout.write(USAGE)
+        return 0
+      case undefined:
+        process.stderr.write(USAGE)
+        return 1
+      default:
+        throw new UsageError(`unknown command '${command}' (try: ubcache help)`)
+    }
+  } catch (err) {
+    process.stderr.write(`ubcache: ${describe(err)}\n`)
+    return 1
+  }
+}
+
+function describe(err: unknown): string {
+  if (err instanceof UsageError || err instanceof InvalidArgumentError || err instanceof UbcacheError) return err.message
+  const e = err as { code?: string; message?: string }
+  // parseArgs reports unknown options and missing values with these codes.
+  if (e?.code?.startsWith('ERR_PARSE_ARGS')) return e.message ?? String(err)
+  return e?.message ?? String(err)
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then((code) => {
+    process.exitCode = code
+  })
+}

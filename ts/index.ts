@@ -1,0 +1,63 @@
+/**
+ * ubcache: bcache in user space. A fast device caches a slow block device for TypeScript
+ * applications; the on-disk format is Linux bcache's.
+ *
+ * ```ts
+ * import { makeCache, makeBacking, readSuperblock } from 'ubcache'
+ * await makeCache('cache.img', { bucketSize: '512k' })
+ * await makeBacking('slow.img', { cacheMode: 'writeback' })
+ * const { sb } = await readSuperblock('cache.img')
+ * ```
+ * @module ubcache
+ */
+export { Crc64, crc64, crc64Implementation } from './crc64'
+export { asUbcacheError, InvalidArgumentError, SuperblockError, type SuperblockCheck, UbcacheError } from './errors'
+export {
+  type BackingFormatOptions,
+  type CacheFormatOptions,
+  type CommonFormatOptions,
+  type FormattedDevice,
+  makeBacking,
+  makeCache,
+  makeSet,
+  type SetFormatOptions,
+} from './format'
+export { formatSuperblock, superblockJson, type SuperblockJson } from './show'
+export { type DeviceDescription, describeDevice, readSuperblock, readSuperblockPage, writeSuperblock } from './super-io'
+export {
+  BACKING_STATES,
+  type BackingState,
+  BCACHE_MAGIC,
+  BDEV_DATA_START_DEFAULT,
+  CACHE_MODES,
+  type CacheMode,
+  type DeviceGeometry,
+  encodeFlags,
+  FEATURE_COMPAT_SUPP,
+  FEATURE_INCOMPAT_LOG_LARGE_BUCKET_SIZE,
+  FEATURE_INCOMPAT_OBSO_LARGE_BUCKET,
+  FEATURE_INCOMPAT_SUPP,
+  FEATURE_RO_COMPAT_SUPP,
+  hasBcacheMagic,
+  isBackingVersion,
+  isCacheVersion,
+  MAX_CACHES_PER_SET,
+  MIN_BUCKETS,
+  PAGE_SECTORS,
+  type ParsedSuperblock,
+  parseSuperblock,
+  REPLACEMENTS,
+  type Replacement,
+  SB_FIELD_OFFSETS,
+  SB_JOURNAL_BUCKETS,
+  SB_LABEL_SIZE,
+  SB_OFFSET,
+  SB_SECTOR,
+  SB_SIZE,
+  SbVersion,
+  serializeSuperblock,
+  type Superblock,
+  superblockCsum,
+} from './superblock'
+export { isPowerOfTwo, parseSize, type Size } from './units'
+export { isNullUuid, newUuid, uuidToBytes, uuidToString } from './uuid'
