@@ -30,6 +30,12 @@ export declare class NativeIoEngine {
   openDevice(path: string, options?: NativeOpenOptions | undefined | null): NativeDevice
   /** Removes a device; its requests in flight still complete. */
   closeDevice(id: number): void
+  /**
+   * Submits many reads, flushes and discards at once (one enqueue, at most one wakeup
+   * of the engine thread). `desc` holds five numbers per request: op (0 read, 2 flush,
+   * 3 discard), tag, device, offset, length.
+   */
+  submitBatch(desc: Float64Array): void
   /** Reads `length` bytes at `offset`; completes under `tag`. */
   read(tag: number, dev: number, offset: number, length: number): void
   /** Writes a copy of `data` at `offset` (one copy, into aligned memory). */
@@ -89,6 +95,8 @@ export interface NativeEngineOptions {
   psyncThreads?: number
   /** Bytes of aligned memory registered with io_uring for buffers. */
   arenaBytes?: number
+  /** Microseconds the engine thread spins for new requests before sleeping. */
+  spinMicros?: number
 }
 
 /** How to open a device. */

@@ -143,3 +143,26 @@ fn an_idle_thread_sleeps_and_wakes_for_new_work() {
     }
     assert!(t.stats().wakeups >= 1);
 }
+
+#[test]
+fn a_spinning_thread_catches_requests_without_the_doorbell() {
+    let s = Scratch::new("spin");
+    let p = s.file("f", 65536, 4);
+    let (tx, rx) = mpsc::channel();
+    let opts = ubcache_core::io::IoThreadOptions { spin: Duration::from_millis(20) };
+    let t = IoThread::spawn_with(engine(EngineChoice::Psync), Box::new(move |b| {
+        let _ = tx.send(b);
+    }), opts)
+    .unwrap();
+    let id = t.add_device(open(&p)).unwrap();
+    let model = pattern(65536, 4);
+    for round in 0..50u64 {
+        // Submitted right after the previous completion: inside the spin window.
+        t.submit(IoRequest::read(id, (round % 16) * 4096, AlignedBuf::new(4096), round)).unwrap();
+        let c = rx.recv_timeout(Duration::from_secs(10)).unwrap().pop().unwrap();
+        let off = c.offset as usize;
+        assert!(c.into_buf().unwrap()[..] == model[off..off + 4096]);
+    }
+    assert!(t.stats().wakeups < 50, "most requests were caught while spinning: {:?}", t.stats());
+    t.close();
+}

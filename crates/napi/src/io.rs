@@ -16,7 +16,7 @@ use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 use ubcache_core::io::{
     open_engine, BufPool, BufPoolConfig, DevId, Device, DirectIo, EngineChoice, EngineOptions, IoCompletion, IoOp,
-    IoRequest, IoThread, OpenOptions,
+    IoRequest, IoThread, IoThreadOptions, OpenOptions,
 };
 use ubcache_core::{Error as CoreError, ErrorKind};
 
@@ -83,6 +83,8 @@ pub struct NativeEngineOptions {
     pub psync_threads: Option<u32>,
     /// Bytes of aligned memory registered with io_uring for buffers.
     pub arena_bytes: Option<u32>,
+    /// Microseconds the engine thread spins for new requests before sleeping.
+    pub spin_micros: Option<u32>,
 }
 
 /// How to open a device.
@@ -157,7 +159,11 @@ impl NativeIoEngine {
         let sink = Box::new(move |batch: Vec<IoCompletion>| {
             tsfn.call(batch, ThreadsafeFunctionCallMode::NonBlocking);
         });
-        match IoThread::spawn(engine, sink) {
+        let mut topts = IoThreadOptions::default();
+        if let Some(us) = options.spin_micros {
+            topts.spin = std::time::Duration::from_micros(us as u64);
+        }
+        match IoThread::spawn_with(engine, sink, topts) {
             Ok(t) => Ok(NativeIoEngine { thread: Arc::new(t), pool }),
             Err(e) => throw(env, e),
         }
@@ -215,6 +221,32 @@ impl NativeIoEngine {
         match self.thread.submit(req) {
             Ok(()) => Ok(()),
             Err(r) => throw(env, r.error),
+        }
+    }
+
+    /// Submits many reads, flushes and discards at once (one enqueue, at most one wakeup
+    /// of the engine thread). `desc` holds five numbers per request: op (0 read, 2 flush,
+    /// 3 discard), tag, device, offset, length.
+    #[napi]
+    pub fn submit_batch(&self, env: &Env, desc: &[f64]) -> Result<()> {
+        let mut reqs = Vec::with_capacity(desc.len() / 5);
+        for d in desc.chunks_exact(5) {
+            let (tag, dev) = (d[1] as u64, DevId(d[2] as u32));
+            let offset = to_u64(env, "offset", d[3])?;
+            let length = to_u64(env, "length", d[4])?;
+            reqs.push(match d[0] as u32 {
+                0 => IoRequest::read(dev, offset, self.pool.get(length as usize), tag),
+                2 => IoRequest::flush(dev, tag),
+                3 => IoRequest::discard(dev, offset, length, tag),
+                op => return invalid(env, format!("unknown batched op {op}")),
+            });
+        }
+        match self.thread.submit_batch(reqs) {
+            Ok(()) => Ok(()),
+            Err(mut rejected) => match rejected.pop() {
+                Some(r) => throw(env, r.error),
+                None => Ok(()),
+            },
         }
     }
 

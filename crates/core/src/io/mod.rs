@@ -30,7 +30,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub use buf::{AlignedBuf, BufPool, BufPoolConfig, BUF_ALIGN};
 pub use device::{Device, DirectIo, OpenOptions};
-pub use engine::IoThread;
+pub use engine::{IoThread, IoThreadOptions};
 
 /// Identifies a device added to an engine (an index into the engine's device table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
