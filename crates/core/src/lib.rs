@@ -8,5 +8,6 @@ pub mod crc64;
 pub mod device;
 pub mod error;
 pub mod index;
+pub mod io;
 
 pub use error::{Error, ErrorKind, Result};
