@@ -4,10 +4,14 @@
 //! errors from here and holds no logic of its own.
 
 pub mod alloc;
+pub mod cache_set;
+pub mod checkpoint;
 pub mod crc64;
 pub mod device;
 pub mod error;
 pub mod index;
 pub mod io;
+pub mod journal;
+pub mod uuids;
 
 pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,159 @@
+//! The synchronous storage seam the cache set's metadata and data paths run over: byte
+//! reads, writes and flushes on the cache device. [`EngineStorage`] drives any
+//! [`IoEngine`] (the fault engine included) with [`run_sync`]; [`MemStorage`] is a sparse
+//! in-memory device for tests and benchmarks.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{run_sync, AlignedBuf, DevId, IoCompletion, IoEngine, IoRequest};
+
+/// A cache device as the cache set uses it. Offsets and lengths are multiples of the
+/// block size.
+pub trait Storage {
+    /// Fills `buf` from byte `offset`.
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes `data` at byte `offset`; durable only after a later [`Storage::flush`].
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&mut self) -> Result<()>;
+}
+
+/// A device in an [`IoEngine`], driven one request at a time.
+pub struct EngineStorage<E: IoEngine> {
+    engine: E,
+    dev: DevId,
+    tag: u64,
+    others: Vec<IoCompletion>,
+}
+
+impl<E: IoEngine> EngineStorage<E> {
+    /// Storage on device `dev` of `engine`.
+    pub fn new(engine: E, dev: DevId) -> Self {
+        EngineStorage { engine, dev, tag: 0, others: Vec::new() }
+    }
+
+    /// The engine.
+    pub fn engine(&mut self) -> &mut E {
+        &mut self.engine
+    }
+
+    /// Gives the engine back.
+    pub fn into_engine(self) -> E {
+        self.engine
+    }
+
+    fn run(&mut self, req: IoRequest) -> Result<IoCompletion> {
+        let c = run_sync(&mut self.engine, req, &mut self.others)?;
+        self.others.clear();
+        match c.result {
+            Ok(_) => Ok(c),
+            Err(ref e) => Err(Error::new(e.kind(), e.message().to_string())),
+        }
+    }
+
+    fn next_tag(&mut self) -> u64 {
+        self.tag += 1;
+        self.tag
+    }
+}
+
+impl<E: IoEngine> Storage for EngineStorage<E> {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let tag = self.next_tag();
+        let c = self.run(IoRequest::read(self.dev, offset, AlignedBuf::new(buf.len()), tag))?;
+        let data = c.into_buf().ok_or_else(|| Error::new(ErrorKind::Io, "read completion without a buffer"))?;
+        buf.copy_from_slice(&data[..buf.len()]);
+        Ok(())
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let tag = self.next_tag();
+        self.run(IoRequest::write(self.dev, offset, AlignedBuf::from_slice(data), tag)).map(|_| ())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let tag = self.next_tag();
+        self.run(IoRequest::flush(self.dev, tag)).map(|_| ())
+    }
+}
+
+const MEM_BLOCK: usize = 4096;
+
+/// A sparse in-memory device of `size` bytes: blocks never written, or written all zero,
+/// take no memory. Counts bytes written and flushes.
+#[derive(Clone, Debug, Default)]
+pub struct MemStorage {
+    size: u64,
+    blocks: HashMap<u64, Box<[u8]>>,
+    /// Bytes written so far.
+    pub bytes_written: u64,
+    /// Flushes so far.
+    pub flushes: u64,
+}
+
+impl MemStorage {
+    /// An all-zero device of `size` bytes.
+    pub fn new(size: u64) -> MemStorage {
+        MemStorage { size, ..Default::default() }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<()> {
+        if offset % MEM_BLOCK as u64 != 0 || len % MEM_BLOCK != 0 {
+            return Err(Error::new(ErrorKind::Misaligned, format!("{len} bytes at {offset} are not 4 KiB aligned")));
+        }
+        if offset + len as u64 > self.size {
+            return Err(Error::new(ErrorKind::OutOfRange, format!("{len} bytes at {offset} pass the end ({})", self.size)));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for MemStorage {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len())?;
+        for (i, chunk) in buf.chunks_mut(MEM_BLOCK).enumerate() {
+            match self.blocks.get(&(offset / MEM_BLOCK as u64 + i as u64)) {
+                Some(b) => chunk.copy_from_slice(b),
+                None => chunk.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check(offset, data.len())?;
+        for (i, chunk) in data.chunks(MEM_BLOCK).enumerate() {
+            let n = offset / MEM_BLOCK as u64 + i as u64;
+            if chunk.iter().all(|&b| b == 0) {
+                self.blocks.remove(&n);
+            } else {
+                self.blocks.insert(n, chunk.into());
+            }
+        }
+        self.bytes_written += data.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.flushes += 1;
+        Ok(())
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for &mut S {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        (**self).read(offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        (**self).write(offset, data)
+    }
+    fn flush(&mut self) -> Result<()> {
+        (**self).flush()
+    }
+}

@@ -1,0 +1,208 @@
+//! The journal, after bcache's `journal.c`: a ring of entries ([`Jset`]) in the journal
+//! buckets a cache device's superblock lists. Each entry records the keys inserted since the
+//! previous one and where the set's other metadata lives now (prio chains, UUID table,
+//! index checkpoint), so opening a set reads the newest entry and replays keys from the
+//! checkpoint on.
+//!
+//! Entries are written one after another into the current bucket; when it is full the writer
+//! moves to the next bucket of the ring, which must hold no entry at or after `last_seq`
+//! (a checkpoint covers its keys). Every write is made durable before the next starts, so a
+//! crash can tear at most the newest entry, which then fails its checksum and is ignored.
+
+pub mod jset;
+
+pub use jset::{Jset, MetaPtr, JSET_HEADER_BYTES, JSET_MAGIC, JSET_PRIO_SLOTS, JSET_VERSION};
+
+use crate::cache_set::storage::Storage;
+use crate::error::{Error, ErrorKind, Result};
+
+/// An entry found on disk, with where it lies.
+#[derive(Clone, Debug)]
+pub struct FoundEntry {
+    /// The entry.
+    pub jset: Jset,
+    /// Index into the journal bucket list (`d[]`).
+    pub bucket_idx: usize,
+    /// Byte offset within the bucket.
+    pub offset: usize,
+    /// Bytes it takes, padded to the block size.
+    pub len: usize,
+}
+
+/// Geometry the journal needs.
+#[derive(Clone, Debug)]
+pub struct JournalGeometry {
+    /// Journal buckets, in ring order (the superblock's `d[]`).
+    pub buckets: Vec<u64>,
+    /// Bucket size in bytes.
+    pub bucket_bytes: usize,
+    /// Block size in bytes: entries start on block boundaries.
+    pub block_bytes: usize,
+    /// The set magic (first 8 bytes of the set UUID, little endian).
+    pub set_magic: u64,
+}
+
+impl JournalGeometry {
+    fn bucket_size(&self) -> u32 {
+        (self.bucket_bytes / 512) as u32
+    }
+
+    /// Most u64 words of keys one entry may carry (it must fit in one bucket).
+    pub fn max_key_words(&self) -> usize {
+        (self.bucket_bytes - JSET_HEADER_BYTES) / 8
+    }
+}
+
+/// Reads every journal bucket and returns the valid entries, by ascending seq (one per seq).
+pub fn read_journal(st: &mut dyn Storage, g: &JournalGeometry) -> Result<Vec<FoundEntry>> {
+    let mut found: Vec<FoundEntry> = Vec::new();
+    let mut buf = vec![0u8; g.bucket_bytes];
+    for (idx, &b) in g.buckets.iter().enumerate() {
+        st.read(b * g.bucket_bytes as u64, &mut buf)
+            .map_err(|e| Error::new(e.kind(), format!("reading journal bucket {b}: {}", e.message())))?;
+        let mut off = 0;
+        while off + JSET_HEADER_BYTES <= g.bucket_bytes {
+            match Jset::decode(&buf[off..], g.set_magic, g.bucket_size(), g.block_bytes)? {
+                Some((jset, len)) => {
+                    found.push(FoundEntry { jset, bucket_idx: idx, offset: off, len });
+                    off += len;
+                }
+                None => off += g.block_bytes,
+            }
+        }
+    }
+    found.sort_by_key(|e| e.jset.seq);
+    found.dedup_by_key(|e| e.jset.seq);
+    Ok(found)
+}
+
+/// The journal writer's state.
+pub struct Journal {
+    g: JournalGeometry,
+    cur: usize,
+    offset: usize,
+    /// Highest seq written to each journal bucket (0: none that matters).
+    bucket_seq: Vec<u64>,
+    /// Seq of the newest entry written.
+    seq: u64,
+    buf: Vec<u8>,
+    bytes_written: u64,
+}
+
+impl Journal {
+    /// A journal over `g` for a fresh set: the next entry goes to the start of the first
+    /// bucket with seq `seq + 1`.
+    pub fn new(g: JournalGeometry, seq: u64) -> Result<Journal> {
+        if g.buckets.is_empty() {
+            return Err(Error::new(ErrorKind::InvalidArgument, "a cache set needs at least one journal bucket"));
+        }
+        if g.bucket_bytes < JSET_HEADER_BYTES + g.block_bytes || g.bucket_bytes % g.block_bytes != 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("journal: bucket of {} bytes with blocks of {}", g.bucket_bytes, g.block_bytes),
+            ));
+        }
+        let n = g.buckets.len();
+        Ok(Journal { g, cur: 0, offset: 0, bucket_seq: vec![0; n], seq, buf: Vec::new(), bytes_written: 0 })
+    }
+
+    /// A journal continuing after what [`read_journal`] found: the next entry follows the
+    /// newest one.
+    pub fn resume(g: JournalGeometry, found: &[FoundEntry]) -> Result<Journal> {
+        let mut j = Journal::new(g, 0)?;
+        for e in found {
+            let s = &mut j.bucket_seq[e.bucket_idx];
+            *s = (*s).max(e.jset.seq);
+        }
+        if let Some(last) = found.last() {
+            j.cur = last.bucket_idx;
+            j.offset = last.offset + last.len;
+            j.seq = last.jset.seq;
+        }
+        Ok(j)
+    }
+
+    /// Geometry.
+    pub fn geometry(&self) -> &JournalGeometry {
+        &self.g
+    }
+
+    /// Seq of the newest entry written (0 before the first).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Bytes of entries written since this journal was opened.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    /// Journal buckets holding an entry at or after `last_seq`, the current one included.
+    pub fn buckets_in_use(&self, last_seq: u64) -> usize {
+        (0..self.bucket_seq.len()).filter(|&i| i == self.cur || self.bucket_seq[i] >= last_seq).count()
+    }
+
+    /// Buckets of the ring.
+    pub fn nr_buckets(&self) -> usize {
+        self.bucket_seq.len()
+    }
+
+    /// True when an entry of `bytes` (padded) can be written without overwriting an entry
+    /// at or after `last_seq`.
+    pub fn has_room(&self, bytes: usize, last_seq: u64) -> bool {
+        self.offset + bytes <= self.g.bucket_bytes || self.bucket_seq[self.next_bucket()] < last_seq
+    }
+
+    fn next_bucket(&self) -> usize {
+        (self.cur + 1) % self.bucket_seq.len()
+    }
+
+    /// Writes `j` (its seq must be the next one) and makes it durable: a flush before (the
+    /// data its keys point at) and after (the entry itself).
+    pub fn write(&mut self, st: &mut dyn Storage, j: &Jset) -> Result<()> {
+        if j.seq != self.seq + 1 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("journal entry {} written after {}", j.seq, self.seq),
+            ));
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.write_buf(st, j, &mut buf);
+        self.buf = buf;
+        r
+    }
+
+    fn write_buf(&mut self, st: &mut dyn Storage, j: &Jset, buf: &mut Vec<u8>) -> Result<()> {
+        j.encode(self.g.set_magic, self.g.bucket_size(), self.g.block_bytes, buf)?;
+        if buf.len() > self.g.bucket_bytes {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("journal entry of {} bytes does not fit a bucket of {}", buf.len(), self.g.bucket_bytes),
+            ));
+        }
+        if self.offset + buf.len() > self.g.bucket_bytes {
+            let next = self.next_bucket();
+            if self.bucket_seq[next] >= j.last_seq {
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "journal full: bucket {} still holds entry {} and replay starts at {}",
+                        self.g.buckets[next], self.bucket_seq[next], j.last_seq
+                    ),
+                ));
+            }
+            self.cur = next;
+            self.offset = 0;
+            self.bucket_seq[next] = 0;
+        }
+        st.flush()?;
+        let at = self.g.buckets[self.cur] * self.g.bucket_bytes as u64 + self.offset as u64;
+        st.write(at, buf)?;
+        st.flush()?;
+        self.offset += buf.len();
+        self.bucket_seq[self.cur] = j.seq;
+        self.seq = j.seq;
+        self.bytes_written += buf.len() as u64;
+        Ok(())
+    }
+}
