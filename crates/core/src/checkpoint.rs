@@ -203,7 +203,9 @@ pub fn read(st: &mut dyn Storage, g: &CheckpointGeometry, head: u64, seq: u64, n
         }
         let start = data.len();
         data.resize(start + blocks * g.block_bytes, 0);
-        st.read(base + g.block_bytes as u64, &mut data[start..])?;
+        if blocks > 0 {
+            st.read(base + g.block_bytes as u64, &mut data[start..])?;
+        }
         for i in 0..blocks {
             let b = &data[start + i * g.block_bytes..start + (i + 1) * g.block_bytes];
             if crc64(b) != u64_at(&hdr, CHECKPOINT_HEADER_BYTES + 8 * i) {
