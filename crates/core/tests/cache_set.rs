@@ -251,3 +251,174 @@ fn crashes_lose_nothing_flushed_and_serve_nothing_stale() {
     let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(total, 4 * ROUNDS);
 }
+
+// ---- Damaged metadata ----
+
+use ubcache_core::journal::{read_journal, JournalGeometry};
+
+fn geometry(cs: &mut CacheSet<MemStorage>) -> JournalGeometry {
+    let sb = cs.superblock().clone();
+    JournalGeometry {
+        buckets: sb.journal_buckets,
+        bucket_bytes: BS as usize * 512,
+        block_bytes: 4096,
+        set_magic: u64::from_le_bytes(sb.set_uuid[..8].try_into().unwrap()),
+    }
+}
+
+fn flip(st: &mut MemStorage, offset: u64) {
+    let base = offset / 4096 * 4096;
+    let mut b = vec![0u8; 4096];
+    st.read(base, &mut b).unwrap();
+    b[(offset - base) as usize] ^= 0x5a;
+    st.write(base, &b).unwrap();
+}
+
+fn is_hole<S: Storage>(cs: &mut CacheSet<S>, inode: u32, blk: u64) -> bool {
+    let r = cs.read(inode, blk * 8, 8).unwrap();
+    r.len() == 1 && r[0].data.is_none()
+}
+
+/// Writes blocks 0..n of inode 1 with one flush (journal entry) each; returns where each
+/// write's entry lies (byte offset on the device) and its seq.
+fn entries_per_write(cs: &mut CacheSet<MemStorage>, n: u64) -> Vec<(u64, u64)> {
+    let mut at = Vec::new();
+    for i in 0..n {
+        cs.write(1, i * 8, &block(i)).unwrap();
+        cs.flush().unwrap();
+        let g = geometry(cs);
+        let found = read_journal(cs.storage(), &g).unwrap();
+        let e = found.iter().rev().find(|e| e.jset.keys.iter().any(|k| k.inode == 1 && k.start == i * 8)).unwrap();
+        at.push((g.buckets[e.bucket_idx] * g.bucket_bytes as u64 + e.offset as u64, e.jset.seq));
+    }
+    at
+}
+
+#[test]
+fn torn_newest_entry_is_ignored() {
+    let mut cs = CacheSet::open(fresh(4096), opts()).unwrap();
+    entries_per_write(&mut cs, 2);
+    let g = geometry(&mut cs);
+    let found = read_journal(cs.storage(), &g).unwrap();
+    let newest = found.last().unwrap().clone();
+    let b_in_newest = newest.jset.keys.iter().any(|k| k.start == 8);
+    let mut st = cs.abandon();
+    flip(&mut st, g.buckets[newest.bucket_idx] * g.bucket_bytes as u64 + newest.offset as u64 + 100);
+    let mut cs = CacheSet::open(st, opts()).unwrap();
+    assert_eq!(cs.open_report().head_seq, newest.jset.seq - 1);
+    assert_eq!(cs.read(1, 0, 8).unwrap()[0].data.as_deref(), Some(&block(0)[..]));
+    assert_eq!(is_hole(&mut cs, 1, 1), b_in_newest, "only the torn entry's keys are missing");
+    // The set goes on from there and survives another restart.
+    cs.write(1, 16, &block(9)).unwrap();
+    cs.flush().unwrap();
+    let mut cs = CacheSet::open(cs.abandon(), opts()).unwrap();
+    assert_eq!(cs.read(1, 16, 8).unwrap()[0].data.as_deref(), Some(&block(9)[..]));
+}
+
+#[test]
+fn replay_stops_at_a_gap_and_the_set_goes_on() {
+    let mut cs = CacheSet::open(fresh(4096), opts()).unwrap();
+    let at = entries_per_write(&mut cs, 3);
+    let mut st = cs.abandon();
+    flip(&mut st, at[1].0 + 20); // the middle entry's seq
+    let mut cs = CacheSet::open(st, opts()).unwrap();
+    assert_eq!(cs.open_report().gap_at, Some(at[1].1), "{:?}", cs.open_report());
+    assert_eq!(cs.read(1, 0, 8).unwrap()[0].data.as_deref(), Some(&block(0)[..]));
+    assert!(is_hole(&mut cs, 1, 1) && is_hole(&mut cs, 1, 2), "nothing after the gap is replayed");
+    // Writes after the recovery are not lost behind the old gap.
+    cs.write(1, 40, &block(40)).unwrap();
+    cs.flush().unwrap();
+    let mut cs = CacheSet::open(cs.abandon(), opts()).unwrap();
+    assert_eq!(cs.open_report().gap_at, None);
+    assert_eq!(cs.read(1, 40, 8).unwrap()[0].data.as_deref(), Some(&block(40)[..]));
+    assert_eq!(cs.read(1, 0, 8).unwrap()[0].data.as_deref(), Some(&block(0)[..]));
+}
+
+#[test]
+fn bad_checkpoint_falls_back_to_the_previous_one() {
+    let mut cs = CacheSet::open(fresh(4096), opts()).unwrap();
+    let mut model = Model::new();
+    let first = cs.metadata_pointers().0.unwrap();
+    let mut i = 0u64;
+    // Write until two checkpoints newer than the fresh set's were taken.
+    let mut seen = vec![first];
+    while seen.len() < 3 {
+        cs.write(2, (i % 300) * 8, &block(i)).unwrap();
+        model.insert((2, i % 300), i);
+        cs.flush().unwrap();
+        let c = cs.metadata_pointers().0.unwrap();
+        if *seen.last().unwrap() != c {
+            seen.push(c);
+        }
+        i += 1;
+    }
+    // A few more writes after it, so the fallback has more to replay.
+    for j in 0..5 {
+        cs.write(3, j * 8, &block(1000 + j)).unwrap();
+        model.insert((3, j), 1000 + j);
+    }
+    cs.flush().unwrap();
+    let cur = cs.metadata_pointers().0.unwrap();
+    let buckets = cs.checkpoint_buckets();
+    let mut st = cs.abandon();
+    flip(&mut st, buckets[0] * BS * 512 + 4096 + 100); // a data block of the head bucket
+    let mut cs = CacheSet::open(st, opts()).unwrap();
+    let r = cs.open_report().clone();
+    assert!(r.checkpoint_fallback, "{r:?}");
+    assert!(r.checkpoint_seq < cur.seq);
+    assert!(r.replayed_keys > 5, "a longer replay: {r:?}");
+    check(&mut cs, &model);
+    // The recovered state was checkpointed again: the next open needs no fallback.
+    let mut cs = CacheSet::open(cs.abandon(), opts()).unwrap();
+    assert!(!cs.open_report().checkpoint_fallback);
+    check(&mut cs, &model);
+}
+
+#[test]
+fn no_readable_checkpoint_refuses_to_start() {
+    let mut cs = CacheSet::open(fresh(1024), opts()).unwrap();
+    for i in 0..40 {
+        cs.write(1, i * 8, &block(i)).unwrap();
+        cs.flush().unwrap();
+    }
+    let g = geometry(&mut cs);
+    let mut st = cs.abandon();
+    // Damage every checkpoint any journal entry still names.
+    let found = read_journal(&mut st, &g).unwrap();
+    let heads: BTreeSet<u64> = found.iter().filter_map(|e| e.jset.checkpoint.map(|c| c.bucket)).collect();
+    for b in heads {
+        flip(&mut st, b * BS * 512 + 16);
+    }
+    let err = CacheSet::open(st, opts()).err().expect("opened without a checkpoint");
+    assert!(err.message().contains("index checkpoint"), "{err}");
+    assert_eq!(err.kind(), ubcache_core::ErrorKind::Corrupt);
+}
+
+#[test]
+fn bad_uuid_table_or_prio_chain_refuses_to_start_naming_it() {
+    for what in ["UUID table", "prio chain"] {
+        let mut cs = CacheSet::open(fresh(1024), opts()).unwrap();
+        cs.write(1, 0, &block(1)).unwrap();
+        cs.flush().unwrap();
+        let (_, uuid, prio) = cs.metadata_pointers();
+        let bucket = if what == "UUID table" { uuid.unwrap().bucket } else { prio };
+        let mut st = cs.abandon();
+        flip(&mut st, bucket * BS * 512 + 12); // magic
+        let err = CacheSet::open(st, opts()).err().unwrap_or_else(|| panic!("{what}: opened"));
+        assert!(err.message().contains(what), "{what}: {err}");
+        assert_eq!(err.kind(), ubcache_core::ErrorKind::Corrupt);
+    }
+}
+
+#[test]
+fn uuid_table_survives_restart() {
+    use ubcache_core::uuids::{UuidEntry, UUID_FLASH_ONLY};
+    let mut cs = CacheSet::open(fresh(1024), opts()).unwrap();
+    let e = UuidEntry { uuid: [5; 16], flags: UUID_FLASH_ONLY, sectors: 1 << 20, first_reg: 17, ..Default::default() };
+    cs.set_uuids(vec![UuidEntry::default(), e.clone()]).unwrap();
+    let old = cs.metadata_pointers().1.unwrap();
+    cs.set_uuids(vec![UuidEntry::default(), e.clone(), e.clone()]).unwrap();
+    assert_ne!(cs.metadata_pointers().1.unwrap().bucket, old.bucket, "rewritten to a new bucket");
+    let cs = CacheSet::open(cs.abandon(), opts()).unwrap();
+    assert_eq!(cs.uuids(), &[UuidEntry::default(), e.clone(), e][..]);
+}

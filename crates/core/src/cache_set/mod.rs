@@ -337,7 +337,13 @@ impl<S: Storage> CacheSet<S> {
             expect += 1;
         }
         // The initial GC: bucket usage from the index as replayed.
-        self.run_gc()
+        self.run_gc()?;
+        if self.report.gap_at.is_some() || self.report.checkpoint_fallback {
+            // Entries after a gap, or a damaged checkpoint, must not be needed again: what was
+            // recovered becomes the checkpoint new entries replay on.
+            self.write_checkpoint()?;
+        }
+        Ok(())
     }
 
     fn read_uuids(&mut self, p: &MetaPtr) -> Result<Vec<UuidEntry>> {
@@ -640,10 +646,16 @@ impl<S: Storage> CacheSet<S> {
         r
     }
 
-    /// Checkpoints when the entries replay would need fill more than half the journal.
+    /// Checkpoints when the entries since the newest checkpoint fill more than a quarter of
+    /// the journal, or those replay would need (since the fallback checkpoint) more than half.
     fn maybe_checkpoint(&mut self) -> Result<()> {
+        if self.in_checkpoint {
+            return Ok(());
+        }
         let j = &self.journal;
-        if !self.in_checkpoint && j.buckets_in_use(self.last_seq()) * 2 > j.nr_buckets() {
+        let nr = j.nr_buckets();
+        let since_newest = self.checkpoint.as_ref().map_or(nr, |c| j.buckets_in_use(c.ptr.seq + 1));
+        if since_newest > (nr / 4).max(1) || j.buckets_in_use(self.last_seq()) * 2 > nr {
             self.write_checkpoint()?;
         }
         Ok(())
