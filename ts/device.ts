@@ -111,6 +111,11 @@ export class IoEngine {
     return this.#native.kind as 'io_uring' | 'psync'
   }
 
+  /** Counters: how often requests woke the sleeping engine thread, and how many batches of completions came back. */
+  stats(): { wakeups: number; batches: number } {
+    return this.#native.stats()
+  }
+
   /** Requests submitted and not yet completed. */
   get inFlight(): number {
     return this.#pending.size

@@ -117,6 +117,15 @@ pub struct NativeDevice {
     pub writable: bool,
 }
 
+/// Counters of an engine thread.
+#[napi(object)]
+pub struct NativeEngineStats {
+    /// Times a submitter woke the sleeping engine thread.
+    pub wakeups: f64,
+    /// Batches of completions delivered to JavaScript.
+    pub batches: f64,
+}
+
 /// The engine thread and its buffer pool.
 #[napi]
 pub struct NativeIoEngine {
@@ -282,6 +291,13 @@ impl NativeIoEngine {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close(&self) -> AsyncTask<CloseTask> {
         AsyncTask::new(CloseTask(self.thread.clone()))
+    }
+
+    /// Counters of the engine thread: doorbell wakeups and completion batches so far.
+    #[napi]
+    pub fn stats(&self) -> NativeEngineStats {
+        let s = self.thread.stats();
+        NativeEngineStats { wakeups: s.wakeups as f64, batches: s.batches as f64 }
     }
 
     /// True once `close` has been called.
