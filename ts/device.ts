@@ -164,6 +164,7 @@ export class IoEngine {
     offset: number,
     arg: number | Uint8Array,
   ): Promise<Buffer | number> {
+    if (this.#closing) return Promise.reject(closedError('the I/O engine'))
     const tag = this.#nextTag++
     const promise = new Promise<Buffer | number>((resolve, reject) => this.#pending.set(tag, { resolve, reject }))
     // Requests in flight keep the process alive; an idle engine does not.

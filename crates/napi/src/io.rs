@@ -290,6 +290,8 @@ impl NativeIoEngine {
     /// Stops taking requests and resolves once every accepted request has completed.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close(&self) -> AsyncTask<CloseTask> {
+        // Refuse new requests now; the wait for the accepted ones happens off this thread.
+        self.thread.stop_accepting();
         AsyncTask::new(CloseTask(self.thread.clone()))
     }
 
