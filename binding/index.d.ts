@@ -20,6 +20,38 @@ export declare class Crc64 {
   reset(): void
 }
 
+/** The engine thread and its buffer pool. */
+export declare class NativeIoEngine {
+  /** Starts an engine thread; `onComplete` receives every batch of completions. */
+  constructor(options: NativeEngineOptions, onComplete: (batch: Array<number | Buffer | [string, string] | undefined>) => void)
+  /** `io_uring` or `psync`. */
+  get kind(): string
+  /** Opens a file or block device and adds it to the engine. */
+  openDevice(path: string, options?: NativeOpenOptions | undefined | null): NativeDevice
+  /** Removes a device; its requests in flight still complete. */
+  closeDevice(id: number): void
+  /**
+   * Submits many reads, flushes and discards at once (one enqueue, at most one wakeup
+   * of the engine thread). `desc` holds five numbers per request: op (0 read, 2 flush,
+   * 3 discard), tag, device, offset, length.
+   */
+  submitBatch(desc: Float64Array): void
+  /** Reads `length` bytes at `offset`; completes under `tag`. */
+  read(tag: number, dev: number, offset: number, length: number): void
+  /** Writes a copy of `data` at `offset` (one copy, into aligned memory). */
+  write(tag: number, dev: number, offset: number, data: Uint8Array): void
+  /** fdatasync. */
+  flush(tag: number, dev: number): void
+  /** Discards `length` bytes at `offset`. */
+  discard(tag: number, dev: number, offset: number, length: number): void
+  /** Stops taking requests and resolves once every accepted request has completed. */
+  close(): Promise<void>
+  /** Counters of the engine thread: doorbell wakeups and completion batches so far. */
+  stats(): NativeEngineStats
+  /** True once `close` has been called. */
+  get closed(): boolean
+}
+
 /** CRC-64/WE of `data`, as bcache's `bch_crc64` computes it. */
 export declare function crc64(data: Uint8Array): bigint
 
@@ -37,4 +69,54 @@ export interface DeviceInfo {
   logicalBlockSize: number
   /** True for a block device, false for a regular file. */
   isBlockDevice: boolean
+}
+
+/** A device opened in an engine. */
+export interface NativeDevice {
+  /** Handle for requests. */
+  id: number
+  /** Capacity in bytes. */
+  size: number
+  /** Offsets and lengths must be multiples of this under O_DIRECT. */
+  logicalBlockSize: number
+  /** Opened with O_DIRECT. */
+  direct: boolean
+  /** A block device (not a regular file). */
+  blockDevice: boolean
+  /** Opened for writing. */
+  writable: boolean
+}
+
+/** Options of a native engine. */
+export interface NativeEngineOptions {
+  /** `auto` (io_uring, else the portable engine), `io_uring` or `psync`. */
+  engine?: string
+  /** io_uring submission-queue entries. */
+  queueDepth?: number
+  /** Worker threads of the portable engine. */
+  psyncThreads?: number
+  /** Bytes of aligned memory registered with io_uring for buffers. */
+  arenaBytes?: number
+  /** Microseconds the engine thread spins for new requests before sleeping. */
+  spinMicros?: number
+}
+
+/** Counters of an engine thread. */
+export interface NativeEngineStats {
+  /** Times a submitter woke the sleeping engine thread. */
+  wakeups: number
+  /** Batches of completions delivered to JavaScript. */
+  batches: number
+}
+
+/** How to open a device. */
+export interface NativeOpenOptions {
+  /** Open for writing (default true). */
+  write?: boolean
+  /** `auto` (default), `require` or `off`. */
+  direct?: string
+  /** Exclusive open (default true). */
+  exclusive?: boolean
+  /** Create a regular file of this many bytes if the path does not exist. */
+  createSize?: number
 }

@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.Crc64 = nativeBinding.Crc64
+module.exports.NativeIoEngine = nativeBinding.NativeIoEngine
 module.exports.crc64 = nativeBinding.crc64
 module.exports.crc64Implementation = nativeBinding.crc64Implementation
 module.exports.deviceInfo = nativeBinding.deviceInfo

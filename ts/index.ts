@@ -11,6 +11,14 @@
  * @module ubcache
  */
 export { Crc64, crc64, crc64Implementation } from './crc64'
+export {
+  type EngineChoice,
+  IoEngine,
+  type IoEngineOptions,
+  openDevice,
+  type OpenDeviceOptions,
+  RawDevice,
+} from './device'
 export { asUbcacheError, InvalidArgumentError, SuperblockError, type SuperblockCheck, UbcacheError } from './errors'
 export {
   type BackingFormatOptions,

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -37,18 +37,24 @@ pub fn device_info(path: &Path) -> Result<DeviceInfo> {
         return Err(Error::new(ErrorKind::NotADevice, format!("{shown}: {what}")));
     }
     let file = File::open(path).map_err(|e| Error::io(format!("{shown}"), e))?;
-    let fd = file.as_raw_fd();
+    let (size, lbs) = block_geometry(file.as_raw_fd()).map_err(|(what, e)| Error::io(format!("{shown}: {what}"), e))?;
+    Ok(DeviceInfo { size_bytes: size, logical_block_size: lbs, is_block_device: true })
+}
+
+/// Size in bytes and logical block size of the open block device `fd`; on failure, the
+/// name of the ioctl that failed and its error.
+pub(crate) fn block_geometry(fd: RawFd) -> std::result::Result<(u64, u32), (&'static str, std::io::Error)> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which lives for the call.
     if unsafe { libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64) } != 0 {
-        return Err(Error::io(format!("{shown}: BLKGETSIZE64"), std::io::Error::last_os_error()));
+        return Err(("BLKGETSIZE64", std::io::Error::last_os_error()));
     }
     let mut lbs: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which lives for the call.
     if unsafe { libc::ioctl(fd, BLKSSZGET as _, &mut lbs as *mut libc::c_int) } != 0 {
-        return Err(Error::io(format!("{shown}: BLKSSZGET"), std::io::Error::last_os_error()));
+        return Err(("BLKSSZGET", std::io::Error::last_os_error()));
     }
-    Ok(DeviceInfo { size_bytes: size, logical_block_size: lbs as u32, is_block_device: true })
+    Ok((size, lbs as u32))
 }
 
 #[cfg(test)]

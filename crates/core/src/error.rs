@@ -31,6 +31,8 @@ pub enum ErrorKind {
     /// Metadata that passed its checksum is inconsistent (a chain that loops, mixed sequence
     /// numbers), or in-memory bookkeeping broke an invariant.
     Corrupt,
+    /// The device or engine was closed before or while the request was made.
+    Closed,
 }
 
 impl ErrorKind {
@@ -49,6 +51,7 @@ impl ErrorKind {
             ErrorKind::NoSpace => "NO_SPACE",
             ErrorKind::InvalidArgument => "INVALID_ARGUMENT",
             ErrorKind::Corrupt => "CORRUPT",
+            ErrorKind::Closed => "CLOSED",
         }
     }
 }

@@ -7,5 +7,6 @@ pub mod alloc;
 pub mod crc64;
 pub mod device;
 pub mod error;
+pub mod io;
 
 pub use error::{Error, ErrorKind, Result};

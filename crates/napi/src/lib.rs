@@ -4,6 +4,8 @@
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
+mod io;
+
 /// Throws `err` as a JavaScript `Error` whose `code` is the core error's code, and returns
 /// the marker error that tells napi-rs an exception is already pending.
 fn throw<T>(env: &Env, err: ubcache_core::Error) -> Result<T> {

@@ -1,0 +1,160 @@
+import test from 'ava'
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { IoEngine, openDevice, RawDevice, UbcacheError } from '../ts/index'
+
+// O_DIRECT needs a real filesystem; /var/tmp is one where /tmp may be tmpfs.
+const dir = join('/var/tmp', `ubcache-device-spec-${process.pid}`)
+mkdirSync(dir, { recursive: true })
+process.on('exit', () => rmSync(dir, { recursive: true, force: true }))
+let n = 0
+
+function pattern(len: number, seed: number): Buffer {
+  const b = Buffer.alloc(len)
+  for (let i = 0; i < len; i++) b[i] = (Math.imul(i, 2654435761) >>> 11) ^ seed
+  return b
+}
+
+function file(size: number, seed = 0): string {
+  const p = join(dir, `f${n++}`)
+  writeFileSync(p, pattern(size, seed))
+  return p
+}
+
+async function code(p: Promise<unknown>): Promise<string> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  )
+  if (!(err instanceof UbcacheError)) throw new Error(`expected a UbcacheError, got ${String(err)}`)
+  return err.code
+}
+
+for (const engine of ['io_uring', 'psync'] as const) {
+  test(`${engine}: reads back what it wrote across sizes, offsets and queue depths`, async (t) => {
+    const size = 4 << 20
+    const p = file(size, 3)
+    const model = pattern(size, 3)
+    const dev = await openDevice(p, { engine })
+    t.is(dev.engine.kind, engine)
+    t.true(dev.direct)
+    t.is(dev.size, size)
+    t.false(dev.isBlockDevice)
+    const lbs = dev.logicalBlockSize
+    let seed = 1
+    for (const qd of [1, 8, 64]) {
+      const writes: Promise<void>[] = []
+      const used = new Set<number>()
+      for (let i = 0; i < qd; i++) {
+        const blocks = 1 + ((i * 7) % 16)
+        const blk = (Math.imul(i + qd, 40503) >>> 0) % (size / 4096 - 16)
+        // Overlapping writes in flight together have no defined order: keep them apart.
+        if ([...Array(blocks).keys()].some((k) => used.has(blk + k))) continue
+        for (let k = 0; k < blocks; k++) used.add(blk + k)
+        const data = pattern(blocks * 4096, seed++)
+        data.copy(model, blk * 4096)
+        writes.push(dev.write(blk * 4096, data))
+      }
+      await Promise.all(writes)
+      const reads = []
+      for (let i = 0; i < qd; i++) {
+        const off = ((i * 9973) % (size / lbs - 256)) * lbs
+        const len = lbs * (1 + (i % 256))
+        reads.push(dev.read(off, len).then((b) => t.true(b.equals(model.subarray(off, off + len)), `qd ${qd} off ${off}`)))
+      }
+      await Promise.all(reads)
+    }
+    await dev.flush()
+    await dev.close()
+    t.true(readFileSync(p).equals(model))
+  })
+
+  test(`${engine}: flush, discard and close`, async (t) => {
+    const p = file(1 << 20, 1)
+    const dev = await openDevice(p, { engine })
+    await dev.write(65536, Buffer.alloc(16384, 0xab))
+    await dev.flush()
+    await dev.discard(65536, 8192)
+    const b = await dev.read(65536, 16384)
+    t.true(b.subarray(0, 8192).every((x) => x === 0))
+    t.true(b.subarray(8192).every((x) => x === 0xab))
+    await dev.close()
+    await dev.close()
+    t.true(dev.closed)
+    t.is(await code(dev.read(0, 4096)), 'CLOSED')
+    t.is(await code(dev.write(0, Buffer.alloc(4096))), 'CLOSED')
+    t.is(await code(dev.flush()), 'CLOSED')
+  })
+}
+
+test('bad input is rejected with a clear code', async (t) => {
+  const p = file(1 << 20)
+  const dev = await openDevice(p)
+  t.is(await code(dev.read(1 << 20, 4096)), 'OUT_OF_RANGE')
+  t.is(await code(dev.write((1 << 20) - 4096, Buffer.alloc(8192))), 'OUT_OF_RANGE')
+  t.is(await code(dev.read(100, 4096)), 'MISALIGNED')
+  t.is(await code(dev.write(0, Buffer.alloc(1000))), 'MISALIGNED')
+  t.is(await code(dev.read(0, 0)), 'INVALID_ARGUMENT')
+  t.is(await code(dev.read(-1, 4096)), 'INVALID_ARGUMENT')
+  t.is(await code(dev.read(0.5, 4096)), 'INVALID_ARGUMENT')
+  const err = await dev.read(1 << 20, 4096).catch((e: unknown) => e)
+  t.true(err instanceof UbcacheError)
+  t.regex((err as Error).message, /past the end/)
+  // The device still works after bad requests.
+  t.is((await dev.read(0, 4096)).length, 4096)
+  await dev.close()
+})
+
+test('open errors: missing, busy, read-only, created', async (t) => {
+  t.is(await code(openDevice(join(dir, 'missing'))), 'ENOENT')
+  t.is(await code(openDevice(dir)), 'NOT_A_DEVICE')
+  const p = file(65536)
+  const a = await openDevice(p)
+  t.is(await code(openDevice(p)), 'EBUSY')
+  await a.close()
+  const ro = await openDevice(p, { readOnly: true })
+  t.false(ro.writable)
+  t.is(await code(ro.write(0, Buffer.alloc(4096))), 'EACCES')
+  await ro.close()
+  const created = await openDevice(join(dir, `new${n++}`), { createSize: 1 << 20 })
+  t.is(created.size, 1 << 20)
+  await created.close()
+})
+
+test('buffered devices take any alignment', async (t) => {
+  const p = file(65536, 5)
+  const dev = await openDevice(p, { direct: 'off' })
+  t.false(dev.direct)
+  await dev.write(3, Buffer.from('hello'))
+  t.is((await dev.read(2, 7)).toString('latin1').slice(1, 6), 'hello')
+  await dev.close()
+})
+
+test('one engine drives several devices; closing it with requests in flight completes them', async (t) => {
+  const engine = new IoEngine()
+  const a = await engine.open(file(1 << 20, 1))
+  const b = await engine.open(file(1 << 20, 2))
+  t.true(a instanceof RawDevice)
+  const reads: Promise<Buffer>[] = []
+  for (let i = 0; i < 256; i++) reads.push((i % 2 ? a : b).read((i % 64) * 4096, 4096))
+  t.true(engine.inFlight > 0)
+  const closing = engine.close()
+  t.is(await code(a.read(0, 4096)), 'CLOSED')
+  await closing
+  const got = await Promise.all(reads)
+  t.is(got.length, 256)
+  t.deepEqual(got[0], pattern(1 << 20, 2).subarray(0, 4096))
+  t.is(engine.inFlight, 0)
+  const stats = engine.stats()
+  t.true(stats.batches >= 1 && stats.batches <= 256, `256 completions came back in ${stats.batches} batches`)
+  t.is(await code(engine.open(file(4096))), 'CLOSED')
+})
+
+test('read buffers stay valid after the device and engine are closed', async (t) => {
+  const dev = await openDevice(file(1 << 20, 9))
+  const bufs = await Promise.all([0, 1, 2, 3].map((i) => dev.read(i * 65536, 65536)))
+  await dev.close()
+  for (const [i, b] of bufs.entries()) {
+    t.true(b.equals(pattern(1 << 20, 9).subarray(i * 65536, (i + 1) * 65536)))
+  }
+})
