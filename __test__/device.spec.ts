@@ -145,6 +145,8 @@ test('one engine drives several devices; closing it with requests in flight comp
   t.is(got.length, 256)
   t.deepEqual(got[0], pattern(1 << 20, 2).subarray(0, 4096))
   t.is(engine.inFlight, 0)
+  const stats = engine.stats()
+  t.true(stats.batches >= 1 && stats.batches <= 256, `256 completions came back in ${stats.batches} batches`)
   t.is(await code(engine.open(file(4096))), 'CLOSED')
 })
 

@@ -46,6 +46,8 @@ export declare class NativeIoEngine {
   discard(tag: number, dev: number, offset: number, length: number): void
   /** Stops taking requests and resolves once every accepted request has completed. */
   close(): Promise<void>
+  /** Counters of the engine thread: doorbell wakeups and completion batches so far. */
+  stats(): NativeEngineStats
   /** True once `close` has been called. */
   get closed(): boolean
 }
@@ -97,6 +99,14 @@ export interface NativeEngineOptions {
   arenaBytes?: number
   /** Microseconds the engine thread spins for new requests before sleeping. */
   spinMicros?: number
+}
+
+/** Counters of an engine thread. */
+export interface NativeEngineStats {
+  /** Times a submitter woke the sleeping engine thread. */
+  wakeups: number
+  /** Batches of completions delivered to JavaScript. */
+  batches: number
 }
 
 /** How to open a device. */

@@ -111,6 +111,11 @@ export class IoEngine {
     return this.#native.kind as 'io_uring' | 'psync'
   }
 
+  /** Counters: how often requests woke the sleeping engine thread, and how many batches of completions came back. */
+  stats(): { wakeups: number; batches: number } {
+    return this.#native.stats()
+  }
+
   /** Requests submitted and not yet completed. */
   get inFlight(): number {
     return this.#pending.size
@@ -159,6 +164,7 @@ export class IoEngine {
     offset: number,
     arg: number | Uint8Array,
   ): Promise<Buffer | number> {
+    if (this.#closing) return Promise.reject(closedError('the I/O engine'))
     const tag = this.#nextTag++
     const promise = new Promise<Buffer | number>((resolve, reject) => this.#pending.set(tag, { resolve, reject }))
     // Requests in flight keep the process alive; an idle engine does not.

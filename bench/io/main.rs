@@ -3,7 +3,8 @@
 //! Measures, each next to the matching fio run (interleaved, so both see the same machine):
 //! - 4 KiB random reads at QD32: io_uring engine vs `fio --ioengine=io_uring --direct=1`
 //!   (driven directly, and through the engine thread as a binding drives it);
-//! - 4 KiB random reads at QD1: p50 latency, submit to completion, vs fio's `lat` p50;
+//! - 4 KiB random reads at QD1: p50 latency, submit to completion, vs fio's `lat` p50
+//!   (directly, and through the engine thread);
 //! - 1 MiB sequential reads at QD4: bandwidth;
 //! - the portable engine (4 workers) at QD32 vs `fio --ioengine=psync --numjobs=4`.
 //!
@@ -182,7 +183,9 @@ fn drive_thread(dev: Arc<Device>, pool: &BufPool, qd: usize, bs: u64, secs: u64)
     .unwrap();
     let id = t.add_device(dev).unwrap();
     let mut rng = Rng(0x0123_4567_89ab_cdef);
-    for i in 0..qd {
+    let mut started = vec![Instant::now(); qd];
+    for (i, s) in started.iter_mut().enumerate() {
+        *s = Instant::now();
         t.submit(IoRequest::read(id, rng.block(bs), pool.get(bs as usize), i as u64)).unwrap();
     }
     let warm = Instant::now() + Duration::from_millis(500);
@@ -201,13 +204,15 @@ fn drive_thread(dev: Arc<Device>, pool: &BufPool, qd: usize, bs: u64, secs: u64)
         let mut again = Vec::with_capacity(batch.len());
         for c in batch.drain(..) {
             inflight -= 1;
+            let slot = c.user_data as usize;
             if t0.is_some() {
                 run.ops += 1;
                 run.bytes += bs;
+                run.lat.push((now - started[slot]).as_nanos() as u64);
             }
             if !done {
-                let slot = c.user_data;
-                again.push(IoRequest::read(id, rng.block(bs), c.into_buf().unwrap(), slot));
+                started[slot] = Instant::now();
+                again.push(IoRequest::read(id, rng.block(bs), c.into_buf().unwrap(), slot as u64));
             }
         }
         inflight += again.len();
@@ -259,7 +264,8 @@ fn main() {
     let f_qd1 = fio(&path, secs, &["--ioengine=io_uring", "--rw=randread", "--bs=4k", "--iodepth=1"]);
     let f_p50 = f_qd1["lat_ns"]["percentile"]["50.000000"].as_f64().unwrap();
     let p50 = drive(&mut uring, uid, &pool, 1, 4096, true, secs).p50();
-    eprintln!("  fio p50 {:.1} us, engine p50 {:.1} us", f_p50 / 1e3, p50 / 1e3);
+    let p50_thread = drive_thread(dev.clone(), &pool, 1, 4096, secs).p50();
+    eprintln!("  fio p50 {:.1} us, engine p50 {:.1} us, engine thread p50 {:.1} us", f_p50 / 1e3, p50 / 1e3, p50_thread / 1e3);
 
     eprintln!("1 MiB sequential reads, QD4...");
     let f_bw = fio(&path, secs, &["--ioengine=io_uring", "--rw=read", "--bs=1m", "--iodepth=4"])["bw_bytes"].as_f64().unwrap();
@@ -279,6 +285,7 @@ fn main() {
         "randread_qd32_iops_ratio_native": r(rr32, f_rr32),
         "randread_qd32_iops_ratio_thread": r(rr32_thread, f_rr32),
         "randread_qd1_p50_ratio": r(p50, f_p50),
+        "randread_qd1_p50_ratio_thread": r(p50_thread, f_p50),
         "seqread_bw_ratio": r(bw, f_bw),
         "psync_randread_qd32_iops_ratio": r(ps, f_ps),
         "fio_randread_qd32_iops": f_rr32.round(),

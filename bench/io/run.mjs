@@ -127,6 +127,7 @@ console.log(
     randread_qd1_p50_ratio_native: native.randread_qd1_p50_ratio,
     seqread_bw_ratio_native: native.seqread_bw_ratio,
     randread_qd32_iops_ratio_thread: native.randread_qd32_iops_ratio_thread,
+    randread_qd1_p50_ratio_thread: native.randread_qd1_p50_ratio_thread,
     fio_randread_qd32_iops_js_run: Math.round(fRr32),
     randread_qd32_iops_js: Math.round(jsRr32),
     fio_randread_qd1_p50_ns_js_run: fP50,

@@ -166,3 +166,20 @@ fn a_spinning_thread_catches_requests_without_the_doorbell() {
     assert!(t.stats().wakeups < 50, "most requests were caught while spinning: {:?}", t.stats());
     t.close();
 }
+
+#[test]
+fn stop_accepting_refuses_at_once_and_close_still_finishes() {
+    let s = Scratch::new("stop");
+    let p = s.file("f", 65536, 5);
+    let (t, rx) = spawn(EngineChoice::Uring);
+    let id = t.add_device(open(&p)).unwrap();
+    for i in 0..8u64 {
+        t.submit(IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).unwrap();
+    }
+    t.stop_accepting();
+    assert!(t.is_closed());
+    assert_eq!(t.submit(IoRequest::flush(id, 99)).unwrap_err().error.kind(), ErrorKind::Closed);
+    t.close();
+    let n: usize = rx.try_iter().map(|b| b.len()).sum();
+    assert_eq!(n, 8, "requests accepted before stop_accepting all completed");
+}

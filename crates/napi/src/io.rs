@@ -117,6 +117,15 @@ pub struct NativeDevice {
     pub writable: bool,
 }
 
+/// Counters of an engine thread.
+#[napi(object)]
+pub struct NativeEngineStats {
+    /// Times a submitter woke the sleeping engine thread.
+    pub wakeups: f64,
+    /// Batches of completions delivered to JavaScript.
+    pub batches: f64,
+}
+
 /// The engine thread and its buffer pool.
 #[napi]
 pub struct NativeIoEngine {
@@ -281,7 +290,16 @@ impl NativeIoEngine {
     /// Stops taking requests and resolves once every accepted request has completed.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close(&self) -> AsyncTask<CloseTask> {
+        // Refuse new requests now; the wait for the accepted ones happens off this thread.
+        self.thread.stop_accepting();
         AsyncTask::new(CloseTask(self.thread.clone()))
+    }
+
+    /// Counters of the engine thread: doorbell wakeups and completion batches so far.
+    #[napi]
+    pub fn stats(&self) -> NativeEngineStats {
+        let s = self.thread.stats();
+        NativeEngineStats { wakeups: s.wakeups as f64, batches: s.batches as f64 }
     }
 
     /// True once `close` has been called.

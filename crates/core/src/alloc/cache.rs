@@ -105,6 +105,13 @@ impl CacheAlloc {
         self.free.iter_mut().any(|f| f.push(b))
     }
 
+    /// True when the free lists hold a bucket for every link of a prio chain: what
+    /// [`super::Allocator::prio_write_begin`] takes (`Reserve::None` first, then the prio reserve).
+    #[inline]
+    pub fn prio_write_placeable(&self) -> bool {
+        self.free[Reserve::None as usize].len() + self.free[Reserve::Prio as usize].len() >= self.prio_nr
+    }
+
     #[inline]
     pub fn has_free_room(&self) -> bool {
         self.free.iter().any(|f| !f.is_full())

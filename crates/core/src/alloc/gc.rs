@@ -79,7 +79,9 @@ impl Allocator {
     /// pressure, and lets invalidation go on. The first pass also primes the prio and btree
     /// reserves straight from unused buckets: the allocator needs free buckets to write prios,
     /// and must write prios to free buckets. That is safe only because nothing points into an
-    /// unused bucket.
+    /// unused bucket. A later pass tops up the prio reserve the same way, but only on a device
+    /// whose free lists cannot hold a prio chain (one that came up with too few unused buckets
+    /// and has not written prios since): otherwise it could never write prios again.
     pub fn gc_finish(&mut self) -> Result<()> {
         if !self.gc_running {
             return Err(inval("gc_finish without gc_start".into()));
@@ -107,22 +109,25 @@ impl Allocator {
         self.avail_nbuckets = avail;
         self.gc_running = false;
         self.gc_mark_valid = true;
-        if !self.started {
-            self.started = true;
-            for c in &mut self.caches {
-                let first = c.first_bucket as usize;
-                for i in first..c.buckets.len() {
-                    if c.free[Reserve::Prio as usize].is_full() && c.free[Reserve::Btree as usize].is_full() {
-                        break;
+        let first_pass = !self.started;
+        self.started = true;
+        for c in &mut self.caches {
+            if !first_pass && c.prio_write_placeable() {
+                continue;
+            }
+            let first = c.first_bucket as usize;
+            for i in first..c.buckets.len() {
+                let btree_done = !first_pass || c.free[Reserve::Btree as usize].is_full();
+                if c.free[Reserve::Prio as usize].is_full() && btree_done {
+                    break;
+                }
+                let b = c.buckets[i];
+                if b.can_invalidate() && b.mark() == GcMark::Unused {
+                    c.invalidate_one(i, &mut self.need_gc);
+                    if !c.free[Reserve::Prio as usize].push(i as u32) {
+                        c.free[Reserve::Btree as usize].push(i as u32);
                     }
-                    let b = c.buckets[i];
-                    if b.can_invalidate() && b.mark() == GcMark::Unused {
-                        c.invalidate_one(i, &mut self.need_gc);
-                        if !c.free[Reserve::Prio as usize].push(i as u32) {
-                            c.free[Reserve::Btree as usize].push(i as u32);
-                        }
-                        self.avail_nbuckets = self.avail_nbuckets.saturating_sub(1);
-                    }
+                    self.avail_nbuckets = self.avail_nbuckets.saturating_sub(1);
                 }
             }
         }

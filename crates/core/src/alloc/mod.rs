@@ -156,14 +156,19 @@ pub struct SetConfig {
 pub enum Step {
     /// Nothing to do until a bucket is allocated (the free lists are full).
     Idle,
-    /// Waiting for a discard or prio write the engine was already asked for.
+    /// Waiting for a discard or prio write the engine was already asked for, or for the GC
+    /// pass under way.
     Waiting,
     /// Discard this bucket, then call [`Allocator::discard_done`].
     Discard(u64),
     /// Call [`Allocator::prio_write_begin`], write the chain, have the journal record it, then
-    /// call [`Allocator::prio_write_committed`].
+    /// call [`Allocator::prio_write_committed`]. Asked only when the free lists hold a bucket
+    /// for every link of the chain, so `prio_write_begin` cannot run out of space.
     WritePrios,
-    /// Invalidation cannot go on until GC has run ([`Allocator::gc_start`] ... `gc_finish`).
+    /// Invalidation cannot go on until GC has run ([`Allocator::gc_start`] ... `gc_finish`):
+    /// the policy ran out of candidates, or the free lists cannot hold the prio chain the next
+    /// batch needs (a set that came up with too few unused buckets; GC fills the prio reserve
+    /// from the buckets it finds unused).
     NeedGc,
 }
 
@@ -596,13 +601,33 @@ impl Allocator {
                     if !gc_valid || c.invalidate_needs_gc {
                         return Ok(Step::NeedGc);
                     }
+                    // A batch is released only by a prio write: never invalidate one (bumping
+                    // gens, pinning buckets) whose prio write has nowhere to go. Only GC can
+                    // find buckets for the prio reserve then (see `gc_finish`).
+                    if !c.prio_write_placeable() {
+                        c.invalidate_needs_gc = true;
+                        return Ok(Step::NeedGc);
+                    }
                     c.invalidate_buckets(min_prio, need_gc);
                     if c.free_inc.is_full() {
                         c.state = State::BatchFull;
                     }
                 }
                 State::BatchFull => {
-                    return Ok(if c.prio_inflight.is_some() { Step::Waiting } else { Step::WritePrios });
+                    if c.prio_inflight.is_some() {
+                        return Ok(Step::Waiting);
+                    }
+                    if c.prio_write_placeable() {
+                        return Ok(Step::WritePrios);
+                    }
+                    // The free lists were emptied since the batch was started (by allocations
+                    // from the prio reserve): ask GC for room rather than for a write that
+                    // `prio_write_begin` would refuse.
+                    if gc_running {
+                        return Ok(Step::Waiting);
+                    }
+                    c.invalidate_needs_gc = true;
+                    return Ok(Step::NeedGc);
                 }
             }
         }

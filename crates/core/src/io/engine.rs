@@ -195,14 +195,20 @@ impl IoThread {
         self.shared.closing.load(Ordering::SeqCst)
     }
 
-    /// Stops taking requests, waits until every accepted request has completed and reached
-    /// the sink, and joins the thread. Idempotent.
-    pub fn close(&self) {
+    /// Stops taking requests (later ones are rejected with [`ErrorKind::Closed`]) without
+    /// waiting; the thread finishes the accepted ones. Idempotent.
+    pub fn stop_accepting(&self) {
         {
             let _q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
             self.shared.closing.store(true, Ordering::SeqCst);
         }
         self.shared.doorbell.notify();
+    }
+
+    /// Stops taking requests, waits until every accepted request has completed and reached
+    /// the sink, and joins the thread. Idempotent.
+    pub fn close(&self) {
+        self.stop_accepting();
         let join = self.join.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(j) = join {
             let _ = j.join();
