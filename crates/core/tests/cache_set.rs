@@ -288,7 +288,7 @@ fn entries_per_write(cs: &mut CacheSet<MemStorage>, n: u64) -> Vec<(u64, u64)> {
         cs.flush().unwrap();
         let g = geometry(cs);
         let found = read_journal(cs.storage(), &g).unwrap();
-        let e = found.iter().rev().find(|e| e.jset.keys.iter().any(|k| k.inode == 1 && k.start == i * 8)).unwrap();
+        let e = found.iter().rev().find(|e| e.keys().unwrap().iter().any(|k| k.inode == 1 && k.start == i * 8)).unwrap();
         at.push((g.buckets[e.bucket_idx] * g.bucket_bytes as u64 + e.offset as u64, e.jset.seq));
     }
     at
@@ -301,7 +301,7 @@ fn torn_newest_entry_is_ignored() {
     let g = geometry(&mut cs);
     let found = read_journal(cs.storage(), &g).unwrap();
     let newest = found.last().unwrap().clone();
-    let b_in_newest = newest.jset.keys.iter().any(|k| k.start == 8);
+    let b_in_newest = newest.keys().unwrap().iter().any(|k| k.start == 8);
     let mut st = cs.abandon();
     flip(&mut st, g.buckets[newest.bucket_idx] * g.bucket_bytes as u64 + newest.offset as u64 + 100);
     let mut cs = CacheSet::open(st, opts()).unwrap();

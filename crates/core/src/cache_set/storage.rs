@@ -79,6 +79,7 @@ impl<E: IoEngine> Storage for EngineStorage<E> {
 }
 
 const MEM_BLOCK: usize = 4096;
+static ZERO_BLOCK: [u8; MEM_BLOCK] = [0; MEM_BLOCK];
 
 /// A sparse in-memory device of `size` bytes: blocks never written, or written all zero,
 /// take no memory. Counts bytes written and flushes.
@@ -104,7 +105,7 @@ impl MemStorage {
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<()> {
-        if offset % MEM_BLOCK as u64 != 0 || len % MEM_BLOCK != 0 {
+        if !offset.is_multiple_of(MEM_BLOCK as u64) || !len.is_multiple_of(MEM_BLOCK) {
             return Err(Error::new(ErrorKind::Misaligned, format!("{len} bytes at {offset} are not 4 KiB aligned")));
         }
         if offset + len as u64 > self.size {
@@ -130,7 +131,7 @@ impl Storage for MemStorage {
         self.check(offset, data.len())?;
         for (i, chunk) in data.chunks(MEM_BLOCK).enumerate() {
             let n = offset / MEM_BLOCK as u64 + i as u64;
-            if chunk.iter().all(|&b| b == 0) {
+            if chunk == &ZERO_BLOCK[..] {
                 self.blocks.remove(&n);
             } else {
                 self.blocks.insert(n, chunk.into());

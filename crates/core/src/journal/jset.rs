@@ -115,6 +115,21 @@ impl Jset {
     /// version, length, checksum); returns it and its length padded to `block_bytes`.
     /// `Ok(None)` means no valid entry starts here (torn, stale or never written).
     pub fn decode(buf: &[u8], set_magic: u64, bucket_size: u32, block_bytes: usize) -> Result<Option<(Jset, usize)>> {
+        let Some((mut j, keys, len)) = Jset::decode_header(buf, set_magic, bucket_size, block_bytes)? else {
+            return Ok(None);
+        };
+        j.keys = decode_keys(keys).map_err(|e| corrupt(format!("journal entry {}: {}", j.seq, e.message())))?;
+        Ok(Some((j, len)))
+    }
+
+    /// As [`Jset::decode`], but leaves the keys encoded: returns the entry without keys, the
+    /// bytes of its keys and its padded length. Opening a set decodes only the keys it replays.
+    pub fn decode_header(
+        buf: &[u8],
+        set_magic: u64,
+        bucket_size: u32,
+        block_bytes: usize,
+    ) -> Result<Option<(Jset, &[u8], usize)>> {
         if buf.len() < JSET_HEADER_BYTES || u64_at(buf, OFF_MAGIC) != set_magic ^ JSET_MAGIC {
             return Ok(None);
         }
@@ -144,10 +159,7 @@ impl Jset {
         for (i, p) in j.prio_bucket.iter_mut().enumerate() {
             *p = u64_at(buf, OFF_PRIO + 8 * i);
         }
-        j.keys = decode_keys(&buf[JSET_HEADER_BYTES..end]).map_err(|e| {
-            corrupt(format!("journal entry {}: {}", j.seq, e.message()))
-        })?;
-        Ok(Some((j, end.div_ceil(block_bytes) * block_bytes)))
+        Ok(Some((j, &buf[JSET_HEADER_BYTES..end], end.div_ceil(block_bytes) * block_bytes)))
     }
 }
 

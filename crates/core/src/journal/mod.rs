@@ -15,12 +15,15 @@ pub use jset::{Jset, MetaPtr, JSET_HEADER_BYTES, JSET_MAGIC, JSET_PRIO_SLOTS, JS
 
 use crate::cache_set::storage::Storage;
 use crate::error::{Error, ErrorKind, Result};
+use crate::index::Key;
 
-/// An entry found on disk, with where it lies.
+/// An entry found on disk, with where it lies. Its keys are left encoded until asked for.
 #[derive(Clone, Debug)]
 pub struct FoundEntry {
-    /// The entry.
+    /// The entry, without its keys.
     pub jset: Jset,
+    /// Its keys, bkey encoded.
+    pub key_bytes: Vec<u8>,
     /// Index into the journal bucket list (`d[]`).
     pub bucket_idx: usize,
     /// Byte offset within the bucket.
@@ -47,9 +50,19 @@ impl JournalGeometry {
         (self.bucket_bytes / 512) as u32
     }
 
-    /// Most u64 words of keys one entry may carry (it must fit in one bucket).
+    /// Most u64 words of keys one entry carries: an eighth of a bucket (at least a block),
+    /// so an entry that does not fit the rest of a bucket wastes little of it.
     pub fn max_key_words(&self) -> usize {
-        (self.bucket_bytes - JSET_HEADER_BYTES) / 8
+        let bytes = (self.bucket_bytes / 8).max(self.block_bytes).min(self.bucket_bytes);
+        (bytes - JSET_HEADER_BYTES) / 8
+    }
+}
+
+impl FoundEntry {
+    /// Decodes the entry's keys.
+    pub fn keys(&self) -> Result<Vec<Key>> {
+        jset::decode_keys(&self.key_bytes)
+            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("journal entry {}: {}", self.jset.seq, e.message())))
     }
 }
 
@@ -62,9 +75,9 @@ pub fn read_journal(st: &mut dyn Storage, g: &JournalGeometry) -> Result<Vec<Fou
             .map_err(|e| Error::new(e.kind(), format!("reading journal bucket {b}: {}", e.message())))?;
         let mut off = 0;
         while off + JSET_HEADER_BYTES <= g.bucket_bytes {
-            match Jset::decode(&buf[off..], g.set_magic, g.bucket_size(), g.block_bytes)? {
-                Some((jset, len)) => {
-                    found.push(FoundEntry { jset, bucket_idx: idx, offset: off, len });
+            match Jset::decode_header(&buf[off..], g.set_magic, g.bucket_size(), g.block_bytes)? {
+                Some((jset, keys, len)) => {
+                    found.push(FoundEntry { jset, key_bytes: keys.to_vec(), bucket_idx: idx, offset: off, len });
                     off += len;
                 }
                 None => off += g.block_bytes,
@@ -96,7 +109,7 @@ impl Journal {
         if g.buckets.is_empty() {
             return Err(Error::new(ErrorKind::InvalidArgument, "a cache set needs at least one journal bucket"));
         }
-        if g.bucket_bytes < JSET_HEADER_BYTES + g.block_bytes || g.bucket_bytes % g.block_bytes != 0 {
+        if g.bucket_bytes < JSET_HEADER_BYTES + g.block_bytes || !g.bucket_bytes.is_multiple_of(g.block_bytes) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("journal: bucket of {} bytes with blocks of {}", g.bucket_bytes, g.block_bytes),
