@@ -97,8 +97,10 @@ fn transfer_rate_and_seeks_cost_time() {
     timed(&mut e, &[0]);
     let sequential = timed(&mut e, &[4096, 8192, 12288, 16384]);
     let far = timed(&mut e, &[(SIZE - 4096) as u64, 0, (SIZE - 4096) as u64, 0]);
-    assert!(sequential < Duration::from_millis(8), "sequential reads do not seek: {sequential:?}");
     assert!(far >= Duration::from_millis(4 * 19), "full-stroke seeks: {far:?}");
+    // Lower bounds are exact (the model sleeps at least that long); an upper bound in wall
+    // time is not, on a loaded machine, so sequential reads are compared with seeking ones.
+    assert!(sequential * 4 < far, "sequential reads do not seek: {sequential:?} vs {far:?} for full strokes");
 }
 
 #[test]
