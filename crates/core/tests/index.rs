@@ -320,6 +320,40 @@ fn writeback_walks_dirty_keys_in_order_and_cleans_them() {
 }
 
 #[test]
+fn batched_lookups_return_what_single_lookups_do() {
+    // Big enough for inner levels; some buckets go stale after the inserts.
+    let mut b = MemBuckets::new(BUCKET_BITS, 1, 4_096);
+    let mut idx = ExtentIndex::new();
+    let mut x = 7u64;
+    let mut rnd = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for i in 0..40_000u64 {
+        let inode = (rnd(10) / 9) as u32; // mostly inode 0, some inode 1
+        let len = 1 + rnd(32);
+        let p = ptr(0, (i % 4_096) * BUCKET_SECTORS, 0);
+        idx.insert(&Key::new(inode, rnd(2_000_000), len, p), &mut b).unwrap();
+    }
+    for bucket in (0..4_096).step_by(7) {
+        b.invalidate(0, bucket);
+    }
+    let reqs: Vec<LookupReq> =
+        (0..2_000).map(|_| LookupReq { inode: (rnd(10) / 8) as u32, start: rnd(2_000_100), len: rnd(200) }).collect();
+    // The batch runs first, while the stale keys are still there to be met.
+    let (mut out, mut bounds) = (Vec::new(), Vec::new());
+    idx.lookup_many(&reqs, &b, &mut out, &mut bounds).unwrap();
+    assert!(idx.stats().stale_keys_dropped > 0);
+    for (i, r) in reqs.iter().enumerate() {
+        let want = lookup(&mut idx, &b, r.inode, r.start, r.len);
+        assert_eq!(&out[bounds[i]..bounds[i + 1]], &want[..], "request {i}: {r:?}");
+    }
+    idx.verify().unwrap();
+}
+
+#[test]
 fn bad_arguments_are_errors_not_panics() {
     let mut b = buckets();
     let mut idx = ExtentIndex::new();
@@ -374,6 +408,7 @@ enum Op {
     Fill { n: usize, replica: bool, crc: bool },
     Cancel { n: usize },
     Lookup { inode: u32, start: u64, len: u64 },
+    LookupMany { reqs: Vec<(u32, u64, u64)> },
     InvalidateBucket { n: usize },
     Scan { dirty: bool, batch: usize },
     MarkClean { n: usize },
@@ -389,7 +424,8 @@ fn arb_op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), prop::bool::weighted(0.2), prop::bool::weighted(0.2))
             .prop_map(|(n, replica, crc)| Op::Fill { n, replica, crc }),
         1 => any::<usize>().prop_map(|n| Op::Cancel { n }),
-        3 => (inode, 0..SPACE, 1..=256u64).prop_map(|(inode, start, len)| Op::Lookup { inode, start, len }),
+        3 => (inode.clone(), 0..SPACE, 1..=256u64).prop_map(|(inode, start, len)| Op::Lookup { inode, start, len }),
+        1 => prop::collection::vec((inode, 0..SPACE, 0..=128u64), 0..40).prop_map(|reqs| Op::LookupMany { reqs }),
         1 => any::<usize>().prop_map(|n| Op::InvalidateBucket { n }),
         1 => (any::<bool>(), 1..5usize).prop_map(|(dirty, batch)| Op::Scan { dirty, batch }),
         1 => any::<usize>().prop_map(|n| Op::MarkClean { n }),
@@ -536,28 +572,16 @@ impl Harness {
             }
             Op::Lookup { inode, start, len } => {
                 let frags = lookup(&mut self.idx, &self.b, inode, start, len);
-                let mut pos = start;
-                for f in &frags {
-                    prop_assert_eq!(f.start, pos, "fragments out of order or with gaps: {:?}", frags);
-                    prop_assert!(f.len > 0);
-                    pos = f.end();
-                }
-                prop_assert_eq!(pos, start + len, "fragments do not cover the range: {:?}", frags);
-                for w in frags.windows(2) {
-                    prop_assert!(!(w[0].kind == FragmentKind::Hole && w[1].kind == FragmentKind::Hole));
-                }
-                for f in &frags {
-                    for s in f.start..f.end() {
-                        let want = self.seen(inode, s);
-                        let got = match f.kind {
-                            FragmentKind::Hole => Seen::Nothing,
-                            FragmentKind::Pending => Seen::Pending,
-                            FragmentKind::Hit { ptr, offset, dirty } => {
-                                Seen::Hit { ptr: ptr_at(ptr, offset + s - f.start), dirty }
-                            }
-                        };
-                        prop_assert_eq!(got, want, "sector {}:{} in {:?}", inode, s, frags);
-                    }
+                self.check_fragments(inode, start, len, &frags)?;
+            }
+            Op::LookupMany { ref reqs } => {
+                let reqs: Vec<LookupReq> =
+                    reqs.iter().map(|&(inode, start, len)| LookupReq { inode, start, len }).collect();
+                let (mut out, mut bounds) = (Vec::new(), Vec::new());
+                self.idx.lookup_many(&reqs, &self.b, &mut out, &mut bounds).unwrap();
+                prop_assert_eq!(bounds.len(), reqs.len() + 1);
+                for (i, r) in reqs.iter().enumerate() {
+                    self.check_fragments(r.inode, r.start, r.len, &out[bounds[i]..bounds[i + 1]])?;
                 }
             }
             Op::InvalidateBucket { n } => {
@@ -627,6 +651,33 @@ impl Harness {
             }
         }
         self.check_invariants()
+    }
+
+    fn check_fragments(&self, inode: u32, start: u64, len: u64, frags: &[Fragment]) -> Result<(), TestCaseError> {
+        let mut pos = start;
+        for f in frags {
+            prop_assert_eq!(f.start, pos, "fragments out of order or with gaps: {:?}", frags);
+            prop_assert!(f.len > 0);
+            pos = f.end();
+        }
+        prop_assert_eq!(pos, start + len, "fragments do not cover the range: {:?}", frags);
+        for w in frags.windows(2) {
+            prop_assert!(!(w[0].kind == FragmentKind::Hole && w[1].kind == FragmentKind::Hole));
+        }
+        for f in frags {
+            for s in f.start..f.end() {
+                let want = self.seen(inode, s);
+                let got = match f.kind {
+                    FragmentKind::Hole => Seen::Nothing,
+                    FragmentKind::Pending => Seen::Pending,
+                    FragmentKind::Hit { ptr, offset, dirty } => {
+                        Seen::Hit { ptr: ptr_at(ptr, offset + s - f.start), dirty }
+                    }
+                };
+                prop_assert_eq!(got, want, "sector {}:{} in {:?}", inode, s, frags);
+            }
+        }
+        Ok(())
     }
 
     fn check_invariants(&self) -> Result<(), TestCaseError> {

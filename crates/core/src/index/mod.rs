@@ -14,6 +14,7 @@
 //! is consulted through [`BucketGens`] and told about sectors through
 //! [`BucketAccounting`]; neither is stored, both are passed to each call.
 
+mod arena;
 pub mod bkey;
 mod btree;
 pub mod buckets;
@@ -24,7 +25,7 @@ mod word;
 
 pub use bkey::{bkey_u64s, BKEY_U64S_MAX};
 pub use buckets::{BucketAccounting, BucketGens, MemBucket, MemBuckets};
-pub use extents::{ExtentIndex, FillOutcome, IndexStats, Placeholder, ScanFilter, ScanPos};
+pub use extents::{ExtentIndex, FillOutcome, IndexStats, LookupReq, Placeholder, ScanFilter, ScanPos};
 pub use key::{
     Fragment, FragmentKind, Key, Ptr, KEY_CRC_MASK, KEY_INODE_MAX, KEY_OFFSET_MAX, KEY_PTRS_MAX, KEY_SIZE_MAX,
     PTR_OFFSET_MAX,
