@@ -4,13 +4,25 @@
 //!
 //! Workload: extents of 4 KiB..512 KiB (8..1024 sectors, 4 KiB aligned) at random offsets
 //! over a 1 TiB cached device. 10M such extents cannot coexist in 1 TiB (they would need
-//! ~2.6 TB), so the population is built from N distinct random starts, each extent clipped
-//! at the next start, inserted in random order ("build"). Then "overwrite" inserts unclipped
-//! random extents into the full index, so most of them cut, split or replace old keys.
-//! Lookups ask for random ranges of 4 KiB..512 KiB and get every fragment (hits and holes).
+//! ~2.6 TB; random overwrites settle near 8M keys), so the population is built from N
+//! distinct random starts, each extent clipped at the next start, inserted in random order
+//! ("build"). Then "overwrite" inserts 1M unclipped random extents into the full index, so
+//! most of them cut, split or replace old keys.
 //!
-//! Run: `cargo bench -p ubcache-core --bench index` (INDEX_BENCH_SIZES=1000000 for a
-//! quick run). The last stdout line is the JSON of the largest size.
+//! Lookups ask for random 4 KiB reads, and for random reads of 4 KiB..512 KiB; each gets
+//! every fragment (hits and holes) with the gen of each hit checked. The index and the map
+//! run the same sequences in alternating blocks, so both see the same machine load; then the
+//! index runs them again through `lookup_many` in batches of 64.
+//!
+//! Rates are per second of this thread's CPU time (the machine is shared; wall-clock rates
+//! are printed next to them and match on an idle machine). The JSON's `lookups_per_s` is
+//! single 4 KiB lookups, `inserts_per_s` the slower of build and overwrite.
+//!
+//! Run: `cargo bench -p ubcache-core --bench index`. Environment: INDEX_BENCH_SIZES (comma-
+//! separated extent counts, default 1000000,10000000), INDEX_BENCH_LOOKUPS (per kind,
+//! default 4000000), INDEX_BENCH_SKIP_MAP (no BTreeMap), INDEX_BENCH_STRIPES (also measure
+//! dm-pcache-style 4 MiB striping; needs ~1.3 GB), INDEX_BENCH_VERIFY (check the index after).
+//! The last stdout line is the JSON of the last size.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -18,7 +30,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use ubcache_core::index::{BucketAccounting, BucketGens, ExtentIndex, Fragment, FragmentKind, Key, Ptr};
+use ubcache_core::index::{BucketAccounting, BucketGens, ExtentIndex, Fragment, FragmentKind, Key, LookupReq, Ptr};
 
 struct Counting;
 
@@ -111,7 +123,8 @@ const MAX_BLOCKS: u64 = 128; // 512 KiB
 const BUCKET_BITS: u32 = 10; // 512 KiB buckets
 const DEFAULT_LOOKUPS: usize = 4_000_000;
 const OVERWRITES: usize = 1_000_000;
-const LOOKUP_BLOCK: usize = 50_000;
+const LOOKUP_BLOCK: usize = 51_200;
+const LOOKUP_BATCH: usize = 64;
 const LOOKUP_MODES: [&str; 2] = ["4 KiB", "4 KiB..512 KiB"];
 
 struct SplitMix(u64);
@@ -169,6 +182,14 @@ impl BucketGens for Buckets {
     fn bucket_gen(&self, _dev: u8, bucket: u64) -> Option<u8> {
         self.gens.get(bucket as usize).copied()
     }
+    #[inline]
+    fn prefetch_gen(&self, _dev: u8, bucket: u64) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(g) = self.gens.get(bucket as usize) {
+            // SAFETY: prefetching a valid address has no effect but on the cache.
+            unsafe { std::arch::x86_64::_mm_prefetch(g as *const u8 as *const i8, std::arch::x86_64::_MM_HINT_T0) };
+        }
+    }
 }
 
 impl BucketAccounting for Buckets {
@@ -207,7 +228,11 @@ fn map_lookup(map: &BTreeMap<u64, Extent>, start: u64, len: u64, gens: &Buckets,
             out.push(Fragment { start: pos, len: fs - pos, kind: FragmentKind::Hole });
         }
         let fe = e_end.min(end);
-        out.push(Fragment { start: fs, len: fe - fs, kind: FragmentKind::Hit { ptr: x.ptr, offset: fs - es, dirty: x.dirty } });
+        out.push(Fragment {
+            start: fs,
+            len: fe - fs,
+            kind: FragmentKind::Hit { ptr: x.ptr, offset: fs - es, dirty: x.dirty },
+        });
         pos = fe;
     }
     if pos < end {
@@ -228,6 +253,8 @@ struct Figures {
     extents: usize,
     lookups_per_s: Rate,
     range_lookups_per_s: Rate,
+    batched_lookups_per_s: Rate,
+    batched_range_lookups_per_s: Rate,
     build_per_s: Rate,
     overwrite_per_s: Rate,
     bytes_per_extent: f64,
@@ -320,7 +347,8 @@ fn run(n: usize, seed: u64) -> Figures {
 
     // Lookups: 4 KiB reads, and reads of 4 KiB..512 KiB. The index and the map run the
     // same sequences in alternating blocks, so both see the same machine load.
-    let lookups: usize = std::env::var("INDEX_BENCH_LOOKUPS").map_or(DEFAULT_LOOKUPS, |v| v.parse().expect("INDEX_BENCH_LOOKUPS"));
+    let lookups: usize =
+        std::env::var("INDEX_BENCH_LOOKUPS").map_or(DEFAULT_LOOKUPS, |v| v.parse().expect("INDEX_BENCH_LOOKUPS"));
     let mut out = Vec::with_capacity(64);
     let mut index_lookups = [Rate::default(); 2];
     let mut map_lookups = [Rate::default(); 2];
@@ -366,6 +394,38 @@ fn run(n: usize, seed: u64) -> Figures {
         );
     }
     drop(map);
+
+    // The same lookups through lookup_many, a batch of 64 at a time (what the engine does
+    // with the requests it drains from its queue).
+    let mut index_batched = [Rate::default(); 2];
+    let mut bounds = Vec::with_capacity(LOOKUP_BATCH + 1);
+    let mut reqs = Vec::with_capacity(LOOKUP_BATCH);
+    for (m, mode) in LOOKUP_MODES.iter().enumerate() {
+        let mut tb = Elapsed::default();
+        for block in 0..lookups / LOOKUP_BLOCK {
+            let block_seed = seed ^ (block as u64) << 32 ^ (m as u64) << 60;
+            let mut lr = SplitMix(block_seed);
+            let mut sum = 0u64;
+            let t = Timer::start();
+            for _ in 0..LOOKUP_BLOCK / LOOKUP_BATCH {
+                reqs.clear();
+                for _ in 0..LOOKUP_BATCH {
+                    let start = lr.below(SPACE_BLOCKS) * BLOCK;
+                    let len = if m == 0 { BLOCK } else { lr.len() };
+                    reqs.push(LookupReq { inode: 0, start, len });
+                }
+                idx.lookup_many(&reqs, &b, &mut out, &mut bounds).unwrap();
+                sum = sum.wrapping_add(digest(&out));
+            }
+            tb.add(&t);
+            black_box(sum);
+        }
+        index_batched[m] = tb.rate(lookups);
+        eprintln!("lookups of {mode} in batches of {LOOKUP_BATCH}: index {}", index_batched[m]);
+    }
+    if std::env::var_os("INDEX_BENCH_STRIPES").is_some() {
+        striped(&pop, &ptrs, &mut b, seed);
+    }
     drop(pop);
     drop(ptrs);
 
@@ -395,6 +455,8 @@ fn run(n: usize, seed: u64) -> Figures {
         extents: n,
         lookups_per_s: index_lookups[0],
         range_lookups_per_s: index_lookups[1],
+        batched_lookups_per_s: index_batched[0],
+        batched_range_lookups_per_s: index_batched[1],
         build_per_s,
         overwrite_per_s,
         bytes_per_extent,
@@ -403,6 +465,42 @@ fn run(n: usize, seed: u64) -> Figures {
         btreemap_bytes_per_extent,
         btreemap_bulk_bytes_per_extent,
     }
+}
+
+/// dm-pcache stripes its key space into 4 MiB subtrees. Measured here by giving each
+/// stripe a tree of its own (one inode per stripe), with the same extents and 4 KiB lookups.
+fn striped(pop: &[(u64, u64)], ptrs: &[Ptr], b: &mut Buckets, seed: u64) {
+    const STRIPE_SECTORS: u64 = 8192;
+    let n = pop.len();
+    let before = allocated();
+    let mut idx = ExtentIndex::new();
+    let t = Timer::start();
+    for (&(start, len), &p) in pop.iter().zip(ptrs) {
+        // Split at stripe boundaries, as a striped index must.
+        let mut s = start;
+        while s < start + len {
+            let e = (start + len).min((s / STRIPE_SECTORS + 1) * STRIPE_SECTORS);
+            let q = Ptr::new(0, p.offset() + (s - start), 0).unwrap();
+            idx.insert(&Key::new((s / STRIPE_SECTORS) as u32, s % STRIPE_SECTORS, e - s, q), b).unwrap();
+            s = e;
+        }
+    }
+    let build = t.rates(n);
+    let bytes = (allocated() - before) as f64 / n as f64;
+    let mut out = Vec::new();
+    let mut lr = SplitMix(seed);
+    let t = Timer::start();
+    let lookups = 2_000_000;
+    for _ in 0..lookups {
+        let s = lr.below(SPACE_BLOCKS) * BLOCK;
+        idx.lookup((s / STRIPE_SECTORS) as u32, s % STRIPE_SECTORS, BLOCK, b, &mut out).unwrap();
+        black_box(&out);
+    }
+    eprintln!(
+        "striped into 4 MiB subtrees: {} keys, {bytes:.2} B/extent, build {build}, 4 KiB lookups {}",
+        idx.len(),
+        t.rates(lookups)
+    );
 }
 
 fn main() {
@@ -415,7 +513,8 @@ fn main() {
         let f = run(n, 0x5eed + i as u64);
         println!(
             "{} extents: 4 KiB lookups {} (BTreeMap {}, x{:.2}); 4..512 KiB lookups {} (BTreeMap {}, x{:.2}); \
-             inserts: build {}, overwrite {}; {:.2} B/extent (BTreeMap {:.2}, bulk-built {:.2})",
+             batched: 4 KiB {}, 4..512 KiB {}; inserts: build {}, overwrite {}; \
+             {:.2} B/extent (BTreeMap {:.2}, bulk-built {:.2})",
             f.extents,
             f.lookups_per_s,
             f.btreemap_lookups_per_s,
@@ -423,6 +522,8 @@ fn main() {
             f.range_lookups_per_s,
             f.btreemap_range_lookups_per_s,
             f.range_lookups_per_s.cpu / f.btreemap_range_lookups_per_s.cpu,
+            f.batched_lookups_per_s,
+            f.batched_range_lookups_per_s,
             f.build_per_s,
             f.overwrite_per_s,
             f.bytes_per_extent,

@@ -153,7 +153,13 @@ fn the_four_overlap_cases() {
     idx.insert(&Key::new(1, 140, 10, a), &mut b).unwrap();
     assert_eq!(
         lookup(&mut idx, &b, 1, 90, 120),
-        vec![hole(90, 10), hit(100, 40, old, 0, false), hit(140, 10, a, 0, false), hit(150, 50, ptr(0, 50, 0), 0, false), hole(200, 10)]
+        vec![
+            hole(90, 10),
+            hit(100, 40, old, 0, false),
+            hit(140, 10, a, 0, false),
+            hit(150, 50, ptr(0, 50, 0), 0, false),
+            hole(200, 10)
+        ]
     );
     // Cuts the tail of one and the head of the next.
     let c = ptr(0, 256, 0);
@@ -620,7 +626,7 @@ impl Harness {
                         covered.insert((k.inode, s), ());
                     }
                 }
-                for (&(inode, s), _) in &self.model {
+                for &(inode, s) in self.model.keys() {
                     let want = match self.seen(inode, s) {
                         Seen::Hit { dirty: d, .. } => !dirty || d,
                         _ => false,
@@ -640,7 +646,8 @@ impl Harness {
                 for s in key.start..key.end() {
                     let mine: Vec<Ptr> = key.ptrs().iter().map(|&p| ptr_at(p, s - key.start)).collect();
                     if let Some(Sect::Data { ptrs, dirty }) = self.model.get_mut(&(key.inode, s)) {
-                        let live = |p: &Ptr| self.b.bucket(p.dev(), p.bucket(BUCKET_BITS)).map(|s| s.gen) == Some(p.gen());
+                        let live =
+                            |p: &Ptr| self.b.bucket(p.dev(), p.bucket(BUCKET_BITS)).map(|s| s.gen) == Some(p.gen());
                         if *dirty && ptrs.iter().any(|p| mine.contains(p) && live(p)) {
                             *dirty = false;
                             want += 1;

@@ -100,17 +100,21 @@ pub(crate) fn prefetch<T>(v: &T) {
     let _ = v;
 }
 
-pub(crate) struct Arena<T: Copy> {
+/// A node type: what a free slot holds.
+pub(crate) trait Node: Copy {
+    const BLANK: Self;
+}
+
+pub(crate) struct Arena<T: Node> {
     chunks: Vec<Chunk<T>>,
     /// Slots handed out from the last chunk.
     used: usize,
     free: Vec<u32>,
-    blank: T,
 }
 
-impl<T: Copy> Arena<T> {
-    pub fn new(blank: T) -> Arena<T> {
-        Arena { chunks: Vec::new(), used: 0, free: Vec::new(), blank }
+impl<T: Node> Arena<T> {
+    pub fn new() -> Arena<T> {
+        Arena { chunks: Vec::new(), used: 0, free: Vec::new() }
     }
 
     fn next_chunk_cap(&self) -> usize {
@@ -130,7 +134,7 @@ impl<T: Copy> Arena<T> {
         }
         if self.chunks.last().is_none_or(|c| self.used == c.cap) {
             assert!(self.chunks.len() < (1 << (32 - SLOT_BITS)) - 1, "extent index: node arena exhausted");
-            self.chunks.push(Chunk::new(self.next_chunk_cap(), self.blank));
+            self.chunks.push(Chunk::new(self.next_chunk_cap(), T::BLANK));
             self.used = 0;
         }
         let id = ((self.chunks.len() as u32 - 1) << SLOT_BITS) | self.used as u32;
@@ -140,7 +144,7 @@ impl<T: Copy> Arena<T> {
     }
 
     pub fn free(&mut self, id: u32) {
-        *self.get_mut(id) = self.blank;
+        *self.get_mut(id) = T::BLANK;
         self.free.push(id);
     }
 
@@ -180,7 +184,8 @@ impl<T: Copy> Arena<T> {
     /// Nodes handed out and not freed.
     #[cfg(test)]
     pub fn live(&self) -> usize {
-        self.chunks.iter().map(|c| c.cap).sum::<usize>() - self.chunks.last().map_or(0, |c| c.cap - self.used)
+        self.chunks.iter().map(|c| c.cap).sum::<usize>()
+            - self.chunks.last().map_or(0, |c| c.cap - self.used)
             - self.free.len()
     }
 
@@ -195,10 +200,30 @@ impl<T: Copy> Arena<T> {
 mod tests {
     use super::*;
 
+    #[derive(Clone, Copy)]
+    struct Big([u64; 40]);
+
+    impl Node for Big {
+        const BLANK: Big = Big([0; 40]);
+    }
+
+    impl std::ops::Deref for Big {
+        type Target = [u64; 40];
+        fn deref(&self) -> &[u64; 40] {
+            &self.0
+        }
+    }
+
+    impl std::ops::DerefMut for Big {
+        fn deref_mut(&mut self) -> &mut [u64; 40] {
+            &mut self.0
+        }
+    }
+
     #[test]
     fn ids_stay_valid_across_chunks_and_reuse() {
-        let mut a = Arena::new([0u64; 40]);
-        let ids: Vec<u32> = (0..20_000u64).map(|i| a.alloc([i; 40])).collect();
+        let mut a = Arena::new();
+        let ids: Vec<u32> = (0..20_000u64).map(|i| a.alloc(Big([i; 40]))).collect();
         assert!(a.chunks.len() > 5, "{} chunks", a.chunks.len());
         for (i, &id) in ids.iter().enumerate() {
             assert_eq!(a.get(id)[39], i as u64);
@@ -206,7 +231,7 @@ mod tests {
         a.free(ids[7]);
         a.free(ids[19_999]);
         assert_eq!(a.live(), 19_998);
-        let again = a.alloc([5; 40]);
+        let again = a.alloc(Big([5; 40]));
         assert_eq!(again, ids[19_999]);
         let (x, y) = a.pair_mut(ids[0], ids[19_000]);
         std::mem::swap(x, y);

@@ -15,7 +15,7 @@
 //! Nodes live in two arenas and refer to each other by 32-bit index; leaves are also
 //! linked in order for iteration.
 
-use super::arena::{prefetch, Arena, NIL};
+use super::arena::{prefetch, Arena, Node, NIL};
 
 /// Entries a leaf can hold.
 pub(crate) const LEAF_CAP: usize = 64;
@@ -67,10 +67,12 @@ struct Leaf {
     prev: u32,
 }
 
-impl Leaf {
-    const EMPTY: Leaf =
+impl Node for Leaf {
+    const BLANK: Leaf =
         Leaf { ends: [PAD; LEAF_CAP], words: [0; LEAF_CAP], sizes: [0; LEAF_CAP], len: 0, next: NIL, prev: NIL };
+}
 
+impl Leaf {
     #[inline]
     fn start(&self, i: usize) -> u64 {
         self.ends[i] - self.sizes[i] as u64
@@ -98,8 +100,8 @@ struct Inner {
     len: u32,
 }
 
-impl Inner {
-    const EMPTY: Inner = Inner { seps: [PAD; INNER_CAP], children: [NIL; INNER_CAP], len: 0 };
+impl Node for Inner {
+    const BLANK: Inner = Inner { seps: [PAD; INNER_CAP], children: [NIL; INNER_CAP], len: 0 };
 }
 
 /// Number of keys `<= s` in a sorted array padded with PAD, without data-dependent branches.
@@ -149,9 +151,9 @@ pub(crate) struct Tree {
 
 impl Tree {
     pub fn new() -> Tree {
-        let mut leaves = Arena::new(Leaf::EMPTY);
-        let root = leaves.alloc(Leaf::EMPTY);
-        Tree { leaves, inners: Arena::new(Inner::EMPTY), root, height: 0, len: 0 }
+        let mut leaves = Arena::new();
+        let root = leaves.alloc(Leaf::BLANK);
+        Tree { leaves, inners: Arena::new(), root, height: 0, len: 0 }
     }
 
     /// Number of extents.
@@ -216,27 +218,45 @@ impl Tree {
         }
     }
 
-    /// `seek` for several sectors at once: the searches go down the tree level by level
-    /// together, so their cache misses overlap instead of queueing one behind the other.
+    /// `seek` for several sectors at once. The searches go down the tree together, in
+    /// stages that each start loading exactly what the next stage reads (separators, then
+    /// one child slot, then the child; in the leaf the ends, then the entry found), so the
+    /// cache misses of a whole group are in flight at the same time.
     pub fn seek_many(&self, starts: &[u64], out: &mut [Cursor]) {
         debug_assert!(out.len() >= starts.len());
         let n = starts.len().min(out.len());
         let mut nodes = [self.root; SEEK_GROUP];
+        let mut idx = [0usize; SEEK_GROUP];
         for (g, chunk) in starts[..n].chunks(SEEK_GROUP).enumerate() {
-            let nodes = &mut nodes[..chunk.len()];
-            nodes.fill(self.root);
+            let k = chunk.len();
+            nodes[..k].fill(self.root);
             for d in 0..self.height {
-                for (node, &s) in nodes.iter_mut().zip(chunk) {
-                    let inner = self.inners.get(*node);
-                    *node = inner.children[rank(&inner.seps, s)];
-                    self.prefetch_node(*node, d + 1);
+                for j in 0..k {
+                    let inner = self.inners.get(nodes[j]);
+                    idx[j] = rank(&inner.seps, chunk[j]);
+                    prefetch(&inner.children[idx[j]]);
+                }
+                for j in 0..k {
+                    nodes[j] = self.inners.get(nodes[j]).children[idx[j]];
+                    if d + 1 < self.height {
+                        prefetch(&self.inners.get(nodes[j]).seps);
+                    } else {
+                        prefetch(&self.leaves.get(nodes[j]).ends);
+                    }
                 }
             }
-            for (i, (&leaf_id, &s)) in nodes.iter().zip(chunk).enumerate() {
-                let leaf = self.leaves.get(leaf_id);
-                let slot = rank(&leaf.ends, s);
-                out[g * SEEK_GROUP + i] = if slot < leaf.len as usize {
-                    Cursor { leaf: leaf_id, slot: slot as u32 }
+            for j in 0..k {
+                let leaf = self.leaves.get(nodes[j]);
+                idx[j] = rank(&leaf.ends, chunk[j]);
+                if idx[j] < leaf.len as usize {
+                    prefetch(&leaf.words[idx[j]]);
+                    prefetch(&leaf.sizes[idx[j]]);
+                }
+            }
+            for j in 0..k {
+                let leaf = self.leaves.get(nodes[j]);
+                out[g * SEEK_GROUP + j] = if idx[j] < leaf.len as usize {
+                    Cursor { leaf: nodes[j], slot: idx[j] as u32 }
                 } else {
                     Cursor { leaf: leaf.next, slot: 0 }
                 };
@@ -415,7 +435,7 @@ impl Tree {
         let k = if leaf.next == NIL && to == old { (total - 1).min(LEAF_CAP) } else { total / 2 };
         let next = leaf.next;
 
-        let mut right = Leaf::EMPTY;
+        let mut right = Leaf::BLANK;
         for (i, e) in all[k..total].iter().enumerate() {
             right.set(i, *e);
         }
@@ -441,7 +461,7 @@ impl Tree {
     /// Puts `child` right after the node at `depth` on `path`, with `sep` between them.
     fn insert_child(&mut self, path: &Path, depth: usize, sep: u64, child: u32) {
         if depth == 0 {
-            let mut root = Inner::EMPTY;
+            let mut root = Inner::BLANK;
             root.children[0] = self.root;
             root.children[1] = child;
             root.seps[0] = sep;
@@ -474,7 +494,7 @@ impl Tree {
         children[i + 2..].copy_from_slice(&p.children[i + 1..]);
         let total = INNER_CAP + 1;
         let k = if right_edge && i + 1 == plen { total - 2 } else { total / 2 };
-        let mut right = Inner::EMPTY;
+        let mut right = Inner::BLANK;
         right.children[..total - k].copy_from_slice(&children[k..]);
         right.seps[..total - k - 1].copy_from_slice(&seps[k..total - 1]);
         right.len = (total - k) as u32;
@@ -672,7 +692,7 @@ impl Tree {
         }
         let inner = self.inners.get(id);
         let len = inner.len as usize;
-        if len > INNER_CAP || len < 2 {
+        if !(2..=INNER_CAP).contains(&len) {
             return Err(format!("inner {id}: bad length {len}"));
         }
         if inner.seps[len - 1..].iter().any(|&s| s != PAD) {

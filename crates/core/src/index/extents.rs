@@ -83,10 +83,56 @@ struct Volume {
     dirty_sectors: u64,
 }
 
+/// Volumes by inode, in a table indexed by the inode itself: inodes are UUID table slots,
+/// small numbers, and the lookup is on every request.
+#[derive(Default)]
+struct Volumes(Vec<Option<Box<Volume>>>);
+
+impl Volumes {
+    #[inline]
+    fn find(&self, inode: u32) -> Option<usize> {
+        matches!(self.0.get(inode as usize), Some(Some(_))).then_some(inode as usize)
+    }
+
+    fn find_or_create(&mut self, inode: u32) -> usize {
+        let i = inode as usize;
+        if i >= self.0.len() {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i].get_or_insert_with(|| Box::new(Volume { inode, tree: Tree::new(), sectors: 0, dirty_sectors: 0 }));
+        i
+    }
+
+    /// The volumes from inode `from` on, in inode order.
+    fn iter_from(&self, from: u32) -> impl Iterator<Item = (usize, &Volume)> {
+        self.0.iter().enumerate().skip(from as usize).filter_map(|(i, v)| Some((i, v.as_deref()?)))
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.0.capacity() * std::mem::size_of::<Option<Box<Volume>>>()
+            + self.iter_from(0).map(|(_, v)| std::mem::size_of::<Volume>() + v.tree.heap_bytes()).sum::<usize>()
+    }
+}
+
+impl std::ops::Index<usize> for Volumes {
+    type Output = Volume;
+    #[inline]
+    fn index(&self, i: usize) -> &Volume {
+        self.0[i].as_deref().expect("extent index: volume found before")
+    }
+}
+
+impl std::ops::IndexMut<usize> for Volumes {
+    #[inline]
+    fn index_mut(&mut self, i: usize) -> &mut Volume {
+        self.0[i].as_deref_mut().expect("extent index: volume found before")
+    }
+}
+
 /// The extent index of a cache set: for each cached device or flash volume (inode), which
 /// sector ranges are cached and where. Keys never overlap; the newest write wins.
 pub struct ExtentIndex {
-    vols: Vec<Volume>,
+    vols: Volumes,
     side: SideTable,
     next_ticket: u64,
     stats: IndexStats,
@@ -316,7 +362,7 @@ impl ExtentIndex {
     /// An empty index.
     pub fn new() -> ExtentIndex {
         ExtentIndex {
-            vols: Vec::new(),
+            vols: Volumes::default(),
             side: SideTable::default(),
             next_ticket: 1,
             stats: IndexStats::default(),
@@ -326,22 +372,16 @@ impl ExtentIndex {
     }
 
     fn vol_index(&self, inode: u32) -> Option<usize> {
-        self.vols.binary_search_by_key(&inode, |v| v.inode).ok()
+        self.vols.find(inode)
     }
 
     fn vol_or_create(&mut self, inode: u32) -> usize {
-        match self.vols.binary_search_by_key(&inode, |v| v.inode) {
-            Ok(i) => i,
-            Err(i) => {
-                self.vols.insert(i, Volume { inode, tree: Tree::new(), sectors: 0, dirty_sectors: 0 });
-                i
-            }
-        }
+        self.vols.find_or_create(inode)
     }
 
     /// Keys in the index, placeholders included (stale keys not yet met are counted too).
     pub fn len(&self) -> usize {
-        self.vols.iter().map(|v| v.tree.len()).sum()
+        self.vols.iter_from(0).map(|(_, v)| v.tree.len()).sum()
     }
 
     /// True when the index holds no key at all.
@@ -368,9 +408,7 @@ impl ExtentIndex {
     /// Heap bytes held by the index's own structures (an estimate from capacities; the
     /// benchmark measures with a counting allocator instead).
     pub fn heap_bytes(&self) -> usize {
-        self.vols.iter().map(|v| v.tree.heap_bytes()).sum::<usize>()
-            + self.vols.capacity() * std::mem::size_of::<Volume>()
-            + self.side.heap_bytes()
+        self.vols.heap_bytes() + self.side.heap_bytes()
     }
 
     /// The pieces of `start..start + len` of `inode`, in order, without gaps or overlaps:
@@ -445,6 +483,17 @@ impl ExtentIndex {
                     let ExtentIndex { vols, side, stale, .. } = self;
                     let tree = &vols[vi].tree;
                     tree.seek_many(&starts[..group.len()], &mut cursors);
+                    // Start loading the gens every request will check.
+                    let bits = gens.bucket_bits();
+                    for (r, &c) in group.iter().zip(&cursors) {
+                        let mut c = c;
+                        while let Some(e) = tree.get(c).filter(|e| e.start() < r.start + r.len) {
+                            if let Word::Direct(p) = word::decode(e.word) {
+                                gens.prefetch_gen(p.dev(), p.bucket(bits));
+                            }
+                            tree.advance(&mut c);
+                        }
+                    }
                     for (r, &c) in group.iter().zip(&cursors) {
                         if r.len > 0 {
                             fragments(tree, side, stale, vi, c, r.start, r.start + r.len, gens, out);
@@ -515,7 +564,8 @@ impl ExtentIndex {
         let ExtentIndex { vols, side, .. } = self;
         let w = make_word(side, live.ptrs(), live.crc, live.dirty);
         let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
-        let mut t = Trimmer { b: &mut *b, side, sectors: &mut *sectors, dirty_sectors: &mut *dirty_sectors, released: 0 };
+        let mut t =
+            Trimmer { b: &mut *b, side, sectors: &mut *sectors, dirty_sectors: &mut *dirty_sectors, released: 0 };
         tree.replace(key.start, key.end(), Some(w), &mut t);
         *sectors += key.size;
         if key.dirty {
@@ -745,9 +795,8 @@ impl ExtentIndex {
             return Some(from);
         }
         let mut next = None;
-        let first = self.vols.partition_point(|v| v.inode < from.inode);
         let ExtentIndex { vols, side, stale, .. } = self;
-        'vols: for (vi, vol) in vols.iter().enumerate().skip(first) {
+        'vols: for (vi, vol) in vols.iter_from(from.inode) {
             let tree = &vol.tree;
             let mut c = if vol.inode == from.inode { tree.seek(from.offset) } else { tree.first() };
             while let Some(e) = tree.get(c) {
@@ -778,9 +827,9 @@ impl ExtentIndex {
     pub fn verify(&self) -> std::result::Result<(), String> {
         let mut indirect = 0;
         let mut seen = std::collections::HashSet::new();
-        for (i, vol) in self.vols.iter().enumerate() {
-            if i > 0 && self.vols[i - 1].inode >= vol.inode {
-                return Err(format!("volumes out of order at inode {}", vol.inode));
+        for (i, vol) in self.vols.iter_from(0) {
+            if i != vol.inode as usize {
+                return Err(format!("volume of inode {} filed under {i}", vol.inode));
             }
             vol.tree.check().map_err(|e| format!("inode {}: {e}", vol.inode))?;
             let (mut sectors, mut dirty) = (0, 0);
