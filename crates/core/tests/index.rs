@@ -360,6 +360,40 @@ fn batched_lookups_return_what_single_lookups_do() {
 }
 
 #[test]
+fn gc_mark_recounts_what_inserts_accounted() {
+    let mut b = buckets();
+    let mut idx = ExtentIndex::new();
+    idx.insert(&Key::new(0, 0, 64, ptr(0, 0, 0)).with_dirty(true), &mut b).unwrap();
+    idx.insert(&Key::new(0, 16, 8, ptr(0, 128, 0)), &mut b).unwrap();
+    let two = Key::new(1, 0, 32, ptr(0, 256, 0)).with_ptr(ptr(1, 0, 0)).unwrap();
+    idx.insert(&two, &mut b).unwrap();
+    idx.insert(&Key::new(1, 100, 8, ptr(0, 384, 0)), &mut b).unwrap();
+    let ph = idx.insert_placeholder(1, 200, 8, &b).unwrap();
+    b.invalidate(0, 3);
+    let incremental: Vec<_> = b.iter().map(|(d, n, s)| (d, n, *s)).collect();
+
+    let mut fresh = MemBuckets::new(BUCKET_BITS, 2, NBUCKETS as usize);
+    for (d, n, s) in b.iter() {
+        while fresh.bucket(d, n).unwrap().gen != s.gen {
+            fresh.invalidate(d, n);
+        }
+    }
+    assert_eq!(idx.mark_buckets(&mut fresh), 4);
+    assert_eq!(fresh.iter().map(|(d, n, s)| (d, n, *s)).collect::<Vec<_>>(), incremental);
+    // The stale key went, the placeholder stayed.
+    assert_eq!(idx.len(), 5);
+    assert_eq!(idx.stats().stale_keys_dropped, 1);
+    idx.cancel_placeholder(&ph);
+    idx.verify().unwrap();
+}
+
+#[test]
+fn the_index_can_move_to_the_engine_thread() {
+    fn send<T: Send>() {}
+    send::<ExtentIndex>();
+}
+
+#[test]
 fn bad_arguments_are_errors_not_panics() {
     let mut b = buckets();
     let mut idx = ExtentIndex::new();

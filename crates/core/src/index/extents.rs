@@ -822,6 +822,48 @@ impl ExtentIndex {
         next
     }
 
+    /// GC's mark pass: reports every live extent's sectors to `b` (`add_sectors` with the
+    /// full size, per live pointer), as if the index were inserted again into buckets whose
+    /// counts were zeroed first; stale keys met are dropped. Returns the live keys counted.
+    pub fn mark_buckets<B: BucketGens + BucketAccounting + ?Sized>(&mut self, b: &mut B) -> usize {
+        let bits = b.bucket_bits();
+        let mut live = 0;
+        let ExtentIndex { vols, side, stale, .. } = self;
+        for (vi, vol) in vols.iter_from(0) {
+            let tree = &vol.tree;
+            let mut c = tree.first();
+            while let Some(e) = tree.get(c) {
+                tree.advance(&mut c);
+                if matches!(word::decode(e.word), Word::Placeholder(_)) {
+                    continue;
+                }
+                if !entry_live(side, e.word, b) {
+                    stale.push((vi, e.start(), e.end));
+                    continue;
+                }
+                let dirty = word::is_dirty(e.word);
+                let one;
+                let ptrs: &[Ptr] = match word::decode(e.word) {
+                    Word::Direct(p) => {
+                        one = [p];
+                        &one
+                    }
+                    Word::Indirect(slot) => side.get(slot).ptrs(),
+                    Word::Placeholder(_) => &[],
+                };
+                for p in ptrs {
+                    b.add_sectors(p.dev(), p.bucket(bits), e.size as i64, dirty);
+                }
+                live += 1;
+            }
+        }
+        if !self.stale.is_empty() {
+            let gens: &B = b;
+            self.drop_stale(gens);
+        }
+        live
+    }
+
     /// Checks the index's internal consistency (tree structure, non-overlap, side table,
     /// sector counts); returns a description of the first problem found.
     pub fn verify(&self) -> std::result::Result<(), String> {
