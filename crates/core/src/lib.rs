@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod crc64;
 pub mod device;
 pub mod error;
+pub mod index;
 pub mod io;
 
 pub use error::{Error, ErrorKind, Result};

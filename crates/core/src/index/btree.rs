@@ -1,0 +1,895 @@
+//! The B+tree that holds one inode's extents, kept free of overlaps.
+//!
+//! Entries are `(end, word, size)`: the extent covers `end - size .. end`, and `word` is
+//! the index's packed description of where its data is (see `extents.rs`); the tree never
+//! looks inside it. Leaves store the three fields as separate arrays (18 bytes an entry,
+//! no heap allocation per key), sorted by end; because extents never overlap they are
+//! sorted by start as well.
+//!
+//! Separators are looser than in a textbook B+tree: `seps[i]` of an inner node only
+//! promises that every extent under child `i` ends at or before it and every extent under
+//! child `i + 1` starts at or after it. Cutting an extent's head or tail, or removing it,
+//! therefore never touches a separator, and an insert only has to raise the separators
+//! that fall inside the (free by then) range of the new extent.
+//!
+//! Nodes live in two arenas and refer to each other by 32-bit index; leaves are also
+//! linked in order for iteration.
+
+use super::arena::{prefetch, Arena, Node, NIL};
+
+/// Entries a leaf can hold.
+pub(crate) const LEAF_CAP: usize = 64;
+/// Children an inner node can hold.
+pub(crate) const INNER_CAP: usize = 128;
+const LEAF_MIN: usize = LEAF_CAP / 3;
+const INNER_MIN: usize = INNER_CAP / 3;
+/// Padding for unused key slots: above any sector, so searches can run over whole arrays.
+const PAD: u64 = u64::MAX;
+/// Searches `seek_many` runs side by side: enough misses in flight to hide memory latency,
+/// few enough to stay within what the core can track.
+pub(crate) const SEEK_GROUP: usize = 16;
+/// With at least INNER_MIN children per inner node, 2^32 leaves need fewer levels.
+const MAX_HEIGHT: usize = 12;
+
+/// One extent as the tree stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub end: u64,
+    pub word: u64,
+    pub size: u16,
+}
+
+impl Entry {
+    #[inline]
+    pub fn start(&self) -> u64 {
+        self.end - self.size as u64
+    }
+}
+
+/// What the tree asks of its user when an insert or invalidation cuts existing extents.
+pub(crate) trait Trim {
+    /// Sectors `skip .. skip + len` of extent `e` stop being referenced; `whole` when the
+    /// entry is gone.
+    fn release(&mut self, e: &Entry, skip: u64, len: u64, whole: bool);
+    /// The word for the piece of `e` that starts `skip` sectors into it. `split` when another
+    /// piece goes on using `e.word` itself.
+    fn keep(&mut self, e: &Entry, skip: u64, split: bool) -> u64;
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Leaf {
+    ends: [u64; LEAF_CAP],
+    words: [u64; LEAF_CAP],
+    sizes: [u16; LEAF_CAP],
+    len: u32,
+    next: u32,
+    prev: u32,
+}
+
+impl Node for Leaf {
+    const BLANK: Leaf =
+        Leaf { ends: [PAD; LEAF_CAP], words: [0; LEAF_CAP], sizes: [0; LEAF_CAP], len: 0, next: NIL, prev: NIL };
+}
+
+impl Leaf {
+    #[inline]
+    fn start(&self, i: usize) -> u64 {
+        self.ends[i] - self.sizes[i] as u64
+    }
+
+    #[inline]
+    fn entry(&self, i: usize) -> Entry {
+        Entry { end: self.ends[i], word: self.words[i], size: self.sizes[i] }
+    }
+
+    #[inline]
+    fn set(&mut self, i: usize, e: Entry) {
+        self.ends[i] = e.end;
+        self.words[i] = e.word;
+        self.sizes[i] = e.size;
+    }
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Inner {
+    /// `seps[i]` lies between child `i` and child `i + 1`; slots from `len - 1` on are PAD.
+    seps: [u64; INNER_CAP],
+    children: [u32; INNER_CAP],
+    len: u32,
+}
+
+impl Node for Inner {
+    const BLANK: Inner = Inner { seps: [PAD; INNER_CAP], children: [NIL; INNER_CAP], len: 0 };
+}
+
+/// Number of keys `<= s` in a sorted array padded with PAD, without data-dependent branches.
+#[inline(always)]
+fn rank<const N: usize>(keys: &[u64; N], s: u64) -> usize {
+    let mut lo = 0usize;
+    let mut n = N;
+    while n > 1 {
+        let half = n / 2;
+        lo = if keys[lo + half - 1] <= s { lo + half } else { lo };
+        n -= half;
+    }
+    lo + (keys[lo] <= s) as usize
+}
+
+/// The inner nodes met on the way down to a leaf, and which child was taken at each.
+#[derive(Clone, Copy)]
+struct Path {
+    node: [u32; MAX_HEIGHT],
+    idx: [u32; MAX_HEIGHT],
+}
+
+impl Path {
+    const EMPTY: Path = Path { node: [NIL; MAX_HEIGHT], idx: [0; MAX_HEIGHT] };
+}
+
+/// A position in the tree: an entry, or the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Cursor {
+    leaf: u32,
+    slot: u32,
+}
+
+impl Cursor {
+    pub const END: Cursor = Cursor { leaf: NIL, slot: 0 };
+}
+
+/// One inode's extents.
+pub(crate) struct Tree {
+    leaves: Arena<Leaf>,
+    inners: Arena<Inner>,
+    root: u32,
+    /// Inner levels above the leaves (0: the root is a leaf).
+    height: usize,
+    len: usize,
+}
+
+impl Tree {
+    pub fn new() -> Tree {
+        let mut leaves = Arena::new();
+        let root = leaves.alloc(Leaf::BLANK);
+        Tree { leaves, inners: Arena::new(), root, height: 0, len: 0 }
+    }
+
+    /// Number of extents.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Bytes of heap the tree holds.
+    pub fn heap_bytes(&self) -> usize {
+        self.leaves.heap_bytes() + self.inners.heap_bytes()
+    }
+
+    /// Starts loading the parts of the node at `depth` a search reads, all at once, instead
+    /// of one cache miss per step of the binary search.
+    #[inline(always)]
+    fn prefetch_node(&self, node: u32, depth: usize) {
+        if depth == self.height {
+            // The whole leaf: the slot found in `ends` is read from `words` and `sizes`
+            // right after, and a second round trip to memory would cost as much as the first.
+            prefetch(self.leaves.get(node));
+        } else {
+            let inner = self.inners.get(node);
+            prefetch(&inner.seps);
+            prefetch(&inner.children);
+        }
+    }
+
+    #[inline]
+    fn descend(&self, s: u64) -> u32 {
+        let mut node = self.root;
+        for d in 0..self.height {
+            let inner = self.inners.get(node);
+            node = inner.children[rank(&inner.seps, s)];
+            self.prefetch_node(node, d + 1);
+        }
+        node
+    }
+
+    fn descend_path(&self, s: u64, path: &mut Path) -> u32 {
+        let mut node = self.root;
+        for d in 0..self.height {
+            let inner = self.inners.get(node);
+            let i = rank(&inner.seps, s);
+            path.node[d] = node;
+            path.idx[d] = i as u32;
+            node = inner.children[i];
+            self.prefetch_node(node, d + 1);
+        }
+        node
+    }
+
+    /// The first extent that ends after sector `s`.
+    #[inline]
+    pub fn seek(&self, s: u64) -> Cursor {
+        let leaf_id = self.descend(s);
+        let leaf = self.leaves.get(leaf_id);
+        let slot = rank(&leaf.ends, s);
+        if slot < leaf.len as usize {
+            Cursor { leaf: leaf_id, slot: slot as u32 }
+        } else {
+            Cursor { leaf: leaf.next, slot: 0 }
+        }
+    }
+
+    /// `seek` for several sectors at once. The searches go down the tree together, in
+    /// stages that each start loading exactly what the next stage reads (separators, then
+    /// one child slot, then the child; in the leaf the ends, then the entry found), so the
+    /// cache misses of a whole group are in flight at the same time.
+    pub fn seek_many(&self, starts: &[u64], out: &mut [Cursor]) {
+        debug_assert!(out.len() >= starts.len());
+        let n = starts.len().min(out.len());
+        let mut nodes = [self.root; SEEK_GROUP];
+        let mut idx = [0usize; SEEK_GROUP];
+        for (g, chunk) in starts[..n].chunks(SEEK_GROUP).enumerate() {
+            let k = chunk.len();
+            nodes[..k].fill(self.root);
+            for d in 0..self.height {
+                for j in 0..k {
+                    let inner = self.inners.get(nodes[j]);
+                    idx[j] = rank(&inner.seps, chunk[j]);
+                    prefetch(&inner.children[idx[j]]);
+                }
+                for j in 0..k {
+                    nodes[j] = self.inners.get(nodes[j]).children[idx[j]];
+                    if d + 1 < self.height {
+                        prefetch(&self.inners.get(nodes[j]).seps);
+                    } else {
+                        prefetch(&self.leaves.get(nodes[j]).ends);
+                    }
+                }
+            }
+            for j in 0..k {
+                let leaf = self.leaves.get(nodes[j]);
+                idx[j] = rank(&leaf.ends, chunk[j]);
+                if idx[j] < leaf.len as usize {
+                    prefetch(&leaf.words[idx[j]]);
+                    prefetch(&leaf.sizes[idx[j]]);
+                }
+            }
+            for j in 0..k {
+                let leaf = self.leaves.get(nodes[j]);
+                out[g * SEEK_GROUP + j] = if idx[j] < leaf.len as usize {
+                    Cursor { leaf: nodes[j], slot: idx[j] as u32 }
+                } else {
+                    Cursor { leaf: leaf.next, slot: 0 }
+                };
+            }
+        }
+    }
+
+    /// The first extent of the tree.
+    pub fn first(&self) -> Cursor {
+        self.seek(0)
+    }
+
+    /// The entry at `c`, or None at the end.
+    #[inline]
+    pub fn get(&self, c: Cursor) -> Option<Entry> {
+        if c.leaf == NIL {
+            return None;
+        }
+        Some(self.leaves.get(c.leaf).entry(c.slot as usize))
+    }
+
+    /// Moves `c` to the next entry.
+    #[inline]
+    pub fn advance(&self, c: &mut Cursor) {
+        let leaf = self.leaves.get(c.leaf);
+        if c.slot + 1 < leaf.len {
+            c.slot += 1;
+        } else {
+            *c = Cursor { leaf: leaf.next, slot: 0 };
+        }
+    }
+
+    /// Replaces the word of the entry at `c` (same extent, new description).
+    pub fn set_word(&mut self, c: Cursor, word: u64) {
+        self.leaves.get_mut(c.leaf).words[c.slot as usize] = word;
+    }
+
+    /// Makes `s..e` hold exactly `new` (an extent `s..e` with that word) or nothing: extents
+    /// inside the range go, extents sticking out are cut at its edges, an extent covering
+    /// all of it is split in two. `t` hears of every cut.
+    pub fn replace<T: Trim>(&mut self, s: u64, e: u64, new: Option<u64>, t: &mut T) {
+        debug_assert!(s < e);
+        debug_assert!(new.is_none() || e - s <= u16::MAX as u64);
+        while let Some((ps, pe)) = self.replace_in_leaf(s, e, new, t) {
+            // The range reaches into another leaf: clear one leaf's share, then try again.
+            let again = self.replace_in_leaf(ps, pe, None, t);
+            debug_assert!(again.is_none());
+        }
+    }
+
+    /// Does `replace` when every extent it touches sits in one leaf; otherwise changes
+    /// nothing and returns a smaller range that does sit in one leaf, to clear first.
+    fn replace_in_leaf<T: Trim>(&mut self, s: u64, e: u64, new: Option<u64>, t: &mut T) -> Option<(u64, u64)> {
+        let mut path = Path::EMPTY;
+        let leaf_id = self.descend_path(s, &mut path);
+        let leaf = self.leaves.get(leaf_id);
+        let len = leaf.len as usize;
+        let slot = rank(&leaf.ends, s);
+        let mut j = slot;
+        while j < len && leaf.start(j) < e {
+            j += 1;
+        }
+        if j == len && leaf.next != NIL {
+            let next = self.leaves.get(leaf.next);
+            let (ns, ne) = (next.start(0), next.ends[0]);
+            if ns < e {
+                return Some(if slot < len { (s, leaf.ends[len - 1]) } else { (s.max(ns), e.min(ne)) });
+            }
+        }
+
+        let mut repl = [Entry { end: 0, word: 0, size: 0 }; 3];
+        let mut n = 0;
+        let mut tail = None;
+        if slot < j {
+            let first = leaf.entry(slot);
+            let (fs, fe) = (first.start(), first.end);
+            if j - slot == 1 && fs < s && fe > e {
+                t.release(&first, s - fs, e - s, false);
+                let head = t.keep(&first, 0, false);
+                let rest = t.keep(&first, e - fs, true);
+                repl[0] = Entry { end: s, word: head, size: (s - fs) as u16 };
+                n = 1;
+                tail = Some(Entry { end: fe, word: rest, size: (fe - e) as u16 });
+            } else {
+                let last = leaf.entry(j - 1);
+                let (ls, le) = (last.start(), last.end);
+                if fs < s {
+                    t.release(&first, s - fs, fe - s, false);
+                    repl[0] = Entry { end: s, word: t.keep(&first, 0, false), size: (s - fs) as u16 };
+                    n = 1;
+                } else if j - slot > 1 || fe <= e {
+                    t.release(&first, 0, first.size as u64, true);
+                }
+                for k in slot + 1..j.saturating_sub(1) {
+                    let mid = leaf.entry(k);
+                    t.release(&mid, 0, mid.size as u64, true);
+                }
+                if le > e {
+                    t.release(&last, 0, e - ls, false);
+                    tail = Some(Entry { end: le, word: t.keep(&last, e - ls, false), size: (le - e) as u16 });
+                } else if j - slot > 1 {
+                    t.release(&last, 0, last.size as u64, true);
+                }
+            }
+        }
+        if let Some(word) = new {
+            repl[n] = Entry { end: e, word, size: (e - s) as u16 };
+            n += 1;
+            // Separators that fall inside s..e now bound nothing: move them to e so the new
+            // extent belongs to this leaf.
+            for d in 0..self.height {
+                let inner = self.inners.get_mut(path.node[d]);
+                let i = path.idx[d] as usize;
+                if i + 1 < inner.len as usize && inner.seps[i] < e {
+                    inner.seps[i] = e;
+                }
+            }
+        }
+        if let Some(tail) = tail {
+            repl[n] = tail;
+            n += 1;
+        }
+        if n > 0 || j > slot {
+            self.splice(&path, leaf_id, slot, j, &repl[..n]);
+        }
+        None
+    }
+
+    /// Replaces entries `from..to` of a leaf with `repl`, then splits or rebalances.
+    fn splice(&mut self, path: &Path, leaf_id: u32, from: usize, to: usize, repl: &[Entry]) {
+        let leaf = self.leaves.get_mut(leaf_id);
+        let old = leaf.len as usize;
+        let new_len = old - (to - from) + repl.len();
+        self.len = self.len - old + new_len;
+        if new_len > LEAF_CAP {
+            self.split_leaf(path, leaf_id, from, to, repl);
+            return;
+        }
+        if repl.len() != to - from {
+            let dst = from + repl.len();
+            leaf.ends.copy_within(to..old, dst);
+            leaf.words.copy_within(to..old, dst);
+            leaf.sizes.copy_within(to..old, dst);
+        }
+        for (k, r) in repl.iter().enumerate() {
+            leaf.set(from + k, *r);
+        }
+        for k in new_len..old {
+            leaf.ends[k] = PAD;
+        }
+        leaf.len = new_len as u32;
+        // Only removals rebalance: a leaf left short by a biased split fills up again.
+        if new_len < old && new_len < LEAF_MIN && self.height > 0 {
+            self.rebalance_leaf(path, leaf_id);
+        }
+    }
+
+    fn split_leaf(&mut self, path: &Path, leaf_id: u32, from: usize, to: usize, repl: &[Entry]) {
+        let mut all = [Entry { end: 0, word: 0, size: 0 }; LEAF_CAP + 3];
+        let leaf = self.leaves.get(leaf_id);
+        let old = leaf.len as usize;
+        let mut total = 0;
+        for i in 0..from {
+            all[total] = leaf.entry(i);
+            total += 1;
+        }
+        for r in repl {
+            all[total] = *r;
+            total += 1;
+        }
+        for i in to..old {
+            all[total] = leaf.entry(i);
+            total += 1;
+        }
+        // Appending at the very end (replay of sorted keys) leaves full leaves behind.
+        let k = if leaf.next == NIL && to == old { (total - 1).min(LEAF_CAP) } else { total / 2 };
+        let next = leaf.next;
+
+        let mut right = Leaf::BLANK;
+        for (i, e) in all[k..total].iter().enumerate() {
+            right.set(i, *e);
+        }
+        right.len = (total - k) as u32;
+        right.next = next;
+        right.prev = leaf_id;
+        let right_id = self.leaves.alloc(right);
+        if next != NIL {
+            self.leaves.get_mut(next).prev = right_id;
+        }
+        let leaf = self.leaves.get_mut(leaf_id);
+        for (i, e) in all[..k].iter().enumerate() {
+            leaf.set(i, *e);
+        }
+        for i in k..LEAF_CAP {
+            leaf.ends[i] = PAD;
+        }
+        leaf.len = k as u32;
+        leaf.next = right_id;
+        self.insert_child(path, self.height, all[k - 1].end, right_id);
+    }
+
+    /// Puts `child` right after the node at `depth` on `path`, with `sep` between them.
+    fn insert_child(&mut self, path: &Path, depth: usize, sep: u64, child: u32) {
+        if depth == 0 {
+            let mut root = Inner::BLANK;
+            root.children[0] = self.root;
+            root.children[1] = child;
+            root.seps[0] = sep;
+            root.len = 2;
+            self.root = self.inners.alloc(root);
+            self.height += 1;
+            assert!(self.height < MAX_HEIGHT, "extent index: tree too tall");
+            return;
+        }
+        let pid = path.node[depth - 1];
+        let i = path.idx[depth - 1] as usize;
+        let right_edge = (0..depth - 1).all(|d| path.idx[d] + 1 == self.inners.get(path.node[d]).len);
+        let p = self.inners.get_mut(pid);
+        let plen = p.len as usize;
+        if plen < INNER_CAP {
+            p.seps.copy_within(i..plen - 1, i + 1);
+            p.seps[i] = sep;
+            p.children.copy_within(i + 1..plen, i + 2);
+            p.children[i + 1] = child;
+            p.len += 1;
+            return;
+        }
+        let mut seps = [PAD; INNER_CAP];
+        let mut children = [NIL; INNER_CAP + 1];
+        seps[..i].copy_from_slice(&p.seps[..i]);
+        seps[i] = sep;
+        seps[i + 1..].copy_from_slice(&p.seps[i..INNER_CAP - 1]);
+        children[..=i].copy_from_slice(&p.children[..=i]);
+        children[i + 1] = child;
+        children[i + 2..].copy_from_slice(&p.children[i + 1..]);
+        let total = INNER_CAP + 1;
+        let k = if right_edge && i + 1 == plen { total - 2 } else { total / 2 };
+        let mut right = Inner::BLANK;
+        right.children[..total - k].copy_from_slice(&children[k..]);
+        right.seps[..total - k - 1].copy_from_slice(&seps[k..total - 1]);
+        right.len = (total - k) as u32;
+        p.children[..k].copy_from_slice(&children[..k]);
+        p.children[k..].fill(NIL);
+        p.seps[..k - 1].copy_from_slice(&seps[..k - 1]);
+        p.seps[k - 1..].fill(PAD);
+        p.len = k as u32;
+        let up = seps[k - 1];
+        let right_id = self.inners.alloc(right);
+        self.insert_child(path, depth - 1, up, right_id);
+    }
+
+    /// A leaf fell under LEAF_MIN: merge it with a sibling, or even the two out.
+    fn rebalance_leaf(&mut self, path: &Path, leaf_id: u32) {
+        let d = self.height - 1;
+        let pid = path.node[d];
+        let i = path.idx[d] as usize;
+        let p = self.inners.get(pid);
+        debug_assert_eq!(p.children[i], leaf_id);
+        let li = i.saturating_sub(1);
+        let (l_id, r_id) = (p.children[li], p.children[li + 1]);
+        let (l, r) = self.leaves.pair_mut(l_id, r_id);
+        let (ll, rl) = (l.len as usize, r.len as usize);
+        if ll + rl <= LEAF_CAP {
+            l.ends[ll..ll + rl].copy_from_slice(&r.ends[..rl]);
+            l.words[ll..ll + rl].copy_from_slice(&r.words[..rl]);
+            l.sizes[ll..ll + rl].copy_from_slice(&r.sizes[..rl]);
+            l.len = (ll + rl) as u32;
+            l.next = r.next;
+            let next = r.next;
+            if next != NIL {
+                self.leaves.get_mut(next).prev = l_id;
+            }
+            self.leaves.free(r_id);
+            self.remove_child(path, d, li);
+            return;
+        }
+        let k = (ll + rl) / 2;
+        if ll < k {
+            let m = k - ll;
+            l.ends[ll..k].copy_from_slice(&r.ends[..m]);
+            l.words[ll..k].copy_from_slice(&r.words[..m]);
+            l.sizes[ll..k].copy_from_slice(&r.sizes[..m]);
+            r.ends.copy_within(m..rl, 0);
+            r.words.copy_within(m..rl, 0);
+            r.sizes.copy_within(m..rl, 0);
+            r.ends[rl - m..rl].fill(PAD);
+        } else {
+            let m = ll - k;
+            r.ends.copy_within(0..rl, m);
+            r.words.copy_within(0..rl, m);
+            r.sizes.copy_within(0..rl, m);
+            r.ends[..m].copy_from_slice(&l.ends[k..ll]);
+            r.words[..m].copy_from_slice(&l.words[k..ll]);
+            r.sizes[..m].copy_from_slice(&l.sizes[k..ll]);
+            l.ends[k..ll].fill(PAD);
+        }
+        l.len = k as u32;
+        r.len = (ll + rl - k) as u32;
+        let sep = l.ends[k - 1];
+        self.inners.get_mut(pid).seps[li] = sep;
+    }
+
+    /// Drops child `li + 1` of the node at `depth` on `path` (and the separator before it).
+    fn remove_child(&mut self, path: &Path, depth: usize, li: usize) {
+        let pid = path.node[depth];
+        let p = self.inners.get_mut(pid);
+        let plen = p.len as usize;
+        p.seps.copy_within(li + 1..plen - 1, li);
+        p.seps[plen - 2] = PAD;
+        p.children.copy_within(li + 2..plen, li + 1);
+        p.children[plen - 1] = NIL;
+        p.len -= 1;
+        if depth == 0 {
+            if p.len == 1 {
+                self.root = p.children[0];
+                self.inners.free(pid);
+                self.height -= 1;
+            }
+            return;
+        }
+        if (p.len as usize) < INNER_MIN {
+            self.rebalance_inner(path, depth);
+        }
+    }
+
+    /// An inner node fell under INNER_MIN: merge it with a sibling, or even the two out.
+    fn rebalance_inner(&mut self, path: &Path, depth: usize) {
+        let pid = path.node[depth - 1];
+        let i = path.idx[depth - 1] as usize;
+        let li = i.saturating_sub(1);
+        let p = self.inners.get(pid);
+        let psep = p.seps[li];
+        let (l_id, r_id) = (p.children[li], p.children[li + 1]);
+        let (l, r) = self.inners.pair_mut(l_id, r_id);
+        let (ll, rl) = (l.len as usize, r.len as usize);
+        let total = ll + rl;
+        let mut children = [NIL; 2 * INNER_CAP];
+        let mut seps = [PAD; 2 * INNER_CAP];
+        children[..ll].copy_from_slice(&l.children[..ll]);
+        children[ll..total].copy_from_slice(&r.children[..rl]);
+        seps[..ll - 1].copy_from_slice(&l.seps[..ll - 1]);
+        seps[ll - 1] = psep;
+        seps[ll..total - 1].copy_from_slice(&r.seps[..rl - 1]);
+        if total <= INNER_CAP {
+            l.children[..total].copy_from_slice(&children[..total]);
+            l.seps[..total - 1].copy_from_slice(&seps[..total - 1]);
+            l.len = total as u32;
+            self.inners.free(r_id);
+            self.remove_child(path, depth - 1, li);
+            return;
+        }
+        let k = total / 2;
+        l.children[..k].copy_from_slice(&children[..k]);
+        l.children[k..].fill(NIL);
+        l.seps[..k - 1].copy_from_slice(&seps[..k - 1]);
+        l.seps[k - 1..].fill(PAD);
+        l.len = k as u32;
+        r.children[..total - k].copy_from_slice(&children[k..total]);
+        r.children[total - k..].fill(NIL);
+        r.seps[..total - k - 1].copy_from_slice(&seps[k..total - 1]);
+        r.seps[total - k - 1..].fill(PAD);
+        r.len = (total - k) as u32;
+        self.inners.get_mut(pid).seps[li] = seps[k - 1];
+    }
+
+    /// Checks every structural promise; returns what is broken.
+    pub fn check(&self) -> Result<(), String> {
+        let mut leaves = Vec::new();
+        let count = self.check_node(self.root, self.height, 0, u64::MAX, true, &mut leaves)?;
+        if count != self.len {
+            return Err(format!("tree holds {count} entries, counts {}", self.len));
+        }
+        let mut prev = NIL;
+        let mut last_end = 0;
+        for (n, &id) in leaves.iter().enumerate() {
+            let leaf = self.leaves.get(id);
+            if leaf.prev != prev {
+                return Err(format!("leaf {id}: prev {} should be {prev}", leaf.prev));
+            }
+            let want_next = leaves.get(n + 1).copied().unwrap_or(NIL);
+            if leaf.next != want_next {
+                return Err(format!("leaf {id}: next {} should be {want_next}", leaf.next));
+            }
+            for i in 0..leaf.len as usize {
+                if leaf.start(i) < last_end {
+                    return Err(format!("leaf {id} slot {i}: starts at {} before {last_end}", leaf.start(i)));
+                }
+                last_end = leaf.ends[i];
+            }
+            prev = id;
+        }
+        Ok(())
+    }
+
+    fn check_node(
+        &self,
+        id: u32,
+        height: usize,
+        lo: u64,
+        hi: u64,
+        root: bool,
+        leaves: &mut Vec<u32>,
+    ) -> Result<usize, String> {
+        if height == 0 {
+            let leaf = self.leaves.get(id);
+            let len = leaf.len as usize;
+            if len > LEAF_CAP || (!root && len == 0) {
+                return Err(format!("leaf {id}: bad length {len}"));
+            }
+            for i in 0..len {
+                if leaf.sizes[i] == 0 {
+                    return Err(format!("leaf {id} slot {i}: empty extent"));
+                }
+                if leaf.sizes[i] as u64 > leaf.ends[i] {
+                    return Err(format!("leaf {id} slot {i}: extent starts before sector 0"));
+                }
+                if leaf.start(i) < lo || leaf.ends[i] > hi {
+                    return Err(format!(
+                        "leaf {id} slot {i}: {}..{} outside separators {lo}..{hi}",
+                        leaf.start(i),
+                        leaf.ends[i]
+                    ));
+                }
+                if i > 0 && leaf.start(i) < leaf.ends[i - 1] {
+                    return Err(format!("leaf {id} slot {i}: overlaps slot {}", i - 1));
+                }
+            }
+            if leaf.ends[len..].iter().any(|&e| e != PAD) {
+                return Err(format!("leaf {id}: unused slots not padded"));
+            }
+            leaves.push(id);
+            return Ok(len);
+        }
+        let inner = self.inners.get(id);
+        let len = inner.len as usize;
+        if !(2..=INNER_CAP).contains(&len) {
+            return Err(format!("inner {id}: bad length {len}"));
+        }
+        if inner.seps[len - 1..].iter().any(|&s| s != PAD) {
+            return Err(format!("inner {id}: unused separators not padded"));
+        }
+        let mut count = 0;
+        for c in 0..len {
+            let clo = if c == 0 { lo } else { inner.seps[c - 1] };
+            let chi = if c + 1 == len { hi } else { inner.seps[c] };
+            if clo > chi || clo < lo || chi > hi {
+                return Err(format!("inner {id}: separator {c} out of order ({clo}..{chi} within {lo}..{hi})"));
+            }
+            count += self.check_node(inner.children[c], height - 1, clo, chi, false, leaves)?;
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Words are cache offsets: the piece `skip` sectors in maps to `word + skip`.
+    #[derive(Default)]
+    struct Offsets {
+        released: u64,
+        wholes: u64,
+    }
+
+    impl Trim for Offsets {
+        fn release(&mut self, _e: &Entry, _skip: u64, len: u64, whole: bool) {
+            self.released += len;
+            self.wholes += whole as u64;
+        }
+        fn keep(&mut self, e: &Entry, skip: u64, _split: bool) -> u64 {
+            e.word + skip
+        }
+    }
+
+    /// The same operation on a map of start -> (end, word).
+    fn model_replace(m: &mut BTreeMap<u64, (u64, u64)>, s: u64, e: u64, new: Option<u64>) {
+        let before = m.range(..s).next_back().filter(|(_, &(end, _))| end > s);
+        let hit: Vec<_> = before.into_iter().chain(m.range(s..e)).map(|(&k, &v)| (k, v)).collect();
+        for (start, (end, w)) in hit {
+            m.remove(&start);
+            if start < s {
+                m.insert(start, (s, w));
+            }
+            if end > e {
+                m.insert(e, (end, w + (e - start)));
+            }
+        }
+        if let Some(w) = new {
+            m.insert(s, (e, w));
+        }
+    }
+
+    fn contents(t: &Tree) -> BTreeMap<u64, (u64, u64)> {
+        let mut out = BTreeMap::new();
+        let mut c = t.first();
+        while let Some(e) = t.get(c) {
+            out.insert(e.start(), (e.end, e.word));
+            t.advance(&mut c);
+        }
+        out
+    }
+
+    fn node_counts(t: &Tree) -> (usize, usize) {
+        (t.leaves.live(), t.inners.live())
+    }
+
+    /// Deterministic xorshift, so failures reproduce.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn random_replaces_match_a_map_through_splits_and_merges() {
+        let mut t = Tree::new();
+        let mut m = BTreeMap::new();
+        let mut trim = Offsets::default();
+        let mut rng = Rng(0x9e3779b97f4a7c15);
+        let mut max_height = 0;
+        // Grow to a three-level tree with many small extents, then churn, then shrink it
+        // with wide invalidations so inner nodes merge and the root collapses.
+        let phases: [(usize, u64, u64, u64); 3] =
+            [(80_000, 1_500_000, 16, 0), (20_000, 1_500_000, 64, 10), (2_000, 1_500_000, 4_000, 50)];
+        for (ops, space, maxlen, pct_clear) in phases {
+            for n in 0..ops {
+                let s = rng.below(space);
+                let len = 1 + rng.below(maxlen);
+                let clear = rng.below(100) < pct_clear;
+                let new = if clear || len > u16::MAX as u64 { None } else { Some(rng.below(1 << 40)) };
+                t.replace(s, s + len, new, &mut trim);
+                model_replace(&mut m, s, s + len, new);
+                max_height = max_height.max(t.height);
+                if n % 2_000 == 0 {
+                    t.check().unwrap();
+                    assert_eq!(t.len(), m.len());
+                }
+            }
+            t.check().unwrap();
+            assert_eq!(contents(&t), m);
+        }
+        assert!(max_height >= 2, "the test never built a tree with inner levels (height {max_height})");
+        // Sweep from the left: inner nodes empty out next to full siblings and borrow.
+        for x in (0..1_500_000).step_by(3_000) {
+            t.replace(x, x + 3_000, None, &mut trim);
+            model_replace(&mut m, x, x + 3_000, None);
+            if x % 60_000 == 0 {
+                t.check().unwrap();
+                assert_eq!(t.len(), m.len());
+            }
+        }
+        assert_eq!(contents(&t), m);
+        t.replace(0, 1 << 40, None, &mut trim);
+        t.check().unwrap();
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.height, 0);
+        assert_eq!(node_counts(&t), (1, 0));
+    }
+
+    #[test]
+    fn lookups_find_the_first_extent_ending_after_a_sector() {
+        let mut t = Tree::new();
+        let mut trim = Offsets::default();
+        for i in 0..5_000u64 {
+            t.replace(i * 10 + 2, i * 10 + 7, Some(i), &mut trim);
+        }
+        t.check().unwrap();
+        for s in [0u64, 1, 2, 6, 7, 8, 12, 49_996, 49_997] {
+            let want = (s + 3) / 10;
+            let got = t.get(t.seek(s)).map(|e| e.word);
+            assert_eq!(got, (want < 5_000).then_some(want), "seek({s})");
+        }
+    }
+
+    #[test]
+    fn sorted_appends_leave_full_leaves() {
+        let mut t = Tree::new();
+        let mut trim = Offsets::default();
+        let n = 100_000u64;
+        for i in 0..n {
+            t.replace(i * 8, i * 8 + 8, Some(i), &mut trim);
+        }
+        t.check().unwrap();
+        let (leaves, _) = node_counts(&t);
+        assert!(leaves as u64 <= n / LEAF_CAP as u64 + 2, "{leaves} leaves for {n} sorted appends");
+    }
+
+    #[test]
+    fn four_overlap_cases_cut_and_split() {
+        let mut t = Tree::new();
+        let mut trim = Offsets::default();
+        t.replace(100, 200, Some(1000), &mut trim);
+        // Contained: the new extent splits the old one in two.
+        t.replace(140, 150, Some(5000), &mut trim);
+        assert_eq!(
+            contents(&t).into_iter().collect::<Vec<_>>(),
+            vec![(100, (140, 1000)), (140, (150, 5000)), (150, (200, 1050))]
+        );
+        // Head of the new one over the tail of an old one, tail over the head of the next.
+        t.replace(130, 160, Some(7000), &mut trim);
+        assert_eq!(
+            contents(&t).into_iter().collect::<Vec<_>>(),
+            vec![(100, (130, 1000)), (130, (160, 7000)), (160, (200, 1060))]
+        );
+        // Contain: the new extent covers old ones whole.
+        t.replace(90, 210, Some(9000), &mut trim);
+        assert_eq!(contents(&t).into_iter().collect::<Vec<_>>(), vec![(90, (210, 9000))]);
+        assert_eq!(trim.wholes, 4);
+        t.check().unwrap();
+    }
+
+    #[test]
+    fn rank_counts_keys_at_or_below() {
+        let mut keys = [PAD; 8];
+        keys[..5].copy_from_slice(&[3, 5, 9, 10, 20]);
+        assert_eq!(rank(&keys, 0), 0);
+        assert_eq!(rank(&keys, 3), 1);
+        assert_eq!(rank(&keys, 4), 1);
+        assert_eq!(rank(&keys, 9), 3);
+        assert_eq!(rank(&keys, 19), 4);
+        assert_eq!(rank(&keys, 20), 5);
+        assert_eq!(rank(&keys, u64::MAX - 1), 5);
+        let full: [u64; 4] = [1, 2, 3, 4];
+        assert_eq!(rank(&full, 4), 4);
+        assert_eq!(rank(&full, 0), 0);
+    }
+}

@@ -1,0 +1,915 @@
+//! The extent index proper: one B+tree per inode, the operations the cache engine needs
+//! (lookup, insert with overlap fix-up, invalidation, placeholders for read misses,
+//! writeback's clean marking, ordered scans), lazy removal of stale keys, and bucket
+//! accounting as extents come and go.
+
+use super::btree::{Cursor, Entry, Tree, Trim, SEEK_GROUP};
+use super::buckets::{BucketAccounting, BucketGens, GensOnly};
+use super::key::{Fragment, FragmentKind, Key, Ptr, KEY_INODE_MAX, KEY_OFFSET_MAX, KEY_PTRS_MAX, KEY_SIZE_MAX};
+use super::side::{SideEntry, SideTable};
+use super::word::{self, Word, TICKET_MASK};
+use crate::error::{Error, ErrorKind, Result};
+
+/// A read miss in flight: placeholder keys stand on the parts of its range that held
+/// nothing when the miss started. Hand it back to [`ExtentIndex::fill`] once the data is
+/// in the cache, or to [`ExtentIndex::cancel_placeholder`] if the read failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "a placeholder stays in the index until it is filled or cancelled"]
+pub struct Placeholder {
+    /// Inode of the miss.
+    pub inode: u32,
+    /// First sector of the miss.
+    pub start: u64,
+    /// Length of the miss in sectors.
+    pub len: u64,
+    /// Sectors on which placeholder keys were put (the holes of the range).
+    pub reserved: u64,
+    ticket: u64,
+}
+
+/// One range for [`ExtentIndex::lookup_many`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LookupReq {
+    /// Cached device or flash volume.
+    pub inode: u32,
+    /// First sector.
+    pub start: u64,
+    /// Length in sectors.
+    pub len: u64,
+}
+
+/// What a fill achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FillOutcome {
+    /// Sectors whose placeholder was still there and now point at the cached data.
+    pub filled: u64,
+    /// Some reserved sectors were overwritten or invalidated while the read was in flight;
+    /// their part of the fill was dropped (bcache's `cache_miss_collisions`).
+    pub collided: bool,
+}
+
+/// A position for [`ExtentIndex::scan`]: keys that end after `offset` in `inode`, then
+/// every key of the inodes above.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ScanPos {
+    /// Inode to start in.
+    pub inode: u32,
+    /// Sector to start after.
+    pub offset: u64,
+}
+
+/// Which keys a scan returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanFilter {
+    /// Every live key (GC).
+    All,
+    /// Dirty keys only (writeback).
+    Dirty,
+}
+
+/// Counters kept by the index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    /// Fills that lost some of their range to a write or invalidation in flight.
+    pub cache_miss_collisions: u64,
+    /// Keys removed because every pointer was stale.
+    pub stale_keys_dropped: u64,
+}
+
+struct Volume {
+    inode: u32,
+    tree: Tree,
+    sectors: u64,
+    dirty_sectors: u64,
+}
+
+/// Volumes by inode, in a table indexed by the inode itself: inodes are UUID table slots,
+/// small numbers, and the lookup is on every request.
+#[derive(Default)]
+struct Volumes(Vec<Option<Box<Volume>>>);
+
+impl Volumes {
+    #[inline]
+    fn find(&self, inode: u32) -> Option<usize> {
+        matches!(self.0.get(inode as usize), Some(Some(_))).then_some(inode as usize)
+    }
+
+    fn find_or_create(&mut self, inode: u32) -> usize {
+        let i = inode as usize;
+        if i >= self.0.len() {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i].get_or_insert_with(|| Box::new(Volume { inode, tree: Tree::new(), sectors: 0, dirty_sectors: 0 }));
+        i
+    }
+
+    /// The volumes from inode `from` on, in inode order.
+    fn iter_from(&self, from: u32) -> impl Iterator<Item = (usize, &Volume)> {
+        self.0.iter().enumerate().skip(from as usize).filter_map(|(i, v)| Some((i, v.as_deref()?)))
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.0.capacity() * std::mem::size_of::<Option<Box<Volume>>>()
+            + self.iter_from(0).map(|(_, v)| std::mem::size_of::<Volume>() + v.tree.heap_bytes()).sum::<usize>()
+    }
+}
+
+impl std::ops::Index<usize> for Volumes {
+    type Output = Volume;
+    #[inline]
+    fn index(&self, i: usize) -> &Volume {
+        self.0[i].as_deref().expect("extent index: volume found before")
+    }
+}
+
+impl std::ops::IndexMut<usize> for Volumes {
+    #[inline]
+    fn index_mut(&mut self, i: usize) -> &mut Volume {
+        self.0[i].as_deref_mut().expect("extent index: volume found before")
+    }
+}
+
+/// The extent index of a cache set: for each cached device or flash volume (inode), which
+/// sector ranges are cached and where. Keys never overlap; the newest write wins.
+pub struct ExtentIndex {
+    vols: Volumes,
+    side: SideTable,
+    next_ticket: u64,
+    stats: IndexStats,
+    /// Scratch: stale extents met during a walk, as (volume, start, end).
+    stale: Vec<(usize, u64, u64)>,
+    /// Scratch: fragments for placeholder insertion.
+    frags: Vec<Fragment>,
+}
+
+impl Default for ExtentIndex {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Hears the tree's cuts: keeps bucket accounting, per-inode sector counts and the side
+/// table right.
+struct Trimmer<'a, B: ?Sized> {
+    b: &'a mut B,
+    side: &'a mut SideTable,
+    sectors: &'a mut u64,
+    dirty_sectors: &'a mut u64,
+    released: u64,
+}
+
+impl<B: BucketGens + BucketAccounting + ?Sized> Trim for Trimmer<'_, B> {
+    fn release(&mut self, e: &Entry, _skip: u64, len: u64, whole: bool) {
+        let dirty = word::is_dirty(e.word);
+        let bits = self.b.bucket_bits();
+        match word::decode(e.word) {
+            Word::Placeholder(_) => return,
+            Word::Direct(p) => {
+                if !self.b.ptr_stale(p) {
+                    self.b.add_sectors(p.dev(), p.bucket(bits), -(len as i64), dirty);
+                }
+            }
+            Word::Indirect(slot) => {
+                for &p in self.side.get(slot).ptrs() {
+                    if !self.b.ptr_stale(p) {
+                        self.b.add_sectors(p.dev(), p.bucket(bits), -(len as i64), dirty);
+                    }
+                }
+                if whole {
+                    self.side.free(slot);
+                }
+            }
+        }
+        *self.sectors -= len;
+        if dirty {
+            *self.dirty_sectors -= len;
+        }
+        self.released += len;
+    }
+
+    fn keep(&mut self, e: &Entry, skip: u64, split: bool) -> u64 {
+        let dirty = word::is_dirty(e.word);
+        match word::decode(e.word) {
+            Word::Placeholder(_) => e.word,
+            Word::Direct(p) => word::direct(p.advance(skip), dirty),
+            Word::Indirect(slot) => {
+                let side = self.side.get_mut(slot);
+                // The checksum covered the extent as written, not a piece of it.
+                side.crc = None;
+                if split {
+                    let mut piece = side.clone();
+                    piece.advance(skip);
+                    word::indirect(self.side.alloc(piece), dirty)
+                } else {
+                    side.advance(skip);
+                    e.word
+                }
+            }
+        }
+    }
+}
+
+/// For removals that only ever meet placeholders.
+struct NoBuckets;
+
+impl BucketGens for NoBuckets {
+    fn bucket_bits(&self) -> u32 {
+        0
+    }
+    fn bucket_gen(&self, _dev: u8, _bucket: u64) -> Option<u8> {
+        None
+    }
+}
+
+impl BucketAccounting for NoBuckets {
+    fn add_sectors(&mut self, _dev: u8, _bucket: u64, _sectors: i64, _dirty: bool) {
+        debug_assert!(false, "placeholder removal must not account sectors");
+    }
+}
+
+fn invalid(msg: String) -> Error {
+    Error::new(ErrorKind::InvalidArgument, msg)
+}
+
+/// Checks that `start..start + len` of `inode` is addressable; returns the end.
+fn check_range(inode: u32, start: u64, len: u64) -> Result<u64> {
+    if inode > KEY_INODE_MAX {
+        return Err(invalid(format!("inode {inode} exceeds the 20-bit KEY_INODE field")));
+    }
+    match start.checked_add(len) {
+        Some(end) if end <= KEY_OFFSET_MAX => Ok(end),
+        _ => Err(Error::new(
+            ErrorKind::OutOfRange,
+            format!("range {start}+{len} of inode {inode} ends past sector {KEY_OFFSET_MAX}"),
+        )),
+    }
+}
+
+/// bcache never lets an extent's data straddle two buckets; accounting and gen checks
+/// rely on it.
+fn check_in_buckets(key: &Key, bits: u32) -> Result<()> {
+    if bits >= 64 {
+        return Err(invalid(format!("bucket_bits {bits} is not a bucket size")));
+    }
+    for p in key.ptrs() {
+        if p.offset() >> bits != (p.offset() + key.size - 1) >> bits {
+            return Err(invalid(format!(
+                "key {key}: data at {p:?} crosses a bucket boundary (buckets of {} sectors)",
+                1u64 << bits
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn make_word(side: &mut SideTable, ptrs: &[Ptr], crc: Option<u64>, dirty: bool) -> u64 {
+    if ptrs.len() == 1 && crc.is_none() {
+        word::direct(ptrs[0], dirty)
+    } else {
+        word::indirect(side.alloc(SideEntry::new(ptrs, crc)), dirty)
+    }
+}
+
+/// The key an entry describes, or None for a placeholder.
+fn entry_key(side: &SideTable, inode: u32, e: &Entry) -> Option<Key> {
+    let start = e.start();
+    let dirty = word::is_dirty(e.word);
+    match word::decode(e.word) {
+        Word::Placeholder(_) => None,
+        Word::Direct(p) => Some(Key::new(inode, start, e.size as u64, p).with_dirty(dirty)),
+        Word::Indirect(slot) => {
+            let s = side.get(slot);
+            let mut k = Key::empty(inode, start, e.size as u64).with_dirty(dirty).with_crc(s.crc);
+            for &p in s.ptrs() {
+                k.push_ptr(p).expect("side entries hold at most KEY_PTRS_MAX pointers");
+            }
+            Some(k)
+        }
+    }
+}
+
+/// Appends the fragments of `start..end` to `out`, walking from `c` (the first extent
+/// ending after `start`); stale extents met are noted in `stale` as holes.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn fragments<G: BucketGens + ?Sized>(
+    tree: &Tree,
+    side: &mut SideTable,
+    stale: &mut Vec<(usize, u64, u64)>,
+    vi: usize,
+    mut c: Cursor,
+    start: u64,
+    end: u64,
+    gens: &G,
+    out: &mut Vec<Fragment>,
+) {
+    let mut pos = start;
+    while let Some(e) = tree.get(c) {
+        let es = e.start();
+        if es >= end {
+            break;
+        }
+        let kind = match word::decode(e.word) {
+            Word::Direct(p) if !gens.ptr_stale(p) => {
+                Some(FragmentKind::Hit { ptr: p, offset: 0, dirty: word::is_dirty(e.word) })
+            }
+            Word::Direct(_) => None,
+            Word::Placeholder(_) => Some(FragmentKind::Pending),
+            Word::Indirect(slot) => {
+                let s = side.get_mut(slot);
+                if s.retain_live(|p| gens.ptr_stale(p)) > 0 {
+                    Some(FragmentKind::Hit { ptr: s.ptrs()[0], offset: 0, dirty: word::is_dirty(e.word) })
+                } else {
+                    None
+                }
+            }
+        };
+        match kind {
+            None => stale.push((vi, es, e.end)),
+            Some(kind) => {
+                let fs = es.max(start);
+                if fs > pos {
+                    out.push(Fragment { start: pos, len: fs - pos, kind: FragmentKind::Hole });
+                }
+                let fe = e.end.min(end);
+                let kind = match kind {
+                    FragmentKind::Hit { ptr, dirty, .. } => FragmentKind::Hit { ptr, offset: fs - es, dirty },
+                    k => k,
+                };
+                out.push(Fragment { start: fs, len: fe - fs, kind });
+                pos = fe;
+            }
+        }
+        tree.advance(&mut c);
+    }
+    if pos < end {
+        out.push(Fragment { start: pos, len: end - pos, kind: FragmentKind::Hole });
+    }
+}
+
+/// Whether the extent an entry describes is live. Indirect entries lose their stale
+/// pointers on the way (they were accounted away when their buckets were invalidated).
+#[inline]
+fn entry_live<G: BucketGens + ?Sized>(side: &mut SideTable, w: u64, gens: &G) -> bool {
+    match word::decode(w) {
+        Word::Placeholder(_) => true,
+        Word::Direct(p) => !gens.ptr_stale(p),
+        Word::Indirect(slot) => side.get_mut(slot).retain_live(|p| gens.ptr_stale(p)) > 0,
+    }
+}
+
+impl ExtentIndex {
+    /// An empty index.
+    pub fn new() -> ExtentIndex {
+        ExtentIndex {
+            vols: Volumes::default(),
+            side: SideTable::default(),
+            next_ticket: 1,
+            stats: IndexStats::default(),
+            stale: Vec::new(),
+            frags: Vec::new(),
+        }
+    }
+
+    fn vol_index(&self, inode: u32) -> Option<usize> {
+        self.vols.find(inode)
+    }
+
+    fn vol_or_create(&mut self, inode: u32) -> usize {
+        self.vols.find_or_create(inode)
+    }
+
+    /// Keys in the index, placeholders included (stale keys not yet met are counted too).
+    pub fn len(&self) -> usize {
+        self.vols.iter_from(0).map(|(_, v)| v.tree.len()).sum()
+    }
+
+    /// True when the index holds no key at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sectors of `inode` the index holds data for (dirty or clean; stale keys not yet met
+    /// included).
+    pub fn sectors(&self, inode: u32) -> u64 {
+        self.vol_index(inode).map_or(0, |i| self.vols[i].sectors)
+    }
+
+    /// Dirty sectors of `inode`: what writeback still has to copy to the backing device.
+    pub fn dirty_sectors(&self, inode: u32) -> u64 {
+        self.vol_index(inode).map_or(0, |i| self.vols[i].dirty_sectors)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> IndexStats {
+        self.stats
+    }
+
+    /// Heap bytes held by the index's own structures (an estimate from capacities; the
+    /// benchmark measures with a counting allocator instead).
+    pub fn heap_bytes(&self) -> usize {
+        self.vols.heap_bytes() + self.side.heap_bytes()
+    }
+
+    /// The pieces of `start..start + len` of `inode`, in order, without gaps or overlaps:
+    /// hits with their pointer, holes, and ranges with a read miss pending. Keys whose
+    /// pointers are all stale count as holes and are removed on the way. `out` is cleared
+    /// first.
+    pub fn lookup<G: BucketGens + ?Sized>(
+        &mut self,
+        inode: u32,
+        start: u64,
+        len: u64,
+        gens: &G,
+        out: &mut Vec<Fragment>,
+    ) -> Result<()> {
+        out.clear();
+        if len == 0 {
+            return Ok(());
+        }
+        let end = check_range(inode, start, len)?;
+        let Some(vi) = self.vol_index(inode) else {
+            out.push(Fragment { start, len, kind: FragmentKind::Hole });
+            return Ok(());
+        };
+        let ExtentIndex { vols, side, stale, .. } = self;
+        let tree = &vols[vi].tree;
+        fragments(tree, side, stale, vi, tree.seek(start), start, end, gens, out);
+        if !self.stale.is_empty() {
+            self.drop_stale(gens);
+        }
+        Ok(())
+    }
+
+    /// [`lookup`](Self::lookup) for a batch of ranges: the same fragments, request after
+    /// request, in `out`; those of `reqs[i]` are `out[bounds[i]..bounds[i + 1]]`. The
+    /// searches of up to 16 requests in a row for the same inode go down the tree together,
+    /// so their cache misses overlap: several times the throughput of one lookup at a time
+    /// on a large index. Nothing is looked up if any request is out of range.
+    pub fn lookup_many<G: BucketGens + ?Sized>(
+        &mut self,
+        reqs: &[LookupReq],
+        gens: &G,
+        out: &mut Vec<Fragment>,
+        bounds: &mut Vec<usize>,
+    ) -> Result<()> {
+        out.clear();
+        bounds.clear();
+        for r in reqs.iter().filter(|r| r.len > 0) {
+            check_range(r.inode, r.start, r.len)?;
+        }
+        bounds.push(0);
+        let mut starts = [0u64; SEEK_GROUP];
+        let mut cursors = [Cursor::END; SEEK_GROUP];
+        let mut i = 0;
+        while i < reqs.len() {
+            let inode = reqs[i].inode;
+            let mut j = i;
+            while j < reqs.len() && j - i < SEEK_GROUP && reqs[j].inode == inode {
+                starts[j - i] = reqs[j].start;
+                j += 1;
+            }
+            let group = &reqs[i..j];
+            match self.vol_index(inode) {
+                None => {
+                    for r in group {
+                        if r.len > 0 {
+                            out.push(Fragment { start: r.start, len: r.len, kind: FragmentKind::Hole });
+                        }
+                        bounds.push(out.len());
+                    }
+                }
+                Some(vi) => {
+                    let ExtentIndex { vols, side, stale, .. } = self;
+                    let tree = &vols[vi].tree;
+                    tree.seek_many(&starts[..group.len()], &mut cursors);
+                    // Start loading the gens every request will check.
+                    let bits = gens.bucket_bits();
+                    for (r, &c) in group.iter().zip(&cursors) {
+                        let mut c = c;
+                        while let Some(e) = tree.get(c).filter(|e| e.start() < r.start + r.len) {
+                            if let Word::Direct(p) = word::decode(e.word) {
+                                gens.prefetch_gen(p.dev(), p.bucket(bits));
+                            }
+                            tree.advance(&mut c);
+                        }
+                    }
+                    for (r, &c) in group.iter().zip(&cursors) {
+                        if r.len > 0 {
+                            fragments(tree, side, stale, vi, c, r.start, r.start + r.len, gens, out);
+                        }
+                        bounds.push(out.len());
+                    }
+                }
+            }
+            i = j;
+        }
+        if !self.stale.is_empty() {
+            self.drop_stale(gens);
+        }
+        Ok(())
+    }
+
+    /// The whole key holding `sector` of `inode` (all pointers, checksum), if a live one
+    /// does.
+    pub fn key_at<G: BucketGens + ?Sized>(&mut self, inode: u32, sector: u64, gens: &G) -> Option<Key> {
+        let vi = self.vol_index(inode)?;
+        let tree = &self.vols[vi].tree;
+        let e = tree.get(tree.seek(sector))?;
+        if e.start() > sector {
+            return None;
+        }
+        if !entry_live(&mut self.side, e.word, gens) {
+            self.stale.push((vi, e.start(), e.end));
+            self.drop_stale(gens);
+            return None;
+        }
+        entry_key(&self.side, inode, &e)
+    }
+
+    /// Removes the stale extents recorded in `self.stale`.
+    fn drop_stale<G: BucketGens + ?Sized>(&mut self, gens: &G) {
+        let mut g = GensOnly(gens);
+        let ExtentIndex { vols, side, stale, stats, .. } = self;
+        // A batch of lookups may have met the same stale extent more than once.
+        stale.sort_unstable();
+        stale.dedup();
+        for (vi, s, e) in stale.drain(..) {
+            let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
+            let mut t = Trimmer { b: &mut g, side: &mut *side, sectors, dirty_sectors, released: 0 };
+            tree.replace(s, e, None, &mut t);
+            stats.stale_keys_dropped += 1;
+        }
+    }
+
+    /// Inserts `key`, the newest data for its range: whatever the range held before is cut
+    /// away (heads and tails of older keys are kept, an older key covering it all is split
+    /// in two), placeholders included, so a pending miss fill will not land there. Stale
+    /// pointers of `key` are dropped; if none is left the range is only invalidated and the
+    /// result is `false`. A key with no pointers invalidates its range.
+    pub fn insert<B: BucketGens + BucketAccounting + ?Sized>(&mut self, key: &Key, b: &mut B) -> Result<bool> {
+        key.validate()?;
+        if key.size == 0 {
+            return Ok(false);
+        }
+        let bits = b.bucket_bits();
+        check_in_buckets(key, bits)?;
+        let mut live = key.clone();
+        live.retain_ptrs(|p| !b.ptr_stale(p));
+        if live.ptrs().is_empty() {
+            self.invalidate(key.inode, key.start, key.size, b)?;
+            return Ok(false);
+        }
+        let vi = self.vol_or_create(key.inode);
+        let ExtentIndex { vols, side, .. } = self;
+        let w = make_word(side, live.ptrs(), live.crc, live.dirty);
+        let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
+        let mut t =
+            Trimmer { b: &mut *b, side, sectors: &mut *sectors, dirty_sectors: &mut *dirty_sectors, released: 0 };
+        tree.replace(key.start, key.end(), Some(w), &mut t);
+        *sectors += key.size;
+        if key.dirty {
+            *dirty_sectors += key.size;
+        }
+        for p in live.ptrs() {
+            b.add_sectors(p.dev(), p.bucket(bits), key.size as i64, key.dirty);
+        }
+        Ok(true)
+    }
+
+    /// Drops everything the index holds for `start..start + len` of `inode` (writearound
+    /// writes, discards, detach), placeholders included. Returns the data sectors dropped.
+    pub fn invalidate<B: BucketGens + BucketAccounting + ?Sized>(
+        &mut self,
+        inode: u32,
+        start: u64,
+        len: u64,
+        b: &mut B,
+    ) -> Result<u64> {
+        if len == 0 {
+            return Ok(0);
+        }
+        let end = check_range(inode, start, len)?;
+        let Some(vi) = self.vol_index(inode) else { return Ok(0) };
+        let ExtentIndex { vols, side, .. } = self;
+        let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
+        let mut t = Trimmer { b, side, sectors, dirty_sectors, released: 0 };
+        tree.replace(start, end, None, &mut t);
+        Ok(t.released)
+    }
+
+    /// Starts a read miss on `start..start + len` of `inode` (at most [`KEY_SIZE_MAX`]
+    /// sectors): puts placeholder keys on the parts of the range that hold nothing (not
+    /// over cached data, not over another miss in flight).
+    pub fn insert_placeholder<G: BucketGens + ?Sized>(
+        &mut self,
+        inode: u32,
+        start: u64,
+        len: u64,
+        gens: &G,
+    ) -> Result<Placeholder> {
+        if len == 0 || len > KEY_SIZE_MAX {
+            return Err(invalid(format!("a read miss covers 1..={KEY_SIZE_MAX} sectors, not {len}")));
+        }
+        check_range(inode, start, len)?;
+        let mut frags = std::mem::take(&mut self.frags);
+        self.lookup(inode, start, len, gens, &mut frags)?;
+        let ticket = self.next_ticket;
+        self.next_ticket = (ticket + 1) & TICKET_MASK;
+        let w = word::placeholder(ticket);
+        let vi = self.vol_or_create(inode);
+        let ExtentIndex { vols, side, .. } = self;
+        let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
+        let mut nb = NoBuckets;
+        let mut t = Trimmer { b: &mut nb, side, sectors, dirty_sectors, released: 0 };
+        let mut reserved = 0;
+        for f in frags.iter().filter(|f| f.kind == FragmentKind::Hole) {
+            tree.replace(f.start, f.end(), Some(w), &mut t);
+            reserved += f.len;
+        }
+        self.frags = frags;
+        Ok(Placeholder { inode, start, len, reserved, ticket })
+    }
+
+    /// Completes a read miss: `key` (same inode, start and size as `ph`, not dirty) says
+    /// where the data read from the backing device now sits in the cache. Only the sectors
+    /// still under `ph`'s placeholders take it; anything written or invalidated meanwhile
+    /// is newer and stays.
+    pub fn fill<B: BucketGens + BucketAccounting + ?Sized>(
+        &mut self,
+        ph: &Placeholder,
+        key: &Key,
+        b: &mut B,
+    ) -> Result<FillOutcome> {
+        key.validate()?;
+        if key.inode != ph.inode || key.start != ph.start || key.size != ph.len {
+            return Err(invalid(format!(
+                "fill key {key} does not match the miss {}:{}+{}",
+                ph.inode, ph.start, ph.len
+            )));
+        }
+        if key.ptrs().is_empty() {
+            return Err(invalid(format!("fill key {key} has no pointer")));
+        }
+        let bits = b.bucket_bits();
+        check_in_buckets(key, bits)?;
+        let mut live = key.clone();
+        live.retain_ptrs(|p| !b.ptr_stale(p));
+        if live.ptrs().is_empty() {
+            // The cache copy is gone already; the range just stays uncached.
+            self.cancel_placeholder(ph);
+            return Ok(FillOutcome { filled: 0, collided: false });
+        }
+        let mut filled = 0;
+        if let Some(vi) = self.vol_index(ph.inode) {
+            let ExtentIndex { vols, side, .. } = self;
+            let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
+            let pw = word::placeholder(ph.ticket);
+            let end = ph.start + ph.len;
+            let mut c = tree.seek(ph.start);
+            while let Some(e) = tree.get(c) {
+                let es = e.start();
+                if es >= end {
+                    break;
+                }
+                if e.word == pw {
+                    let n = e.size as u64;
+                    let skip = es - key.start;
+                    let mut ptrs = [live.ptrs()[0]; KEY_PTRS_MAX];
+                    for (d, p) in ptrs.iter_mut().zip(live.ptrs()) {
+                        *d = p.advance(skip);
+                    }
+                    let crc = if skip == 0 && n == key.size { live.crc } else { None };
+                    let w = make_word(side, &ptrs[..live.ptrs().len()], crc, live.dirty);
+                    tree.set_word(c, w);
+                    for p in live.ptrs() {
+                        b.add_sectors(p.dev(), p.bucket(bits), n as i64, live.dirty);
+                    }
+                    *sectors += n;
+                    if live.dirty {
+                        *dirty_sectors += n;
+                    }
+                    filled += n;
+                }
+                tree.advance(&mut c);
+            }
+        }
+        let collided = filled < ph.reserved;
+        if collided {
+            self.stats.cache_miss_collisions += 1;
+        }
+        Ok(FillOutcome { filled, collided })
+    }
+
+    /// Withdraws a read miss (the backing read failed): its remaining placeholders go.
+    pub fn cancel_placeholder(&mut self, ph: &Placeholder) {
+        let Some(vi) = self.vol_index(ph.inode) else { return };
+        let pw = word::placeholder(ph.ticket);
+        let end = ph.start + ph.len;
+        let mut mine = Vec::new();
+        {
+            let tree = &self.vols[vi].tree;
+            let mut c = tree.seek(ph.start);
+            while let Some(e) = tree.get(c) {
+                if e.start() >= end {
+                    break;
+                }
+                if e.word == pw {
+                    mine.push((e.start(), e.end));
+                }
+                tree.advance(&mut c);
+            }
+        }
+        let ExtentIndex { vols, side, .. } = self;
+        let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
+        let mut nb = NoBuckets;
+        let mut t = Trimmer { b: &mut nb, side, sectors, dirty_sectors, released: 0 };
+        for (s, e) in mine {
+            tree.replace(s, e, None, &mut t);
+        }
+    }
+
+    /// Writeback finished copying `key` (as returned by a dirty scan) to the backing
+    /// device: the extents still holding that data (a pointer in common, at the same place)
+    /// become clean. Parts overwritten meanwhile stay as they are. Returns the sectors
+    /// cleaned.
+    pub fn mark_clean<B: BucketGens + BucketAccounting + ?Sized>(&mut self, key: &Key, b: &mut B) -> Result<u64> {
+        key.validate()?;
+        if key.ptrs().is_empty() {
+            return Ok(0);
+        }
+        let Some(vi) = self.vol_index(key.inode) else { return Ok(0) };
+        let bits = b.bucket_bits();
+        let ExtentIndex { vols, side, .. } = self;
+        let Volume { tree, dirty_sectors, .. } = &mut vols[vi];
+        let mut cleaned = 0;
+        let mut c = tree.seek(key.start);
+        while let Some(e) = tree.get(c) {
+            let es = e.start();
+            if es >= key.end() {
+                break;
+            }
+            if word::is_dirty(e.word) && es >= key.start && e.end <= key.end() {
+                // Cache space is never handed out twice under one gen, so sharing a live
+                // pointer (at the same position) means holding the same data. A dead extent
+                // has nothing left to clean.
+                let dec = word::decode(e.word);
+                let ptrs: &[Ptr] = match &dec {
+                    Word::Direct(p) => std::slice::from_ref(p),
+                    Word::Indirect(slot) => side.get(*slot).ptrs(),
+                    Word::Placeholder(_) => &[],
+                };
+                let skip = es - key.start;
+                if key.ptrs().iter().map(|kp| kp.advance(skip)).any(|p| ptrs.contains(&p) && !b.ptr_stale(p)) {
+                    let n = e.size as u64;
+                    for &p in ptrs {
+                        if !b.ptr_stale(p) {
+                            b.add_sectors(p.dev(), p.bucket(bits), -(n as i64), true);
+                            b.add_sectors(p.dev(), p.bucket(bits), n as i64, false);
+                        }
+                    }
+                    tree.set_word(c, e.word & !word::DIRTY);
+                    *dirty_sectors -= n;
+                    cleaned += n;
+                }
+            }
+            tree.advance(&mut c);
+        }
+        Ok(cleaned)
+    }
+
+    /// Live keys in (inode, sector) order from `from`, at most `max` of them, into `out`
+    /// (cleared first). Writeback walks dirty keys this way, GC walks all of them; stale
+    /// keys met on the way are removed. Returns where to continue, or None when the walk
+    /// reached the end of the index.
+    pub fn scan<G: BucketGens + ?Sized>(
+        &mut self,
+        from: ScanPos,
+        filter: ScanFilter,
+        max: usize,
+        gens: &G,
+        out: &mut Vec<Key>,
+    ) -> Option<ScanPos> {
+        out.clear();
+        if max == 0 {
+            return Some(from);
+        }
+        let mut next = None;
+        let ExtentIndex { vols, side, stale, .. } = self;
+        'vols: for (vi, vol) in vols.iter_from(from.inode) {
+            let tree = &vol.tree;
+            let mut c = if vol.inode == from.inode { tree.seek(from.offset) } else { tree.first() };
+            while let Some(e) = tree.get(c) {
+                tree.advance(&mut c);
+                if filter == ScanFilter::Dirty && !word::is_dirty(e.word) {
+                    continue;
+                }
+                if !entry_live(side, e.word, gens) {
+                    stale.push((vi, e.start(), e.end));
+                    continue;
+                }
+                let Some(k) = entry_key(side, vol.inode, &e) else { continue };
+                if let Some(last) = out.last().filter(|_| out.len() == max) {
+                    next = Some(ScanPos { inode: last.inode, offset: last.end() });
+                    break 'vols;
+                }
+                out.push(k);
+            }
+        }
+        if !self.stale.is_empty() {
+            self.drop_stale(gens);
+        }
+        next
+    }
+
+    /// GC's mark pass: reports every live extent's sectors to `b` (`add_sectors` with the
+    /// full size, per live pointer), as if the index were inserted again into buckets whose
+    /// counts were zeroed first; stale keys met are dropped. Returns the live keys counted.
+    pub fn mark_buckets<B: BucketGens + BucketAccounting + ?Sized>(&mut self, b: &mut B) -> usize {
+        let bits = b.bucket_bits();
+        let mut live = 0;
+        let ExtentIndex { vols, side, stale, .. } = self;
+        for (vi, vol) in vols.iter_from(0) {
+            let tree = &vol.tree;
+            let mut c = tree.first();
+            while let Some(e) = tree.get(c) {
+                tree.advance(&mut c);
+                if matches!(word::decode(e.word), Word::Placeholder(_)) {
+                    continue;
+                }
+                if !entry_live(side, e.word, b) {
+                    stale.push((vi, e.start(), e.end));
+                    continue;
+                }
+                let dirty = word::is_dirty(e.word);
+                let one;
+                let ptrs: &[Ptr] = match word::decode(e.word) {
+                    Word::Direct(p) => {
+                        one = [p];
+                        &one
+                    }
+                    Word::Indirect(slot) => side.get(slot).ptrs(),
+                    Word::Placeholder(_) => &[],
+                };
+                for p in ptrs {
+                    b.add_sectors(p.dev(), p.bucket(bits), e.size as i64, dirty);
+                }
+                live += 1;
+            }
+        }
+        if !self.stale.is_empty() {
+            let gens: &B = b;
+            self.drop_stale(gens);
+        }
+        live
+    }
+
+    /// Checks the index's internal consistency (tree structure, non-overlap, side table,
+    /// sector counts); returns a description of the first problem found.
+    pub fn verify(&self) -> std::result::Result<(), String> {
+        let mut indirect = 0;
+        let mut seen = std::collections::HashSet::new();
+        for (i, vol) in self.vols.iter_from(0) {
+            if i != vol.inode as usize {
+                return Err(format!("volume of inode {} filed under {i}", vol.inode));
+            }
+            vol.tree.check().map_err(|e| format!("inode {}: {e}", vol.inode))?;
+            let (mut sectors, mut dirty) = (0, 0);
+            let mut c = vol.tree.first();
+            while let Some(e) = vol.tree.get(c) {
+                match word::decode(e.word) {
+                    Word::Placeholder(_) => {
+                        if word::is_dirty(e.word) {
+                            return Err(format!("inode {}: dirty placeholder at {}", vol.inode, e.start()));
+                        }
+                        vol.tree.advance(&mut c);
+                        continue;
+                    }
+                    Word::Indirect(slot) => {
+                        indirect += 1;
+                        if !seen.insert(slot) {
+                            return Err(format!("inode {}: side slot {slot} shared", vol.inode));
+                        }
+                        let _ = self.side.get(slot);
+                    }
+                    Word::Direct(_) => {}
+                }
+                sectors += e.size as u64;
+                if word::is_dirty(e.word) {
+                    dirty += e.size as u64;
+                }
+                vol.tree.advance(&mut c);
+            }
+            if sectors != vol.sectors || dirty != vol.dirty_sectors {
+                return Err(format!(
+                    "inode {}: counts {} sectors ({} dirty), keys hold {sectors} ({dirty})",
+                    vol.inode, vol.sectors, vol.dirty_sectors
+                ));
+            }
+        }
+        if indirect != self.side.live() {
+            return Err(format!("{} side slots in use, {indirect} keys use one", self.side.live()));
+        }
+        Ok(())
+    }
+}
