@@ -153,7 +153,13 @@ fn the_four_overlap_cases() {
     idx.insert(&Key::new(1, 140, 10, a), &mut b).unwrap();
     assert_eq!(
         lookup(&mut idx, &b, 1, 90, 120),
-        vec![hole(90, 10), hit(100, 40, old, 0, false), hit(140, 10, a, 0, false), hit(150, 50, ptr(0, 50, 0), 0, false), hole(200, 10)]
+        vec![
+            hole(90, 10),
+            hit(100, 40, old, 0, false),
+            hit(140, 10, a, 0, false),
+            hit(150, 50, ptr(0, 50, 0), 0, false),
+            hole(200, 10)
+        ]
     );
     // Cuts the tail of one and the head of the next.
     let c = ptr(0, 256, 0);
@@ -320,6 +326,74 @@ fn writeback_walks_dirty_keys_in_order_and_cleans_them() {
 }
 
 #[test]
+fn batched_lookups_return_what_single_lookups_do() {
+    // Big enough for inner levels; some buckets go stale after the inserts.
+    let mut b = MemBuckets::new(BUCKET_BITS, 1, 4_096);
+    let mut idx = ExtentIndex::new();
+    let mut x = 7u64;
+    let mut rnd = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for i in 0..40_000u64 {
+        let inode = (rnd(10) / 9) as u32; // mostly inode 0, some inode 1
+        let len = 1 + rnd(32);
+        let p = ptr(0, (i % 4_096) * BUCKET_SECTORS, 0);
+        idx.insert(&Key::new(inode, rnd(2_000_000), len, p), &mut b).unwrap();
+    }
+    for bucket in (0..4_096).step_by(7) {
+        b.invalidate(0, bucket);
+    }
+    let reqs: Vec<LookupReq> =
+        (0..2_000).map(|_| LookupReq { inode: (rnd(10) / 8) as u32, start: rnd(2_000_100), len: rnd(200) }).collect();
+    // The batch runs first, while the stale keys are still there to be met.
+    let (mut out, mut bounds) = (Vec::new(), Vec::new());
+    idx.lookup_many(&reqs, &b, &mut out, &mut bounds).unwrap();
+    assert!(idx.stats().stale_keys_dropped > 0);
+    for (i, r) in reqs.iter().enumerate() {
+        let want = lookup(&mut idx, &b, r.inode, r.start, r.len);
+        assert_eq!(&out[bounds[i]..bounds[i + 1]], &want[..], "request {i}: {r:?}");
+    }
+    idx.verify().unwrap();
+}
+
+#[test]
+fn gc_mark_recounts_what_inserts_accounted() {
+    let mut b = buckets();
+    let mut idx = ExtentIndex::new();
+    idx.insert(&Key::new(0, 0, 64, ptr(0, 0, 0)).with_dirty(true), &mut b).unwrap();
+    idx.insert(&Key::new(0, 16, 8, ptr(0, 128, 0)), &mut b).unwrap();
+    let two = Key::new(1, 0, 32, ptr(0, 256, 0)).with_ptr(ptr(1, 0, 0)).unwrap();
+    idx.insert(&two, &mut b).unwrap();
+    idx.insert(&Key::new(1, 100, 8, ptr(0, 384, 0)), &mut b).unwrap();
+    let ph = idx.insert_placeholder(1, 200, 8, &b).unwrap();
+    b.invalidate(0, 3);
+    let incremental: Vec<_> = b.iter().map(|(d, n, s)| (d, n, *s)).collect();
+
+    let mut fresh = MemBuckets::new(BUCKET_BITS, 2, NBUCKETS as usize);
+    for (d, n, s) in b.iter() {
+        while fresh.bucket(d, n).unwrap().gen != s.gen {
+            fresh.invalidate(d, n);
+        }
+    }
+    assert_eq!(idx.mark_buckets(&mut fresh), 4);
+    assert_eq!(fresh.iter().map(|(d, n, s)| (d, n, *s)).collect::<Vec<_>>(), incremental);
+    // The stale key went, the placeholder stayed.
+    assert_eq!(idx.len(), 5);
+    assert_eq!(idx.stats().stale_keys_dropped, 1);
+    idx.cancel_placeholder(&ph);
+    idx.verify().unwrap();
+}
+
+#[test]
+fn the_index_can_move_to_the_engine_thread() {
+    fn send<T: Send>() {}
+    send::<ExtentIndex>();
+}
+
+#[test]
 fn bad_arguments_are_errors_not_panics() {
     let mut b = buckets();
     let mut idx = ExtentIndex::new();
@@ -374,6 +448,7 @@ enum Op {
     Fill { n: usize, replica: bool, crc: bool },
     Cancel { n: usize },
     Lookup { inode: u32, start: u64, len: u64 },
+    LookupMany { reqs: Vec<(u32, u64, u64)> },
     InvalidateBucket { n: usize },
     Scan { dirty: bool, batch: usize },
     MarkClean { n: usize },
@@ -389,7 +464,8 @@ fn arb_op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), prop::bool::weighted(0.2), prop::bool::weighted(0.2))
             .prop_map(|(n, replica, crc)| Op::Fill { n, replica, crc }),
         1 => any::<usize>().prop_map(|n| Op::Cancel { n }),
-        3 => (inode, 0..SPACE, 1..=256u64).prop_map(|(inode, start, len)| Op::Lookup { inode, start, len }),
+        3 => (inode.clone(), 0..SPACE, 1..=256u64).prop_map(|(inode, start, len)| Op::Lookup { inode, start, len }),
+        1 => prop::collection::vec((inode, 0..SPACE, 0..=128u64), 0..40).prop_map(|reqs| Op::LookupMany { reqs }),
         1 => any::<usize>().prop_map(|n| Op::InvalidateBucket { n }),
         1 => (any::<bool>(), 1..5usize).prop_map(|(dirty, batch)| Op::Scan { dirty, batch }),
         1 => any::<usize>().prop_map(|n| Op::MarkClean { n }),
@@ -536,28 +612,16 @@ impl Harness {
             }
             Op::Lookup { inode, start, len } => {
                 let frags = lookup(&mut self.idx, &self.b, inode, start, len);
-                let mut pos = start;
-                for f in &frags {
-                    prop_assert_eq!(f.start, pos, "fragments out of order or with gaps: {:?}", frags);
-                    prop_assert!(f.len > 0);
-                    pos = f.end();
-                }
-                prop_assert_eq!(pos, start + len, "fragments do not cover the range: {:?}", frags);
-                for w in frags.windows(2) {
-                    prop_assert!(!(w[0].kind == FragmentKind::Hole && w[1].kind == FragmentKind::Hole));
-                }
-                for f in &frags {
-                    for s in f.start..f.end() {
-                        let want = self.seen(inode, s);
-                        let got = match f.kind {
-                            FragmentKind::Hole => Seen::Nothing,
-                            FragmentKind::Pending => Seen::Pending,
-                            FragmentKind::Hit { ptr, offset, dirty } => {
-                                Seen::Hit { ptr: ptr_at(ptr, offset + s - f.start), dirty }
-                            }
-                        };
-                        prop_assert_eq!(got, want, "sector {}:{} in {:?}", inode, s, frags);
-                    }
+                self.check_fragments(inode, start, len, &frags)?;
+            }
+            Op::LookupMany { ref reqs } => {
+                let reqs: Vec<LookupReq> =
+                    reqs.iter().map(|&(inode, start, len)| LookupReq { inode, start, len }).collect();
+                let (mut out, mut bounds) = (Vec::new(), Vec::new());
+                self.idx.lookup_many(&reqs, &self.b, &mut out, &mut bounds).unwrap();
+                prop_assert_eq!(bounds.len(), reqs.len() + 1);
+                for (i, r) in reqs.iter().enumerate() {
+                    self.check_fragments(r.inode, r.start, r.len, &out[bounds[i]..bounds[i + 1]])?;
                 }
             }
             Op::InvalidateBucket { n } => {
@@ -596,7 +660,7 @@ impl Harness {
                         covered.insert((k.inode, s), ());
                     }
                 }
-                for (&(inode, s), _) in &self.model {
+                for &(inode, s) in self.model.keys() {
                     let want = match self.seen(inode, s) {
                         Seen::Hit { dirty: d, .. } => !dirty || d,
                         _ => false,
@@ -616,7 +680,8 @@ impl Harness {
                 for s in key.start..key.end() {
                     let mine: Vec<Ptr> = key.ptrs().iter().map(|&p| ptr_at(p, s - key.start)).collect();
                     if let Some(Sect::Data { ptrs, dirty }) = self.model.get_mut(&(key.inode, s)) {
-                        let live = |p: &Ptr| self.b.bucket(p.dev(), p.bucket(BUCKET_BITS)).map(|s| s.gen) == Some(p.gen());
+                        let live =
+                            |p: &Ptr| self.b.bucket(p.dev(), p.bucket(BUCKET_BITS)).map(|s| s.gen) == Some(p.gen());
                         if *dirty && ptrs.iter().any(|p| mine.contains(p) && live(p)) {
                             *dirty = false;
                             want += 1;
@@ -627,6 +692,33 @@ impl Harness {
             }
         }
         self.check_invariants()
+    }
+
+    fn check_fragments(&self, inode: u32, start: u64, len: u64, frags: &[Fragment]) -> Result<(), TestCaseError> {
+        let mut pos = start;
+        for f in frags {
+            prop_assert_eq!(f.start, pos, "fragments out of order or with gaps: {:?}", frags);
+            prop_assert!(f.len > 0);
+            pos = f.end();
+        }
+        prop_assert_eq!(pos, start + len, "fragments do not cover the range: {:?}", frags);
+        for w in frags.windows(2) {
+            prop_assert!(!(w[0].kind == FragmentKind::Hole && w[1].kind == FragmentKind::Hole));
+        }
+        for f in frags {
+            for s in f.start..f.end() {
+                let want = self.seen(inode, s);
+                let got = match f.kind {
+                    FragmentKind::Hole => Seen::Nothing,
+                    FragmentKind::Pending => Seen::Pending,
+                    FragmentKind::Hit { ptr, offset, dirty } => {
+                        Seen::Hit { ptr: ptr_at(ptr, offset + s - f.start), dirty }
+                    }
+                };
+                prop_assert_eq!(got, want, "sector {}:{} in {:?}", inode, s, frags);
+            }
+        }
+        Ok(())
     }
 
     fn check_invariants(&self) -> Result<(), TestCaseError> {

@@ -64,7 +64,8 @@ fn fixed_latency_delays_each_request() {
     let reqs = (0..8).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).collect();
     run_all(&mut e, reqs);
     let el = t.elapsed();
-    assert!(el >= Duration::from_millis(30) && el < Duration::from_millis(200), "{el:?}");
+    // Serially they would take 240 ms; anything below shows they overlapped.
+    assert!(el >= Duration::from_millis(30) && el < Duration::from_millis(8 * 30), "{el:?}");
     // Serial (one disk arm): 8 requests take eight latencies.
     e.control().set_latency(Some(Latency { fixed: Duration::from_millis(10), serial: true, ..Default::default() }));
     let t = Instant::now();
@@ -97,8 +98,10 @@ fn transfer_rate_and_seeks_cost_time() {
     timed(&mut e, &[0]);
     let sequential = timed(&mut e, &[4096, 8192, 12288, 16384]);
     let far = timed(&mut e, &[(SIZE - 4096) as u64, 0, (SIZE - 4096) as u64, 0]);
-    assert!(sequential < Duration::from_millis(8), "sequential reads do not seek: {sequential:?}");
     assert!(far >= Duration::from_millis(4 * 19), "full-stroke seeks: {far:?}");
+    // Lower bounds are exact (the model sleeps at least that long); an upper bound in wall
+    // time is not, on a loaded machine, so sequential reads are compared with seeking ones.
+    assert!(sequential * 4 < far, "sequential reads do not seek: {sequential:?} vs {far:?} for full strokes");
 }
 
 #[test]

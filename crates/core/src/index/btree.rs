@@ -15,19 +15,21 @@
 //! Nodes live in two arenas and refer to each other by 32-bit index; leaves are also
 //! linked in order for iteration.
 
+use super::arena::{prefetch, Arena, Node, NIL};
+
 /// Entries a leaf can hold.
 pub(crate) const LEAF_CAP: usize = 64;
 /// Children an inner node can hold.
 pub(crate) const INNER_CAP: usize = 128;
 const LEAF_MIN: usize = LEAF_CAP / 3;
 const INNER_MIN: usize = INNER_CAP / 3;
-const NIL: u32 = u32::MAX;
 /// Padding for unused key slots: above any sector, so searches can run over whole arrays.
 const PAD: u64 = u64::MAX;
+/// Searches `seek_many` runs side by side: enough misses in flight to hide memory latency,
+/// few enough to stay within what the core can track.
+pub(crate) const SEEK_GROUP: usize = 16;
 /// With at least INNER_MIN children per inner node, 2^32 leaves need fewer levels.
 const MAX_HEIGHT: usize = 12;
-const CHUNK_SHIFT: u32 = 10;
-const CHUNK: usize = 1 << CHUNK_SHIFT;
 
 /// One extent as the tree stores it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +56,7 @@ pub(crate) trait Trim {
     fn keep(&mut self, e: &Entry, skip: u64, split: bool) -> u64;
 }
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 #[repr(C)]
 struct Leaf {
     ends: [u64; LEAF_CAP],
@@ -65,10 +67,12 @@ struct Leaf {
     prev: u32,
 }
 
-impl Leaf {
-    const EMPTY: Leaf =
+impl Node for Leaf {
+    const BLANK: Leaf =
         Leaf { ends: [PAD; LEAF_CAP], words: [0; LEAF_CAP], sizes: [0; LEAF_CAP], len: 0, next: NIL, prev: NIL };
+}
 
+impl Leaf {
     #[inline]
     fn start(&self, i: usize) -> u64 {
         self.ends[i] - self.sizes[i] as u64
@@ -87,7 +91,7 @@ impl Leaf {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 #[repr(C)]
 struct Inner {
     /// `seps[i]` lies between child `i` and child `i + 1`; slots from `len - 1` on are PAD.
@@ -96,8 +100,8 @@ struct Inner {
     len: u32,
 }
 
-impl Inner {
-    const EMPTY: Inner = Inner { seps: [PAD; INNER_CAP], children: [NIL; INNER_CAP], len: 0 };
+impl Node for Inner {
+    const BLANK: Inner = Inner { seps: [PAD; INNER_CAP], children: [NIL; INNER_CAP], len: 0 };
 }
 
 /// Number of keys `<= s` in a sorted array padded with PAD, without data-dependent branches.
@@ -111,78 +115,6 @@ fn rank<const N: usize>(keys: &[u64; N], s: u64) -> usize {
         n -= half;
     }
     lo + (keys[lo] <= s) as usize
-}
-
-/// Fixed-size nodes in chunks of 1024, addressed by u32; freed slots are reused.
-struct Arena<T: Clone> {
-    chunks: Vec<Box<[T]>>,
-    free: Vec<u32>,
-    next: u32,
-    blank: T,
-}
-
-impl<T: Clone> Arena<T> {
-    fn new(blank: T) -> Arena<T> {
-        Arena { chunks: Vec::new(), free: Vec::new(), next: 0, blank }
-    }
-
-    fn alloc(&mut self, v: T) -> u32 {
-        if let Some(id) = self.free.pop() {
-            *self.get_mut(id) = v;
-            return id;
-        }
-        let id = self.next;
-        assert!(id != NIL, "extent index: node arena exhausted");
-        if (id as usize) >> CHUNK_SHIFT == self.chunks.len() {
-            self.chunks.push(vec![self.blank.clone(); CHUNK].into_boxed_slice());
-        }
-        self.next += 1;
-        *self.get_mut(id) = v;
-        id
-    }
-
-    fn free(&mut self, id: u32) {
-        *self.get_mut(id) = self.blank.clone();
-        self.free.push(id);
-    }
-
-    #[inline(always)]
-    fn get(&self, id: u32) -> &T {
-        &self.chunks[(id >> CHUNK_SHIFT) as usize][id as usize & (CHUNK - 1)]
-    }
-
-    #[inline(always)]
-    fn get_mut(&mut self, id: u32) -> &mut T {
-        &mut self.chunks[(id >> CHUNK_SHIFT) as usize][id as usize & (CHUNK - 1)]
-    }
-
-    fn pair_mut(&mut self, a: u32, b: u32) -> (&mut T, &mut T) {
-        assert_ne!(a, b);
-        let (ca, sa) = ((a >> CHUNK_SHIFT) as usize, a as usize & (CHUNK - 1));
-        let (cb, sb) = ((b >> CHUNK_SHIFT) as usize, b as usize & (CHUNK - 1));
-        if ca == cb {
-            let chunk = &mut self.chunks[ca];
-            if sa < sb {
-                let (x, y) = chunk.split_at_mut(sb);
-                (&mut x[sa], &mut y[0])
-            } else {
-                let (x, y) = chunk.split_at_mut(sa);
-                (&mut y[0], &mut x[sb])
-            }
-        } else if ca < cb {
-            let (x, y) = self.chunks.split_at_mut(cb);
-            (&mut x[ca][sa], &mut y[0][sb])
-        } else {
-            let (x, y) = self.chunks.split_at_mut(ca);
-            (&mut y[0][sa], &mut x[cb][sb])
-        }
-    }
-
-    fn heap_bytes(&self) -> usize {
-        self.chunks.len() * CHUNK * std::mem::size_of::<T>()
-            + self.chunks.capacity() * std::mem::size_of::<Box<[T]>>()
-            + self.free.capacity() * 4
-    }
 }
 
 /// The inner nodes met on the way down to a leaf, and which child was taken at each.
@@ -203,6 +135,10 @@ pub(crate) struct Cursor {
     slot: u32,
 }
 
+impl Cursor {
+    pub const END: Cursor = Cursor { leaf: NIL, slot: 0 };
+}
+
 /// One inode's extents.
 pub(crate) struct Tree {
     leaves: Arena<Leaf>,
@@ -215,9 +151,9 @@ pub(crate) struct Tree {
 
 impl Tree {
     pub fn new() -> Tree {
-        let mut leaves = Arena::new(Leaf::EMPTY);
-        let root = leaves.alloc(Leaf::EMPTY);
-        Tree { leaves, inners: Arena::new(Inner::EMPTY), root, height: 0, len: 0 }
+        let mut leaves = Arena::new();
+        let root = leaves.alloc(Leaf::BLANK);
+        Tree { leaves, inners: Arena::new(), root, height: 0, len: 0 }
     }
 
     /// Number of extents.
@@ -230,12 +166,28 @@ impl Tree {
         self.leaves.heap_bytes() + self.inners.heap_bytes()
     }
 
+    /// Starts loading the parts of the node at `depth` a search reads, all at once, instead
+    /// of one cache miss per step of the binary search.
+    #[inline(always)]
+    fn prefetch_node(&self, node: u32, depth: usize) {
+        if depth == self.height {
+            // The whole leaf: the slot found in `ends` is read from `words` and `sizes`
+            // right after, and a second round trip to memory would cost as much as the first.
+            prefetch(self.leaves.get(node));
+        } else {
+            let inner = self.inners.get(node);
+            prefetch(&inner.seps);
+            prefetch(&inner.children);
+        }
+    }
+
     #[inline]
     fn descend(&self, s: u64) -> u32 {
         let mut node = self.root;
-        for _ in 0..self.height {
+        for d in 0..self.height {
             let inner = self.inners.get(node);
             node = inner.children[rank(&inner.seps, s)];
+            self.prefetch_node(node, d + 1);
         }
         node
     }
@@ -248,6 +200,7 @@ impl Tree {
             path.node[d] = node;
             path.idx[d] = i as u32;
             node = inner.children[i];
+            self.prefetch_node(node, d + 1);
         }
         node
     }
@@ -262,6 +215,52 @@ impl Tree {
             Cursor { leaf: leaf_id, slot: slot as u32 }
         } else {
             Cursor { leaf: leaf.next, slot: 0 }
+        }
+    }
+
+    /// `seek` for several sectors at once. The searches go down the tree together, in
+    /// stages that each start loading exactly what the next stage reads (separators, then
+    /// one child slot, then the child; in the leaf the ends, then the entry found), so the
+    /// cache misses of a whole group are in flight at the same time.
+    pub fn seek_many(&self, starts: &[u64], out: &mut [Cursor]) {
+        debug_assert!(out.len() >= starts.len());
+        let n = starts.len().min(out.len());
+        let mut nodes = [self.root; SEEK_GROUP];
+        let mut idx = [0usize; SEEK_GROUP];
+        for (g, chunk) in starts[..n].chunks(SEEK_GROUP).enumerate() {
+            let k = chunk.len();
+            nodes[..k].fill(self.root);
+            for d in 0..self.height {
+                for j in 0..k {
+                    let inner = self.inners.get(nodes[j]);
+                    idx[j] = rank(&inner.seps, chunk[j]);
+                    prefetch(&inner.children[idx[j]]);
+                }
+                for j in 0..k {
+                    nodes[j] = self.inners.get(nodes[j]).children[idx[j]];
+                    if d + 1 < self.height {
+                        prefetch(&self.inners.get(nodes[j]).seps);
+                    } else {
+                        prefetch(&self.leaves.get(nodes[j]).ends);
+                    }
+                }
+            }
+            for j in 0..k {
+                let leaf = self.leaves.get(nodes[j]);
+                idx[j] = rank(&leaf.ends, chunk[j]);
+                if idx[j] < leaf.len as usize {
+                    prefetch(&leaf.words[idx[j]]);
+                    prefetch(&leaf.sizes[idx[j]]);
+                }
+            }
+            for j in 0..k {
+                let leaf = self.leaves.get(nodes[j]);
+                out[g * SEEK_GROUP + j] = if idx[j] < leaf.len as usize {
+                    Cursor { leaf: nodes[j], slot: idx[j] as u32 }
+                } else {
+                    Cursor { leaf: leaf.next, slot: 0 }
+                };
+            }
         }
     }
 
@@ -436,7 +435,7 @@ impl Tree {
         let k = if leaf.next == NIL && to == old { (total - 1).min(LEAF_CAP) } else { total / 2 };
         let next = leaf.next;
 
-        let mut right = Leaf::EMPTY;
+        let mut right = Leaf::BLANK;
         for (i, e) in all[k..total].iter().enumerate() {
             right.set(i, *e);
         }
@@ -462,7 +461,7 @@ impl Tree {
     /// Puts `child` right after the node at `depth` on `path`, with `sep` between them.
     fn insert_child(&mut self, path: &Path, depth: usize, sep: u64, child: u32) {
         if depth == 0 {
-            let mut root = Inner::EMPTY;
+            let mut root = Inner::BLANK;
             root.children[0] = self.root;
             root.children[1] = child;
             root.seps[0] = sep;
@@ -495,7 +494,7 @@ impl Tree {
         children[i + 2..].copy_from_slice(&p.children[i + 1..]);
         let total = INNER_CAP + 1;
         let k = if right_edge && i + 1 == plen { total - 2 } else { total / 2 };
-        let mut right = Inner::EMPTY;
+        let mut right = Inner::BLANK;
         right.children[..total - k].copy_from_slice(&children[k..]);
         right.seps[..total - k - 1].copy_from_slice(&seps[k..total - 1]);
         right.len = (total - k) as u32;
@@ -693,7 +692,7 @@ impl Tree {
         }
         let inner = self.inners.get(id);
         let len = inner.len as usize;
-        if len > INNER_CAP || len < 2 {
+        if !(2..=INNER_CAP).contains(&len) {
             return Err(format!("inner {id}: bad length {len}"));
         }
         if inner.seps[len - 1..].iter().any(|&s| s != PAD) {
@@ -763,7 +762,7 @@ mod tests {
     }
 
     fn node_counts(t: &Tree) -> (usize, usize) {
-        (t.leaves.next as usize - t.leaves.free.len(), t.inners.next as usize - t.inners.free.len())
+        (t.leaves.live(), t.inners.live())
     }
 
     /// Deterministic xorshift, so failures reproduce.

@@ -16,6 +16,11 @@ pub trait BucketGens {
     /// bucket (a pointer to it is treated as stale).
     fn bucket_gen(&self, dev: u8, bucket: u64) -> Option<u8>;
 
+    /// Starts loading the gen of `bucket` into cache, ahead of a `bucket_gen` call (batched
+    /// lookups use it). Optional: the default does nothing.
+    #[inline]
+    fn prefetch_gen(&self, _dev: u8, _bucket: u64) {}
+
     /// A pointer is live while its gen equals its bucket's: the allocator bumps the gen when
     /// it invalidates the bucket, which kills every pointer into it at once.
     #[inline]
@@ -76,10 +81,7 @@ impl MemBuckets {
 
     /// Every bucket of every device, as `(dev, bucket, state)`.
     pub fn iter(&self) -> impl Iterator<Item = (u8, u64, &MemBucket)> {
-        self.devs
-            .iter()
-            .enumerate()
-            .flat_map(|(d, bs)| bs.iter().enumerate().map(move |(b, s)| (d as u8, b as u64, s)))
+        self.devs.iter().enumerate().flat_map(|(d, bs)| bs.iter().enumerate().map(move |(b, s)| (d as u8, b as u64, s)))
     }
 }
 

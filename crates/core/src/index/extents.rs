@@ -3,7 +3,7 @@
 //! writeback's clean marking, ordered scans), lazy removal of stale keys, and bucket
 //! accounting as extents come and go.
 
-use super::btree::{Entry, Tree, Trim};
+use super::btree::{Cursor, Entry, Tree, Trim, SEEK_GROUP};
 use super::buckets::{BucketAccounting, BucketGens, GensOnly};
 use super::key::{Fragment, FragmentKind, Key, Ptr, KEY_INODE_MAX, KEY_OFFSET_MAX, KEY_PTRS_MAX, KEY_SIZE_MAX};
 use super::side::{SideEntry, SideTable};
@@ -25,6 +25,17 @@ pub struct Placeholder {
     /// Sectors on which placeholder keys were put (the holes of the range).
     pub reserved: u64,
     ticket: u64,
+}
+
+/// One range for [`ExtentIndex::lookup_many`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LookupReq {
+    /// Cached device or flash volume.
+    pub inode: u32,
+    /// First sector.
+    pub start: u64,
+    /// Length in sectors.
+    pub len: u64,
 }
 
 /// What a fill achieved.
@@ -72,10 +83,56 @@ struct Volume {
     dirty_sectors: u64,
 }
 
+/// Volumes by inode, in a table indexed by the inode itself: inodes are UUID table slots,
+/// small numbers, and the lookup is on every request.
+#[derive(Default)]
+struct Volumes(Vec<Option<Box<Volume>>>);
+
+impl Volumes {
+    #[inline]
+    fn find(&self, inode: u32) -> Option<usize> {
+        matches!(self.0.get(inode as usize), Some(Some(_))).then_some(inode as usize)
+    }
+
+    fn find_or_create(&mut self, inode: u32) -> usize {
+        let i = inode as usize;
+        if i >= self.0.len() {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i].get_or_insert_with(|| Box::new(Volume { inode, tree: Tree::new(), sectors: 0, dirty_sectors: 0 }));
+        i
+    }
+
+    /// The volumes from inode `from` on, in inode order.
+    fn iter_from(&self, from: u32) -> impl Iterator<Item = (usize, &Volume)> {
+        self.0.iter().enumerate().skip(from as usize).filter_map(|(i, v)| Some((i, v.as_deref()?)))
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.0.capacity() * std::mem::size_of::<Option<Box<Volume>>>()
+            + self.iter_from(0).map(|(_, v)| std::mem::size_of::<Volume>() + v.tree.heap_bytes()).sum::<usize>()
+    }
+}
+
+impl std::ops::Index<usize> for Volumes {
+    type Output = Volume;
+    #[inline]
+    fn index(&self, i: usize) -> &Volume {
+        self.0[i].as_deref().expect("extent index: volume found before")
+    }
+}
+
+impl std::ops::IndexMut<usize> for Volumes {
+    #[inline]
+    fn index_mut(&mut self, i: usize) -> &mut Volume {
+        self.0[i].as_deref_mut().expect("extent index: volume found before")
+    }
+}
+
 /// The extent index of a cache set: for each cached device or flash volume (inode), which
 /// sector ranges are cached and where. Keys never overlap; the newest write wins.
 pub struct ExtentIndex {
-    vols: Vec<Volume>,
+    vols: Volumes,
     side: SideTable,
     next_ticket: u64,
     stats: IndexStats,
@@ -231,6 +288,65 @@ fn entry_key(side: &SideTable, inode: u32, e: &Entry) -> Option<Key> {
     }
 }
 
+/// Appends the fragments of `start..end` to `out`, walking from `c` (the first extent
+/// ending after `start`); stale extents met are noted in `stale` as holes.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn fragments<G: BucketGens + ?Sized>(
+    tree: &Tree,
+    side: &mut SideTable,
+    stale: &mut Vec<(usize, u64, u64)>,
+    vi: usize,
+    mut c: Cursor,
+    start: u64,
+    end: u64,
+    gens: &G,
+    out: &mut Vec<Fragment>,
+) {
+    let mut pos = start;
+    while let Some(e) = tree.get(c) {
+        let es = e.start();
+        if es >= end {
+            break;
+        }
+        let kind = match word::decode(e.word) {
+            Word::Direct(p) if !gens.ptr_stale(p) => {
+                Some(FragmentKind::Hit { ptr: p, offset: 0, dirty: word::is_dirty(e.word) })
+            }
+            Word::Direct(_) => None,
+            Word::Placeholder(_) => Some(FragmentKind::Pending),
+            Word::Indirect(slot) => {
+                let s = side.get_mut(slot);
+                if s.retain_live(|p| gens.ptr_stale(p)) > 0 {
+                    Some(FragmentKind::Hit { ptr: s.ptrs()[0], offset: 0, dirty: word::is_dirty(e.word) })
+                } else {
+                    None
+                }
+            }
+        };
+        match kind {
+            None => stale.push((vi, es, e.end)),
+            Some(kind) => {
+                let fs = es.max(start);
+                if fs > pos {
+                    out.push(Fragment { start: pos, len: fs - pos, kind: FragmentKind::Hole });
+                }
+                let fe = e.end.min(end);
+                let kind = match kind {
+                    FragmentKind::Hit { ptr, dirty, .. } => FragmentKind::Hit { ptr, offset: fs - es, dirty },
+                    k => k,
+                };
+                out.push(Fragment { start: fs, len: fe - fs, kind });
+                pos = fe;
+            }
+        }
+        tree.advance(&mut c);
+    }
+    if pos < end {
+        out.push(Fragment { start: pos, len: end - pos, kind: FragmentKind::Hole });
+    }
+}
+
 /// Whether the extent an entry describes is live. Indirect entries lose their stale
 /// pointers on the way (they were accounted away when their buckets were invalidated).
 #[inline]
@@ -246,7 +362,7 @@ impl ExtentIndex {
     /// An empty index.
     pub fn new() -> ExtentIndex {
         ExtentIndex {
-            vols: Vec::new(),
+            vols: Volumes::default(),
             side: SideTable::default(),
             next_ticket: 1,
             stats: IndexStats::default(),
@@ -256,22 +372,16 @@ impl ExtentIndex {
     }
 
     fn vol_index(&self, inode: u32) -> Option<usize> {
-        self.vols.binary_search_by_key(&inode, |v| v.inode).ok()
+        self.vols.find(inode)
     }
 
     fn vol_or_create(&mut self, inode: u32) -> usize {
-        match self.vols.binary_search_by_key(&inode, |v| v.inode) {
-            Ok(i) => i,
-            Err(i) => {
-                self.vols.insert(i, Volume { inode, tree: Tree::new(), sectors: 0, dirty_sectors: 0 });
-                i
-            }
-        }
+        self.vols.find_or_create(inode)
     }
 
     /// Keys in the index, placeholders included (stale keys not yet met are counted too).
     pub fn len(&self) -> usize {
-        self.vols.iter().map(|v| v.tree.len()).sum()
+        self.vols.iter_from(0).map(|(_, v)| v.tree.len()).sum()
     }
 
     /// True when the index holds no key at all.
@@ -298,9 +408,7 @@ impl ExtentIndex {
     /// Heap bytes held by the index's own structures (an estimate from capacities; the
     /// benchmark measures with a counting allocator instead).
     pub fn heap_bytes(&self) -> usize {
-        self.vols.iter().map(|v| v.tree.heap_bytes()).sum::<usize>()
-            + self.vols.capacity() * std::mem::size_of::<Volume>()
-            + self.side.heap_bytes()
+        self.vols.heap_bytes() + self.side.heap_bytes()
     }
 
     /// The pieces of `start..start + len` of `inode`, in order, without gaps or overlaps:
@@ -326,48 +434,75 @@ impl ExtentIndex {
         };
         let ExtentIndex { vols, side, stale, .. } = self;
         let tree = &vols[vi].tree;
-        let mut pos = start;
-        let mut c = tree.seek(start);
-        while let Some(e) = tree.get(c) {
-            let es = e.start();
-            if es >= end {
-                break;
-            }
-            let kind = match word::decode(e.word) {
-                Word::Direct(p) if !gens.ptr_stale(p) => {
-                    Some(FragmentKind::Hit { ptr: p, offset: 0, dirty: word::is_dirty(e.word) })
-                }
-                Word::Direct(_) => None,
-                Word::Placeholder(_) => Some(FragmentKind::Pending),
-                Word::Indirect(slot) => {
-                    let s = side.get_mut(slot);
-                    if s.retain_live(|p| gens.ptr_stale(p)) > 0 {
-                        Some(FragmentKind::Hit { ptr: s.ptrs()[0], offset: 0, dirty: word::is_dirty(e.word) })
-                    } else {
-                        None
-                    }
-                }
-            };
-            match kind {
-                None => stale.push((vi, es, e.end)),
-                Some(kind) => {
-                    let fs = es.max(start);
-                    if fs > pos {
-                        out.push(Fragment { start: pos, len: fs - pos, kind: FragmentKind::Hole });
-                    }
-                    let fe = e.end.min(end);
-                    let kind = match kind {
-                        FragmentKind::Hit { ptr, dirty, .. } => FragmentKind::Hit { ptr, offset: fs - es, dirty },
-                        k => k,
-                    };
-                    out.push(Fragment { start: fs, len: fe - fs, kind });
-                    pos = fe;
-                }
-            }
-            tree.advance(&mut c);
+        fragments(tree, side, stale, vi, tree.seek(start), start, end, gens, out);
+        if !self.stale.is_empty() {
+            self.drop_stale(gens);
         }
-        if pos < end {
-            out.push(Fragment { start: pos, len: end - pos, kind: FragmentKind::Hole });
+        Ok(())
+    }
+
+    /// [`lookup`](Self::lookup) for a batch of ranges: the same fragments, request after
+    /// request, in `out`; those of `reqs[i]` are `out[bounds[i]..bounds[i + 1]]`. The
+    /// searches of up to 16 requests in a row for the same inode go down the tree together,
+    /// so their cache misses overlap: several times the throughput of one lookup at a time
+    /// on a large index. Nothing is looked up if any request is out of range.
+    pub fn lookup_many<G: BucketGens + ?Sized>(
+        &mut self,
+        reqs: &[LookupReq],
+        gens: &G,
+        out: &mut Vec<Fragment>,
+        bounds: &mut Vec<usize>,
+    ) -> Result<()> {
+        out.clear();
+        bounds.clear();
+        for r in reqs.iter().filter(|r| r.len > 0) {
+            check_range(r.inode, r.start, r.len)?;
+        }
+        bounds.push(0);
+        let mut starts = [0u64; SEEK_GROUP];
+        let mut cursors = [Cursor::END; SEEK_GROUP];
+        let mut i = 0;
+        while i < reqs.len() {
+            let inode = reqs[i].inode;
+            let mut j = i;
+            while j < reqs.len() && j - i < SEEK_GROUP && reqs[j].inode == inode {
+                starts[j - i] = reqs[j].start;
+                j += 1;
+            }
+            let group = &reqs[i..j];
+            match self.vol_index(inode) {
+                None => {
+                    for r in group {
+                        if r.len > 0 {
+                            out.push(Fragment { start: r.start, len: r.len, kind: FragmentKind::Hole });
+                        }
+                        bounds.push(out.len());
+                    }
+                }
+                Some(vi) => {
+                    let ExtentIndex { vols, side, stale, .. } = self;
+                    let tree = &vols[vi].tree;
+                    tree.seek_many(&starts[..group.len()], &mut cursors);
+                    // Start loading the gens every request will check.
+                    let bits = gens.bucket_bits();
+                    for (r, &c) in group.iter().zip(&cursors) {
+                        let mut c = c;
+                        while let Some(e) = tree.get(c).filter(|e| e.start() < r.start + r.len) {
+                            if let Word::Direct(p) = word::decode(e.word) {
+                                gens.prefetch_gen(p.dev(), p.bucket(bits));
+                            }
+                            tree.advance(&mut c);
+                        }
+                    }
+                    for (r, &c) in group.iter().zip(&cursors) {
+                        if r.len > 0 {
+                            fragments(tree, side, stale, vi, c, r.start, r.start + r.len, gens, out);
+                        }
+                        bounds.push(out.len());
+                    }
+                }
+            }
+            i = j;
         }
         if !self.stale.is_empty() {
             self.drop_stale(gens);
@@ -396,6 +531,9 @@ impl ExtentIndex {
     fn drop_stale<G: BucketGens + ?Sized>(&mut self, gens: &G) {
         let mut g = GensOnly(gens);
         let ExtentIndex { vols, side, stale, stats, .. } = self;
+        // A batch of lookups may have met the same stale extent more than once.
+        stale.sort_unstable();
+        stale.dedup();
         for (vi, s, e) in stale.drain(..) {
             let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
             let mut t = Trimmer { b: &mut g, side: &mut *side, sectors, dirty_sectors, released: 0 };
@@ -426,7 +564,8 @@ impl ExtentIndex {
         let ExtentIndex { vols, side, .. } = self;
         let w = make_word(side, live.ptrs(), live.crc, live.dirty);
         let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
-        let mut t = Trimmer { b: &mut *b, side, sectors: &mut *sectors, dirty_sectors: &mut *dirty_sectors, released: 0 };
+        let mut t =
+            Trimmer { b: &mut *b, side, sectors: &mut *sectors, dirty_sectors: &mut *dirty_sectors, released: 0 };
         tree.replace(key.start, key.end(), Some(w), &mut t);
         *sectors += key.size;
         if key.dirty {
@@ -656,9 +795,8 @@ impl ExtentIndex {
             return Some(from);
         }
         let mut next = None;
-        let first = self.vols.partition_point(|v| v.inode < from.inode);
         let ExtentIndex { vols, side, stale, .. } = self;
-        'vols: for (vi, vol) in vols.iter().enumerate().skip(first) {
+        'vols: for (vi, vol) in vols.iter_from(from.inode) {
             let tree = &vol.tree;
             let mut c = if vol.inode == from.inode { tree.seek(from.offset) } else { tree.first() };
             while let Some(e) = tree.get(c) {
@@ -684,14 +822,56 @@ impl ExtentIndex {
         next
     }
 
+    /// GC's mark pass: reports every live extent's sectors to `b` (`add_sectors` with the
+    /// full size, per live pointer), as if the index were inserted again into buckets whose
+    /// counts were zeroed first; stale keys met are dropped. Returns the live keys counted.
+    pub fn mark_buckets<B: BucketGens + BucketAccounting + ?Sized>(&mut self, b: &mut B) -> usize {
+        let bits = b.bucket_bits();
+        let mut live = 0;
+        let ExtentIndex { vols, side, stale, .. } = self;
+        for (vi, vol) in vols.iter_from(0) {
+            let tree = &vol.tree;
+            let mut c = tree.first();
+            while let Some(e) = tree.get(c) {
+                tree.advance(&mut c);
+                if matches!(word::decode(e.word), Word::Placeholder(_)) {
+                    continue;
+                }
+                if !entry_live(side, e.word, b) {
+                    stale.push((vi, e.start(), e.end));
+                    continue;
+                }
+                let dirty = word::is_dirty(e.word);
+                let one;
+                let ptrs: &[Ptr] = match word::decode(e.word) {
+                    Word::Direct(p) => {
+                        one = [p];
+                        &one
+                    }
+                    Word::Indirect(slot) => side.get(slot).ptrs(),
+                    Word::Placeholder(_) => &[],
+                };
+                for p in ptrs {
+                    b.add_sectors(p.dev(), p.bucket(bits), e.size as i64, dirty);
+                }
+                live += 1;
+            }
+        }
+        if !self.stale.is_empty() {
+            let gens: &B = b;
+            self.drop_stale(gens);
+        }
+        live
+    }
+
     /// Checks the index's internal consistency (tree structure, non-overlap, side table,
     /// sector counts); returns a description of the first problem found.
     pub fn verify(&self) -> std::result::Result<(), String> {
         let mut indirect = 0;
         let mut seen = std::collections::HashSet::new();
-        for (i, vol) in self.vols.iter().enumerate() {
-            if i > 0 && self.vols[i - 1].inode >= vol.inode {
-                return Err(format!("volumes out of order at inode {}", vol.inode));
+        for (i, vol) in self.vols.iter_from(0) {
+            if i != vol.inode as usize {
+                return Err(format!("volume of inode {} filed under {i}", vol.inode));
             }
             vol.tree.check().map_err(|e| format!("inode {}: {e}", vol.inode))?;
             let (mut sectors, mut dirty) = (0, 0);
