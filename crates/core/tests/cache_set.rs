@@ -422,3 +422,26 @@ fn uuid_table_survives_restart() {
     let cs = CacheSet::open(cs.abandon(), opts()).unwrap();
     assert_eq!(cs.uuids(), &[UuidEntry::default(), e.clone(), e][..]);
 }
+
+#[test]
+fn keys_are_batched_until_the_delay_or_a_flush() {
+    let mut cs = CacheSet::open(fresh(4096), opts()).unwrap();
+    let before = cs.stats().journal_entries;
+    for i in 0..6 {
+        cs.write(1, i * 8, &block(i)).unwrap();
+    }
+    assert!(cs.poll_journal().unwrap().is_some(), "keys wait for the delay");
+    let mid = cs.stats().journal_entries;
+    assert!(mid - before <= 2, "at most the allocator's own prio entries: {}", mid - before);
+    cs.flush().unwrap();
+    assert_eq!(cs.stats().journal_entries, mid + 1, "one entry for the batch");
+    // With no delay every write is journalled by itself.
+    let st = cs.close().unwrap();
+    let mut cs = CacheSet::open(st, CacheSetOptions { journal_delay_ms: 0, seed: 7 }).unwrap();
+    let before = cs.stats().journal_entries;
+    for i in 0..5 {
+        cs.write(2, i * 8, &block(i)).unwrap();
+    }
+    assert!(cs.stats().journal_entries >= before + 5);
+    assert_eq!(cs.poll_journal().unwrap(), None);
+}

@@ -624,6 +624,21 @@ impl<S: Storage> CacheSet<S> {
         Ok(out)
     }
 
+    /// Writes the open journal entry if its keys have waited `journal_delay_ms`; for an
+    /// engine loop to call when idle (writes check the delay themselves). Returns how long
+    /// until the next entry is due, if keys are waiting.
+    pub fn poll_journal(&mut self) -> Result<Option<Duration>> {
+        let delay = Duration::from_millis(self.opts.journal_delay_ms);
+        match self.pending_since {
+            Some(t) if t.elapsed() >= delay => {
+                self.journal_write()?;
+                Ok(None)
+            }
+            Some(t) => Ok(Some(delay - t.elapsed().min(delay))),
+            None => Ok(None),
+        }
+    }
+
     /// Makes every write so far durable: writes the open journal entry (data first) and
     /// returns once it is on stable storage.
     pub fn flush(&mut self) -> Result<()> {
