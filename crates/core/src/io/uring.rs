@@ -84,6 +84,8 @@ pub struct UringEngine {
     side: Option<Side>,
     /// Eventfd registered with the ring (see [`IoEngine::completion_fd`]).
     notifier: Option<EventFd>,
+    /// CQEs were reaped since the notifier was last reset.
+    reaped: bool,
     fixed_buf: Option<(u64, usize)>,
     files_registered: bool,
     ext_arg: bool,
@@ -167,6 +169,7 @@ impl UringEngine {
             woken: false,
             side: None,
             notifier: None,
+            reaped: false,
             fixed_buf,
             files_registered,
             ext_arg,
@@ -406,6 +409,7 @@ impl UringEngine {
     fn reap(&mut self) {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        self.reaped |= !cqes.is_empty();
         for &(ud, res) in &cqes {
             self.in_kernel -= 1;
             match ud {
@@ -674,11 +678,12 @@ impl IoEngine for UringEngine {
             }
         }
         self.woken = false;
-        if let Some(n) = &self.notifier {
+        if let (Some(n), true) = (&self.notifier, std::mem::take(&mut self.reaped)) {
             // The kernel signals both when deferred work is queued and again when running
             // it posts CQEs; reset the fd now that all is reaped, so the caller's loop does
             // not wake for nothing, and signal again if more arrived meanwhile (the TASKRUN
-            // flag is set before the kernel signals, so nothing is lost).
+            // flag is set before the kernel signals, so nothing is lost). A poll that reaped
+            // nothing leaves the fd alone: that saves a syscall per submission.
             n.drain();
             if self.ring.submission().taskrun() || !self.ring.completion().is_empty() {
                 n.notify();
