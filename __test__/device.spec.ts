@@ -1,7 +1,7 @@
 import test from 'ava'
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { IoEngine, openDevice, RawDevice, UbcacheError } from '../ts/index'
+import { type EngineMode, IoEngine, openDevice, RawDevice, UbcacheError } from '../ts/index'
 
 // O_DIRECT needs a real filesystem; /var/tmp is one where /tmp may be tmpfs.
 const dir = join('/var/tmp', `ubcache-device-spec-${process.pid}`)
@@ -30,13 +30,18 @@ async function code(p: Promise<unknown>): Promise<string> {
   return err.code
 }
 
+// Every behaviour holds whichever thread drives the engine.
+const modes: EngineMode[] = ['inline', 'thread']
+
+for (const mode of modes)
 for (const engine of ['io_uring', 'psync'] as const) {
-  test(`${engine}: reads back what it wrote across sizes, offsets and queue depths`, async (t) => {
+  test(`${mode} ${engine}: reads back what it wrote across sizes, offsets and queue depths`, async (t) => {
     const size = 4 << 20
     const p = file(size, 3)
     const model = pattern(size, 3)
-    const dev = await openDevice(p, { engine })
+    const dev = await openDevice(p, { engine, mode })
     t.is(dev.engine.kind, engine)
+    t.is(dev.engine.mode, mode)
     t.true(dev.direct)
     t.is(dev.size, size)
     t.false(dev.isBlockDevice)
@@ -69,9 +74,9 @@ for (const engine of ['io_uring', 'psync'] as const) {
     t.true(readFileSync(p).equals(model))
   })
 
-  test(`${engine}: flush, discard and close`, async (t) => {
+  test(`${mode} ${engine}: flush, discard and close`, async (t) => {
     const p = file(1 << 20, 1)
-    const dev = await openDevice(p, { engine })
+    const dev = await openDevice(p, { engine, mode })
     await dev.write(65536, Buffer.alloc(16384, 0xab))
     await dev.flush()
     await dev.discard(65536, 8192)
@@ -87,9 +92,10 @@ for (const engine of ['io_uring', 'psync'] as const) {
   })
 }
 
-test('bad input is rejected with a clear code', async (t) => {
+for (const mode of modes) {
+test(`${mode}: bad input is rejected with a clear code`, async (t) => {
   const p = file(1 << 20)
-  const dev = await openDevice(p)
+  const dev = await openDevice(p, { mode })
   t.is(await code(dev.read(1 << 20, 4096)), 'OUT_OF_RANGE')
   t.is(await code(dev.write((1 << 20) - 4096, Buffer.alloc(8192))), 'OUT_OF_RANGE')
   t.is(await code(dev.read(100, 4096)), 'MISALIGNED')
@@ -105,33 +111,33 @@ test('bad input is rejected with a clear code', async (t) => {
   await dev.close()
 })
 
-test('open errors: missing, busy, read-only, created', async (t) => {
-  t.is(await code(openDevice(join(dir, 'missing'))), 'ENOENT')
-  t.is(await code(openDevice(dir)), 'NOT_A_DEVICE')
+test(`${mode}: open errors: missing, busy, read-only, created`, async (t) => {
+  t.is(await code(openDevice(join(dir, 'missing'), { mode })), 'ENOENT')
+  t.is(await code(openDevice(dir, { mode })), 'NOT_A_DEVICE')
   const p = file(65536)
-  const a = await openDevice(p)
-  t.is(await code(openDevice(p)), 'EBUSY')
+  const a = await openDevice(p, { mode })
+  t.is(await code(openDevice(p, { mode })), 'EBUSY')
   await a.close()
-  const ro = await openDevice(p, { readOnly: true })
+  const ro = await openDevice(p, { readOnly: true, mode })
   t.false(ro.writable)
   t.is(await code(ro.write(0, Buffer.alloc(4096))), 'EACCES')
   await ro.close()
-  const created = await openDevice(join(dir, `new${n++}`), { createSize: 1 << 20 })
+  const created = await openDevice(join(dir, `new${n++}`), { createSize: 1 << 20, mode })
   t.is(created.size, 1 << 20)
   await created.close()
 })
 
-test('buffered devices take any alignment', async (t) => {
+test(`${mode}: buffered devices take any alignment`, async (t) => {
   const p = file(65536, 5)
-  const dev = await openDevice(p, { direct: 'off' })
+  const dev = await openDevice(p, { direct: 'off', mode })
   t.false(dev.direct)
   await dev.write(3, Buffer.from('hello'))
   t.is((await dev.read(2, 7)).toString('latin1').slice(1, 6), 'hello')
   await dev.close()
 })
 
-test('one engine drives several devices; closing it with requests in flight completes them', async (t) => {
-  const engine = new IoEngine()
+test(`${mode}: one engine drives several devices; closing it with requests in flight completes them`, async (t) => {
+  const engine = new IoEngine({ mode })
   const a = await engine.open(file(1 << 20, 1))
   const b = await engine.open(file(1 << 20, 2))
   t.true(a instanceof RawDevice)
@@ -150,11 +156,62 @@ test('one engine drives several devices; closing it with requests in flight comp
   t.is(await code(engine.open(file(4096))), 'CLOSED')
 })
 
-test('read buffers stay valid after the device and engine are closed', async (t) => {
-  const dev = await openDevice(file(1 << 20, 9))
+test(`${mode}: read buffers stay valid after the device and engine are closed`, async (t) => {
+  const dev = await openDevice(file(1 << 20, 9), { mode })
   const bufs = await Promise.all([0, 1, 2, 3].map((i) => dev.read(i * 65536, 65536)))
   await dev.close()
   for (const [i, b] of bufs.entries()) {
     t.true(b.equals(pattern(1 << 20, 9).subarray(i * 65536, (i + 1) * 65536)))
   }
+})
+
+test(`${mode}: closing a device with requests in flight completes them; later ones fail with CLOSED`, async (t) => {
+  const p = file(1 << 20, 4)
+  const dev = await openDevice(p, { mode })
+  const model = pattern(1 << 20, 4)
+  const reads: Promise<Buffer>[] = []
+  for (let i = 0; i < 128; i++) reads.push(dev.read((i % 256) * 4096, 4096))
+  const writes = [dev.write(0, Buffer.alloc(4096, 7))]
+  const closing = dev.close()
+  t.is(await code(dev.read(0, 4096)), 'CLOSED')
+  await closing
+  const got = await Promise.all(reads)
+  for (const [i, b] of got.entries()) if (i > 0) t.true(b.equals(model.subarray((i % 256) * 4096, (i % 256 + 1) * 4096)))
+  await Promise.all(writes)
+  t.is(dev.engine.inFlight, 0)
+  t.true(dev.engine.closed)
+})
+
+test(`${mode}: each request of a batch fails or succeeds on its own, with a code`, async (t) => {
+  const dev = await openDevice(file(1 << 20, 6), { mode })
+  // Made in one tick, these go to the engine in one call.
+  const results = await Promise.allSettled([
+    dev.read(0, 4096),
+    dev.read(1 << 20, 4096),
+    dev.read(4096, 4096),
+    dev.read(512 * 3 + 1, 4096),
+    dev.discard(1 << 20, 4096),
+    dev.flush(),
+  ])
+  const codes = results.map((r) => (r.status === 'fulfilled' ? 'ok' : (r.reason as UbcacheError).code))
+  t.deepEqual(codes, ['ok', 'OUT_OF_RANGE', 'ok', 'MISALIGNED', 'OUT_OF_RANGE', 'ok'])
+  await dev.close()
+})
+}
+
+test('inline: closing the engine right after requests were made (same tick) completes them', async (t) => {
+  const engine = new IoEngine({ mode: 'inline' })
+  const dev = await engine.open(file(1 << 20, 8))
+  const reads = [dev.read(0, 4096), dev.read(8192, 65536)]
+  await engine.close()
+  t.deepEqual(
+    (await Promise.all(reads)).map((b) => b.length),
+    [4096, 65536],
+  )
+  t.is(await code(dev.read(0, 4096)), 'CLOSED')
+})
+
+test('an unknown mode is rejected', (t) => {
+  const err = t.throws(() => new IoEngine({ mode: 'fibers' as EngineMode }))
+  t.is((err as UbcacheError).code, 'INVALID_ARGUMENT')
 })
