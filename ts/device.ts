@@ -17,8 +17,9 @@
  * completions are noticed by Node's event loop through an eventfd registered with the ring,
  * so no thread handoff sits on the I/O path. `mode: 'thread'` runs the engine on a native
  * thread of its own instead (completions come back in batches, one cross-thread wakeup for
- * many promises); it costs two handoffs per batch. Read results are `Buffer`s over the
- * engine's aligned memory (no copy); written data is copied once into aligned memory.
+ * many promises); it costs two handoffs per batch. Read results of more than 16 KiB are
+ * `Buffer`s over the engine's aligned memory (no copy); smaller ones are copied once, which
+ * is cheaper than tracking the memory; written data is copied once into aligned memory.
  *
  * Under O_DIRECT (the default where the filesystem supports it), offsets and lengths must
  * be multiples of {@link RawDevice.logicalBlockSize}; others are rejected with code
@@ -359,8 +360,8 @@ export class RawDevice {
   }
 
   /**
-   * Reads `length` bytes at `offset`. The result is a `Buffer` over the engine's aligned
-   * memory, handed over without copying.
+   * Reads `length` bytes at `offset`. Above 16 KiB the result is a `Buffer` over the
+   * engine's aligned memory, handed over without copying; smaller results are a copy.
    * @throws {UbcacheError} `OUT_OF_RANGE`, `MISALIGNED`, `INVALID_ARGUMENT`, `EIO`, `CLOSED`.
    */
   read(offset: number, length: number): Promise<Buffer> {

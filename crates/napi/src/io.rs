@@ -5,9 +5,9 @@
 //!
 //! A batch reaches JavaScript as one flat array, three slots per completion:
 //! `tag, result, payload`. `result` is the byte count (or -1 on error); `payload` is the
-//! read data as a `Buffer` over the engine's aligned memory (no copy; the memory returns to
-//! the pool when the `Buffer` is collected), `undefined` for other ops, or `[code, message]`
-//! on error.
+//! read data as a `Buffer` (above 16 KiB over the engine's aligned memory, no copy: the
+//! memory returns to the pool when the `Buffer` is collected; smaller reads are copied),
+//! `undefined` for other ops, or `[code, message]` on error.
 
 use std::sync::Arc;
 
@@ -146,6 +146,11 @@ pub(crate) fn requests_of(env: &Env, pool: &BufPool, desc: &[f64]) -> Result<Vec
     Ok(reqs)
 }
 
+/// Reads up to this size reach JavaScript as a copy: copying 16 KiB costs less than the
+/// weak handle and finalizer of an external buffer, and the aligned memory goes straight
+/// back to the pool. Larger reads are handed over without copying.
+const COPY_MAX: usize = 16 << 10;
+
 /// One batch of completions on its way to JavaScript.
 pub struct Batch(pub(crate) Vec<IoCompletion>);
 
@@ -160,6 +165,10 @@ impl ToNapiValue for Batch {
                 Ok(n) => {
                     arr.set(i + 1, n as f64)?;
                     if let IoOp::Read { buf } = c.op {
+                        if buf.len() <= COPY_MAX {
+                            arr.set(i + 2, BufferSlice::copy_from(&env, &buf[..])?)?;
+                            continue;
+                        }
                         let (ptr, len) = (buf.as_ptr() as *mut u8, buf.len());
                         // SAFETY: the buffer's heap memory does not move when the AlignedBuf
                         // is moved into the finalize hint, and lives until the finalizer drops it.
