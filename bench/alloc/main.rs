@@ -18,9 +18,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
-use ubcache_core::alloc::{
-    prio, Allocator, CacheConfig, PtrKind, Replacement, Reserve, SetConfig, Step,
-};
+use ubcache_core::alloc::{prio, Allocator, CacheConfig, PtrKind, Replacement, Reserve, SetConfig, Step};
 
 struct Counting;
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -52,10 +50,7 @@ const NBUCKETS: u64 = 1 << 20;
 /// CPU time of this thread: on a machine shared with other jobs, wall time also counts the
 /// time the scheduler gave to them.
 fn cpu_now() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec through a valid pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
@@ -70,10 +65,7 @@ struct Watch {
 
 impl Watch {
     fn start() -> Watch {
-        Watch {
-            wall: Instant::now(),
-            cpu: cpu_now(),
-        }
+        Watch { wall: Instant::now(), cpu: cpu_now() }
     }
     /// (wall seconds, cpu seconds) since start.
     fn read(&self) -> (f64, f64) {
@@ -87,12 +79,7 @@ fn config(replacement: Replacement) -> SetConfig {
         set_uuid: *b"ubcache-bench-01",
         bucket_size: BUCKET_SIZE,
         block_size: 8,
-        caches: vec![CacheConfig {
-            nbuckets: NBUCKETS,
-            first_bucket: 1,
-            replacement,
-            discard: false,
-        }],
+        caches: vec![CacheConfig { nbuckets: NBUCKETS, first_bucket: 1, replacement, discard: false }],
         seed: 7,
     }
 }
@@ -201,14 +188,9 @@ fn aged(buf: &mut [u8], seed: u64) -> Allocator {
     let mut disk: Vec<Vec<u8>> = Vec::new();
     for link in 0..links {
         let count = per.min(NBUCKETS as usize - link * per);
-        let entries: Vec<(u16, u8)> = (0..count)
-            .map(|_| ((rng(&mut s) % 32769) as u16, (rng(&mut s) % 256) as u8))
-            .collect();
-        let next = if link + 1 < links {
-            2 + link as u64 + 1
-        } else {
-            0
-        };
+        let entries: Vec<(u16, u8)> =
+            (0..count).map(|_| ((rng(&mut s) % 32769) as u16, (rng(&mut s) % 256) as u8)).collect();
+        let next = if link + 1 < links { 2 + link as u64 + 1 } else { 0 };
         prio::encode_prio_set(buf, a.pset_magic(), 1, next, entries).unwrap();
         disk.push(buf.to_vec());
     }
@@ -224,12 +206,7 @@ fn aged(buf: &mut [u8], seed: u64) -> Allocator {
             continue;
         }
         let ptr = a.bucket_ptr(0, b).unwrap();
-        a.gc_mark_ptr(
-            ptr,
-            (rng(&mut s) % u64::from(BUCKET_SIZE)) as u32 + 1,
-            PtrKind::Clean,
-        )
-        .unwrap();
+        a.gc_mark_ptr(ptr, (rng(&mut s) % u64::from(BUCKET_SIZE)) as u32 + 1, PtrKind::Clean).unwrap();
     }
     a.gc_finish().unwrap();
     a
@@ -264,9 +241,7 @@ fn main() {
     let bytes_per_bucket = live as f64 / NBUCKETS as f64;
     lru.check_invariants().unwrap();
     drop(lru);
-    eprintln!(
-        "memory: {live} bytes live for {NBUCKETS} buckets = {bytes_per_bucket:.2} bytes/bucket"
-    );
+    eprintln!("memory: {live} bytes live for {NBUCKETS} buckets = {bytes_per_bucket:.2} bytes/bucket");
     for (name, r) in [("FIFO", Replacement::Fifo), ("random", Replacement::Random)] {
         let mut a = started(r, &mut buf);
         cycles(&mut a, &mut buf, 1, 200_000, "");
@@ -282,15 +257,8 @@ fn main() {
         let (wall, cpu) = t.read();
         walls.push(wall * 1e3);
         cpus.push(cpu * 1e3);
-        assert_eq!(
-            step,
-            Step::WritePrios,
-            "a full batch must have been selected"
-        );
-        assert_eq!(
-            a.free_inc(0).unwrap().len(),
-            a.free_inc_capacity(0).unwrap()
-        );
+        assert_eq!(step, Step::WritePrios, "a full batch must have been selected");
+        assert_eq!(a.free_inc(0).unwrap().len(), a.free_inc_capacity(0).unwrap());
     }
     walls.sort_by(|x, y| x.partial_cmp(y).unwrap());
     cpus.sort_by(|x, y| x.partial_cmp(y).unwrap());
@@ -299,9 +267,7 @@ fn main() {
 
     // Reference: a full sort of 1M (weight, index) keys.
     let mut s = 99u64;
-    let mut keys: Vec<u64> = (0..NBUCKETS)
-        .map(|i| ((rng(&mut s) % (1 << 30)) << 32) | i)
-        .collect();
+    let mut keys: Vec<u64> = (0..NBUCKETS).map(|i| ((rng(&mut s) % (1 << 30)) << 32) | i).collect();
     let t = Watch::start();
     keys.sort_unstable();
     let (_, sort_cpu) = t.read();

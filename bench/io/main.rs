@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use ubcache_core::io::psync::PsyncEngine;
 use ubcache_core::io::uring::UringEngine;
 use ubcache_core::io::{
-    AlignedBuf, BufPool, BufPoolConfig, DevId, Device, EngineOptions, IoCompletion, IoEngine,
-    IoRequest, IoThread, OpenOptions,
+    AlignedBuf, BufPool, BufPoolConfig, DevId, Device, EngineOptions, IoCompletion, IoEngine, IoRequest, IoThread,
+    OpenOptions,
 };
 
 const FILE_SIZE: u64 = 1 << 30;
@@ -75,10 +75,7 @@ fn check_not_tmpfs(path: &Path) {
     // SAFETY: statfs fills the struct we pass.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut s) } == 0 && s.f_type as i64 == 0x0102_1994 {
-        eprintln!(
-            "{} is on tmpfs: O_DIRECT needs a real filesystem (set UBCACHE_BENCH_IO_FILE)",
-            path.display()
-        );
+        eprintln!("{} is on tmpfs: O_DIRECT needs a real filesystem (set UBCACHE_BENCH_IO_FILE)", path.display());
         std::process::exit(2);
     }
 }
@@ -87,24 +84,13 @@ fn fio(path: &Path, secs: u64, args: &[&str]) -> serde_json::Value {
     let out = Command::new("fio")
         .arg("--name=ref")
         .arg(format!("--filename={}", path.display()))
-        .args([
-            "--direct=1",
-            "--time_based",
-            "--ramp_time=1",
-            "--norandommap",
-            "--randrepeat=0",
-            "--size=1g",
-        ])
+        .args(["--direct=1", "--time_based", "--ramp_time=1", "--norandommap", "--randrepeat=0", "--size=1g"])
         .args(["--lat_percentiles=1", "--output-format=json"])
         .arg(format!("--runtime={secs}"))
         .args(args)
         .output()
         .expect("fio must be installed");
-    assert!(
-        out.status.success(),
-        "fio failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "fio failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio JSON");
     v["jobs"][0]["read"].clone()
 }
@@ -131,15 +117,7 @@ impl Run {
 }
 
 /// Drives an engine directly from this thread, as fio drives its ring.
-fn drive(
-    e: &mut dyn IoEngine,
-    id: DevId,
-    pool: &BufPool,
-    qd: usize,
-    bs: u64,
-    random: bool,
-    secs: u64,
-) -> Run {
+fn drive(e: &mut dyn IoEngine, id: DevId, pool: &BufPool, qd: usize, bs: u64, random: bool, secs: u64) -> Run {
     let mut rng = Rng(0xdead_beef_cafe_f00d);
     let mut seq = 0u64;
     let mut next_off = |rng: &mut Rng| {
@@ -154,22 +132,12 @@ fn drive(
     let mut started = vec![Instant::now(); qd];
     for (i, s) in started.iter_mut().enumerate() {
         *s = Instant::now();
-        e.submit(IoRequest::read(
-            id,
-            next_off(&mut rng),
-            pool.get(bs as usize),
-            i as u64,
-        ));
+        e.submit(IoRequest::read(id, next_off(&mut rng), pool.get(bs as usize), i as u64));
     }
     let warm = Instant::now() + Duration::from_millis(500);
     let mut t0 = None;
     let end = warm + Duration::from_secs(secs);
-    let mut run = Run {
-        ops: 0,
-        bytes: 0,
-        secs: 0.0,
-        lat: Vec::with_capacity(1 << 20),
-    };
+    let mut run = Run { ops: 0, bytes: 0, secs: 0.0, lat: Vec::with_capacity(1 << 20) };
     let mut out: Vec<IoCompletion> = Vec::with_capacity(qd);
     loop {
         e.poll(&mut out, None).unwrap();
@@ -207,41 +175,23 @@ fn drive(
 /// Same workload through the engine thread: requests enqueued from this thread,
 /// completions back in batches through the sink, as the JavaScript binding does.
 fn drive_thread(dev: Arc<Device>, pool: &BufPool, qd: usize, bs: u64, secs: u64) -> Run {
-    let engine = UringEngine::new(&EngineOptions {
-        buf_pool: Some(pool.clone()),
-        ..Default::default()
-    })
-    .unwrap();
+    let engine = UringEngine::new(&EngineOptions { buf_pool: Some(pool.clone()), ..Default::default() }).unwrap();
     let (tx, rx) = mpsc::channel::<Vec<IoCompletion>>();
-    let t = IoThread::spawn(
-        engine,
-        Box::new(move |b| {
-            let _ = tx.send(b);
-        }),
-    )
+    let t = IoThread::spawn(engine, Box::new(move |b| {
+        let _ = tx.send(b);
+    }))
     .unwrap();
     let id = t.add_device(dev).unwrap();
     let mut rng = Rng(0x0123_4567_89ab_cdef);
     let mut started = vec![Instant::now(); qd];
     for (i, s) in started.iter_mut().enumerate() {
         *s = Instant::now();
-        t.submit(IoRequest::read(
-            id,
-            rng.block(bs),
-            pool.get(bs as usize),
-            i as u64,
-        ))
-        .unwrap();
+        t.submit(IoRequest::read(id, rng.block(bs), pool.get(bs as usize), i as u64)).unwrap();
     }
     let warm = Instant::now() + Duration::from_millis(500);
     let end = warm + Duration::from_secs(secs);
     let mut t0 = None;
-    let mut run = Run {
-        ops: 0,
-        bytes: 0,
-        secs: 0.0,
-        lat: Vec::new(),
-    };
+    let mut run = Run { ops: 0, bytes: 0, secs: 0.0, lat: Vec::new() };
     let mut inflight = qd;
     let mut batch = VecDeque::new();
     loop {
@@ -262,12 +212,7 @@ fn drive_thread(dev: Arc<Device>, pool: &BufPool, qd: usize, bs: u64, secs: u64)
             }
             if !done {
                 started[slot] = Instant::now();
-                again.push(IoRequest::read(
-                    id,
-                    rng.block(bs),
-                    c.into_buf().unwrap(),
-                    slot as u64,
-                ));
+                again.push(IoRequest::read(id, rng.block(bs), c.into_buf().unwrap(), slot as u64));
             }
         }
         inflight += again.len();
@@ -291,34 +236,14 @@ fn main() {
     let path = std::env::var_os("UBCACHE_BENCH_IO_FILE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/ubcache-bench-io/data-1g"));
-    let secs: u64 = std::env::var("UBCACHE_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let secs: u64 = std::env::var("UBCACHE_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     check_not_tmpfs(&path);
     prepare(&path);
 
-    let dev = Arc::new(
-        Device::open(
-            &path,
-            &OpenOptions {
-                write: false,
-                exclusive: false,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let dev = Arc::new(Device::open(&path, &OpenOptions { write: false, exclusive: false, ..Default::default() }).unwrap());
     assert!(dev.is_direct(), "the benchmark file must allow O_DIRECT");
-    let pool = BufPool::new(BufPoolConfig {
-        arena_bytes: 64 << 20,
-        ..Default::default()
-    });
-    let mut uring = UringEngine::new(&EngineOptions {
-        buf_pool: Some(pool.clone()),
-        ..Default::default()
-    })
-    .unwrap();
+    let pool = BufPool::new(BufPoolConfig { arena_bytes: 64 << 20, ..Default::default() });
+    let mut uring = UringEngine::new(&EngineOptions { buf_pool: Some(pool.clone()), ..Default::default() }).unwrap();
     let uid = uring.add_device(dev.clone()).unwrap();
     eprintln!(
         "io_uring engine: fixed buffers {}, fixed files {}; {} s per measurement",
@@ -330,67 +255,26 @@ fn main() {
     let pid = psync.add_device(dev.clone()).unwrap();
 
     eprintln!("4 KiB random reads, QD32...");
-    let f_rr32 = fio(
-        &path,
-        secs,
-        &[
-            "--ioengine=io_uring",
-            "--rw=randread",
-            "--bs=4k",
-            "--iodepth=32",
-        ],
-    )["iops"]
-        .as_f64()
-        .unwrap();
+    let f_rr32 = fio(&path, secs, &["--ioengine=io_uring", "--rw=randread", "--bs=4k", "--iodepth=32"])["iops"].as_f64().unwrap();
     let rr32 = drive(&mut uring, uid, &pool, 32, 4096, true, secs).iops();
     let rr32_thread = drive_thread(dev.clone(), &pool, 32, 4096, secs).iops();
     eprintln!("  fio {f_rr32:.0} IOPS, engine {rr32:.0} IOPS, engine thread {rr32_thread:.0} IOPS");
 
     eprintln!("4 KiB random reads, QD1...");
-    let f_qd1 = fio(
-        &path,
-        secs,
-        &[
-            "--ioengine=io_uring",
-            "--rw=randread",
-            "--bs=4k",
-            "--iodepth=1",
-        ],
-    );
+    let f_qd1 = fio(&path, secs, &["--ioengine=io_uring", "--rw=randread", "--bs=4k", "--iodepth=1"]);
     let f_p50 = f_qd1["lat_ns"]["percentile"]["50.000000"].as_f64().unwrap();
     let p50 = drive(&mut uring, uid, &pool, 1, 4096, true, secs).p50();
     let p50_thread = drive_thread(dev.clone(), &pool, 1, 4096, secs).p50();
-    eprintln!(
-        "  fio p50 {:.1} us, engine p50 {:.1} us, engine thread p50 {:.1} us",
-        f_p50 / 1e3,
-        p50 / 1e3,
-        p50_thread / 1e3
-    );
+    eprintln!("  fio p50 {:.1} us, engine p50 {:.1} us, engine thread p50 {:.1} us", f_p50 / 1e3, p50 / 1e3, p50_thread / 1e3);
 
     eprintln!("1 MiB sequential reads, QD4...");
-    let f_bw = fio(
-        &path,
-        secs,
-        &["--ioengine=io_uring", "--rw=read", "--bs=1m", "--iodepth=4"],
-    )["bw_bytes"]
-        .as_f64()
-        .unwrap();
+    let f_bw = fio(&path, secs, &["--ioengine=io_uring", "--rw=read", "--bs=1m", "--iodepth=4"])["bw_bytes"].as_f64().unwrap();
     let bw = drive(&mut uring, uid, &pool, 4, 1 << 20, false, secs).bw();
     eprintln!("  fio {:.0} MB/s, engine {:.0} MB/s", f_bw / 1e6, bw / 1e6);
 
     eprintln!("portable engine: 4 KiB random reads, QD32, {PSYNC_THREADS} threads...");
     let jobs = format!("--numjobs={PSYNC_THREADS}");
-    let f_ps = fio(
-        &path,
-        secs,
-        &[
-            "--ioengine=psync",
-            "--rw=randread",
-            "--bs=4k",
-            &jobs,
-            "--group_reporting",
-        ],
-    )["iops"]
+    let f_ps = fio(&path, secs, &["--ioengine=psync", "--rw=randread", "--bs=4k", &jobs, "--group_reporting"])["iops"]
         .as_f64()
         .unwrap();
     let ps = drive(&mut psync, pid, &pool, 32, 4096, true, secs).iops();

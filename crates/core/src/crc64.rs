@@ -264,20 +264,14 @@ mod vpclmul {
     #[inline]
     #[target_feature(enable = "avx2,vpclmulqdq")]
     fn fold256(a: __m256i, k: __m256i) -> __m256i {
-        _mm256_xor_si256(
-            _mm256_clmulepi64_epi128(a, k, 0x01),
-            _mm256_clmulepi64_epi128(a, k, 0x10),
-        )
+        _mm256_xor_si256(_mm256_clmulepi64_epi128(a, k, 0x01), _mm256_clmulepi64_epi128(a, k, 0x10))
     }
 
     /// `a` moved forward by the distance `k` (from [`pair128`]) stands for.
     #[inline]
     #[target_feature(enable = "pclmulqdq")]
     fn fold128(a: __m128i, k: __m128i) -> __m128i {
-        _mm_xor_si128(
-            _mm_clmulepi64_si128(a, k, 0x01),
-            _mm_clmulepi64_si128(a, k, 0x10),
-        )
+        _mm_xor_si128(_mm_clmulepi64_si128(a, k, 0x01), _mm_clmulepi64_si128(a, k, 0x10))
     }
 
     /// Loads 32 bytes with each 16-byte lane's bytes reversed.
@@ -319,11 +313,7 @@ mod vpclmul {
             for (b, block) in blocks.iter().enumerate() {
                 for (a, c) in acc.iter_mut().zip(block.as_chunks::<32>().0) {
                     let v = load256(c, rev256);
-                    *a = if b == 0 {
-                        v
-                    } else {
-                        _mm256_xor_si256(fold256(*a, kblock), v)
-                    };
+                    *a = if b == 0 { v } else { _mm256_xor_si256(fold256(*a, kblock), v) };
                 }
                 if b == 0 {
                     acc[0] = _mm256_xor_si256(acc[0], init256);
@@ -407,10 +397,7 @@ mod vpclmul {
         // = R_hi + high64(R_hi * MU), then R_hi * x^64 mod P = low64(q * POLY).
         let consts = _mm_set_epi64x(POLY as i64, MU as i64);
         let hi = _mm_srli_si128::<8>(r);
-        let q = _mm_xor_si128(
-            _mm_srli_si128::<8>(_mm_clmulepi64_si128(r, consts, 0x01)),
-            hi,
-        );
+        let q = _mm_xor_si128(_mm_srli_si128::<8>(_mm_clmulepi64_si128(r, consts, 0x01)), hi);
         let p = _mm_clmulepi64_si128(q, consts, 0x10);
         _mm_cvtsi128_si64(_mm_xor_si128(r, p)) as u64
     }
@@ -431,9 +418,7 @@ mod tests {
     }
 
     fn test_data(len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect()
+        (0..len).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
     }
 
     /// Lengths 0..=600, and every length within 17 of a multiple of 16 up to 4 KiB + 32
@@ -466,10 +451,7 @@ mod tests {
     #[test]
     fn check_value() {
         assert_eq!(crc64(b"123456789"), 0x62ec_59e3_f1a4_f00a);
-        assert_eq!(
-            reference_update(INIT, b"123456789") ^ XOROUT,
-            0x62ec_59e3_f1a4_f00a
-        );
+        assert_eq!(reference_update(INIT, b"123456789") ^ XOROUT, 0x62ec_59e3_f1a4_f00a);
     }
 
     #[test]
@@ -479,9 +461,7 @@ mod tests {
         assert_eq!(xpow_mod(64), POLY);
         // x^128 = mu * P + (x^128 mod P): check with a bitwise carry-less multiply.
         let clmul = |a: u128, b: u128| -> u128 {
-            (0..128)
-                .filter(|i| (b >> i) & 1 != 0)
-                .fold(0, |acc, i| acc ^ (a << i))
+            (0..128).filter(|i| (b >> i) & 1 != 0).fold(0, |acc, i| acc ^ (a << i))
         };
         let p = (1u128 << 64) | POLY as u128;
         // (x^64 + mu_low) * P = x^128 + POLY * x^64 + mu_low * P; without the x^128 term it
@@ -501,28 +481,9 @@ mod tests {
     #[test]
     fn known_vectors_match_table_implementation() {
         let buf = test_data(1 << 20);
-        for len in [
-            1usize,
-            7,
-            8,
-            15,
-            16,
-            63,
-            64,
-            65,
-            255,
-            256,
-            4095,
-            4096,
-            65536,
-            1 << 20,
-        ] {
+        for len in [1usize, 7, 8, 15, 16, 63, 64, 65, 255, 256, 4095, 4096, 65536, 1 << 20] {
             assert_eq!(crc64(&buf[..len]), TABLE.checksum(&buf[..len]), "len {len}");
-            assert_eq!(
-                crc64(&buf[3..len.max(3)]),
-                TABLE.checksum(&buf[3..len.max(3)]),
-                "unaligned len {len}"
-            );
+            assert_eq!(crc64(&buf[3..len.max(3)]), TABLE.checksum(&buf[3..len.max(3)]), "unaligned len {len}");
         }
     }
 
@@ -549,11 +510,7 @@ mod tests {
         for len in interesting_lengths() {
             for reg in REGS {
                 let d = &buf[..len];
-                assert_eq!(
-                    simd_update(reg, d),
-                    Some(reference_update(reg, d)),
-                    "len {len} reg {reg:x}"
-                );
+                assert_eq!(simd_update(reg, d), Some(reference_update(reg, d)), "len {len} reg {reg:x}");
             }
         }
     }
@@ -564,11 +521,7 @@ mod tests {
         for len in interesting_lengths() {
             for reg in REGS {
                 let d = &buf[..len];
-                assert_eq!(
-                    fallback_update(reg, d),
-                    reference_update(reg, d),
-                    "len {len} reg {reg:x}"
-                );
+                assert_eq!(fallback_update(reg, d), reference_update(reg, d), "len {len} reg {reg:x}");
             }
         }
     }
@@ -577,27 +530,11 @@ mod tests {
     fn unaligned_starts() {
         let buf = test_data(70_000);
         for off in 0..=31 {
-            for len in [
-                0usize,
-                15,
-                16,
-                17,
-                255,
-                256,
-                257,
-                1000,
-                4096,
-                4097,
-                65536 + 5,
-            ] {
+            for len in [0usize, 15, 16, 17, 255, 256, 257, 1000, 4096, 4097, 65536 + 5] {
                 let d = &buf[off..off + len];
                 let want = TABLE.checksum(d);
                 assert_eq!(crc64(d), want, "off {off} len {len}");
-                assert_eq!(
-                    fallback_update(INIT, d) ^ XOROUT,
-                    want,
-                    "fallback off {off} len {len}"
-                );
+                assert_eq!(fallback_update(INIT, d) ^ XOROUT, want, "fallback off {off} len {len}");
                 if let Some(got) = simd_update(INIT, d) {
                     assert_eq!(got ^ XOROUT, want, "simd off {off} len {len}");
                 }

@@ -30,38 +30,20 @@ pub fn device_info(path: &Path) -> Result<DeviceInfo> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(format!("{shown}"), e))?;
     let ft = meta.file_type();
     if ft.is_file() {
-        return Ok(DeviceInfo {
-            size_bytes: meta.len(),
-            logical_block_size: 512,
-            is_block_device: false,
-        });
+        return Ok(DeviceInfo { size_bytes: meta.len(), logical_block_size: 512, is_block_device: false });
     }
     if !ft.is_block_device() {
-        let what = if ft.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file or block device"
-        };
-        return Err(Error::new(
-            ErrorKind::NotADevice,
-            format!("{shown}: {what}"),
-        ));
+        let what = if ft.is_dir() { "a directory" } else { "not a regular file or block device" };
+        return Err(Error::new(ErrorKind::NotADevice, format!("{shown}: {what}")));
     }
     let file = File::open(path).map_err(|e| Error::io(format!("{shown}"), e))?;
-    let (size, lbs) = block_geometry(file.as_raw_fd())
-        .map_err(|(what, e)| Error::io(format!("{shown}: {what}"), e))?;
-    Ok(DeviceInfo {
-        size_bytes: size,
-        logical_block_size: lbs,
-        is_block_device: true,
-    })
+    let (size, lbs) = block_geometry(file.as_raw_fd()).map_err(|(what, e)| Error::io(format!("{shown}: {what}"), e))?;
+    Ok(DeviceInfo { size_bytes: size, logical_block_size: lbs, is_block_device: true })
 }
 
 /// Size in bytes and logical block size of the open block device `fd`; on failure, the
 /// name of the ioctl that failed and its error.
-pub(crate) fn block_geometry(
-    fd: RawFd,
-) -> std::result::Result<(u64, u32), (&'static str, std::io::Error)> {
+pub(crate) fn block_geometry(fd: RawFd) -> std::result::Result<(u64, u32), (&'static str, std::io::Error)> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which lives for the call.
     if unsafe { libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64) } != 0 {
@@ -86,14 +68,7 @@ mod tests {
         let p = dir.join("f");
         std::fs::write(&p, vec![0u8; 12345]).unwrap();
         let info = device_info(&p).unwrap();
-        assert_eq!(
-            info,
-            DeviceInfo {
-                size_bytes: 12345,
-                logical_block_size: 512,
-                is_block_device: false
-            }
-        );
+        assert_eq!(info, DeviceInfo { size_bytes: 12345, logical_block_size: 512, is_block_device: false });
         let err = device_info(&dir).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotADevice);
         let err = device_info(&dir.join("missing")).unwrap_err();

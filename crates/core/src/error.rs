@@ -66,11 +66,7 @@ pub struct Error {
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error {
-            kind,
-            message: message.into(),
-            source: None,
-        }
+        Error { kind, message: message.into(), source: None }
     }
 
     /// Wraps an OS error, keeping the errno-derived kind.
@@ -82,11 +78,7 @@ impl Error {
             _ if err.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
             _ => ErrorKind::Io,
         };
-        Error {
-            kind,
-            message: format!("{}: {}", context.into(), err),
-            source: Some(err),
-        }
+        Error { kind, message: format!("{}: {}", context.into(), err), source: Some(err) }
     }
 
     pub fn kind(&self) -> ErrorKind {

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
 use ubcache_core::alloc::{
-    lru_weight, prio, Allocator, CacheConfig, DataWrite, GcMark, Ptr, PtrKind, Replacement,
-    Reserve, SetConfig, Step, BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO,
+    lru_weight, prio, Allocator, CacheConfig, DataWrite, GcMark, Ptr, PtrKind, Replacement, Reserve, SetConfig, Step,
+    BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO,
 };
 use ubcache_core::ErrorKind;
 
@@ -18,14 +18,7 @@ fn config(devs: usize, nbuckets: u64, replacement: Replacement, discard: bool) -
         set_uuid: UUID,
         bucket_size: 16,
         block_size: 4,
-        caches: (0..devs)
-            .map(|_| CacheConfig {
-                nbuckets,
-                first_bucket: 3,
-                replacement,
-                discard,
-            })
-            .collect(),
+        caches: (0..devs).map(|_| CacheConfig { nbuckets, first_bucket: 3, replacement, discard }).collect(),
         seed: 11,
     }
 }
@@ -51,11 +44,7 @@ impl Sim {
             a,
             disk: vec![HashMap::new(); n],
             head: vec![None; n],
-            durable: cfg
-                .caches
-                .iter()
-                .map(|c| vec![0; c.nbuckets as usize])
-                .collect(),
+            durable: cfg.caches.iter().map(|c| vec![0; c.nbuckets as usize]).collect(),
             primed: HashSet::new(),
             bucket_bytes: cfg.bucket_size as usize * 512,
             discards: 0,
@@ -104,36 +93,24 @@ impl Sim {
         // The journal records the head; only then is the write committed.
         self.head[dev as usize] = Some(w.buckets[0]);
         self.a.prio_write_committed(dev).unwrap();
-        self.durable[dev as usize] = read_chain(
-            &self.disk[dev as usize],
-            w.buckets[0],
-            self.a.pset_magic(),
-            self.durable[dev as usize].len(),
-        )
-        .into_iter()
-        .map(|(_, g)| g)
-        .collect();
+        self.durable[dev as usize] =
+            read_chain(&self.disk[dev as usize], w.buckets[0], self.a.pset_magic(), self.durable[dev as usize].len())
+                .into_iter()
+                .map(|(_, g)| g)
+                .collect();
     }
 
     /// A GC pass reporting `live` pointers.
     fn gc(&mut self, live: &[Live]) -> Vec<u8> {
         self.a.gc_start();
-        let stale = live
-            .iter()
-            .map(|l| self.a.gc_mark_ptr(l.ptr, l.sectors, l.kind).unwrap())
-            .collect();
+        let stale = live.iter().map(|l| self.a.gc_mark_ptr(l.ptr, l.sectors, l.kind).unwrap()).collect();
         self.a.gc_finish().unwrap();
         stale
     }
 }
 
 /// Decodes a whole prio chain by hand from the format: (prio, gen) per bucket.
-fn read_chain(
-    disk: &HashMap<u64, Vec<u8>>,
-    head: u64,
-    magic: u64,
-    nbuckets: usize,
-) -> Vec<(u16, u8)> {
+fn read_chain(disk: &HashMap<u64, Vec<u8>>, head: u64, magic: u64, nbuckets: usize) -> Vec<(u16, u8)> {
     let mut out = Vec::with_capacity(nbuckets);
     let mut b = head;
     while out.len() < nbuckets {
@@ -192,25 +169,13 @@ enum Op {
     Dirty(usize),
     Writeback(usize),
     Touch(usize),
-    Sectors {
-        dev_hint: usize,
-        write_point: u64,
-        sectors: u32,
-        flash: bool,
-        continues: bool,
-    },
+    Sectors { dev_hint: usize, write_point: u64, sectors: u32, flash: bool, continues: bool },
     Poll,
-    Gc {
-        drop_stale: bool,
-    },
+    Gc { drop_stale: bool },
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let reserve = prop_oneof![
-        Just(Reserve::None),
-        Just(Reserve::Btree),
-        Just(Reserve::MovingGc)
-    ];
+    let reserve = prop_oneof![Just(Reserve::None), Just(Reserve::Btree), Just(Reserve::MovingGc)];
     prop_oneof![
         6 => (0u8..2, reserve).prop_map(|(d, r)| Op::Alloc(d, r)),
         5 => any::<usize>().prop_map(Op::Release),
@@ -262,17 +227,10 @@ fn bucket_of(a: &Allocator, p: Ptr) -> u64 {
 }
 
 fn check_allocated(s: &Sim, m: &Model, dev: u8, b: u64) {
-    assert!(
-        !m.pins.contains_key(&(dev, b)),
-        "bucket {dev}:{b} handed out while the model holds a pin on it"
-    );
+    assert!(!m.pins.contains_key(&(dev, b)), "bucket {dev}:{b} handed out while the model holds a pin on it");
     for l in &m.live {
         if l.ptr.dev == dev && bucket_of(&s.a, l.ptr) == b {
-            assert!(
-                s.a.ptr_stale(l.ptr).unwrap() > 0,
-                "bucket {dev}:{b} reused while {:?} still looks valid",
-                l.ptr
-            );
+            assert!(s.a.ptr_stale(l.ptr).unwrap() > 0, "bucket {dev}:{b} reused while {:?} still looks valid", l.ptr);
         }
     }
     if !s.primed.contains(&(dev, b)) {
@@ -302,24 +260,14 @@ fn check_all(s: &Sim, m: &mut Model) {
         }
     }
     for (&(dev, b), &n) in &m.pins {
-        assert!(
-            !free.contains(&(dev, b)),
-            "pinned bucket {dev}:{b} is on a free list"
-        );
-        assert!(
-            s.a.bucket(dev, b).unwrap().pin as u32 >= n,
-            "bucket {dev}:{b} lost pins"
-        );
+        assert!(!free.contains(&(dev, b)), "pinned bucket {dev}:{b} is on a free list");
+        assert!(s.a.bucket(dev, b).unwrap().pin as u32 >= n, "bucket {dev}:{b} lost pins");
     }
     for l in &mut m.live {
         let info = s.a.bucket(l.ptr.dev, bucket_of(&s.a, l.ptr)).unwrap();
         let valid = s.a.ptr_valid(l.ptr);
         assert_eq!(valid, info.gen == l.ptr.gen);
-        assert!(
-            !(valid && l.seen_stale),
-            "stale pointer {:?} looks valid again: gen wrapped",
-            l.ptr
-        );
+        assert!(!(valid && l.seen_stale), "stale pointer {:?} looks valid again: gen wrapped", l.ptr);
         l.seen_stale |= !valid;
         if valid && l.kind == PtrKind::Dirty {
             assert!(
@@ -357,35 +305,15 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
                         );
                     }
                     let info = s.a.bucket(dev, b).unwrap();
-                    let kind = if reserve == Reserve::Btree {
-                        PtrKind::Metadata
-                    } else {
-                        PtrKind::Clean
-                    };
+                    let kind = if reserve == Reserve::Btree { PtrKind::Metadata } else { PtrKind::Clean };
                     assert_eq!(
                         info.mark,
-                        if kind == PtrKind::Metadata {
-                            GcMark::Metadata
-                        } else {
-                            GcMark::Reclaimable
-                        }
+                        if kind == PtrKind::Metadata { GcMark::Metadata } else { GcMark::Reclaimable }
                     );
-                    assert_eq!(
-                        info.prio,
-                        if kind == PtrKind::Metadata {
-                            BTREE_PRIO
-                        } else {
-                            INITIAL_PRIO
-                        }
-                    );
+                    assert_eq!(info.prio, if kind == PtrKind::Metadata { BTREE_PRIO } else { INITIAL_PRIO });
                     m.pin((dev, b));
                     let ptr = s.a.bucket_ptr(dev, b).unwrap();
-                    m.live.push(Live {
-                        ptr,
-                        sectors: bucket_size,
-                        kind,
-                        seen_stale: false,
-                    });
+                    m.live.push(Live { ptr, sectors: bucket_size, kind, seen_stale: false });
                 }
             }
             Op::Release(i) | Op::Unpin(i) => {
@@ -405,9 +333,7 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
             }
             Op::Free(i) => {
                 let metas: Vec<usize> = (0..m.live.len())
-                    .filter(|&j| {
-                        m.live[j].kind == PtrKind::Metadata && s.a.ptr_valid(m.live[j].ptr)
-                    })
+                    .filter(|&j| m.live[j].kind == PtrKind::Metadata && s.a.ptr_valid(m.live[j].ptr))
                     .collect();
                 if !metas.is_empty() {
                     let l = m.live.remove(metas[i % metas.len()]);
@@ -432,67 +358,31 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
                             Op::Writeback(_) => l.kind = PtrKind::Clean,
                             _ => {
                                 s.a.touch(l.ptr).unwrap();
-                                assert_eq!(
-                                    s.a.bucket(l.ptr.dev, bucket_of(&s.a, l.ptr)).unwrap().prio,
-                                    INITIAL_PRIO
-                                );
+                                assert_eq!(s.a.bucket(l.ptr.dev, bucket_of(&s.a, l.ptr)).unwrap().prio, INITIAL_PRIO);
                             }
                         }
                     }
                 }
             }
-            Op::Sectors {
-                dev_hint,
-                write_point,
-                sectors,
-                flash,
-                continues,
-            } => {
+            Op::Sectors { dev_hint, write_point, sectors, flash, continues } => {
                 let (inode, offset) = match m.stream_end.get(&(write_point, flash)) {
                     Some(&end) if continues => end,
-                    _ => (
-                        write_point + if flash { 100 } else { 0 },
-                        (dev_hint % 1000) as u64 * 64,
-                    ),
+                    _ => (write_point + if flash { 100 } else { 0 }, (dev_hint % 1000) as u64 * 64),
                 };
-                let w = DataWrite {
-                    inode,
-                    offset,
-                    sectors,
-                    write_point,
-                    flash_only: flash,
-                    moving_gc: false,
-                };
+                let w = DataWrite { inode, offset, sectors, write_point, flash_only: flash, moving_gc: false };
                 if let Ok(got) = s.a.alloc_sectors(&w) {
                     assert!(got.sectors >= 1 && got.sectors <= sectors);
-                    assert!(
-                        s.a.ptr_valid(got.ptr),
-                        "fresh allocation {got:?} is not valid"
-                    );
+                    assert!(s.a.ptr_valid(got.ptr), "fresh allocation {got:?} is not valid");
                     let b = bucket_of(&s.a, got.ptr);
                     assert_eq!(
-                        bucket_of(
-                            &s.a,
-                            Ptr {
-                                offset: got.ptr.offset + u64::from(got.sectors) - 1,
-                                ..got.ptr
-                            }
-                        ),
+                        bucket_of(&s.a, Ptr { offset: got.ptr.offset + u64::from(got.sectors) - 1, ..got.ptr }),
                         b,
                         "allocation crosses a bucket"
                     );
                     assert!(s.a.bucket(got.ptr.dev, b).unwrap().pin >= 1);
                     m.pin((got.ptr.dev, b));
-                    m.live.push(Live {
-                        ptr: got.ptr,
-                        sectors: got.sectors,
-                        kind: PtrKind::Clean,
-                        seen_stale: false,
-                    });
-                    m.stream_end.insert(
-                        (write_point, flash),
-                        (inode, offset + u64::from(got.sectors)),
-                    );
+                    m.live.push(Live { ptr: got.ptr, sectors: got.sectors, kind: PtrKind::Clean, seen_stale: false });
+                    m.stream_end.insert((write_point, flash), (inode, offset + u64::from(got.sectors)));
                 }
             }
             Op::Poll => {
@@ -504,12 +394,7 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
             Op::Gc { drop_stale } => {
                 let stale = s.gc(&m.live);
                 for (l, st) in m.live.iter().zip(&stale) {
-                    assert_eq!(
-                        *st,
-                        s.a.ptr_stale(l.ptr).unwrap(),
-                        "GC and ptr_stale disagree on {:?}",
-                        l.ptr
-                    );
+                    assert_eq!(*st, s.a.ptr_stale(l.ptr).unwrap(), "GC and ptr_stale disagree on {:?}", l.ptr);
                 }
                 if drop_stale {
                     let a = &s.a;
@@ -583,10 +468,7 @@ fn gen_wrap_is_held_back_until_gc() {
         let info = s.a.bucket(0, b0).unwrap();
         assert!(info.gen.wrapping_sub(info.last_gc) <= BUCKET_GC_GEN_MAX);
         if info.gen != old.gen {
-            assert!(
-                s.a.ptr_stale(old).unwrap() > 0,
-                "the old pointer must never look valid again"
-            );
+            assert!(s.a.ptr_stale(old).unwrap() > 0, "the old pointer must never look valid again");
         }
     }
     // 200 rounds over the cycling buckets need at least two GCs to keep gens in the window;
@@ -608,9 +490,7 @@ fn aged_sim(replacement: Replacement, seed: u64, nbuckets: u64) -> (Sim, Vec<(u1
         rng ^= rng << 17;
         rng
     };
-    let entries: Vec<(u16, u8)> = (0..nbuckets)
-        .map(|_| ((next() % 40000) as u16, next() as u8))
-        .collect();
+    let entries: Vec<(u16, u8)> = (0..nbuckets).map(|_| ((next() % 40000) as u16, next() as u8)).collect();
     let bucket_bytes = cfg.bucket_size as usize * 512;
     let per = prio::prios_per_bucket(bucket_bytes);
     let links = prio::prio_buckets(nbuckets, bucket_bytes);
@@ -618,19 +498,8 @@ fn aged_sim(replacement: Replacement, seed: u64, nbuckets: u64) -> (Sim, Vec<(u1
     for link in 0..links {
         let mut buf = vec![0u8; bucket_bytes];
         let chunk = &entries[link * per..((link + 1) * per).min(entries.len())];
-        let next_bucket = if link + 1 < links {
-            4 + link as u64 + 1
-        } else {
-            0
-        };
-        prio::encode_prio_set(
-            &mut buf,
-            a.pset_magic(),
-            5,
-            next_bucket,
-            chunk.iter().copied(),
-        )
-        .unwrap();
+        let next_bucket = if link + 1 < links { 4 + link as u64 + 1 } else { 0 };
+        prio::encode_prio_set(&mut buf, a.pset_magic(), 5, next_bucket, chunk.iter().copied()).unwrap();
         disk.insert(4 + link as u64, buf);
     }
     a.read_prios(0, 4, |b, out| {
@@ -658,8 +527,7 @@ fn aged_sim(replacement: Replacement, seed: u64, nbuckets: u64) -> (Sim, Vec<(u1
             }
             41..=60 => a.pin(0, b).unwrap(),
             _ => {
-                a.gc_mark_ptr(ptr, (next() % 16) as u32 + 1, PtrKind::Clean)
-                    .unwrap();
+                a.gc_mark_ptr(ptr, (next() % 16) as u32 + 1, PtrKind::Clean).unwrap();
             }
         }
     }
@@ -821,10 +689,7 @@ proptest! {
 
 #[test]
 fn broken_links_are_refused() {
-    let cfg = SetConfig {
-        bucket_size: 8,
-        ..config(1, 6000, Replacement::Lru, false)
-    };
+    let cfg = SetConfig { bucket_size: 8, ..config(1, 6000, Replacement::Lru, false) };
     let (magic, bb) = (prio::pset_magic(&UUID), 4096);
     assert_eq!(prio::prio_buckets(6000, bb), 5);
     let mut disk: HashMap<u64, Vec<u8>> = HashMap::new();
@@ -864,10 +729,7 @@ fn reserve_none_never_takes_metadata_reserves() {
     s.drive();
     let prio_before = s.a.free_list(0, Reserve::Prio).unwrap();
     let btree_before = s.a.free_list(0, Reserve::Btree).unwrap();
-    assert_eq!(
-        prio_before.len(),
-        s.a.free_list_capacity(0, Reserve::Prio).unwrap()
-    );
+    assert_eq!(prio_before.len(), s.a.free_list_capacity(0, Reserve::Prio).unwrap());
     assert_eq!(btree_before.len(), 8);
     let mut held = Vec::new();
     // Hold every data bucket we can get, polling the allocator as the engine would, until
@@ -883,10 +745,7 @@ fn reserve_none_never_takes_metadata_reserves() {
         }
     }
     assert!(held.len() > 100);
-    assert_eq!(
-        s.a.bucket_alloc(0, Reserve::None).unwrap_err().kind(),
-        ErrorKind::NoSpace
-    );
+    assert_eq!(s.a.bucket_alloc(0, Reserve::None).unwrap_err().kind(), ErrorKind::NoSpace);
     assert_eq!(s.a.free_list(0, Reserve::Btree).unwrap().len(), 8);
     assert!(!s.a.free_list(0, Reserve::Prio).unwrap().is_empty());
     // The btree reserve is still there for btree nodes.
@@ -897,10 +756,7 @@ fn reserve_none_never_takes_metadata_reserves() {
 
 #[test]
 fn sizes_follow_bcache() {
-    let s = Sim::new(&SetConfig {
-        bucket_size: 1024,
-        ..config(1, 1 << 20, Replacement::Lru, false)
-    });
+    let s = Sim::new(&SetConfig { bucket_size: 1024, ..config(1, 1 << 20, Replacement::Lru, false) });
     assert_eq!(s.a.free_list_capacity(0, Reserve::Btree).unwrap(), 8);
     assert_eq!(s.a.free_list_capacity(0, Reserve::Prio).unwrap(), 7);
     assert_eq!(s.a.free_list_capacity(0, Reserve::MovingGc).unwrap(), 1024);
@@ -913,80 +769,27 @@ fn sizes_follow_bcache() {
 fn bad_configs_are_refused() {
     let ok = config(1, 1024, Replacement::Lru, false);
     for bad in [
-        SetConfig {
-            caches: vec![],
-            ..ok.clone()
-        },
-        SetConfig {
-            caches: vec![ok.caches[0].clone(); 9],
-            ..ok.clone()
-        },
-        SetConfig {
-            block_size: 3,
-            ..ok.clone()
-        },
-        SetConfig {
-            bucket_size: 4,
-            ..ok.clone()
-        },
-        SetConfig {
-            bucket_size: 18,
-            block_size: 4,
-            ..ok.clone()
-        },
-        SetConfig {
-            caches: vec![CacheConfig {
-                nbuckets: 100,
-                ..ok.caches[0].clone()
-            }],
-            ..ok.clone()
-        },
-        SetConfig {
-            caches: vec![CacheConfig {
-                first_bucket: 0,
-                ..ok.caches[0].clone()
-            }],
-            ..ok.clone()
-        },
-        SetConfig {
-            caches: vec![CacheConfig {
-                first_bucket: 1000,
-                ..ok.caches[0].clone()
-            }],
-            ..ok.clone()
-        },
+        SetConfig { caches: vec![], ..ok.clone() },
+        SetConfig { caches: vec![ok.caches[0].clone(); 9], ..ok.clone() },
+        SetConfig { block_size: 3, ..ok.clone() },
+        SetConfig { bucket_size: 4, ..ok.clone() },
+        SetConfig { bucket_size: 18, block_size: 4, ..ok.clone() },
+        SetConfig { caches: vec![CacheConfig { nbuckets: 100, ..ok.caches[0].clone() }], ..ok.clone() },
+        SetConfig { caches: vec![CacheConfig { first_bucket: 0, ..ok.caches[0].clone() }], ..ok.clone() },
+        SetConfig { caches: vec![CacheConfig { first_bucket: 1000, ..ok.caches[0].clone() }], ..ok.clone() },
     ] {
-        assert_eq!(
-            Allocator::new(&bad).err().map(|e| e.kind()),
-            Some(ErrorKind::InvalidArgument),
-            "{bad:?}"
-        );
+        assert_eq!(Allocator::new(&bad).err().map(|e| e.kind()), Some(ErrorKind::InvalidArgument), "{bad:?}");
     }
     let mut a = Allocator::new(&ok).unwrap();
-    assert_eq!(
-        a.bucket_alloc(1, Reserve::None).unwrap_err().kind(),
-        ErrorKind::OutOfRange
-    );
+    assert_eq!(a.bucket_alloc(1, Reserve::None).unwrap_err().kind(), ErrorKind::OutOfRange);
     assert_eq!(a.bucket(0, 1024).unwrap_err().kind(), ErrorKind::OutOfRange);
-    assert_eq!(
-        a.unpin(0, 5).unwrap_err().kind(),
-        ErrorKind::InvalidArgument
-    );
-    assert_eq!(
-        a.prio_write_begin(0).unwrap_err().kind(),
-        ErrorKind::InvalidArgument
-    );
-    assert_eq!(
-        a.gc_finish().unwrap_err().kind(),
-        ErrorKind::InvalidArgument
-    );
+    assert_eq!(a.unpin(0, 5).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(a.prio_write_begin(0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(a.gc_finish().unwrap_err().kind(), ErrorKind::InvalidArgument);
     assert!(a.gc_mark_ptr(Ptr::default(), 1, PtrKind::Clean).is_err());
     // Nothing is handed out before the first GC pass says what is in use.
     assert_eq!(a.poll(0).unwrap(), Step::NeedGc);
-    assert_eq!(
-        a.bucket_alloc(0, Reserve::None).unwrap_err().kind(),
-        ErrorKind::NoSpace
-    );
+    assert_eq!(a.bucket_alloc(0, Reserve::None).unwrap_err().kind(), ErrorKind::NoSpace);
 }
 
 /// A set that comes up with no unused bucket has nowhere to write prios: the allocator must
@@ -1007,42 +810,19 @@ fn no_prio_write_is_asked_for_without_room_for_it() {
         };
         // Every bucket holds clean data: nothing can be primed.
         let ptrs: Vec<Ptr> = (3..1024).map(|b| s.a.bucket_ptr(0, b).unwrap()).collect();
-        let live: Vec<Live> = ptrs
-            .iter()
-            .map(|&ptr| Live {
-                ptr,
-                sectors: 8,
-                kind: PtrKind::Clean,
-                seen_stale: false,
-            })
-            .collect();
+        let live: Vec<Live> =
+            ptrs.iter().map(|&ptr| Live { ptr, sectors: 8, kind: PtrKind::Clean, seen_stale: false }).collect();
         // (gen, pin) of every bucket: invalidating anything would move both.
-        let state = |s: &Sim| {
-            (0..1024)
-                .map(|b| s.a.bucket(0, b).unwrap())
-                .map(|i| (i.gen, i.pin))
-                .collect::<Vec<_>>()
-        };
+        let state = |s: &Sim| (0..1024).map(|b| s.a.bucket(0, b).unwrap()).map(|i| (i.gen, i.pin)).collect::<Vec<_>>();
         let before = state(&s);
         for _ in 0..2 {
             s.gc(&live);
-            assert!(Reserve::ALL
-                .iter()
-                .all(|&r| s.a.free_list(0, r).unwrap().is_empty()));
+            assert!(Reserve::ALL.iter().all(|&r| s.a.free_list(0, r).unwrap().is_empty()));
             assert_eq!(s.a.poll(0).unwrap(), Step::NeedGc, "{replacement:?}");
             assert!(s.a.gc_wanted());
-            assert!(
-                s.a.free_inc(0).unwrap().is_empty(),
-                "{replacement:?}: a batch nothing can release"
-            );
-            assert!(
-                state(&s) == before,
-                "{replacement:?}: a bucket was invalidated"
-            );
-            assert_eq!(
-                s.a.prio_write_begin(0).unwrap_err().kind(),
-                ErrorKind::InvalidArgument
-            );
+            assert!(s.a.free_inc(0).unwrap().is_empty(), "{replacement:?}: a batch nothing can release");
+            assert!(state(&s) == before, "{replacement:?}: a bucket was invalidated");
+            assert_eq!(s.a.prio_write_begin(0).unwrap_err().kind(), ErrorKind::InvalidArgument);
         }
         // The index drops a few buckets' keys: GC tops up the prio reserve (only that) from them.
         s.gc(&live[100..]);
@@ -1070,10 +850,7 @@ fn a_batch_that_lost_its_prio_reserve_asks_for_gc() {
     s.a.gc_start();
     assert_eq!(s.a.poll(0).unwrap(), Step::Waiting);
     s.a.gc_finish().unwrap();
-    assert_eq!(
-        s.a.free_list(0, Reserve::Prio).unwrap().len(),
-        s.a.prio_chain_len(0).unwrap()
-    );
+    assert_eq!(s.a.free_list(0, Reserve::Prio).unwrap().len(), s.a.prio_chain_len(0).unwrap());
     assert_eq!(s.a.poll(0).unwrap(), Step::WritePrios);
     s.write_prios(0);
     s.a.check_invariants().unwrap();
@@ -1095,9 +872,7 @@ fn prio_write_waits_for_commit_and_failure_retries() {
     for &b in &w.buckets {
         assert_eq!(s.a.bucket(0, b).unwrap().pin, 1);
         assert!(
-            Reserve::ALL
-                .iter()
-                .any(|&r| s.a.free_list(0, r).unwrap().contains(&b)),
+            Reserve::ALL.iter().any(|&r| s.a.free_list(0, r).unwrap().contains(&b)),
             "failed prio bucket {b} went back"
         );
     }
@@ -1105,28 +880,17 @@ fn prio_write_waits_for_commit_and_failure_retries() {
     s.write_prios(0);
     assert_eq!(s.a.prio_chain(0).unwrap().len(), 1);
     let first_chain = s.a.prio_chain(0).unwrap().to_vec();
-    assert_eq!(
-        s.a.bucket(0, first_chain[0]).unwrap().mark,
-        GcMark::Metadata
-    );
+    assert_eq!(s.a.bucket(0, first_chain[0]).unwrap().mark, GcMark::Metadata);
     assert_eq!(s.a.bucket(0, first_chain[0]).unwrap().prio, BTREE_PRIO);
     s.drive();
-    assert!(s
-        .a
-        .free_list(0, Reserve::None)
-        .unwrap()
-        .iter()
-        .all(|b| batch.contains(b) || s.primed.contains(&(0, *b))));
+    assert!(s.a.free_list(0, Reserve::None).unwrap().iter().all(|b| batch.contains(b) || s.primed.contains(&(0, *b))));
     // The next chain frees the previous one, and only then.
     let mut n = 0;
     while s.a.prio_chain(0).unwrap() == first_chain {
         match s.a.bucket_alloc(0, Reserve::None) {
             Ok(b) => s.a.unpin(0, b).unwrap(),
             Err(_) => {
-                assert_eq!(
-                    s.a.bucket(0, first_chain[0]).unwrap().mark,
-                    GcMark::Metadata
-                );
+                assert_eq!(s.a.bucket(0, first_chain[0]).unwrap().mark, GcMark::Metadata);
                 s.drive();
             }
         }
@@ -1142,15 +906,11 @@ fn discard_happens_between_free_inc_and_free_lists() {
     let mut s = Sim::new(&config(1, 1024, Replacement::Fifo, true));
     assert_eq!(s.a.poll(0).unwrap(), Step::WritePrios);
     s.write_prios(0);
-    let Step::Discard(b) = s.a.poll(0).unwrap() else {
-        panic!("expected a discard")
-    };
+    let Step::Discard(b) = s.a.poll(0).unwrap() else { panic!("expected a discard") };
     assert_eq!(s.a.poll(0).unwrap(), Step::Waiting);
     assert!(s.a.discard_done(0, b + 1).is_err());
     s.a.discard_done(0, b).unwrap();
-    assert!(Reserve::ALL
-        .iter()
-        .any(|&r| s.a.free_list(0, r).unwrap().contains(&b)));
+    assert!(Reserve::ALL.iter().any(|&r| s.a.free_list(0, r).unwrap().contains(&b)));
 }
 
 #[test]
@@ -1172,18 +932,11 @@ fn alloc_set_spreads_over_devices_all_or_nothing() {
     // and give back what it took on the others.
     while s.a.bucket_alloc(2, Reserve::Btree).is_ok() {}
     let before: Vec<usize> = (0..2)
-        .map(|d| {
-            s.a.free_list(d, Reserve::None).unwrap().len()
-                + s.a.free_list(d, Reserve::Btree).unwrap().len()
-        })
+        .map(|d| s.a.free_list(d, Reserve::None).unwrap().len() + s.a.free_list(d, Reserve::Btree).unwrap().len())
         .collect();
-    assert_eq!(
-        s.a.alloc_set(Reserve::Btree, 3).unwrap_err().kind(),
-        ErrorKind::NoSpace
-    );
+    assert_eq!(s.a.alloc_set(Reserve::Btree, 3).unwrap_err().kind(), ErrorKind::NoSpace);
     for d in 0..2u8 {
-        let after = s.a.free_list(d, Reserve::None).unwrap().len()
-            + s.a.free_list(d, Reserve::Btree).unwrap().len();
+        let after = s.a.free_list(d, Reserve::None).unwrap().len() + s.a.free_list(d, Reserve::Btree).unwrap().len();
         assert_eq!(after + 1, before[d as usize], "device {d} gave one bucket");
     }
     s.a.check_invariants().unwrap();
@@ -1201,14 +954,7 @@ fn alloc_set_spreads_over_devices_all_or_nothing() {
 }
 
 fn write(inode: u64, offset: u64, sectors: u32, write_point: u64, flash_only: bool) -> DataWrite {
-    DataWrite {
-        inode,
-        offset,
-        sectors,
-        write_point,
-        flash_only,
-        moving_gc: false,
-    }
+    DataWrite { inode, offset, sectors, write_point, flash_only, moving_gc: false }
 }
 
 #[test]
@@ -1218,11 +964,7 @@ fn sector_allocator_keeps_streams_together_and_kinds_apart() {
     // A sequential stream fills one bucket in order.
     let a1 = sectors_retry(&mut s, &write(1, 0, 4, 7, false));
     let a2 = sectors_retry(&mut s, &write(1, 4, 4, 9, false));
-    assert_eq!(
-        a2.ptr.offset,
-        a1.ptr.offset + 4,
-        "a continuing write goes right after the last"
-    );
+    assert_eq!(a2.ptr.offset, a1.ptr.offset + 4, "a continuing write goes right after the last");
     // Another writer gets its own bucket.
     let b1 = sectors_retry(&mut s, &write(2, 1000, 4, 8, false));
     assert_ne!(b1.ptr.offset / 16, a1.ptr.offset / 16);
@@ -1246,12 +988,7 @@ fn sector_allocator_keeps_streams_together_and_kinds_apart() {
     s.a.put_ptrs(&[a1.ptr, a2.ptr, rest.ptr]).unwrap();
     assert_eq!(s.a.bucket(0, bucket).unwrap().pin, 0);
     assert_eq!(s.a.sectors_written(0).unwrap(), 4 + 4 + 4 + 4 + 4 + 8 + 4);
-    assert_eq!(
-        s.a.alloc_sectors(&write(1, 0, 0, 7, false))
-            .unwrap_err()
-            .kind(),
-        ErrorKind::InvalidArgument
-    );
+    assert_eq!(s.a.alloc_sectors(&write(1, 0, 0, 7, false)).unwrap_err().kind(), ErrorKind::InvalidArgument);
     assert_eq!(s.a.open_buckets_in_use(), 3);
     s.a.close_open_buckets().unwrap();
     assert_eq!(s.a.open_buckets_in_use(), 0);
@@ -1301,16 +1038,8 @@ fn prios_age_with_sectors_written() {
     assert_eq!(s.a.bucket(0, b).unwrap().prio, INITIAL_PRIO);
     s.a.rescale_priorities(1);
     assert_eq!(s.a.bucket(0, b).unwrap().prio, INITIAL_PRIO - 1);
-    assert_eq!(
-        s.a.bucket(0, pinned).unwrap().prio,
-        INITIAL_PRIO,
-        "pinned buckets do not age"
-    );
-    assert_eq!(
-        s.a.bucket(0, meta).unwrap().prio,
-        BTREE_PRIO,
-        "metadata does not age"
-    );
+    assert_eq!(s.a.bucket(0, pinned).unwrap().prio, INITIAL_PRIO, "pinned buckets do not age");
+    assert_eq!(s.a.bucket(0, meta).unwrap().prio, BTREE_PRIO, "metadata does not age");
     assert_eq!(s.a.min_prio(), INITIAL_PRIO - 1);
     for _ in 0..10 {
         s.a.rescale_priorities(step as u64);
@@ -1338,10 +1067,7 @@ fn stale_pointers_change_nothing() {
     s.drive();
     let b = alloc_retry(&mut s, 0, Reserve::None);
     let fresh = s.a.bucket_ptr(0, b).unwrap();
-    let stale = Ptr {
-        gen: fresh.gen.wrapping_sub(1),
-        ..fresh
-    };
+    let stale = Ptr { gen: fresh.gen.wrapping_sub(1), ..fresh };
     assert_eq!(s.a.ptr_stale(stale).unwrap(), 1);
     assert!(!s.a.ptr_valid(stale) && s.a.ptr_valid(fresh));
     s.a.rescale_priorities(1 << 20);
@@ -1351,13 +1077,7 @@ fn stale_pointers_change_nothing() {
     assert_eq!(s.a.bucket(0, b).unwrap(), before);
     s.a.mark_dirty(fresh).unwrap();
     assert_eq!(s.a.bucket(0, b).unwrap().mark, GcMark::Dirty);
-    assert!(
-        !s.a.ptr_valid(Ptr {
-            offset: 1024 * 16,
-            ..fresh
-        }),
-        "a pointer past the device is not valid"
-    );
+    assert!(!s.a.ptr_valid(Ptr { offset: 1024 * 16, ..fresh }), "a pointer past the device is not valid");
 }
 
 #[test]
@@ -1371,29 +1091,13 @@ fn priority_stats_add_up() {
         counts[i.mark as usize] += 1;
         unused += u64::from(i.sectors_used == 0);
     }
-    assert_eq!(
-        st.clean_percent,
-        counts[GcMark::Reclaimable as usize] * 100 / 2000
-    );
-    assert_eq!(
-        st.dirty_percent,
-        counts[GcMark::Dirty as usize] * 100 / 2000
-    );
-    assert_eq!(
-        st.metadata_percent,
-        counts[GcMark::Metadata as usize] * 100 / 2000
-    );
+    assert_eq!(st.clean_percent, counts[GcMark::Reclaimable as usize] * 100 / 2000);
+    assert_eq!(st.dirty_percent, counts[GcMark::Dirty as usize] * 100 / 2000);
+    assert_eq!(st.metadata_percent, counts[GcMark::Metadata as usize] * 100 / 2000);
     assert_eq!(st.unused_percent, unused * 100 / 2000);
-    assert!(
-        st.quantiles.windows(2).all(|w| w[0] <= w[1]),
-        "ages are sorted youngest first: {:?}",
-        st.quantiles
-    );
+    assert!(st.quantiles.windows(2).all(|w| w[0] <= w[1]), "ages are sorted youngest first: {:?}", st.quantiles);
     assert!(st.average > 0 && st.sectors_per_quantile > 0);
     let empty = Sim::new(&config(1, 1024, Replacement::Lru, false));
     let st = empty.a.priority_stats(0).unwrap();
-    assert_eq!(
-        (st.unused_percent, st.average, st.quantiles),
-        (99, 0, [0; 31])
-    );
+    assert_eq!((st.unused_percent, st.average, st.quantiles), (99, 0, [0; 31]));
 }

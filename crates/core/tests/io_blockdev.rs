@@ -18,14 +18,8 @@ impl Loop {
         if unsafe { libc::geteuid() } != 0 {
             return None;
         }
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| Loop(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(file).output().ok()?;
+        out.status.success().then(|| Loop(String::from_utf8_lossy(&out.stdout).trim().to_string()))
     }
 }
 
@@ -64,16 +58,9 @@ fn loop_device_geometry_exclusion_io_and_discard() {
         let after = read(&mut *e, id, 1 << 20, 65536);
         assert!(after[..32768].iter().all(|&b| b == 0), "{choice:?}");
         assert!(after[32768..].iter().all(|&b| b == 0xab));
-        let bad = sync(&mut *e, IoRequest::discard(id, 100, 4096, 1))
-            .result
-            .unwrap_err();
+        let bad = sync(&mut *e, IoRequest::discard(id, 100, 4096, 1)).result.unwrap_err();
         assert_eq!(bad.kind(), ErrorKind::Misaligned);
-        let past = sync(
-            &mut *e,
-            IoRequest::read(id, 16 << 20, AlignedBuf::new(4096), 1),
-        )
-        .result
-        .unwrap_err();
+        let past = sync(&mut *e, IoRequest::read(id, 16 << 20, AlignedBuf::new(4096), 1)).result.unwrap_err();
         assert_eq!(past.kind(), ErrorKind::OutOfRange);
         e.remove_device(id).unwrap();
     }

@@ -27,32 +27,17 @@ fn rules_fail_the_chosen_requests() {
         let ctl = e.control();
         let id = e.add_device(open(&p)).unwrap();
         // The 3rd and 4th writes into [64K, 128K) fail; reads there and other writes pass.
-        ctl.add_rule(
-            FaultRule::eio()
-                .op(OpKind::Write)
-                .range(65536, 131072)
-                .skip(2)
-                .times(2),
-        );
-        let w = |e: &mut FaultEngine<_>, off: u64| {
-            sync(e, IoRequest::write(id, off, AlignedBuf::new(4096), 0)).result
-        };
+        ctl.add_rule(FaultRule::eio().op(OpKind::Write).range(65536, 131072).skip(2).times(2));
+        let w = |e: &mut FaultEngine<_>, off: u64| sync(e, IoRequest::write(id, off, AlignedBuf::new(4096), 0)).result;
         assert!(w(&mut e, 65536).is_ok());
         assert!(w(&mut e, 0).is_ok(), "outside the range");
         assert!(w(&mut e, 61440 + 4096).is_ok());
         let err = w(&mut e, 126976).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Io);
         assert_eq!(err.code(), "EIO");
-        assert!(
-            sync(&mut e, IoRequest::read(id, 65536, AlignedBuf::new(4096), 0))
-                .result
-                .is_ok()
-        );
+        assert!(sync(&mut e, IoRequest::read(id, 65536, AlignedBuf::new(4096), 0)).result.is_ok());
         assert!(w(&mut e, 65536).is_err());
-        assert!(
-            w(&mut e, 65536).is_ok(),
-            "the rule retired after two failures"
-        );
+        assert!(w(&mut e, 65536).is_ok(), "the rule retired after two failures");
         assert_eq!(ctl.injected(), 2);
 
         ctl.add_rule(FaultRule::eio().op(OpKind::Flush).errno(libc::ENOSPC));
@@ -62,12 +47,7 @@ fn rules_fail_the_chosen_requests() {
         assert!(sync(&mut e, IoRequest::flush(id, 0)).result.is_ok());
         // Bad input is reported as such, not as an injected fault.
         ctl.add_rule(FaultRule::eio());
-        let err = sync(
-            &mut e,
-            IoRequest::read(id, SIZE as u64, AlignedBuf::new(4096), 0),
-        )
-        .result
-        .unwrap_err();
+        let err = sync(&mut e, IoRequest::read(id, SIZE as u64, AlignedBuf::new(4096), 0)).result.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::OutOfRange);
     }
 }
@@ -78,37 +58,19 @@ fn fixed_latency_delays_each_request() {
     let p = s.file("f", SIZE, 1);
     let mut e = fault_engine(EngineChoice::Uring);
     let id = e.add_device(open(&p)).unwrap();
-    e.control().set_latency(Some(Latency {
-        fixed: Duration::from_millis(30),
-        ..Default::default()
-    }));
+    e.control().set_latency(Some(Latency { fixed: Duration::from_millis(30), ..Default::default() }));
     // In parallel: 8 requests take about one latency, not eight.
     let t = Instant::now();
-    let reqs = (0..8)
-        .map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i))
-        .collect();
+    let reqs = (0..8).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).collect();
     run_all(&mut e, reqs);
     let el = t.elapsed();
-    assert!(
-        el >= Duration::from_millis(30) && el < Duration::from_millis(200),
-        "{el:?}"
-    );
+    assert!(el >= Duration::from_millis(30) && el < Duration::from_millis(200), "{el:?}");
     // Serial (one disk arm): 8 requests take eight latencies.
-    e.control().set_latency(Some(Latency {
-        fixed: Duration::from_millis(10),
-        serial: true,
-        ..Default::default()
-    }));
+    e.control().set_latency(Some(Latency { fixed: Duration::from_millis(10), serial: true, ..Default::default() }));
     let t = Instant::now();
-    let reqs = (0..8)
-        .map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i))
-        .collect();
+    let reqs = (0..8).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).collect();
     run_all(&mut e, reqs);
-    assert!(
-        t.elapsed() >= Duration::from_millis(80),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() >= Duration::from_millis(80), "{:?}", t.elapsed());
 }
 
 #[test]
@@ -118,28 +80,13 @@ fn transfer_rate_and_seeks_cost_time() {
     let mut e = fault_engine(EngineChoice::Psync);
     let id = e.add_device(open(&p)).unwrap();
     // 4 MB/s: 64 KiB costs ~16 ms.
-    e.control().set_latency(Some(Latency {
-        bytes_per_sec: 4_000_000,
-        serial: true,
-        ..Default::default()
-    }));
+    e.control().set_latency(Some(Latency { bytes_per_sec: 4_000_000, serial: true, ..Default::default() }));
     let t = Instant::now();
     sync(&mut e, IoRequest::read(id, 0, AlignedBuf::new(65536), 0));
-    assert!(
-        t.elapsed() >= Duration::from_millis(16),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() >= Duration::from_millis(16), "{:?}", t.elapsed());
 
-    let seek = SeekModel {
-        track_to_track: Duration::from_millis(2),
-        full_stroke: Duration::from_millis(20),
-    };
-    e.control().set_latency(Some(Latency {
-        seek: Some(seek),
-        serial: true,
-        ..Default::default()
-    }));
+    let seek = SeekModel { track_to_track: Duration::from_millis(2), full_stroke: Duration::from_millis(20) };
+    e.control().set_latency(Some(Latency { seek: Some(seek), serial: true, ..Default::default() }));
     let timed = |e: &mut FaultEngine<_>, offs: &[u64]| {
         let t = Instant::now();
         for &o in offs {
@@ -150,14 +97,8 @@ fn transfer_rate_and_seeks_cost_time() {
     timed(&mut e, &[0]);
     let sequential = timed(&mut e, &[4096, 8192, 12288, 16384]);
     let far = timed(&mut e, &[(SIZE - 4096) as u64, 0, (SIZE - 4096) as u64, 0]);
-    assert!(
-        sequential < Duration::from_millis(8),
-        "sequential reads do not seek: {sequential:?}"
-    );
-    assert!(
-        far >= Duration::from_millis(4 * 19),
-        "full-stroke seeks: {far:?}"
-    );
+    assert!(sequential < Duration::from_millis(8), "sequential reads do not seek: {sequential:?}");
+    assert!(far >= Duration::from_millis(4 * 19), "full-stroke seeks: {far:?}");
 }
 
 #[test]
@@ -197,44 +138,22 @@ fn crash_through_the_control_with_an_engine_thread() {
     let e = fault_engine(EngineChoice::Uring);
     let ctl = e.control();
     ctl.set_volatile(true);
-    ctl.set_latency(Some(Latency {
-        fixed: Duration::from_millis(20),
-        ..Default::default()
-    }));
+    ctl.set_latency(Some(Latency { fixed: Duration::from_millis(20), ..Default::default() }));
     let (tx, rx) = mpsc::channel();
-    let t = ubcache_core::io::IoThread::spawn(
-        e,
-        Box::new(move |batch| {
-            for c in batch {
-                let _ = tx.send(c);
-            }
-        }),
-    )
+    let t = ubcache_core::io::IoThread::spawn(e, Box::new(move |batch| {
+        for c in batch {
+            let _ = tx.send(c);
+        }
+    }))
     .unwrap();
-    let id = t
-        .add_device(Arc::new(
-            ubcache_core::io::Device::open(&p, &Default::default()).unwrap(),
-        ))
-        .unwrap();
-    t.submit(IoRequest::write(
-        id,
-        0,
-        AlignedBuf::from_slice(&[9u8; 4096]),
-        1,
-    ))
-    .unwrap();
+    let id = t.add_device(Arc::new(ubcache_core::io::Device::open(&p, &Default::default()).unwrap())).unwrap();
+    t.submit(IoRequest::write(id, 0, AlignedBuf::from_slice(&[9u8; 4096]), 1)).unwrap();
     assert!(rx.recv().unwrap().result.is_ok());
     t.submit(IoRequest::flush(id, 2)).unwrap();
     assert!(rx.recv().unwrap().result.is_ok());
     // Writes still in flight when the power goes fail, and their data is lost.
     for i in 0..4u64 {
-        t.submit(IoRequest::write(
-            id,
-            8192 + i * 4096,
-            AlignedBuf::from_slice(&[7u8; 4096]),
-            10 + i,
-        ))
-        .unwrap();
+        t.submit(IoRequest::write(id, 8192 + i * 4096, AlignedBuf::from_slice(&[7u8; 4096]), 10 + i)).unwrap();
     }
     std::thread::sleep(Duration::from_millis(5));
     let r = ctl.crash(CrashMode::DropUnflushed).unwrap();
@@ -300,21 +219,12 @@ fn crash_model(choice: EngineChoice, steps: &[Step], mode: CrashMode) -> Result<
     let mut kept = 0u64;
     for sec in 0..sectors {
         let got = &data[sec * 512..(sec + 1) * 512];
-        let is = |v: u8| {
-            if v == 0 {
-                got == &orig[sec * 512..(sec + 1) * 512]
-            } else {
-                got.iter().all(|&b| b == v)
-            }
-        };
+        let is = |v: u8| if v == 0 { got == &orig[sec * 512..(sec + 1) * 512] } else { got.iter().all(|&b| b == v) };
         match mode {
             CrashMode::DropUnflushed => prop_assert!(is(durable[sec]), "sector {sec}"),
             CrashMode::TearUnflushed { .. } => {
                 let ok = is(durable[sec]) || pending[sec].iter().any(|&v| is(v));
-                prop_assert!(
-                    ok,
-                    "sector {sec} holds neither its durable value nor an unflushed write"
-                );
+                prop_assert!(ok, "sector {sec} holds neither its durable value nor an unflushed write");
                 if !is(durable[sec]) {
                     kept += 1;
                 }
@@ -352,9 +262,6 @@ fn tearing_keeps_some_sectors_and_reverts_others() {
     assert_eq!(r.sectors_kept + r.sectors_reverted, 256);
     assert!(r.sectors_kept > 64 && r.sectors_reverted > 64, "{r:?}");
     let data = read(&mut e, id, 0, 128 << 10);
-    let kept = data
-        .chunks(512)
-        .filter(|c| c.iter().all(|&b| b == 5))
-        .count() as u64;
+    let kept = data.chunks(512).filter(|c| c.iter().all(|&b| b == 5)).count() as u64;
     assert_eq!(kept, r.sectors_kept);
 }

@@ -14,12 +14,9 @@ const SIZE: usize = 4 << 20;
 
 fn spawn(choice: EngineChoice) -> (IoThread, mpsc::Receiver<Vec<IoCompletion>>) {
     let (tx, rx) = mpsc::channel();
-    let t = IoThread::spawn(
-        engine(choice),
-        Box::new(move |batch| {
-            let _ = tx.send(batch);
-        }),
-    )
+    let t = IoThread::spawn(engine(choice), Box::new(move |batch| {
+        let _ = tx.send(batch);
+    }))
     .unwrap();
     (t, rx)
 }
@@ -31,14 +28,7 @@ fn many_submitters_get_every_completion_once_in_batches() {
         let p = s.file("f", SIZE, 6);
         let model = Arc::new(pattern(SIZE, 6));
         let (t, rx) = spawn(choice);
-        assert_eq!(
-            t.kind(),
-            if choice == EngineChoice::Uring {
-                EngineKind::Uring
-            } else {
-                EngineKind::Psync
-            }
-        );
+        assert_eq!(t.kind(), if choice == EngineChoice::Uring { EngineKind::Uring } else { EngineKind::Psync });
         let t = Arc::new(t);
         let id = t.add_device(open(&p)).unwrap();
         let per = 500u64;
@@ -48,13 +38,7 @@ fn many_submitters_get_every_completion_once_in_batches() {
                 std::thread::spawn(move || {
                     for i in 0..per {
                         let tag = k * per + i;
-                        t.submit(IoRequest::read(
-                            id,
-                            (tag * 7 % 1024) * 4096,
-                            AlignedBuf::new(4096),
-                            tag,
-                        ))
-                        .unwrap();
+                        t.submit(IoRequest::read(id, (tag * 7 % 1024) * 4096, AlignedBuf::new(4096), tag)).unwrap();
                     }
                 })
             })
@@ -63,14 +47,8 @@ fn many_submitters_get_every_completion_once_in_batches() {
         let mut seen = vec![false; 4 * per as usize];
         let mut got = 0;
         while got < seen.len() {
-            for c in rx
-                .recv_timeout(Duration::from_secs(20))
-                .expect("completions keep coming")
-            {
-                assert!(
-                    !std::mem::replace(&mut seen[c.user_data as usize], true),
-                    "completed twice"
-                );
+            for c in rx.recv_timeout(Duration::from_secs(20)).expect("completions keep coming") {
+                assert!(!std::mem::replace(&mut seen[c.user_data as usize], true), "completed twice");
                 let off = c.offset as usize;
                 assert!(c.into_buf().unwrap()[..] == model[off..off + 4096]);
                 got += 1;
@@ -79,9 +57,7 @@ fn many_submitters_get_every_completion_once_in_batches() {
         let st = t.stats();
         assert!(st.batches >= 1 && st.batches <= got, "{st:?}");
         // A batch submission is one enqueue.
-        let reqs = (0..64)
-            .map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i))
-            .collect();
+        let reqs = (0..64).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).collect();
         t.submit_batch(reqs).unwrap();
         let mut n = 0;
         while n < 64 {
@@ -98,51 +74,28 @@ fn close_completes_requests_in_flight_and_then_refuses() {
         let p = s.file("f", SIZE, 2);
         let e = FaultEngine::new(engine(choice));
         // A slow disk keeps the requests in flight while we close.
-        e.control().set_latency(Some(Latency {
-            fixed: Duration::from_millis(5),
-            serial: true,
-            ..Default::default()
-        }));
+        e.control().set_latency(Some(Latency { fixed: Duration::from_millis(5), serial: true, ..Default::default() }));
         let (tx, rx) = mpsc::channel();
-        let t = IoThread::spawn(
-            e,
-            Box::new(move |b| {
-                let _ = tx.send(b);
-            }),
-        )
+        let t = IoThread::spawn(e, Box::new(move |b| {
+            let _ = tx.send(b);
+        }))
         .unwrap();
         let id = t.add_device(open(&p)).unwrap();
         for i in 0..40u64 {
-            t.submit(IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i))
-                .unwrap();
+            t.submit(IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).unwrap();
         }
         let start = Instant::now();
         t.close();
-        assert!(
-            start.elapsed() >= Duration::from_millis(100),
-            "close waited for the slow requests"
-        );
+        assert!(start.elapsed() >= Duration::from_millis(100), "close waited for the slow requests");
         let done: Vec<IoCompletion> = rx.try_iter().flatten().collect();
         assert_eq!(done.len(), 40);
         assert!(done.iter().all(|c| c.result.is_ok()));
         assert!(t.is_closed());
-        let rej = t
-            .submit(IoRequest::read(id, 0, AlignedBuf::new(4096), 99))
-            .unwrap_err();
+        let rej = t.submit(IoRequest::read(id, 0, AlignedBuf::new(4096), 99)).unwrap_err();
         assert_eq!(rej.error.kind(), ErrorKind::Closed);
         assert_eq!(rej.request.user_data, 99);
-        assert_eq!(
-            t.submit_batch(vec![IoRequest::flush(id, 1)])
-                .unwrap_err()
-                .len(),
-            1
-        );
-        assert_eq!(
-            t.add_device(open(&s.file("g", 4096, 0)))
-                .unwrap_err()
-                .kind(),
-            ErrorKind::Closed
-        );
+        assert_eq!(t.submit_batch(vec![IoRequest::flush(id, 1)]).unwrap_err().len(), 1);
+        assert_eq!(t.add_device(open(&s.file("g", 4096, 0))).unwrap_err().kind(), ErrorKind::Closed);
         t.close();
     }
 }
@@ -156,13 +109,7 @@ fn devices_come_and_go_through_the_thread() {
     let ia = t.add_device(open(&a)).unwrap();
     let ib = t.add_device(open(&b)).unwrap();
     assert_ne!(ia, ib);
-    t.submit(IoRequest::write(
-        ib,
-        4096,
-        AlignedBuf::from_slice(&[8u8; 4096]),
-        1,
-    ))
-    .unwrap();
+    t.submit(IoRequest::write(ib, 4096, AlignedBuf::from_slice(&[8u8; 4096]), 1)).unwrap();
     t.submit(IoRequest::flush(ib, 2)).unwrap();
     let mut n = 0;
     while n < 2 {
@@ -173,16 +120,13 @@ fn devices_come_and_go_through_the_thread() {
     }
     t.remove_device(ia).unwrap();
     assert_eq!(t.remove_device(ia).unwrap_err().kind(), ErrorKind::Closed);
-    t.submit(IoRequest::read(ia, 0, AlignedBuf::new(4096), 3))
-        .unwrap();
+    t.submit(IoRequest::read(ia, 0, AlignedBuf::new(4096), 3)).unwrap();
     let c = rx.recv().unwrap().pop().unwrap();
     assert_eq!(c.result.unwrap_err().kind(), ErrorKind::Closed);
     let in_flight = t.with_engine(|e| e.in_flight()).unwrap();
     assert_eq!(in_flight, 0);
     drop(t);
-    assert!(std::fs::read(&b).unwrap()[4096..8192]
-        .iter()
-        .all(|&x| x == 8));
+    assert!(std::fs::read(&b).unwrap()[4096..8192].iter().all(|&x| x == 8));
 }
 
 #[test]
@@ -193,13 +137,8 @@ fn an_idle_thread_sleeps_and_wakes_for_new_work() {
     let id = t.add_device(open(&p)).unwrap();
     for round in 0..20u64 {
         std::thread::sleep(Duration::from_millis(2));
-        t.submit(IoRequest::read(id, 0, AlignedBuf::new(4096), round))
-            .unwrap();
-        let c = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the doorbell wakes the engine")
-            .pop()
-            .unwrap();
+        t.submit(IoRequest::read(id, 0, AlignedBuf::new(4096), round)).unwrap();
+        let c = rx.recv_timeout(Duration::from_secs(10)).expect("the doorbell wakes the engine").pop().unwrap();
         assert_eq!(c.user_data, round);
     }
     assert!(t.stats().wakeups >= 1);
@@ -210,41 +149,21 @@ fn a_spinning_thread_catches_requests_without_the_doorbell() {
     let s = Scratch::new("spin");
     let p = s.file("f", 65536, 4);
     let (tx, rx) = mpsc::channel();
-    let opts = ubcache_core::io::IoThreadOptions {
-        spin: Duration::from_millis(20),
-    };
-    let t = IoThread::spawn_with(
-        engine(EngineChoice::Psync),
-        Box::new(move |b| {
-            let _ = tx.send(b);
-        }),
-        opts,
-    )
+    let opts = ubcache_core::io::IoThreadOptions { spin: Duration::from_millis(20) };
+    let t = IoThread::spawn_with(engine(EngineChoice::Psync), Box::new(move |b| {
+        let _ = tx.send(b);
+    }), opts)
     .unwrap();
     let id = t.add_device(open(&p)).unwrap();
     let model = pattern(65536, 4);
     for round in 0..50u64 {
         // Submitted right after the previous completion: inside the spin window.
-        t.submit(IoRequest::read(
-            id,
-            (round % 16) * 4096,
-            AlignedBuf::new(4096),
-            round,
-        ))
-        .unwrap();
-        let c = rx
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-            .pop()
-            .unwrap();
+        t.submit(IoRequest::read(id, (round % 16) * 4096, AlignedBuf::new(4096), round)).unwrap();
+        let c = rx.recv_timeout(Duration::from_secs(10)).unwrap().pop().unwrap();
         let off = c.offset as usize;
         assert!(c.into_buf().unwrap()[..] == model[off..off + 4096]);
     }
-    assert!(
-        t.stats().wakeups < 50,
-        "most requests were caught while spinning: {:?}",
-        t.stats()
-    );
+    assert!(t.stats().wakeups < 50, "most requests were caught while spinning: {:?}", t.stats());
     t.close();
 }
 
@@ -255,19 +174,12 @@ fn stop_accepting_refuses_at_once_and_close_still_finishes() {
     let (t, rx) = spawn(EngineChoice::Uring);
     let id = t.add_device(open(&p)).unwrap();
     for i in 0..8u64 {
-        t.submit(IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i))
-            .unwrap();
+        t.submit(IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).unwrap();
     }
     t.stop_accepting();
     assert!(t.is_closed());
-    assert_eq!(
-        t.submit(IoRequest::flush(id, 99)).unwrap_err().error.kind(),
-        ErrorKind::Closed
-    );
+    assert_eq!(t.submit(IoRequest::flush(id, 99)).unwrap_err().error.kind(), ErrorKind::Closed);
     t.close();
     let n: usize = rx.try_iter().map(|b| b.len()).sum();
-    assert_eq!(
-        n, 8,
-        "requests accepted before stop_accepting all completed"
-    );
+    assert_eq!(n, 8, "requests accepted before stop_accepting all completed");
 }

@@ -15,17 +15,14 @@ use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 use ubcache_core::io::{
-    open_engine, BufPool, BufPoolConfig, DevId, Device, DirectIo, EngineChoice, EngineOptions,
-    IoCompletion, IoEngine, IoOp, IoRequest, IoThread, IoThreadOptions, OpenOptions,
+    open_engine, BufPool, BufPoolConfig, DevId, Device, DirectIo, EngineChoice, EngineOptions, IoCompletion, IoEngine,
+    IoOp, IoRequest, IoThread, IoThreadOptions, OpenOptions,
 };
 use ubcache_core::{Error as CoreError, ErrorKind};
 
 pub(crate) fn throw<T>(env: &Env, err: CoreError) -> Result<T> {
     env.throw_error(err.message(), Some(err.code()))?;
-    Err(napi::Error::new(
-        Status::PendingException,
-        err.message().to_string(),
-    ))
+    Err(napi::Error::new(Status::PendingException, err.message().to_string()))
 }
 
 pub(crate) fn invalid<T>(env: &Env, msg: String) -> Result<T> {
@@ -37,28 +34,17 @@ pub(crate) fn to_u64(env: &Env, what: &str, v: f64) -> Result<u64> {
     if v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_991.0 {
         Ok(v as u64)
     } else {
-        invalid(
-            env,
-            format!("{what} must be a non-negative safe integer, got {v}"),
-        )
+        invalid(env, format!("{what} must be a non-negative safe integer, got {v}"))
     }
 }
 
 /// Builds the engine `options` ask for, with the buffer pool its reads take memory from.
-pub(crate) fn engine_of(
-    env: &Env,
-    options: &NativeEngineOptions,
-) -> Result<(Box<dyn IoEngine>, BufPool)> {
+pub(crate) fn engine_of(env: &Env, options: &NativeEngineOptions) -> Result<(Box<dyn IoEngine>, BufPool)> {
     let choice = match options.engine.as_deref() {
         None | Some("auto") => EngineChoice::Auto,
         Some("io_uring") => EngineChoice::Uring,
         Some("psync") => EngineChoice::Psync,
-        Some(other) => {
-            return invalid(
-                env,
-                format!("engine must be auto, io_uring or psync, got {other}"),
-            )
-        }
+        Some(other) => return invalid(env, format!("engine must be auto, io_uring or psync, got {other}")),
     };
     let pool = BufPool::new(BufPoolConfig {
         arena_bytes: options.arena_bytes.unwrap_or(16 << 20) as usize,
@@ -68,9 +54,7 @@ pub(crate) fn engine_of(
     let opts = EngineOptions {
         choice,
         queue_depth: options.queue_depth.unwrap_or(defaults.queue_depth),
-        psync_threads: options
-            .psync_threads
-            .map_or(defaults.psync_threads, |n| n as usize),
+        psync_threads: options.psync_threads.map_or(defaults.psync_threads, |n| n as usize),
         buf_pool: Some(pool.clone()),
         ..defaults
     };
@@ -86,33 +70,19 @@ pub(crate) fn open_device(
     path: &str,
     options: Option<NativeOpenOptions>,
 ) -> Result<(Arc<Device>, NativeDevice)> {
-    let o = options.unwrap_or(NativeOpenOptions {
-        write: None,
-        direct: None,
-        exclusive: None,
-        create_size: None,
-    });
+    let o = options.unwrap_or(NativeOpenOptions { write: None, direct: None, exclusive: None, create_size: None });
     let direct = match o.direct.as_deref() {
         None | Some("auto") => DirectIo::Auto,
         Some("require") => DirectIo::Require,
         Some("off") => DirectIo::Off,
-        Some(other) => {
-            return invalid(
-                env,
-                format!("direct must be auto, require or off, got {other}"),
-            )
-        }
+        Some(other) => return invalid(env, format!("direct must be auto, require or off, got {other}")),
     };
     let create_size = match o.create_size {
         Some(v) => Some(to_u64(env, "createSize", v)?),
         None => None,
     };
-    let opts = OpenOptions {
-        write: o.write.unwrap_or(true),
-        direct,
-        exclusive: o.exclusive.unwrap_or(true),
-        create_size,
-    };
+    let opts =
+        OpenOptions { write: o.write.unwrap_or(true), direct, exclusive: o.exclusive.unwrap_or(true), create_size };
     let dev = match Device::open(path, &opts) {
         Ok(d) => Arc::new(d),
         Err(e) => return throw(env, e),
@@ -172,9 +142,7 @@ impl ToNapiValue for Batch {
                         let (ptr, len) = (buf.as_ptr() as *mut u8, buf.len());
                         // SAFETY: the buffer's heap memory does not move when the AlignedBuf
                         // is moved into the finalize hint, and lives until the finalizer drops it.
-                        let b = unsafe {
-                            BufferSlice::from_external(&env, ptr, len, buf, |_, b| drop(b))
-                        }?;
+                        let b = unsafe { BufferSlice::from_external(&env, ptr, len, buf, |_, b| drop(b)) }?;
                         arr.set(i + 2, b)?;
                     }
                 }
@@ -259,11 +227,7 @@ impl NativeIoEngine {
         constructor,
         ts_args_type = "options: NativeEngineOptions, onComplete: (batch: Array<number | Buffer | [string, string] | undefined>) => void"
     )]
-    pub fn new(
-        env: &Env,
-        options: NativeEngineOptions,
-        on_complete: Function<'_, (), ()>,
-    ) -> Result<Self> {
+    pub fn new(env: &Env, options: NativeEngineOptions, on_complete: Function<'_, (), ()>) -> Result<Self> {
         let (engine, pool) = engine_of(env, &options)?;
         let tsfn: CompletionFn = on_complete
             .build_threadsafe_function::<Vec<IoCompletion>>()
@@ -277,10 +241,7 @@ impl NativeIoEngine {
             topts.spin = std::time::Duration::from_micros(us as u64);
         }
         match IoThread::spawn_with(engine, sink, topts) {
-            Ok(t) => Ok(NativeIoEngine {
-                thread: Arc::new(t),
-                pool,
-            }),
+            Ok(t) => Ok(NativeIoEngine { thread: Arc::new(t), pool }),
             Err(e) => throw(env, e),
         }
     }
@@ -293,12 +254,7 @@ impl NativeIoEngine {
 
     /// Opens a file or block device and adds it to the engine.
     #[napi]
-    pub fn open_device(
-        &self,
-        env: &Env,
-        path: String,
-        options: Option<NativeOpenOptions>,
-    ) -> Result<NativeDevice> {
+    pub fn open_device(&self, env: &Env, path: String, options: Option<NativeOpenOptions>) -> Result<NativeDevice> {
         let (dev, info) = open_device(env, &path, options)?;
         match self.thread.add_device(dev) {
             Ok(id) => Ok(NativeDevice { id: id.0, ..info }),
@@ -341,25 +297,14 @@ impl NativeIoEngine {
     #[napi]
     pub fn read(&self, env: &Env, tag: f64, dev: u32, offset: f64, length: u32) -> Result<()> {
         let offset = to_u64(env, "offset", offset)?;
-        self.submit(
-            env,
-            IoRequest::read(
-                DevId(dev),
-                offset,
-                self.pool.get(length as usize),
-                tag as u64,
-            ),
-        )
+        self.submit(env, IoRequest::read(DevId(dev), offset, self.pool.get(length as usize), tag as u64))
     }
 
     /// Writes a copy of `data` at `offset` (one copy, into aligned memory).
     #[napi]
     pub fn write(&self, env: &Env, tag: f64, dev: u32, offset: f64, data: &[u8]) -> Result<()> {
         let offset = to_u64(env, "offset", offset)?;
-        self.submit(
-            env,
-            IoRequest::write(DevId(dev), offset, self.pool.copy_from(data), tag as u64),
-        )
+        self.submit(env, IoRequest::write(DevId(dev), offset, self.pool.copy_from(data), tag as u64))
     }
 
     /// fdatasync.
@@ -373,10 +318,7 @@ impl NativeIoEngine {
     pub fn discard(&self, env: &Env, tag: f64, dev: u32, offset: f64, length: f64) -> Result<()> {
         let offset = to_u64(env, "offset", offset)?;
         let length = to_u64(env, "length", length)?;
-        self.submit(
-            env,
-            IoRequest::discard(DevId(dev), offset, length, tag as u64),
-        )
+        self.submit(env, IoRequest::discard(DevId(dev), offset, length, tag as u64))
     }
 
     /// Stops taking requests and resolves once every accepted request has completed.
@@ -391,10 +333,7 @@ impl NativeIoEngine {
     #[napi]
     pub fn stats(&self) -> NativeEngineStats {
         let s = self.thread.stats();
-        NativeEngineStats {
-            wakeups: s.wakeups as f64,
-            batches: s.batches as f64,
-        }
+        NativeEngineStats { wakeups: s.wakeups as f64, batches: s.batches as f64 }
     }
 
     /// True once `close` has been called.

@@ -11,10 +11,7 @@ mod ring;
 /// the marker error that tells napi-rs an exception is already pending.
 fn throw<T>(env: &Env, err: ubcache_core::Error) -> Result<T> {
     env.throw_error(err.message(), Some(err.code()))?;
-    Err(napi::Error::new(
-        Status::PendingException,
-        err.message().to_string(),
-    ))
+    Err(napi::Error::new(Status::PendingException, err.message().to_string()))
 }
 
 /// CRC-64/WE of `data`, as bcache's `bch_crc64` computes it.
@@ -39,9 +36,7 @@ impl Default for Crc64 {
 impl Crc64 {
     #[napi(constructor)]
     pub fn new() -> Self {
-        Crc64 {
-            inner: ubcache_core::crc64::Crc64::new(),
-        }
+        Crc64 { inner: ubcache_core::crc64::Crc64::new() }
     }
 
     /// Adds `data` after everything fed so far; returns `this` for chaining.

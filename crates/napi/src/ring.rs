@@ -19,19 +19,15 @@ use ubcache_core::io::{BufPool, DevId, IoCompletion, IoRequest, RingDriver};
 use ubcache_core::Error as CoreError;
 
 use crate::io::{
-    engine_of, open_device, requests_of, throw, to_u64, Batch, NativeDevice, NativeEngineOptions,
-    NativeEngineStats, NativeOpenOptions,
+    engine_of, open_device, requests_of, throw, to_u64, Batch, NativeDevice, NativeEngineOptions, NativeEngineStats,
+    NativeOpenOptions,
 };
 
 // libuv, as exported by the Node.js binary that loads this addon.
 extern "C" {
     fn uv_handle_size(kind: c_int) -> usize;
     fn uv_poll_init(lp: *mut sys::uv_loop_s, handle: *mut c_void, fd: c_int) -> c_int;
-    fn uv_poll_start(
-        handle: *mut c_void,
-        events: c_int,
-        cb: unsafe extern "C" fn(*mut c_void, c_int, c_int),
-    ) -> c_int;
+    fn uv_poll_start(handle: *mut c_void, events: c_int, cb: unsafe extern "C" fn(*mut c_void, c_int, c_int)) -> c_int;
     fn uv_poll_stop(handle: *mut c_void) -> c_int;
     fn uv_close(handle: *mut c_void, cb: unsafe extern "C" fn(*mut c_void));
     fn uv_ref(handle: *mut c_void);
@@ -149,32 +145,23 @@ impl Glue {
             // With a batch: (batch); with an engine failure: (undefined, [code, message]).
             let argv = match (batch, fatal) {
                 (Some(b), _) => Batch::to_napi_value(env, Batch(b)).map(|v| [v, undefined]),
-                (None, Some(e)) => Vec::<String>::to_napi_value(
-                    env,
-                    vec![e.code().to_string(), e.message().to_string()],
-                )
-                .map(|v| [undefined, v]),
+                (None, Some(e)) => {
+                    Vec::<String>::to_napi_value(env, vec![e.code().to_string(), e.message().to_string()])
+                        .map(|v| [undefined, v])
+                }
                 (None, None) => Ok([undefined, undefined]),
             };
             let mut func = ptr::null_mut();
             let mut result = ptr::null_mut();
             if let Ok(argv) = argv {
-                if sys::napi_get_reference_value(env, self.callback, &mut func)
-                    == sys::Status::napi_ok
+                if sys::napi_get_reference_value(env, self.callback, &mut func) == sys::Status::napi_ok
                     && !func.is_null()
                 {
                     // napi_make_callback wants an object as `this`.
                     let mut global = ptr::null_mut();
                     sys::napi_get_global(env, &mut global);
-                    let status = sys::napi_make_callback(
-                        env,
-                        self.async_ctx,
-                        global,
-                        func,
-                        2,
-                        argv.as_ptr(),
-                        &mut result,
-                    );
+                    let status =
+                        sys::napi_make_callback(env, self.async_ctx, global, func, 2, argv.as_ptr(), &mut result);
                     if status == sys::Status::napi_pending_exception {
                         // A throwing callback is an uncaught exception, as for any event.
                         let mut err = ptr::null_mut();
@@ -202,11 +189,7 @@ impl NativeRing {
         constructor,
         ts_args_type = "options: NativeEngineOptions, onComplete: (batch: Array<number | Buffer | [string, string] | undefined> | undefined, fatal?: [string, string]) => void"
     )]
-    pub fn new(
-        env: &Env,
-        options: NativeEngineOptions,
-        on_complete: Function<'_, (), ()>,
-    ) -> Result<Self> {
+    pub fn new(env: &Env, options: NativeEngineOptions, on_complete: Function<'_, (), ()>) -> Result<Self> {
         let (engine, pool) = engine_of(env, &options)?;
         let driver = match RingDriver::new(engine) {
             Ok(d) => d,
@@ -218,21 +201,11 @@ impl NativeRing {
         let mut async_ctx = ptr::null_mut();
         // SAFETY: napi calls on the JavaScript thread with live values of this env.
         unsafe {
-            check(sys::napi_create_reference(
-                raw,
-                on_complete.value().value,
-                1,
-                &mut callback,
-            ))?;
+            check(sys::napi_create_reference(raw, on_complete.value().value, 1, &mut callback))?;
             let mut resource = ptr::null_mut();
             let mut name = ptr::null_mut();
             check(sys::napi_create_object(raw, &mut resource))?;
-            check(sys::napi_create_string_utf8(
-                raw,
-                c"ubcache:io".as_ptr(),
-                10,
-                &mut name,
-            ))?;
+            check(sys::napi_create_string_utf8(raw, c"ubcache:io".as_ptr(), 10, &mut name))?;
             check(sys::napi_async_init(raw, resource, name, &mut async_ctx))?;
         }
         let glue = Box::new(Glue {
@@ -285,12 +258,7 @@ impl NativeRing {
 
     /// Opens a file or block device and adds it to the engine.
     #[napi]
-    pub fn open_device(
-        &self,
-        env: &Env,
-        path: String,
-        options: Option<NativeOpenOptions>,
-    ) -> Result<NativeDevice> {
+    pub fn open_device(&self, env: &Env, path: String, options: Option<NativeOpenOptions>) -> Result<NativeDevice> {
         let (dev, info) = open_device(env, &path, options)?;
         let added = self.glue.driver.borrow_mut().add_device(dev);
         match added {
@@ -326,21 +294,9 @@ impl NativeRing {
 
     /// Writes a copy of `data` at `offset`. Returns the completions already known.
     #[napi(ts_return_type = "Array<number | Buffer | [string, string] | undefined> | undefined")]
-    pub fn write(
-        &self,
-        env: &Env,
-        tag: f64,
-        dev: u32,
-        offset: f64,
-        data: &[u8],
-    ) -> Result<Option<Batch>> {
+    pub fn write(&self, env: &Env, tag: f64, dev: u32, offset: f64, data: &[u8]) -> Result<Option<Batch>> {
         let offset = to_u64(env, "offset", offset)?;
-        let req = IoRequest::write(
-            DevId(dev),
-            offset,
-            self.glue.pool.copy_from(data),
-            tag as u64,
-        );
+        let req = IoRequest::write(DevId(dev), offset, self.glue.pool.copy_from(data), tag as u64);
         self.submit(env, vec![req])
     }
 
@@ -358,11 +314,7 @@ impl NativeRing {
         // Requests the caller did not wait for: finish them here rather than lose them.
         let mut left = Vec::new();
         while self.glue.driver.borrow().in_flight() > 0 {
-            let got = self
-                .glue
-                .driver
-                .borrow_mut()
-                .wait(Some(std::time::Duration::from_secs(1)));
+            let got = self.glue.driver.borrow_mut().wait(Some(std::time::Duration::from_secs(1)));
             match got {
                 Ok(b) => left.extend(b),
                 Err(e) => return throw(env, e),
@@ -402,11 +354,7 @@ impl NativeRing {
         // SAFETY: napi calls on the JavaScript thread; the hook, reference and async context
         // were created in `new` and are released only here (handle non-null guards reentry).
         unsafe {
-            sys::napi_remove_env_cleanup_hook(
-                g.env,
-                Some(on_env_cleanup),
-                &**g as *const Glue as *mut c_void,
-            );
+            sys::napi_remove_env_cleanup_hook(g.env, Some(on_env_cleanup), &**g as *const Glue as *mut c_void);
             // The callback closes over the JavaScript object that owns this one: hold it
             // weakly from now on, so the pair can be collected.
             let mut count = 0;
@@ -431,9 +379,6 @@ fn check(status: sys::napi_status) -> Result<()> {
     if status == sys::Status::napi_ok {
         Ok(())
     } else {
-        Err(napi::Error::new(
-            Status::from(status),
-            "napi call failed".to_string(),
-        ))
+        Err(napi::Error::new(Status::from(status), "napi call failed".to_string()))
     }
 }

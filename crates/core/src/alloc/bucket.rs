@@ -143,10 +143,7 @@ mod tests {
         b.set_mark(GcMark::Dirty);
         assert_eq!((b.mark(), b.sectors_used()), (GcMark::Dirty, 1000));
         b.set_sectors_used(1 << 20);
-        assert_eq!(
-            (b.mark(), b.sectors_used()),
-            (GcMark::Dirty, MAX_GC_SECTORS_USED)
-        );
+        assert_eq!((b.mark(), b.sectors_used()), (GcMark::Dirty, MAX_GC_SECTORS_USED));
         b.set_mark(GcMark::Unused);
         assert_eq!(b.sectors_used(), MAX_GC_SECTORS_USED);
     }

@@ -109,8 +109,7 @@ impl CacheAlloc {
     /// [`super::Allocator::prio_write_begin`] takes (`Reserve::None` first, then the prio reserve).
     #[inline]
     pub fn prio_write_placeable(&self) -> bool {
-        self.free[Reserve::None as usize].len() + self.free[Reserve::Prio as usize].len()
-            >= self.prio_nr
+        self.free[Reserve::None as usize].len() + self.free[Reserve::Prio as usize].len() >= self.prio_nr
     }
 
     #[inline]
@@ -250,13 +249,7 @@ impl CacheAlloc {
 
 /// Fills `heap` with the `cap` smallest LRU keys (weight << 32 | index) among the buckets from
 /// `first` on that can be invalidated.
-pub(crate) fn lru_scan(
-    buckets: &[Bucket],
-    first: usize,
-    min_prio: u16,
-    heap: &mut BinaryHeap<u64>,
-    cap: usize,
-) {
+pub(crate) fn lru_scan(buckets: &[Bucket], first: usize, min_prio: u16, heap: &mut BinaryHeap<u64>, cap: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
@@ -296,13 +289,7 @@ pub(crate) fn lru_scan_scalar(
 /// bucket of equal weight has the larger key.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn lru_scan_avx2(
-    buckets: &[Bucket],
-    first: usize,
-    min_prio: u16,
-    heap: &mut BinaryHeap<u64>,
-    cap: usize,
-) {
+unsafe fn lru_scan_avx2(buckets: &[Bucket], first: usize, min_prio: u16, heap: &mut BinaryHeap<u64>, cap: usize) {
     use std::arch::x86_64::*;
     const _: () = assert!(std::mem::size_of::<Bucket>() == 8);
     let base = u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8);
@@ -327,10 +314,7 @@ unsafe fn lru_scan_avx2(
         // (prio + base) < 2^17 and sectors < 2^14: a 32x32 multiply is exact.
         let weights = _mm256_mul_epu32(_mm256_add_epi64(prio, base_v), sectors);
         let idle = _mm256_cmpeq_epi64(_mm256_and_si256(w, busy), zero);
-        let gc_gen = _mm256_and_si256(
-            _mm256_sub_epi64(_mm256_srli_epi64::<48>(w), _mm256_srli_epi64::<56>(w)),
-            byte,
-        );
+        let gc_gen = _mm256_and_si256(_mm256_sub_epi64(_mm256_srli_epi64::<48>(w), _mm256_srli_epi64::<56>(w)), byte);
         let gen_ok = _mm256_cmpgt_epi64(gen_max, gc_gen);
         let bar = _mm256_set1_epi64x((worst >> 32) as i64);
         let light = _mm256_cmpgt_epi64(bar, weights);
@@ -377,12 +361,7 @@ fn weight(prio: u16, sectors: u32, min_prio: u16, base: u64) -> u64 {
 /// The LRU ordering key of a bucket with this prio and sectors used, given the set's
 /// `min_prio` (smaller is invalidated first).
 pub fn lru_weight(prio: u16, sectors_used: u32, min_prio: u16) -> u64 {
-    weight(
-        prio,
-        sectors_used,
-        min_prio,
-        u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8),
-    )
+    weight(prio, sectors_used, min_prio, u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8))
 }
 
 #[cfg(test)]
@@ -400,31 +379,14 @@ mod tests {
         };
         (0..n)
             .map(|_| {
-                let mut b = Bucket {
-                    prio: (next() % 70000).min(65535) as u16,
-                    gen: next() as u8,
-                    ..Bucket::default()
-                };
+                let mut b = Bucket { prio: (next() % 70000).min(65535) as u16, gen: next() as u8, ..Bucket::default() };
                 b.last_gc = b.gen.wrapping_sub((next() % 110) as u8);
                 b.set_mark(
-                    [
-                        GcMark::Unused,
-                        GcMark::Reclaimable,
-                        GcMark::Reclaimable,
-                        GcMark::Dirty,
-                        GcMark::Metadata,
-                    ][(next() % 5) as usize],
+                    [GcMark::Unused, GcMark::Reclaimable, GcMark::Reclaimable, GcMark::Dirty, GcMark::Metadata]
+                        [(next() % 5) as usize],
                 );
-                b.set_sectors_used(if next() % 4 == 0 {
-                    1024
-                } else {
-                    (next() % 20000) as u32
-                });
-                b.pin = if next() % 6 == 0 {
-                    (next() % 3) as u16
-                } else {
-                    0
-                };
+                b.set_sectors_used(if next() % 4 == 0 { 1024 } else { (next() % 20000) as u32 });
+                b.pin = if next() % 6 == 0 { (next() % 3) as u16 } else { 0 };
                 b
             })
             .collect()

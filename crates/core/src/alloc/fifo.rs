@@ -14,13 +14,7 @@ impl Fifo {
     pub fn new(cap: usize) -> Fifo {
         // The ring is a power of two so wrapping is a mask; `cap` still bounds the length.
         let size = cap.max(1).next_power_of_two();
-        Fifo {
-            buf: vec![0; size].into_boxed_slice(),
-            mask: size - 1,
-            head: 0,
-            len: 0,
-            cap,
-        }
+        Fifo { buf: vec![0; size].into_boxed_slice(), mask: size - 1, head: 0, len: 0, cap }
     }
 
     #[inline]
@@ -81,10 +75,7 @@ mod tests {
         assert_eq!(f.pop(), Some(1));
         assert!(f.push(4));
         assert_eq!(f.iter().collect::<Vec<_>>(), vec![2, 3, 4]);
-        assert_eq!(
-            (f.pop(), f.pop(), f.pop(), f.pop()),
-            (Some(2), Some(3), Some(4), None)
-        );
+        assert_eq!((f.pop(), f.pop(), f.pop(), f.pop()), (Some(2), Some(3), Some(4), None));
         assert!(f.is_empty());
     }
 

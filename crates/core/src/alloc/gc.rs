@@ -40,9 +40,7 @@ impl Allocator {
     /// never wrap round to look valid again while the key exists.
     pub fn gc_mark_ptr(&mut self, ptr: Ptr, sectors: u32, kind: PtrKind) -> Result<u8> {
         if !self.gc_running {
-            return Err(inval(
-                "pointers are marked only between gc_start and gc_finish".into(),
-            ));
+            return Err(inval("pointers are marked only between gc_start and gc_finish".into()));
         }
         let bucket = self.ptr_bucket(ptr)?;
         let b = &mut self.caches[ptr.dev as usize].buckets[bucket as usize];
@@ -59,11 +57,7 @@ impl Allocator {
             (PtrKind::Clean, GcMark::Unused) => b.set_mark(GcMark::Reclaimable),
             _ => {}
         }
-        b.set_sectors_used(
-            b.sectors_used()
-                .saturating_add(sectors)
-                .min(MAX_GC_SECTORS_USED),
-        );
+        b.set_sectors_used(b.sectors_used().saturating_add(sectors).min(MAX_GC_SECTORS_USED));
         Ok(0)
     }
 
@@ -71,9 +65,7 @@ impl Allocator {
     /// bucket). Prio chains are marked by the allocator itself.
     pub fn gc_mark_metadata_bucket(&mut self, dev: u8, bucket: u64) -> Result<()> {
         if !self.gc_running {
-            return Err(inval(
-                "buckets are marked only between gc_start and gc_finish".into(),
-            ));
+            return Err(inval("buckets are marked only between gc_start and gc_finish".into()));
         }
         let bucket_size = self.bucket_size;
         let c = self.cache_mut(dev)?;

@@ -66,9 +66,7 @@ mod open_bucket;
 pub mod prio;
 mod stats;
 
-pub use bucket::{
-    gen_after, BucketInfo, GcMark, BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO, MAX_GC_SECTORS_USED,
-};
+pub use bucket::{gen_after, BucketInfo, GcMark, BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO, MAX_GC_SECTORS_USED};
 pub use cache::lru_weight;
 pub use gc::PtrKind;
 pub use open_bucket::{DataWrite, SectorAlloc, MAX_OPEN_BUCKETS};
@@ -101,12 +99,7 @@ pub(crate) const RESERVE_NR: usize = 4;
 
 impl Reserve {
     /// All reserves, in bcache's order.
-    pub const ALL: [Reserve; RESERVE_NR] = [
-        Reserve::Btree,
-        Reserve::Prio,
-        Reserve::MovingGc,
-        Reserve::None,
-    ];
+    pub const ALL: [Reserve; RESERVE_NR] = [Reserve::Btree, Reserve::Prio, Reserve::MovingGc, Reserve::None];
 }
 
 /// How a device picks the buckets to invalidate (bcache's `cache_replacement`).
@@ -222,10 +215,7 @@ impl Allocator {
             )));
         }
         if cfg.block_size == 0 || !cfg.block_size.is_power_of_two() {
-            return Err(inval(format!(
-                "block size of {} sectors is not a power of two",
-                cfg.block_size
-            )));
+            return Err(inval(format!("block size of {} sectors is not a power of two", cfg.block_size)));
         }
         if cfg.bucket_size < 8 || !cfg.bucket_size.is_multiple_of(cfg.block_size) {
             return Err(inval(format!(
@@ -342,10 +332,7 @@ impl Allocator {
 
     /// Buckets waiting on one free list, in the order they will be handed out.
     pub fn free_list(&self, dev: u8, reserve: Reserve) -> Result<Vec<u64>> {
-        Ok(self.cache(dev)?.free[reserve as usize]
-            .iter()
-            .map(u64::from)
-            .collect())
+        Ok(self.cache(dev)?.free[reserve as usize].iter().map(u64::from).collect())
     }
 
     /// Capacity of one free list (bcache's sizing).
@@ -375,21 +362,15 @@ impl Allocator {
 
     fn cache(&self, dev: u8) -> Result<&CacheAlloc> {
         self.caches.get(dev as usize).ok_or_else(|| {
-            Error::new(
-                ErrorKind::OutOfRange,
-                format!("no cache device {dev} in this set of {}", self.caches.len()),
-            )
+            Error::new(ErrorKind::OutOfRange, format!("no cache device {dev} in this set of {}", self.caches.len()))
         })
     }
 
     fn cache_mut(&mut self, dev: u8) -> Result<&mut CacheAlloc> {
         let n = self.caches.len();
-        self.caches.get_mut(dev as usize).ok_or_else(|| {
-            Error::new(
-                ErrorKind::OutOfRange,
-                format!("no cache device {dev} in this set of {n}"),
-            )
-        })
+        self.caches
+            .get_mut(dev as usize)
+            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, format!("no cache device {dev} in this set of {n}")))
     }
 
     /// The device and bucket a pointer points into.
@@ -404,10 +385,7 @@ impl Allocator {
     /// pointer is still valid.
     pub fn ptr_stale(&self, ptr: Ptr) -> Result<u8> {
         let bucket = self.ptr_bucket(ptr)?;
-        Ok(gen_after(
-            self.caches[ptr.dev as usize].buckets[bucket as usize].gen,
-            ptr.gen,
-        ))
+        Ok(gen_after(self.caches[ptr.dev as usize].buckets[bucket as usize].gen, ptr.gen))
     }
 
     /// A pointer is valid when its device and bucket exist and its gen is current.
@@ -419,11 +397,7 @@ impl Allocator {
     pub fn bucket_ptr(&self, dev: u8, bucket: u64) -> Result<Ptr> {
         let c = self.cache(dev)?;
         let i = check_bucket(c, dev, bucket)?;
-        Ok(Ptr {
-            dev,
-            gen: c.buckets[i].gen,
-            offset: bucket * u64::from(self.bucket_size),
-        })
+        Ok(Ptr { dev, gen: c.buckets[i].gen, offset: bucket * u64::from(self.bucket_size) })
     }
 
     /// Takes one bucket from a device's free lists: `Reserve::None` first, then `reserve`. The
@@ -438,18 +412,12 @@ impl Allocator {
             None => match c.free[reserve as usize].pop() {
                 Some(r) => r,
                 None => {
-                    return Err(Error::new(
-                        ErrorKind::NoSpace,
-                        format!("cache {dev}: no free bucket for {reserve:?}"),
-                    ))
+                    return Err(Error::new(ErrorKind::NoSpace, format!("cache {dev}: no free bucket for {reserve:?}")))
                 }
             },
         };
         let b = &mut c.buckets[r as usize];
-        debug_assert_eq!(
-            b.pin, 1,
-            "bucket {r} on a free list must carry exactly the allocator's pin"
-        );
+        debug_assert_eq!(b.pin, 1, "bucket {r} on a free list must carry exactly the allocator's pin");
         b.set_sectors_used(bucket_size);
         let prio = if matches!(reserve, Reserve::Btree | Reserve::Prio) {
             b.set_mark(GcMark::Metadata);
@@ -472,14 +440,10 @@ impl Allocator {
     /// nothing: on failure the buckets already taken are given back.
     pub fn alloc_set(&mut self, reserve: Reserve, n: usize) -> Result<Vec<Ptr>> {
         if n == 0 || n > self.caches.len() {
-            return Err(inval(format!(
-                "cannot allocate on {n} of {} cache devices",
-                self.caches.len()
-            )));
+            return Err(inval(format!("cannot allocate on {n} of {} cache devices", self.caches.len())));
         }
         let mut order: Vec<u8> = (0..self.caches.len() as u8).collect();
-        let room =
-            |c: &CacheAlloc| c.free[Reserve::None as usize].len() + c.free[reserve as usize].len();
+        let room = |c: &CacheAlloc| c.free[Reserve::None as usize].len() + c.free[reserve as usize].len();
         order.sort_by_key(|&d| std::cmp::Reverse(room(&self.caches[d as usize])));
         let mut ptrs = Vec::with_capacity(n);
         for &dev in &order[..n] {
@@ -519,10 +483,7 @@ impl Allocator {
         let i = check_bucket(c, dev, bucket)?;
         let b = &mut c.buckets[i];
         b.pin = b.pin.checked_add(1).ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("cache {dev} bucket {bucket}: pin count overflow"),
-            )
+            Error::new(ErrorKind::InvalidArgument, format!("cache {dev} bucket {bucket}: pin count overflow"))
         })?;
         Ok(())
     }
@@ -534,10 +495,7 @@ impl Allocator {
         let i = check_bucket(c, dev, bucket)?;
         let b = &mut c.buckets[i];
         b.pin = b.pin.checked_sub(1).ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("cache {dev} bucket {bucket} is not pinned"),
-            )
+            Error::new(ErrorKind::InvalidArgument, format!("cache {dev} bucket {bucket} is not pinned"))
         })?;
         Ok(())
     }
@@ -677,9 +635,7 @@ impl Allocator {
 
     /// Polls every device; returns `(dev, step)` for each.
     pub fn poll_all(&mut self) -> Result<Vec<(u8, Step)>> {
-        (0..self.caches.len() as u8)
-            .map(|d| Ok((d, self.poll(d)?)))
-            .collect()
+        (0..self.caches.len() as u8).map(|d| Ok((d, self.poll(d)?))).collect()
     }
 
     /// The discard the engine was asked for by [`Step::Discard`] is done.
@@ -696,9 +652,7 @@ impl Allocator {
                 }
                 Ok(())
             }
-            _ => Err(inval(format!(
-                "cache {dev}: no discard of bucket {bucket} in flight"
-            ))),
+            _ => Err(inval(format!("cache {dev}: no discard of bucket {bucket} in flight"))),
         }
     }
 
@@ -727,10 +681,7 @@ impl Allocator {
         for slot in buckets.iter_mut().rev() {
             *slot = self.bucket_alloc(dev, Reserve::Prio)?;
         }
-        self.caches[dev as usize].prio_inflight = Some(PrioInFlight {
-            buckets: buckets.clone(),
-            seq,
-        });
+        self.caches[dev as usize].prio_inflight = Some(PrioInFlight { buckets: buckets.clone(), seq });
         Ok(PrioWrite { buckets, seq })
     }
 
@@ -744,16 +695,10 @@ impl Allocator {
             return Err(inval(format!("cache {dev}: no prio write in flight")));
         };
         if buf.len() != bucket_bytes {
-            return Err(inval(format!(
-                "prio bucket buffer is {} bytes, a bucket is {bucket_bytes}",
-                buf.len()
-            )));
+            return Err(inval(format!("prio bucket buffer is {} bytes, a bucket is {bucket_bytes}", buf.len())));
         }
         if link >= w.buckets.len() {
-            return Err(inval(format!(
-                "prio chain of {} links has no link {link}",
-                w.buckets.len()
-            )));
+            return Err(inval(format!("prio chain of {} links has no link {link}", w.buckets.len())));
         }
         let (seq, next) = (w.seq, w.buckets.get(link + 1).copied().unwrap_or(0));
         let per = prio::prios_per_bucket(bucket_bytes);
@@ -818,9 +763,7 @@ impl Allocator {
         F: FnMut(u64, &mut [u8]) -> Result<()>,
     {
         if self.started || self.gc_running {
-            return Err(inval(format!(
-                "cache {dev}: prios are read only before the allocator starts"
-            )));
+            return Err(inval(format!("cache {dev}: prios are read only before the allocator starts")));
         }
         let bucket_bytes = self.bucket_size as usize * 512;
         let magic = self.pset_magic;
@@ -886,28 +829,19 @@ impl Allocator {
             for b in held {
                 let i = b as usize;
                 if i < c.first_bucket as usize || i >= seen.len() {
-                    return corrupt(format!(
-                        "cache {dev}: bucket {b} on a free list is out of range"
-                    ));
+                    return corrupt(format!("cache {dev}: bucket {b} on a free list is out of range"));
                 }
                 if std::mem::replace(&mut seen[i], true) {
-                    return corrupt(format!(
-                        "cache {dev}: bucket {b} is on the free lists twice"
-                    ));
+                    return corrupt(format!("cache {dev}: bucket {b} is on the free lists twice"));
                 }
                 if c.buckets[i].pin != 1 {
-                    return corrupt(format!(
-                        "cache {dev}: free bucket {b} has pin count {}",
-                        c.buckets[i].pin
-                    ));
+                    return corrupt(format!("cache {dev}: free bucket {b} has pin count {}", c.buckets[i].pin));
                 }
             }
             let inflight = c.prio_inflight.iter().flat_map(|w| w.buckets.iter());
             for &b in c.prio_buckets.iter().chain(inflight) {
                 if seen.get(b as usize).copied().unwrap_or(true) {
-                    return corrupt(format!(
-                        "cache {dev}: prio bucket {b} is also free or out of range"
-                    ));
+                    return corrupt(format!("cache {dev}: prio bucket {b} is also free or out of range"));
                 }
             }
             for (i, b) in c.buckets.iter().enumerate() {
@@ -933,10 +867,7 @@ fn check_bucket(c: &CacheAlloc, dev: u8, bucket: u64) -> Result<usize> {
     if bucket >= c.nbuckets {
         return Err(Error::new(
             ErrorKind::OutOfRange,
-            format!(
-                "cache {dev}: bucket {bucket} is past the last ({})",
-                c.nbuckets - 1
-            ),
+            format!("cache {dev}: bucket {bucket} is past the last ({})", c.nbuckets - 1),
         ));
     }
     Ok(bucket as usize)

@@ -55,10 +55,7 @@ pub(crate) struct OpenBuckets {
 
 impl OpenBuckets {
     pub fn new() -> OpenBuckets {
-        OpenBuckets {
-            slots: vec![OpenBucket::default(); MAX_OPEN_BUCKETS],
-            lru: (0..MAX_OPEN_BUCKETS as u8).collect(),
-        }
+        OpenBuckets { slots: vec![OpenBucket::default(); MAX_OPEN_BUCKETS], lru: (0..MAX_OPEN_BUCKETS as u8).collect() }
     }
 
     /// bcache's `pick_data_bucket`, most recent first: the bucket this write continues, else
@@ -110,11 +107,7 @@ impl Allocator {
             self.open.slots[slot].sectors_free = 0;
         }
         if self.open.slots[slot].sectors_free == 0 {
-            let reserve = if w.moving_gc {
-                Reserve::MovingGc
-            } else {
-                Reserve::None
-            };
+            let reserve = if w.moving_gc { Reserve::MovingGc } else { Reserve::None };
             let p = self.alloc_set(reserve, 1)?[0];
             let ob = &mut self.open.slots[slot];
             ob.ptr = p;
@@ -131,10 +124,7 @@ impl Allocator {
             // The key takes its own pin; otherwise the open bucket's pin passes to the key.
             self.pin(ob.ptr.dev, bucket)?;
         }
-        let out = SectorAlloc {
-            ptr: ob.ptr,
-            sectors,
-        };
+        let out = SectorAlloc { ptr: ob.ptr, sectors };
         let ob = &mut self.open.slots[slot];
         ob.inode = w.inode;
         ob.offset = w.offset + u64::from(sectors);
@@ -165,10 +155,6 @@ impl Allocator {
 
     /// Open buckets that still have room.
     pub fn open_buckets_in_use(&self) -> usize {
-        self.open
-            .slots
-            .iter()
-            .filter(|o| o.sectors_free > 0)
-            .count()
+        self.open.slots.iter().filter(|o| o.sectors_free > 0).count()
     }
 }

@@ -64,23 +64,14 @@ pub struct PrioSetHeader {
 /// Writes one prio bucket into `buf` (the whole bucket): the header, the `(prio, gen)` entries
 /// in order, zeroes after them, and the checksum last. Fails if `buf` is too small or more
 /// entries are given than fit.
-pub fn encode_prio_set<I>(
-    buf: &mut [u8],
-    magic: u64,
-    seq: u64,
-    next_bucket: u64,
-    entries: I,
-) -> Result<()>
+pub fn encode_prio_set<I>(buf: &mut [u8], magic: u64, seq: u64, next_bucket: u64, entries: I) -> Result<()>
 where
     I: IntoIterator<Item = (u16, u8)>,
 {
     if buf.len() < PRIO_SET_HEADER_BYTES + PRIO_ENTRY_BYTES {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            format!(
-                "prio bucket buffer of {} bytes cannot hold a header and one entry",
-                buf.len()
-            ),
+            format!("prio bucket buffer of {} bytes cannot hold a header and one entry", buf.len()),
         ));
     }
     let per = prios_per_bucket(buf.len());
@@ -90,10 +81,7 @@ where
     let mut slots = body.chunks_exact_mut(PRIO_ENTRY_BYTES);
     for (prio, gen) in entries {
         let Some(slot) = slots.next() else {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("more than {per} entries for one prio bucket"),
-            ));
+            return Err(Error::new(ErrorKind::InvalidArgument, format!("more than {per} entries for one prio bucket")));
         };
         let p = prio.to_le_bytes();
         slot.copy_from_slice(&[p[0], p[1], gen]);
@@ -116,10 +104,7 @@ pub(crate) fn write_header(buf: &mut [u8], magic: u64, seq: u64, next_bucket: u6
 /// Writes the `(prio, gen)` entries of `src` at the start of `out` (a prio bucket's body:
 /// `src.len() * 3` bytes, plus scratch bytes after them that may be overwritten with zeroes).
 pub(crate) fn encode_entries(src: &[Bucket], out: &mut [u8]) {
-    assert!(
-        out.len() >= src.len() * PRIO_ENTRY_BYTES,
-        "prio bucket body too small"
-    );
+    assert!(out.len() >= src.len() * PRIO_ENTRY_BYTES, "prio bucket body too small");
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
@@ -146,11 +131,7 @@ pub(crate) fn encode_entries_scalar(src: &[Bucket], out: &mut [u8]) {
         }
         o.copy_from_slice(&w);
     }
-    for (o, b) in outs
-        .into_remainder()
-        .chunks_exact_mut(3)
-        .zip(ins.remainder())
-    {
+    for (o, b) in outs.into_remainder().chunks_exact_mut(3).zip(ins.remainder()) {
         let p = b.prio.to_le_bytes();
         o.copy_from_slice(&[p[0], p[1], b.gen]);
     }
@@ -174,14 +155,8 @@ unsafe fn encode_entries_ssse3(src: &[Bucket], out: &mut [u8]) -> usize {
         unsafe {
             let a = _mm_loadu_si128(src.as_ptr().add(k).cast::<__m128i>());
             let b = _mm_loadu_si128(src.as_ptr().add(k + 2).cast::<__m128i>());
-            let v = _mm_or_si128(
-                _mm_shuffle_epi8(a, first_two),
-                _mm_shuffle_epi8(b, last_two),
-            );
-            _mm_storeu_si128(
-                out.as_mut_ptr().add(k * PRIO_ENTRY_BYTES).cast::<__m128i>(),
-                v,
-            );
+            let v = _mm_or_si128(_mm_shuffle_epi8(a, first_two), _mm_shuffle_epi8(b, last_two));
+            _mm_storeu_si128(out.as_mut_ptr().add(k * PRIO_ENTRY_BYTES).cast::<__m128i>(), v);
         }
         k += 4;
     }
@@ -200,10 +175,7 @@ pub fn decode_prio_set_header(buf: &[u8], magic: u64, bucket: u64) -> Result<Pri
     if buf.len() < PRIO_SET_HEADER_BYTES + PRIO_ENTRY_BYTES {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            format!(
-                "prio bucket {bucket}: buffer of {} bytes is too small",
-                buf.len()
-            ),
+            format!("prio bucket {bucket}: buffer of {} bytes is too small", buf.len()),
         ));
     }
     let h = PrioSetHeader {
@@ -217,19 +189,13 @@ pub fn decode_prio_set_header(buf: &[u8], magic: u64, bucket: u64) -> Result<Pri
     if h.csum != want {
         return Err(Error::new(
             ErrorKind::ChecksumMismatch,
-            format!(
-                "prio bucket {bucket}: checksum {:#018x}, computed {want:#018x}",
-                h.csum
-            ),
+            format!("prio bucket {bucket}: checksum {:#018x}, computed {want:#018x}", h.csum),
         ));
     }
     if h.magic != magic {
         return Err(Error::new(
             ErrorKind::MagicMismatch,
-            format!(
-                "prio bucket {bucket}: magic {:#018x}, expected {magic:#018x}",
-                h.magic
-            ),
+            format!("prio bucket {bucket}: magic {:#018x}, expected {magic:#018x}", h.magic),
         ));
     }
     Ok(h)
@@ -262,14 +228,7 @@ mod tests {
     #[test]
     fn header_layout_is_little_endian_at_fixed_offsets() {
         let mut buf = vec![0xAAu8; 4096];
-        encode_prio_set(
-            &mut buf,
-            0x1122_3344_5566_7788,
-            9,
-            77,
-            [(0x0102, 3), (0xFFFF, 255)],
-        )
-        .unwrap();
+        encode_prio_set(&mut buf, 0x1122_3344_5566_7788, 9, 77, [(0x0102, 3), (0xFFFF, 255)]).unwrap();
         assert_eq!(&buf[8..16], &0x1122_3344_5566_7788u64.to_le_bytes());
         assert_eq!(&buf[16..24], &9u64.to_le_bytes());
         assert_eq!(&buf[24..32], &[0; 8]);

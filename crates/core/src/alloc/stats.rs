@@ -42,19 +42,12 @@ impl Allocator {
             }
         }
         // Highest prio first; drop never-used (prio 0) buckets and metadata (BTREE_PRIO).
-        let mut prios: Vec<u16> = c.buckets[first..]
-            .iter()
-            .map(|b| b.prio)
-            .filter(|&p| p != 0 && p != BTREE_PRIO)
-            .collect();
+        let mut prios: Vec<u16> =
+            c.buckets[first..].iter().map(|b| b.prio).filter(|&p| p != 0 && p != BTREE_PRIO).collect();
         prios.sort_unstable_by(|a, b| b.cmp(a));
         let n = prios.len();
         let age = |p: u16| INITIAL_PRIO.saturating_sub(p);
-        let average = if n == 0 {
-            0
-        } else {
-            prios.iter().map(|&p| u64::from(age(p))).sum::<u64>() / n as u64
-        };
+        let average = if n == 0 { 0 } else { prios.iter().map(|&p| u64::from(age(p))).sum::<u64>() / n as u64 };
         let mut quantiles = [0u16; 31];
         if n > 0 {
             for (i, q) in quantiles.iter_mut().enumerate() {

@@ -43,11 +43,7 @@ enum Origin {
     /// Our own allocation, freed on drop.
     Heap,
     /// From a pool's size class; `arena` when the memory lies in the pool's registered arena.
-    Pool {
-        pool: Arc<PoolShared>,
-        class: usize,
-        arena: bool,
-    },
+    Pool { pool: Arc<PoolShared>, class: usize, arena: bool },
 }
 
 // SAFETY: the buffer exclusively owns its memory; the pool it returns to is thread-safe.
@@ -60,12 +56,7 @@ impl AlignedBuf {
     pub fn new(len: usize) -> AlignedBuf {
         let cap = round_up(len.max(1), BUF_ALIGN);
         let ptr = heap_alloc(cap, true);
-        AlignedBuf {
-            ptr,
-            len,
-            cap,
-            origin: Origin::Heap,
-        }
+        AlignedBuf { ptr, len, cap, origin: Origin::Heap }
     }
 
     /// An unpooled buffer holding a copy of `data`.
@@ -112,9 +103,7 @@ impl AlignedBuf {
     /// of the buffer in the arena. The io_uring engine uses fixed-buffer opcodes for these.
     pub fn arena_slot(&self) -> Option<(u64, usize)> {
         match &self.origin {
-            Origin::Pool {
-                pool, arena: true, ..
-            } => {
+            Origin::Pool { pool, arena: true, .. } => {
                 let base = pool.arena.as_ref().map(|a| a.ptr.as_ptr() as usize)?;
                 Some((pool.id, self.ptr.as_ptr() as usize - base))
             }
@@ -140,10 +129,7 @@ impl DerefMut for AlignedBuf {
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf")
-            .field("len", &self.len)
-            .field("capacity", &self.cap)
-            .finish()
+        f.debug_struct("AlignedBuf").field("len", &self.len).field("capacity", &self.cap).finish()
     }
 }
 
@@ -159,13 +145,7 @@ impl Drop for AlignedBuf {
 fn heap_alloc(cap: usize, zeroed: bool) -> NonNull<u8> {
     let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer size overflows a Layout");
     // SAFETY: layout has non-zero size (cap >= BUF_ALIGN).
-    let p = unsafe {
-        if zeroed {
-            alloc_zeroed(layout)
-        } else {
-            alloc(layout)
-        }
-    };
+    let p = unsafe { if zeroed { alloc_zeroed(layout) } else { alloc(layout) } };
     match NonNull::new(p) {
         Some(p) => p,
         None => std::alloc::handle_alloc_error(layout),
@@ -190,10 +170,7 @@ pub struct BufPoolConfig {
 
 impl Default for BufPoolConfig {
     fn default() -> Self {
-        BufPoolConfig {
-            arena_bytes: 0,
-            max_cached_bytes_per_class: 64 << 20,
-        }
+        BufPoolConfig { arena_bytes: 0, max_cached_bytes_per_class: 64 << 20 }
     }
 }
 
@@ -234,9 +211,7 @@ unsafe impl Sync for PoolShared {}
 impl PoolShared {
     fn give_back(&self, class: usize, ptr: NonNull<u8>, arena: bool) {
         let size = 1usize << (class as u32 + MIN_CLASS_SHIFT);
-        let mut list = self.classes[class]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut list = self.classes[class].lock().unwrap_or_else(|e| e.into_inner());
         // Arena memory cannot be freed piecemeal, so it always goes back on the list.
         if arena || (list.len() + 1) * size <= self.cfg.max_cached_bytes_per_class {
             list.push((ptr, arena));
@@ -254,16 +229,9 @@ impl PoolShared {
             if start + size > arena.len {
                 return None;
             }
-            match self.arena_used.compare_exchange(
-                used,
-                start + size,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
+            match self.arena_used.compare_exchange(used, start + size, Ordering::AcqRel, Ordering::Relaxed) {
                 // SAFETY: start + size <= arena.len, inside the arena allocation.
-                Ok(_) => {
-                    return Some(unsafe { NonNull::new_unchecked(arena.ptr.as_ptr().add(start)) })
-                }
+                Ok(_) => return Some(unsafe { NonNull::new_unchecked(arena.ptr.as_ptr().add(start)) }),
                 Err(now) => used = now,
             }
         }
@@ -295,10 +263,7 @@ pub struct BufPool {
 
 impl std::fmt::Debug for BufPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BufPool")
-            .field("id", &self.shared.id)
-            .field("stats", &self.stats())
-            .finish()
+        f.debug_struct("BufPool").field("id", &self.shared.id).field("stats", &self.stats()).finish()
     }
 }
 
@@ -313,10 +278,7 @@ impl BufPool {
     pub fn new(cfg: BufPoolConfig) -> BufPool {
         let arena = (cfg.arena_bytes > 0).then(|| {
             let len = round_up(cfg.arena_bytes, BUF_ALIGN);
-            Arena {
-                ptr: heap_alloc(len, true),
-                len,
-            }
+            Arena { ptr: heap_alloc(len, true), len }
         });
         BufPool {
             shared: Arc::new(PoolShared {
@@ -352,10 +314,7 @@ impl BufPool {
             return b;
         }
         let class = (size.trailing_zeros() - MIN_CLASS_SHIFT) as usize;
-        let popped = self.shared.classes[class]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
+        let popped = self.shared.classes[class].lock().unwrap_or_else(|e| e.into_inner()).pop();
         let (ptr, arena) = match popped {
             Some(p) => {
                 self.shared.reused.fetch_add(1, Ordering::Relaxed);
@@ -369,16 +328,7 @@ impl BufPool {
                 }
             }
         };
-        AlignedBuf {
-            ptr,
-            len,
-            cap: size,
-            origin: Origin::Pool {
-                pool: self.shared.clone(),
-                class,
-                arena,
-            },
-        }
+        AlignedBuf { ptr, len, cap: size, origin: Origin::Pool { pool: self.shared.clone(), class, arena } }
     }
 
     /// A buffer of `len` zero bytes.
@@ -437,10 +387,7 @@ mod tests {
 
     #[test]
     fn arena_buffers_report_their_slot_and_overflow_to_heap() {
-        let pool = BufPool::new(BufPoolConfig {
-            arena_bytes: 64 << 10,
-            ..Default::default()
-        });
+        let pool = BufPool::new(BufPoolConfig { arena_bytes: 64 << 10, ..Default::default() });
         let (base, len) = pool.arena().unwrap();
         assert_eq!(len, 64 << 10);
         let a = pool.get(32 << 10);
@@ -450,10 +397,7 @@ mod tests {
         assert_eq!(id, pool.id());
         assert_eq!(a.as_ptr() as usize, base as usize + off);
         assert!(b.arena_slot().is_some());
-        assert!(
-            c.arena_slot().is_none(),
-            "arena is full, so this one comes from the heap"
-        );
+        assert!(c.arena_slot().is_none(), "arena is full, so this one comes from the heap");
         drop(a);
         let d = pool.get(20000);
         assert!(d.arena_slot().is_some(), "the freed arena buffer is reused");

@@ -56,12 +56,7 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions {
-            write: true,
-            direct: DirectIo::Auto,
-            exclusive: true,
-            create_size: None,
-        }
+        OpenOptions { write: true, direct: DirectIo::Auto, exclusive: true, create_size: None }
     }
 }
 
@@ -91,8 +86,7 @@ impl Device {
                     .create_new(true)
                     .open(path)
                     .map_err(|e| Error::io(format!("{shown}: create"), e))?;
-                f.set_len(opts.create_size.unwrap_or(0))
-                    .map_err(|e| Error::io(format!("{shown}: set size"), e))?;
+                f.set_len(opts.create_size.unwrap_or(0)).map_err(|e| Error::io(format!("{shown}: set size"), e))?;
                 f.metadata().map_err(|e| Error::io(format!("{shown}"), e))?
             }
             r => r.map_err(|e| Error::io(format!("{shown}"), e))?,
@@ -100,15 +94,8 @@ impl Device {
         let ft = meta.file_type();
         let is_block_device = ft.is_block_device();
         if !ft.is_file() && !is_block_device {
-            let what = if ft.is_dir() {
-                "a directory"
-            } else {
-                "not a regular file or block device"
-            };
-            return Err(Error::new(
-                ErrorKind::NotADevice,
-                format!("{shown}: {what}"),
-            ));
+            let what = if ft.is_dir() { "a directory" } else { "not a regular file or block device" };
+            return Err(Error::new(ErrorKind::NotADevice, format!("{shown}: {what}")));
         }
 
         let try_direct = opts.direct != DirectIo::Off;
@@ -116,16 +103,9 @@ impl Device {
             Ok(f) => (f, try_direct),
             Err(e) if try_direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 if opts.direct == DirectIo::Require {
-                    return Err(Error::new(
-                        ErrorKind::InvalidArgument,
-                        format!("{shown}: O_DIRECT is not supported here"),
-                    ));
+                    return Err(Error::new(ErrorKind::InvalidArgument, format!("{shown}: O_DIRECT is not supported here")));
                 }
-                (
-                    open_file(path, opts, is_block_device, false)
-                        .map_err(|e| open_error(path, e))?,
-                    false,
-                )
+                (open_file(path, opts, is_block_device, false).map_err(|e| open_error(path, e))?, false)
             }
             Err(e) => return Err(open_error(path, e)),
         };
@@ -144,17 +124,14 @@ impl Device {
             if unsafe { libc::flock(dev.fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!("{shown}: already open by another cache set or process"),
-                    ));
+                    return Err(Error::new(ErrorKind::Busy, format!("{shown}: already open by another cache set or process")));
                 }
                 return Err(Error::io(format!("{shown}: flock"), e));
             }
         }
         if is_block_device {
-            let (size, lbs) = crate::device::block_geometry(dev.fd())
-                .map_err(|(what, e)| Error::io(format!("{shown}: {what}"), e))?;
+            let (size, lbs) =
+                crate::device::block_geometry(dev.fd()).map_err(|(what, e)| Error::io(format!("{shown}: {what}"), e))?;
             dev.size = size;
             dev.logical_block_size = lbs;
             dev.mem_align = lbs;
@@ -173,48 +150,27 @@ impl Device {
                     }
                     DioSupport::Unsupported(why) => {
                         if opts.direct == DirectIo::Require {
-                            return Err(Error::new(
-                                ErrorKind::InvalidArgument,
-                                format!("{shown}: O_DIRECT is not supported ({why})"),
-                            ));
+                            return Err(Error::new(ErrorKind::InvalidArgument, format!("{shown}: O_DIRECT is not supported ({why})")));
                         }
-                        let exclusive = OpenOptions {
-                            exclusive: false,
-                            ..opts.clone()
-                        };
+                        let exclusive = OpenOptions { exclusive: false, ..opts.clone() };
                         // The flock taken above belongs to the old descriptor: take it again.
-                        let file = open_file(path, &exclusive, false, false)
-                            .map_err(|e| open_error(path, e))?;
+                        let file = open_file(path, &exclusive, false, false).map_err(|e| open_error(path, e))?;
                         let old = std::mem::replace(&mut dev.file, file);
                         drop(old);
                         dev.direct = false;
                         if opts.exclusive {
                             // SAFETY: plain syscall on a descriptor we own.
-                            if unsafe { libc::flock(dev.fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
-                            {
-                                return Err(Error::new(
-                                    ErrorKind::Busy,
-                                    format!(
-                                        "{shown}: already open by another cache set or process"
-                                    ),
-                                ));
+                            if unsafe { libc::flock(dev.fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                                return Err(Error::new(ErrorKind::Busy, format!("{shown}: already open by another cache set or process")));
                             }
                         }
-                        warn_once(
-                            "buffered-io",
-                            &format!(
-                                "{shown}: O_DIRECT is not supported ({why}); using buffered I/O"
-                            ),
-                        );
+                        warn_once("buffered-io", &format!("{shown}: O_DIRECT is not supported ({why}); using buffered I/O"));
                     }
                 }
             }
         }
         if try_direct && !dev.direct && !is_block_device && opts.direct == DirectIo::Auto {
-            warn_once(
-                "buffered-io",
-                &format!("{shown}: O_DIRECT is not supported; using buffered I/O"),
-            );
+            warn_once("buffered-io", &format!("{shown}: O_DIRECT is not supported; using buffered I/O"));
         }
         Ok(dev)
     }
@@ -251,20 +207,12 @@ impl Device {
 
     /// Alignment required of offsets and lengths (1 when buffered).
     pub fn alignment(&self) -> u32 {
-        if self.direct {
-            self.logical_block_size
-        } else {
-            1
-        }
+        if self.direct { self.logical_block_size } else { 1 }
     }
 
     /// Alignment required of buffer addresses (1 when buffered).
     pub fn mem_alignment(&self) -> u32 {
-        if self.direct {
-            self.mem_align
-        } else {
-            1
-        }
+        if self.direct { self.mem_align } else { 1 }
     }
 
     /// The raw descriptor, for the engines.
@@ -281,18 +229,11 @@ impl Device {
             IoOp::Read { buf } => ("read", buf.len() as u64),
             IoOp::Write { buf } => ("write", buf.len() as u64),
             IoOp::Readv { bufs } | IoOp::Writev { bufs } => {
-                let what = if matches!(req.op, IoOp::Readv { .. }) {
-                    "readv"
-                } else {
-                    "writev"
-                };
+                let what = if matches!(req.op, IoOp::Readv { .. }) { "readv" } else { "writev" };
                 if bufs.is_empty() || bufs.len() > MAX_IOVECS {
                     return Err(Error::new(
                         ErrorKind::InvalidArgument,
-                        format!(
-                            "{shown}: {what} needs 1 to {MAX_IOVECS} buffers, got {}",
-                            bufs.len()
-                        ),
+                        format!("{shown}: {what} needs 1 to {MAX_IOVECS} buffers, got {}", bufs.len()),
                     ));
                 }
                 for b in bufs {
@@ -302,21 +243,11 @@ impl Device {
             }
             IoOp::Discard { len } => ("discard", *len),
         };
-        if matches!(
-            req.op,
-            IoOp::Write { .. } | IoOp::Writev { .. } | IoOp::Discard { .. }
-        ) && !self.writable
-        {
-            return Err(Error::new(
-                ErrorKind::PermissionDenied,
-                format!("{shown}: {what} on a device opened read-only"),
-            ));
+        if matches!(req.op, IoOp::Write { .. } | IoOp::Writev { .. } | IoOp::Discard { .. }) && !self.writable {
+            return Err(Error::new(ErrorKind::PermissionDenied, format!("{shown}: {what} on a device opened read-only")));
         }
         if len == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("{shown}: zero-length {what} at offset {}", req.offset),
-            ));
+            return Err(Error::new(ErrorKind::InvalidArgument, format!("{shown}: zero-length {what} at offset {}", req.offset)));
         }
         if len > MAX_IO_BYTES && !matches!(req.op, IoOp::Discard { .. }) {
             return Err(Error::new(
@@ -329,10 +260,7 @@ impl Device {
             _ => {
                 return Err(Error::new(
                     ErrorKind::OutOfRange,
-                    format!(
-                        "{shown}: {what} of {len} bytes at offset {} goes past the end ({} bytes)",
-                        req.offset, self.size
-                    ),
+                    format!("{shown}: {what} of {len} bytes at offset {} goes past the end ({} bytes)", req.offset, self.size),
                 ))
             }
         }
@@ -385,28 +313,12 @@ impl Device {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let mut done = 0usize;
         while done < total {
-            let iov = iovecs_from(
-                bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())),
-                done,
-                usize::MAX,
-            );
+            let iov = iovecs_from(bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())), done, usize::MAX);
             // SAFETY: the iovecs point into buffers we hold mutably for the call.
-            let n = unsafe {
-                libc::preadv(
-                    self.fd(),
-                    iov.as_ptr(),
-                    iov.len() as i32,
-                    (offset + done as u64) as i64,
-                )
-            };
+            let n = unsafe { libc::preadv(self.fd(), iov.as_ptr(), iov.len() as i32, (offset + done as u64) as i64) };
             match n {
                 n if n > 0 => done += n as usize,
-                0 => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "device ended before the read did",
-                    ))
-                }
+                0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "device ended before the read did")),
                 _ => {
                     let e = std::io::Error::last_os_error();
                     if !retryable(&e) {
@@ -423,28 +335,12 @@ impl Device {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let mut done = 0usize;
         while done < total {
-            let iov = iovecs_from(
-                bufs.iter().map(|b| (b.as_ptr() as *mut u8, b.len())),
-                done,
-                usize::MAX,
-            );
+            let iov = iovecs_from(bufs.iter().map(|b| (b.as_ptr() as *mut u8, b.len())), done, usize::MAX);
             // SAFETY: the iovecs point into buffers we hold for the call; pwritev only reads.
-            let n = unsafe {
-                libc::pwritev(
-                    self.fd(),
-                    iov.as_ptr(),
-                    iov.len() as i32,
-                    (offset + done as u64) as i64,
-                )
-            };
+            let n = unsafe { libc::pwritev(self.fd(), iov.as_ptr(), iov.len() as i32, (offset + done as u64) as i64) };
             match n {
                 n if n > 0 => done += n as usize,
-                0 => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::WriteZero,
-                        "device accepted no bytes",
-                    ))
-                }
+                0 => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "device accepted no bytes")),
                 _ => {
                     let e = std::io::Error::last_os_error();
                     if !retryable(&e) {
@@ -481,12 +377,7 @@ impl Device {
         loop {
             // SAFETY: plain syscall on a descriptor we own.
             let r = unsafe {
-                libc::fallocate(
-                    self.fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as i64,
-                    len as i64,
-                )
+                libc::fallocate(self.fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
             };
             if r == 0 {
                 return Ok(());
@@ -507,34 +398,28 @@ impl Device {
         let ctx = |what: &str| format!("{shown}: {what} at offset {off}");
         match &mut req.op {
             IoOp::Read { buf } => {
-                self.read_at(buf, off)
-                    .map_err(|e| Error::io(ctx("read"), e))?;
+                self.read_at(buf, off).map_err(|e| Error::io(ctx("read"), e))?;
                 Ok(buf.len() as u64)
             }
             IoOp::Write { buf } => {
-                self.write_at(buf, off)
-                    .map_err(|e| Error::io(ctx("write"), e))?;
+                self.write_at(buf, off).map_err(|e| Error::io(ctx("write"), e))?;
                 Ok(buf.len() as u64)
             }
             IoOp::Readv { bufs } => {
-                self.readv_at(bufs, off)
-                    .map_err(|e| Error::io(ctx("readv"), e))?;
+                self.readv_at(bufs, off).map_err(|e| Error::io(ctx("readv"), e))?;
                 Ok(bufs.iter().map(|b| b.len() as u64).sum())
             }
             IoOp::Writev { bufs } => {
-                self.writev_at(bufs, off)
-                    .map_err(|e| Error::io(ctx("writev"), e))?;
+                self.writev_at(bufs, off).map_err(|e| Error::io(ctx("writev"), e))?;
                 Ok(bufs.iter().map(|b| b.len() as u64).sum())
             }
             IoOp::Flush => {
-                self.sync_data()
-                    .map_err(|e| Error::io(format!("{shown}: fdatasync"), e))?;
+                self.sync_data().map_err(|e| Error::io(format!("{shown}: fdatasync"), e))?;
                 Ok(0)
             }
             IoOp::Discard { len } => {
                 let len = *len;
-                self.discard(off, len)
-                    .map_err(|e| Error::io(ctx("discard"), e))?;
+                self.discard(off, len).map_err(|e| Error::io(ctx("discard"), e))?;
                 Ok(len)
             }
         }
@@ -547,11 +432,7 @@ pub(crate) fn retryable(e: &std::io::Error) -> bool {
 
 /// iovecs covering at most `limit` bytes of the buffers after skipping the first `skip`
 /// bytes (for resuming a short vectored transfer).
-pub(crate) fn iovecs_from(
-    bufs: impl Iterator<Item = (*mut u8, usize)>,
-    mut skip: usize,
-    mut limit: usize,
-) -> Vec<libc::iovec> {
+pub(crate) fn iovecs_from(bufs: impl Iterator<Item = (*mut u8, usize)>, mut skip: usize, mut limit: usize) -> Vec<libc::iovec> {
     let mut out = Vec::new();
     for (p, len) in bufs {
         if skip >= len {
@@ -563,10 +444,7 @@ pub(crate) fn iovecs_from(
         }
         let n = (len - skip).min(limit);
         // SAFETY: skip < len, so the pointer stays inside the buffer.
-        out.push(libc::iovec {
-            iov_base: unsafe { p.add(skip) } as *mut libc::c_void,
-            iov_len: n,
-        });
+        out.push(libc::iovec { iov_base: unsafe { p.add(skip) } as *mut libc::c_void, iov_len: n });
         limit -= n;
         skip = 0;
     }
@@ -581,22 +459,12 @@ fn open_file(path: &Path, opts: &OpenOptions, block: bool, direct: bool) -> std:
     if block && opts.exclusive {
         flags |= libc::O_EXCL;
     }
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(opts.write)
-        .custom_flags(flags)
-        .open(path)
+    std::fs::OpenOptions::new().read(true).write(opts.write).custom_flags(flags).open(path)
 }
 
 fn open_error(path: &Path, e: std::io::Error) -> Error {
     if e.raw_os_error() == Some(libc::EBUSY) {
-        return Error::new(
-            ErrorKind::Busy,
-            format!(
-                "{}: in use (mounted, or opened exclusively elsewhere)",
-                path.display()
-            ),
-        );
+        return Error::new(ErrorKind::Busy, format!("{}: in use (mounted, or opened exclusively elsewhere)", path.display()));
     }
     Error::io(format!("{}", path.display()), e)
 }
@@ -620,23 +488,12 @@ fn dio_alignment(path: &Path, fd: RawFd) -> DioSupport {
     };
     // SAFETY: statx fills the struct we pass; cpath is NUL-terminated.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            cpath.as_ptr(),
-            0,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
+    let r = unsafe { libc::statx(libc::AT_FDCWD, cpath.as_ptr(), 0, libc::STATX_DIOALIGN, &mut stx) };
     if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
         return DioSupport::Unknown;
     }
     if stx.stx_dio_offset_align == 0 {
         return DioSupport::Unsupported("the filesystem reports no O_DIRECT alignment");
     }
-    DioSupport::Aligned {
-        offset: stx.stx_dio_offset_align,
-        mem: stx.stx_dio_mem_align,
-    }
+    DioSupport::Aligned { offset: stx.stx_dio_offset_align, mem: stx.stx_dio_mem_align }
 }

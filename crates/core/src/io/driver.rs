@@ -31,12 +31,7 @@ impl RingDriver {
     /// Takes over `engine`. Fails for engines that cannot signal a descriptor.
     pub fn new(mut engine: Box<dyn IoEngine>) -> Result<RingDriver> {
         let fd = engine.completion_fd()?;
-        Ok(RingDriver {
-            engine,
-            fd,
-            closed: false,
-            batches: 0,
-        })
+        Ok(RingDriver { engine, fd, closed: false, batches: 0 })
     }
 
     /// The descriptor to watch for readability; when it is readable, call [`RingDriver::reap`].
@@ -66,10 +61,7 @@ impl RingDriver {
     /// Hands `reqs` to the device now. Completions that are already known (bad requests,
     /// or I/O that finished at once) are returned here, not through the descriptor.
     /// After [`RingDriver::close`], every request completes with [`ErrorKind::Closed`].
-    pub fn submit_batch(
-        &mut self,
-        reqs: impl IntoIterator<Item = IoRequest>,
-    ) -> Result<Vec<IoCompletion>> {
+    pub fn submit_batch(&mut self, reqs: impl IntoIterator<Item = IoRequest>) -> Result<Vec<IoCompletion>> {
         let mut out = Vec::new();
         if self.closed {
             out.extend(reqs.into_iter().map(|r| {
@@ -143,12 +135,9 @@ mod tests {
     }
 
     fn file(tag: &str) -> (std::path::PathBuf, Vec<u8>) {
-        let dir = std::path::Path::new("/var/tmp")
-            .join(format!("ubcache-driver-{tag}-{}", std::process::id()));
+        let dir = std::path::Path::new("/var/tmp").join(format!("ubcache-driver-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let data: Vec<u8> = (0..1 << 20)
-            .map(|i: u32| i.wrapping_mul(2654435761).to_le_bytes()[3])
-            .collect();
+        let data: Vec<u8> = (0..1 << 20).map(|i: u32| i.wrapping_mul(2654435761).to_le_bytes()[3]).collect();
         let p = dir.join("f");
         std::fs::write(&p, &data).unwrap();
         (p, data)
@@ -160,30 +149,17 @@ mod tests {
     fn completions_arrive_through_the_descriptor() {
         for choice in [EngineChoice::Uring, EngineChoice::Psync] {
             let (p, data) = file(&format!("{choice:?}"));
-            let engine = open_engine(&EngineOptions {
-                choice,
-                ..Default::default()
-            })
-            .unwrap();
+            let engine = open_engine(&EngineOptions { choice, ..Default::default() }).unwrap();
             let mut d = RingDriver::new(engine).unwrap();
-            let id = d
-                .add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap()))
-                .unwrap();
-            let reqs: Vec<_> = (0..64u64)
-                .map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i))
-                .collect();
+            let id = d.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
+            let reqs: Vec<_> = (0..64u64).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).collect();
             let mut got = d.submit_batch(reqs).unwrap();
             // A bad request completes at once, through the return value.
-            let bad = d
-                .submit_batch([IoRequest::read(id, 1 << 20, AlignedBuf::new(4096), 99)])
-                .unwrap();
+            let bad = d.submit_batch([IoRequest::read(id, 1 << 20, AlignedBuf::new(4096), 99)]).unwrap();
             assert_eq!(bad.len(), 1);
             assert_eq!(bad[0].result.as_ref().unwrap_err().code(), "OUT_OF_RANGE");
             while got.len() < 64 {
-                assert!(
-                    readable(d.fd(), 5000),
-                    "{choice:?}: the descriptor signals outstanding completions"
-                );
+                assert!(readable(d.fd(), 5000), "{choice:?}: the descriptor signals outstanding completions");
                 got.extend(d.reap().unwrap());
             }
             assert_eq!(d.in_flight(), 0);
@@ -197,10 +173,7 @@ mod tests {
             if readable(d.fd(), 0) {
                 assert!(d.reap().unwrap().is_empty());
             }
-            assert!(
-                !readable(d.fd(), 20),
-                "{choice:?}: quiet once everything is reaped"
-            );
+            assert!(!readable(d.fd(), 20), "{choice:?}: quiet once everything is reaped");
             std::fs::remove_dir_all(p.parent().unwrap()).unwrap();
         }
     }
@@ -209,24 +182,13 @@ mod tests {
     #[test]
     fn close_completes_in_flight_and_refuses_new() {
         let (p, _) = file("close");
-        let engine = open_engine(&EngineOptions {
-            choice: EngineChoice::Uring,
-            ..Default::default()
-        })
-        .unwrap();
+        let engine = open_engine(&EngineOptions { choice: EngineChoice::Uring, ..Default::default() }).unwrap();
         let mut d = RingDriver::new(engine).unwrap();
-        let id = d
-            .add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap()))
-            .unwrap();
-        let mut got = d
-            .submit_batch(
-                (0..32u64).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)),
-            )
-            .unwrap();
+        let id = d.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
+        let mut got =
+            d.submit_batch((0..32u64).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i))).unwrap();
         d.close();
-        let late = d
-            .submit_batch([IoRequest::read(id, 0, AlignedBuf::new(4096), 100)])
-            .unwrap();
+        let late = d.submit_batch([IoRequest::read(id, 0, AlignedBuf::new(4096), 100)]).unwrap();
         assert_eq!(late[0].result.as_ref().unwrap_err().code(), "CLOSED");
         while got.len() < 32 {
             got.extend(d.wait(Some(Duration::from_secs(5))).unwrap());
@@ -238,11 +200,7 @@ mod tests {
 
     #[test]
     fn engines_without_a_descriptor_are_refused() {
-        let inner = open_engine(&EngineOptions {
-            choice: EngineChoice::Psync,
-            ..Default::default()
-        })
-        .unwrap();
+        let inner = open_engine(&EngineOptions { choice: EngineChoice::Psync, ..Default::default() }).unwrap();
         let fault = crate::io::fault::FaultEngine::new(inner);
         assert!(RingDriver::new(Box::new(fault)).is_err());
     }

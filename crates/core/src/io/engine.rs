@@ -64,9 +64,7 @@ pub struct IoThreadOptions {
 
 impl Default for IoThreadOptions {
     fn default() -> Self {
-        IoThreadOptions {
-            spin: Duration::ZERO,
-        }
+        IoThreadOptions { spin: Duration::ZERO }
     }
 }
 
@@ -94,11 +92,7 @@ impl IoThread {
     }
 
     /// Starts a thread that owns `engine` and feeds completions to `sink`.
-    pub fn spawn_with<E: IoEngine + 'static>(
-        mut engine: E,
-        sink: CompletionSink,
-        opts: IoThreadOptions,
-    ) -> Result<IoThread> {
+    pub fn spawn_with<E: IoEngine + 'static>(mut engine: E, sink: CompletionSink, opts: IoThreadOptions) -> Result<IoThread> {
         let doorbell = Arc::new(EventFd::new()?);
         engine.set_waker(doorbell.clone())?;
         let kind = engine.kind();
@@ -116,11 +110,7 @@ impl IoThread {
             .name("ubcache-io".into())
             .spawn(move || run(engine, &s, sink, opts.spin))
             .map_err(|e| Error::io("spawn engine thread", e))?;
-        Ok(IoThread {
-            shared,
-            join: Mutex::new(Some(join)),
-            kind,
-        })
+        Ok(IoThread { shared, join: Mutex::new(Some(join)), kind })
     }
 
     /// The engine the thread drives.
@@ -148,10 +138,7 @@ impl IoThread {
     /// Enqueues one request; its completion reaches the sink.
     pub fn submit(&self, req: IoRequest) -> std::result::Result<(), Rejected> {
         self.push([Cmd::Io(req)]).map_err(|mut v| match v.pop() {
-            Some(Cmd::Io(request)) => Rejected {
-                error: closed(),
-                request,
-            },
+            Some(Cmd::Io(request)) => Rejected { error: closed(), request },
             _ => unreachable!("pushed one Io command"),
         })
     }
@@ -162,10 +149,7 @@ impl IoThread {
         self.push(reqs.into_iter().map(Cmd::Io)).map_err(|v| {
             v.into_iter()
                 .filter_map(|c| match c {
-                    Cmd::Io(request) => Some(Rejected {
-                        error: closed(),
-                        request,
-                    }),
+                    Cmd::Io(request) => Some(Rejected { error: closed(), request }),
                     _ => None,
                 })
                 .collect()
@@ -189,10 +173,7 @@ impl IoThread {
     }
 
     /// Runs `f` with the engine on the engine thread and returns its result.
-    pub fn with_engine<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut dyn IoEngine) -> T + Send + 'static,
-    ) -> Result<T> {
+    pub fn with_engine<T: Send + 'static>(&self, f: impl FnOnce(&mut dyn IoEngine) -> T + Send + 'static) -> Result<T> {
         let (tx, rx) = mpsc::channel();
         self.push([Cmd::With(Box::new(move |e| {
             let _ = tx.send(f(e));
@@ -275,10 +256,7 @@ fn run<E: IoEngine>(mut engine: E, s: &Shared, mut sink: CompletionSink, spin: D
             // microseconds: catching that without a doorbell saves two syscalls and a
             // thread wakeup per request at low queue depths.
             let until = Instant::now() + spin;
-            while s.pending.load(Ordering::SeqCst) == 0
-                && !s.closing.load(Ordering::SeqCst)
-                && Instant::now() < until
-            {
+            while s.pending.load(Ordering::SeqCst) == 0 && !s.closing.load(Ordering::SeqCst) && Instant::now() < until {
                 std::hint::spin_loop();
             }
             if s.pending.load(Ordering::SeqCst) > 0 {
@@ -286,9 +264,7 @@ fn run<E: IoEngine>(mut engine: E, s: &Shared, mut sink: CompletionSink, spin: D
             }
         }
         s.parked.store(true, Ordering::SeqCst);
-        if s.pending.load(Ordering::SeqCst) > 0
-            || (s.closing.load(Ordering::SeqCst) && engine.in_flight() == 0)
-        {
+        if s.pending.load(Ordering::SeqCst) > 0 || (s.closing.load(Ordering::SeqCst) && engine.in_flight() == 0) {
             s.parked.store(false, Ordering::SeqCst);
             continue;
         }
@@ -319,10 +295,7 @@ fn run<E: IoEngine>(mut engine: E, s: &Shared, mut sink: CompletionSink, spin: D
 }
 
 fn fail_engine(e: Error) {
-    crate::io::warn_once(
-        "engine-failed",
-        &format!("the I/O engine failed: {e}; requests in flight are lost"),
-    );
+    crate::io::warn_once("engine-failed", &format!("the I/O engine failed: {e}; requests in flight are lost"));
 }
 
 fn deliver(s: &Shared, sink: &mut CompletionSink, out: &mut Vec<IoCompletion>) {

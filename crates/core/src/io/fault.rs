@@ -25,9 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::io::{
-    AlignedBuf, DevId, Device, EngineKind, EventFd, IoCompletion, IoEngine, IoOp, IoRequest, OpKind,
-};
+use crate::io::{AlignedBuf, DevId, Device, EngineKind, EventFd, IoCompletion, IoEngine, IoOp, IoRequest, OpKind};
 
 /// Which requests a rule fails, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,14 +47,7 @@ pub struct FaultRule {
 
 impl Default for FaultRule {
     fn default() -> Self {
-        FaultRule {
-            op: None,
-            dev: None,
-            range: None,
-            skip: 0,
-            times: None,
-            errno: libc::EIO,
-        }
+        FaultRule { op: None, dev: None, range: None, skip: 0, times: None, errno: libc::EIO }
     }
 }
 
@@ -140,8 +131,7 @@ impl Latency {
             let dist = head.abs_diff(offset);
             if dist > 0 {
                 let frac = (dist as f64 / dev_size.max(1) as f64).min(1.0).sqrt();
-                t +=
-                    s.track_to_track + s.full_stroke.saturating_sub(s.track_to_track).mul_f64(frac);
+                t += s.track_to_track + s.full_stroke.saturating_sub(s.track_to_track).mul_f64(frac);
             }
         }
         t
@@ -256,11 +246,7 @@ impl FaultControl {
         let mut st = self.shared.lock();
         st.powered_off = true;
         while st.inner_inflight > 0 {
-            st = self
-                .shared
-                .drained
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
+            st = self.shared.drained.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         let r = apply_crash(&mut st, mode);
         st.powered_off = false;
@@ -271,28 +257,18 @@ impl FaultControl {
 fn apply_crash(st: &mut FaultState, mode: CrashMode) -> Result<CrashReport> {
     // Completions held back by the latency model were never seen by the host: they fail.
     st.crashes += 1;
-    let mut report = CrashReport {
-        unflushed_writes: st.undo.len(),
-        ..Default::default()
-    };
+    let mut report = CrashReport { unflushed_writes: st.undo.len(), ..Default::default() };
     let mut rng = match mode {
         CrashMode::TearUnflushed { seed } => seed ^ 0x9e37_79b9_7f4a_7c15,
         CrashMode::DropUnflushed => 0,
     };
     let mut touched = Vec::new();
     for e in st.undo.drain(..).rev() {
-        let Some(dev) = st.devices.get(&e.dev) else {
-            continue;
-        };
+        let Some(dev) = st.devices.get(&e.dev) else { continue };
         let sector = dev.logical_block_size() as usize;
         let restore = |off: usize, len: usize| {
             dev.write_at(&e.old[off..off + len], e.offset + off as u64)
-                .map_err(|err| {
-                    Error::io(
-                        format!("{}: crash simulation restore", dev.path().display()),
-                        err,
-                    )
-                })
+                .map_err(|err| Error::io(format!("{}: crash simulation restore", dev.path().display()), err))
         };
         match mode {
             CrashMode::DropUnflushed => {
@@ -323,12 +299,7 @@ fn apply_crash(st: &mut FaultState, mode: CrashMode) -> Result<CrashReport> {
     }
     for id in touched {
         if let Some(dev) = st.devices.get(&id) {
-            dev.sync_data().map_err(|err| {
-                Error::io(
-                    format!("{}: crash simulation sync", dev.path().display()),
-                    err,
-                )
-            })?;
+            dev.sync_data().map_err(|err| Error::io(format!("{}: crash simulation sync", dev.path().display()), err))?;
         }
     }
     Ok(report)
@@ -390,10 +361,7 @@ impl<E: IoEngine> FaultEngine<E> {
     pub fn new(inner: E) -> Self {
         FaultEngine {
             inner,
-            shared: Arc::new(FaultShared {
-                state: Mutex::new(FaultState::default()),
-                drained: Condvar::new(),
-            }),
+            shared: Arc::new(FaultShared { state: Mutex::new(FaultState::default()), drained: Condvar::new() }),
             next_tag: 0,
             pending: HashMap::new(),
             delayed: BinaryHeap::new(),
@@ -405,9 +373,7 @@ impl<E: IoEngine> FaultEngine<E> {
 
     /// A handle to steer this engine from any thread.
     pub fn control(&self) -> FaultControl {
-        FaultControl {
-            shared: self.shared.clone(),
-        }
+        FaultControl { shared: self.shared.clone() }
     }
 
     /// The wrapped engine.
@@ -432,10 +398,7 @@ impl<E: IoEngine> FaultEngine<E> {
     }
 
     fn power_off_error() -> Error {
-        Error::io(
-            "simulated power cut",
-            std::io::Error::from_raw_os_error(libc::EIO),
-        )
+        Error::io("simulated power cut", std::io::Error::from_raw_os_error(libc::EIO))
     }
 
     fn release_due(&mut self) {
@@ -462,9 +425,7 @@ impl<E: IoEngine> FaultEngine<E> {
         let now = Instant::now();
         let mut st = self.shared.lock();
         for mut c in got.drain(..) {
-            let Some(p) = self.pending.remove(&c.user_data) else {
-                continue;
-            };
+            let Some(p) = self.pending.remove(&c.user_data) else { continue };
             c.user_data = p.user_data;
             st.inner_inflight -= 1;
             if st.powered_off {
@@ -479,20 +440,14 @@ impl<E: IoEngine> FaultEngine<E> {
                 }
                 if let Some(fe) = p.flush_epoch {
                     let dev = c.dev;
-                    st.undo
-                        .retain(|e| !(e.dev == dev && e.completed.is_some_and(|ep| ep < fe)));
+                    st.undo.retain(|e| !(e.dev == dev && e.completed.is_some_and(|ep| ep < fe)));
                 }
             }
             // A failed write keeps its entry: it may have landed in part.
             match p.due {
                 Some(due) if due > now => {
                     self.next_tag += 1;
-                    self.delayed.push(Reverse(Delayed {
-                        due,
-                        seq: self.next_tag,
-                        crashes: st.crashes,
-                        c,
-                    }));
+                    self.delayed.push(Reverse(Delayed { due, seq: self.next_tag, crashes: st.crashes, c }));
                 }
                 _ => self.ready.push(c),
             }
@@ -530,8 +485,7 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
         let mut st = self.shared.lock();
         if st.powered_off {
             drop(st);
-            self.ready
-                .push(IoCompletion::of(req, Err(Self::power_off_error())));
+            self.ready.push(IoCompletion::of(req, Err(Self::power_off_error())));
             return;
         }
         let dev = self.inner.device(req.dev);
@@ -559,39 +513,20 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
                     }
                 }
                 drop(st);
-                let what = format!(
-                    "injected fault on {:?} at offset {}",
-                    req.op.kind(),
-                    req.offset
-                );
-                self.ready.push(IoCompletion::of(
-                    req,
-                    Err(Error::io(what, std::io::Error::from_raw_os_error(errno))),
-                ));
+                let what = format!("injected fault on {:?} at offset {}", req.op.kind(), req.offset);
+                self.ready.push(IoCompletion::of(req, Err(Error::io(what, std::io::Error::from_raw_os_error(errno)))));
                 return;
             }
         }
         let dev = dev.filter(|_| valid);
-        let mut p = Pending {
-            user_data: req.user_data,
-            due: None,
-            undo: None,
-            flush_epoch: None,
-        };
+        let mut p = Pending { user_data: req.user_data, due: None, undo: None, flush_epoch: None };
         if let Some(dev) = &dev {
             if let Some(lat) = st.latency {
                 let now = Instant::now();
                 let len = req.op.len();
-                let h = self.heads.entry(req.dev).or_insert(Head {
-                    busy_until: now,
-                    pos: 0,
-                });
+                let h = self.heads.entry(req.dev).or_insert(Head { busy_until: now, pos: 0 });
                 let service = lat.service(dev.size(), h.pos, req.offset, len);
-                let start = if lat.serial {
-                    h.busy_until.max(now)
-                } else {
-                    now
-                };
+                let start = if lat.serial { h.busy_until.max(now) } else { now };
                 let due = start + service;
                 if lat.serial {
                     h.busy_until = due;
@@ -606,25 +541,13 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
                     let mut old = AlignedBuf::new(req.op.len() as usize);
                     if let Err(e) = dev.read_at(&mut old, req.offset) {
                         drop(st);
-                        let err = Error::io(
-                            format!(
-                                "{}: crash simulation could not save old contents",
-                                dev.path().display()
-                            ),
-                            e,
-                        );
+                        let err = Error::io(format!("{}: crash simulation could not save old contents", dev.path().display()), e);
                         self.ready.push(IoCompletion::of(req, Err(err)));
                         return;
                     }
                     let id = st.next_undo;
                     st.next_undo += 1;
-                    st.undo.push(UndoEntry {
-                        id,
-                        dev: req.dev,
-                        offset: req.offset,
-                        old,
-                        completed: None,
-                    });
+                    st.undo.push(UndoEntry { id, dev: req.dev, offset: req.offset, old, completed: None });
                     p.undo = Some(id);
                 }
                 OpKind::Flush => p.flush_epoch = Some(st.epoch),
@@ -643,11 +566,7 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
     fn poll(&mut self, out: &mut Vec<IoCompletion>, timeout: Option<Duration>) -> Result<usize> {
         // One pass: returning with nothing is allowed, and it lets the waker through.
         self.release_due();
-        let mut wait = if self.ready.is_empty() {
-            timeout
-        } else {
-            Some(Duration::ZERO)
-        };
+        let mut wait = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
         if let Some(d) = self.delayed.peek() {
             let until = d.0.due.saturating_duration_since(Instant::now());
             wait = Some(wait.map_or(until, |w| w.min(until)));

@@ -86,9 +86,7 @@ impl IoOp {
     pub fn len(&self) -> u64 {
         match self {
             IoOp::Read { buf } | IoOp::Write { buf } => buf.len() as u64,
-            IoOp::Readv { bufs } | IoOp::Writev { bufs } => {
-                bufs.iter().map(|b| b.len() as u64).sum()
-            }
+            IoOp::Readv { bufs } | IoOp::Writev { bufs } => bufs.iter().map(|b| b.len() as u64).sum(),
             IoOp::Flush => 0,
             IoOp::Discard { len } => *len,
         }
@@ -116,39 +114,19 @@ pub struct IoRequest {
 impl IoRequest {
     /// A read of `buf.len()` bytes.
     pub fn read(dev: DevId, offset: u64, buf: AlignedBuf, user_data: u64) -> Self {
-        IoRequest {
-            dev,
-            offset,
-            op: IoOp::Read { buf },
-            user_data,
-        }
+        IoRequest { dev, offset, op: IoOp::Read { buf }, user_data }
     }
     /// A write of all of `buf`.
     pub fn write(dev: DevId, offset: u64, buf: AlignedBuf, user_data: u64) -> Self {
-        IoRequest {
-            dev,
-            offset,
-            op: IoOp::Write { buf },
-            user_data,
-        }
+        IoRequest { dev, offset, op: IoOp::Write { buf }, user_data }
     }
     /// A flush (fdatasync).
     pub fn flush(dev: DevId, user_data: u64) -> Self {
-        IoRequest {
-            dev,
-            offset: 0,
-            op: IoOp::Flush,
-            user_data,
-        }
+        IoRequest { dev, offset: 0, op: IoOp::Flush, user_data }
     }
     /// A discard of `len` bytes.
     pub fn discard(dev: DevId, offset: u64, len: u64, user_data: u64) -> Self {
-        IoRequest {
-            dev,
-            offset,
-            op: IoOp::Discard { len },
-            user_data,
-        }
+        IoRequest { dev, offset, op: IoOp::Discard { len }, user_data }
     }
 }
 
@@ -171,13 +149,7 @@ pub struct IoCompletion {
 impl IoCompletion {
     /// Completion of `req` with `result`.
     pub fn of(req: IoRequest, result: Result<u64>) -> Self {
-        IoCompletion {
-            user_data: req.user_data,
-            dev: req.dev,
-            offset: req.offset,
-            op: req.op,
-            result,
-        }
+        IoCompletion { user_data: req.user_data, dev: req.dev, offset: req.offset, op: req.op, result }
     }
 
     /// The read buffer of a read completion.
@@ -252,13 +224,7 @@ pub trait IoEngine: Send {
     /// resets it. Engines that need a thread of their own to make progress (e.g. the fault
     /// engine's timed delays) refuse.
     fn completion_fd(&mut self) -> Result<RawFd> {
-        Err(Error::new(
-            ErrorKind::InvalidArgument,
-            format!(
-                "the {} engine cannot be driven from an event loop",
-                self.kind().name()
-            ),
-        ))
+        Err(Error::new(ErrorKind::InvalidArgument, format!("the {} engine cannot be driven from an event loop", self.kind().name())))
     }
 }
 
@@ -294,11 +260,7 @@ impl<E: IoEngine + ?Sized> IoEngine for Box<E> {
 
 /// Submits `req` and drives `engine` until it completes; other completions that arrive
 /// meanwhile are appended to `others`. For tests, tools and the simple synchronous paths.
-pub fn run_sync(
-    engine: &mut dyn IoEngine,
-    req: IoRequest,
-    others: &mut Vec<IoCompletion>,
-) -> Result<IoCompletion> {
+pub fn run_sync(engine: &mut dyn IoEngine, req: IoRequest, others: &mut Vec<IoCompletion>) -> Result<IoCompletion> {
     let tag = req.user_data;
     engine.submit(req);
     let mut got = Vec::new();
@@ -375,13 +337,7 @@ pub fn open_engine(opts: &EngineOptions) -> Result<Box<dyn IoEngine>> {
         EngineChoice::Auto => match uring::UringEngine::new(opts) {
             Ok(e) => Ok(Box::new(e)),
             Err(e) if uring_refused(&e) => {
-                warn_once(
-                    "io_uring",
-                    &format!(
-                        "io_uring unavailable ({}); using the portable pread/pwrite engine",
-                        e.message()
-                    ),
-                );
+                warn_once("io_uring", &format!("io_uring unavailable ({}); using the portable pread/pwrite engine", e.message()));
                 Ok(Box::new(psync::PsyncEngine::new(opts.psync_threads)?))
             }
             Err(e) => Err(e),
@@ -391,14 +347,8 @@ pub fn open_engine(opts: &EngineOptions) -> Result<Box<dyn IoEngine>> {
 
 fn uring_refused(e: &Error) -> bool {
     use std::error::Error as _;
-    let errno = e
-        .source()
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .and_then(|s| s.raw_os_error());
-    matches!(
-        errno,
-        Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EINVAL)
-    )
+    let errno = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).and_then(|s| s.raw_os_error());
+    matches!(errno, Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EINVAL))
 }
 
 static WARNED: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
@@ -417,11 +367,7 @@ pub fn warn_once(key: &'static str, msg: &str) -> bool {
 
 /// True once a warning with `key` has been raised in this process.
 pub fn warned(key: &'static str) -> bool {
-    WARNED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_some_and(|w| w.contains(key))
+    WARNED.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|w| w.contains(key))
 }
 
 /// A Linux eventfd used as a doorbell between threads.
@@ -439,9 +385,7 @@ impl EventFd {
             return Err(Error::io("eventfd", std::io::Error::last_os_error()));
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        Ok(EventFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
     /// Rings the doorbell.
@@ -449,31 +393,15 @@ impl EventFd {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64. Failure means the counter is saturated,
         // which still leaves the fd readable, so it is ignored.
-        unsafe {
-            libc::write(
-                self.fd.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        unsafe { libc::write(self.fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
     }
 
     /// Resets the doorbell; returns how many rings it had (0 if none).
     pub fn drain(&self) -> u64 {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64; EAGAIN (no rings) leaves it 0.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                &mut v as *mut u64 as *mut libc::c_void,
-                8,
-            )
-        };
-        if n == 8 {
-            v
-        } else {
-            0
-        }
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+        if n == 8 { v } else { 0 }
     }
 
     /// Waits until the doorbell rang or `timeout` passed (without resetting it).
@@ -490,20 +418,10 @@ impl AsRawFd for EventFd {
 
 /// Waits until one of `fds` is readable or the timeout passes; true if one is readable.
 pub(crate) fn poll_fds(fds: &[RawFd], timeout: Option<Duration>) -> bool {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
     let ms = match timeout {
         None => -1,
-        Some(t) => {
-            t.as_millis().min(i32::MAX as u128) as i32
-                + i32::from(t.subsec_nanos() % 1_000_000 != 0)
-        }
+        Some(t) => t.as_millis().min(i32::MAX as u128) as i32 + i32::from(t.subsec_nanos() % 1_000_000 != 0),
     };
     loop {
         // SAFETY: pfds is a live array of pollfd of the given length.

@@ -12,9 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{
-    closed_device, poll_fds, DevId, Device, EngineKind, EventFd, IoCompletion, IoEngine, IoRequest,
-};
+use crate::io::{closed_device, poll_fds, DevId, Device, EngineKind, EventFd, IoCompletion, IoEngine, IoRequest};
 use std::os::fd::AsRawFd;
 
 struct Job {
@@ -49,10 +47,7 @@ impl PsyncEngine {
     /// An engine with `threads` workers (at least one).
     pub fn new(threads: usize) -> Result<PsyncEngine> {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                jobs: VecDeque::new(),
-                closing: false,
-            }),
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), closing: false }),
             work: Condvar::new(),
             done: Mutex::new(Vec::new()),
             notify: EventFd::new()?,
@@ -66,14 +61,7 @@ impl PsyncEngine {
                 .map_err(|e| Error::io("spawn psync worker", e))?;
             workers.push(h);
         }
-        Ok(PsyncEngine {
-            devices: Vec::new(),
-            shared,
-            workers,
-            ready: Vec::new(),
-            in_flight: 0,
-            waker: None,
-        })
+        Ok(PsyncEngine { devices: Vec::new(), shared, workers, ready: Vec::new(), in_flight: 0, waker: None })
     }
 
     /// Number of worker threads.
@@ -117,14 +105,10 @@ impl IoEngine for PsyncEngine {
     }
 
     fn add_device(&mut self, dev: Arc<Device>) -> Result<DevId> {
-        let slot = self
-            .devices
-            .iter()
-            .position(|d| d.is_none())
-            .unwrap_or_else(|| {
-                self.devices.push(None);
-                self.devices.len() - 1
-            });
+        let slot = self.devices.iter().position(|d| d.is_none()).unwrap_or_else(|| {
+            self.devices.push(None);
+            self.devices.len() - 1
+        });
         self.devices[slot] = Some(dev);
         Ok(DevId(slot as u32))
     }
@@ -132,10 +116,7 @@ impl IoEngine for PsyncEngine {
     fn remove_device(&mut self, id: DevId) -> Result<()> {
         match self.devices.get_mut(id.0 as usize).and_then(Option::take) {
             Some(_) => Ok(()),
-            None => Err(Error::new(
-                ErrorKind::Closed,
-                format!("device {} is not open in this engine", id.0),
-            )),
+            None => Err(Error::new(ErrorKind::Closed, format!("device {} is not open in this engine", id.0))),
         }
     }
 
@@ -154,12 +135,7 @@ impl IoEngine for PsyncEngine {
             self.ready.push(IoCompletion::of(req, Err(e)));
             return;
         }
-        self.shared
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .jobs
-            .push_back(Job { dev, req });
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).jobs.push_back(Job { dev, req });
         self.shared.work.notify_one();
     }
 
@@ -216,11 +192,7 @@ impl IoEngine for PsyncEngine {
 
 impl Drop for PsyncEngine {
     fn drop(&mut self) {
-        self.shared
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .closing = true;
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).closing = true;
         self.shared.work.notify_all();
         for h in self.workers.drain(..) {
             let _ = h.join();

@@ -27,8 +27,8 @@ use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::device::iovecs_from;
 use crate::io::{
-    closed_device, poll_fds, warn_once, DevId, Device, EngineKind, EngineOptions, EventFd,
-    IoCompletion, IoEngine, IoOp, IoRequest,
+    closed_device, poll_fds, warn_once, DevId, Device, EngineKind, EngineOptions, EventFd, IoCompletion, IoEngine, IoOp,
+    IoRequest,
 };
 
 const WAKE_TAG: u64 = u64::MAX;
@@ -101,11 +101,7 @@ fn build_ring(entries: u32, fancy: bool) -> std::io::Result<IoUring> {
     let mut b = IoUring::builder();
     b.setup_cqsize(entries * 2);
     if fancy {
-        b.setup_coop_taskrun()
-            .setup_taskrun_flag()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_r_disabled();
+        b.setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer().setup_defer_taskrun().setup_r_disabled();
     }
     b.build(entries)
 }
@@ -115,32 +111,24 @@ impl UringEngine {
     /// EINVAL, ENOMEM...) when io_uring cannot be set up, so the caller can fall back.
     pub fn new(opts: &EngineOptions) -> Result<UringEngine> {
         if let Some(errno) = opts.simulate_uring_setup_error {
-            return Err(Error::io(
-                "io_uring_setup (simulated)",
-                std::io::Error::from_raw_os_error(errno),
-            ));
+            return Err(Error::io("io_uring_setup (simulated)", std::io::Error::from_raw_os_error(errno)));
         }
         let entries = opts.queue_depth.clamp(8, 4096).next_power_of_two();
         let (ring, enabled) = match build_ring(entries, true) {
             Ok(r) => (r, false),
             // Kernels before 6.1 reject the newer setup flags.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
-                build_ring(entries, false).map_err(|e| Error::io("io_uring_setup", e))?,
-                true,
-            ),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (build_ring(entries, false).map_err(|e| Error::io("io_uring_setup", e))?, true)
+            }
             Err(e) => return Err(Error::io("io_uring_setup", e)),
         };
         let ext_arg = ring.params().is_feature_ext_arg();
         let cq_cap = ring.params().cq_entries() as usize;
-        let files_registered =
-            opts.register_files && ring.submitter().register_files_sparse(FILE_TABLE).is_ok();
+        let files_registered = opts.register_files && ring.submitter().register_files_sparse(FILE_TABLE).is_ok();
         let mut fixed_buf = None;
         if let Some(pool) = &opts.buf_pool {
             if let Some((ptr, len)) = pool.arena() {
-                let iov = libc::iovec {
-                    iov_base: ptr as *mut libc::c_void,
-                    iov_len: len,
-                };
+                let iov = libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len };
                 // SAFETY: the engine keeps the pool (and so the arena) alive as long as the
                 // ring, and the kernel only touches the arena through requests that carry one
                 // of its buffers.
@@ -190,19 +178,14 @@ impl UringEngine {
 
     fn enable(&mut self) -> Result<()> {
         if !self.enabled {
-            self.ring
-                .submitter()
-                .register_enable_rings()
-                .map_err(|e| Error::io("io_uring enable", e))?;
+            self.ring.submitter().register_enable_rings().map_err(|e| Error::io("io_uring enable", e))?;
             self.enabled = true;
         }
         Ok(())
     }
 
     fn complete(&mut self, idx: u32, result: Result<u64>) {
-        let Some(op) = self.ops[idx as usize].take() else {
-            return;
-        };
+        let Some(op) = self.ops[idx as usize].take() else { return };
         self.free.push(idx);
         if let Some(slot) = self.devices[op.dev].as_mut() {
             slot.inflight -= 1;
@@ -222,12 +205,7 @@ impl UringEngine {
     }
 
     /// Builds the SQE that carries `op` from where it stands (`done` bytes in).
-    fn sqe(
-        op: &mut Op,
-        slot: &DevSlot,
-        fixed_buf: Option<(u64, usize)>,
-        max_transfer: u32,
-    ) -> squeue::Entry {
+    fn sqe(op: &mut Op, slot: &DevSlot, fixed_buf: Option<(u64, usize)>, max_transfer: u32) -> squeue::Entry {
         macro_rules! on_fd {
             (|$fd:ident| $e:expr) => {
                 match slot.fixed {
@@ -267,33 +245,20 @@ impl UringEngine {
                 }
             }
             IoOp::Readv { bufs } => {
-                op.iov = iovecs_from(
-                    bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())),
-                    done,
-                    left as usize,
-                );
+                op.iov = iovecs_from(bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())), done, left as usize);
                 let (p, n) = (op.iov.as_ptr(), op.iov.len() as u32);
                 on_fd!(|fd| opcode::Readv::new(fd, p, n).offset(off).build())
             }
             IoOp::Writev { bufs } => {
-                op.iov = iovecs_from(
-                    bufs.iter().map(|b| (b.as_ptr() as *mut u8, b.len())),
-                    done,
-                    left as usize,
-                );
+                op.iov = iovecs_from(bufs.iter().map(|b| (b.as_ptr() as *mut u8, b.len())), done, left as usize);
                 let (p, n) = (op.iov.as_ptr(), op.iov.len() as u32);
                 on_fd!(|fd| opcode::Writev::new(fd, p, n).offset(off).build())
             }
-            IoOp::Flush => on_fd!(|fd| opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build()),
+            IoOp::Flush => on_fd!(|fd| opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()),
             IoOp::Discard { len } => {
                 let len = *len;
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                on_fd!(|fd| opcode::Fallocate::new(fd, len)
-                    .offset(off)
-                    .mode(mode)
-                    .build())
+                on_fd!(|fd| opcode::Fallocate::new(fd, len).offset(off).mode(mode).build())
             }
         }
     }
@@ -305,9 +270,7 @@ impl UringEngine {
             {
                 let mut sq = self.ring.submission();
                 if let (Some(w), false) = (&self.waker, self.waker_armed) {
-                    let e = opcode::PollAdd::new(types::Fd(w.as_raw_fd()), libc::POLLIN as u32)
-                        .build()
-                        .user_data(WAKE_TAG);
+                    let e = opcode::PollAdd::new(types::Fd(w.as_raw_fd()), libc::POLLIN as u32).build().user_data(WAKE_TAG);
                     // SAFETY: the eventfd is kept alive by `self.waker` until the ring is gone.
                     if unsafe { sq.push(&e) }.is_ok() {
                         self.waker_armed = true;
@@ -315,10 +278,7 @@ impl UringEngine {
                     }
                 }
                 if let Some(side) = self.side.as_mut().filter(|s| s.pending > 0 && !s.armed) {
-                    let e =
-                        opcode::PollAdd::new(types::Fd(side.efd.as_raw_fd()), libc::POLLIN as u32)
-                            .build()
-                            .user_data(SIDE_TAG);
+                    let e = opcode::PollAdd::new(types::Fd(side.efd.as_raw_fd()), libc::POLLIN as u32).build().user_data(SIDE_TAG);
                     // SAFETY: the eventfd is kept alive by `self.side` until the ring is gone.
                     if unsafe { sq.push(&e) }.is_ok() {
                         side.armed = true;
@@ -333,14 +293,9 @@ impl UringEngine {
                         sq_full = true;
                         break;
                     }
-                    let op = self.ops[idx as usize]
-                        .as_mut()
-                        .expect("backlog holds live ops");
-                    let slot = self.devices[op.dev]
-                        .as_ref()
-                        .expect("a device with ops in flight stays open");
-                    let e = Self::sqe(op, slot, self.fixed_buf, self.max_transfer)
-                        .user_data(idx as u64);
+                    let op = self.ops[idx as usize].as_mut().expect("backlog holds live ops");
+                    let slot = self.devices[op.dev].as_ref().expect("a device with ops in flight stays open");
+                    let e = Self::sqe(op, slot, self.fixed_buf, self.max_transfer).user_data(idx as u64);
                     // SAFETY: the buffers and iovecs the SQE points to are owned by the op,
                     // which stays in the slab until its completion is reaped.
                     unsafe { sq.push(&e) }.expect("checked for room above");
@@ -368,14 +323,7 @@ impl UringEngine {
             Some(t) if want > 0 => {
                 // Without EXT_ARG (before 5.11) a timed wait polls the ring's descriptor.
                 // SAFETY: no argument pointer is passed.
-                let r = unsafe {
-                    self.ring.submitter().enter::<libc::sigset_t>(
-                        to_submit,
-                        0,
-                        EnterFlags::GETEVENTS.bits(),
-                        None,
-                    )
-                };
+                let r = unsafe { self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, EnterFlags::GETEVENTS.bits(), None) };
                 if r.is_ok() && self.ring.completion().is_empty() {
                     poll_fds(&[self.ring.as_raw_fd()], Some(t));
                 }
@@ -385,12 +333,7 @@ impl UringEngine {
             // only posted when we enter with it.
             // SAFETY: no argument pointer is passed.
             _ => unsafe {
-                self.ring.submitter().enter::<libc::sigset_t>(
-                    to_submit,
-                    want as u32,
-                    EnterFlags::GETEVENTS.bits(),
-                    None,
-                )
+                self.ring.submitter().enter::<libc::sigset_t>(to_submit, want as u32, EnterFlags::GETEVENTS.bits(), None)
             },
         };
         match r {
@@ -398,9 +341,7 @@ impl UringEngine {
             Err(e) => match e.raw_os_error() {
                 // A signal, a timeout, a full CQ (EBUSY: overflowed entries wait to be
                 // flushed after we reap) or short kernel memory: reap and try again later.
-                Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {
-                    Ok(())
-                }
+                Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY) | Some(libc::EAGAIN) => Ok(()),
                 _ => Err(Error::io("io_uring_enter", e)),
             },
         }
@@ -429,13 +370,10 @@ impl UringEngine {
     }
 
     fn reap_side(&mut self) {
-        let Some(side) = self.side.as_mut() else {
-            return;
-        };
+        let Some(side) = self.side.as_mut() else { return };
         side.armed = false;
         side.efd.drain();
-        let done: Vec<_> =
-            std::mem::take(&mut *side.done.lock().unwrap_or_else(|e| e.into_inner()));
+        let done: Vec<_> = std::mem::take(&mut *side.done.lock().unwrap_or_else(|e| e.into_inner()));
         side.pending -= done.len();
         for (idx, r) in done {
             let result = match r {
@@ -448,10 +386,7 @@ impl UringEngine {
 
     fn op_error(&self, idx: u32, e: std::io::Error) -> Error {
         let op = self.ops[idx as usize].as_ref().expect("live op");
-        let path = self.devices[op.dev]
-            .as_ref()
-            .map(|s| s.dev.path().display().to_string())
-            .unwrap_or_default();
+        let path = self.devices[op.dev].as_ref().map(|s| s.dev.path().display().to_string()).unwrap_or_default();
         let what = match op.req.op {
             IoOp::Read { .. } => "read",
             IoOp::Write { .. } => "write",
@@ -460,10 +395,7 @@ impl UringEngine {
             IoOp::Flush => "fdatasync",
             IoOp::Discard { .. } => "discard",
         };
-        Error::io(
-            format!("{path}: {what} at offset {}", op.req.offset + op.done),
-            e,
-        )
+        Error::io(format!("{path}: {what} at offset {}", op.req.offset + op.done), e)
     }
 
     fn on_cqe(&mut self, idx: u32, res: i32) {
@@ -476,9 +408,7 @@ impl UringEngine {
             }
             return;
         }
-        let op = self.ops[idx as usize]
-            .as_mut()
-            .expect("a CQE for a live op");
+        let op = self.ops[idx as usize].as_mut().expect("a CQE for a live op");
         match op.req.op {
             IoOp::Flush => self.complete(idx, Ok(0)),
             IoOp::Discard { len } => self.complete(idx, Ok(len)),
@@ -488,10 +418,7 @@ impl UringEngine {
                 } else {
                     std::io::ErrorKind::WriteZero
                 };
-                let e = self.op_error(
-                    idx,
-                    std::io::Error::new(kind, "the device transferred no bytes"),
-                );
+                let e = self.op_error(idx, std::io::Error::new(kind, "the device transferred no bytes"));
                 self.complete(idx, Err(e));
             }
             _ => {
@@ -509,32 +436,19 @@ impl UringEngine {
 
     fn start_side_discard(&mut self, idx: u32) -> Result<()> {
         if self.side.is_none() {
-            self.side = Some(Side {
-                efd: Arc::new(EventFd::new()?),
-                done: Arc::default(),
-                pending: 0,
-                armed: false,
-            });
+            self.side = Some(Side { efd: Arc::new(EventFd::new()?), done: Arc::default(), pending: 0, armed: false });
         }
         let side = self.side.as_mut().expect("just set");
         let op = self.ops[idx as usize].as_ref().expect("live op");
-        let dev = self.devices[op.dev]
-            .as_ref()
-            .expect("open device")
-            .dev
-            .clone();
+        let dev = self.devices[op.dev].as_ref().expect("open device").dev.clone();
         let (off, len) = (op.req.offset, op.total);
         let (done, efd) = (side.done.clone(), side.efd.clone());
         side.pending += 1;
-        let spawned = std::thread::Builder::new()
-            .name("ubcache-discard".into())
-            .spawn(move || {
-                let r = dev.discard(off, len);
-                done.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((idx, r));
-                efd.notify();
-            });
+        let spawned = std::thread::Builder::new().name("ubcache-discard".into()).spawn(move || {
+            let r = dev.discard(off, len);
+            done.lock().unwrap_or_else(|e| e.into_inner()).push((idx, r));
+            efd.notify();
+        });
         if let Err(e) = spawned {
             side.pending -= 1;
             return Err(Error::io("spawn discard thread", e));
@@ -549,32 +463,18 @@ impl IoEngine for UringEngine {
     }
 
     fn add_device(&mut self, dev: Arc<Device>) -> Result<DevId> {
-        let slot = self
-            .devices
-            .iter()
-            .position(|d| d.is_none())
-            .unwrap_or_else(|| {
-                self.devices.push(None);
-                self.devices.len() - 1
-            });
+        let slot = self.devices.iter().position(|d| d.is_none()).unwrap_or_else(|| {
+            self.devices.push(None);
+            self.devices.len() - 1
+        });
         let mut fixed = None;
         if self.files_registered && (slot as u32) < FILE_TABLE {
             // Refused (e.g. by a single-issuer ring driven from another thread): plain fd.
-            if self
-                .ring
-                .submitter()
-                .register_files_update(slot as u32, &[dev.fd()])
-                .is_ok()
-            {
+            if self.ring.submitter().register_files_update(slot as u32, &[dev.fd()]).is_ok() {
                 fixed = Some(slot as u32);
             }
         }
-        self.devices[slot] = Some(DevSlot {
-            dev,
-            fixed,
-            closing: false,
-            inflight: 0,
-        });
+        self.devices[slot] = Some(DevSlot { dev, fixed, closing: false, inflight: 0 });
         Ok(DevId(slot as u32))
     }
 
@@ -588,30 +488,18 @@ impl IoEngine for UringEngine {
                 }
                 Ok(())
             }
-            _ => Err(Error::new(
-                ErrorKind::Closed,
-                format!("device {} is not open in this engine", id.0),
-            )),
+            _ => Err(Error::new(ErrorKind::Closed, format!("device {} is not open in this engine", id.0))),
         }
     }
 
     fn device(&self, id: DevId) -> Option<Arc<Device>> {
-        self.devices
-            .get(id.0 as usize)
-            .and_then(|s| s.as_ref())
-            .filter(|s| !s.closing)
-            .map(|s| s.dev.clone())
+        self.devices.get(id.0 as usize).and_then(|s| s.as_ref()).filter(|s| !s.closing).map(|s| s.dev.clone())
     }
 
     fn submit(&mut self, req: IoRequest) {
         self.in_flight += 1;
         let i = req.dev.0 as usize;
-        let Some(slot) = self
-            .devices
-            .get_mut(i)
-            .and_then(|s| s.as_mut())
-            .filter(|s| !s.closing)
-        else {
+        let Some(slot) = self.devices.get_mut(i).and_then(|s| s.as_mut()).filter(|s| !s.closing) else {
             let e = closed_device(req.dev);
             self.ready.push(IoCompletion::of(req, Err(e)));
             return;
@@ -623,13 +511,7 @@ impl IoEngine for UringEngine {
         slot.inflight += 1;
         let side = matches!(req.op, IoOp::Discard { .. }) && slot.dev.is_block_device();
         let total = req.op.len();
-        let op = Op {
-            req,
-            dev: i,
-            done: 0,
-            total,
-            iov: Vec::new(),
-        };
+        let op = Op { req, dev: i, done: 0, total, iov: Vec::new() };
         let idx = match self.free.pop() {
             Some(idx) => {
                 self.ops[idx as usize] = Some(op);
@@ -655,10 +537,7 @@ impl IoEngine for UringEngine {
         loop {
             self.fill_sq()?;
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let block = self.ready.is_empty()
-                && !self.woken
-                && left != Some(Duration::ZERO)
-                && self.in_kernel > 0;
+            let block = self.ready.is_empty() && !self.woken && left != Some(Duration::ZERO) && self.in_kernel > 0;
             if block {
                 self.enter(1, left)?;
             } else if !self.ring.submission().is_empty() || self.in_kernel > 0 {
@@ -701,10 +580,7 @@ impl IoEngine for UringEngine {
 
     fn set_waker(&mut self, waker: Arc<EventFd>) -> Result<()> {
         if self.waker_armed {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                "the io_uring engine already has an armed waker",
-            ));
+            return Err(Error::new(ErrorKind::InvalidArgument, "the io_uring engine already has an armed waker"));
         }
         self.waker = Some(waker);
         Ok(())
@@ -713,10 +589,7 @@ impl IoEngine for UringEngine {
     fn completion_fd(&mut self) -> Result<std::os::fd::RawFd> {
         if self.notifier.is_none() {
             let efd = EventFd::new()?;
-            self.ring
-                .submitter()
-                .register_eventfd(efd.as_raw_fd())
-                .map_err(|e| Error::io("io_uring register eventfd", e))?;
+            self.ring.submitter().register_eventfd(efd.as_raw_fd()).map_err(|e| Error::io("io_uring register eventfd", e))?;
             self.notifier = Some(efd);
         }
         Ok(self.notifier.as_ref().expect("just set").as_raw_fd())
@@ -728,9 +601,7 @@ impl Drop for UringEngine {
         // The kernel may still write into buffers of requests it holds: wait for every one
         // of them before the buffers are freed. Armed doorbell polls are cancelled by the
         // ring's close, so only count requests.
-        let polls = |e: &UringEngine| {
-            usize::from(e.waker_armed) + usize::from(e.side.as_ref().is_some_and(|s| s.armed))
-        };
+        let polls = |e: &UringEngine| usize::from(e.waker_armed) + usize::from(e.side.as_ref().is_some_and(|s| s.armed));
         let mut spins = 0u32;
         while self.in_kernel > polls(self) && self.enable().is_ok() {
             if self.enter(1, Some(Duration::from_millis(100))).is_err() {
@@ -756,12 +627,9 @@ mod tests {
     use crate::io::{AlignedBuf, IoEngine, OpenOptions};
 
     fn setup(tag: &str, size: usize) -> (std::path::PathBuf, Vec<u8>) {
-        let dir = std::path::Path::new("/var/tmp")
-            .join(format!("ubcache-uring-{tag}-{}", std::process::id()));
+        let dir = std::path::Path::new("/var/tmp").join(format!("ubcache-uring-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let data: Vec<u8> = (0..size)
-            .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[3])
-            .collect();
+        let data: Vec<u8> = (0..size).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[3]).collect();
         let p = dir.join("f");
         std::fs::write(&p, &data).unwrap();
         (p, data)
@@ -781,9 +649,7 @@ mod tests {
     fn eagain_eintr_and_short_results_resubmit_the_rest() {
         let (p, data) = setup("retry", 1 << 20);
         let mut e = UringEngine::new(&EngineOptions::default()).unwrap();
-        let id = e
-            .add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap()))
-            .unwrap();
+        let id = e.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
         e.submit(IoRequest::read(id, 8192, AlignedBuf::new(65536), 7));
         let idx = e.backlog.pop_front().unwrap();
         for res in [-libc::EAGAIN, -libc::EINTR, 4096, 8192] {
@@ -817,23 +683,12 @@ mod tests {
     #[test]
     fn completion_queue_overflow_loses_nothing() {
         let (p, data) = setup("overflow", 1 << 20);
-        let mut e = UringEngine::new(&EngineOptions {
-            queue_depth: 8,
-            ..Default::default()
-        })
-        .unwrap();
+        let mut e = UringEngine::new(&EngineOptions { queue_depth: 8, ..Default::default() }).unwrap();
         assert!(e.ring.params().is_feature_nodrop());
         e.cq_cap = usize::MAX;
-        let id = e
-            .add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap()))
-            .unwrap();
+        let id = e.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
         for i in 0..300u64 {
-            e.submit(IoRequest::read(
-                id,
-                (i % 256) * 4096,
-                AlignedBuf::new(4096),
-                i,
-            ));
+            e.submit(IoRequest::read(id, (i % 256) * 4096, AlignedBuf::new(4096), i));
         }
         // Push everything to the kernel before reaping anything.
         e.enable().unwrap();
@@ -853,10 +708,7 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(
-            overflowed,
-            "300 completions into a 16-entry completion queue overflow it"
-        );
+        assert!(overflowed, "300 completions into a 16-entry completion queue overflow it");
         let mut out = drain(&mut e, 300);
         out.sort_by_key(|c| c.user_data);
         assert_eq!(out.len(), 300);

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ubcache_core::io::{
-    open_engine, run_sync, AlignedBuf, DevId, Device, EngineChoice, EngineOptions, IoCompletion,
-    IoEngine, IoRequest, OpenOptions,
+    open_engine, run_sync, AlignedBuf, DevId, Device, EngineChoice, EngineOptions, IoCompletion, IoEngine, IoRequest,
+    OpenOptions,
 };
 
 static N: AtomicUsize = AtomicUsize::new(0);
@@ -17,14 +17,8 @@ pub struct Scratch(pub PathBuf);
 
 impl Scratch {
     pub fn new(tag: &str) -> Scratch {
-        let base = std::env::var_os("UBCACHE_TEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-        let dir = base.join(format!(
-            "ubcache-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let base = std::env::var_os("UBCACHE_TEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let dir = base.join(format!("ubcache-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
     }
@@ -44,9 +38,7 @@ impl Drop for Scratch {
 }
 
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i as u32).wrapping_mul(2654435761) >> 11) as u8 ^ seed)
-        .collect()
+    (0..len).map(|i| ((i as u32).wrapping_mul(2654435761) >> 11) as u8 ^ seed).collect()
 }
 
 pub fn open(path: &Path) -> Arc<Device> {
@@ -54,11 +46,7 @@ pub fn open(path: &Path) -> Arc<Device> {
 }
 
 pub fn engine(choice: EngineChoice) -> Box<dyn IoEngine> {
-    open_engine(&EngineOptions {
-        choice,
-        ..Default::default()
-    })
-    .unwrap()
+    open_engine(&EngineOptions { choice, ..Default::default() }).unwrap()
 }
 
 pub const ENGINES: [EngineChoice; 2] = [EngineChoice::Uring, EngineChoice::Psync];
@@ -71,10 +59,7 @@ pub fn sync(e: &mut dyn IoEngine, req: IoRequest) -> IoCompletion {
 }
 
 pub fn write(e: &mut dyn IoEngine, dev: DevId, off: u64, data: &[u8]) {
-    let c = sync(
-        e,
-        IoRequest::write(dev, off, AlignedBuf::from_slice(data), 1),
-    );
+    let c = sync(e, IoRequest::write(dev, off, AlignedBuf::from_slice(data), 1));
     assert_eq!(c.result.unwrap(), data.len() as u64);
 }
 
