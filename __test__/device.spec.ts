@@ -1,7 +1,7 @@
 import test from 'ava'
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { IoEngine, openDevice, RawDevice, UbcacheError } from '../ts/index'
+import { type EngineMode, IoEngine, openDevice, RawDevice, UbcacheError } from '../ts/index'
 
 // O_DIRECT needs a real filesystem; /var/tmp is one where /tmp may be tmpfs.
 const dir = join('/var/tmp', `ubcache-device-spec-${process.pid}`)
@@ -30,131 +30,189 @@ async function code(p: Promise<unknown>): Promise<string> {
   return err.code
 }
 
-for (const engine of ['io_uring', 'psync'] as const) {
-  test(`${engine}: reads back what it wrote across sizes, offsets and queue depths`, async (t) => {
-    const size = 4 << 20
-    const p = file(size, 3)
-    const model = pattern(size, 3)
-    const dev = await openDevice(p, { engine })
-    t.is(dev.engine.kind, engine)
-    t.true(dev.direct)
-    t.is(dev.size, size)
-    t.false(dev.isBlockDevice)
-    const lbs = dev.logicalBlockSize
-    let seed = 1
-    for (const qd of [1, 8, 64]) {
-      const writes: Promise<void>[] = []
-      const used = new Set<number>()
-      for (let i = 0; i < qd; i++) {
-        const blocks = 1 + ((i * 7) % 16)
-        const blk = (Math.imul(i + qd, 40503) >>> 0) % (size / 4096 - 16)
-        // Overlapping writes in flight together have no defined order: keep them apart.
-        if ([...Array(blocks).keys()].some((k) => used.has(blk + k))) continue
-        for (let k = 0; k < blocks; k++) used.add(blk + k)
-        const data = pattern(blocks * 4096, seed++)
-        data.copy(model, blk * 4096)
-        writes.push(dev.write(blk * 4096, data))
+// Every behaviour holds whichever thread drives the engine.
+const modes: EngineMode[] = ['inline', 'thread']
+
+for (const mode of modes) {
+  for (const engine of ['io_uring', 'psync'] as const) {
+    test(`${mode} ${engine}: reads back what it wrote across sizes, offsets and queue depths`, async (t) => {
+      const size = 4 << 20
+      const p = file(size, 3)
+      const model = pattern(size, 3)
+      const dev = await openDevice(p, { engine, mode })
+      t.is(dev.engine.kind, engine)
+      t.is(dev.engine.mode, mode)
+      t.true(dev.direct)
+      t.is(dev.size, size)
+      t.false(dev.isBlockDevice)
+      const lbs = dev.logicalBlockSize
+      let seed = 1
+      for (const qd of [1, 8, 64]) {
+        const writes: Promise<void>[] = []
+        const used = new Set<number>()
+        for (let i = 0; i < qd; i++) {
+          const blocks = 1 + ((i * 7) % 16)
+          const blk = (Math.imul(i + qd, 40503) >>> 0) % (size / 4096 - 16)
+          // Overlapping writes in flight together have no defined order: keep them apart.
+          if ([...Array(blocks).keys()].some((k) => used.has(blk + k))) continue
+          for (let k = 0; k < blocks; k++) used.add(blk + k)
+          const data = pattern(blocks * 4096, seed++)
+          data.copy(model, blk * 4096)
+          writes.push(dev.write(blk * 4096, data))
+        }
+        await Promise.all(writes)
+        const reads = []
+        for (let i = 0; i < qd; i++) {
+          const off = ((i * 9973) % (size / lbs - 256)) * lbs
+          const len = lbs * (1 + (i % 256))
+          reads.push(dev.read(off, len).then((b) => t.true(b.equals(model.subarray(off, off + len)), `qd ${qd} off ${off}`)))
+        }
+        await Promise.all(reads)
       }
-      await Promise.all(writes)
-      const reads = []
-      for (let i = 0; i < qd; i++) {
-        const off = ((i * 9973) % (size / lbs - 256)) * lbs
-        const len = lbs * (1 + (i % 256))
-        reads.push(dev.read(off, len).then((b) => t.true(b.equals(model.subarray(off, off + len)), `qd ${qd} off ${off}`)))
-      }
-      await Promise.all(reads)
-    }
-    await dev.flush()
+      await dev.flush()
+      await dev.close()
+      t.true(readFileSync(p).equals(model))
+    })
+
+    test(`${mode} ${engine}: flush, discard and close`, async (t) => {
+      const p = file(1 << 20, 1)
+      const dev = await openDevice(p, { engine, mode })
+      await dev.write(65536, Buffer.alloc(16384, 0xab))
+      await dev.flush()
+      await dev.discard(65536, 8192)
+      const b = await dev.read(65536, 16384)
+      t.true(b.subarray(0, 8192).every((x) => x === 0))
+      t.true(b.subarray(8192).every((x) => x === 0xab))
+      await dev.close()
+      await dev.close()
+      t.true(dev.closed)
+      t.is(await code(dev.read(0, 4096)), 'CLOSED')
+      t.is(await code(dev.write(0, Buffer.alloc(4096))), 'CLOSED')
+      t.is(await code(dev.flush()), 'CLOSED')
+    })
+  }
+}
+
+for (const mode of modes) {
+  test(`${mode}: bad input is rejected with a clear code`, async (t) => {
+    const p = file(1 << 20)
+    const dev = await openDevice(p, { mode })
+    t.is(await code(dev.read(1 << 20, 4096)), 'OUT_OF_RANGE')
+    t.is(await code(dev.write((1 << 20) - 4096, Buffer.alloc(8192))), 'OUT_OF_RANGE')
+    t.is(await code(dev.read(100, 4096)), 'MISALIGNED')
+    t.is(await code(dev.write(0, Buffer.alloc(1000))), 'MISALIGNED')
+    t.is(await code(dev.read(0, 0)), 'INVALID_ARGUMENT')
+    t.is(await code(dev.read(-1, 4096)), 'INVALID_ARGUMENT')
+    t.is(await code(dev.read(0.5, 4096)), 'INVALID_ARGUMENT')
+    const err = await dev.read(1 << 20, 4096).catch((e: unknown) => e)
+    t.true(err instanceof UbcacheError)
+    t.regex((err as Error).message, /past the end/)
+    // The device still works after bad requests.
+    t.is((await dev.read(0, 4096)).length, 4096)
     await dev.close()
-    t.true(readFileSync(p).equals(model))
   })
 
-  test(`${engine}: flush, discard and close`, async (t) => {
-    const p = file(1 << 20, 1)
-    const dev = await openDevice(p, { engine })
-    await dev.write(65536, Buffer.alloc(16384, 0xab))
-    await dev.flush()
-    await dev.discard(65536, 8192)
-    const b = await dev.read(65536, 16384)
-    t.true(b.subarray(0, 8192).every((x) => x === 0))
-    t.true(b.subarray(8192).every((x) => x === 0xab))
+  test(`${mode}: open errors: missing, busy, read-only, created`, async (t) => {
+    t.is(await code(openDevice(join(dir, 'missing'), { mode })), 'ENOENT')
+    t.is(await code(openDevice(dir, { mode })), 'NOT_A_DEVICE')
+    const p = file(65536)
+    const a = await openDevice(p, { mode })
+    t.is(await code(openDevice(p, { mode })), 'EBUSY')
+    await a.close()
+    const ro = await openDevice(p, { readOnly: true, mode })
+    t.false(ro.writable)
+    t.is(await code(ro.write(0, Buffer.alloc(4096))), 'EACCES')
+    await ro.close()
+    const created = await openDevice(join(dir, `new${n++}`), { createSize: 1 << 20, mode })
+    t.is(created.size, 1 << 20)
+    await created.close()
+  })
+
+  test(`${mode}: buffered devices take any alignment`, async (t) => {
+    const p = file(65536, 5)
+    const dev = await openDevice(p, { direct: 'off', mode })
+    t.false(dev.direct)
+    await dev.write(3, Buffer.from('hello'))
+    t.is((await dev.read(2, 7)).toString('latin1').slice(1, 6), 'hello')
     await dev.close()
+  })
+
+  test(`${mode}: one engine drives several devices; closing it with requests in flight completes them`, async (t) => {
+    const engine = new IoEngine({ mode })
+    const a = await engine.open(file(1 << 20, 1))
+    const b = await engine.open(file(1 << 20, 2))
+    t.true(a instanceof RawDevice)
+    const reads: Promise<Buffer>[] = []
+    for (let i = 0; i < 256; i++) reads.push((i % 2 ? a : b).read((i % 64) * 4096, 4096))
+    t.true(engine.inFlight > 0)
+    const closing = engine.close()
+    t.is(await code(a.read(0, 4096)), 'CLOSED')
+    await closing
+    const got = await Promise.all(reads)
+    t.is(got.length, 256)
+    t.deepEqual(got[0], pattern(1 << 20, 2).subarray(0, 4096))
+    t.is(engine.inFlight, 0)
+    const stats = engine.stats()
+    t.true(stats.batches >= 1 && stats.batches <= 256, `256 completions came back in ${stats.batches} batches`)
+    t.is(await code(engine.open(file(4096))), 'CLOSED')
+  })
+
+  test(`${mode}: read buffers stay valid after the device and engine are closed`, async (t) => {
+    const dev = await openDevice(file(1 << 20, 9), { mode })
+    const bufs = await Promise.all([0, 1, 2, 3].map((i) => dev.read(i * 65536, 65536)))
     await dev.close()
-    t.true(dev.closed)
+    for (const [i, b] of bufs.entries()) {
+      t.true(b.equals(pattern(1 << 20, 9).subarray(i * 65536, (i + 1) * 65536)))
+    }
+  })
+
+  test(`${mode}: closing a device with requests in flight completes them; later ones fail with CLOSED`, async (t) => {
+    const p = file(1 << 20, 4)
+    const dev = await openDevice(p, { mode })
+    const model = pattern(1 << 20, 4)
+    const reads: Promise<Buffer>[] = []
+    for (let i = 0; i < 128; i++) reads.push(dev.read((i % 256) * 4096, 4096))
+    const writes = [dev.write(0, Buffer.alloc(4096, 7))]
+    const closing = dev.close()
     t.is(await code(dev.read(0, 4096)), 'CLOSED')
-    t.is(await code(dev.write(0, Buffer.alloc(4096))), 'CLOSED')
-    t.is(await code(dev.flush()), 'CLOSED')
+    await closing
+    const got = await Promise.all(reads)
+    for (const [i, b] of got.entries()) if (i > 0) t.true(b.equals(model.subarray((i % 256) * 4096, (i % 256 + 1) * 4096)))
+    await Promise.all(writes)
+    t.is(dev.engine.inFlight, 0)
+    t.true(dev.engine.closed)
+  })
+
+  test(`${mode}: each request of a batch fails or succeeds on its own, with a code`, async (t) => {
+    const dev = await openDevice(file(1 << 20, 6), { mode })
+    // Made in one tick, these go to the engine in one call.
+    const results = await Promise.allSettled([
+      dev.read(0, 4096),
+      dev.read(1 << 20, 4096),
+      dev.read(4096, 4096),
+      dev.read(512 * 3 + 1, 4096),
+      dev.discard(1 << 20, 4096),
+      dev.flush(),
+    ])
+    const codes = results.map((r) => (r.status === 'fulfilled' ? 'ok' : (r.reason as UbcacheError).code))
+    t.deepEqual(codes, ['ok', 'OUT_OF_RANGE', 'ok', 'MISALIGNED', 'OUT_OF_RANGE', 'ok'])
+    await dev.close()
   })
 }
 
-test('bad input is rejected with a clear code', async (t) => {
-  const p = file(1 << 20)
-  const dev = await openDevice(p)
-  t.is(await code(dev.read(1 << 20, 4096)), 'OUT_OF_RANGE')
-  t.is(await code(dev.write((1 << 20) - 4096, Buffer.alloc(8192))), 'OUT_OF_RANGE')
-  t.is(await code(dev.read(100, 4096)), 'MISALIGNED')
-  t.is(await code(dev.write(0, Buffer.alloc(1000))), 'MISALIGNED')
-  t.is(await code(dev.read(0, 0)), 'INVALID_ARGUMENT')
-  t.is(await code(dev.read(-1, 4096)), 'INVALID_ARGUMENT')
-  t.is(await code(dev.read(0.5, 4096)), 'INVALID_ARGUMENT')
-  const err = await dev.read(1 << 20, 4096).catch((e: unknown) => e)
-  t.true(err instanceof UbcacheError)
-  t.regex((err as Error).message, /past the end/)
-  // The device still works after bad requests.
-  t.is((await dev.read(0, 4096)).length, 4096)
-  await dev.close()
+test('inline: closing the engine right after requests were made (same tick) completes them', async (t) => {
+  const engine = new IoEngine({ mode: 'inline' })
+  const dev = await engine.open(file(1 << 20, 8))
+  const reads = [dev.read(0, 4096), dev.read(8192, 65536)]
+  await engine.close()
+  t.deepEqual(
+    (await Promise.all(reads)).map((b) => b.length),
+    [4096, 65536],
+  )
+  t.is(await code(dev.read(0, 4096)), 'CLOSED')
 })
 
-test('open errors: missing, busy, read-only, created', async (t) => {
-  t.is(await code(openDevice(join(dir, 'missing'))), 'ENOENT')
-  t.is(await code(openDevice(dir)), 'NOT_A_DEVICE')
-  const p = file(65536)
-  const a = await openDevice(p)
-  t.is(await code(openDevice(p)), 'EBUSY')
-  await a.close()
-  const ro = await openDevice(p, { readOnly: true })
-  t.false(ro.writable)
-  t.is(await code(ro.write(0, Buffer.alloc(4096))), 'EACCES')
-  await ro.close()
-  const created = await openDevice(join(dir, `new${n++}`), { createSize: 1 << 20 })
-  t.is(created.size, 1 << 20)
-  await created.close()
-})
-
-test('buffered devices take any alignment', async (t) => {
-  const p = file(65536, 5)
-  const dev = await openDevice(p, { direct: 'off' })
-  t.false(dev.direct)
-  await dev.write(3, Buffer.from('hello'))
-  t.is((await dev.read(2, 7)).toString('latin1').slice(1, 6), 'hello')
-  await dev.close()
-})
-
-test('one engine drives several devices; closing it with requests in flight completes them', async (t) => {
-  const engine = new IoEngine()
-  const a = await engine.open(file(1 << 20, 1))
-  const b = await engine.open(file(1 << 20, 2))
-  t.true(a instanceof RawDevice)
-  const reads: Promise<Buffer>[] = []
-  for (let i = 0; i < 256; i++) reads.push((i % 2 ? a : b).read((i % 64) * 4096, 4096))
-  t.true(engine.inFlight > 0)
-  const closing = engine.close()
-  t.is(await code(a.read(0, 4096)), 'CLOSED')
-  await closing
-  const got = await Promise.all(reads)
-  t.is(got.length, 256)
-  t.deepEqual(got[0], pattern(1 << 20, 2).subarray(0, 4096))
-  t.is(engine.inFlight, 0)
-  const stats = engine.stats()
-  t.true(stats.batches >= 1 && stats.batches <= 256, `256 completions came back in ${stats.batches} batches`)
-  t.is(await code(engine.open(file(4096))), 'CLOSED')
-})
-
-test('read buffers stay valid after the device and engine are closed', async (t) => {
-  const dev = await openDevice(file(1 << 20, 9))
-  const bufs = await Promise.all([0, 1, 2, 3].map((i) => dev.read(i * 65536, 65536)))
-  await dev.close()
-  for (const [i, b] of bufs.entries()) {
-    t.true(b.equals(pattern(1 << 20, 9).subarray(i * 65536, (i + 1) * 65536)))
-  }
+test('an unknown mode is rejected', (t) => {
+  const err = t.throws(() => new IoEngine({ mode: 'fibers' as EngineMode }))
+  t.is((err as UbcacheError).code, 'INVALID_ARGUMENT')
 })

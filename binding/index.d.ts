@@ -52,6 +52,39 @@ export declare class NativeIoEngine {
   get closed(): boolean
 }
 
+/** An engine driven by the JavaScript thread (see the module docs). */
+export declare class NativeRing {
+  /**
+   * Opens an engine on this thread's event loop; `onComplete` receives every batch of
+   * completions the loop collects, or `(undefined, [code, message])` if the engine broke.
+   */
+  constructor(options: NativeEngineOptions, onComplete: (batch: Array<number | Buffer | [string, string] | undefined> | undefined, fatal?: [string, string]) => void)
+  /** `io_uring` or `psync`. */
+  get kind(): string
+  /** Opens a file or block device and adds it to the engine. */
+  openDevice(path: string, options?: NativeOpenOptions | undefined | null): NativeDevice
+  /** Removes a device; its requests in flight still complete. */
+  closeDevice(id: number): void
+  /**
+   * Submits reads, flushes and discards (the descriptor format of the engine thread's
+   * `submitBatch`) with one `io_uring_enter`. Returns the completions already known.
+   */
+  submitBatch(desc: Float64Array): Array<number | Buffer | [string, string] | undefined> | undefined
+  /** Writes a copy of `data` at `offset`. Returns the completions already known. */
+  write(tag: number, dev: number, offset: number, data: Uint8Array): Array<number | Buffer | [string, string] | undefined> | undefined
+  /** Requests submitted and not yet delivered. */
+  get inFlight(): number
+  /**
+   * Refuses new requests (they complete with `CLOSED`) and stops watching the engine.
+   * Call it once nothing is in flight: requests still in flight are waited for here.
+   */
+  close(): void
+  /** Counters: event-loop wakeups for completions, and batches of completions. */
+  stats(): NativeEngineStats
+  /** True once `close` has been called. */
+  get closed(): boolean
+}
+
 /** CRC-64/WE of `data`, as bcache's `bch_crc64` computes it. */
 export declare function crc64(data: Uint8Array): bigint
 

@@ -837,6 +837,7 @@ module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __n
 module.exports = nativeBinding
 module.exports.Crc64 = nativeBinding.Crc64
 module.exports.NativeIoEngine = nativeBinding.NativeIoEngine
+module.exports.NativeRing = nativeBinding.NativeRing
 module.exports.crc64 = nativeBinding.crc64
 module.exports.crc64Implementation = nativeBinding.crc64Implementation
 module.exports.deviceInfo = nativeBinding.deviceInfo

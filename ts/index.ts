@@ -14,6 +14,7 @@ export { Crc64, crc64, crc64Implementation } from './crc64'
 export {
   type EngineChoice,
   IoEngine,
+  type EngineMode,
   type IoEngineOptions,
   openDevice,
   type OpenDeviceOptions,

@@ -4,7 +4,8 @@
 //    measures the engine alone next to fio (io_uring and psync).
 // 2. This script measures the TypeScript raw-device API (dist/, built by `npm run build`)
 //    on the same file, each workload right after fio runs it again, so both see the same
-//    machine.
+//    machine. The main figures use the default `inline` mode (the JavaScript thread drives
+//    the ring); the `_js_thread` figures use `mode: 'thread'` (a native engine thread).
 // The last stdout line is the JSON of figures; ratios are ours / fio's.
 //
 // Environment: UBCACHE_BENCH_IO_FILE, UBCACHE_BENCH_SECONDS (see bench/io/main.rs).
@@ -98,23 +99,32 @@ async function measure(dev, qd, bs, random) {
 }
 
 const dev = await openDevice(file, { readOnly: true, exclusive: false })
-console.error(`TypeScript raw-device API (${dev.engine.kind}, direct ${dev.direct}), ${secs} s per measurement`)
+const devThread = await openDevice(file, { readOnly: true, exclusive: false, mode: 'thread' })
+console.error(`TypeScript raw-device API (${dev.engine.kind}, ${dev.engine.mode}, direct ${dev.direct}), ${secs} s per measurement`)
 
 console.error('4 KiB random reads, QD32...')
 const fRr32 = fio(['--ioengine=io_uring', '--rw=randread', '--bs=4k', '--iodepth=32']).iops
 const jsRr32 = (await measure(dev, 32, 4096, true)).iops
-console.error(`  fio ${fRr32.toFixed(0)} IOPS, TypeScript ${jsRr32.toFixed(0)} IOPS`)
+const thRr32 = (await measure(devThread, 32, 4096, true)).iops
+console.error(`  fio ${fRr32.toFixed(0)} IOPS, TypeScript ${jsRr32.toFixed(0)} IOPS (engine thread: ${thRr32.toFixed(0)})`)
 
 console.error('4 KiB random reads, QD1...')
 const fP50 = fio(['--ioengine=io_uring', '--rw=randread', '--bs=4k', '--iodepth=1']).lat_ns.percentile['50.000000']
 const jsP50 = (await measure(dev, 1, 4096, true)).p50
-console.error(`  fio p50 ${(fP50 / 1e3).toFixed(1)} us, TypeScript p50 ${(jsP50 / 1e3).toFixed(1)} us`)
+const thP50 = (await measure(devThread, 1, 4096, true)).p50
+console.error(
+  `  fio p50 ${(fP50 / 1e3).toFixed(1)} us, TypeScript p50 ${(jsP50 / 1e3).toFixed(1)} us (engine thread: ${(thP50 / 1e3).toFixed(1)})`,
+)
 
 console.error('1 MiB sequential reads, QD4...')
 const fBw = fio(['--ioengine=io_uring', '--rw=read', '--bs=1m', '--iodepth=4']).bw_bytes
 const jsBw = (await measure(dev, 4, 1 << 20, false)).bw
-console.error(`  fio ${(fBw / 1e6).toFixed(0)} MB/s, TypeScript ${(jsBw / 1e6).toFixed(0)} MB/s`)
+const thBw = (await measure(devThread, 4, 1 << 20, false)).bw
+console.error(
+  `  fio ${(fBw / 1e6).toFixed(0)} MB/s, TypeScript ${(jsBw / 1e6).toFixed(0)} MB/s (engine thread: ${(thBw / 1e6).toFixed(0)})`,
+)
 await dev.close()
+await devThread.close()
 
 const r = (a, b) => Math.round((a / b) * 1000) / 1000
 console.log(
@@ -124,6 +134,9 @@ console.log(
     randread_qd1_p50_ratio: r(jsP50, fP50),
     seqread_bw_ratio: r(jsBw, fBw),
     psync_randread_qd32_iops_ratio: native.psync_randread_qd32_iops_ratio,
+    randread_qd32_iops_ratio_js_thread: r(thRr32, fRr32),
+    randread_qd1_p50_ratio_js_thread: r(thP50, fP50),
+    seqread_bw_ratio_js_thread: r(thBw, fBw),
     randread_qd1_p50_ratio_native: native.randread_qd1_p50_ratio,
     seqread_bw_ratio_native: native.seqread_bw_ratio,
     randread_qd32_iops_ratio_thread: native.randread_qd32_iops_ratio_thread,
@@ -143,5 +156,6 @@ console.log(
     fio_psync_randread_qd32_iops: native.fio_psync_randread_qd32_iops,
     psync_randread_qd32_iops: native.psync_randread_qd32_iops,
     seconds_per_measurement: secs,
+    loadavg: (await import('node:os')).loadavg().map((x) => Math.round(x * 100) / 100),
   }),
 )

@@ -158,7 +158,12 @@ fn crash_through_the_control_with_an_engine_thread() {
     for i in 0..4u64 {
         t.submit(IoRequest::write(id, 8192 + i * 4096, AlignedBuf::from_slice(&[7u8; 4096]), 10 + i)).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(5));
+    // The crash must come after the engine thread has taken all four writes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ctl.unflushed_writes() < 4 {
+        assert!(std::time::Instant::now() < deadline, "the engine thread never took the writes");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let r = ctl.crash(CrashMode::DropUnflushed).unwrap();
     assert_eq!(r.unflushed_writes, 4);
     for _ in 0..4 {

@@ -5,9 +5,9 @@
 //!
 //! A batch reaches JavaScript as one flat array, three slots per completion:
 //! `tag, result, payload`. `result` is the byte count (or -1 on error); `payload` is the
-//! read data as a `Buffer` over the engine's aligned memory (no copy; the memory returns to
-//! the pool when the `Buffer` is collected), `undefined` for other ops, or `[code, message]`
-//! on error.
+//! read data as a `Buffer` (above 16 KiB over the engine's aligned memory, no copy: the
+//! memory returns to the pool when the `Buffer` is collected; smaller reads are copied),
+//! `undefined` for other ops, or `[code, message]` on error.
 
 use std::sync::Arc;
 
@@ -15,22 +15,22 @@ use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 use ubcache_core::io::{
-    open_engine, BufPool, BufPoolConfig, DevId, Device, DirectIo, EngineChoice, EngineOptions, IoCompletion, IoOp,
-    IoRequest, IoThread, IoThreadOptions, OpenOptions,
+    open_engine, BufPool, BufPoolConfig, DevId, Device, DirectIo, EngineChoice, EngineOptions, IoCompletion, IoEngine,
+    IoOp, IoRequest, IoThread, IoThreadOptions, OpenOptions,
 };
 use ubcache_core::{Error as CoreError, ErrorKind};
 
-fn throw<T>(env: &Env, err: CoreError) -> Result<T> {
+pub(crate) fn throw<T>(env: &Env, err: CoreError) -> Result<T> {
     env.throw_error(err.message(), Some(err.code()))?;
     Err(napi::Error::new(Status::PendingException, err.message().to_string()))
 }
 
-fn invalid<T>(env: &Env, msg: String) -> Result<T> {
+pub(crate) fn invalid<T>(env: &Env, msg: String) -> Result<T> {
     throw(env, CoreError::new(ErrorKind::InvalidArgument, msg))
 }
 
 /// A JavaScript number that must be a byte offset or count (a non-negative safe integer).
-fn to_u64(env: &Env, what: &str, v: f64) -> Result<u64> {
+pub(crate) fn to_u64(env: &Env, what: &str, v: f64) -> Result<u64> {
     if v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_991.0 {
         Ok(v as u64)
     } else {
@@ -38,8 +38,91 @@ fn to_u64(env: &Env, what: &str, v: f64) -> Result<u64> {
     }
 }
 
+/// Builds the engine `options` ask for, with the buffer pool its reads take memory from.
+pub(crate) fn engine_of(env: &Env, options: &NativeEngineOptions) -> Result<(Box<dyn IoEngine>, BufPool)> {
+    let choice = match options.engine.as_deref() {
+        None | Some("auto") => EngineChoice::Auto,
+        Some("io_uring") => EngineChoice::Uring,
+        Some("psync") => EngineChoice::Psync,
+        Some(other) => return invalid(env, format!("engine must be auto, io_uring or psync, got {other}")),
+    };
+    let pool = BufPool::new(BufPoolConfig {
+        arena_bytes: options.arena_bytes.unwrap_or(16 << 20) as usize,
+        ..Default::default()
+    });
+    let defaults = EngineOptions::default();
+    let opts = EngineOptions {
+        choice,
+        queue_depth: options.queue_depth.unwrap_or(defaults.queue_depth),
+        psync_threads: options.psync_threads.map_or(defaults.psync_threads, |n| n as usize),
+        buf_pool: Some(pool.clone()),
+        ..defaults
+    };
+    match open_engine(&opts) {
+        Ok(e) => Ok((e, pool)),
+        Err(e) => throw(env, e),
+    }
+}
+
+/// Opens the device `path` names, and describes it for JavaScript (its `id` still 0).
+pub(crate) fn open_device(
+    env: &Env,
+    path: &str,
+    options: Option<NativeOpenOptions>,
+) -> Result<(Arc<Device>, NativeDevice)> {
+    let o = options.unwrap_or(NativeOpenOptions { write: None, direct: None, exclusive: None, create_size: None });
+    let direct = match o.direct.as_deref() {
+        None | Some("auto") => DirectIo::Auto,
+        Some("require") => DirectIo::Require,
+        Some("off") => DirectIo::Off,
+        Some(other) => return invalid(env, format!("direct must be auto, require or off, got {other}")),
+    };
+    let create_size = match o.create_size {
+        Some(v) => Some(to_u64(env, "createSize", v)?),
+        None => None,
+    };
+    let opts =
+        OpenOptions { write: o.write.unwrap_or(true), direct, exclusive: o.exclusive.unwrap_or(true), create_size };
+    let dev = match Device::open(path, &opts) {
+        Ok(d) => Arc::new(d),
+        Err(e) => return throw(env, e),
+    };
+    let info = NativeDevice {
+        id: 0,
+        size: dev.size() as f64,
+        logical_block_size: dev.logical_block_size(),
+        direct: dev.is_direct(),
+        block_device: dev.is_block_device(),
+        writable: dev.is_writable(),
+    };
+    Ok((dev, info))
+}
+
+/// Requests of a `submitBatch` descriptor: five numbers per request, op (0 read, 2 flush,
+/// 3 discard), tag, device, offset, length.
+pub(crate) fn requests_of(env: &Env, pool: &BufPool, desc: &[f64]) -> Result<Vec<IoRequest>> {
+    let mut reqs = Vec::with_capacity(desc.len() / 5);
+    for d in desc.chunks_exact(5) {
+        let (tag, dev) = (d[1] as u64, DevId(d[2] as u32));
+        let offset = to_u64(env, "offset", d[3])?;
+        let length = to_u64(env, "length", d[4])?;
+        reqs.push(match d[0] as u32 {
+            0 => IoRequest::read(dev, offset, pool.get(length as usize), tag),
+            2 => IoRequest::flush(dev, tag),
+            3 => IoRequest::discard(dev, offset, length, tag),
+            op => return invalid(env, format!("unknown batched op {op}")),
+        });
+    }
+    Ok(reqs)
+}
+
+/// Reads up to this size reach JavaScript as a copy: copying 16 KiB costs less than the
+/// weak handle and finalizer of an external buffer, and the aligned memory goes straight
+/// back to the pool. Larger reads are handed over without copying.
+const COPY_MAX: usize = 16 << 10;
+
 /// One batch of completions on its way to JavaScript.
-struct Batch(Vec<IoCompletion>);
+pub struct Batch(pub(crate) Vec<IoCompletion>);
 
 impl ToNapiValue for Batch {
     unsafe fn to_napi_value(raw: sys::napi_env, val: Self) -> Result<sys::napi_value> {
@@ -52,6 +135,10 @@ impl ToNapiValue for Batch {
                 Ok(n) => {
                     arr.set(i + 1, n as f64)?;
                     if let IoOp::Read { buf } = c.op {
+                        if buf.len() <= COPY_MAX {
+                            arr.set(i + 2, BufferSlice::copy_from(&env, &buf[..])?)?;
+                            continue;
+                        }
                         let (ptr, len) = (buf.as_ptr() as *mut u8, buf.len());
                         // SAFETY: the buffer's heap memory does not move when the AlignedBuf
                         // is moved into the finalize hint, and lives until the finalizer drops it.
@@ -141,26 +228,7 @@ impl NativeIoEngine {
         ts_args_type = "options: NativeEngineOptions, onComplete: (batch: Array<number | Buffer | [string, string] | undefined>) => void"
     )]
     pub fn new(env: &Env, options: NativeEngineOptions, on_complete: Function<'_, (), ()>) -> Result<Self> {
-        let choice = match options.engine.as_deref() {
-            None | Some("auto") => EngineChoice::Auto,
-            Some("io_uring") => EngineChoice::Uring,
-            Some("psync") => EngineChoice::Psync,
-            Some(other) => return invalid(env, format!("engine must be auto, io_uring or psync, got {other}")),
-        };
-        let pool =
-            BufPool::new(BufPoolConfig { arena_bytes: options.arena_bytes.unwrap_or(16 << 20) as usize, ..Default::default() });
-        let defaults = EngineOptions::default();
-        let opts = EngineOptions {
-            choice,
-            queue_depth: options.queue_depth.unwrap_or(defaults.queue_depth),
-            psync_threads: options.psync_threads.map_or(defaults.psync_threads, |n| n as usize),
-            buf_pool: Some(pool.clone()),
-            ..defaults
-        };
-        let engine = match open_engine(&opts) {
-            Ok(e) => e,
-            Err(e) => return throw(env, e),
-        };
+        let (engine, pool) = engine_of(env, &options)?;
         let tsfn: CompletionFn = on_complete
             .build_threadsafe_function::<Vec<IoCompletion>>()
             .weak::<true>()
@@ -187,30 +255,7 @@ impl NativeIoEngine {
     /// Opens a file or block device and adds it to the engine.
     #[napi]
     pub fn open_device(&self, env: &Env, path: String, options: Option<NativeOpenOptions>) -> Result<NativeDevice> {
-        let o = options.unwrap_or(NativeOpenOptions { write: None, direct: None, exclusive: None, create_size: None });
-        let direct = match o.direct.as_deref() {
-            None | Some("auto") => DirectIo::Auto,
-            Some("require") => DirectIo::Require,
-            Some("off") => DirectIo::Off,
-            Some(other) => return invalid(env, format!("direct must be auto, require or off, got {other}")),
-        };
-        let create_size = match o.create_size {
-            Some(v) => Some(to_u64(env, "createSize", v)?),
-            None => None,
-        };
-        let opts = OpenOptions { write: o.write.unwrap_or(true), direct, exclusive: o.exclusive.unwrap_or(true), create_size };
-        let dev = match Device::open(&path, &opts) {
-            Ok(d) => Arc::new(d),
-            Err(e) => return throw(env, e),
-        };
-        let info = NativeDevice {
-            id: 0,
-            size: dev.size() as f64,
-            logical_block_size: dev.logical_block_size(),
-            direct: dev.is_direct(),
-            block_device: dev.is_block_device(),
-            writable: dev.is_writable(),
-        };
+        let (dev, info) = open_device(env, &path, options)?;
         match self.thread.add_device(dev) {
             Ok(id) => Ok(NativeDevice { id: id.0, ..info }),
             Err(e) => throw(env, e),
@@ -238,18 +283,7 @@ impl NativeIoEngine {
     /// 3 discard), tag, device, offset, length.
     #[napi]
     pub fn submit_batch(&self, env: &Env, desc: &[f64]) -> Result<()> {
-        let mut reqs = Vec::with_capacity(desc.len() / 5);
-        for d in desc.chunks_exact(5) {
-            let (tag, dev) = (d[1] as u64, DevId(d[2] as u32));
-            let offset = to_u64(env, "offset", d[3])?;
-            let length = to_u64(env, "length", d[4])?;
-            reqs.push(match d[0] as u32 {
-                0 => IoRequest::read(dev, offset, self.pool.get(length as usize), tag),
-                2 => IoRequest::flush(dev, tag),
-                3 => IoRequest::discard(dev, offset, length, tag),
-                op => return invalid(env, format!("unknown batched op {op}")),
-            });
-        }
+        let reqs = requests_of(env, &self.pool, desc)?;
         match self.thread.submit_batch(reqs) {
             Ok(()) => Ok(()),
             Err(mut rejected) => match rejected.pop() {

@@ -5,6 +5,7 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 mod io;
+mod ring;
 
 /// Throws `err` as a JavaScript `Error` whose `code` is the core error's code, and returns
 /// the marker error that tells napi-rs an exception is already pending.

@@ -10,12 +10,16 @@
 //! - [`engine::IoThread`] is the engine thread: it owns an engine, takes requests from any
 //!   thread (a queue plus an eventfd) and delivers completions in batches through one
 //!   callback, so a binding pays one cross-thread wakeup per batch, not per I/O.
+//! - [`driver::RingDriver`] is the other way to run an engine: the caller's own thread
+//!   (a JavaScript event loop) submits straight into the engine and is told of completions
+//!   through a descriptor it watches, so no thread handoff sits on the I/O path.
 //!
 //! Every request ends in exactly one [`IoCompletion`]; bad input, device errors and closing
 //! all arrive as an error on that completion, never as a panic.
 
 pub mod buf;
 pub mod device;
+pub mod driver;
 pub mod engine;
 pub mod fault;
 pub mod psync;
@@ -30,6 +34,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub use buf::{AlignedBuf, BufPool, BufPoolConfig, BUF_ALIGN};
 pub use device::{Device, DirectIo, OpenOptions};
+pub use driver::RingDriver;
 pub use engine::{IoThread, IoThreadOptions};
 
 /// Identifies a device added to an engine (an index into the engine's device table).
@@ -213,6 +218,14 @@ pub trait IoEngine: Send {
     /// An eventfd whose notification makes a blocked `poll` return, so an engine thread
     /// can sleep on device completions and new requests at once.
     fn set_waker(&mut self, waker: Arc<EventFd>) -> Result<()>;
+
+    /// A descriptor that turns readable whenever `poll` may have completions to return, for
+    /// a thread that waits in an event loop rather than in `poll` (see [`driver`]). `poll`
+    /// resets it. Engines that need a thread of their own to make progress (e.g. the fault
+    /// engine's timed delays) refuse.
+    fn completion_fd(&mut self) -> Result<RawFd> {
+        Err(Error::new(ErrorKind::InvalidArgument, format!("the {} engine cannot be driven from an event loop", self.kind().name())))
+    }
 }
 
 impl<E: IoEngine + ?Sized> IoEngine for Box<E> {
@@ -239,6 +252,9 @@ impl<E: IoEngine + ?Sized> IoEngine for Box<E> {
     }
     fn set_waker(&mut self, waker: Arc<EventFd>) -> Result<()> {
         (**self).set_waker(waker)
+    }
+    fn completion_fd(&mut self) -> Result<RawFd> {
+        (**self).completion_fd()
     }
 }
 

@@ -182,6 +182,12 @@ impl IoEngine for PsyncEngine {
         self.waker = Some(waker);
         Ok(())
     }
+
+    fn completion_fd(&mut self) -> Result<std::os::fd::RawFd> {
+        // Workers already ring this eventfd for the first completion of a batch, and `poll`
+        // drains it before it takes the list.
+        Ok(self.shared.notify.as_raw_fd())
+    }
 }
 
 impl Drop for PsyncEngine {

@@ -82,6 +82,10 @@ pub struct UringEngine {
     waker_armed: bool,
     woken: bool,
     side: Option<Side>,
+    /// Eventfd registered with the ring (see [`IoEngine::completion_fd`]).
+    notifier: Option<EventFd>,
+    /// CQEs were reaped since the notifier was last reset.
+    reaped: bool,
     fixed_buf: Option<(u64, usize)>,
     files_registered: bool,
     ext_arg: bool,
@@ -152,6 +156,8 @@ impl UringEngine {
             waker_armed: false,
             woken: false,
             side: None,
+            notifier: None,
+            reaped: false,
             fixed_buf,
             files_registered,
             ext_arg,
@@ -344,6 +350,7 @@ impl UringEngine {
     fn reap(&mut self) {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        self.reaped |= !cqes.is_empty();
         for &(ud, res) in &cqes {
             self.in_kernel -= 1;
             match ud {
@@ -550,6 +557,17 @@ impl IoEngine for UringEngine {
             }
         }
         self.woken = false;
+        if let (Some(n), true) = (&self.notifier, std::mem::take(&mut self.reaped)) {
+            // The kernel signals both when deferred work is queued and again when running
+            // it posts CQEs; reset the fd now that all is reaped, so the caller's loop does
+            // not wake for nothing, and signal again if more arrived meanwhile (the TASKRUN
+            // flag is set before the kernel signals, so nothing is lost). A poll that reaped
+            // nothing leaves the fd alone: that saves a syscall per submission.
+            n.drain();
+            if self.ring.submission().taskrun() || !self.ring.completion().is_empty() {
+                n.notify();
+            }
+        }
         let n = self.ready.len();
         out.append(&mut self.ready);
         self.in_flight -= n;
@@ -566,6 +584,15 @@ impl IoEngine for UringEngine {
         }
         self.waker = Some(waker);
         Ok(())
+    }
+
+    fn completion_fd(&mut self) -> Result<std::os::fd::RawFd> {
+        if self.notifier.is_none() {
+            let efd = EventFd::new()?;
+            self.ring.submitter().register_eventfd(efd.as_raw_fd()).map_err(|e| Error::io("io_uring register eventfd", e))?;
+            self.notifier = Some(efd);
+        }
+        Ok(self.notifier.as_ref().expect("just set").as_raw_fd())
     }
 }
 
