@@ -32,15 +32,19 @@ fn main() {
     let mut dst = vec![0u8; 1 << 20];
     eprintln!("crc64 kernel: {}", ubcache_core::crc64::implementation());
 
-    let fast = |len: usize, bytes: usize| gbps(&data[..len], bytes, 7, |b| {
-        black_box(crc64(b));
-    });
+    let fast = |len: usize, bytes: usize| {
+        gbps(&data[..len], bytes, 7, |b| {
+            black_box(crc64(b));
+        })
+    };
     let crc_4k = fast(4096, 1 << 30);
     let crc_64k = fast(65536, 2 << 30);
     let crc_1m = fast(1 << 20, 2 << 30);
-    let direct = |len: usize, bytes: usize| gbps(&data[..len], bytes, 7, |b| {
-        black_box(crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64We, b));
-    });
+    let direct = |len: usize, bytes: usize| {
+        gbps(&data[..len], bytes, 7, |b| {
+            black_box(crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64We, b));
+        })
+    };
     let cf_4k = direct(4096, 1 << 30);
     let cf_64k = direct(65536, 2 << 30);
     let cf_1m = direct(1 << 20, 2 << 30);

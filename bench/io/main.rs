@@ -177,9 +177,12 @@ fn drive(e: &mut dyn IoEngine, id: DevId, pool: &BufPool, qd: usize, bs: u64, ra
 fn drive_thread(dev: Arc<Device>, pool: &BufPool, qd: usize, bs: u64, secs: u64) -> Run {
     let engine = UringEngine::new(&EngineOptions { buf_pool: Some(pool.clone()), ..Default::default() }).unwrap();
     let (tx, rx) = mpsc::channel::<Vec<IoCompletion>>();
-    let t = IoThread::spawn(engine, Box::new(move |b| {
-        let _ = tx.send(b);
-    }))
+    let t = IoThread::spawn(
+        engine,
+        Box::new(move |b| {
+            let _ = tx.send(b);
+        }),
+    )
     .unwrap();
     let id = t.add_device(dev).unwrap();
     let mut rng = Rng(0x0123_4567_89ab_cdef);
@@ -240,7 +243,8 @@ fn main() {
     check_not_tmpfs(&path);
     prepare(&path);
 
-    let dev = Arc::new(Device::open(&path, &OpenOptions { write: false, exclusive: false, ..Default::default() }).unwrap());
+    let dev =
+        Arc::new(Device::open(&path, &OpenOptions { write: false, exclusive: false, ..Default::default() }).unwrap());
     assert!(dev.is_direct(), "the benchmark file must allow O_DIRECT");
     let pool = BufPool::new(BufPoolConfig { arena_bytes: 64 << 20, ..Default::default() });
     let mut uring = UringEngine::new(&EngineOptions { buf_pool: Some(pool.clone()), ..Default::default() }).unwrap();
@@ -255,7 +259,9 @@ fn main() {
     let pid = psync.add_device(dev.clone()).unwrap();
 
     eprintln!("4 KiB random reads, QD32...");
-    let f_rr32 = fio(&path, secs, &["--ioengine=io_uring", "--rw=randread", "--bs=4k", "--iodepth=32"])["iops"].as_f64().unwrap();
+    let f_rr32 = fio(&path, secs, &["--ioengine=io_uring", "--rw=randread", "--bs=4k", "--iodepth=32"])["iops"]
+        .as_f64()
+        .unwrap();
     let rr32 = drive(&mut uring, uid, &pool, 32, 4096, true, secs).iops();
     let rr32_thread = drive_thread(dev.clone(), &pool, 32, 4096, secs).iops();
     eprintln!("  fio {f_rr32:.0} IOPS, engine {rr32:.0} IOPS, engine thread {rr32_thread:.0} IOPS");
@@ -265,10 +271,16 @@ fn main() {
     let f_p50 = f_qd1["lat_ns"]["percentile"]["50.000000"].as_f64().unwrap();
     let p50 = drive(&mut uring, uid, &pool, 1, 4096, true, secs).p50();
     let p50_thread = drive_thread(dev.clone(), &pool, 1, 4096, secs).p50();
-    eprintln!("  fio p50 {:.1} us, engine p50 {:.1} us, engine thread p50 {:.1} us", f_p50 / 1e3, p50 / 1e3, p50_thread / 1e3);
+    eprintln!(
+        "  fio p50 {:.1} us, engine p50 {:.1} us, engine thread p50 {:.1} us",
+        f_p50 / 1e3,
+        p50 / 1e3,
+        p50_thread / 1e3
+    );
 
     eprintln!("1 MiB sequential reads, QD4...");
-    let f_bw = fio(&path, secs, &["--ioengine=io_uring", "--rw=read", "--bs=1m", "--iodepth=4"])["bw_bytes"].as_f64().unwrap();
+    let f_bw =
+        fio(&path, secs, &["--ioengine=io_uring", "--rw=read", "--bs=1m", "--iodepth=4"])["bw_bytes"].as_f64().unwrap();
     let bw = drive(&mut uring, uid, &pool, 4, 1 << 20, false, secs).bw();
     eprintln!("  fio {:.0} MB/s, engine {:.0} MB/s", f_bw / 1e6, bw / 1e6);
 

@@ -77,7 +77,12 @@ impl Packer {
     /// A packer for buckets of geometry `g`; it starts with one empty chunk.
     pub fn new(g: &CheckpointGeometry) -> Packer {
         let cap = g.data_bytes();
-        Packer { cap, chunks: vec![Chunk { data: Vec::with_capacity(cap), keys: 0 }], one: Vec::with_capacity(64), total: 0 }
+        Packer {
+            cap,
+            chunks: vec![Chunk { data: Vec::with_capacity(cap), keys: 0 }],
+            one: Vec::with_capacity(64),
+            total: 0,
+        }
     }
 
     /// Appends one key.

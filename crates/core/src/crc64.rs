@@ -460,9 +460,8 @@ mod tests {
         assert_eq!(xpow_mod(63), 1 << 63);
         assert_eq!(xpow_mod(64), POLY);
         // x^128 = mu * P + (x^128 mod P): check with a bitwise carry-less multiply.
-        let clmul = |a: u128, b: u128| -> u128 {
-            (0..128).filter(|i| (b >> i) & 1 != 0).fold(0, |acc, i| acc ^ (a << i))
-        };
+        let clmul =
+            |a: u128, b: u128| -> u128 { (0..128).filter(|i| (b >> i) & 1 != 0).fold(0, |acc, i| acc ^ (a << i)) };
         let p = (1u128 << 64) | POLY as u128;
         // (x^64 + mu_low) * P = x^128 + POLY * x^64 + mu_low * P; without the x^128 term it
         // must equal the remainder x^128 mod P.

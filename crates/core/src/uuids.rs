@@ -72,7 +72,13 @@ pub fn capacity(bucket_bytes: usize) -> usize {
 }
 
 /// Serializes the table into `out`, padded to `block_bytes`.
-pub fn encode(entries: &[UuidEntry], set_magic: u64, seq: u64, bucket_bytes: usize, block_bytes: usize) -> Result<Vec<u8>> {
+pub fn encode(
+    entries: &[UuidEntry],
+    set_magic: u64,
+    seq: u64,
+    bucket_bytes: usize,
+    block_bytes: usize,
+) -> Result<Vec<u8>> {
     if entries.len() > capacity(bucket_bytes) {
         return Err(Error::new(
             ErrorKind::NoSpace,
@@ -134,7 +140,8 @@ mod tests {
 
     #[test]
     fn round_trip_layout_and_damage() {
-        let mut e = UuidEntry { uuid: [9; 16], first_reg: 5, flags: UUID_FLASH_ONLY, sectors: 1 << 30, ..Default::default() };
+        let mut e =
+            UuidEntry { uuid: [9; 16], first_reg: 5, flags: UUID_FLASH_ONLY, sectors: 1 << 30, ..Default::default() };
         e.label[..4].copy_from_slice(b"vol0");
         let t = vec![UuidEntry::default(), e.clone()];
         let buf = encode(&t, 77, 3, 8192, 4096).unwrap();

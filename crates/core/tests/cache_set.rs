@@ -121,7 +121,12 @@ type Faulty = EngineStorage<FaultEngine<PsyncEngine>>;
 fn fault_device(name: &str, nbuckets: u64) -> (Faulty, std::path::PathBuf) {
     let path = std::path::PathBuf::from(format!("/dev/shm/ubcache-cs-{name}-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let o = OpenOptions { direct: DirectIo::Off, exclusive: false, create_size: Some(nbuckets * BS * 512), ..Default::default() };
+    let o = OpenOptions {
+        direct: DirectIo::Off,
+        exclusive: false,
+        create_size: Some(nbuckets * BS * 512),
+        ..Default::default()
+    };
     let dev = Arc::new(ubcache_core::io::Device::open(&path, &o).unwrap());
     dev.write_at(&superblock::format([3; 16], [4; 16], nbuckets, BS as u16, 8), 4096).unwrap();
     let mut e = FaultEngine::new(PsyncEngine::new(1).unwrap());
@@ -226,14 +231,18 @@ fn crash_campaign(name: &str, seed: u64, rounds: usize) -> usize {
         }
         gens_moved += (0..1024).map(|b| u64::from(cs.allocator().bucket(0, b).unwrap().gen)).sum::<u64>();
         let mut st2 = cs.abandon();
-        let mode = if rng.below(2) == 0 { CrashMode::DropUnflushed } else { CrashMode::TearUnflushed { seed: rng.next() } };
+        let mode =
+            if rng.below(2) == 0 { CrashMode::DropUnflushed } else { CrashMode::TearUnflushed { seed: rng.next() } };
         st2.engine().crash(mode).unwrap();
         ctl.clear_rules();
         crash_points += 1;
         st = st2;
     }
     let _ = std::fs::remove_file(&path);
-    eprintln!("{name}: replayed {} keys, {} stale, {} from checkpoints, {} fallbacks, {} gaps", stats[0], stats[1], stats[2], stats[3], stats[4]);
+    eprintln!(
+        "{name}: replayed {} keys, {} stale, {} from checkpoints, {} fallbacks, {} gaps",
+        stats[0], stats[1], stats[2], stats[3], stats[4]
+    );
     // The campaign must have exercised replay and bucket reuse, or it proved little.
     assert!(stats[0] > 0 && stats[2] > 0 && gens_moved > 0, "{name}: {stats:?} gens {gens_moved}");
     crash_points
@@ -288,7 +297,8 @@ fn entries_per_write(cs: &mut CacheSet<MemStorage>, n: u64) -> Vec<(u64, u64)> {
         cs.flush().unwrap();
         let g = geometry(cs);
         let found = read_journal(cs.storage(), &g).unwrap();
-        let e = found.iter().rev().find(|e| e.keys().unwrap().iter().any(|k| k.inode == 1 && k.start == i * 8)).unwrap();
+        let e =
+            found.iter().rev().find(|e| e.keys().unwrap().iter().any(|k| k.inode == 1 && k.start == i * 8)).unwrap();
         at.push((g.buckets[e.bucket_idx] * g.bucket_bytes as u64 + e.offset as u64, e.jset.seq));
     }
     at

@@ -48,7 +48,8 @@ fn open_errors_are_typed() {
     let s = Scratch::new("openerr");
     assert_eq!(Device::open(s.0.join("missing"), &OpenOptions::default()).unwrap_err().kind(), ErrorKind::NotFound);
     assert_eq!(Device::open(&s.0, &OpenOptions::default()).unwrap_err().kind(), ErrorKind::NotADevice);
-    let created = Device::open(s.0.join("new"), &OpenOptions { create_size: Some(1 << 20), ..Default::default() }).unwrap();
+    let created =
+        Device::open(s.0.join("new"), &OpenOptions { create_size: Some(1 << 20), ..Default::default() }).unwrap();
     assert_eq!(created.size(), 1 << 20);
 }
 
@@ -61,7 +62,8 @@ fn tmpfs_falls_back_to_buffered_io() {
     let d = Device::open(&p, &OpenOptions::default()).unwrap();
     assert!(!d.is_direct());
     assert!(ubcache_core::io::warned("buffered-io"));
-    let err = Device::open(&p, &OpenOptions { direct: DirectIo::Require, exclusive: false, ..Default::default() }).unwrap_err();
+    let err = Device::open(&p, &OpenOptions { direct: DirectIo::Require, exclusive: false, ..Default::default() })
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     // Buffered devices take any alignment.
     let mut e = engine(EngineChoice::Uring);
@@ -111,7 +113,8 @@ fn readback(choice: EngineChoice, ops: &[(u64, usize, u8)], qd: usize, pool: Opt
             let data = pattern(len, seed);
             // Later writes in one batch may overlap earlier ones: order is not defined, so
             // keep one batch free of overlaps by skipping those.
-            if chunk[..i].iter().any(|&(b, n, _)| (b as usize) < blk as usize + nblk && (blk as usize) < b as usize + n) {
+            if chunk[..i].iter().any(|&(b, n, _)| (b as usize) < blk as usize + nblk && (blk as usize) < b as usize + n)
+            {
                 continue;
             }
             model[off..off + len].copy_from_slice(&data);
@@ -176,9 +179,11 @@ fn queue_deeper_than_the_ring_goes_through_the_backlog() {
     let p = s.file("f", DEV_SIZE, 3);
     let model = pattern(DEV_SIZE, 3);
     // 8 SQ entries, 16 CQ entries, 700 requests in flight at once.
-    let mut e = open_engine(&EngineOptions { choice: EngineChoice::Uring, queue_depth: 8, ..Default::default() }).unwrap();
+    let mut e =
+        open_engine(&EngineOptions { choice: EngineChoice::Uring, queue_depth: 8, ..Default::default() }).unwrap();
     let id = e.add_device(open(&p)).unwrap();
-    let reqs: Vec<_> = (0..700u64).map(|i| IoRequest::read(id, (i * 37 % 1000) * 4096, AlignedBuf::new(4096), i)).collect();
+    let reqs: Vec<_> =
+        (0..700u64).map(|i| IoRequest::read(id, (i * 37 % 1000) * 4096, AlignedBuf::new(4096), i)).collect();
     for c in run_all(&mut *e, reqs) {
         let off = c.offset as usize;
         assert!(c.into_buf().unwrap()[..] == model[off..off + 4096]);
@@ -209,7 +214,9 @@ fn short_transfers_are_completed() {
     // A file that shrank under the device: the read comes up short and the rest is missing,
     // which is an error, not a silent short result.
     let mut ps = engine(EngineChoice::Psync);
-    let pid = ps.add_device(Arc::new(Device::open(&p, &OpenOptions { exclusive: false, ..Default::default() }).unwrap())).unwrap();
+    let pid = ps
+        .add_device(Arc::new(Device::open(&p, &OpenOptions { exclusive: false, ..Default::default() }).unwrap()))
+        .unwrap();
     std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len((DEV_SIZE - 2048) as u64).unwrap();
     for (e, id) in [(&mut e, id), (&mut ps, pid)] {
         let c = sync(&mut **e, IoRequest::read(id, (DEV_SIZE - 8192) as u64, AlignedBuf::new(8192), 6));
@@ -250,7 +257,10 @@ fn bad_input_gets_clear_errors() {
         let id = e.add_device(open(&p)).unwrap();
         let code = |e: &mut dyn IoEngine, req| sync(e, req).result.unwrap_err().kind();
         assert_eq!(code(&mut *e, IoRequest::read(id, 1 << 20, AlignedBuf::new(4096), 1)), ErrorKind::OutOfRange);
-        assert_eq!(code(&mut *e, IoRequest::write(id, (1 << 20) - 4096, AlignedBuf::new(8192), 1)), ErrorKind::OutOfRange);
+        assert_eq!(
+            code(&mut *e, IoRequest::write(id, (1 << 20) - 4096, AlignedBuf::new(8192), 1)),
+            ErrorKind::OutOfRange
+        );
         assert_eq!(code(&mut *e, IoRequest::read(id, u64::MAX - 100, AlignedBuf::new(4096), 1)), ErrorKind::OutOfRange);
         assert_eq!(code(&mut *e, IoRequest::read(id, 100, AlignedBuf::new(4096), 1)), ErrorKind::Misaligned);
         assert_eq!(code(&mut *e, IoRequest::read(id, 0, AlignedBuf::new(1000), 1)), ErrorKind::Misaligned);

@@ -143,11 +143,14 @@ fn crash_through_the_control_with_an_engine_thread() {
     ctl.set_volatile(true);
     ctl.set_latency(Some(Latency { fixed: Duration::from_millis(20), ..Default::default() }));
     let (tx, rx) = mpsc::channel();
-    let t = ubcache_core::io::IoThread::spawn(e, Box::new(move |batch| {
-        for c in batch {
-            let _ = tx.send(c);
-        }
-    }))
+    let t = ubcache_core::io::IoThread::spawn(
+        e,
+        Box::new(move |batch| {
+            for c in batch {
+                let _ = tx.send(c);
+            }
+        }),
+    )
     .unwrap();
     let id = t.add_device(Arc::new(ubcache_core::io::Device::open(&p, &Default::default()).unwrap())).unwrap();
     t.submit(IoRequest::write(id, 0, AlignedBuf::from_slice(&[9u8; 4096]), 1)).unwrap();

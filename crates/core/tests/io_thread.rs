@@ -14,9 +14,12 @@ const SIZE: usize = 4 << 20;
 
 fn spawn(choice: EngineChoice) -> (IoThread, mpsc::Receiver<Vec<IoCompletion>>) {
     let (tx, rx) = mpsc::channel();
-    let t = IoThread::spawn(engine(choice), Box::new(move |batch| {
-        let _ = tx.send(batch);
-    }))
+    let t = IoThread::spawn(
+        engine(choice),
+        Box::new(move |batch| {
+            let _ = tx.send(batch);
+        }),
+    )
     .unwrap();
     (t, rx)
 }
@@ -76,9 +79,12 @@ fn close_completes_requests_in_flight_and_then_refuses() {
         // A slow disk keeps the requests in flight while we close.
         e.control().set_latency(Some(Latency { fixed: Duration::from_millis(5), serial: true, ..Default::default() }));
         let (tx, rx) = mpsc::channel();
-        let t = IoThread::spawn(e, Box::new(move |b| {
-            let _ = tx.send(b);
-        }))
+        let t = IoThread::spawn(
+            e,
+            Box::new(move |b| {
+                let _ = tx.send(b);
+            }),
+        )
         .unwrap();
         let id = t.add_device(open(&p)).unwrap();
         for i in 0..40u64 {
@@ -150,9 +156,13 @@ fn a_spinning_thread_catches_requests_without_the_doorbell() {
     let p = s.file("f", 65536, 4);
     let (tx, rx) = mpsc::channel();
     let opts = ubcache_core::io::IoThreadOptions { spin: Duration::from_millis(20) };
-    let t = IoThread::spawn_with(engine(EngineChoice::Psync), Box::new(move |b| {
-        let _ = tx.send(b);
-    }), opts)
+    let t = IoThread::spawn_with(
+        engine(EngineChoice::Psync),
+        Box::new(move |b| {
+            let _ = tx.send(b);
+        }),
+        opts,
+    )
     .unwrap();
     let id = t.add_device(open(&p)).unwrap();
     let model = pattern(65536, 4);

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use crate::alloc::{self, Allocator, CacheConfig, DataWrite, PtrKind, Replacement, Reserve, SetConfig, Step};
 use crate::checkpoint::{self, CheckpointGeometry, Packer};
 use crate::error::{Error, ErrorKind, Result};
-use crate::index::{BucketAccounting, BucketGens, ExtentIndex, Fragment, FragmentKind, Key, Ptr, ScanFilter, ScanPos, KEY_SIZE_MAX};
+use crate::index::{
+    BucketAccounting, BucketGens, ExtentIndex, Fragment, FragmentKind, Key, Ptr, ScanFilter, ScanPos, KEY_SIZE_MAX,
+};
 use crate::journal::{self, FoundEntry, Journal, JournalGeometry, Jset, MetaPtr, JSET_PRIO_SLOTS};
 use crate::uuids::{self, UuidEntry};
 pub use storage::{EngineStorage, MemStorage, Storage};
@@ -263,7 +265,10 @@ pub struct CacheSet<S: Storage> {
 }
 
 fn ctx(what: &str, e: Error) -> Error {
-    Error::new(if e.kind() == ErrorKind::Io { ErrorKind::Io } else { ErrorKind::Corrupt }, format!("{what}: {}", e.message()))
+    Error::new(
+        if e.kind() == ErrorKind::Io { ErrorKind::Io } else { ErrorKind::Corrupt },
+        format!("{what}: {}", e.message()),
+    )
 }
 
 impl<S: Storage> CacheSet<S> {
@@ -275,7 +280,10 @@ impl<S: Storage> CacheSet<S> {
         if sb.nr_in_set != 1 || sb.nr_this_dev != 0 {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("cache device {} of {}: only sets of one cache device are supported", sb.nr_this_dev, sb.nr_in_set),
+                format!(
+                    "cache device {} of {}: only sets of one cache device are supported",
+                    sb.nr_this_dev, sb.nr_in_set
+                ),
             ));
         }
         if !sb.bucket_size.is_power_of_two() || sb.block_size == 0 {
@@ -284,7 +292,8 @@ impl<S: Storage> CacheSet<S> {
                 format!("bucket size {} / block size {} sectors", sb.bucket_size, sb.block_size),
             ));
         }
-        if sb.journal_buckets.is_empty() || sb.journal_buckets.iter().any(|&b| b < sb.first_bucket || b >= sb.nbuckets) {
+        if sb.journal_buckets.is_empty() || sb.journal_buckets.iter().any(|&b| b < sb.first_bucket || b >= sb.nbuckets)
+        {
             return Err(Error::new(ErrorKind::InvalidArgument, "superblock: journal buckets missing or out of range"));
         }
         let replacement = match sb.replacement() {
@@ -296,7 +305,12 @@ impl<S: Storage> CacheSet<S> {
             set_uuid: sb.set_uuid,
             bucket_size: sb.bucket_size,
             block_size: sb.block_size,
-            caches: vec![CacheConfig { nbuckets: sb.nbuckets, first_bucket: sb.first_bucket, replacement, discard: false }],
+            caches: vec![CacheConfig {
+                nbuckets: sb.nbuckets,
+                first_bucket: sb.first_bucket,
+                replacement,
+                discard: false,
+            }],
             seed: opts.seed,
         })?;
         let bucket_bytes = sb.bucket_size as usize * 512;
@@ -363,7 +377,9 @@ impl<S: Storage> CacheSet<S> {
     fn recover(&mut self, found: Vec<FoundEntry>) -> Result<()> {
         let head = found
             .last()
-            .ok_or_else(|| Error::new(ErrorKind::Corrupt, "journal: no valid entry, though the set has run (CACHE_SYNC)"))?
+            .ok_or_else(|| {
+                Error::new(ErrorKind::Corrupt, "journal: no valid entry, though the set has run (CACHE_SYNC)")
+            })?
             .jset
             .clone();
         self.report.journal_entries = found.len();
@@ -379,7 +395,8 @@ impl<S: Storage> CacheSet<S> {
         self.prio_head = prio_head;
 
         // UUID table.
-        let up = head.uuid_bucket.ok_or_else(|| Error::new(ErrorKind::Corrupt, "UUID table: the journal records none"))?;
+        let up =
+            head.uuid_bucket.ok_or_else(|| Error::new(ErrorKind::Corrupt, "UUID table: the journal records none"))?;
         self.uuids = self.read_uuids(&up).map_err(|e| ctx("UUID table unreadable", e))?;
         self.uuid_ptr = Some(up);
 
@@ -458,7 +475,8 @@ impl<S: Storage> CacheSet<S> {
         let base = p.bucket * self.bucket_bytes as u64;
         let mut buf = vec![0u8; uuids::header_len(self.block_bytes)];
         self.st.read(base, &mut buf)?;
-        let need = (uuids::UUID_ENTRY_BYTES * (1 + uuids::announced(&buf))).div_ceil(self.block_bytes) * self.block_bytes;
+        let need =
+            (uuids::UUID_ENTRY_BYTES * (1 + uuids::announced(&buf))).div_ceil(self.block_bytes) * self.block_bytes;
         if need > buf.len() && need <= self.bucket_bytes {
             buf.resize(need, 0);
             self.st.read(base, &mut buf)?;
@@ -582,8 +600,9 @@ impl<S: Storage> CacheSet<S> {
                 return Err(e);
             }
             self.stats.data_bytes += bytes.len() as u64;
-            let key = Key::new(inode, sector + done, u64::from(a.sectors), Ptr::new(a.ptr.dev, a.ptr.offset, a.ptr.gen)?)
-                .with_dirty(true);
+            let key =
+                Key::new(inode, sector + done, u64::from(a.sectors), Ptr::new(a.ptr.dev, a.ptr.offset, a.ptr.gen)?)
+                    .with_dirty(true);
             let mut gens = Gens { a: &self.alloc, bits: self.bucket_bits };
             self.index.insert(&key, &mut gens)?;
             self.alloc.mark_dirty(a.ptr)?;
@@ -594,9 +613,7 @@ impl<S: Storage> CacheSet<S> {
             done += u64::from(a.sectors);
         }
         self.service_alloc()?;
-        let due = self
-            .pending_since
-            .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.opts.journal_delay_ms));
+        let due = self.pending_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(self.opts.journal_delay_ms));
         if due || self.pending_words >= self.journal.geometry().max_key_words() {
             self.journal_write()?;
         }
@@ -885,7 +902,8 @@ impl<S: Storage> CacheSet<S> {
         // entries since it.
         let old = self.checkpoint.take();
         let old_prev = self.prev_checkpoint.take();
-        let keep = old.as_ref().is_some_and(|o| self.journal.buckets_in_use(o.ptr.seq + 1) * 2 <= self.journal.nr_buckets());
+        let keep =
+            old.as_ref().is_some_and(|o| self.journal.buckets_in_use(o.ptr.seq + 1) * 2 <= self.journal.nr_buckets());
         let mut release: Vec<u64> = old_prev.iter().flat_map(|c| c.buckets.iter().copied()).collect();
         if keep {
             self.prev_checkpoint = old;
@@ -955,8 +973,10 @@ mod tests {
         let recs = replay_records(&bytes);
         let got: Vec<Key> = recs.iter().map(|r| r.key(&bytes).unwrap()).collect();
         assert_eq!(got, keys);
-        assert_eq!(recs.iter().map(|r| (r.inode(), r.start(), r.end)).collect::<Vec<_>>(),
-            keys.iter().map(|k| (k.inode, k.start, k.end())).collect::<Vec<_>>());
+        assert_eq!(
+            recs.iter().map(|r| (r.inode(), r.start(), r.end)).collect::<Vec<_>>(),
+            keys.iter().map(|k| (k.inode, k.start, k.end())).collect::<Vec<_>>()
+        );
         // A key cut short is reported, not read past.
         let recs = replay_records(&bytes[..bytes.len() - 8]);
         assert!(recs.last().unwrap().key(&bytes[..bytes.len() - 8]).is_err());

@@ -109,7 +109,10 @@ impl MemStorage {
             return Err(Error::new(ErrorKind::Misaligned, format!("{len} bytes at {offset} are not 4 KiB aligned")));
         }
         if offset + len as u64 > self.size {
-            return Err(Error::new(ErrorKind::OutOfRange, format!("{len} bytes at {offset} pass the end ({})", self.size)));
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("{len} bytes at {offset} pass the end ({})", self.size),
+            ));
         }
         Ok(())
     }

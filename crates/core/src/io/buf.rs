@@ -145,7 +145,13 @@ impl Drop for AlignedBuf {
 fn heap_alloc(cap: usize, zeroed: bool) -> NonNull<u8> {
     let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer size overflows a Layout");
     // SAFETY: layout has non-zero size (cap >= BUF_ALIGN).
-    let p = unsafe { if zeroed { alloc_zeroed(layout) } else { alloc(layout) } };
+    let p = unsafe {
+        if zeroed {
+            alloc_zeroed(layout)
+        } else {
+            alloc(layout)
+        }
+    };
     match NonNull::new(p) {
         Some(p) => p,
         None => std::alloc::handle_alloc_error(layout),

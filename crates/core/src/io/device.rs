@@ -103,7 +103,10 @@ impl Device {
             Ok(f) => (f, try_direct),
             Err(e) if try_direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 if opts.direct == DirectIo::Require {
-                    return Err(Error::new(ErrorKind::InvalidArgument, format!("{shown}: O_DIRECT is not supported here")));
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!("{shown}: O_DIRECT is not supported here"),
+                    ));
                 }
                 (open_file(path, opts, is_block_device, false).map_err(|e| open_error(path, e))?, false)
             }
@@ -124,14 +127,17 @@ impl Device {
             if unsafe { libc::flock(dev.fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    return Err(Error::new(ErrorKind::Busy, format!("{shown}: already open by another cache set or process")));
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!("{shown}: already open by another cache set or process"),
+                    ));
                 }
                 return Err(Error::io(format!("{shown}: flock"), e));
             }
         }
         if is_block_device {
-            let (size, lbs) =
-                crate::device::block_geometry(dev.fd()).map_err(|(what, e)| Error::io(format!("{shown}: {what}"), e))?;
+            let (size, lbs) = crate::device::block_geometry(dev.fd())
+                .map_err(|(what, e)| Error::io(format!("{shown}: {what}"), e))?;
             dev.size = size;
             dev.logical_block_size = lbs;
             dev.mem_align = lbs;
@@ -150,7 +156,10 @@ impl Device {
                     }
                     DioSupport::Unsupported(why) => {
                         if opts.direct == DirectIo::Require {
-                            return Err(Error::new(ErrorKind::InvalidArgument, format!("{shown}: O_DIRECT is not supported ({why})")));
+                            return Err(Error::new(
+                                ErrorKind::InvalidArgument,
+                                format!("{shown}: O_DIRECT is not supported ({why})"),
+                            ));
                         }
                         let exclusive = OpenOptions { exclusive: false, ..opts.clone() };
                         // The flock taken above belongs to the old descriptor: take it again.
@@ -161,10 +170,16 @@ impl Device {
                         if opts.exclusive {
                             // SAFETY: plain syscall on a descriptor we own.
                             if unsafe { libc::flock(dev.fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                                return Err(Error::new(ErrorKind::Busy, format!("{shown}: already open by another cache set or process")));
+                                return Err(Error::new(
+                                    ErrorKind::Busy,
+                                    format!("{shown}: already open by another cache set or process"),
+                                ));
                             }
                         }
-                        warn_once("buffered-io", &format!("{shown}: O_DIRECT is not supported ({why}); using buffered I/O"));
+                        warn_once(
+                            "buffered-io",
+                            &format!("{shown}: O_DIRECT is not supported ({why}); using buffered I/O"),
+                        );
                     }
                 }
             }
@@ -207,12 +222,20 @@ impl Device {
 
     /// Alignment required of offsets and lengths (1 when buffered).
     pub fn alignment(&self) -> u32 {
-        if self.direct { self.logical_block_size } else { 1 }
+        if self.direct {
+            self.logical_block_size
+        } else {
+            1
+        }
     }
 
     /// Alignment required of buffer addresses (1 when buffered).
     pub fn mem_alignment(&self) -> u32 {
-        if self.direct { self.mem_align } else { 1 }
+        if self.direct {
+            self.mem_align
+        } else {
+            1
+        }
     }
 
     /// The raw descriptor, for the engines.
@@ -244,10 +267,16 @@ impl Device {
             IoOp::Discard { len } => ("discard", *len),
         };
         if matches!(req.op, IoOp::Write { .. } | IoOp::Writev { .. } | IoOp::Discard { .. }) && !self.writable {
-            return Err(Error::new(ErrorKind::PermissionDenied, format!("{shown}: {what} on a device opened read-only")));
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!("{shown}: {what} on a device opened read-only"),
+            ));
         }
         if len == 0 {
-            return Err(Error::new(ErrorKind::InvalidArgument, format!("{shown}: zero-length {what} at offset {}", req.offset)));
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{shown}: zero-length {what} at offset {}", req.offset),
+            ));
         }
         if len > MAX_IO_BYTES && !matches!(req.op, IoOp::Discard { .. }) {
             return Err(Error::new(
@@ -260,7 +289,10 @@ impl Device {
             _ => {
                 return Err(Error::new(
                     ErrorKind::OutOfRange,
-                    format!("{shown}: {what} of {len} bytes at offset {} goes past the end ({} bytes)", req.offset, self.size),
+                    format!(
+                        "{shown}: {what} of {len} bytes at offset {} goes past the end ({} bytes)",
+                        req.offset, self.size
+                    ),
                 ))
             }
         }
@@ -273,7 +305,10 @@ impl Device {
         if !req.offset.is_multiple_of(align) || !len.is_multiple_of(align) {
             return Err(Error::new(
                 ErrorKind::Misaligned,
-                format!("{shown}: {what} of {len} bytes at offset {} is not aligned to the {align}-byte block size", req.offset),
+                format!(
+                    "{shown}: {what} of {len} bytes at offset {} is not aligned to the {align}-byte block size",
+                    req.offset
+                ),
             ));
         }
         match &req.op {
@@ -318,7 +353,12 @@ impl Device {
             let n = unsafe { libc::preadv(self.fd(), iov.as_ptr(), iov.len() as i32, (offset + done as u64) as i64) };
             match n {
                 n if n > 0 => done += n as usize,
-                0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "device ended before the read did")),
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "device ended before the read did",
+                    ))
+                }
                 _ => {
                     let e = std::io::Error::last_os_error();
                     if !retryable(&e) {
@@ -377,7 +417,12 @@ impl Device {
         loop {
             // SAFETY: plain syscall on a descriptor we own.
             let r = unsafe {
-                libc::fallocate(self.fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
+                libc::fallocate(
+                    self.fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as i64,
+                    len as i64,
+                )
             };
             if r == 0 {
                 return Ok(());
@@ -432,7 +477,11 @@ pub(crate) fn retryable(e: &std::io::Error) -> bool {
 
 /// iovecs covering at most `limit` bytes of the buffers after skipping the first `skip`
 /// bytes (for resuming a short vectored transfer).
-pub(crate) fn iovecs_from(bufs: impl Iterator<Item = (*mut u8, usize)>, mut skip: usize, mut limit: usize) -> Vec<libc::iovec> {
+pub(crate) fn iovecs_from(
+    bufs: impl Iterator<Item = (*mut u8, usize)>,
+    mut skip: usize,
+    mut limit: usize,
+) -> Vec<libc::iovec> {
     let mut out = Vec::new();
     for (p, len) in bufs {
         if skip >= len {
@@ -464,7 +513,10 @@ fn open_file(path: &Path, opts: &OpenOptions, block: bool, direct: bool) -> std:
 
 fn open_error(path: &Path, e: std::io::Error) -> Error {
     if e.raw_os_error() == Some(libc::EBUSY) {
-        return Error::new(ErrorKind::Busy, format!("{}: in use (mounted, or opened exclusively elsewhere)", path.display()));
+        return Error::new(
+            ErrorKind::Busy,
+            format!("{}: in use (mounted, or opened exclusively elsewhere)", path.display()),
+        );
     }
     Error::io(format!("{}", path.display()), e)
 }

@@ -92,7 +92,11 @@ impl IoThread {
     }
 
     /// Starts a thread that owns `engine` and feeds completions to `sink`.
-    pub fn spawn_with<E: IoEngine + 'static>(mut engine: E, sink: CompletionSink, opts: IoThreadOptions) -> Result<IoThread> {
+    pub fn spawn_with<E: IoEngine + 'static>(
+        mut engine: E,
+        sink: CompletionSink,
+        opts: IoThreadOptions,
+    ) -> Result<IoThread> {
         let doorbell = Arc::new(EventFd::new()?);
         engine.set_waker(doorbell.clone())?;
         let kind = engine.kind();

@@ -299,7 +299,8 @@ fn apply_crash(st: &mut FaultState, mode: CrashMode) -> Result<CrashReport> {
     }
     for id in touched {
         if let Some(dev) = st.devices.get(&id) {
-            dev.sync_data().map_err(|err| Error::io(format!("{}: crash simulation sync", dev.path().display()), err))?;
+            dev.sync_data()
+                .map_err(|err| Error::io(format!("{}: crash simulation sync", dev.path().display()), err))?;
         }
     }
     Ok(report)
@@ -541,7 +542,10 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
                     let mut old = AlignedBuf::new(req.op.len() as usize);
                     if let Err(e) = dev.read_at(&mut old, req.offset) {
                         drop(st);
-                        let err = Error::io(format!("{}: crash simulation could not save old contents", dev.path().display()), e);
+                        let err = Error::io(
+                            format!("{}: crash simulation could not save old contents", dev.path().display()),
+                            e,
+                        );
                         self.ready.push(IoCompletion::of(req, Err(err)));
                         return;
                     }

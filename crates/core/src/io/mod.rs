@@ -224,7 +224,10 @@ pub trait IoEngine: Send {
     /// resets it. Engines that need a thread of their own to make progress (e.g. the fault
     /// engine's timed delays) refuse.
     fn completion_fd(&mut self) -> Result<RawFd> {
-        Err(Error::new(ErrorKind::InvalidArgument, format!("the {} engine cannot be driven from an event loop", self.kind().name())))
+        Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("the {} engine cannot be driven from an event loop", self.kind().name()),
+        ))
     }
 }
 
@@ -337,7 +340,10 @@ pub fn open_engine(opts: &EngineOptions) -> Result<Box<dyn IoEngine>> {
         EngineChoice::Auto => match uring::UringEngine::new(opts) {
             Ok(e) => Ok(Box::new(e)),
             Err(e) if uring_refused(&e) => {
-                warn_once("io_uring", &format!("io_uring unavailable ({}); using the portable pread/pwrite engine", e.message()));
+                warn_once(
+                    "io_uring",
+                    &format!("io_uring unavailable ({}); using the portable pread/pwrite engine", e.message()),
+                );
                 Ok(Box::new(psync::PsyncEngine::new(opts.psync_threads)?))
             }
             Err(e) => Err(e),
@@ -401,7 +407,11 @@ impl EventFd {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64; EAGAIN (no rings) leaves it 0.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
-        if n == 8 { v } else { 0 }
+        if n == 8 {
+            v
+        } else {
+            0
+        }
     }
 
     /// Waits until the doorbell rang or `timeout` passed (without resetting it).
@@ -418,7 +428,8 @@ impl AsRawFd for EventFd {
 
 /// Waits until one of `fds` is readable or the timeout passes; true if one is readable.
 pub(crate) fn poll_fds(fds: &[RawFd], timeout: Option<Duration>) -> bool {
-    let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
     let ms = match timeout {
         None => -1,
         Some(t) => t.as_millis().min(i32::MAX as u128) as i32 + i32::from(t.subsec_nanos() % 1_000_000 != 0),

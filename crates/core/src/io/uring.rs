@@ -27,8 +27,8 @@ use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::device::iovecs_from;
 use crate::io::{
-    closed_device, poll_fds, warn_once, DevId, Device, EngineKind, EngineOptions, EventFd, IoCompletion, IoEngine, IoOp,
-    IoRequest,
+    closed_device, poll_fds, warn_once, DevId, Device, EngineKind, EngineOptions, EventFd, IoCompletion, IoEngine,
+    IoOp, IoRequest,
 };
 
 const WAKE_TAG: u64 = u64::MAX;
@@ -135,7 +135,10 @@ impl UringEngine {
                 match unsafe { ring.submitter().register_buffers(&[iov]) } {
                     Ok(()) => fixed_buf = Some((pool.id(), ptr as usize)),
                     Err(e) => {
-                        warn_once("uring-fixed-buffers", &format!("io_uring: cannot register the buffer arena ({e}); using plain reads and writes"));
+                        warn_once(
+                            "uring-fixed-buffers",
+                            &format!("io_uring: cannot register the buffer arena ({e}); using plain reads and writes"),
+                        );
                     }
                 }
             }
@@ -270,7 +273,8 @@ impl UringEngine {
             {
                 let mut sq = self.ring.submission();
                 if let (Some(w), false) = (&self.waker, self.waker_armed) {
-                    let e = opcode::PollAdd::new(types::Fd(w.as_raw_fd()), libc::POLLIN as u32).build().user_data(WAKE_TAG);
+                    let e =
+                        opcode::PollAdd::new(types::Fd(w.as_raw_fd()), libc::POLLIN as u32).build().user_data(WAKE_TAG);
                     // SAFETY: the eventfd is kept alive by `self.waker` until the ring is gone.
                     if unsafe { sq.push(&e) }.is_ok() {
                         self.waker_armed = true;
@@ -278,7 +282,9 @@ impl UringEngine {
                     }
                 }
                 if let Some(side) = self.side.as_mut().filter(|s| s.pending > 0 && !s.armed) {
-                    let e = opcode::PollAdd::new(types::Fd(side.efd.as_raw_fd()), libc::POLLIN as u32).build().user_data(SIDE_TAG);
+                    let e = opcode::PollAdd::new(types::Fd(side.efd.as_raw_fd()), libc::POLLIN as u32)
+                        .build()
+                        .user_data(SIDE_TAG);
                     // SAFETY: the eventfd is kept alive by `self.side` until the ring is gone.
                     if unsafe { sq.push(&e) }.is_ok() {
                         side.armed = true;
@@ -323,7 +329,9 @@ impl UringEngine {
             Some(t) if want > 0 => {
                 // Without EXT_ARG (before 5.11) a timed wait polls the ring's descriptor.
                 // SAFETY: no argument pointer is passed.
-                let r = unsafe { self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, EnterFlags::GETEVENTS.bits(), None) };
+                let r = unsafe {
+                    self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, EnterFlags::GETEVENTS.bits(), None)
+                };
                 if r.is_ok() && self.ring.completion().is_empty() {
                     poll_fds(&[self.ring.as_raw_fd()], Some(t));
                 }
@@ -333,7 +341,12 @@ impl UringEngine {
             // only posted when we enter with it.
             // SAFETY: no argument pointer is passed.
             _ => unsafe {
-                self.ring.submitter().enter::<libc::sigset_t>(to_submit, want as u32, EnterFlags::GETEVENTS.bits(), None)
+                self.ring.submitter().enter::<libc::sigset_t>(
+                    to_submit,
+                    want as u32,
+                    EnterFlags::GETEVENTS.bits(),
+                    None,
+                )
             },
         };
         match r {
@@ -589,7 +602,10 @@ impl IoEngine for UringEngine {
     fn completion_fd(&mut self) -> Result<std::os::fd::RawFd> {
         if self.notifier.is_none() {
             let efd = EventFd::new()?;
-            self.ring.submitter().register_eventfd(efd.as_raw_fd()).map_err(|e| Error::io("io_uring register eventfd", e))?;
+            self.ring
+                .submitter()
+                .register_eventfd(efd.as_raw_fd())
+                .map_err(|e| Error::io("io_uring register eventfd", e))?;
             self.notifier = Some(efd);
         }
         Ok(self.notifier.as_ref().expect("just set").as_raw_fd())
@@ -601,7 +617,8 @@ impl Drop for UringEngine {
         // The kernel may still write into buffers of requests it holds: wait for every one
         // of them before the buffers are freed. Armed doorbell polls are cancelled by the
         // ring's close, so only count requests.
-        let polls = |e: &UringEngine| usize::from(e.waker_armed) + usize::from(e.side.as_ref().is_some_and(|s| s.armed));
+        let polls =
+            |e: &UringEngine| usize::from(e.waker_armed) + usize::from(e.side.as_ref().is_some_and(|s| s.armed));
         let mut spins = 0u32;
         while self.in_kernel > polls(self) && self.enable().is_ok() {
             if self.enter(1, Some(Duration::from_millis(100))).is_err() {

@@ -68,7 +68,12 @@ impl MetaPtr {
         if ptr.offset() % u64::from(bucket_size) != 0 {
             return Err(corrupt(format!("journal entry: {what} pointer {ptr:?} is not at a bucket start")));
         }
-        Ok(Some(MetaPtr { seq: u64_at(b, 8), dev: ptr.dev(), bucket: ptr.offset() / u64::from(bucket_size), gen: ptr.gen() }))
+        Ok(Some(MetaPtr {
+            seq: u64_at(b, 8),
+            dev: ptr.dev(),
+            bucket: ptr.offset() / u64::from(bucket_size),
+            gen: ptr.gen(),
+        }))
     }
 }
 
