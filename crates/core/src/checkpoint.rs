@@ -8,6 +8,7 @@ use crate::cache_set::storage::Storage;
 use crate::crc64::crc64;
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::Key;
+use crate::le::{u32_at, u64_at};
 
 /// XORed with the set magic to give the magic of every checkpoint bucket of a set.
 pub const CHECKPOINT_MAGIC: u64 = 0x6b63_7070_6b63_6875;
@@ -237,14 +238,6 @@ pub fn read(st: &mut dyn Storage, g: &CheckpointGeometry, head: u64, seq: u64, n
 
 fn put64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
-
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
 }
 
 #[cfg(test)]

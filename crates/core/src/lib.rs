@@ -12,6 +12,7 @@ pub mod error;
 pub mod index;
 pub mod io;
 pub mod journal;
+mod le;
 pub mod uuids;
 
 pub use error::{Error, ErrorKind, Result};

@@ -6,6 +6,7 @@
 
 use crate::crc64::crc64;
 use crate::error::{Error, ErrorKind, Result};
+use crate::le::{u32_at, u64_at};
 
 /// XORed with the set magic to give the UUID table's magic.
 pub const UUID_TABLE_MAGIC: u64 = 0x7575_6964_7461_626c;
@@ -53,15 +54,14 @@ impl UuidEntry {
     }
 
     fn decode(b: &[u8]) -> UuidEntry {
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let mut e = UuidEntry::default();
         e.uuid.copy_from_slice(&b[0..16]);
         e.label.copy_from_slice(&b[16..48]);
-        e.first_reg = u32_at(48);
-        e.last_reg = u32_at(52);
-        e.invalidated = u32_at(56);
-        e.flags = u32_at(60);
-        e.sectors = u64::from_le_bytes(b[64..72].try_into().expect("8 bytes"));
+        e.first_reg = u32_at(b, 48);
+        e.last_reg = u32_at(b, 52);
+        e.invalidated = u32_at(b, 56);
+        e.flags = u32_at(b, 60);
+        e.sectors = u64_at(b, 64);
         e
     }
 }
@@ -106,7 +106,7 @@ pub fn header_len(block_bytes: usize) -> usize {
 
 /// Entries the header at the start of `first_block` announces (0 if it is not a header).
 pub fn announced(first_block: &[u8]) -> usize {
-    u32::from_le_bytes(first_block[28..32].try_into().expect("4 bytes")) as usize
+    u32_at(first_block, 28) as usize
 }
 
 /// Decodes a table written with `seq` from `buf` (the first blocks of its bucket); any
@@ -116,8 +116,7 @@ pub fn decode(buf: &[u8], set_magic: u64, seq: u64, bucket: u64) -> Result<Vec<U
     if buf.len() < UUID_ENTRY_BYTES {
         return Err(bad("short read".into()));
     }
-    let u64_at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"));
-    if u64_at(8) != set_magic ^ UUID_TABLE_MAGIC {
+    if u64_at(buf, 8) != set_magic ^ UUID_TABLE_MAGIC {
         return Err(bad("bad magic".into()));
     }
     let nr = announced(buf);
@@ -125,11 +124,11 @@ pub fn decode(buf: &[u8], set_magic: u64, seq: u64, bucket: u64) -> Result<Vec<U
     if end > buf.len() {
         return Err(bad(format!("{nr} entries do not fit in {} bytes", buf.len())));
     }
-    if crc64(&buf[8..end]) != u64_at(0) {
+    if crc64(&buf[8..end]) != u64_at(buf, 0) {
         return Err(bad("checksum mismatch".into()));
     }
-    if u64_at(16) != seq {
-        return Err(bad(format!("holds table {} where the journal expects {seq}", u64_at(16))));
+    if u64_at(buf, 16) != seq {
+        return Err(bad(format!("holds table {} where the journal expects {seq}", u64_at(buf, 16))));
     }
     Ok((0..nr).map(|i| UuidEntry::decode(&buf[UUID_ENTRY_BYTES * (1 + i)..])).collect())
 }

@@ -4,6 +4,7 @@
 
 use crate::crc64::crc64;
 use crate::error::{Error, ErrorKind, Result};
+use crate::le::{u16_at, u64_at};
 
 /// Byte offset of the superblock on a device.
 pub const SB_OFFSET: u64 = 4096;
@@ -58,12 +59,9 @@ impl CacheSb {
     }
 }
 
-fn u16_at(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes(b[o..o + 2].try_into().expect("2 bytes"))
-}
-
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+/// bcache's superblock checksum: crc64 over bytes 8 up to the end of `d[keys]`.
+fn sb_csum(page: &[u8], keys: usize) -> u64 {
+    crc64(&page[8..208 + 8 * keys])
 }
 
 fn bad(m: String) -> Error {
@@ -82,7 +80,7 @@ pub fn parse(page: &[u8]) -> Result<CacheSb> {
     if keys > SB_JOURNAL_BUCKETS {
         return Err(bad(format!("{keys} journal buckets")));
     }
-    if crc64(&page[8..208 + 8 * keys]) != u64_at(page, 0) {
+    if sb_csum(page, keys) != u64_at(page, 0) {
         return Err(Error::new(ErrorKind::ChecksumMismatch, "superblock: checksum mismatch"));
     }
     let version = u64_at(page, 16);
@@ -121,7 +119,7 @@ pub fn mark_sync(page: &mut [u8]) -> Result<CacheSb> {
     page[104..112].copy_from_slice(&(sb.flags | CACHE_SYNC).to_le_bytes());
     page[112..120].copy_from_slice(&(sb.seq + 1).to_le_bytes());
     let keys = sb.journal_buckets.len();
-    let c = crc64(&page[8..208 + 8 * keys]);
+    let c = sb_csum(page, keys);
     page[0..8].copy_from_slice(&c.to_le_bytes());
     parse(page)
 }
@@ -147,7 +145,7 @@ pub fn format(uuid: [u8; 16], set_uuid: [u8; 16], nbuckets: u64, bucket_size: u1
     for i in 0..keys {
         p[208 + 8 * i..216 + 8 * i].copy_from_slice(&(u64::from(first) + i as u64).to_le_bytes());
     }
-    let c = crc64(&p[8..208 + 8 * keys]);
+    let c = sb_csum(&p, keys);
     p[0..8].copy_from_slice(&c.to_le_bytes());
     p
 }

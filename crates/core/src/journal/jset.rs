@@ -6,6 +6,7 @@
 use crate::crc64::Crc64;
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::Key;
+use crate::le::{u32_at, u64_at};
 
 /// XORed with the set magic to give the magic of every journal entry of a set.
 pub const JSET_MAGIC: u64 = 0x2452_35c1_a362_5032;
@@ -204,14 +205,6 @@ fn seal(out: &mut [u8], end: usize) {
     let mut c = Crc64::new();
     c.update(&out[OFF_MAGIC..end]);
     out[OFF_CSUM..OFF_CSUM + 8].copy_from_slice(&c.finish().to_le_bytes());
-}
-
-pub(crate) fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
-
-pub(crate) fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
 }
 
 pub(crate) fn corrupt(m: String) -> Error {
