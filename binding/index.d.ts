@@ -55,23 +55,50 @@ export declare class NativeIoEngine {
 /** An engine driven by the JavaScript thread (see the module docs). */
 export declare class NativeRing {
   /**
-   * Opens an engine on this thread's event loop; `onComplete` receives every batch of
-   * completions the loop collects, or `(undefined, [code, message])` if the engine broke.
+   * Opens an engine on this thread's event loop; `onComplete(count)` hears of each chunk
+   * of completions placed in the completion buffer, or `(0, [code, message])` if the
+   * engine broke.
    */
-  constructor(options: NativeEngineOptions, onComplete: (batch: Array<number | Buffer | [string, string] | undefined> | undefined, fatal?: [string, string]) => void)
+  constructor(options: NativeEngineOptions, onComplete: (count: number, fatal?: [string, string]) => void)
   /** `io_uring` or `psync`. */
   get kind(): string
+  /** The submission buffer: requests of `DESC` numbers each (see the module docs). */
+  submissionBuffer(): ArrayBuffer
+  /** The completion buffer: `tag, result` pairs. */
+  completionBuffer(): ArrayBuffer
+  /** Requests the submission buffer holds. */
+  get capacity(): number
+  /** Completions handed over at a time: a call that returns this many may have more. */
+  get chunk(): number
+  /**
+   * `[id, ArrayBuffer]`: a slab of at least `bytes` bytes of aligned engine memory that reads
+   * can land in. It lives as long as the `ArrayBuffer` (and any read into it).
+   */
+  slab(bytes: number): [number, ArrayBuffer]
   /** Opens a file or block device and adds it to the engine. */
   openDevice(path: string, options?: NativeOpenOptions | undefined | null): NativeDevice
   /** Removes a device; its requests in flight still complete. */
   closeDevice(id: number): void
   /**
-   * Submits reads, flushes and discards (the descriptor format of the engine thread's
-   * `submitBatch`) with one `io_uring_enter`. Returns the completions already known.
+   * Submits the first `count` requests of the submission buffer with one `io_uring_enter`.
+   * Returns how many completions it put in the completion buffer.
    */
-  submitBatch(desc: Float64Array): Array<number | Buffer | [string, string] | undefined> | undefined
-  /** Writes a copy of `data` at `offset`. Returns the completions already known. */
-  write(tag: number, dev: number, offset: number, data: Uint8Array): Array<number | Buffer | [string, string] | undefined> | undefined
+  submit(count: number): number
+  /**
+   * Writes a copy of `data` at `offset`. Returns how many completions it put in the
+   * completion buffer.
+   */
+  write(tag: number, dev: number, offset: number, data: Uint8Array): number
+  /**
+   * The next chunk of completions when the last call filled the completion buffer:
+   * how many it put there (0: none left).
+   */
+  more(): number
+  /**
+   * `[code, message, code, message, ...]` of the errors (results of -1) of the chunk in
+   * the completion buffer, in order.
+   */
+  takeErrors(): Array<string>
   /** Requests submitted and not yet delivered. */
   get inFlight(): number
   /**

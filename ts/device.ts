@@ -83,7 +83,18 @@ export interface OpenDeviceOptions {
 interface Pending {
   resolve: (v: Buffer | number) => void
   reject: (e: Error) => void
+  /** A read driven inline: the slab it lands in, and where. */
+  slab?: ArrayBuffer
+  at?: number
 }
+
+/** Numbers per request in the inline submission buffer: op, tag, dev, offset, length, slab, at. */
+const DESC = 7
+/** Small reads share slabs of this size; larger ones get a slab each. */
+const SLAB_BYTES = 64 << 10
+const OWN_SLAB_ABOVE = 16 << 10
+/** Reads land on 4 KiB boundaries of a slab, as O_DIRECT wants. */
+const SLAB_ALIGN = 4096
 
 type NativeBatch = Array<number | Buffer | [string, string] | undefined>
 
@@ -109,11 +120,24 @@ export class IoEngine {
   readonly #ring: NativeRing | undefined
   /** Called when the last pending request of a closing inline engine completes. */
   #drained: (() => void) | undefined
-  readonly #pending = new Map<number, Pending>()
-  #nextTag = 1
+  /** Requests in flight by tag: a tag is a slot, reused once its request completed. */
+  readonly #slots: (Pending | undefined)[] = []
+  readonly #freeSlots: number[] = []
+  #live = 0
   #keepAlive: NodeJS.Timeout | undefined
   #closing: Promise<void> | undefined
+  /** Thread mode: requests made this tick, five numbers each. */
   #queue: number[] = []
+  /** Inline mode: the buffers shared with the ring, requests written and not yet submitted. */
+  #sq: Float64Array | undefined
+  #cq: Float64Array | undefined
+  #capacity = 0
+  #chunk = 0
+  #queued = 0
+  /** Inline mode: the slab small reads land in, its id, and how much of it is handed out. */
+  #slab: ArrayBuffer | undefined
+  #slabId = 0
+  #slabUsed = 0
 
   constructor(options: IoEngineOptions = {}) {
     if (options.queueDepth !== undefined) checkCount('queueDepth', options.queueDepth)
@@ -129,11 +153,16 @@ export class IoEngine {
     }
     try {
       if (mode === 'inline') {
-        this.#ring = new native.NativeRing(nativeOptions, (batch, fatal) => {
-          if (batch) this.#complete(batch)
-          else if (fatal) this.#fail([...this.#pending.keys()], new UbcacheError(fatal[0], fatal[1]))
+        const ring = new native.NativeRing(nativeOptions, (count, fatal) => {
+          if (fatal) this.#fail(this.#liveTags(), new UbcacheError(fatal[0], fatal[1]))
+          else this.#completeShared(count)
         })
-        this.#native = this.#ring
+        this.#ring = ring
+        this.#native = ring
+        this.#sq = new Float64Array(ring.submissionBuffer())
+        this.#cq = new Float64Array(ring.completionBuffer())
+        this.#capacity = ring.capacity
+        this.#chunk = ring.chunk
       } else {
         this.#native = new native.NativeIoEngine(nativeOptions, (batch) => this.#complete(batch))
       }
@@ -163,7 +192,7 @@ export class IoEngine {
 
   /** Requests submitted and not yet completed. */
   get inFlight(): number {
-    return this.#pending.size
+    return this.#live
   }
 
   /** True once {@link IoEngine.close} has been called. */
@@ -200,7 +229,7 @@ export class IoEngine {
     const ring = this.#ring
     if (ring) {
       // Requests in flight complete through the event loop; then the ring is let go.
-      const drained = this.#pending.size === 0 ? Promise.resolve() : new Promise<void>((r) => (this.#drained = r))
+      const drained = this.#live === 0 ? Promise.resolve() : new Promise<void>((r) => (this.#drained = r))
       this.#closing = drained.then(() => ring.close())
     } else {
       this.#closing = (this.#native as NativeThread).close().then(() => {
@@ -218,17 +247,18 @@ export class IoEngine {
     arg: number | Uint8Array,
   ): Promise<Buffer | number> {
     if (this.#closing) return Promise.reject(closedError('the I/O engine'))
-    const tag = this.#nextTag++
-    const promise = new Promise<Buffer | number>((resolve, reject) => this.#pending.set(tag, { resolve, reject }))
+    const ring = this.#ring
+    if (ring) return this.#submitInline(ring, op, dev, offset, arg)
+    let tag = 0
+    const promise = new Promise<Buffer | number>((resolve, reject) => (tag = this.#track({ resolve, reject })))
     // Requests in flight keep the process alive; an idle engine does not. (A ring does this
     // natively: its poll handle holds the event loop only while requests are in flight.)
-    if (this.#pending.size === 1 && !this.#ring) (this.#keepAlive ??= setInterval(() => {}, 1 << 30)).ref()
+    if (this.#live === 1) (this.#keepAlive ??= setInterval(() => {}, 1 << 30)).ref()
     if (op === 'write') {
       // Writes carry data and go alone, after everything queued before them.
       this.#submitQueued()
       try {
-        const done = this.#native.write(tag, dev, offset, arg as Uint8Array)
-        if (done) this.#complete(done)
+        ;(this.#native as NativeThread).write(tag, dev, offset, arg as Uint8Array)
       } catch (err) {
         this.#fail([tag], err)
       }
@@ -240,15 +270,93 @@ export class IoEngine {
     return promise
   }
 
+  /** Inline mode: the request goes into the shared submission buffer (reads get their window of a slab). */
+  #submitInline(
+    ring: NativeRing,
+    op: 'read' | 'write' | 'flush' | 'discard',
+    dev: number,
+    offset: number,
+    arg: number | Uint8Array,
+  ): Promise<Buffer | number> {
+    let pending: Pending | undefined
+    const promise = new Promise<Buffer | number>((resolve, reject) => {
+      pending = { resolve, reject }
+    })
+    const p = pending as Pending
+    const tag = this.#track(p)
+    if (op === 'write') {
+      // Writes carry data and go alone, after everything queued before them.
+      this.#submitQueued()
+      try {
+        this.#drain(ring, ring.write(tag, dev, offset, arg as Uint8Array))
+      } catch (err) {
+        this.#fail([tag], err)
+      }
+      return promise
+    }
+    let slabId = 0
+    let at = 0
+    const length = op === 'flush' ? 0 : (arg as number)
+    if (op === 'read') {
+      const size = Math.ceil(length / SLAB_ALIGN) * SLAB_ALIGN
+      try {
+        if (size > OWN_SLAB_ABOVE) {
+          ;[slabId, p.slab] = ring.slab(size)
+        } else {
+          if (this.#slab === undefined || this.#slabUsed + size > SLAB_BYTES) {
+            ;[this.#slabId, this.#slab] = ring.slab(SLAB_BYTES)
+            this.#slabUsed = 0
+          }
+          slabId = this.#slabId
+          p.slab = this.#slab
+          at = this.#slabUsed
+          this.#slabUsed += size
+        }
+      } catch (err) {
+        this.#fail([tag], err)
+        return promise
+      }
+      p.at = at
+    }
+    const sq = this.#sq as Float64Array
+    const d = this.#queued * DESC
+    sq[d] = op === 'read' ? 0 : op === 'flush' ? 2 : 3
+    sq[d + 1] = tag
+    sq[d + 2] = dev
+    sq[d + 3] = offset
+    sq[d + 4] = length
+    sq[d + 5] = slabId
+    sq[d + 6] = at
+    // Requests made in one tick (e.g. from one batch of completions) go in one call.
+    if (++this.#queued === 1) queueMicrotask(this.#submitQueued)
+    else if (this.#queued === this.#capacity) this.#submitQueued()
+    return promise
+  }
+
   /** @internal Sends the queued requests to the native engine. */
   readonly #submitQueued = (): void => {
+    const ring = this.#ring
+    if (ring) {
+      const n = this.#queued
+      if (n === 0) return
+      this.#queued = 0
+      try {
+        // A ring reports the completions it already has (e.g. requests it rejected).
+        this.#drain(ring, ring.submit(n))
+      } catch (err) {
+        const sq = this.#sq as Float64Array
+        this.#fail(
+          Array.from({ length: n }, (_, i) => sq[i * DESC + 1]),
+          err,
+        )
+      }
+      return
+    }
     if (this.#queue.length === 0) return
     const q = this.#queue
     this.#queue = []
     try {
-      // A ring returns the completions it already has (e.g. requests it rejected).
-      const done = this.#native.submitBatch(new Float64Array(q))
-      if (done) this.#complete(done)
+      ;(this.#native as NativeThread).submitBatch(new Float64Array(q))
     } catch (err) {
       this.#fail(
         q.filter((_, i) => i % 5 === 1),
@@ -257,17 +365,53 @@ export class IoEngine {
     }
   }
 
+  /** Inline mode: handles `count` completions the ring just placed, and any more it has. */
+  #drain(ring: NativeRing, count: number): void {
+    if (count > 0) this.#completeShared(count)
+    // Only a full chunk can leave more behind. Take it once the promises just settled have
+    // run and their requests have gone out, so the device works while we handle the rest.
+    if (count === this.#chunk) queueMicrotask(this.#drainMore)
+  }
+
+  readonly #drainMore = (): void => {
+    const ring = this.#ring as NativeRing
+    this.#submitQueued()
+    this.#drain(ring, ring.more())
+  }
+
+  #track(p: Pending): number {
+    const tag = this.#freeSlots.pop() ?? this.#slots.length
+    this.#slots[tag] = p
+    this.#live++
+    return tag
+  }
+
+  #untrack(tag: number): Pending | undefined {
+    const p = this.#slots[tag]
+    if (p) {
+      this.#slots[tag] = undefined
+      this.#freeSlots.push(tag)
+      this.#live--
+    }
+    return p
+  }
+
+  #liveTags(): number[] {
+    const tags: number[] = []
+    this.#slots.forEach((p, tag) => p && tags.push(tag))
+    return tags
+  }
+
   #fail(tags: number[], err: unknown): void {
     const e = asUbcacheError(err)
     for (const tag of tags) {
-      this.#pending.get(tag)?.reject(e)
-      this.#pending.delete(tag)
+      this.#untrack(tag)?.reject(e)
     }
     this.#idle()
   }
 
   #idle(): void {
-    if (this.#pending.size > 0) return
+    if (this.#live > 0) return
     this.#keepAlive?.unref()
     this.#drained?.()
     this.#drained = undefined
@@ -279,12 +423,12 @@ export class IoEngine {
     this.#native.closeDevice(id)
   }
 
+  /** Thread mode: a batch of `tag, result, payload` triples. */
   #complete(batch: NativeBatch): void {
     for (let i = 0; i < batch.length; i += 3) {
       const tag = batch[i] as number
-      const p = this.#pending.get(tag)
+      const p = this.#untrack(tag)
       if (!p) continue
-      this.#pending.delete(tag)
       const result = batch[i + 1] as number
       const payload = batch[i + 2]
       if (result < 0) {
@@ -292,6 +436,26 @@ export class IoEngine {
         p.reject(new UbcacheError(code, message))
       } else {
         p.resolve((payload as Buffer | undefined) ?? result)
+      }
+    }
+    this.#idle()
+  }
+
+  /** Inline mode: `count` `tag, result` pairs in the completion buffer. */
+  #completeShared(count: number): void {
+    const cq = this.#cq as Float64Array
+    let errors: string[] | undefined
+    let e = 0
+    for (let i = 0; i < count; i++) {
+      const tag = cq[2 * i]
+      const result = cq[2 * i + 1]
+      const p = this.#untrack(tag)
+      if (result < 0) {
+        errors ??= (this.#ring as NativeRing).takeErrors()
+        if (p) p.reject(new UbcacheError(errors[e] ?? 'EIO', errors[e + 1] ?? 'I/O error'))
+        e += 2
+      } else if (p) {
+        p.resolve(p.slab ? Buffer.from(p.slab, p.at, result) : result)
       }
     }
     this.#idle()

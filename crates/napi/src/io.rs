@@ -39,7 +39,11 @@ pub(crate) fn to_u64(env: &Env, what: &str, v: f64) -> Result<u64> {
 }
 
 /// Builds the engine `options` ask for, with the buffer pool its reads take memory from.
-pub(crate) fn engine_of(env: &Env, options: &NativeEngineOptions) -> Result<(Box<dyn IoEngine>, BufPool)> {
+pub(crate) fn engine_of(
+    env: &Env,
+    options: &NativeEngineOptions,
+    event_loop: bool,
+) -> Result<(Box<dyn IoEngine>, BufPool)> {
     let choice = match options.engine.as_deref() {
         None | Some("auto") => EngineChoice::Auto,
         Some("io_uring") => EngineChoice::Uring,
@@ -56,6 +60,7 @@ pub(crate) fn engine_of(env: &Env, options: &NativeEngineOptions) -> Result<(Box
         queue_depth: options.queue_depth.unwrap_or(defaults.queue_depth),
         psync_threads: options.psync_threads.map_or(defaults.psync_threads, |n| n as usize),
         buf_pool: Some(pool.clone()),
+        event_loop,
         ..defaults
     };
     match open_engine(&opts) {
@@ -228,7 +233,7 @@ impl NativeIoEngine {
         ts_args_type = "options: NativeEngineOptions, onComplete: (batch: Array<number | Buffer | [string, string] | undefined>) => void"
     )]
     pub fn new(env: &Env, options: NativeEngineOptions, on_complete: Function<'_, (), ()>) -> Result<Self> {
-        let (engine, pool) = engine_of(env, &options)?;
+        let (engine, pool) = engine_of(env, &options, false)?;
         let tsfn: CompletionFn = on_complete
             .build_threadsafe_function::<Vec<IoCompletion>>()
             .weak::<true>()

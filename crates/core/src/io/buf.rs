@@ -42,6 +42,8 @@ pub struct AlignedBuf {
 enum Origin {
     /// Our own allocation, freed on drop.
     Heap,
+    /// A window on a [`Slab`], which it keeps alive.
+    Slab(#[allow(dead_code)] Arc<Slab>),
     /// From a pool's size class; `arena` when the memory lies in the pool's registered arena.
     Pool { pool: Arc<PoolShared>, class: usize, arena: bool },
 }
@@ -112,6 +114,60 @@ impl AlignedBuf {
     }
 }
 
+/// A block of aligned memory shared by several users: windows on it ([`AlignedBuf::in_slab`])
+/// that requests read into, and whoever else holds the `Arc` (the JavaScript binding exposes
+/// a slab as an `ArrayBuffer`, so reads land straight in JavaScript memory). The memory goes
+/// back where it came from (a [`BufPool`], or the allocator) when the last holder lets go.
+pub struct Slab {
+    buf: AlignedBuf,
+}
+
+impl Slab {
+    /// A slab over `buf`'s whole capacity.
+    pub fn new(mut buf: AlignedBuf) -> Arc<Slab> {
+        buf.set_len(buf.capacity());
+        Arc::new(Slab { buf })
+    }
+
+    /// Start of the memory (aligned to [`BUF_ALIGN`]).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.buf.ptr.as_ptr()
+    }
+
+    /// Bytes in the slab.
+    pub fn len(&self) -> usize {
+        self.buf.len
+    }
+
+    /// True for a slab of no bytes (never: buffers have a capacity of at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.buf.len == 0
+    }
+}
+
+impl std::fmt::Debug for Slab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slab").field("len", &self.len()).finish()
+    }
+}
+
+impl AlignedBuf {
+    /// A buffer over bytes `offset .. offset + len` of `slab`, keeping the slab alive. None
+    /// unless the window lies inside the slab and starts on a [`BUF_ALIGN`] boundary.
+    ///
+    /// # Safety
+    /// While the buffer lives, nothing else may read or write those bytes (no other window
+    /// overlapping them, no JavaScript view reading them): the kernel writes into them.
+    pub unsafe fn in_slab(slab: &Arc<Slab>, offset: usize, len: usize) -> Option<AlignedBuf> {
+        if !offset.is_multiple_of(BUF_ALIGN) || offset.checked_add(len)? > slab.len() {
+            return None;
+        }
+        // SAFETY: offset + len <= slab.len(), so the pointer stays inside the allocation.
+        let ptr = unsafe { NonNull::new_unchecked(slab.as_ptr().add(offset)) };
+        Some(AlignedBuf { ptr, len, cap: len, origin: Origin::Slab(slab.clone()) })
+    }
+}
+
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -137,6 +193,7 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         match std::mem::replace(&mut self.origin, Origin::Heap) {
             Origin::Heap => heap_free(self.ptr, self.cap),
+            Origin::Slab(_) => {}
             Origin::Pool { pool, class, arena } => pool.give_back(class, self.ptr, arena),
         }
     }
@@ -377,6 +434,26 @@ mod tests {
         let b = AlignedBuf::new(100);
         assert_eq!(b.as_ptr() as usize % BUF_ALIGN, 0);
         assert!(b.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn slab_windows_keep_the_slab_alive_and_stay_inside_it() {
+        let slab = Slab::new(AlignedBuf::new(10_000));
+        assert_eq!(slab.len(), 12_288);
+        assert_eq!(slab.as_ptr() as usize % BUF_ALIGN, 0);
+        // SAFETY (all three): no other window or reader touches these bytes.
+        let mut w = unsafe { AlignedBuf::in_slab(&slab, 4096, 8192) }.expect("inside");
+        assert!(unsafe { AlignedBuf::in_slab(&slab, 4096, 8193) }.is_none(), "past the end");
+        assert!(unsafe { AlignedBuf::in_slab(&slab, 512, 512) }.is_none(), "misaligned");
+        assert_eq!(w.as_ptr() as usize, slab.as_ptr() as usize + 4096);
+        w.fill(7);
+        let base = slab.as_ptr();
+        drop(slab);
+        // The window still holds the memory; writing through it is fine.
+        w[8191] = 9;
+        // SAFETY: the window keeps the slab allocation alive.
+        assert_eq!(unsafe { *base.add(4096 + 8191) }, 9);
+        assert_eq!(w.len(), 8192);
     }
 
     #[test]

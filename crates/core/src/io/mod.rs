@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use crate::error::{Error, ErrorKind, Result};
 
-pub use buf::{AlignedBuf, BufPool, BufPoolConfig, BUF_ALIGN};
+pub use buf::{AlignedBuf, BufPool, BufPoolConfig, Slab, BUF_ALIGN};
 pub use device::{Device, DirectIo, OpenOptions};
 pub use driver::RingDriver;
 pub use engine::{IoThread, IoThreadOptions};
@@ -314,6 +314,10 @@ pub struct EngineOptions {
     pub max_transfer: Option<u32>,
     /// For tests: pretend `io_uring_setup` failed with this errno.
     pub simulate_uring_setup_error: Option<i32>,
+    /// The engine is driven from an event loop ([`RingDriver`]) rather than a thread that
+    /// waits in `poll`: io_uring then posts completions without deferred task running, and
+    /// [`IoEngine::completion_fd`] is the ring's own descriptor (no eventfd to reset).
+    pub event_loop: bool,
 }
 
 impl Default for EngineOptions {
@@ -326,6 +330,7 @@ impl Default for EngineOptions {
             register_files: true,
             max_transfer: None,
             simulate_uring_setup_error: None,
+            event_loop: false,
         }
     }
 }

@@ -90,6 +90,8 @@ pub struct UringEngine {
     files_registered: bool,
     ext_arg: bool,
     max_transfer: u32,
+    /// Set up with deferred task running: completions are posted only by io_uring_enter.
+    defer: bool,
     _pool: Option<crate::io::BufPool>,
 }
 
@@ -97,11 +99,14 @@ pub struct UringEngine {
 // that owns the engine; moving the engine moves all of them together.
 unsafe impl Send for UringEngine {}
 
-fn build_ring(entries: u32, fancy: bool) -> std::io::Result<IoUring> {
+fn build_ring(entries: u32, fancy: bool, defer: bool) -> std::io::Result<IoUring> {
     let mut b = IoUring::builder();
     b.setup_cqsize(entries * 2);
     if fancy {
-        b.setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer().setup_defer_taskrun().setup_r_disabled();
+        b.setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer().setup_r_disabled();
+        if defer {
+            b.setup_defer_taskrun();
+        }
     }
     b.build(entries)
 }
@@ -114,11 +119,14 @@ impl UringEngine {
             return Err(Error::io("io_uring_setup (simulated)", std::io::Error::from_raw_os_error(errno)));
         }
         let entries = opts.queue_depth.clamp(8, 4096).next_power_of_two();
-        let (ring, enabled) = match build_ring(entries, true) {
-            Ok(r) => (r, false),
+        // Deferred task running suits a thread that waits in io_uring_enter; an event loop
+        // waits in epoll, where only ordinary task running posts completions by itself.
+        let defer = !opts.event_loop;
+        let (ring, enabled, defer) = match build_ring(entries, true, defer) {
+            Ok(r) => (r, false, defer),
             // Kernels before 6.1 reject the newer setup flags.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (build_ring(entries, false).map_err(|e| Error::io("io_uring_setup", e))?, true)
+                (build_ring(entries, false, false).map_err(|e| Error::io("io_uring_setup", e))?, true, false)
             }
             Err(e) => return Err(Error::io("io_uring_setup", e)),
         };
@@ -165,6 +173,7 @@ impl UringEngine {
             files_registered,
             ext_arg,
             max_transfer: opts.max_transfer.unwrap_or(u32::MAX).max(1),
+            defer,
             _pool: opts.buf_pool.clone(),
         })
     }
@@ -360,6 +369,40 @@ impl UringEngine {
         }
     }
 
+    /// True when a non-blocking poll needs io_uring_enter: SQEs to submit, or completions
+    /// the kernel has not posted yet (deferred task work, task work pending, CQ overflow).
+    fn must_enter(&mut self) -> bool {
+        let sq = self.ring.submission();
+        !sq.is_empty() || sq.taskrun() || sq.cq_overflow() || (self.defer && self.in_kernel > 0)
+    }
+
+    /// The blocking half of `poll`.
+    fn poll_wait(&mut self, timeout: Option<Duration>) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            self.fill_sq()?;
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let block = self.ready.is_empty() && !self.woken && left != Some(Duration::ZERO) && self.in_kernel > 0;
+            if block {
+                self.enter(1, left)?;
+            } else if !self.ring.submission().is_empty() || self.in_kernel > 0 {
+                self.enter(0, None)?;
+            }
+            self.reap();
+            if !block || !self.ready.is_empty() || self.woken {
+                // Resubmissions (short transfers, EAGAIN) reaped above go out now.
+                if !self.backlog.is_empty() {
+                    self.fill_sq()?;
+                    self.enter(0, None)?;
+                }
+                return Ok(());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(());
+            }
+        }
+    }
+
     fn reap(&mut self) {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
@@ -546,28 +589,23 @@ impl IoEngine for UringEngine {
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>, timeout: Option<Duration>) -> Result<usize> {
         self.enable()?;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
+        if timeout == Some(Duration::ZERO) {
+            // The event loop's path: no clock, and no system call unless there is something
+            // to submit or the kernel holds completions it has not posted yet.
             self.fill_sq()?;
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let block = self.ready.is_empty() && !self.woken && left != Some(Duration::ZERO) && self.in_kernel > 0;
-            if block {
-                self.enter(1, left)?;
-            } else if !self.ring.submission().is_empty() || self.in_kernel > 0 {
+            if self.must_enter() {
                 self.enter(0, None)?;
             }
             self.reap();
-            if !block || !self.ready.is_empty() || self.woken {
+            if !self.backlog.is_empty() {
                 // Resubmissions (short transfers, EAGAIN) reaped above go out now.
-                if !self.backlog.is_empty() {
-                    self.fill_sq()?;
+                self.fill_sq()?;
+                if !self.ring.submission().is_empty() {
                     self.enter(0, None)?;
                 }
-                break;
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
-            }
+        } else {
+            self.poll_wait(timeout)?;
         }
         self.woken = false;
         if let (Some(n), true) = (&self.notifier, std::mem::take(&mut self.reaped)) {
@@ -600,6 +638,11 @@ impl IoEngine for UringEngine {
     }
 
     fn completion_fd(&mut self) -> Result<std::os::fd::RawFd> {
+        if !self.defer {
+            // Without deferred task running the kernel posts completions itself, and the
+            // ring's descriptor is readable exactly while the CQ holds some: nothing to reset.
+            return Ok(self.ring.as_raw_fd());
+        }
         if self.notifier.is_none() {
             let efd = EventFd::new()?;
             self.ring
