@@ -13,13 +13,16 @@
  * ```
  *
  * By default the JavaScript thread drives the engine itself (`mode: 'inline'`): requests
- * made in one tick go to the kernel in one `io_uring_enter` from the calling thread, and
- * completions are noticed by Node's event loop through an eventfd registered with the ring,
- * so no thread handoff sits on the I/O path. `mode: 'thread'` runs the engine on a native
- * thread of its own instead (completions come back in batches, one cross-thread wakeup for
- * many promises); it costs two handoffs per batch. Read results of more than 16 KiB are
- * `Buffer`s over the engine's aligned memory (no copy); smaller ones are copied once, which
- * is cheaper than tracking the memory; written data is copied once into aligned memory.
+ * made in one tick are written into memory shared with the engine and go to the kernel in
+ * one `io_uring_enter` from the calling thread; Node's event loop watches the ring's own
+ * descriptor and hands completions back in chunks of 16, so no thread handoff and no
+ * per-request conversion sits on the I/O path. Reads land straight in engine memory that
+ * JavaScript sees: the result is a `Buffer` view on it, never a copy (reads up to 16 KiB
+ * share 64 KiB slabs, so a small result kept alive keeps its slab alive, as Node's own
+ * pooled `Buffer`s do; larger reads get memory of their own). Written data is copied once
+ * into aligned memory. `mode: 'thread'` runs the engine on a native thread of its own
+ * instead (completions come back in batches, one cross-thread wakeup for many promises;
+ * results up to 16 KiB are copied); it costs two handoffs per batch.
  *
  * Under O_DIRECT (the default where the filesystem supports it), offsets and lengths must
  * be multiples of {@link RawDevice.logicalBlockSize}; others are rejected with code
@@ -95,6 +98,8 @@ const SLAB_BYTES = 64 << 10
 const OWN_SLAB_ABOVE = 16 << 10
 /** Reads land on 4 KiB boundaries of a slab, as O_DIRECT wants. */
 const SLAB_ALIGN = 4096
+/** Schedules microtasks: cheaper than queueMicrotask, which sets up an async resource per call. */
+const RESOLVED = Promise.resolve()
 
 type NativeBatch = Array<number | Buffer | [string, string] | undefined>
 
@@ -265,7 +270,7 @@ export class IoEngine {
     } else {
       // Requests made in one tick (e.g. from one batch of completions) go in one call.
       this.#queue.push(op === 'read' ? 0 : op === 'flush' ? 2 : 3, tag, dev, offset, op === 'flush' ? 0 : (arg as number))
-      if (this.#queue.length === 5) queueMicrotask(this.#submitQueued)
+      if (this.#queue.length === 5) void RESOLVED.then(this.#submitQueued)
     }
     return promise
   }
@@ -328,7 +333,7 @@ export class IoEngine {
     sq[d + 5] = slabId
     sq[d + 6] = at
     // Requests made in one tick (e.g. from one batch of completions) go in one call.
-    if (++this.#queued === 1) queueMicrotask(this.#submitQueued)
+    if (++this.#queued === 1) void RESOLVED.then(this.#submitQueued)
     else if (this.#queued === this.#capacity) this.#submitQueued()
     return promise
   }
@@ -370,7 +375,7 @@ export class IoEngine {
     if (count > 0) this.#completeShared(count)
     // Only a full chunk can leave more behind. Take it once the promises just settled have
     // run and their requests have gone out, so the device works while we handle the rest.
-    if (count === this.#chunk) queueMicrotask(this.#drainMore)
+    if (count === this.#chunk) void RESOLVED.then(this.#drainMore)
   }
 
   readonly #drainMore = (): void => {
@@ -524,8 +529,9 @@ export class RawDevice {
   }
 
   /**
-   * Reads `length` bytes at `offset`. Above 16 KiB the result is a `Buffer` over the
-   * engine's aligned memory, handed over without copying; smaller results are a copy.
+   * Reads `length` bytes at `offset`. The result is a `Buffer` over the engine's aligned
+   * memory the data was read into, handed over without copying (in `thread` mode, results
+   * up to 16 KiB are a copy). Small results may share one `ArrayBuffer` (see the module docs).
    * @throws {UbcacheError} `OUT_OF_RANGE`, `MISALIGNED`, `INVALID_ARGUMENT`, `EIO`, `CLOSED`.
    */
   read(offset: number, length: number): Promise<Buffer> {
