@@ -43,7 +43,7 @@ enum Origin {
     /// Our own allocation, freed on drop.
     Heap,
     /// A window on a [`Slab`], which it keeps alive.
-    Slab(#[allow(dead_code)] Arc<Slab>),
+    Slab(Arc<Slab>),
     /// From a pool's size class; `arena` when the memory lies in the pool's registered arena.
     Pool { pool: Arc<PoolShared>, class: usize, arena: bool },
 }
@@ -108,6 +108,11 @@ impl AlignedBuf {
             Origin::Pool { pool, arena: true, .. } => {
                 let base = pool.arena.as_ref().map(|a| a.ptr.as_ptr() as usize)?;
                 Some((pool.id, self.ptr.as_ptr() as usize - base))
+            }
+            // A window on a slab carved from an arena lies in that arena too.
+            Origin::Slab(slab) => {
+                let (pool, at) = slab.buf.arena_slot()?;
+                Some((pool, at + (self.ptr.as_ptr() as usize - slab.as_ptr() as usize)))
             }
             _ => None,
         }
@@ -454,6 +459,20 @@ mod tests {
         // SAFETY: the window keeps the slab allocation alive.
         assert_eq!(unsafe { *base.add(4096 + 8191) }, 9);
         assert_eq!(w.len(), 8192);
+    }
+
+    #[test]
+    fn windows_on_an_arena_slab_lie_in_the_arena() {
+        let pool = BufPool::new(BufPoolConfig { arena_bytes: 1 << 20, ..Default::default() });
+        let slab = Slab::new(pool.get(65536));
+        let (id, at) = slab.buf.arena_slot().expect("carved from the arena");
+        // SAFETY: no other window or reader touches these bytes.
+        let w = unsafe { AlignedBuf::in_slab(&slab, 8192, 4096) }.unwrap();
+        assert_eq!(w.arena_slot(), Some((id, at + 8192)));
+        assert_eq!(pool.id(), id);
+        let heap = Slab::new(AlignedBuf::new(8192));
+        // SAFETY: as above.
+        assert_eq!(unsafe { AlignedBuf::in_slab(&heap, 0, 4096) }.unwrap().arena_slot(), None);
     }
 
     #[test]
