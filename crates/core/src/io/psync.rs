@@ -9,13 +9,19 @@
 //!   same critical section, and keeps going without sleeping while work is queued.
 //! - **Workers are woken only when asleep.** The state counts idle workers; `submit` signals
 //!   the condition variable only if one is idle, so a steady queue costs no futex call.
-//! - **The poller is woken only when asleep.** A blocking [`IoEngine::poll`] announces in an
-//!   atomic word how it will sleep (on that word as a futex, or on its eventfd when it also
-//!   waits for a waker), re-checks the completion list and sleeps. A worker that posts a
-//!   completion looks at the word: if the poller sleeps it claims the wakeup (one swap, so
-//!   only one worker makes the syscall) and wakes it; otherwise the completion costs no
-//!   syscall and is found at the next `poll`. The mutex orders the announcement against the
-//!   post, so no completion is missed.
+//! - **The poller is woken only when asleep, and under load once per batch.** A blocking
+//!   [`IoEngine::poll`] announces in an atomic word how it will sleep (on that word as a
+//!   futex, or on its eventfd when it also waits for a waker), re-checks the completion list
+//!   and sleeps. A worker that posts a completion while the poller is awake makes no syscall:
+//!   the completion is found at the next `poll`. If the poller sleeps, the worker wakes it at
+//!   once when fewer than `threads` requests remain queued; while a full round of work for
+//!   every worker is still queued it waits until `threads` completions have gathered (the
+//!   queue drains meanwhile, so one of the two comes true). So at depth a wakeup costs one
+//!   worker one syscall per `threads` requests instead of one per request, for a delay of
+//!   at most about one round of service on completions that already waited that long in the
+//!   queue; at low depth every completion wakes the poller at once. The wakeup is claimed
+//!   with one swap, so only one worker makes it, and the mutex orders the announcement
+//!   against the post, so no completion is missed.
 //! - **Event-loop mode.** Once [`IoEngine::completion_fd`] has been handed out the caller
 //!   sleeps outside `poll`, so workers ring the eventfd whenever the completion list turns
 //!   non-empty (once per batch), and `poll` resets it.
@@ -59,6 +65,8 @@ struct Shared {
     state: Mutex<State>,
     work: Condvar,
     sleep: AtomicU32,
+    /// Number of workers.
+    threads: usize,
     /// Set for good by `completion_fd`: ring `notify` whenever `done` turns non-empty.
     event_loop: AtomicBool,
     notify: EventFd,
@@ -70,7 +78,7 @@ impl Shared {
     }
 
     /// Tells the poller of a completion just posted (`was_empty`: the list was empty before).
-    fn wake_poller(&self, was_empty: bool) {
+    fn wake_poller(&self, was_empty: bool, urgent: bool) {
         if self.event_loop.load(Ordering::Relaxed) {
             if was_empty {
                 self.notify.notify();
@@ -80,7 +88,7 @@ impl Shared {
         // The post happened under the lock after the poller's announcement was released by
         // the same lock, or before its re-check: either this load sees the announcement or the
         // poller sees the completion.
-        if self.sleep.load(Ordering::SeqCst) == AWAKE {
+        if !urgent || self.sleep.load(Ordering::SeqCst) == AWAKE {
             return;
         }
         match self.sleep.swap(AWAKE, Ordering::SeqCst) {
@@ -109,6 +117,7 @@ impl PsyncEngine {
             state: Mutex::new(State { jobs: VecDeque::new(), done: Vec::new(), idle: 0, closing: false }),
             work: Condvar::new(),
             sleep: AtomicU32::new(AWAKE),
+            threads: threads.max(1),
             event_loop: AtomicBool::new(false),
             notify: EventFd::new()?,
         });
@@ -159,8 +168,14 @@ fn worker(s: &Shared) {
         let was_empty = st.done.is_empty();
         st.done.push(IoCompletion::of(req, result));
         let next = st.jobs.pop_front();
+        // A sleeping poller is woken at once unless the queue still holds a full round of
+        // work for every worker: then it is woken when a batch of `threads` completions
+        // has gathered (or the queue runs short), which keeps the wakeup syscall off most
+        // workers' paths. Workers keep completing queued jobs, so one of those two
+        // conditions comes true.
+        let urgent = st.jobs.len() < s.threads || st.done.len() >= s.threads;
         drop(st);
-        s.wake_poller(was_empty);
+        s.wake_poller(was_empty, urgent);
         job = match next {
             Some(j) => j,
             None => match next_job(s, s.lock()) {
