@@ -11,7 +11,9 @@
 //! Environment: `UBCACHE_BENCH_IO_FILE` (default /var/tmp/ubcache-bench-io/data-1g; must not
 //! be on tmpfs), `UBCACHE_BENCH_SECONDS` per measurement (default 5),
 //! `UBCACHE_BENCH_IO_ONLY=psync` to run only the portable-engine comparison (the JSON then
-//! holds only its keys; by default everything runs and is reported).
+//! holds only its keys; by default everything runs and is reported),
+//! `UBCACHE_BENCH_PSYNC_ROUNDS` (default 1): alternate fio and the portable engine that many
+//! times and report the means, which evens out this comparison's drift on a shared machine.
 //! The last stdout line is the JSON of figures; ratios are ours / fio's.
 
 use std::collections::VecDeque;
@@ -237,18 +239,24 @@ fn drive_thread(dev: Arc<Device>, pool: &BufPool, qd: usize, bs: u64, secs: u64)
 }
 
 /// The portable engine (4 workers) at QD32 against fio's psync with as many jobs:
-/// (fio IOPS, engine IOPS).
-fn psync_vs_fio(path: &Path, dev: &Arc<Device>, pool: &BufPool, secs: u64) -> (f64, f64) {
+/// (fio IOPS, engine IOPS), each the mean over `rounds` alternating runs.
+fn psync_vs_fio(path: &Path, dev: &Arc<Device>, pool: &BufPool, secs: u64, rounds: u32) -> (f64, f64) {
     let mut psync = PsyncEngine::new(PSYNC_THREADS).unwrap();
     let pid = psync.add_device(dev.clone()).unwrap();
     eprintln!("portable engine: 4 KiB random reads, QD32, {PSYNC_THREADS} threads...");
     let jobs = format!("--numjobs={PSYNC_THREADS}");
-    let f_ps = fio(path, secs, &["--ioengine=psync", "--rw=randread", "--bs=4k", &jobs, "--group_reporting"])["iops"]
-        .as_f64()
-        .unwrap();
-    let ps = drive(&mut psync, pid, pool, 32, 4096, true, secs).iops();
-    eprintln!("  fio psync {f_ps:.0} IOPS, psync engine {ps:.0} IOPS");
-    (f_ps, ps)
+    let (mut f_sum, mut sum) = (0.0, 0.0);
+    for _ in 0..rounds {
+        let f_ps = fio(path, secs, &["--ioengine=psync", "--rw=randread", "--bs=4k", &jobs, "--group_reporting"])
+            ["iops"]
+            .as_f64()
+            .unwrap();
+        let ps = drive(&mut psync, pid, pool, 32, 4096, true, secs).iops();
+        eprintln!("  fio psync {f_ps:.0} IOPS, psync engine {ps:.0} IOPS ({:.3})", ps / f_ps);
+        f_sum += f_ps;
+        sum += ps;
+    }
+    (f_sum / rounds as f64, sum / rounds as f64)
 }
 
 fn main() {
@@ -257,6 +265,8 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/ubcache-bench-io/data-1g"));
     let secs: u64 = std::env::var("UBCACHE_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let psync_rounds: u32 =
+        std::env::var("UBCACHE_BENCH_PSYNC_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
     check_not_tmpfs(&path);
     prepare(&path);
 
@@ -266,7 +276,7 @@ fn main() {
     let pool = BufPool::new(BufPoolConfig { arena_bytes: 64 << 20, ..Default::default() });
     let r = |a: f64, b: f64| (a / b * 1000.0).round() / 1000.0;
     if std::env::var("UBCACHE_BENCH_IO_ONLY").is_ok_and(|v| v == "psync") {
-        let (f_ps, ps) = psync_vs_fio(&path, &dev, &pool, secs);
+        let (f_ps, ps) = psync_vs_fio(&path, &dev, &pool, secs, psync_rounds);
         let json = serde_json::json!({
             "psync_randread_qd32_iops_ratio": r(ps, f_ps),
             "fio_psync_randread_qd32_iops": f_ps.round(),
@@ -311,7 +321,7 @@ fn main() {
     let bw = drive(&mut uring, uid, &pool, 4, 1 << 20, false, secs).bw();
     eprintln!("  fio {:.0} MB/s, engine {:.0} MB/s", f_bw / 1e6, bw / 1e6);
 
-    let (f_ps, ps) = psync_vs_fio(&path, &dev, &pool, secs);
+    let (f_ps, ps) = psync_vs_fio(&path, &dev, &pool, secs, psync_rounds);
 
     let json = serde_json::json!({
         "randread_qd32_iops_ratio_native": r(rr32, f_rr32),
