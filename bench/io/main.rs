@@ -9,7 +9,11 @@
 //! - the portable engine (4 workers) at QD32 vs `fio --ioengine=psync --numjobs=4`.
 //!
 //! Environment: `UBCACHE_BENCH_IO_FILE` (default /var/tmp/ubcache-bench-io/data-1g; must not
-//! be on tmpfs), `UBCACHE_BENCH_SECONDS` per measurement (default 5).
+//! be on tmpfs), `UBCACHE_BENCH_SECONDS` per measurement (default 5),
+//! `UBCACHE_BENCH_IO_ONLY=psync` to run only the portable-engine comparison (the JSON then
+//! holds only its keys; by default everything runs and is reported),
+//! `UBCACHE_BENCH_PSYNC_ROUNDS` (default 1): alternate fio and the portable engine that many
+//! times and report the means, which evens out this comparison's drift on a shared machine.
 //! The last stdout line is the JSON of figures; ratios are ours / fio's.
 
 use std::collections::VecDeque;
@@ -234,12 +238,35 @@ fn drive_thread(dev: Arc<Device>, pool: &BufPool, qd: usize, bs: u64, secs: u64)
     run
 }
 
+/// The portable engine (4 workers) at QD32 against fio's psync with as many jobs:
+/// (fio IOPS, engine IOPS), each the mean over `rounds` alternating runs.
+fn psync_vs_fio(path: &Path, dev: &Arc<Device>, pool: &BufPool, secs: u64, rounds: u32) -> (f64, f64) {
+    let mut psync = PsyncEngine::new(PSYNC_THREADS).unwrap();
+    let pid = psync.add_device(dev.clone()).unwrap();
+    eprintln!("portable engine: 4 KiB random reads, QD32, {PSYNC_THREADS} threads...");
+    let jobs = format!("--numjobs={PSYNC_THREADS}");
+    let (mut f_sum, mut sum) = (0.0, 0.0);
+    for _ in 0..rounds {
+        let f_ps = fio(path, secs, &["--ioengine=psync", "--rw=randread", "--bs=4k", &jobs, "--group_reporting"])
+            ["iops"]
+            .as_f64()
+            .unwrap();
+        let ps = drive(&mut psync, pid, pool, 32, 4096, true, secs).iops();
+        eprintln!("  fio psync {f_ps:.0} IOPS, psync engine {ps:.0} IOPS ({:.3})", ps / f_ps);
+        f_sum += f_ps;
+        sum += ps;
+    }
+    (f_sum / rounds as f64, sum / rounds as f64)
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
     let path = std::env::var_os("UBCACHE_BENCH_IO_FILE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/ubcache-bench-io/data-1g"));
     let secs: u64 = std::env::var("UBCACHE_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let psync_rounds: u32 =
+        std::env::var("UBCACHE_BENCH_PSYNC_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
     check_not_tmpfs(&path);
     prepare(&path);
 
@@ -247,6 +274,18 @@ fn main() {
         Arc::new(Device::open(&path, &OpenOptions { write: false, exclusive: false, ..Default::default() }).unwrap());
     assert!(dev.is_direct(), "the benchmark file must allow O_DIRECT");
     let pool = BufPool::new(BufPoolConfig { arena_bytes: 64 << 20, ..Default::default() });
+    let r = |a: f64, b: f64| (a / b * 1000.0).round() / 1000.0;
+    if std::env::var("UBCACHE_BENCH_IO_ONLY").is_ok_and(|v| v == "psync") {
+        let (f_ps, ps) = psync_vs_fio(&path, &dev, &pool, secs, psync_rounds);
+        let json = serde_json::json!({
+            "psync_randread_qd32_iops_ratio": r(ps, f_ps),
+            "fio_psync_randread_qd32_iops": f_ps.round(),
+            "psync_randread_qd32_iops": ps.round(),
+            "seconds_per_measurement": secs,
+        });
+        println!("{json}");
+        return;
+    }
     let mut uring = UringEngine::new(&EngineOptions { buf_pool: Some(pool.clone()), ..Default::default() }).unwrap();
     let uid = uring.add_device(dev.clone()).unwrap();
     eprintln!(
@@ -255,8 +294,6 @@ fn main() {
         uring.has_fixed_files(),
         secs
     );
-    let mut psync = PsyncEngine::new(PSYNC_THREADS).unwrap();
-    let pid = psync.add_device(dev.clone()).unwrap();
 
     eprintln!("4 KiB random reads, QD32...");
     let f_rr32 = fio(&path, secs, &["--ioengine=io_uring", "--rw=randread", "--bs=4k", "--iodepth=32"])["iops"]
@@ -284,15 +321,8 @@ fn main() {
     let bw = drive(&mut uring, uid, &pool, 4, 1 << 20, false, secs).bw();
     eprintln!("  fio {:.0} MB/s, engine {:.0} MB/s", f_bw / 1e6, bw / 1e6);
 
-    eprintln!("portable engine: 4 KiB random reads, QD32, {PSYNC_THREADS} threads...");
-    let jobs = format!("--numjobs={PSYNC_THREADS}");
-    let f_ps = fio(&path, secs, &["--ioengine=psync", "--rw=randread", "--bs=4k", &jobs, "--group_reporting"])["iops"]
-        .as_f64()
-        .unwrap();
-    let ps = drive(&mut psync, pid, &pool, 32, 4096, true, secs).iops();
-    eprintln!("  fio psync {f_ps:.0} IOPS, psync engine {ps:.0} IOPS");
+    let (f_ps, ps) = psync_vs_fio(&path, &dev, &pool, secs, psync_rounds);
 
-    let r = |a: f64, b: f64| (a / b * 1000.0).round() / 1000.0;
     let json = serde_json::json!({
         "randread_qd32_iops_ratio_native": r(rr32, f_rr32),
         "randread_qd32_iops_ratio_thread": r(rr32_thread, f_rr32),

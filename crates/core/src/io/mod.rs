@@ -209,6 +209,8 @@ pub trait IoEngine: Send {
     /// With `timeout` `Some(ZERO)` it never blocks; otherwise, if nothing finished, it waits
     /// until something does, the waker (see [`IoEngine::set_waker`]) is notified, or the
     /// timeout passes (`None`: no limit). Returns how many completions were appended.
+    /// (Under a deep queue the portable engine wakes a blocked `poll` once per batch of
+    /// completions rather than per completion; see [`psync`].)
     /// An `Err` means the engine itself broke (not one request); its requests are lost.
     fn poll(&mut self, out: &mut Vec<IoCompletion>, timeout: Option<Duration>) -> Result<usize>;
 
