@@ -207,14 +207,21 @@ impl Tree {
     /// Starts loading the parts of the node at `depth` a search reads, all at once, instead
     /// of one cache miss per step of the search. Only the bottom two levels: the inner
     /// levels above them are few nodes, read on every search and in cache anyway.
+    /// `read_only`: the leaf is only read (a lookup), not changed.
     #[inline(always)]
-    fn prefetch_node(&self, node: u32, depth: usize) {
+    fn prefetch_node(&self, node: u32, depth: usize, read_only: bool) {
         if depth == self.height {
             // The whole leaf: the slot found in `ends` is read from `words` and `sizes`
             // right after, and a second round trip to memory would cost as much as the
-            // first. Non-temporal: one leaf among hundreds of thousands, read once, should
-            // not push the inner nodes and the bucket gens out of the outer caches.
-            prefetch_nta(self.leaves.get(node));
+            // first. A lookup reads one leaf among hundreds of thousands, once: loaded
+            // non-temporally it does not push the inner nodes and the bucket gens out of the
+            // outer caches. An insert writes the leaf, so it keeps the normal hint.
+            let leaf = self.leaves.get(node);
+            if read_only {
+                prefetch_nta(leaf);
+            } else {
+                prefetch(leaf);
+            }
         } else if depth + 1 == self.height {
             let inner = self.inners.get(node);
             prefetch(&inner.seps);
@@ -228,7 +235,7 @@ impl Tree {
         for d in 0..self.height {
             let inner = self.inners.get(node);
             node = inner.children[rank(&inner.seps, s)];
-            self.prefetch_node(node, d + 1);
+            self.prefetch_node(node, d + 1, true);
         }
         node
     }
@@ -241,7 +248,7 @@ impl Tree {
             path.node[d] = node;
             path.idx[d] = i as u32;
             node = inner.children[i];
-            self.prefetch_node(node, d + 1);
+            self.prefetch_node(node, d + 1, false);
         }
         node
     }
