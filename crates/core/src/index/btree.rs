@@ -13,7 +13,22 @@
 //! that fall inside the (free by then) range of the new extent.
 //!
 //! Nodes live in two arenas and refer to each other by 32-bit index; leaves are also
-//! linked in order for iteration.
+//! linked forward, in order, for iteration.
+//!
+//! Layout, for searches that pay one trip to memory per lookup. A leaf is 19 cache lines:
+//! line 0 holds `tops` (the last end of each group of 8 entries but the last), `len` and
+//! `next`; then `ends` (8 lines, one group a line), `words` (8 lines), `sizes` (2 lines).
+//! An inner node is `seps[128]` then `children[128]` (u32), 24 lines. A search reads the
+//! inner levels above the bottom one from cache (they are few nodes, read by every search);
+//! as soon as it knows the bottom inner node it starts loading all of it, and as soon as it
+//! knows the leaf it starts loading all of that (non-temporally for lookups, so leaves read
+//! once do not push inner nodes and bucket gens out of the outer caches), because a second
+//! dependent trip to memory costs as much as the first. In the leaf it counts the `tops`
+//! at or below the sector, then the ends of that one group: two steps of independent
+//! compares instead of a chain of six. Measured alternatives that lost on the benchmark's
+//! 10M-extent index: a two-line summary per inner node searched before (not instead of)
+//! loading the rest, leaves of 32 or 128 entries, searching a leaf's line 0 before loading
+//! the rest of it, and a branch-free choice between hole and hit.
 
 use super::arena::{prefetch, prefetch_nta, Arena, Node, NIL};
 
@@ -98,9 +113,7 @@ impl Leaf {
     /// `rank(&self.ends, s)` through `tops`: reads the first line, then one line of ends.
     #[inline(always)]
     fn slot_of(&self, s: u64) -> usize {
-        let base = count_le(&self.tops, s) * LGROUP;
-        prefetch(&self.words[base]);
-        prefetch(&self.sizes[base]);
+        let base = count_le(&self.tops, s).min(LGROUPS - 1) * LGROUP;
         base + count_le::<LGROUP>(self.ends[base..base + LGROUP].try_into().expect("a group of ends"), s)
     }
 
@@ -919,6 +932,51 @@ mod tests {
         assert_eq!(contents(&t).into_iter().collect::<Vec<_>>(), vec![(90, (210, 9000))]);
         assert_eq!(trim.wholes, 4);
         t.check().unwrap();
+    }
+
+    #[test]
+    fn leaf_slot_search_agrees_with_a_search_of_all_ends() {
+        let mut rng = Rng(0x2545f4914f6cdd1d);
+        for len in 0..=LEAF_CAP {
+            let mut leaf = Leaf::BLANK;
+            let mut ends: Vec<u64> = (0..len).map(|_| 1 + rng.below(1 << 20)).collect();
+            ends.sort_unstable();
+            ends.dedup();
+            leaf.ends[..ends.len()].copy_from_slice(&ends);
+            leaf.len = ends.len() as u32;
+            leaf.retop();
+            let probes = ends.iter().flat_map(|&x| [x - 1, x, x + 1]).chain((0..100).map(|_| rng.below(1 << 20)));
+            for s in probes.chain([0, u64::MAX - 1]) {
+                assert_eq!(leaf.slot_of(s), rank(&leaf.ends, s), "len {len}, s {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn leaf_tops_follow_splits_merges_and_borrows() {
+        // check() compares every leaf's tops with its ends; grow, churn and shrink a tree
+        // through every leaf-changing path and check after each phase.
+        let mut t = Tree::new();
+        let mut trim = Offsets::default();
+        let mut rng = Rng(0x853c49e6748fea9b);
+        for i in 0..20_000u64 {
+            t.replace(i * 16, i * 16 + 8, Some(i), &mut trim);
+        }
+        t.check().unwrap();
+        for _ in 0..20_000 {
+            let s = rng.below(20_000 * 16);
+            t.replace(s, s + 1 + rng.below(40), Some(rng.below(1 << 30)), &mut trim);
+        }
+        t.check().unwrap();
+        for x in (0..20_000 * 16).step_by(500) {
+            t.replace(x, x + 300, None, &mut trim);
+        }
+        t.check().unwrap();
+        let mut c = t.first();
+        while let Some(e) = t.get(c) {
+            assert_eq!(t.get(t.seek(e.start())), Some(e));
+            t.advance(&mut c);
+        }
     }
 
     #[test]

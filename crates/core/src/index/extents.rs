@@ -449,7 +449,8 @@ impl ExtentIndex {
             Some(e) if e.start() <= start && e.end >= end => {
                 if let Word::Direct(p) = word::decode(e.word) {
                     if !gens.ptr_stale(p) {
-                        let kind = FragmentKind::Hit { ptr: p, offset: start - e.start(), dirty: word::is_dirty(e.word) };
+                        let kind =
+                            FragmentKind::Hit { ptr: p, offset: start - e.start(), dirty: word::is_dirty(e.word) };
                         out.push(Fragment { start, len, kind });
                         return Ok(());
                     }
