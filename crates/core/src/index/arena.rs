@@ -100,6 +100,25 @@ pub(crate) fn prefetch<T>(v: &T) {
     let _ = v;
 }
 
+/// `prefetch`, with the non-temporal hint: for data read once, that should not push
+/// hotter data out of the outer caches.
+#[inline(always)]
+pub(crate) fn prefetch_nta<T>(v: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_NTA};
+        let p = v as *const T as *const i8;
+        let mut off = 0;
+        while off < size_of::<T>() {
+            // SAFETY: prefetching never faults and the address is inside `v` anyway.
+            unsafe { _mm_prefetch(p.wrapping_add(off), _MM_HINT_NTA) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 /// A node type: what a free slot holds.
 pub(crate) trait Node: Copy {
     const BLANK: Self;

@@ -432,9 +432,35 @@ impl ExtentIndex {
             out.push(Fragment { start, len, kind: FragmentKind::Hole });
             return Ok(());
         };
+        let tree = &self.vols[vi].tree;
+        let c = tree.seek(start);
+        // The two common answers, without the general walk: the first extent ending after
+        // `start` begins at or after `end` (a hole), or it covers the whole range with one
+        // live pointer (a hit).
+        match tree.get(c) {
+            None => {
+                out.push(Fragment { start, len, kind: FragmentKind::Hole });
+                return Ok(());
+            }
+            Some(e) if e.start() >= end => {
+                out.push(Fragment { start, len, kind: FragmentKind::Hole });
+                return Ok(());
+            }
+            Some(e) if e.start() <= start && e.end >= end => {
+                if let Word::Direct(p) = word::decode(e.word) {
+                    if !gens.ptr_stale(p) {
+                        let kind =
+                            FragmentKind::Hit { ptr: p, offset: start - e.start(), dirty: word::is_dirty(e.word) };
+                        out.push(Fragment { start, len, kind });
+                        return Ok(());
+                    }
+                }
+            }
+            Some(_) => {}
+        }
         let ExtentIndex { vols, side, stale, .. } = self;
         let tree = &vols[vi].tree;
-        fragments(tree, side, stale, vi, tree.seek(start), start, end, gens, out);
+        fragments(tree, side, stale, vi, c, start, end, gens, out);
         if !self.stale.is_empty() {
             self.drop_stale(gens);
         }

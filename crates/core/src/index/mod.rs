@@ -15,7 +15,7 @@
 //! [`BucketAccounting`]; neither is stored, both are passed to each call.
 //!
 //! Why a B+tree of our own: the crates that keep non-overlapping ranges (`rangemap`,
-//! `nodit`) sit on `BTreeMap`, which costs ~39 bytes an extent at 10M extents against our 27
+//! `nodit`) sit on `BTreeMap`, which costs ~39 bytes an extent at 10M extents against our 28
 //! (bench/index) and is 2-3 times slower to search there; `btree-range-map` merges equal
 //! neighbours and stores generic ranges inline. None cuts an extent's value along with its
 //! range (a cut key's pointer advances), packs a key into 18 bytes, or lets a search
