@@ -8,7 +8,12 @@
 //    the ring); the `_js_thread` figures use `mode: 'thread'` (a native engine thread).
 // The last stdout line is the JSON of figures; ratios are ours / fio's.
 //
-// Environment: UBCACHE_BENCH_IO_FILE, UBCACHE_BENCH_SECONDS (see bench/io/main.rs).
+// The TypeScript measurements alternate with fio UBCACHE_BENCH_ROUNDS times (default 3) and
+// report the median of the ratios to the fio run just before each (fio alone swings by tens
+// of percent between runs on a shared VM).
+//
+// Environment: UBCACHE_BENCH_IO_FILE, UBCACHE_BENCH_SECONDS (default here 3; see
+// bench/io/main.rs), UBCACHE_BENCH_ROUNDS, UBCACHE_BENCH_PSYNC_ROUNDS (default: ROUNDS).
 
 import { spawnSync } from 'node:child_process'
 import { createRequire } from 'node:module'
@@ -20,12 +25,18 @@ const require = createRequire(import.meta.url)
 const { openDevice } = require(join(root, 'dist', 'index.js'))
 
 const file = process.env.UBCACHE_BENCH_IO_FILE ?? '/var/tmp/ubcache-bench-io/data-1g'
-const secs = Number(process.env.UBCACHE_BENCH_SECONDS ?? 5)
+const secs = Number(process.env.UBCACHE_BENCH_SECONDS ?? 3)
+const rounds = Math.max(1, Number(process.env.UBCACHE_BENCH_ROUNDS ?? 3))
 const FILE_SIZE = 1 << 30
 
 // 1. Native part (prints its progress on stderr, its figures as the last stdout line).
 const cargo = spawnSync('cargo', ['bench', '-p', 'ubcache-core', '--bench', 'io'], {
   cwd: root,
+  env: {
+    ...process.env,
+    UBCACHE_BENCH_SECONDS: String(secs),
+    UBCACHE_BENCH_PSYNC_ROUNDS: process.env.UBCACHE_BENCH_PSYNC_ROUNDS ?? String(rounds),
+  },
   stdio: ['ignore', 'pipe', 'inherit'],
   encoding: 'utf8',
 })
@@ -100,28 +111,66 @@ async function measure(dev, qd, bs, random) {
 
 const dev = await openDevice(file, { readOnly: true, exclusive: false })
 const devThread = await openDevice(file, { readOnly: true, exclusive: false, mode: 'thread' })
-console.error(`TypeScript raw-device API (${dev.engine.kind}, ${dev.engine.mode}, direct ${dev.direct}), ${secs} s per measurement`)
-
-console.error('4 KiB random reads, QD32...')
-const fRr32 = fio(['--ioengine=io_uring', '--rw=randread', '--bs=4k', '--iodepth=32']).iops
-const jsRr32 = (await measure(dev, 32, 4096, true)).iops
-const thRr32 = (await measure(devThread, 32, 4096, true)).iops
-console.error(`  fio ${fRr32.toFixed(0)} IOPS, TypeScript ${jsRr32.toFixed(0)} IOPS (engine thread: ${thRr32.toFixed(0)})`)
-
-console.error('4 KiB random reads, QD1...')
-const fP50 = fio(['--ioengine=io_uring', '--rw=randread', '--bs=4k', '--iodepth=1']).lat_ns.percentile['50.000000']
-const jsP50 = (await measure(dev, 1, 4096, true)).p50
-const thP50 = (await measure(devThread, 1, 4096, true)).p50
 console.error(
-  `  fio p50 ${(fP50 / 1e3).toFixed(1)} us, TypeScript p50 ${(jsP50 / 1e3).toFixed(1)} us (engine thread: ${(thP50 / 1e3).toFixed(1)})`,
+  `TypeScript raw-device API (${dev.engine.kind}, ${dev.engine.mode}, direct ${dev.direct}), ${rounds} rounds of ${secs} s per measurement`,
 )
 
-console.error('1 MiB sequential reads, QD4...')
-const fBw = fio(['--ioengine=io_uring', '--rw=read', '--bs=1m', '--iodepth=4']).bw_bytes
-const jsBw = (await measure(dev, 4, 1 << 20, false)).bw
-const thBw = (await measure(devThread, 4, 1 << 20, false)).bw
-console.error(
-  `  fio ${(fBw / 1e6).toFixed(0)} MB/s, TypeScript ${(jsBw / 1e6).toFixed(0)} MB/s (engine thread: ${(thBw / 1e6).toFixed(0)})`,
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b)
+  return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
+}
+
+/**
+ * fio, then ours inline, then ours with the engine thread, `rounds` times over: fio's own
+ * figures swing by tens of percent from run to run on a shared machine, so each ratio is
+ * taken against the fio run just before it, and the medians are reported.
+ */
+async function compare(what, fioArgs, fioValue, qd, bs, random, ours) {
+  console.error(`${what}...`)
+  const f = []
+  const js = []
+  const th = []
+  for (let i = 0; i < rounds; i++) {
+    f.push(fioValue(fio(fioArgs)))
+    js.push(ours(await measure(dev, qd, bs, random)))
+    th.push(ours(await measure(devThread, qd, bs, random)))
+    console.error(`  round ${i + 1}: fio ${f[i].toFixed(0)}, TypeScript ${js[i].toFixed(0)} (engine thread: ${th[i].toFixed(0)})`)
+  }
+  return {
+    fio: median(f),
+    js: median(js),
+    thread: median(th),
+    ratio: median(js.map((v, i) => v / f[i])),
+    ratioThread: median(th.map((v, i) => v / f[i])),
+  }
+}
+
+const rr32 = await compare(
+  '4 KiB random reads, QD32 (IOPS)',
+  ['--ioengine=io_uring', '--rw=randread', '--bs=4k', '--iodepth=32'],
+  (j) => j.iops,
+  32,
+  4096,
+  true,
+  (m) => m.iops,
+)
+const qd1 = await compare(
+  '4 KiB random reads, QD1 (p50 latency, ns)',
+  ['--ioengine=io_uring', '--rw=randread', '--bs=4k', '--iodepth=1'],
+  (j) => j.lat_ns.percentile['50.000000'],
+  1,
+  4096,
+  true,
+  (m) => m.p50,
+)
+const seqr = await compare(
+  '1 MiB sequential reads, QD4 (bytes/s)',
+  ['--ioengine=io_uring', '--rw=read', '--bs=1m', '--iodepth=4'],
+  (j) => j.bw_bytes,
+  4,
+  1 << 20,
+  false,
+  (m) => m.bw,
 )
 await dev.close()
 await devThread.close()
@@ -129,24 +178,24 @@ await devThread.close()
 const r = (a, b) => Math.round((a / b) * 1000) / 1000
 console.log(
   JSON.stringify({
-    randread_qd32_iops_ratio_js: r(jsRr32, fRr32),
+    randread_qd32_iops_ratio_js: r(rr32.ratio, 1),
     randread_qd32_iops_ratio_native: native.randread_qd32_iops_ratio_native,
-    randread_qd1_p50_ratio: r(jsP50, fP50),
-    seqread_bw_ratio: r(jsBw, fBw),
+    randread_qd1_p50_ratio: r(qd1.ratio, 1),
+    seqread_bw_ratio: r(seqr.ratio, 1),
     psync_randread_qd32_iops_ratio: native.psync_randread_qd32_iops_ratio,
-    randread_qd32_iops_ratio_js_thread: r(thRr32, fRr32),
-    randread_qd1_p50_ratio_js_thread: r(thP50, fP50),
-    seqread_bw_ratio_js_thread: r(thBw, fBw),
+    randread_qd32_iops_ratio_js_thread: r(rr32.ratioThread, 1),
+    randread_qd1_p50_ratio_js_thread: r(qd1.ratioThread, 1),
+    seqread_bw_ratio_js_thread: r(seqr.ratioThread, 1),
     randread_qd1_p50_ratio_native: native.randread_qd1_p50_ratio,
     seqread_bw_ratio_native: native.seqread_bw_ratio,
     randread_qd32_iops_ratio_thread: native.randread_qd32_iops_ratio_thread,
     randread_qd1_p50_ratio_thread: native.randread_qd1_p50_ratio_thread,
-    fio_randread_qd32_iops_js_run: Math.round(fRr32),
-    randread_qd32_iops_js: Math.round(jsRr32),
-    fio_randread_qd1_p50_ns_js_run: fP50,
-    randread_qd1_p50_ns_js: jsP50,
-    fio_seqread_bw_bytes_per_sec_js_run: Math.round(fBw),
-    seqread_bw_bytes_per_sec_js: Math.round(jsBw),
+    fio_randread_qd32_iops_js_run: Math.round(rr32.fio),
+    randread_qd32_iops_js: Math.round(rr32.js),
+    fio_randread_qd1_p50_ns_js_run: qd1.fio,
+    randread_qd1_p50_ns_js: qd1.js,
+    fio_seqread_bw_bytes_per_sec_js_run: Math.round(seqr.fio),
+    seqread_bw_bytes_per_sec_js: Math.round(seqr.js),
     fio_randread_qd32_iops: native.fio_randread_qd32_iops,
     randread_qd32_iops_native: native.randread_qd32_iops_native,
     fio_randread_qd1_p50_ns: native.fio_randread_qd1_p50_ns,
@@ -156,6 +205,7 @@ console.log(
     fio_psync_randread_qd32_iops: native.fio_psync_randread_qd32_iops,
     psync_randread_qd32_iops: native.psync_randread_qd32_iops,
     seconds_per_measurement: secs,
+    rounds,
     loadavg: (await import('node:os')).loadavg().map((x) => Math.round(x * 100) / 100),
   }),
 )
