@@ -85,33 +85,33 @@ fn advise_huge_pages(_p: *mut u8, _len: usize) {}
 /// Asks the CPU to start loading `v` into cache; no effect on results.
 #[inline(always)]
 pub(crate) fn prefetch<T>(v: &T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = v as *const T as *const i8;
-        let mut off = 0;
-        while off < size_of::<T>() {
-            // SAFETY: prefetching never faults and the address is inside `v` anyway.
-            unsafe { _mm_prefetch(p.wrapping_add(off), _MM_HINT_T0) };
-            off += 64;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
+    prefetch_lines::<false, T>(v)
 }
 
 /// `prefetch`, with the non-temporal hint: for data read once, that should not push
 /// hotter data out of the outer caches.
 #[inline(always)]
 pub(crate) fn prefetch_nta<T>(v: &T) {
+    prefetch_lines::<true, T>(v)
+}
+
+#[inline(always)]
+fn prefetch_lines<const NTA: bool, T>(v: &T) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_NTA};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_NTA, _MM_HINT_T0};
         let p = v as *const T as *const i8;
         let mut off = 0;
         while off < size_of::<T>() {
+            let line = p.wrapping_add(off);
             // SAFETY: prefetching never faults and the address is inside `v` anyway.
-            unsafe { _mm_prefetch(p.wrapping_add(off), _MM_HINT_NTA) };
+            unsafe {
+                if NTA {
+                    _mm_prefetch(line, _MM_HINT_NTA)
+                } else {
+                    _mm_prefetch(line, _MM_HINT_T0)
+                }
+            };
             off += 64;
         }
     }
