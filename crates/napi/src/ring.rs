@@ -16,8 +16,8 @@
 //!   on error; the `[code, message]` of the errors of the chunk come from `takeErrors()`.
 //!
 //! `submit(n)` and `write` return how many completions they put in the completion buffer
-//! (bad requests, I/O already finished); when that is a full buffer (`capacity`), `more()`
-//! returns the next chunk. The callback gets the count of each chunk it is called with.
+//! (bad requests, I/O already finished); when that is a whole chunk (`chunk`), `more()`
+//! returns the next one. The callback gets the count of each chunk it is called with.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -53,15 +53,13 @@ const UV_POLL: c_int = 8;
 const UV_READABLE: c_int = 1;
 
 /// Numbers per request in the submission buffer.
-pub const DESC: usize = 7;
+const DESC: usize = 7;
 /// Requests the submission buffer holds.
 const SQ_ENTRIES: usize = 1024;
-/// Completions the completion buffer holds.
-const CQ_ENTRIES: usize = 1024;
-/// Completions handed to JavaScript at a time. Small, so that the requests their promises
-/// make go out while JavaScript handles the next ones, and the device is never left idle
-/// while a whole batch is handled.
-const DEFAULT_CHUNK: usize = 16;
+/// Completions handed to JavaScript at a time (what the completion buffer holds). Small, so
+/// that the requests their promises make go out while JavaScript handles the next ones,
+/// and the device is never left idle while a whole batch is handled.
+const CHUNK: usize = 16;
 
 fn handle_layout() -> std::alloc::Layout {
     // SAFETY: pure queries of libuv.
@@ -130,8 +128,6 @@ struct Glue {
     /// The poll handle keeps the event loop alive (only while requests are in flight).
     refed: Cell<bool>,
     wakeups: Cell<usize>,
-    /// Completions handed to JavaScript at a time.
-    chunk: usize,
 }
 
 /// The poll callback: the completion descriptor is readable.
@@ -202,7 +198,7 @@ impl Glue {
         let mut done = self.done.borrow_mut();
         let mut errors = self.errors.borrow_mut();
         errors.clear();
-        let n = done.len().min(self.chunk);
+        let n = done.len().min(CHUNK);
         for (i, c) in done.drain(..n).enumerate() {
             let result = match c.result {
                 Ok(bytes) => bytes as f64,
@@ -212,7 +208,7 @@ impl Glue {
                     -1.0
                 }
             };
-            // SAFETY: i < CQ_ENTRIES, inside the completion buffer, which the reference
+            // SAFETY: i < CHUNK, inside the completion buffer, which the reference
             // keeps alive; JavaScript only reads it between our calls.
             unsafe {
                 *self.cq.add(2 * i) = c.user_data as f64;
@@ -381,7 +377,7 @@ impl NativeRing {
             check(sys::napi_create_string_utf8(raw, c"ubcache:io".as_ptr(), 10, &mut name))?;
             check(sys::napi_async_init(raw, resource, name, &mut async_ctx))?;
             (sq_ref, sq) = shared_buffer(raw, SQ_ENTRIES * DESC * 8)?;
-            (cq_ref, cq) = shared_buffer(raw, CQ_ENTRIES * 2 * 8)?;
+            (cq_ref, cq) = shared_buffer(raw, CHUNK * 2 * 8)?;
         }
         let glue = Box::new(Glue {
             driver: RefCell::new(driver),
@@ -400,7 +396,6 @@ impl NativeRing {
             handle: Cell::new(ptr::null_mut()),
             refed: Cell::new(false),
             wakeups: Cell::new(0),
-            chunk: DEFAULT_CHUNK,
         });
         let ring = NativeRing { glue };
         // SAFETY: the handle memory is sized by libuv; `data` is set to the boxed Glue, which
@@ -461,7 +456,7 @@ impl NativeRing {
     /// Completions handed over at a time: a call that returns this many may have more.
     #[napi(getter)]
     pub fn chunk(&self) -> u32 {
-        self.glue.chunk as u32
+        CHUNK as u32
     }
 
     /// `[id, ArrayBuffer]`: a slab of at least `bytes` bytes of aligned engine memory that reads
