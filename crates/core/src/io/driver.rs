@@ -5,9 +5,11 @@
 //! On a small machine those wakeups dominate a 4 KiB read. A [`RingDriver`] has no thread:
 //! [`RingDriver::submit_batch`] puts requests straight into the engine (for io_uring, one
 //! `io_uring_enter` on the caller's thread), and the engine's completion descriptor
-//! ([`RingDriver::fd`], an eventfd registered with the ring) tells the caller's event loop
-//! when to call [`RingDriver::reap`]. A batch of completions then costs one wakeup of the
-//! loop the caller was sleeping in anyway.
+//! ([`RingDriver::fd`]: the ring's own descriptor for an io_uring engine opened with
+//! `EngineOptions::event_loop`, else an eventfd registered with the ring; the portable
+//! engine's eventfd) tells the caller's event loop when to call [`RingDriver::reap`]. A
+//! batch of completions then costs one wakeup of the loop the caller was sleeping in
+//! anyway, and a reap with nothing finished costs no system call.
 //!
 //! Use a driver from one thread only: the io_uring ring is set up for a single issuer, the
 //! thread that first submits.
