@@ -105,6 +105,11 @@ type NativeBatch = Array<number | Buffer | [string, string] | undefined>
 
 type NativeThread = InstanceType<typeof native.NativeIoEngine>
 type NativeRing = InstanceType<typeof native.NativeRing>
+/** Geometry of an open device, as the native engine reports it. */
+type NativeDeviceInfo = native.NativeDevice
+
+/** Request codes of the native descriptors (writes carry data and go by a call of their own). */
+const OP_CODE = { read: 0, flush: 2, discard: 3 } as const
 
 function checkCount(what: string, v: number): void {
   if (!Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError(`${what} must be a non-negative integer, got ${v}`)
@@ -269,7 +274,7 @@ export class IoEngine {
       }
     } else {
       // Requests made in one tick (e.g. from one batch of completions) go in one call.
-      this.#queue.push(op === 'read' ? 0 : op === 'flush' ? 2 : 3, tag, dev, offset, op === 'flush' ? 0 : (arg as number))
+      this.#queue.push(OP_CODE[op], tag, dev, offset, op === 'flush' ? 0 : (arg as number))
       if (this.#queue.length === 5) void RESOLVED.then(this.#submitQueued)
     }
     return promise
@@ -325,7 +330,7 @@ export class IoEngine {
     }
     const sq = this.#sq as Float64Array
     const d = this.#queued * DESC
-    sq[d] = op === 'read' ? 0 : op === 'flush' ? 2 : 3
+    sq[d] = OP_CODE[op]
     sq[d + 1] = tag
     sq[d + 2] = dev
     sq[d + 3] = offset
@@ -465,16 +470,6 @@ export class IoEngine {
     }
     this.#idle()
   }
-}
-
-/** Geometry of an open device, as the native engine reports it. */
-interface NativeDeviceInfo {
-  id: number
-  size: number
-  logicalBlockSize: number
-  direct: boolean
-  blockDevice: boolean
-  writable: boolean
 }
 
 /** A file or block device open for raw I/O at byte offsets. */

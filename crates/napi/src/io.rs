@@ -31,10 +31,15 @@ pub(crate) fn invalid<T>(env: &Env, msg: String) -> Result<T> {
 
 /// A JavaScript number that must be a byte offset or count (a non-negative safe integer).
 pub(crate) fn to_u64(env: &Env, what: &str, v: f64) -> Result<u64> {
+    whole(v, what).or_else(|e| throw(env, e))
+}
+
+/// `v` as a whole number of bytes (or an index): a non-negative safe integer.
+pub(crate) fn whole(v: f64, what: &str) -> std::result::Result<u64, CoreError> {
     if v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_991.0 {
         Ok(v as u64)
     } else {
-        invalid(env, format!("{what} must be a non-negative safe integer, got {v}"))
+        Err(CoreError::new(ErrorKind::InvalidArgument, format!("{what} must be a non-negative safe integer, got {v}")))
     }
 }
 

@@ -33,7 +33,8 @@ use ubcache_core::io::{AlignedBuf, BufPool, DevId, IoCompletion, IoRequest, Ring
 use ubcache_core::{Error as CoreError, ErrorKind};
 
 use crate::io::{
-    engine_of, open_device, throw, to_u64, NativeDevice, NativeEngineOptions, NativeEngineStats, NativeOpenOptions,
+    engine_of, open_device, throw, to_u64, whole, NativeDevice, NativeEngineOptions, NativeEngineStats,
+    NativeOpenOptions,
 };
 
 // libuv, as exported by the Node.js binary that loads this addon.
@@ -317,14 +318,6 @@ impl Glue {
             });
         }
         Ok(())
-    }
-}
-
-fn whole(v: f64, what: &str) -> std::result::Result<u64, CoreError> {
-    if v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_991.0 {
-        Ok(v as u64)
-    } else {
-        Err(CoreError::new(ErrorKind::InvalidArgument, format!("{what} must be a non-negative safe integer, got {v}")))
     }
 }
 

@@ -100,26 +100,18 @@ impl RingDriver {
     /// [`RingDriver::reap`] appending to `out` (no allocation when `out` has room); returns
     /// how many. Cheap when nothing finished: no system call for io_uring.
     pub fn reap_into(&mut self, out: &mut Vec<IoCompletion>) -> Result<usize> {
-        let n = self.engine.poll(out, Some(Duration::ZERO))?;
-        if n > 0 {
-            self.batches += 1;
-        }
-        Ok(n)
+        self.poll_into(out, Some(Duration::ZERO))
     }
 
     /// Waits up to `timeout` (`None`: no limit) for completions, for callers without an
     /// event loop (tests, tools).
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Vec<IoCompletion>> {
         let mut out = Vec::new();
-        self.engine.poll(&mut out, timeout)?;
-        if !out.is_empty() {
-            self.batches += 1;
-        }
+        self.poll_into(&mut out, timeout)?;
         Ok(out)
     }
 
-    /// [`RingDriver::wait`] appending to `out`; returns how many.
-    pub fn wait_into(&mut self, out: &mut Vec<IoCompletion>, timeout: Option<Duration>) -> Result<usize> {
+    fn poll_into(&mut self, out: &mut Vec<IoCompletion>, timeout: Option<Duration>) -> Result<usize> {
         let n = self.engine.poll(out, timeout)?;
         if n > 0 {
             self.batches += 1;
