@@ -90,6 +90,8 @@ pub struct UringEngine {
     files_registered: bool,
     ext_arg: bool,
     max_transfer: u32,
+    /// See [`EngineOptions::submit_batch`]; `usize::MAX` for 0.
+    submit_batch: usize,
     /// Set up with deferred task running: completions are posted only by io_uring_enter.
     defer: bool,
     _pool: Option<crate::io::BufPool>,
@@ -173,6 +175,7 @@ impl UringEngine {
             files_registered,
             ext_arg,
             max_transfer: opts.max_transfer.unwrap_or(u32::MAX).max(1),
+            submit_batch: if opts.submit_batch == 0 { usize::MAX } else { opts.submit_batch },
             defer,
             _pool: opts.buf_pool.clone(),
         })
@@ -366,6 +369,15 @@ impl UringEngine {
                 Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY) | Some(libc::EAGAIN) => Ok(()),
                 _ => Err(Error::io("io_uring_enter", e)),
             },
+        }
+    }
+
+    /// Hands the backlog to the kernel, and collects what that entry posted (deferred task
+    /// work runs on every entry), for the next `poll` to return. An error leaves the requests
+    /// queued; the next `poll` meets it again and reports it.
+    fn submit_now(&mut self) {
+        if self.fill_sq().is_ok() && !self.ring.submission().is_empty() && self.enter(0, None).is_ok() {
+            self.reap();
         }
     }
 
@@ -584,6 +596,11 @@ impl IoEngine for UringEngine {
             }
         } else {
             self.backlog.push_back(idx);
+            // Only once a poll has enabled the ring: the first thread to enter it becomes its
+            // single issuer, and an engine may be filled on one thread and polled on another.
+            if self.enabled && self.backlog.len() >= self.submit_batch {
+                self.submit_now();
+            }
         }
     }
 
@@ -677,6 +694,12 @@ impl Drop for UringEngine {
                 }
                 break;
             }
+        }
+        // The ring's teardown runs later in a kernel worker, and until then its file table
+        // keeps the devices open, with their exclusive locks: drop that table now, so a
+        // device can be opened again as soon as its engine is gone.
+        if self.files_registered {
+            let _ = self.ring.submitter().unregister_files();
         }
     }
 }
