@@ -247,6 +247,55 @@ test('inline: closing the engine right after requests were made (same tick) comp
   t.is(await code(dev.read(0, 4096)), 'CLOSED')
 })
 
+test('inline with spinMicros: a read awaited alone completes within its submit call, without waking the event loop', async (t) => {
+  const size = 1 << 20
+  // A budget far above any 4 KiB read of a file, so every completion is caught by polling.
+  const engine = new IoEngine({ mode: 'inline', spinMicros: 1_000_000 })
+  const dev = await engine.open(file(size, 12))
+  const model = pattern(size, 12)
+  for (let i = 0; i < 50; i++) {
+    const off = ((i * 37) % 256) * 4096
+    t.deepEqual(await dev.read(off, 4096), model.subarray(off, off + 4096))
+  }
+  t.is(engine.stats().wakeups, 0, 'no completion needed the event loop')
+  // Many in flight: the first completion is polled for, the rest arrive as usual.
+  const many = await Promise.all(Array.from({ length: 64 }, (_, i) => dev.read(i * 8192, 8192)))
+  many.forEach((b, i) => t.deepEqual(b, model.subarray(i * 8192, i * 8192 + 8192)))
+  await dev.close()
+  await engine.close()
+})
+
+test('inline: reads that keep completing within their submit call still let the event loop run', async (t) => {
+  const size = 8 << 20
+  // Every read completes within its submit call: its promise's next read is submitted from
+  // the same chain of microtasks, which must still leave turns to the event loop (timers,
+  // and the finalizers that return read buffers to the pool).
+  const engine = new IoEngine({ mode: 'inline', spinMicros: 1_000_000 })
+  const dev = await engine.open(file(size, 13))
+  const model = pattern(size, 13)
+  let ticks = 0
+  const timer = setInterval(() => ticks++, 1)
+  for (let i = 0; i < 300; i++) {
+    const off = (i % 8) << 20
+    const b = await dev.read(off, 1 << 20)
+    if (i % 50 === 0) t.deepEqual(b, model.subarray(off, off + (1 << 20)))
+  }
+  clearInterval(timer)
+  t.true(ticks > 0, 'timers ran while the reads went on')
+  const stats = engine.stats()
+  t.true(stats.reusedBuffers > 0, `read buffers came back to the pool: ${JSON.stringify(stats)}`)
+  await dev.close()
+  await engine.close()
+})
+
+test('spinMicros out of range is rejected', (t) => {
+  for (const bad of [-1, 1.5, 1_000_001, Number.NaN]) {
+    const err = t.throws(() => new IoEngine({ spinMicros: bad }), undefined, String(bad))
+    t.is((err as UbcacheError).code, 'INVALID_ARGUMENT')
+    t.regex((err as Error).message, /spinMicros/)
+  }
+})
+
 test('an unknown mode is rejected', (t) => {
   const err = t.throws(() => new IoEngine({ mode: 'fibers' as EngineMode }))
   t.is((err as UbcacheError).code, 'INVALID_ARGUMENT')

@@ -106,7 +106,7 @@ export declare class NativeRing {
    * Call it once nothing is in flight: requests still in flight are waited for here.
    */
   close(): void
-  /** Counters: event-loop wakeups for completions, and batches of completions. */
+  /** Counters: event-loop wakeups for completions, batches of completions, buffers. */
   stats(): NativeEngineStats
   /** True once `close` has been called. */
   get closed(): boolean
@@ -157,7 +157,10 @@ export interface NativeEngineOptions {
   psyncThreads?: number
   /** Bytes of aligned memory registered with io_uring for buffers. */
   arenaBytes?: number
-  /** Microseconds the engine thread spins for new requests before sleeping. */
+  /**
+   * Microseconds to poll instead of sleeping: the engine thread for new requests, the
+   * inline ring for a first completion after a submission.
+   */
   spinMicros?: number
 }
 
@@ -167,6 +170,10 @@ export interface NativeEngineStats {
   wakeups: number
   /** Batches of completions delivered to JavaScript. */
   batches: number
+  /** I/O buffers handed out from freed ones. */
+  reusedBuffers: number
+  /** I/O buffers that needed new memory (the registered arena, then the heap). */
+  freshBuffers: number
 }
 
 /** How to open a device. */

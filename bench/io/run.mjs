@@ -5,7 +5,9 @@
 // 2. This script measures the TypeScript raw-device API (dist/, built by `npm run build`)
 //    on the same file, each workload right after fio runs it again, so both see the same
 //    machine. The main figures use the default `inline` mode (the JavaScript thread drives
-//    the ring); the `_js_thread` figures use `mode: 'thread'` (a native engine thread).
+//    the ring); the `_js_thread` figures use `mode: 'thread'` (a native engine thread);
+//    `randread_qd1_p50_ratio_js_spin` is QD1 inline with `spinMicros: 100` (the call polls
+//    for its completion instead of returning to the event loop; off by default).
 // The last stdout line is the JSON of figures; ratios are ours / fio's.
 //
 // The TypeScript measurements alternate with fio UBCACHE_BENCH_ROUNDS times (default 3) and
@@ -111,6 +113,9 @@ async function measure(dev, qd, bs, random) {
 
 const dev = await openDevice(file, { readOnly: true, exclusive: false })
 const devThread = await openDevice(file, { readOnly: true, exclusive: false, mode: 'thread' })
+// QD1 also with the inline ring polling for its completion (`spinMicros`, off by default).
+const SPIN_MICROS = 100
+const devSpin = await openDevice(file, { readOnly: true, exclusive: false, spinMicros: SPIN_MICROS })
 console.error(
   `TypeScript raw-device API (${dev.engine.kind}, ${dev.engine.mode}, direct ${dev.direct}), ${rounds} rounds of ${secs} s per measurement`,
 )
@@ -125,23 +130,30 @@ const median = (xs) => {
  * figures swing by tens of percent from run to run on a shared machine, so each ratio is
  * taken against the fio run just before it, and the medians are reported.
  */
-async function compare(what, fioArgs, fioValue, qd, bs, random, ours) {
+async function compare(what, fioArgs, fioValue, qd, bs, random, ours, withSpin = false) {
   console.error(`${what}...`)
   const f = []
   const js = []
   const th = []
+  const sp = []
   for (let i = 0; i < rounds; i++) {
     f.push(fioValue(fio(fioArgs)))
     js.push(ours(await measure(dev, qd, bs, random)))
     th.push(ours(await measure(devThread, qd, bs, random)))
-    console.error(`  round ${i + 1}: fio ${f[i].toFixed(0)}, TypeScript ${js[i].toFixed(0)} (engine thread: ${th[i].toFixed(0)})`)
+    if (withSpin) sp.push(ours(await measure(devSpin, qd, bs, random)))
+    const spun = withSpin ? `, spinMicros ${SPIN_MICROS}: ${sp[i].toFixed(0)}` : ''
+    console.error(
+      `  round ${i + 1}: fio ${f[i].toFixed(0)}, TypeScript ${js[i].toFixed(0)} (engine thread: ${th[i].toFixed(0)}${spun})`,
+    )
   }
   return {
     fio: median(f),
     js: median(js),
     thread: median(th),
+    spin: withSpin ? median(sp) : undefined,
     ratio: median(js.map((v, i) => v / f[i])),
     ratioThread: median(th.map((v, i) => v / f[i])),
+    ratioSpin: withSpin ? median(sp.map((v, i) => v / f[i])) : undefined,
   }
 }
 
@@ -162,6 +174,7 @@ const qd1 = await compare(
   4096,
   true,
   (m) => m.p50,
+  true,
 )
 const seqr = await compare(
   '1 MiB sequential reads, QD4 (bytes/s)',
@@ -174,6 +187,7 @@ const seqr = await compare(
 )
 await dev.close()
 await devThread.close()
+await devSpin.close()
 
 const r = (a, b) => Math.round((a / b) * 1000) / 1000
 console.log(
@@ -186,6 +200,7 @@ console.log(
     randread_qd32_iops_ratio_js_thread: r(rr32.ratioThread, 1),
     randread_qd1_p50_ratio_js_thread: r(qd1.ratioThread, 1),
     seqread_bw_ratio_js_thread: r(seqr.ratioThread, 1),
+    randread_qd1_p50_ratio_js_spin: r(qd1.ratioSpin, 1),
     randread_qd1_p50_ratio_native: native.randread_qd1_p50_ratio,
     seqread_bw_ratio_native: native.seqread_bw_ratio,
     randread_qd32_iops_ratio_thread: native.randread_qd32_iops_ratio_thread,
@@ -194,6 +209,8 @@ console.log(
     randread_qd32_iops_js: Math.round(rr32.js),
     fio_randread_qd1_p50_ns_js_run: qd1.fio,
     randread_qd1_p50_ns_js: qd1.js,
+    randread_qd1_p50_ns_js_spin: qd1.spin,
+    js_spin_micros: SPIN_MICROS,
     fio_seqread_bw_bytes_per_sec_js_run: Math.round(seqr.fio),
     seqread_bw_bytes_per_sec_js: Math.round(seqr.js),
     fio_randread_qd32_iops: native.fio_randread_qd32_iops,

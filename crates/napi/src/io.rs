@@ -57,7 +57,8 @@ pub(crate) fn engine_of(
     };
     let pool = BufPool::new(BufPoolConfig {
         arena_bytes: options.arena_bytes.unwrap_or(16 << 20) as usize,
-        ..Default::default()
+        max_cached_bytes_per_class: std::env::var("CACHE_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(64)
+            << 20,
     });
     let defaults = EngineOptions::default();
     let opts = EngineOptions {
@@ -180,7 +181,8 @@ pub struct NativeEngineOptions {
     pub psync_threads: Option<u32>,
     /// Bytes of aligned memory registered with io_uring for buffers.
     pub arena_bytes: Option<u32>,
-    /// Microseconds the engine thread spins for new requests before sleeping.
+    /// Microseconds to poll instead of sleeping: the engine thread for new requests, the
+    /// inline ring for a first completion after a submission.
     pub spin_micros: Option<u32>,
 }
 
@@ -221,6 +223,22 @@ pub struct NativeEngineStats {
     pub wakeups: f64,
     /// Batches of completions delivered to JavaScript.
     pub batches: f64,
+    /// I/O buffers handed out from freed ones.
+    pub reused_buffers: f64,
+    /// I/O buffers that needed new memory (the registered arena, then the heap).
+    pub fresh_buffers: f64,
+}
+
+impl NativeEngineStats {
+    pub(crate) fn of(wakeups: usize, batches: usize, pool: &BufPool) -> NativeEngineStats {
+        let p = pool.stats();
+        NativeEngineStats {
+            wakeups: wakeups as f64,
+            batches: batches as f64,
+            reused_buffers: p.reused as f64,
+            fresh_buffers: p.fresh as f64,
+        }
+    }
 }
 
 /// The engine thread and its buffer pool.
@@ -343,7 +361,7 @@ impl NativeIoEngine {
     #[napi]
     pub fn stats(&self) -> NativeEngineStats {
         let s = self.thread.stats();
-        NativeEngineStats { wakeups: s.wakeups as f64, batches: s.batches as f64 }
+        NativeEngineStats::of(s.wakeups, s.batches, &self.pool)
     }
 
     /// True once `close` has been called.

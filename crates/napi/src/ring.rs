@@ -352,10 +352,13 @@ impl NativeRing {
     )]
     pub fn new(env: &Env, options: NativeEngineOptions, on_complete: Function<'_, (), ()>) -> Result<Self> {
         let (engine, pool) = engine_of(env, &options, true)?;
-        let driver = match RingDriver::new(engine) {
+        let mut driver = match RingDriver::new(engine) {
             Ok(d) => d,
             Err(e) => return throw(env, e),
         };
+        if let Some(us) = options.spin_micros {
+            driver.set_busy_poll(std::time::Duration::from_micros(us as u64));
+        }
         let fd = driver.fd();
         let raw = env.raw();
         let mut callback = ptr::null_mut();
@@ -597,13 +600,10 @@ impl NativeRing {
         Ok(())
     }
 
-    /// Counters: event-loop wakeups for completions, and batches of completions.
+    /// Counters: event-loop wakeups for completions, batches of completions, buffers.
     #[napi]
     pub fn stats(&self) -> NativeEngineStats {
-        NativeEngineStats {
-            wakeups: self.glue.wakeups.get() as f64,
-            batches: self.glue.driver.borrow().batches() as f64,
-        }
+        NativeEngineStats::of(self.glue.wakeups.get(), self.glue.driver.borrow().batches(), &self.glue.pool)
     }
 
     /// True once `close` has been called.

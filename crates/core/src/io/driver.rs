@@ -16,7 +16,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{closed_device, DevId, Device, EngineKind, IoCompletion, IoEngine, IoRequest};
@@ -27,17 +27,28 @@ pub struct RingDriver {
     fd: RawFd,
     closed: bool,
     batches: usize,
+    busy_poll: Duration,
 }
 
 impl RingDriver {
     /// Takes over `engine`. Fails for engines that cannot signal a descriptor.
     pub fn new(mut engine: Box<dyn IoEngine>) -> Result<RingDriver> {
         let fd = engine.completion_fd()?;
-        Ok(RingDriver { engine, fd, closed: false, batches: 0 })
+        Ok(RingDriver { engine, fd, closed: false, batches: 0, busy_poll: Duration::ZERO })
     }
 
     /// The descriptor to watch for readability; when it is readable, call [`RingDriver::reap`].
     /// It stays valid as long as the driver.
+    /// How long [`RingDriver::submit_into`] keeps polling for a first completion when none
+    /// is ready, instead of returning to the caller's event loop (default zero: never).
+    /// Sleeping in the loop and waking for the completion costs a 4 KiB read at queue
+    /// depth 1 about a third more time than polling for it (measured from Node on a 2-core
+    /// VM); the polling holds the calling thread, so it suits a caller with little else to
+    /// do while its reads are in flight.
+    pub fn set_busy_poll(&mut self, budget: Duration) {
+        self.busy_poll = budget;
+    }
+
     pub fn fd(&self) -> RawFd {
         self.fd
     }
@@ -61,7 +72,8 @@ impl RingDriver {
     }
 
     /// Hands `reqs` to the device now. Completions that are already known (bad requests,
-    /// or I/O that finished at once) are returned here, not through the descriptor.
+    /// I/O that finished at once, or with [`RingDriver::set_busy_poll`] the first to finish
+    /// within the budget) are returned here, not through the descriptor.
     /// After [`RingDriver::close`], every request completes with [`ErrorKind::Closed`].
     pub fn submit_batch(&mut self, reqs: impl IntoIterator<Item = IoRequest>) -> Result<Vec<IoCompletion>> {
         let mut out = Vec::new();
@@ -86,7 +98,18 @@ impl RingDriver {
         for r in reqs {
             self.engine.submit(r);
         }
-        self.reap_into(out)
+        let got = self.reap_into(out)?;
+        if got > 0 || self.busy_poll.is_zero() || self.engine.in_flight() == 0 {
+            return Ok(got);
+        }
+        let until = Instant::now() + self.busy_poll;
+        loop {
+            std::hint::spin_loop();
+            let got = self.reap_into(out)?;
+            if got > 0 || Instant::now() >= until {
+                return Ok(got);
+            }
+        }
     }
 
     /// Collects finished completions without waiting (call it when [`RingDriver::fd`] is
@@ -162,6 +185,34 @@ mod tests {
 
     /// Reads through the descriptor-driven loop an event loop would run: every request
     /// completes once, with the right data, and the descriptor goes quiet when all is reaped.
+    #[test]
+    fn busy_polling_returns_the_first_completion_from_the_submit_call() {
+        for (choice, event_loop) in
+            [(EngineChoice::Uring, false), (EngineChoice::Uring, true), (EngineChoice::Psync, false)]
+        {
+            let (p, data) = file(&format!("busy-{choice:?}-{event_loop}"));
+            let engine = open_engine(&EngineOptions { choice, event_loop, ..Default::default() }).unwrap();
+            let mut d = RingDriver::new(engine).unwrap();
+            let id = d.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
+            // A budget no 4 KiB read of a file comes near: the call must return its completion.
+            d.set_busy_poll(Duration::from_secs(5));
+            for i in 0..20u64 {
+                let got = d.submit_batch([IoRequest::read(id, i * 8192, AlignedBuf::new(4096), i)]).unwrap();
+                assert_eq!(got.len(), 1, "{choice:?}: read {i} completed within the submit call");
+                let c = got.into_iter().next().unwrap();
+                assert_eq!(c.user_data, i);
+                let off = (i * 8192) as usize;
+                assert!(c.into_buf().unwrap()[..] == data[off..off + 4096]);
+            }
+            assert_eq!(d.in_flight(), 0);
+            // Nothing in flight: no polling at all, even with a budget.
+            let t = std::time::Instant::now();
+            assert!(d.submit_batch(std::iter::empty()).unwrap().is_empty());
+            assert!(t.elapsed() < Duration::from_secs(1), "no busy polling with nothing in flight");
+            let _ = std::fs::remove_dir_all(p.parent().unwrap());
+        }
+    }
+
     #[test]
     fn completions_arrive_through_the_descriptor() {
         for (choice, event_loop) in
