@@ -183,17 +183,23 @@ mod tests {
         (p, data)
     }
 
-    /// Reads through the descriptor-driven loop an event loop would run: every request
-    /// completes once, with the right data, and the descriptor goes quiet when all is reaped.
+    /// Every engine a driver takes, on its own file: (choice, event_loop).
+    const DRIVEN: [(EngineChoice, bool); 3] =
+        [(EngineChoice::Uring, false), (EngineChoice::Uring, true), (EngineChoice::Psync, false)];
+
+    /// A driver over `choice` with the file from `file(tag)` added.
+    fn driver(tag: &str, choice: EngineChoice, event_loop: bool) -> (RingDriver, DevId, std::path::PathBuf, Vec<u8>) {
+        let (p, data) = file(tag);
+        let engine = open_engine(&EngineOptions { choice, event_loop, ..Default::default() }).unwrap();
+        let mut d = RingDriver::new(engine).unwrap();
+        let id = d.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
+        (d, id, p, data)
+    }
+
     #[test]
     fn busy_polling_returns_the_first_completion_from_the_submit_call() {
-        for (choice, event_loop) in
-            [(EngineChoice::Uring, false), (EngineChoice::Uring, true), (EngineChoice::Psync, false)]
-        {
-            let (p, data) = file(&format!("busy-{choice:?}-{event_loop}"));
-            let engine = open_engine(&EngineOptions { choice, event_loop, ..Default::default() }).unwrap();
-            let mut d = RingDriver::new(engine).unwrap();
-            let id = d.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
+        for (choice, event_loop) in DRIVEN {
+            let (mut d, id, p, data) = driver(&format!("busy-{choice:?}-{event_loop}"), choice, event_loop);
             // A budget no 4 KiB read of a file comes near: the call must return its completion.
             d.set_busy_poll(Duration::from_secs(5));
             for i in 0..20u64 {
@@ -213,15 +219,12 @@ mod tests {
         }
     }
 
+    /// Reads through the descriptor-driven loop an event loop would run: every request
+    /// completes once, with the right data, and the descriptor goes quiet when all is reaped.
     #[test]
     fn completions_arrive_through_the_descriptor() {
-        for (choice, event_loop) in
-            [(EngineChoice::Uring, false), (EngineChoice::Uring, true), (EngineChoice::Psync, false)]
-        {
-            let (p, data) = file(&format!("{choice:?}-{event_loop}"));
-            let engine = open_engine(&EngineOptions { choice, event_loop, ..Default::default() }).unwrap();
-            let mut d = RingDriver::new(engine).unwrap();
-            let id = d.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
+        for (choice, event_loop) in DRIVEN {
+            let (mut d, id, p, data) = driver(&format!("{choice:?}-{event_loop}"), choice, event_loop);
             let reqs: Vec<_> = (0..64u64).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).collect();
             let mut got = d.submit_batch(reqs).unwrap();
             // A bad request completes at once, through the return value.
@@ -251,11 +254,7 @@ mod tests {
     /// Closing with requests in flight: they still complete, later ones fail with CLOSED.
     #[test]
     fn close_completes_in_flight_and_refuses_new() {
-        let (p, _) = file("close");
-        let opts = EngineOptions { choice: EngineChoice::Uring, event_loop: true, ..Default::default() };
-        let engine = open_engine(&opts).unwrap();
-        let mut d = RingDriver::new(engine).unwrap();
-        let id = d.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
+        let (mut d, id, p, _) = driver("close", EngineChoice::Uring, true);
         let mut got =
             d.submit_batch((0..32u64).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i))).unwrap();
         d.close();
