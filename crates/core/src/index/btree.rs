@@ -142,6 +142,19 @@ impl Leaf {
         base + count_le::<LGROUP>(self.ends[base..base + LGROUP].try_into().expect("a group of ends"), s)
     }
 
+    /// Starts loading the whole leaf non-temporally, in the order a lookup needs its lines:
+    /// line 0 and `sizes` (read by every lookup), then the ends and words of each group
+    /// side by side.
+    #[inline(always)]
+    fn prefetch_lookup(&self) {
+        prefetch_nta(&self.tops);
+        prefetch_nta(&self.sizes);
+        for g in 0..LGROUPS {
+            prefetch_nta(&self.ends[g * LGROUP]);
+            prefetch_nta(&self.words[g * LGROUP]);
+        }
+    }
+
     #[inline]
     fn start(&self, i: usize) -> u64 {
         self.ends[i] - self.sizes[i] as u64
@@ -342,7 +355,7 @@ impl Tree {
             // outer caches. An insert writes the leaf, so it keeps the normal hint.
             let leaf = self.leaves.get(node);
             if read_only {
-                prefetch_nta(leaf);
+                leaf.prefetch_lookup();
             } else {
                 prefetch(leaf);
             }
