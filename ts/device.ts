@@ -105,12 +105,12 @@ const OWN_SLAB_ABOVE = 16 << 10
 /** Reads land on 4 KiB boundaries of a slab, as O_DIRECT wants. */
 const SLAB_ALIGN = 4096
 /**
- * Inline mode: after this many submissions in a row that came back with completions (whose
- * promises then made the next requests, all in one chain of microtasks), the next one waits
- * for a turn of the event loop. Without it, a reader whose requests keep completing by the
- * time it submits (fast devices, `spinMicros`) would starve timers and other I/O, and the
- * finalizers that return read buffers to the pool (which run from the event loop) would never
- * run: every read would need new memory.
+ * Inline mode: after this many calls in a row that came back with completions (whose
+ * promises then made the next requests, all in one chain of microtasks), the next call's
+ * completions are settled after a turn of the event loop. Without it, a reader whose
+ * requests keep completing by the time it submits (fast devices, `spinMicros`) would starve
+ * timers and other I/O, and the finalizers that return read buffers to the pool (which run
+ * from the event loop) would never run: every read would need new memory.
  */
 const SYNC_ROUNDS = 16
 /** Schedules microtasks: cheaper than queueMicrotask, which sets up an async resource per call. */
@@ -164,9 +164,8 @@ export class IoEngine {
   #slabId = 0
   #slabUsed = 0
   /**
-   * Inline mode: submissions in a row that returned completions, whose promises' requests
-   * were then submitted from the same chain of microtasks, without the event loop getting a
-   * turn (see {@link SYNC_ROUNDS}).
+   * Inline mode: calls in a row that returned completions, settled from the same chain of
+   * microtasks without the event loop getting a turn (see {@link SYNC_ROUNDS}).
    */
   #syncRounds = 0
 
@@ -322,21 +321,13 @@ export class IoEngine {
     const p = pending as Pending
     const tag = this.#track(p)
     if (op === 'write') {
-      const write = (): void => {
-        // Writes carry data and go alone, after everything queued before them.
-        this.#submitQueued()
-        try {
-          this.#drain(ring, ring.write(tag, dev, offset, arg as Uint8Array))
-        } catch (err) {
-          this.#fail([tag], err)
-        }
+      // Writes carry data and go alone, after everything queued before them.
+      this.#submitQueued()
+      try {
+        this.#drain(ring, ring.write(tag, dev, offset, arg as Uint8Array))
+      } catch (err) {
+        this.#fail([tag], err)
       }
-      if (this.#syncRounds < SYNC_ROUNDS) write()
-      else
-        setImmediate(() => {
-          this.#syncRounds = 0
-          write()
-        })
       return promise
     }
     let slabId = 0
@@ -373,10 +364,8 @@ export class IoEngine {
     sq[d + 5] = slabId
     sq[d + 6] = at
     // Requests made in one tick (e.g. from one batch of completions) go in one call.
-    if (++this.#queued === 1) {
-      if (this.#syncRounds < SYNC_ROUNDS) void RESOLVED.then(this.#submitQueued)
-      else setImmediate(this.#submitAfterTurn)
-    } else if (this.#queued === this.#capacity) this.#submitQueued()
+    if (++this.#queued === 1) void RESOLVED.then(this.#submitQueued)
+    else if (this.#queued === this.#capacity) this.#submitQueued()
     return promise
   }
 
@@ -412,16 +401,11 @@ export class IoEngine {
     }
   }
 
-  readonly #submitAfterTurn = (): void => {
-    this.#syncRounds = 0
-    this.#submitQueued()
-  }
-
   /** Inline mode: handles `count` completions the ring just placed, and any more it has. */
   #drain(ring: NativeRing, count: number): void {
     if (count > 0) {
-      this.#syncRounds++
-      this.#completeShared(count)
+      if (++this.#syncRounds <= SYNC_ROUNDS) this.#completeShared(count)
+      else this.#completeAfterTurn(count)
     }
     // Only a full chunk can leave more behind. Take it once the promises just settled have
     // run and their requests have gone out, so the device works while we handle the rest.
@@ -498,8 +482,26 @@ export class IoEngine {
 
   /** Inline mode: `count` `tag, result` pairs in the completion buffer. */
   #completeShared(count: number): void {
-    const cq = this.#cq as Float64Array
+    this.#settle(this.#cq as Float64Array, count, undefined)
+  }
+
+  /**
+   * Inline mode: settles `count` completions of the completion buffer after a turn of the
+   * event loop (see {@link SYNC_ROUNDS}). They are copied now: the next call of the ring
+   * reuses the buffer and the errors.
+   */
+  #completeAfterTurn(count: number): void {
+    const cq = (this.#cq as Float64Array).slice(0, 2 * count)
     let errors: string[] | undefined
+    for (let i = 1; i < 2 * count && !errors; i += 2) if (cq[i] < 0) errors = (this.#ring as NativeRing).takeErrors()
+    setImmediate(() => {
+      this.#syncRounds = 0
+      this.#settle(cq, count, errors)
+    })
+  }
+
+  /** Inline mode: settles the promises of `count` `tag, result` pairs of `cq`. */
+  #settle(cq: Float64Array, count: number, errors: string[] | undefined): void {
     let e = 0
     for (let i = 0; i < count; i++) {
       const tag = cq[2 * i]

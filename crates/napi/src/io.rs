@@ -57,8 +57,7 @@ pub(crate) fn engine_of(
     };
     let pool = BufPool::new(BufPoolConfig {
         arena_bytes: options.arena_bytes.unwrap_or(16 << 20) as usize,
-        max_cached_bytes_per_class: std::env::var("CACHE_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(64)
-            << 20,
+        ..Default::default()
     });
     let defaults = EngineOptions::default();
     let opts = EngineOptions {
