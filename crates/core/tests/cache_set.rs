@@ -1,6 +1,9 @@
 //! The cache set survives restarts (warm) and crashes (nothing flushed lost, nothing stale
 //! served), and refuses to start on damaged metadata it cannot do without.
 
+mod io_common;
+
+use io_common::Rng;
 use std::collections::BTreeMap;
 
 use ubcache_core::cache_set::superblock;
@@ -102,19 +105,6 @@ use ubcache_core::cache_set::EngineStorage;
 use ubcache_core::io::fault::{CrashMode, FaultEngine, FaultRule};
 use ubcache_core::io::psync::PsyncEngine;
 use ubcache_core::io::{DirectIo, IoEngine, OpenOptions};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 type Faulty = EngineStorage<FaultEngine<PsyncEngine>>;
 

@@ -14,16 +14,6 @@ use ubcache_core::io::{AlignedBuf, DevId, EventFd, IoCompletion, IoEngine, IoReq
 
 const DEV_SIZE: usize = 4 << 20;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// A read of 4 to 64 KiB at a 4 KiB-aligned offset, or (one in 16) a read past the end that
 /// must fail on its own.
 fn request(rng: &mut Rng, id: DevId, tag: u64) -> IoRequest {

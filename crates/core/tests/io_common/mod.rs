@@ -37,6 +37,22 @@ impl Drop for Scratch {
     }
 }
 
+/// xorshift64: reproducible pseudo-random choices for tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| ((i as u32).wrapping_mul(2654435761) >> 11) as u8 ^ seed).collect()
 }
