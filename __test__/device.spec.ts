@@ -288,8 +288,39 @@ test('inline: reads that keep completing within their submit call still let the 
   await engine.close()
 })
 
+test("inline by default ('auto'): lone reads of a fast device are polled for, reads side by side are not", async (t) => {
+  const size = 1 << 20
+  const engine = new IoEngine({ mode: 'inline' })
+  const dev = await engine.open(file(size, 14))
+  const model = pattern(size, 14)
+  for (let i = 0; i < 100; i++) {
+    const off = ((i * 37) % 256) * 4096
+    t.deepEqual(await dev.read(off, 4096), model.subarray(off, off + 4096))
+  }
+  const lone = engine.stats()
+  // Until lone reads have been timed they are assumed to make the cap, so the first is
+  // polled for at least (whether polls hit depends on the machine's load: the Rust tests
+  // check hits with a cap no read misses).
+  t.true(lone.busyPolls > 0, `lone reads were polled for: ${JSON.stringify(lone)}`)
+  t.true(lone.busyPollHits <= lone.busyPolls)
+  const many = await Promise.all(Array.from({ length: 64 }, (_, i) => dev.read(i * 8192, 8192)))
+  many.forEach((b, i) => t.deepEqual(b, model.subarray(i * 8192, i * 8192 + 8192)))
+  // The first of the 64 goes out alone (the rest join it in the same call), so at most one
+  // more poll.
+  t.true(engine.stats().busyPolls <= lone.busyPolls + 1, 'no polling for reads side by side')
+  await dev.close()
+  await engine.close()
+  // spinMicros: 0 never polls.
+  const quiet = new IoEngine({ mode: 'inline', spinMicros: 0 })
+  const dev0 = await quiet.open(file(size, 15))
+  for (let i = 0; i < 20; i++) await dev0.read(i * 4096, 4096)
+  t.is(quiet.stats().busyPolls, 0)
+  await dev0.close()
+  await quiet.close()
+})
+
 test('spinMicros out of range is rejected', (t) => {
-  for (const bad of [-1, 1.5, 1_000_001, Number.NaN]) {
+  for (const bad of [-1, 1.5, 1_000_001, Number.NaN, 'fast' as 'auto']) {
     const err = t.throws(() => new IoEngine({ spinMicros: bad }), undefined, String(bad))
     t.is((err as UbcacheError).code, 'INVALID_ARGUMENT')
     t.regex((err as Error).message, /spinMicros/)

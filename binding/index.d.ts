@@ -162,6 +162,11 @@ export interface NativeEngineOptions {
    * inline ring for a first completion after a submission.
    */
   spinMicros?: number
+  /**
+   * Inline ring: poll adaptively instead (`BusyPoll::Adaptive` with its default cap);
+   * takes precedence over `spin_micros`.
+   */
+  spinAuto?: boolean
 }
 
 /** Counters of an engine thread. */
@@ -174,6 +179,9 @@ export interface NativeEngineStats {
   reusedBuffers: number
   /** I/O buffers that needed new memory (the registered arena, then the heap). */
   freshBuffers: number
+  /** Inline ring: submissions that polled for a first completion, and how many got one. */
+  busyPolls: number
+  busyPollHits: number
 }
 
 /** How to open a device. */

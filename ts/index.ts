@@ -16,6 +16,7 @@ export {
   IoEngine,
   type EngineMode,
   type IoEngineOptions,
+  type IoEngineStats,
   openDevice,
   type OpenDeviceOptions,
   RawDevice,

@@ -5,9 +5,10 @@
 // 2. This script measures the TypeScript raw-device API (dist/, built by `npm run build`)
 //    on the same file, each workload right after fio runs it again, so both see the same
 //    machine. The main figures use the default `inline` mode (the JavaScript thread drives
-//    the ring); the `_js_thread` figures use `mode: 'thread'` (a native engine thread);
-//    `randread_qd1_p50_ratio_js_spin` is QD1 inline with `spinMicros: 100` (the call polls
-//    for its completion instead of returning to the event loop; off by default).
+//    the ring; at QD1 its default `spinMicros: 'auto'` polls for a lone read's completion);
+//    the `_js_thread` figures use `mode: 'thread'` (a native engine thread);
+//    `randread_qd1_p50_ratio_js_nopoll` is QD1 inline with `spinMicros: 0` (never polls:
+//    every completion wakes the event loop).
 // The last stdout line is the JSON of figures; ratios are ours / fio's.
 //
 // The TypeScript measurements alternate with fio UBCACHE_BENCH_ROUNDS times (default 3) and
@@ -113,9 +114,9 @@ async function measure(dev, qd, bs, random) {
 
 const dev = await openDevice(file, { readOnly: true, exclusive: false })
 const devThread = await openDevice(file, { readOnly: true, exclusive: false, mode: 'thread' })
-// QD1 also with the inline ring polling for its completion (`spinMicros`, off by default).
-const SPIN_MICROS = 100
-const devSpin = await openDevice(file, { readOnly: true, exclusive: false, spinMicros: SPIN_MICROS })
+// QD1 also with the inline ring never polling for its completion (by default it polls for
+// lone requests of a fast device).
+const devNoPoll = await openDevice(file, { readOnly: true, exclusive: false, spinMicros: 0 })
 console.error(
   `TypeScript raw-device API (${dev.engine.kind}, ${dev.engine.mode}, direct ${dev.direct}), ${rounds} rounds of ${secs} s per measurement`,
 )
@@ -130,7 +131,7 @@ const median = (xs) => {
  * figures swing by tens of percent from run to run on a shared machine, so each ratio is
  * taken against the fio run just before it, and the medians are reported.
  */
-async function compare(what, fioArgs, fioValue, qd, bs, random, ours, withSpin = false) {
+async function compare(what, fioArgs, fioValue, qd, bs, random, ours, withNoPoll = false) {
   console.error(`${what}...`)
   const f = []
   const js = []
@@ -140,8 +141,8 @@ async function compare(what, fioArgs, fioValue, qd, bs, random, ours, withSpin =
     f.push(fioValue(fio(fioArgs)))
     js.push(ours(await measure(dev, qd, bs, random)))
     th.push(ours(await measure(devThread, qd, bs, random)))
-    if (withSpin) sp.push(ours(await measure(devSpin, qd, bs, random)))
-    const spun = withSpin ? `, spinMicros ${SPIN_MICROS}: ${sp[i].toFixed(0)}` : ''
+    if (withNoPoll) sp.push(ours(await measure(devNoPoll, qd, bs, random)))
+    const spun = withNoPoll ? `, spinMicros 0: ${sp[i].toFixed(0)}` : ''
     console.error(
       `  round ${i + 1}: fio ${f[i].toFixed(0)}, TypeScript ${js[i].toFixed(0)} (engine thread: ${th[i].toFixed(0)}${spun})`,
     )
@@ -150,10 +151,10 @@ async function compare(what, fioArgs, fioValue, qd, bs, random, ours, withSpin =
     fio: median(f),
     js: median(js),
     thread: median(th),
-    spin: withSpin ? median(sp) : undefined,
+    noPoll: withNoPoll ? median(sp) : undefined,
     ratio: median(js.map((v, i) => v / f[i])),
     ratioThread: median(th.map((v, i) => v / f[i])),
-    ratioSpin: withSpin ? median(sp.map((v, i) => v / f[i])) : undefined,
+    ratioNoPoll: withNoPoll ? median(sp.map((v, i) => v / f[i])) : undefined,
   }
 }
 
@@ -187,7 +188,7 @@ const seqr = await compare(
 )
 await dev.close()
 await devThread.close()
-await devSpin.close()
+await devNoPoll.close()
 
 const r = (a, b) => Math.round((a / b) * 1000) / 1000
 console.log(
@@ -200,7 +201,7 @@ console.log(
     randread_qd32_iops_ratio_js_thread: r(rr32.ratioThread, 1),
     randread_qd1_p50_ratio_js_thread: r(qd1.ratioThread, 1),
     seqread_bw_ratio_js_thread: r(seqr.ratioThread, 1),
-    randread_qd1_p50_ratio_js_spin: r(qd1.ratioSpin, 1),
+    randread_qd1_p50_ratio_js_nopoll: r(qd1.ratioNoPoll, 1),
     randread_qd1_p50_ratio_native: native.randread_qd1_p50_ratio,
     seqread_bw_ratio_native: native.seqread_bw_ratio,
     randread_qd32_iops_ratio_thread: native.randread_qd32_iops_ratio_thread,
@@ -209,8 +210,7 @@ console.log(
     randread_qd32_iops_js: Math.round(rr32.js),
     fio_randread_qd1_p50_ns_js_run: qd1.fio,
     randread_qd1_p50_ns_js: qd1.js,
-    randread_qd1_p50_ns_js_spin: qd1.spin,
-    js_spin_micros: SPIN_MICROS,
+    randread_qd1_p50_ns_js_nopoll: qd1.noPoll,
     fio_seqread_bw_bytes_per_sec_js_run: Math.round(seqr.fio),
     seqread_bw_bytes_per_sec_js: Math.round(seqr.js),
     fio_randread_qd32_iops: native.fio_randread_qd32_iops,

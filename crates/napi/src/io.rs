@@ -183,6 +183,9 @@ pub struct NativeEngineOptions {
     /// Microseconds to poll instead of sleeping: the engine thread for new requests, the
     /// inline ring for a first completion after a submission.
     pub spin_micros: Option<u32>,
+    /// Inline ring: poll adaptively instead (`BusyPoll::Adaptive` with its default cap);
+    /// takes precedence over `spin_micros`.
+    pub spin_auto: Option<bool>,
 }
 
 /// How to open a device.
@@ -226,16 +229,21 @@ pub struct NativeEngineStats {
     pub reused_buffers: f64,
     /// I/O buffers that needed new memory (the registered arena, then the heap).
     pub fresh_buffers: f64,
+    /// Inline ring: submissions that polled for a first completion, and how many got one.
+    pub busy_polls: f64,
+    pub busy_poll_hits: f64,
 }
 
 impl NativeEngineStats {
-    pub(crate) fn of(wakeups: usize, batches: usize, pool: &BufPool) -> NativeEngineStats {
+    pub(crate) fn of(wakeups: usize, batches: usize, polls: (usize, usize), pool: &BufPool) -> NativeEngineStats {
         let p = pool.stats();
         NativeEngineStats {
             wakeups: wakeups as f64,
             batches: batches as f64,
             reused_buffers: p.reused as f64,
             fresh_buffers: p.fresh as f64,
+            busy_polls: polls.0 as f64,
+            busy_poll_hits: polls.1 as f64,
         }
     }
 }
@@ -360,7 +368,7 @@ impl NativeIoEngine {
     #[napi]
     pub fn stats(&self) -> NativeEngineStats {
         let s = self.thread.stats();
-        NativeEngineStats::of(s.wakeups, s.batches, &self.pool)
+        NativeEngineStats::of(s.wakeups, s.batches, (0, 0), &self.pool)
     }
 
     /// True once `close` has been called.

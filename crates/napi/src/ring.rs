@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use ubcache_core::io::{AlignedBuf, BufPool, DevId, IoCompletion, IoRequest, RingDriver, Slab};
+use ubcache_core::io::{
+    AlignedBuf, BufPool, BusyPoll, DevId, IoCompletion, IoRequest, RingDriver, Slab, ADAPTIVE_POLL_CAP,
+};
 use ubcache_core::{Error as CoreError, ErrorKind};
 
 use crate::io::{
@@ -356,9 +358,11 @@ impl NativeRing {
             Ok(d) => d,
             Err(e) => return throw(env, e),
         };
-        if let Some(us) = options.spin_micros {
-            driver.set_busy_poll(std::time::Duration::from_micros(us as u64));
-        }
+        driver.set_busy_poll(match (options.spin_auto, options.spin_micros) {
+            (Some(true), _) => BusyPoll::Adaptive(ADAPTIVE_POLL_CAP),
+            (_, Some(us)) if us > 0 => BusyPoll::Fixed(Duration::from_micros(us as u64)),
+            _ => BusyPoll::Off,
+        });
         let fd = driver.fd();
         let raw = env.raw();
         let mut callback = ptr::null_mut();
@@ -603,7 +607,8 @@ impl NativeRing {
     /// Counters: event-loop wakeups for completions, batches of completions, buffers.
     #[napi]
     pub fn stats(&self) -> NativeEngineStats {
-        NativeEngineStats::of(self.glue.wakeups.get(), self.glue.driver.borrow().batches(), &self.glue.pool)
+        let d = self.glue.driver.borrow();
+        NativeEngineStats::of(self.glue.wakeups.get(), d.batches(), d.busy_polls(), &self.glue.pool)
     }
 
     /// True once `close` has been called.

@@ -34,7 +34,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub use buf::{AlignedBuf, BufPool, BufPoolConfig, Slab, BUF_ALIGN};
 pub use device::{Device, DirectIo, OpenOptions};
-pub use driver::RingDriver;
+pub use driver::{BusyPoll, RingDriver, ADAPTIVE_POLL_CAP};
 pub use engine::{IoThread, IoThreadOptions};
 
 /// Identifies a device added to an engine (an index into the engine's device table).
