@@ -67,7 +67,7 @@ export interface IoEngineOptions {
    *   loop. A device slower than that (a SATA SSD, a disk) is never polled for, and neither
    *   are requests made side by side, which keep the device busy by themselves. On a 2-core
    *   VM this took a 4 KiB read at queue depth 1 from about 1.3-1.6 to about 1.1 times fio's
-   *   latency, for about 10% more CPU per read (the sleeping path's system calls already
+   *   latency, for 12-14% more CPU per read (the sleeping path's system calls already
    *   keep the thread about 70% busy at that depth).
    * - `inline`, a number: after every submission that finds nothing completed, the call
    *   keeps polling up to that long. It holds the JavaScript thread meanwhile (as `'auto'`

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{closed_device, DevId, Device, EngineKind, IoCompletion, IoEngine, IoRequest};
+use crate::io::{closed_device, DevId, Device, EngineKind, IoCompletion, IoEngine, IoOp, IoRequest};
 
 /// Whether a submission polls for its first completion before it returns to the caller's
 /// event loop (see [`RingDriver::set_busy_poll`]).
@@ -102,8 +102,8 @@ impl RingDriver {
     }
 
     /// The budget to poll with after a submission that found nothing completed, with
-    /// `before` requests in flight before it.
-    fn poll_budget(&mut self, before: usize) -> Duration {
+    /// `before` requests in flight before it; `transfers` when it only read or wrote.
+    fn poll_budget(&mut self, before: usize, transfers: bool) -> Duration {
         let in_flight = self.engine.in_flight();
         match self.busy_poll {
             BusyPoll::Off => Duration::ZERO,
@@ -112,6 +112,12 @@ impl RingDriver {
             BusyPoll::Adaptive(cap) => {
                 if before != 0 || in_flight != 1 {
                     // Requests overlap: they keep the device busy without polling.
+                    return Duration::ZERO;
+                }
+                if !transfers {
+                    // A flush or discard takes far longer than a transfer (milliseconds for
+                    // a flush): not polled for, and not timed, so that it does not stop the
+                    // polling for the reads and writes around it.
                     return Duration::ZERO;
                 }
                 self.lone_since = Some(Instant::now());
@@ -183,7 +189,9 @@ impl RingDriver {
             return Ok(out.len() - before);
         }
         let before = self.engine.in_flight();
+        let mut transfers = true;
         for r in reqs {
+            transfers &= !matches!(r.op, IoOp::Flush | IoOp::Discard { .. });
             self.engine.submit(r);
         }
         if self.engine.in_flight() > 1 {
@@ -194,7 +202,7 @@ impl RingDriver {
         if got > 0 || self.busy_poll == BusyPoll::Off {
             return Ok(got);
         }
-        let budget = self.poll_budget(before);
+        let budget = self.poll_budget(before, transfers);
         if budget.is_zero() {
             return Ok(got);
         }
@@ -351,6 +359,17 @@ mod tests {
                 got.extend(d.wait(Some(Duration::from_secs(5))).unwrap());
             }
             got.into_iter().for_each(check);
+            // Flushes are neither polled for nor timed (they would hold polling off for the
+            // reads and writes around them).
+            let (latency, polls) = (d.lone_latency_ns, d.busy_polls().0);
+            for i in 0..3u64 {
+                let mut got = d.submit_batch([IoRequest::flush(id, 100 + i)]).unwrap();
+                while got.is_empty() {
+                    got = d.wait(Some(Duration::from_secs(5))).unwrap();
+                }
+                assert!(got[0].result.is_ok());
+            }
+            assert_eq!((d.lone_latency_ns, d.busy_polls().0), (latency, polls), "{choice:?}: flushes left alone");
             // A cap below any device's latency: one probe at most, then the measured latency
             // (above the cap) turns polling off.
             d.set_busy_poll(BusyPoll::Adaptive(Duration::from_nanos(1)));
