@@ -433,11 +433,11 @@ impl ExtentIndex {
             return Ok(());
         };
         let tree = &self.vols[vi].tree;
-        let c = tree.seek(start);
+        let (c, first) = tree.seek_entry(start);
         // The two common answers, without the general walk: the first extent ending after
         // `start` begins at or after `end` (a hole), or it covers the whole range with one
         // live pointer (a hit).
-        match tree.get(c) {
+        match first {
             None => {
                 out.push(Fragment { start, len, kind: FragmentKind::Hole });
                 return Ok(());
