@@ -231,18 +231,30 @@ fn invalid(msg: String) -> Error {
     Error::new(ErrorKind::InvalidArgument, msg)
 }
 
-/// Checks that `start..start + len` of `inode` is addressable; returns the end.
+/// Checks that `start..start + len` of `inode` is addressable; returns the end. The errors
+/// are built out of line: lookups call this, and formatting them inline costs every lookup
+/// instructions and stack traffic.
+#[inline]
 fn check_range(inode: u32, start: u64, len: u64) -> Result<u64> {
     if inode > KEY_INODE_MAX {
-        return Err(invalid(format!("inode {inode} exceeds the 20-bit KEY_INODE field")));
+        return Err(inode_error(inode));
     }
     match start.checked_add(len) {
         Some(end) if end <= KEY_OFFSET_MAX => Ok(end),
-        _ => Err(Error::new(
-            ErrorKind::OutOfRange,
-            format!("range {start}+{len} of inode {inode} ends past sector {KEY_OFFSET_MAX}"),
-        )),
+        _ => Err(range_error(inode, start, len)),
     }
+}
+
+#[cold]
+#[inline(never)]
+fn inode_error(inode: u32) -> Error {
+    invalid(format!("inode {inode} exceeds the 20-bit KEY_INODE field"))
+}
+
+#[cold]
+#[inline(never)]
+fn range_error(inode: u32, start: u64, len: u64) -> Error {
+    Error::new(ErrorKind::OutOfRange, format!("range {start}+{len} of inode {inode} ends past sector {KEY_OFFSET_MAX}"))
 }
 
 /// bcache never lets an extent's data straddle two buckets; accounting and gen checks
