@@ -47,12 +47,19 @@
 //! one group: two steps of independent compares instead of a chain of six.
 //!
 //! Single lookups one after another are bound by the reorder window as much as by memory:
-//! while one waits for its leaf, the core runs ahead into the next one's descent, and the
-//! fewer instructions between the two, the sooner the next bottom inner node is on its way.
-//! So the lookup path (`descend`, `seek_entry`) reads nodes without bounds checks and reads
-//! the entry found from the leaf already in hand (10M extents, alternating runs, 4 each:
-//! 3.32M/s, 3.11-3.45, index / BTreeMap 2.54, against 3.16M/s, 2.95-3.31, 2.47). Anything
-//! that adds instructions to that path loses about as much (see below).
+//! while one waits for its leaf (and then its bucket gen), the core runs ahead into the
+//! next one's descent, and the fewer instructions between the two, the sooner the next
+//! bottom inner node is on its way. So the lookup path has as few as it can: `descend` and
+//! `seek_entry` read nodes without bounds checks and take the entry found from the leaf
+//! already in hand; `ExtentIndex::lookup` builds its errors out of line and is inlined into
+//! its caller, with only the general walk (ranges over several extents) left as a call.
+//! At 10M extents, alternating runs on the shared 2-vCPU VM: unchecked descent and
+//! `seek_entry` 3.32M/s (3.11-3.45, index / BTreeMap 2.54) against 3.16M/s (2.95-3.31,
+//! 2.47), 4 runs each; errors out of line 2.54 against 2.48; then inlining 3.94M/s
+//! (3.88-4.03, 3.23) against 3.16M/s (3.11-3.24, 2.67); all three against the code before
+//! them, 5 runs each on a busier machine, 3.25M/s (2.83-3.72, 3.35) against 2.72M/s
+//! (2.50-2.93, 2.62). Every change below that added instructions to this path lost about
+//! 10%, whatever it saved in memory traffic.
 //!
 //! Measured alternatives that lost on the benchmark's 10M-extent index: a two-line summary
 //! per inner node searched before (not instead of) loading the rest, leaves of 32 or 128
@@ -68,7 +75,20 @@
 //! for a bottom inner node's lines in the order its binary search reads them (line 0, then
 //! the keys lines of the first probes) instead of in address order (2.31, 2.65, 2.57
 //! against 2.59, 2.51, 2.51).
-//! Where the time of a 10M-extent lookup goes (cpu-clock samples): the leaf, always a miss
+//! Prefetching only the lines of a bottom inner node its children use (about 12 of 16),
+//! its length kept in a tag byte beside the node in the arena so it is known before the
+//! node, with the binary search bounded by that length so it never reads the padding: 2.33
+//! (2.29-2.40) against 2.61 (2.50-2.75), 4 runs each; only the tag and shorter prefetch,
+//! 2.38, only the bounded search (a loop), 2.28, against 2.51, 3 runs each. Above the bottom
+//! inner level, counting every eighth key and then the eight of the group it picks instead
+//! of the binary search (two steps of independent loads instead of seven dependent ones):
+//! 2.25 (2.20-2.31) against 2.49 (2.43-2.57). Prefetching the nodes above the bottom inner
+//! level as that one is (all 16 lines: 2.50; the keys only: 2.47; against 2.67, 3 runs
+//! each). Huge pages need no fix: the 10M benchmark's process has 224 MiB on transparent
+//! huge pages for a 228 MiB index. The bucket gen (1 byte per bucket, about 1.8 MB in the
+//! benchmark) cannot be asked for earlier: its bucket comes from the word, which arrives
+//! with the line of ends that gives the slot, right before the gen is read.
+//! Where the time of a 10M-extent lookup went before those (cpu-clock samples): the leaf, a miss
 //! to DRAM, about 35%; the bottom inner node (its first line, its search, and the leaf's
 //! prefetches issued right behind it) about 30% even at 2.3 MB; the bucket gen check 13%.
 
