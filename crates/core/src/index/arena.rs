@@ -167,6 +167,20 @@ impl<T: Node> Arena<T> {
         self.free.push(id);
     }
 
+    /// `get` without the bounds checks, for the lookup path, where every instruction counts.
+    ///
+    /// # Safety
+    /// `id` must have come from `alloc` of this arena (freed or not): ids are never handed
+    /// out past the chunks that exist, nor past a chunk's capacity.
+    #[inline(always)]
+    pub unsafe fn get_unchecked(&self, id: u32) -> &T {
+        let c = (id >> SLOT_BITS) as usize;
+        let slot = (id & SLOT_MASK) as usize;
+        debug_assert!(c < self.chunks.len() && slot < self.chunks[c].cap);
+        // SAFETY: by the caller's promise, chunk `c` exists and holds `slot`.
+        unsafe { &*self.chunks.get_unchecked(c).ptr.as_ptr().add(slot) }
+    }
+
     #[inline(always)]
     pub fn get(&self, id: u32) -> &T {
         &self.chunks[(id >> SLOT_BITS) as usize].nodes()[(id & SLOT_MASK) as usize]

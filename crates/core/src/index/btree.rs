@@ -46,6 +46,21 @@
 //! search; in the leaf it counts the `tops` at or below the sector, then the ends of that
 //! one group: two steps of independent compares instead of a chain of six.
 //!
+//! Single lookups one after another are bound by the reorder window as much as by memory:
+//! while one waits for its leaf (and then its bucket gen), the core runs ahead into the
+//! next one's descent, and the fewer instructions between the two, the sooner the next
+//! bottom inner node is on its way. So the lookup path has as few as it can: `descend` and
+//! `seek_entry` read nodes without bounds checks and take the entry found from the leaf
+//! already in hand; `ExtentIndex::lookup` builds its errors out of line and is inlined into
+//! its caller, with only the general walk (ranges over several extents) left as a call.
+//! At 10M extents, alternating runs on the shared 2-vCPU VM: unchecked descent and
+//! `seek_entry` 3.32M/s (3.11-3.45, index / BTreeMap 2.54) against 3.16M/s (2.95-3.31,
+//! 2.47), 4 runs each; errors out of line 2.54 against 2.48; then inlining 3.94M/s
+//! (3.88-4.03, 3.23) against 3.16M/s (3.11-3.24, 2.67); all three against the code before
+//! them, 5 runs each on a busier machine, 3.25M/s (2.83-3.72, 3.35) against 2.72M/s
+//! (2.50-2.93, 2.62). Every change below that added instructions to this path lost about
+//! 10%, whatever it saved in memory traffic.
+//!
 //! Measured alternatives that lost on the benchmark's 10M-extent index: a two-line summary
 //! per inner node searched before (not instead of) loading the rest, leaves of 32 or 128
 //! entries, searching a leaf's line 0 before loading the rest of it, a branch-free choice
@@ -60,7 +75,20 @@
 //! for a bottom inner node's lines in the order its binary search reads them (line 0, then
 //! the keys lines of the first probes) instead of in address order (2.31, 2.65, 2.57
 //! against 2.59, 2.51, 2.51).
-//! Where the time of a 10M-extent lookup goes (cpu-clock samples): the leaf, always a miss
+//! Prefetching only the lines of a bottom inner node its children use (about 12 of 16),
+//! its length kept in a tag byte beside the node in the arena so it is known before the
+//! node, with the binary search bounded by that length so it never reads the padding: 2.33
+//! (2.29-2.40) against 2.61 (2.50-2.75), 4 runs each; only the tag and shorter prefetch,
+//! 2.38, only the bounded search (a loop), 2.28, against 2.51, 3 runs each. Above the bottom
+//! inner level, counting every eighth key and then the eight of the group it picks instead
+//! of the binary search (two steps of independent loads instead of seven dependent ones):
+//! 2.25 (2.20-2.31) against 2.49 (2.43-2.57). Prefetching the nodes above the bottom inner
+//! level as that one is (all 16 lines: 2.50; the keys only: 2.47; against 2.67, 3 runs
+//! each). Huge pages need no fix: the 10M benchmark's process has 224 MiB on transparent
+//! huge pages for a 228 MiB index. The bucket gen (1 byte per bucket, about 1.8 MB in the
+//! benchmark) cannot be asked for earlier: its bucket comes from the word, which arrives
+//! with the line of ends that gives the slot, right before the gen is read.
+//! Where the time of a 10M-extent lookup went before those (cpu-clock samples): the leaf, a miss
 //! to DRAM, about 35%; the bottom inner node (its first line, its search, and the leaf's
 //! prefetches issued right behind it) about 30% even at 2.3 MB; the bucket gen check 13%.
 
@@ -356,34 +384,46 @@ impl Tree {
 
     /// Starts loading the parts of the node at `depth` a search reads, all at once, instead
     /// of one cache miss per step of the search. Only the bottom two levels: the inner
-    /// levels above them are few nodes, read on every search and in cache anyway.
-    /// `read_only`: the leaf is only read (a lookup), not changed.
+    /// levels above them are few nodes, read on every search and in cache anyway. For
+    /// inserts, which write the leaf (so it gets the normal hint); `descend` does the same
+    /// for lookups.
     #[inline(always)]
-    fn prefetch_node(&self, node: u32, depth: usize, read_only: bool) {
+    fn prefetch_node(&self, node: u32, depth: usize) {
         if depth == self.height {
             // The whole leaf: the slot found in `ends` is read from `words` and `sizes`
             // right after, and a second round trip to memory would cost as much as the
-            // first. A lookup reads one leaf among hundreds of thousands, once: loaded
-            // non-temporally it does not push the inner nodes and the bucket gens out of the
-            // outer caches. An insert writes the leaf, so it keeps the normal hint.
-            let leaf = self.leaves.get(node);
-            if read_only {
-                leaf.prefetch_lookup();
-            } else {
-                prefetch(leaf);
-            }
+            // first.
+            prefetch(self.leaves.get(node));
         } else if depth + 1 == self.height {
             self.inners.get(node).prefetch_search();
         }
     }
 
-    #[inline]
+    /// The leaf for sector `s`, with the leaf (and the bottom inner node before it) already
+    /// being loaded for a lookup. Few instructions on purpose: while a lookup waits for its
+    /// leaf, the core runs ahead into the next lookup's descent, as far as its reorder
+    /// window reaches, and every instruction spent here pushes the next lookup's prefetches
+    /// further out of it.
+    #[inline(always)]
     fn descend(&self, s: u64) -> u32 {
         let mut node = self.root;
-        for d in 0..self.height {
-            let inner = self.inners.get(node);
+        let h = self.height;
+        for d in 0..h {
+            // SAFETY: the root and every child id of an inner node in the tree come from
+            // `alloc` of their arena (an invariant `check` verifies).
+            let inner = unsafe { self.inners.get_unchecked(node) };
             node = inner.children[inner.child_slot(s)];
-            self.prefetch_node(node, d + 1, true);
+            if d + 2 == h {
+                // SAFETY: as above.
+                unsafe { self.inners.get_unchecked(node) }.prefetch_search();
+            }
+        }
+        if h > 0 {
+            // The whole leaf, as for an insert; but a lookup reads one leaf among hundreds
+            // of thousands, once: loaded non-temporally it does not push the inner nodes
+            // and the bucket gens out of the outer caches.
+            // SAFETY: as above.
+            unsafe { self.leaves.get_unchecked(node) }.prefetch_lookup();
         }
         node
     }
@@ -396,7 +436,7 @@ impl Tree {
             path.node[d] = node;
             path.idx[d] = i as u32;
             node = inner.children[i];
-            self.prefetch_node(node, d + 1, false);
+            self.prefetch_node(node, d + 1);
         }
         node
     }
@@ -411,6 +451,21 @@ impl Tree {
             Cursor { leaf: leaf_id, slot: slot as u32 }
         } else {
             Cursor { leaf: leaf.next, slot: 0 }
+        }
+    }
+
+    /// `seek`, with the entry at the cursor (`get`) read from the leaf already in hand.
+    #[inline(always)]
+    pub fn seek_entry(&self, s: u64) -> (Cursor, Option<Entry>) {
+        let leaf_id = self.descend(s);
+        // SAFETY: `descend` returns the id of a leaf of the tree.
+        let leaf = unsafe { self.leaves.get_unchecked(leaf_id) };
+        let slot = leaf.slot_of(s);
+        if slot < leaf.len as usize {
+            (Cursor { leaf: leaf_id, slot: slot as u32 }, Some(leaf.entry(slot)))
+        } else {
+            let c = Cursor { leaf: leaf.next, slot: 0 };
+            (c, self.get(c))
         }
     }
 

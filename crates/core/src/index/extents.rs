@@ -231,18 +231,30 @@ fn invalid(msg: String) -> Error {
     Error::new(ErrorKind::InvalidArgument, msg)
 }
 
-/// Checks that `start..start + len` of `inode` is addressable; returns the end.
+/// Checks that `start..start + len` of `inode` is addressable; returns the end. The errors
+/// are built out of line: lookups call this, and formatting them inline costs every lookup
+/// instructions and stack traffic.
+#[inline]
 fn check_range(inode: u32, start: u64, len: u64) -> Result<u64> {
     if inode > KEY_INODE_MAX {
-        return Err(invalid(format!("inode {inode} exceeds the 20-bit KEY_INODE field")));
+        return Err(inode_error(inode));
     }
     match start.checked_add(len) {
         Some(end) if end <= KEY_OFFSET_MAX => Ok(end),
-        _ => Err(Error::new(
-            ErrorKind::OutOfRange,
-            format!("range {start}+{len} of inode {inode} ends past sector {KEY_OFFSET_MAX}"),
-        )),
+        _ => Err(range_error(inode, start, len)),
     }
+}
+
+#[cold]
+#[inline(never)]
+fn inode_error(inode: u32) -> Error {
+    invalid(format!("inode {inode} exceeds the 20-bit KEY_INODE field"))
+}
+
+#[cold]
+#[inline(never)]
+fn range_error(inode: u32, start: u64, len: u64) -> Error {
+    Error::new(ErrorKind::OutOfRange, format!("range {start}+{len} of inode {inode} ends past sector {KEY_OFFSET_MAX}"))
 }
 
 /// bcache never lets an extent's data straddle two buckets; accounting and gen checks
@@ -415,6 +427,11 @@ impl ExtentIndex {
     /// hits with their pointer, holes, and ranges with a read miss pending. Keys whose
     /// pointers are all stale count as holes and are removed on the way. `out` is cleared
     /// first.
+    ///
+    /// Inlined into the caller: the common answers take few instructions, and a call with
+    /// its saved registers costs single lookups in a row a measurable share (see `btree.rs`
+    /// on the reorder window); the general walk stays out of line.
+    #[inline(always)]
     pub fn lookup<G: BucketGens + ?Sized>(
         &mut self,
         inode: u32,
@@ -433,11 +450,11 @@ impl ExtentIndex {
             return Ok(());
         };
         let tree = &self.vols[vi].tree;
-        let c = tree.seek(start);
+        let (c, first) = tree.seek_entry(start);
         // The two common answers, without the general walk: the first extent ending after
         // `start` begins at or after `end` (a hole), or it covers the whole range with one
         // live pointer (a hit).
-        match tree.get(c) {
+        match first {
             None => {
                 out.push(Fragment { start, len, kind: FragmentKind::Hole });
                 return Ok(());
@@ -458,13 +475,27 @@ impl ExtentIndex {
             }
             Some(_) => {}
         }
+        self.lookup_walk(vi, c, start, end, gens, out);
+        Ok(())
+    }
+
+    /// The rest of `lookup`: every fragment from cursor `c` on.
+    #[inline(never)]
+    fn lookup_walk<G: BucketGens + ?Sized>(
+        &mut self,
+        vi: usize,
+        c: Cursor,
+        start: u64,
+        end: u64,
+        gens: &G,
+        out: &mut Vec<Fragment>,
+    ) {
         let ExtentIndex { vols, side, stale, .. } = self;
         let tree = &vols[vi].tree;
         fragments(tree, side, stale, vi, c, start, end, gens, out);
         if !self.stale.is_empty() {
             self.drop_stale(gens);
         }
-        Ok(())
     }
 
     /// [`lookup`](Self::lookup) for a batch of ranges: the same fragments, request after
