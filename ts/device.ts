@@ -98,13 +98,19 @@ export interface OpenDeviceOptions {
   createSize?: number
 }
 
-/** Counters of an {@link IoEngine} (see {@link IoEngine.stats}). */
+/** Counters of an {@link IoEngine} since it was made (see {@link IoEngine.stats}). */
 export interface IoEngineStats {
+  /** `thread`: requests that woke the sleeping engine thread; `inline`: event-loop wakeups for completions. */
   wakeups: number
+  /** Batches of completions handed back. */
   batches: number
+  /** I/O buffers handed out again after an earlier request (or read result) let go of them. */
   reusedBuffers: number
+  /** I/O buffers that needed new memory. */
   freshBuffers: number
+  /** `inline`: submissions that polled for a completion (see {@link IoEngineOptions.spinMicros}). */
   busyPolls: number
+  /** `inline`: polls that got their completion before the budget ran out. */
   busyPollHits: number
 }
 
