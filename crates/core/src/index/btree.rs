@@ -441,12 +441,20 @@ impl Tree {
         node
     }
 
+    /// The leaf for sector `s`, its id, and the slot of the first extent in it that ends
+    /// after `s` (the leaf's length when none does).
+    #[inline(always)]
+    fn leaf_slot(&self, s: u64) -> (u32, &Leaf, usize) {
+        let leaf_id = self.descend(s);
+        // SAFETY: `descend` returns the id of a leaf of the tree.
+        let leaf = unsafe { self.leaves.get_unchecked(leaf_id) };
+        (leaf_id, leaf, leaf.slot_of(s))
+    }
+
     /// The first extent that ends after sector `s`.
     #[inline]
     pub fn seek(&self, s: u64) -> Cursor {
-        let leaf_id = self.descend(s);
-        let leaf = self.leaves.get(leaf_id);
-        let slot = leaf.slot_of(s);
+        let (leaf_id, leaf, slot) = self.leaf_slot(s);
         if slot < leaf.len as usize {
             Cursor { leaf: leaf_id, slot: slot as u32 }
         } else {
@@ -457,10 +465,7 @@ impl Tree {
     /// `seek`, with the entry at the cursor (`get`) read from the leaf already in hand.
     #[inline(always)]
     pub fn seek_entry(&self, s: u64) -> (Cursor, Option<Entry>) {
-        let leaf_id = self.descend(s);
-        // SAFETY: `descend` returns the id of a leaf of the tree.
-        let leaf = unsafe { self.leaves.get_unchecked(leaf_id) };
-        let slot = leaf.slot_of(s);
+        let (leaf_id, leaf, slot) = self.leaf_slot(s);
         if slot < leaf.len as usize {
             (Cursor { leaf: leaf_id, slot: slot as u32 }, Some(leaf.entry(slot)))
         } else {
