@@ -15,7 +15,7 @@
  * By default the JavaScript thread drives the engine itself (`mode: 'inline'`): requests
  * made in one tick are written into memory shared with the engine and go to the kernel in
  * one `io_uring_enter` from the calling thread; Node's event loop watches the ring's own
- * descriptor and hands completions back in chunks of 16, so no thread handoff and no
+ * descriptor and hands completions back in chunks of 8, so no thread handoff and no
  * per-request conversion sits on the I/O path. Reads land straight in engine memory that
  * JavaScript sees: the result is a `Buffer` view on it, never a copy (reads up to 16 KiB
  * share 64 KiB slabs, so a small result kept alive keeps its slab alive, as Node's own
@@ -120,6 +120,8 @@ interface Pending {
   /** A read driven inline: the slab it lands in, and where. */
   slab?: ArrayBuffer
   at?: number
+  /** A read into a caller's engine buffer ({@link IoEngine.allocBuffer}): its memory, freed for other reads once this one is done. */
+  into?: ArrayBuffer
 }
 
 /** Numbers per request in the inline submission buffer: op, tag, dev, offset, length, slab, at. */
@@ -129,6 +131,8 @@ const SLAB_BYTES = 64 << 10
 const OWN_SLAB_ABOVE = 16 << 10
 /** Reads land on 4 KiB boundaries of a slab, as O_DIRECT wants. */
 const SLAB_ALIGN = 4096
+/** Bytes one request may move (Linux's limit for a single read or write). */
+const MAX_REQUEST = 0x7ffff000
 /**
  * Inline mode: after this many calls in a row that came back with completions (whose
  * promises then made the next requests, all in one chain of microtasks), the next call's
@@ -193,6 +197,10 @@ export class IoEngine {
    * microtasks without the event loop getting a turn (see {@link SYNC_ROUNDS}).
    */
   #syncRounds = 0
+  /** Inline mode: the slab behind each buffer {@link IoEngine.allocBuffer} handed out. */
+  readonly #engineBuffers = new WeakMap<ArrayBuffer, number>()
+  /** Inline mode: byte ranges of engine buffers that reads are landing in (start, end pairs). */
+  readonly #landing = new Map<ArrayBuffer, number[]>()
 
   constructor(options: IoEngineOptions = {}) {
     if (options.queueDepth !== undefined) checkCount('queueDepth', options.queueDepth)
@@ -254,6 +262,63 @@ export class IoEngine {
    */
   stats(): IoEngineStats {
     return this.#native.stats()
+  }
+
+  /**
+   * A zeroed `Buffer` of `size` bytes to read into again and again with
+   * {@link RawDevice.readInto}: in `inline` mode it is aligned engine memory, so reads land
+   * in it directly, with no copy and no new memory per read (`thread` mode: an ordinary
+   * `Buffer`, which reads are copied into). For a program that streams through large
+   * reads, this saves what {@link RawDevice.read} costs on top of the I/O: fresh memory for
+   * every result, and the garbage collection that takes it back.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (size not a non-negative integer, or over 2 GiB), `CLOSED`.
+   */
+  allocBuffer(size: number): Buffer {
+    checkCount('size', size)
+    if (size > MAX_REQUEST) throw new InvalidArgumentError(`size ${size} exceeds one request's limit (${MAX_REQUEST} bytes)`)
+    if (this.closed) throw closedError('the I/O engine')
+    const ring = this.#ring
+    if (!ring || size === 0) return Buffer.alloc(size)
+    let slab: [number, ArrayBuffer]
+    try {
+      slab = ring.slab(size)
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+    this.#engineBuffers.set(slab[1], slab[0])
+    // Engine memory comes back from earlier reads: clear it, as Buffer.alloc would.
+    return Buffer.from(slab[1], 0, size).fill(0)
+  }
+
+  /**
+   * @internal Inline mode: reads `buffer.byteLength` bytes at `offset` straight into
+   * `buffer`, when it is engine memory from {@link IoEngine.allocBuffer} starting on a
+   * 4 KiB boundary; else returns undefined (the caller copies instead).
+   */
+  submitInto(dev: number, offset: number, buffer: Uint8Array): Promise<number> | undefined {
+    const ring = this.#ring
+    const ab = buffer.buffer as ArrayBuffer
+    const slabId = this.#engineBuffers.get(ab)
+    if (!ring || slabId === undefined || buffer.byteOffset % SLAB_ALIGN !== 0 || buffer.byteLength === 0) return undefined
+    if (this.#closing) return Promise.reject(closedError('the I/O engine'))
+    const start = buffer.byteOffset
+    const end = start + buffer.byteLength
+    const ranges = this.#landing.get(ab) ?? []
+    for (let i = 0; i < ranges.length; i += 2) {
+      if (start < ranges[i + 1] && ranges[i] < end) {
+        return Promise.reject(
+          new InvalidArgumentError(`bytes ${start}..${end} of this buffer overlap a read still landing in bytes ${ranges[i]}..${ranges[i + 1]}`),
+        )
+      }
+    }
+    ranges.push(start, end)
+    this.#landing.set(ab, ranges)
+    let pending: Pending | undefined
+    const promise = new Promise<number>((resolve, reject) => {
+      pending = { resolve: resolve as (v: Buffer | number) => void, reject, into: ab, at: start }
+    })
+    this.#queueRequest(ring, OP_CODE.read, this.#track(pending as Pending), dev, offset, buffer.byteLength, slabId, start)
+    return promise
   }
 
   /** Requests submitted and not yet completed. */
@@ -384,9 +449,24 @@ export class IoEngine {
       }
       p.at = at
     }
+    this.#queueRequest(ring, OP_CODE[op], tag, dev, offset, length, slabId, at)
+    return promise
+  }
+
+  /** Inline mode: writes one request into the shared submission buffer. */
+  #queueRequest(
+    ring: NativeRing,
+    op: number,
+    tag: number,
+    dev: number,
+    offset: number,
+    length: number,
+    slabId: number,
+    at: number,
+  ): void {
     const sq = this.#sq as Float64Array
     const d = this.#queued * DESC
-    sq[d] = OP_CODE[op]
+    sq[d] = op
     sq[d + 1] = tag
     sq[d + 2] = dev
     sq[d + 3] = offset
@@ -396,7 +476,6 @@ export class IoEngine {
     // Requests made in one tick (e.g. from one batch of completions) go in one call.
     if (++this.#queued === 1) void RESOLVED.then(this.#submitQueued)
     else if (this.#queued === this.#capacity) this.#submitQueued()
-    return promise
   }
 
   /** @internal Sends the queued requests to the native engine. */
@@ -461,8 +540,18 @@ export class IoEngine {
       this.#slots[tag] = undefined
       this.#freeSlots.push(tag)
       this.#live--
+      if (p.into) this.#landed(p.into, p.at as number)
     }
     return p
+  }
+
+  /** The read landing at `start` of an engine buffer is done: the bytes are free for the next. */
+  #landed(ab: ArrayBuffer, start: number): void {
+    const ranges = this.#landing.get(ab) as number[]
+    if (ranges.length === 2) return void this.#landing.delete(ab)
+    for (let i = 0; i < ranges.length; i += 2) {
+      if (ranges[i] === start) return void ranges.splice(i, 2)
+    }
   }
 
   #liveTags(): number[] {
@@ -610,12 +699,51 @@ export class RawDevice {
     try {
       checkCount('offset', offset)
       checkCount('length', length)
-      if (length > 0x7ffff000) throw new InvalidArgumentError(`length ${length} exceeds one request's limit`)
+      if (length > MAX_REQUEST) throw new InvalidArgumentError(`length ${length} exceeds one request's limit`)
       this.#check()
     } catch (err) {
       return Promise.reject(err)
     }
     return this.#engine.submit('read', this.#id, offset, length) as Promise<Buffer>
+  }
+
+  /**
+   * Reads `buffer.byteLength` bytes at `offset` into `buffer`; resolves to that count. With a
+   * buffer from {@link RawDevice.allocBuffer} (in `inline` mode, and starting on a 4 KiB
+   * boundary of it) the data lands in it directly: no copy and no new memory per read,
+   * which is what a program streaming through large reads wants (as fio does, reading
+   * into the same buffers again and again). Any other `Uint8Array` works too, through one
+   * copy. As with `fs.read`, leave the bytes alone until the read has resolved; a second
+   * read into bytes that a read is still landing in is refused.
+   * @throws {UbcacheError} `OUT_OF_RANGE`, `MISALIGNED`, `INVALID_ARGUMENT` (not a
+   *   `Uint8Array`, or bytes a read is still landing in), `EIO`, `CLOSED`.
+   */
+  readInto(buffer: Uint8Array, offset: number): Promise<number> {
+    try {
+      if (!(buffer instanceof Uint8Array)) throw new InvalidArgumentError('buffer must be a Buffer or Uint8Array')
+      checkCount('offset', offset)
+      this.#check()
+    } catch (err) {
+      return Promise.reject(err)
+    }
+    return this.#engine.submitInto(this.#id, offset, buffer) ?? this.#readCopy(buffer, offset)
+  }
+
+  async #readCopy(buffer: Uint8Array, offset: number): Promise<number> {
+    const data = await this.read(offset, buffer.byteLength)
+    buffer.set(data)
+    return data.length
+  }
+
+  /**
+   * A zeroed `Buffer` of `size` bytes for {@link RawDevice.readInto} to read into without
+   * copying (see {@link IoEngine.allocBuffer}). Under O_DIRECT, reads into it must still be
+   * multiples of {@link RawDevice.logicalBlockSize}.
+   * @throws {UbcacheError} `INVALID_ARGUMENT`, `CLOSED`.
+   */
+  allocBuffer(size: number): Buffer {
+    this.#check()
+    return this.#engine.allocBuffer(size)
   }
 
   /**
