@@ -8,7 +8,9 @@
 //    the ring; at QD1 its default `spinMicros: 'auto'` polls for a lone read's completion);
 //    the `_js_thread` figures use `mode: 'thread'` (a native engine thread);
 //    `randread_qd1_p50_ratio_js_nopoll` is QD1 inline with `spinMicros: 0` (never polls:
-//    every completion wakes the event loop).
+//    every completion wakes the event loop). The main figures read with `dev.read`, which
+//    gives every result memory of its own; the `_js_into` figures use `dev.readInto` on one
+//    buffer per reader from `dev.allocBuffer`, reused for every read, as fio reuses its own.
 // The last stdout line is the JSON of figures; ratios are ours / fio's.
 //
 // The TypeScript measurements alternate with fio UBCACHE_BENCH_ROUNDS times (default 3) and
@@ -82,8 +84,11 @@ function randomBlock(bs) {
   return ((seed >>> 0) % (FILE_SIZE / bs)) * bs
 }
 
-/** Keeps `qd` reads in flight through the TypeScript API for `secs` after a warm-up. */
-async function measure(dev, qd, bs, random) {
+/**
+ * Keeps `qd` reads in flight through the TypeScript API for `secs` after a warm-up; `into`:
+ * each reader reads into one engine buffer of its own (`readInto`) instead of `read`.
+ */
+async function measure(dev, qd, bs, random, into = false) {
   let seq = 0
   const nextOffset = () => {
     if (random) return randomBlock(bs)
@@ -96,9 +101,11 @@ async function measure(dev, qd, bs, random) {
   let ops = 0
   const lat = []
   const worker = async () => {
+    const buf = into ? dev.allocBuffer(bs) : undefined
     for (;;) {
       const t0 = process.hrtime.bigint()
-      await dev.read(nextOffset(), bs)
+      if (buf) await dev.readInto(buf, nextOffset())
+      else await dev.read(nextOffset(), bs)
       const now = performance.now()
       if (now >= end) return
       if (now >= warmEnd) {
@@ -127,34 +134,36 @@ const median = (xs) => {
 }
 
 /**
- * fio, then ours inline, then ours with the engine thread, `rounds` times over: fio's own
- * figures swing by tens of percent from run to run on a shared machine, so each ratio is
- * taken against the fio run just before it, and the medians are reported.
+ * fio, then ours inline, then ours with the engine thread (then `extra`: readInto, or
+ * polling off), `rounds` times over: fio's own figures swing by tens of percent from run to
+ * run on a shared machine, so each ratio is taken against the fio run just before it, and
+ * the medians are reported.
  */
-async function compare(what, fioArgs, fioValue, qd, bs, random, ours, withNoPoll = false) {
+async function compare(what, fioArgs, fioValue, qd, bs, random, ours, extra) {
   console.error(`${what}...`)
   const f = []
   const js = []
   const th = []
-  const sp = []
+  const ex = []
   for (let i = 0; i < rounds; i++) {
     f.push(fioValue(fio(fioArgs)))
     js.push(ours(await measure(dev, qd, bs, random)))
     th.push(ours(await measure(devThread, qd, bs, random)))
-    if (withNoPoll) sp.push(ours(await measure(devNoPoll, qd, bs, random)))
-    const spun = withNoPoll ? `, spinMicros 0: ${sp[i].toFixed(0)}` : ''
+    if (extra === 'into') ex.push(ours(await measure(dev, qd, bs, random, true)))
+    if (extra === 'nopoll') ex.push(ours(await measure(devNoPoll, qd, bs, random)))
+    const more = extra ? `, ${extra === 'into' ? 'readInto' : 'spinMicros 0'}: ${ex[i].toFixed(0)}` : ''
     console.error(
-      `  round ${i + 1}: fio ${f[i].toFixed(0)}, TypeScript ${js[i].toFixed(0)} (engine thread: ${th[i].toFixed(0)}${spun})`,
+      `  round ${i + 1}: fio ${f[i].toFixed(0)}, TypeScript ${js[i].toFixed(0)} (engine thread: ${th[i].toFixed(0)}${more})`,
     )
   }
   return {
     fio: median(f),
     js: median(js),
     thread: median(th),
-    noPoll: withNoPoll ? median(sp) : undefined,
+    extra: extra ? median(ex) : undefined,
     ratio: median(js.map((v, i) => v / f[i])),
     ratioThread: median(th.map((v, i) => v / f[i])),
-    ratioNoPoll: withNoPoll ? median(sp.map((v, i) => v / f[i])) : undefined,
+    ratioExtra: extra ? median(ex.map((v, i) => v / f[i])) : undefined,
   }
 }
 
@@ -166,6 +175,7 @@ const rr32 = await compare(
   4096,
   true,
   (m) => m.iops,
+  'into',
 )
 const qd1 = await compare(
   '4 KiB random reads, QD1 (p50 latency, ns)',
@@ -175,7 +185,7 @@ const qd1 = await compare(
   4096,
   true,
   (m) => m.p50,
-  true,
+  'nopoll',
 )
 const seqr = await compare(
   '1 MiB sequential reads, QD4 (bytes/s)',
@@ -185,6 +195,7 @@ const seqr = await compare(
   1 << 20,
   false,
   (m) => m.bw,
+  'into',
 )
 await dev.close()
 await devThread.close()
@@ -201,7 +212,9 @@ console.log(
     randread_qd32_iops_ratio_js_thread: r(rr32.ratioThread, 1),
     randread_qd1_p50_ratio_js_thread: r(qd1.ratioThread, 1),
     seqread_bw_ratio_js_thread: r(seqr.ratioThread, 1),
-    randread_qd1_p50_ratio_js_nopoll: r(qd1.ratioNoPoll, 1),
+    randread_qd1_p50_ratio_js_nopoll: r(qd1.ratioExtra, 1),
+    randread_qd32_iops_ratio_js_into: r(rr32.ratioExtra, 1),
+    seqread_bw_ratio_js_into: r(seqr.ratioExtra, 1),
     randread_qd1_p50_ratio_native: native.randread_qd1_p50_ratio,
     seqread_bw_ratio_native: native.seqread_bw_ratio,
     randread_qd32_iops_ratio_thread: native.randread_qd32_iops_ratio_thread,
@@ -210,9 +223,11 @@ console.log(
     randread_qd32_iops_js: Math.round(rr32.js),
     fio_randread_qd1_p50_ns_js_run: qd1.fio,
     randread_qd1_p50_ns_js: qd1.js,
-    randread_qd1_p50_ns_js_nopoll: qd1.noPoll,
+    randread_qd1_p50_ns_js_nopoll: qd1.extra,
+    randread_qd32_iops_js_into: Math.round(rr32.extra),
     fio_seqread_bw_bytes_per_sec_js_run: Math.round(seqr.fio),
     seqread_bw_bytes_per_sec_js: Math.round(seqr.js),
+    seqread_bw_bytes_per_sec_js_into: Math.round(seqr.extra),
     fio_randread_qd32_iops: native.fio_randread_qd32_iops,
     randread_qd32_iops_native: native.randread_qd32_iops_native,
     fio_randread_qd1_p50_ns: native.fio_randread_qd1_p50_ns,
