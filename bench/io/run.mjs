@@ -85,10 +85,13 @@ function randomBlock(bs) {
 }
 
 /**
- * Keeps `qd` reads in flight through the TypeScript API for `secs` after a warm-up; `into`:
- * each reader reads into one engine buffer of its own (`readInto`) instead of `read`.
+ * Keeps `qd` reads in flight through the TypeScript API for `secs` after a warm-up, on a
+ * device (and engine) opened with `options` for this measurement alone, so that each
+ * starts alike (an engine's registered buffers, for one, are used up by the reads before);
+ * `into`: each reader reads into one engine buffer of its own (`readInto`) instead of `read`.
  */
-async function measure(dev, qd, bs, random, into = false) {
+async function measure(options, qd, bs, random, into = false) {
+  const dev = await openDevice(file, { readOnly: true, exclusive: false, ...options })
   let seq = 0
   const nextOffset = () => {
     if (random) return randomBlock(bs)
@@ -116,18 +119,16 @@ async function measure(dev, qd, bs, random, into = false) {
     }
   }
   await Promise.all(Array.from({ length: qd }, worker))
+  await dev.close()
   lat.sort((a, b) => a - b)
   return { iops: ops / secs, bw: (ops * bs) / secs, p50: lat.length ? lat[lat.length >> 1] : NaN }
 }
 
-const dev = await openDevice(file, { readOnly: true, exclusive: false })
-const devThread = await openDevice(file, { readOnly: true, exclusive: false, mode: 'thread' })
-// QD1 also with the inline ring never polling for its completion (by default it polls for
-// lone requests of a fast device).
-const devNoPoll = await openDevice(file, { readOnly: true, exclusive: false, spinMicros: 0 })
+const probe = await openDevice(file, { readOnly: true, exclusive: false })
 console.error(
-  `TypeScript raw-device API (${dev.engine.kind}, ${dev.engine.mode}, direct ${dev.direct}), ${rounds} rounds of ${secs} s per measurement`,
+  `TypeScript raw-device API (${probe.engine.kind}, ${probe.engine.mode}, direct ${probe.direct}), ${rounds} rounds of ${secs} s per measurement`,
 )
+await probe.close()
 
 const median = (xs) => {
   const s = [...xs].sort((a, b) => a - b)
@@ -148,10 +149,10 @@ async function compare(what, fioArgs, fioValue, qd, bs, random, ours, extra) {
   const ex = []
   for (let i = 0; i < rounds; i++) {
     f.push(fioValue(fio(fioArgs)))
-    js.push(ours(await measure(dev, qd, bs, random)))
-    th.push(ours(await measure(devThread, qd, bs, random)))
-    if (extra === 'into') ex.push(ours(await measure(dev, qd, bs, random, true)))
-    if (extra === 'nopoll') ex.push(ours(await measure(devNoPoll, qd, bs, random)))
+    js.push(ours(await measure({}, qd, bs, random)))
+    th.push(ours(await measure({ mode: 'thread' }, qd, bs, random)))
+    if (extra === 'into') ex.push(ours(await measure({}, qd, bs, random, true)))
+    if (extra === 'nopoll') ex.push(ours(await measure({ spinMicros: 0 }, qd, bs, random)))
     const more = extra ? `, ${extra === 'into' ? 'readInto' : 'spinMicros 0'}: ${ex[i].toFixed(0)}` : ''
     console.error(
       `  round ${i + 1}: fio ${f[i].toFixed(0)}, TypeScript ${js[i].toFixed(0)} (engine thread: ${th[i].toFixed(0)}${more})`,
@@ -198,10 +199,6 @@ const seqr = await compare(
   (m) => m.bw,
   'into',
 )
-await dev.close()
-await devThread.close()
-await devNoPoll.close()
-
 const r = (a, b) => Math.round((a / b) * 1000) / 1000
 console.log(
   JSON.stringify({
