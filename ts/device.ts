@@ -317,7 +317,7 @@ export class IoEngine {
     const promise = new Promise<number>((resolve, reject) => {
       pending = { resolve: resolve as (v: Buffer | number) => void, reject, into: ab, at: start }
     })
-    this.#queueRequest(ring, OP_CODE.read, this.#track(pending as Pending), dev, offset, buffer.byteLength, slabId, start)
+    this.#queueRequest(OP_CODE.read, this.#track(pending as Pending), dev, offset, buffer.byteLength, slabId, start)
     return promise
   }
 
@@ -449,13 +449,12 @@ export class IoEngine {
       }
       p.at = at
     }
-    this.#queueRequest(ring, OP_CODE[op], tag, dev, offset, length, slabId, at)
+    this.#queueRequest(OP_CODE[op], tag, dev, offset, length, slabId, at)
     return promise
   }
 
   /** Inline mode: writes one request into the shared submission buffer. */
   #queueRequest(
-    ring: NativeRing,
     op: number,
     tag: number,
     dev: number,
