@@ -332,12 +332,13 @@ test('an unknown mode is rejected', (t) => {
   t.is((err as UbcacheError).code, 'INVALID_ARGUMENT')
 })
 
-for (const mode of modes) {
-  test(`${mode}: readInto fills engine buffers again and again, and any Uint8Array`, async (t) => {
+for (const [mode, engine] of modes.flatMap((m) => (['io_uring', 'psync'] as const).map((e) => [m, e] as const))) {
+  test(`${mode} ${engine}: readInto fills engine buffers again and again, and any Uint8Array`, async (t) => {
     const size = 4 << 20
     const p = file(size, 5)
     const model = pattern(size, 5)
-    const dev = await openDevice(p, { mode })
+    const dev = await openDevice(p, { mode, engine })
+    t.is(dev.engine.kind, engine)
     const bufs = [0, 1, 2, 3].map(() => dev.allocBuffer(1 << 20))
     t.true(bufs.every((b) => b.length === 1 << 20 && b.every((x) => x === 0)))
     const before = dev.engine.stats()
@@ -366,7 +367,9 @@ for (const mode of modes) {
     t.true(Buffer.from(plain).equals(model.subarray(4096, 16384)))
     await dev.close()
   })
+}
 
+for (const mode of modes) {
   test(`${mode}: readInto and allocBuffer reject bad input`, async (t) => {
     const p = file(1 << 20)
     const dev = await openDevice(p, { mode })
