@@ -22,12 +22,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# `npm ci` refuses a lock file that lacks optional packages the registry does not serve
-# (here: @napi-rs/cli's lzma/tar/wasm builds for other platforms); `npm install` then
-# installs the same locked tree and leaves the lock file as it is.
-if ! npm ci --no-audit --no-fund; then
-  echo "setup: npm ci refused the lock file; installing it with npm install" >&2
-  npm install --no-audit --no-fund
-fi
+npm ci --no-audit --no-fund
 npm run build
 node dist/cli.js example
