@@ -229,7 +229,7 @@ fn bucket_of(a: &Allocator, p: Ptr) -> u64 {
 fn check_allocated(s: &Sim, m: &Model, dev: u8, b: u64) {
     assert!(!m.pins.contains_key(&(dev, b)), "bucket {dev}:{b} handed out while the model holds a pin on it");
     for l in &m.live {
-        if l.ptr.dev == dev && bucket_of(&s.a, l.ptr) == b {
+        if l.ptr.dev() == dev && bucket_of(&s.a, l.ptr) == b {
             assert!(s.a.ptr_stale(l.ptr).unwrap() > 0, "bucket {dev}:{b} reused while {:?} still looks valid", l.ptr);
         }
     }
@@ -264,14 +264,14 @@ fn check_all(s: &Sim, m: &mut Model) {
         assert!(s.a.bucket(dev, b).unwrap().pin as u32 >= n, "bucket {dev}:{b} lost pins");
     }
     for l in &mut m.live {
-        let info = s.a.bucket(l.ptr.dev, bucket_of(&s.a, l.ptr)).unwrap();
+        let info = s.a.bucket(l.ptr.dev(), bucket_of(&s.a, l.ptr)).unwrap();
         let valid = s.a.ptr_valid(l.ptr);
-        assert_eq!(valid, info.gen == l.ptr.gen);
+        assert_eq!(valid, info.gen == l.ptr.gen());
         assert!(!(valid && l.seen_stale), "stale pointer {:?} looks valid again: gen wrapped", l.ptr);
         l.seen_stale |= !valid;
         if valid && l.kind == PtrKind::Dirty {
             assert!(
-                !free.contains(&(l.ptr.dev, bucket_of(&s.a, l.ptr))),
+                !free.contains(&(l.ptr.dev(), bucket_of(&s.a, l.ptr))),
                 "bucket with dirty data {:?} was invalidated",
                 l.ptr
             );
@@ -326,8 +326,8 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
                     let p = m.live[i % m.live.len()].ptr;
                     if s.a.ptr_valid(p) {
                         let b = bucket_of(&s.a, p);
-                        s.a.pin(p.dev, b).unwrap();
-                        m.pin((p.dev, b));
+                        s.a.pin(p.dev(), b).unwrap();
+                        m.pin((p.dev(), b));
                     }
                 }
             }
@@ -337,7 +337,7 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
                     .collect();
                 if !metas.is_empty() {
                     let l = m.live.remove(metas[i % metas.len()]);
-                    s.a.bucket_free(l.ptr.dev, bucket_of(&s.a, l.ptr)).unwrap();
+                    s.a.bucket_free(l.ptr.dev(), bucket_of(&s.a, l.ptr)).unwrap();
                 }
             }
             Op::Drop(i) => {
@@ -358,7 +358,7 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
                             Op::Writeback(_) => l.kind = PtrKind::Clean,
                             _ => {
                                 s.a.touch(l.ptr).unwrap();
-                                assert_eq!(s.a.bucket(l.ptr.dev, bucket_of(&s.a, l.ptr)).unwrap().prio, INITIAL_PRIO);
+                                assert_eq!(s.a.bucket(l.ptr.dev(), bucket_of(&s.a, l.ptr)).unwrap().prio, INITIAL_PRIO);
                             }
                         }
                     }
@@ -375,12 +375,16 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
                     assert!(s.a.ptr_valid(got.ptr), "fresh allocation {got:?} is not valid");
                     let b = bucket_of(&s.a, got.ptr);
                     assert_eq!(
-                        bucket_of(&s.a, Ptr { offset: got.ptr.offset + u64::from(got.sectors) - 1, ..got.ptr }),
+                        bucket_of(
+                            &s.a,
+                            Ptr::new(got.ptr.dev(), got.ptr.offset() + u64::from(got.sectors) - 1, got.ptr.gen())
+                                .unwrap()
+                        ),
                         b,
                         "allocation crosses a bucket"
                     );
-                    assert!(s.a.bucket(got.ptr.dev, b).unwrap().pin >= 1);
-                    m.pin((got.ptr.dev, b));
+                    assert!(s.a.bucket(got.ptr.dev(), b).unwrap().pin >= 1);
+                    m.pin((got.ptr.dev(), b));
                     m.live.push(Live { ptr: got.ptr, sectors: got.sectors, kind: PtrKind::Clean, seen_stale: false });
                     m.stream_end.insert((write_point, flash), (inode, offset + u64::from(got.sectors)));
                 }
@@ -467,7 +471,7 @@ fn gen_wrap_is_held_back_until_gc() {
         }
         let info = s.a.bucket(0, b0).unwrap();
         assert!(info.gen.wrapping_sub(info.last_gc) <= BUCKET_GC_GEN_MAX);
-        if info.gen != old.gen {
+        if info.gen != old.gen() {
             assert!(s.a.ptr_stale(old).unwrap() > 0, "the old pointer must never look valid again");
         }
     }
@@ -475,7 +479,7 @@ fn gen_wrap_is_held_back_until_gc() {
     // the bucket the stale pointer holds back stops at the window's edge.
     assert!(gcs >= 2, "only {gcs} GC passes");
     let info = s.a.bucket(0, b0).unwrap();
-    assert_eq!(info.gen.wrapping_sub(old.gen), BUCKET_GC_GEN_MAX);
+    assert_eq!(info.gen.wrapping_sub(old.gen()), BUCKET_GC_GEN_MAX);
     s.a.check_invariants().unwrap();
 }
 
@@ -777,6 +781,12 @@ fn bad_configs_are_refused() {
         SetConfig { caches: vec![CacheConfig { nbuckets: 100, ..ok.caches[0].clone() }], ..ok.clone() },
         SetConfig { caches: vec![CacheConfig { first_bucket: 0, ..ok.caches[0].clone() }], ..ok.clone() },
         SetConfig { caches: vec![CacheConfig { first_bucket: 1000, ..ok.caches[0].clone() }], ..ok.clone() },
+        // 2^44 sectors: past the 43-bit pointer offset.
+        SetConfig {
+            bucket_size: 1 << 14,
+            caches: vec![CacheConfig { nbuckets: 1 << 30, ..ok.caches[0].clone() }],
+            ..ok.clone()
+        },
     ] {
         assert_eq!(Allocator::new(&bad).err().map(|e| e.kind()), Some(ErrorKind::InvalidArgument), "{bad:?}");
     }
@@ -786,7 +796,7 @@ fn bad_configs_are_refused() {
     assert_eq!(a.unpin(0, 5).unwrap_err().kind(), ErrorKind::InvalidArgument);
     assert_eq!(a.prio_write_begin(0).unwrap_err().kind(), ErrorKind::InvalidArgument);
     assert_eq!(a.gc_finish().unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert!(a.gc_mark_ptr(Ptr::default(), 1, PtrKind::Clean).is_err());
+    assert!(a.gc_mark_ptr(Ptr::new(0, 0, 0).unwrap(), 1, PtrKind::Clean).is_err());
     // Nothing is handed out before the first GC pass says what is in use.
     assert_eq!(a.poll(0).unwrap(), Step::NeedGc);
     assert_eq!(a.bucket_alloc(0, Reserve::None).unwrap_err().kind(), ErrorKind::NoSpace);
@@ -918,12 +928,12 @@ fn alloc_set_spreads_over_devices_all_or_nothing() {
     let mut s = Sim::new(&config(3, 1024, Replacement::Lru, false));
     s.drive();
     let ptrs = s.a.alloc_set(Reserve::Btree, 3).unwrap();
-    let devs: HashSet<u8> = ptrs.iter().map(|p| p.dev).collect();
+    let devs: HashSet<u8> = ptrs.iter().map(|p| p.dev()).collect();
     assert_eq!(devs.len(), 3);
     for p in &ptrs {
         assert!(s.a.ptr_valid(*p));
-        assert_eq!(p.offset % 16, 0);
-        let info = s.a.bucket(p.dev, p.offset / 16).unwrap();
+        assert_eq!(p.offset() % 16, 0);
+        let info = s.a.bucket(p.dev(), p.offset() / 16).unwrap();
         assert_eq!((info.mark, info.pin), (GcMark::Metadata, 1));
     }
     assert!(s.a.alloc_set(Reserve::Btree, 4).is_err());
@@ -964,27 +974,27 @@ fn sector_allocator_keeps_streams_together_and_kinds_apart() {
     // A sequential stream fills one bucket in order.
     let a1 = sectors_retry(&mut s, &write(1, 0, 4, 7, false));
     let a2 = sectors_retry(&mut s, &write(1, 4, 4, 9, false));
-    assert_eq!(a2.ptr.offset, a1.ptr.offset + 4, "a continuing write goes right after the last");
+    assert_eq!(a2.ptr.offset(), a1.ptr.offset() + 4, "a continuing write goes right after the last");
     // Another writer gets its own bucket.
     let b1 = sectors_retry(&mut s, &write(2, 1000, 4, 8, false));
-    assert_ne!(b1.ptr.offset / 16, a1.ptr.offset / 16);
+    assert_ne!(b1.ptr.offset() / 16, a1.ptr.offset() / 16);
     // Same writer, not sequential: its own bucket again.
     let b2 = sectors_retry(&mut s, &write(2, 5000, 4, 8, false));
-    assert_eq!(b2.ptr.offset, b1.ptr.offset + 4);
+    assert_eq!(b2.ptr.offset(), b1.ptr.offset() + 4);
     // Flash-only data never shares a bucket with cached data, even from the same writer.
     let f1 = sectors_retry(&mut s, &write(3, 0, 4, 8, true));
     for p in [a1, a2, b1, b2] {
-        assert_ne!(f1.ptr.offset / 16, p.ptr.offset / 16);
+        assert_ne!(f1.ptr.offset() / 16, p.ptr.offset() / 16);
     }
     // A write larger than what is left gets only the rest; the bucket is then closed.
     let rest = sectors_retry(&mut s, &write(1, 8, 100, 7, false));
     assert_eq!(rest.sectors, 8);
-    assert_eq!(rest.ptr.offset, a1.ptr.offset + 8);
-    let bucket = a1.ptr.offset / 16;
+    assert_eq!(rest.ptr.offset(), a1.ptr.offset() + 8);
+    let bucket = a1.ptr.offset() / 16;
     // Pins: one per handed-out key (3); the open bucket's own pin went to the last key.
     assert_eq!(s.a.bucket(0, bucket).unwrap().pin, 3);
     let next = sectors_retry(&mut s, &write(1, 16, 4, 7, false));
-    assert_ne!(next.ptr.offset / 16, bucket);
+    assert_ne!(next.ptr.offset() / 16, bucket);
     s.a.put_ptrs(&[a1.ptr, a2.ptr, rest.ptr]).unwrap();
     assert_eq!(s.a.bucket(0, bucket).unwrap().pin, 0);
     assert_eq!(s.a.sectors_written(0).unwrap(), 4 + 4 + 4 + 4 + 4 + 8 + 4);
@@ -1067,7 +1077,7 @@ fn stale_pointers_change_nothing() {
     s.drive();
     let b = alloc_retry(&mut s, 0, Reserve::None);
     let fresh = s.a.bucket_ptr(0, b).unwrap();
-    let stale = Ptr { gen: fresh.gen.wrapping_sub(1), ..fresh };
+    let stale = Ptr::new(0, fresh.offset(), fresh.gen().wrapping_sub(1)).unwrap();
     assert_eq!(s.a.ptr_stale(stale).unwrap(), 1);
     assert!(!s.a.ptr_valid(stale) && s.a.ptr_valid(fresh));
     s.a.rescale_priorities(1 << 20);
@@ -1077,7 +1087,7 @@ fn stale_pointers_change_nothing() {
     assert_eq!(s.a.bucket(0, b).unwrap(), before);
     s.a.mark_dirty(fresh).unwrap();
     assert_eq!(s.a.bucket(0, b).unwrap().mark, GcMark::Dirty);
-    assert!(!s.a.ptr_valid(Ptr { offset: 1024 * 16, ..fresh }), "a pointer past the device is not valid");
+    assert!(!s.a.ptr_valid(Ptr::new(0, 1024 * 16, fresh.gen()).unwrap()), "a pointer past the device is not valid");
 }
 
 #[test]

@@ -43,11 +43,11 @@ impl Allocator {
             return Err(inval("pointers are marked only between gc_start and gc_finish".into()));
         }
         let bucket = self.ptr_bucket(ptr)?;
-        let b = &mut self.caches[ptr.dev as usize].buckets[bucket as usize];
-        if gen_after(b.last_gc, ptr.gen) > 0 {
-            b.last_gc = ptr.gen;
+        let b = &mut self.caches[ptr.dev() as usize].buckets[bucket as usize];
+        if gen_after(b.last_gc, ptr.gen()) > 0 {
+            b.last_gc = ptr.gen();
         }
-        let stale = gen_after(b.gen, ptr.gen);
+        let stale = gen_after(b.gen, ptr.gen());
         if stale > 0 {
             return Ok(stale);
         }

@@ -72,7 +72,12 @@ pub use gc::PtrKind;
 pub use open_bucket::{DataWrite, SectorAlloc, MAX_OPEN_BUCKETS};
 pub use stats::PriorityStats;
 
+/// A pointer into a cache device (device, sector offset, gen): the index's packed pointer
+/// word, the one pointer type of the crate.
+pub use crate::index::Ptr;
+
 use crate::error::{Error, ErrorKind, Result};
+use crate::index::PTR_OFFSET_MAX;
 use cache::{CacheAlloc, PrioInFlight, State};
 use open_bucket::OpenBuckets;
 
@@ -112,17 +117,6 @@ pub enum Replacement {
     Fifo,
     /// Uniformly at random.
     Random,
-}
-
-/// A pointer into a cache device, as a key carries it: device, sector offset, gen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ptr {
-    /// Index of the cache device within the set.
-    pub dev: u8,
-    /// The bucket's gen when the pointer was made.
-    pub gen: u8,
-    /// Sector offset on the cache device.
-    pub offset: u64,
 }
 
 /// One cache device of the set.
@@ -232,6 +226,13 @@ impl Allocator {
                     "cache {i}: {} buckets; the allocator needs {MIN_NBUCKETS} to {}",
                     c.nbuckets,
                     u32::MAX
+                )));
+            }
+            // Every sector of the device must be nameable by a pointer (43-bit PTR_OFFSET).
+            if c.nbuckets * u64::from(cfg.bucket_size) > PTR_OFFSET_MAX + 1 {
+                return Err(inval(format!(
+                    "cache {i}: {} buckets of {} sectors run past the last sector a pointer can name ({PTR_OFFSET_MAX})",
+                    c.nbuckets, cfg.bucket_size
                 )));
             }
             let prio_nr = prio::prio_buckets(c.nbuckets, bucket_bytes);
@@ -375,9 +376,9 @@ impl Allocator {
 
     /// The device and bucket a pointer points into.
     pub fn ptr_bucket(&self, ptr: Ptr) -> Result<u64> {
-        let c = self.cache(ptr.dev)?;
-        let bucket = ptr.offset / u64::from(self.bucket_size);
-        check_bucket(c, ptr.dev, bucket)?;
+        let c = self.cache(ptr.dev())?;
+        let bucket = ptr.offset() / u64::from(self.bucket_size);
+        check_bucket(c, ptr.dev(), bucket)?;
         Ok(bucket)
     }
 
@@ -385,7 +386,7 @@ impl Allocator {
     /// pointer is still valid.
     pub fn ptr_stale(&self, ptr: Ptr) -> Result<u8> {
         let bucket = self.ptr_bucket(ptr)?;
-        Ok(gen_after(self.caches[ptr.dev as usize].buckets[bucket as usize].gen, ptr.gen))
+        Ok(gen_after(self.caches[ptr.dev() as usize].buckets[bucket as usize].gen, ptr.gen()))
     }
 
     /// A pointer is valid when its device and bucket exist and its gen is current.
@@ -397,7 +398,7 @@ impl Allocator {
     pub fn bucket_ptr(&self, dev: u8, bucket: u64) -> Result<Ptr> {
         let c = self.cache(dev)?;
         let i = check_bucket(c, dev, bucket)?;
-        Ok(Ptr { dev, gen: c.buckets[i].gen, offset: bucket * u64::from(self.bucket_size) })
+        Ptr::new(dev, bucket * u64::from(self.bucket_size), c.buckets[i].gen)
     }
 
     /// Takes one bucket from a device's free lists: `Reserve::None` first, then `reserve`. The
@@ -447,13 +448,20 @@ impl Allocator {
         order.sort_by_key(|&d| std::cmp::Reverse(room(&self.caches[d as usize])));
         let mut ptrs = Vec::with_capacity(n);
         for &dev in &order[..n] {
-            match self.bucket_alloc(dev, reserve) {
-                Ok(b) => ptrs.push(self.bucket_ptr(dev, b)?),
+            let got = self.bucket_alloc(dev, reserve).and_then(|b| {
+                self.bucket_ptr(dev, b).or_else(|e| {
+                    self.bucket_free(dev, b)?;
+                    self.unpin(dev, b)?;
+                    Err(e)
+                })
+            });
+            match got {
+                Ok(p) => ptrs.push(p),
                 Err(e) => {
                     for p in &ptrs {
-                        let b = p.offset / u64::from(self.bucket_size);
-                        self.bucket_free(p.dev, b)?;
-                        self.unpin(p.dev, b)?;
+                        let b = self.ptr_bucket(*p)?;
+                        self.bucket_free(p.dev(), b)?;
+                        self.unpin(p.dev(), b)?;
                     }
                     return Err(e);
                 }
@@ -504,7 +512,7 @@ impl Allocator {
     pub fn put_ptrs(&mut self, ptrs: &[Ptr]) -> Result<()> {
         for &p in ptrs {
             let b = self.ptr_bucket(p)?;
-            self.unpin(p.dev, b)?;
+            self.unpin(p.dev(), b)?;
         }
         Ok(())
     }
@@ -512,9 +520,9 @@ impl Allocator {
     /// A read hit: the bucket is young again (data buckets only; metadata keeps BTREE_PRIO).
     pub fn touch(&mut self, ptr: Ptr) -> Result<()> {
         let bucket = self.ptr_bucket(ptr)?;
-        let c = &mut self.caches[ptr.dev as usize];
+        let c = &mut self.caches[ptr.dev() as usize];
         let b = &mut c.buckets[bucket as usize];
-        if b.prio != BTREE_PRIO && b.prio != INITIAL_PRIO && b.gen == ptr.gen {
+        if b.prio != BTREE_PRIO && b.prio != INITIAL_PRIO && b.gen == ptr.gen() {
             b.prio = INITIAL_PRIO;
             c.note(bucket as usize);
         }
@@ -525,8 +533,8 @@ impl Allocator {
     /// before writeback (and the next GC) says so. A stale pointer changes nothing.
     pub fn mark_dirty(&mut self, ptr: Ptr) -> Result<()> {
         let bucket = self.ptr_bucket(ptr)?;
-        let b = &mut self.caches[ptr.dev as usize].buckets[bucket as usize];
-        if b.gen == ptr.gen && b.mark() != GcMark::Metadata {
+        let b = &mut self.caches[ptr.dev() as usize].buckets[bucket as usize];
+        if b.gen == ptr.gen() && b.mark() != GcMark::Metadata {
             b.set_mark(GcMark::Dirty);
         }
         Ok(())

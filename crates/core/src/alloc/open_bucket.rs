@@ -35,7 +35,7 @@ pub struct SectorAlloc {
     pub sectors: u32,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct OpenBucket {
     /// Where the last write into this bucket ended: a write starting here continues it.
     inode: u64,
@@ -45,6 +45,13 @@ struct OpenBucket {
     /// Next free sector.
     ptr: Ptr,
     sectors_free: u32,
+}
+
+impl Default for OpenBucket {
+    fn default() -> OpenBucket {
+        // The pointer of a closed slot (no sectors free) is never used.
+        OpenBucket { inode: 0, offset: 0, flash_only: false, write_point: 0, ptr: Ptr::from_bits(0), sectors_free: 0 }
+    }
 }
 
 pub(crate) struct OpenBuckets {
@@ -103,7 +110,7 @@ impl Allocator {
         if ob.sectors_free > 0 && ob.flash_only != w.flash_only {
             // Every slot holds the other kind of data: give up the rest of the oldest.
             let b = self.ptr_bucket(ob.ptr)?;
-            self.unpin(ob.ptr.dev, b)?;
+            self.unpin(ob.ptr.dev(), b)?;
             self.open.slots[slot].sectors_free = 0;
         }
         if self.open.slots[slot].sectors_free == 0 {
@@ -122,7 +129,7 @@ impl Allocator {
         let bucket = self.ptr_bucket(ob.ptr)?;
         if left > 0 {
             // The key takes its own pin; otherwise the open bucket's pin passes to the key.
-            self.pin(ob.ptr.dev, bucket)?;
+            self.pin(ob.ptr.dev(), bucket)?;
         }
         let out = SectorAlloc { ptr: ob.ptr, sectors };
         let ob = &mut self.open.slots[slot];
@@ -130,11 +137,15 @@ impl Allocator {
         ob.offset = w.offset + u64::from(sectors);
         ob.flash_only = w.flash_only;
         ob.write_point = w.write_point;
-        ob.ptr.offset += u64::from(sectors);
+        if left > 0 {
+            // Still inside the bucket, whose every sector a pointer can name (checked by
+            // `Allocator::new`); a full bucket's pointer is never used again.
+            ob.ptr = ob.ptr.advance(u64::from(sectors));
+        }
         ob.sectors_free = left;
         let s = self.open.lru.remove(pos);
         self.open.lru.push(s);
-        self.caches[out.ptr.dev as usize].sectors_written += u64::from(sectors);
+        self.caches[out.ptr.dev() as usize].sectors_written += u64::from(sectors);
         self.rescale_priorities(u64::from(sectors));
         Ok(out)
     }
@@ -146,7 +157,7 @@ impl Allocator {
             let ob = self.open.slots[slot];
             if ob.sectors_free > 0 {
                 let b = self.ptr_bucket(ob.ptr)?;
-                self.unpin(ob.ptr.dev, b)?;
+                self.unpin(ob.ptr.dev(), b)?;
                 self.open.slots[slot].sectors_free = 0;
             }
         }
