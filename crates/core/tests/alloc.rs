@@ -7,8 +7,9 @@ use std::collections::{HashMap, HashSet};
 use proptest::prelude::*;
 use ubcache_core::alloc::{
     lru_weight, prio, Allocator, CacheConfig, DataWrite, GcMark, Ptr, PtrKind, Replacement, Reserve, SetConfig, Step,
-    BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO,
+    BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO, MAX_GC_SECTORS_USED,
 };
+use ubcache_core::index::{BucketAccounting, BucketGens, ExtentIndex, Key};
 use ubcache_core::ErrorKind;
 
 const UUID: [u8; 16] = *b"0123456789abcdef";
@@ -778,6 +779,7 @@ fn bad_configs_are_refused() {
         SetConfig { block_size: 3, ..ok.clone() },
         SetConfig { bucket_size: 4, ..ok.clone() },
         SetConfig { bucket_size: 18, block_size: 4, ..ok.clone() },
+        SetConfig { bucket_size: 24, block_size: 8, ..ok.clone() },
         SetConfig { caches: vec![CacheConfig { nbuckets: 100, ..ok.caches[0].clone() }], ..ok.clone() },
         SetConfig { caches: vec![CacheConfig { first_bucket: 0, ..ok.caches[0].clone() }], ..ok.clone() },
         SetConfig { caches: vec![CacheConfig { first_bucket: 1000, ..ok.caches[0].clone() }], ..ok.clone() },
@@ -1010,6 +1012,76 @@ fn sector_allocator_keeps_streams_together_and_kinds_apart() {
     s.a.check_invariants().unwrap();
 }
 
+/// The allocator is the index's bucket accounting: inserting keys raises the sectors used of
+/// the bucket they point into, overwriting or dropping them lowers it, never below zero, and
+/// neither the GC mark nor the pins move. GC then recounts the same figures from scratch.
+#[test]
+fn index_accounting_keeps_sectors_used_live() {
+    let mut s = Sim::new(&config(1, 1024, Replacement::Lru, false));
+    s.drive();
+    assert_eq!(s.a.bucket_bits(), 4);
+    let mut idx = ExtentIndex::new();
+    let a1 = sectors_retry(&mut s, &write(1, 0, 8, 7, false));
+    let b = bucket_of(&s.a, a1.ptr);
+    let fresh = s.a.bucket(0, b).unwrap();
+    assert_eq!((fresh.sectors_used, fresh.mark), (0, GcMark::Reclaimable), "a data bucket starts empty");
+    assert_eq!(s.a.bucket_gen(0, b), Some(fresh.gen));
+    assert!(!BucketGens::ptr_stale(&s.a, a1.ptr));
+
+    assert!(idx.insert(&Key::new(1, 0, 8, a1.ptr), &mut s.a).unwrap());
+    let now = s.a.bucket(0, b).unwrap();
+    assert_eq!(now.sectors_used, 8);
+    assert_eq!((now.mark, now.pin, now.gen, now.prio), (fresh.mark, fresh.pin, fresh.gen, fresh.prio));
+    let a2 = sectors_retry(&mut s, &write(1, 8, 8, 7, false));
+    assert_eq!(bucket_of(&s.a, a2.ptr), b, "the stream continues in its bucket");
+    assert!(idx.insert(&Key::new(1, 8, 8, a2.ptr).with_dirty(true), &mut s.a).unwrap());
+    let now = s.a.bucket(0, b).unwrap();
+    assert_eq!(now.sectors_used, 16);
+    assert_eq!(now.mark, GcMark::Reclaimable, "accounting dirty sectors does not mark the bucket dirty");
+    s.a.put_ptrs(&[a1.ptr, a2.ptr]).unwrap();
+    assert_eq!(s.a.bucket(0, b).unwrap().pin, 0);
+
+    // Newer data for sectors 4..12 lands elsewhere: 8 of b's sectors are dead.
+    let a3 = sectors_retry(&mut s, &write(1, 4, 8, 9, false));
+    let b3 = bucket_of(&s.a, a3.ptr);
+    assert_ne!(b3, b);
+    assert!(idx.insert(&Key::new(1, 4, 8, a3.ptr), &mut s.a).unwrap());
+    s.a.put_ptrs(&[a3.ptr]).unwrap();
+    assert_eq!(s.a.bucket(0, b).unwrap().sectors_used, 8);
+    assert_eq!(s.a.bucket(0, b3).unwrap().sectors_used, 8);
+    assert_eq!(idx.invalidate(1, 0, 2, &mut s.a).unwrap(), 2);
+    assert_eq!(s.a.bucket(0, b).unwrap().sectors_used, 6);
+
+    // GC recounts what the index holds: the same figures.
+    s.a.close_open_buckets().unwrap();
+    s.a.gc_start();
+    assert_eq!(s.a.bucket(0, b).unwrap().sectors_used, 0);
+    assert_eq!(idx.mark_buckets(&mut s.a), 3);
+    s.a.gc_finish().unwrap();
+    assert_eq!(s.a.bucket(0, b).unwrap().sectors_used, 6);
+    assert_eq!(s.a.bucket(0, b3).unwrap().sectors_used, 8);
+
+    // Never below zero: a bucket declared empty while keys still point into it.
+    s.a.bucket_free(0, b).unwrap();
+    assert_eq!(s.a.bucket(0, b).unwrap().sectors_used, 0);
+    idx.invalidate(1, 0, 16, &mut s.a).unwrap();
+    assert_eq!(s.a.bucket(0, b).unwrap().sectors_used, 0);
+    assert_eq!(s.a.bucket(0, b3).unwrap().sectors_used, 0);
+    // Saturation both ways, and no panic out of range.
+    s.a.add_sectors(0, b, -1000, false);
+    assert_eq!(s.a.bucket(0, b).unwrap().sectors_used, 0);
+    s.a.add_sectors(0, b, i64::MAX, true);
+    assert_eq!(s.a.bucket(0, b).unwrap().sectors_used, MAX_GC_SECTORS_USED);
+    s.a.add_sectors(0, b, i64::MIN, true);
+    assert_eq!(s.a.bucket(0, b).unwrap().sectors_used, 0);
+    s.a.add_sectors(0, 1 << 40, 5, false);
+    s.a.add_sectors(3, 5, 5, false);
+    assert_eq!((s.a.bucket_gen(0, 1024), s.a.bucket_gen(1, 5)), (None, None));
+    s.a.prefetch_gen(0, b);
+    s.a.prefetch_gen(0, 1 << 40);
+    s.a.check_invariants().unwrap();
+}
+
 #[test]
 fn open_buckets_are_bounded() {
     let mut s = Sim::new(&config(1, 4096, Replacement::Lru, false));
@@ -1037,6 +1109,8 @@ fn prios_age_with_sectors_written() {
     let mut s = Sim::new(&config(1, 1024, Replacement::Lru, false));
     s.drive();
     let b = alloc_retry(&mut s, 0, Reserve::None);
+    // Its data is in the index before it is unpinned; an empty bucket would be reused first.
+    s.a.add_sectors(0, b, 16, false);
     s.a.unpin(0, b).unwrap();
     let pinned = alloc_retry(&mut s, 0, Reserve::None);
     let meta = alloc_retry(&mut s, 0, Reserve::Btree);

@@ -19,8 +19,9 @@ pub enum PtrKind {
 
 impl Allocator {
     /// Starts a GC pass: marks of unpinned buckets are forgotten (pinned ones are in use and
-    /// keep theirs), and every bucket's `last_gc` restarts at its current gen. Invalidation
-    /// waits until [`Allocator::gc_finish`].
+    /// keep theirs), sector counts restart at zero for the marks to recount (but a pinned
+    /// metadata bucket still counts as full), and every bucket's `last_gc` restarts at its
+    /// current gen. Invalidation waits until [`Allocator::gc_finish`].
     pub fn gc_start(&mut self) {
         self.gc_running = true;
         self.gc_mark_valid = false;
@@ -29,6 +30,10 @@ impl Allocator {
                 b.last_gc = b.gen;
                 if b.pin == 0 {
                     b.set_mark(GcMark::Unused);
+                    b.set_sectors_used(0);
+                } else if b.mark() != GcMark::Metadata {
+                    // An open data bucket: its indexed keys are counted again by the marks,
+                    // the ones still in flight by the index's accounting when inserted.
                     b.set_sectors_used(0);
                 }
             }

@@ -16,6 +16,20 @@
 //! make progress possible (an allocation, a completed discard or prio write, a finished GC) and
 //! carries out the [`Step`] it returns.
 //!
+//! Sectors used: LRU weighs a bucket's prio by the sectors it still holds. The allocator
+//! implements the index's [`BucketGens`](crate::index::BucketGens) and
+//! [`BucketAccounting`](crate::index::BucketAccounting), so an
+//! [`ExtentIndex`](crate::index::ExtentIndex) called with the allocator (`insert`,
+//! `invalidate`, `fill`, `mark_clean`) keeps each bucket's `sectors_used` live as keys come
+//! and go between GC passes (counts saturate at 0 and at [`MAX_GC_SECTORS_USED`]). A data
+//! bucket starts at 0 when allocated; metadata buckets count as full. GC recounts from
+//! scratch: [`Allocator::gc_start`] zeroes the counts (and forgets the marks of unpinned
+//! buckets), and each live pointer adds its sectors again through
+//! [`Allocator::gc_mark_ptr`] (or `ExtentIndex::mark_buckets`). Accounting never changes a
+//! GC mark or a pin: marks are GC's (and [`Allocator::mark_dirty`]'s). Keys inserted during
+//! a GC pass, before the mark walk reaches them, are counted twice until the next pass: walk
+//! the index in one go between `gc_start` and `gc_finish`.
+//!
 //! Memory: 8 bytes per bucket for the bucket array, 3 more for an image of the prio file that
 //! is kept current as prios and gens change (so a prio write copies it rather than walking the
 //! array again), plus free lists and the LRU heap of about nbuckets/64 entries.
@@ -58,6 +72,7 @@
 //! # Ok::<(), ubcache_core::Error>(())
 //! ```
 
+mod accounting;
 mod bucket;
 mod cache;
 mod fifo;
@@ -180,6 +195,8 @@ pub struct Allocator {
     caches: Vec<CacheAlloc>,
     pset_magic: u64,
     bucket_size: u32,
+    /// log2 of `bucket_size`.
+    bucket_bits: u32,
     block_size: u32,
     /// Lowest prio after the last rescale; LRU weights are relative to it.
     min_prio: u16,
@@ -216,6 +233,10 @@ impl Allocator {
                 "bucket size of {} sectors must be at least 8 and a multiple of the block size ({})",
                 cfg.bucket_size, cfg.block_size
             )));
+        }
+        // Pointers find their bucket by shifting (the index's `bucket_bits`).
+        if !cfg.bucket_size.is_power_of_two() {
+            return Err(inval(format!("bucket size of {} sectors is not a power of two", cfg.bucket_size)));
         }
         let bucket_bytes = cfg.bucket_size as usize * 512;
         let mut caches = Vec::with_capacity(cfg.caches.len());
@@ -258,6 +279,7 @@ impl Allocator {
             caches,
             pset_magic: prio::pset_magic(&cfg.set_uuid),
             bucket_size: cfg.bucket_size,
+            bucket_bits: cfg.bucket_size.trailing_zeros(),
             block_size: cfg.block_size,
             min_prio: 0,
             // bcache starts this at zero (the first write ages everything); start a full step.
@@ -377,7 +399,7 @@ impl Allocator {
     /// The device and bucket a pointer points into.
     pub fn ptr_bucket(&self, ptr: Ptr) -> Result<u64> {
         let c = self.cache(ptr.dev())?;
-        let bucket = ptr.offset() / u64::from(self.bucket_size);
+        let bucket = ptr.bucket(self.bucket_bits);
         check_bucket(c, ptr.dev(), bucket)?;
         Ok(bucket)
     }
@@ -403,7 +425,9 @@ impl Allocator {
 
     /// Takes one bucket from a device's free lists: `Reserve::None` first, then `reserve`. The
     /// bucket comes back pinned once; unpin it when the key pointing into it is in the index.
-    /// Fails with `NoSpace` when both lists are empty (poll the allocator and retry).
+    /// Fails with `NoSpace` when both lists are empty (poll the allocator and retry). A
+    /// metadata bucket (`Btree`, `Prio`) counts as full; a data bucket starts with no sectors
+    /// used, and the index accounts them as keys pointing into it come and go.
     #[inline]
     pub fn bucket_alloc(&mut self, dev: u8, reserve: Reserve) -> Result<u64> {
         let bucket_size = self.bucket_size;
@@ -419,12 +443,14 @@ impl Allocator {
         };
         let b = &mut c.buckets[r as usize];
         debug_assert_eq!(b.pin, 1, "bucket {r} on a free list must carry exactly the allocator's pin");
-        b.set_sectors_used(bucket_size);
+        // Metadata fills its bucket; data sectors are accounted as their keys are indexed.
         let prio = if matches!(reserve, Reserve::Btree | Reserve::Prio) {
             b.set_mark(GcMark::Metadata);
+            b.set_sectors_used(bucket_size);
             BTREE_PRIO
         } else {
             b.set_mark(GcMark::Reclaimable);
+            b.set_sectors_used(0);
             INITIAL_PRIO
         };
         // Invalidation already set INITIAL_PRIO: only metadata changes the prio file here.
