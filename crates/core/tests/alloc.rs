@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
 use ubcache_core::alloc::{
-    lru_weight, prio, Allocator, CacheConfig, DataWrite, GcMark, Ptr, PtrKind, Replacement, Reserve, SetConfig, Step,
-    BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO, MAX_GC_SECTORS_USED,
+    lru_weight, prio, Allocator, CacheConfig, DataWrite, GcMark, PrioWrite, Ptr, PtrKind, Replacement, Reserve,
+    SetConfig, Step, BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO, MAX_GC_SECTORS_USED,
 };
 use ubcache_core::index::{BucketAccounting, BucketGens, ExtentIndex, Key};
 use ubcache_core::ErrorKind;
@@ -86,6 +86,11 @@ impl Sim {
 
     fn write_prios(&mut self, dev: u8) {
         let w = self.a.prio_write_begin(dev).unwrap();
+        self.finish_prio_write(dev, &w);
+    }
+
+    /// Writes the chain of a prio write begun (or forced), records it, commits it.
+    fn finish_prio_write(&mut self, dev: u8, w: &PrioWrite) {
         for (link, &b) in w.buckets.iter().enumerate() {
             let mut buf = vec![0u8; self.bucket_bytes];
             self.a.encode_prio_bucket(dev, link, &mut buf).unwrap();
@@ -911,6 +916,120 @@ fn prio_write_waits_for_commit_and_failure_retries() {
     }
     assert_eq!(s.a.bucket(0, first_chain[0]).unwrap().mark, GcMark::Unused);
     assert_eq!(s.a.meta_sectors_written(0).unwrap(), 3 * 16);
+}
+
+/// Opening a set ends with a forced prio write, before any batch is full: it makes the gens
+/// the first GC pass bumped durable, and allocation goes on from there as usual.
+#[test]
+fn forced_prio_write_after_the_first_gc() {
+    let mut s = Sim::new(&config(1, 1024, Replacement::Lru, false));
+    assert_eq!(s.a.prio_seq(0).unwrap(), 0);
+    assert!(s.a.free_inc(0).unwrap().is_empty(), "no batch yet");
+    let w = s.a.prio_write_force(0).unwrap();
+    assert_eq!((w.seq, s.a.prio_seq(0).unwrap()), (1, 1));
+    assert_eq!(w.buckets.len(), s.a.prio_chain_len(0).unwrap());
+    // The device was filling: the batch it would have invalidated next rides on this write.
+    let batch = s.a.free_inc(0).unwrap();
+    assert!(!batch.is_empty());
+    assert_eq!(s.a.poll(0).unwrap(), Step::Waiting);
+    assert_eq!(s.a.free_inc(0).unwrap(), batch);
+    while let Ok(b) = s.a.bucket_alloc(0, Reserve::None) {
+        assert!(!batch.contains(&b), "bucket {b} handed out before its gen was durable");
+    }
+    // Only one prio write at a time, forced or asked for.
+    assert_eq!(s.a.prio_write_force(0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.a.prio_write_begin(0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    s.finish_prio_write(0, &w);
+    assert_eq!(s.a.prio_chain(0).unwrap(), &w.buckets[..]);
+    // Every gen on disk is the allocator's, the primed reserves' bumps included.
+    for b in 0..1024 {
+        assert_eq!(s.durable[0][b as usize], s.a.bucket(0, b).unwrap().gen, "bucket {b}");
+    }
+    // The allocator goes on as usual: batches, prio writes, allocations, with no more GC.
+    for _ in 0..300 {
+        let b = alloc_retry(&mut s, 0, Reserve::None);
+        assert_eq!(s.durable[0][b as usize], s.a.bucket(0, b).unwrap().gen, "bucket {b} not durable");
+        s.a.unpin(0, b).unwrap();
+    }
+    assert!(s.a.prio_seq(0).unwrap() > 1, "later batches wrote prios of their own");
+    s.a.check_invariants().unwrap();
+
+    // The sequence number is what read_prios finds on disk.
+    let head = s.head[0].unwrap();
+    let disk = s.disk[0].clone();
+    let mut fresh = Allocator::new(&config(1, 1024, Replacement::Lru, false)).unwrap();
+    fresh
+        .read_prios(0, head, |b, buf| {
+            buf.copy_from_slice(&disk[&b]);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(fresh.prio_seq(0).unwrap(), s.a.prio_seq(0).unwrap());
+    assert_eq!(fresh.prio_seq(1).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(fresh.prio_write_force(1).unwrap_err().kind(), ErrorKind::OutOfRange);
+}
+
+/// A forced write may find the device in any state: with a full batch it is that batch's
+/// write, and while draining the device goes on draining, but does not invalidate the next
+/// batch before the commit. A failed forced write leaves things as they were.
+#[test]
+fn forced_prio_write_in_every_state_and_failure() {
+    let mut s = Sim::new(&config(1, 4096, Replacement::Fifo, false));
+    assert_eq!(s.a.poll(0).unwrap(), Step::WritePrios);
+    let batch = s.a.free_inc(0).unwrap();
+    let w = s.a.prio_write_force(0).unwrap();
+    s.a.prio_write_failed(0).unwrap();
+    assert_eq!(s.a.free_inc(0).unwrap(), batch, "a failed write keeps the batch waiting");
+    assert_eq!(s.a.poll(0).unwrap(), Step::WritePrios);
+    let w2 = s.a.prio_write_force(0).unwrap();
+    assert_eq!(w2.seq, w.seq + 1);
+    s.finish_prio_write(0, &w2);
+    // Committed: the batch drains to the free lists until they are full.
+    assert_eq!(s.a.poll(0).unwrap(), Step::Idle);
+    let free: Vec<u64> = Reserve::ALL.iter().flat_map(|&r| s.a.free_list(0, r).unwrap()).collect();
+    assert!(!free.is_empty() && free.iter().all(|b| batch.contains(b) || s.primed.contains(&(0, *b))));
+    let waiting = s.a.free_inc(0).unwrap();
+    assert!(!waiting.is_empty(), "part of the batch still waits for room");
+    // Forced while draining: draining goes on as allocations make room...
+    let w3 = s.a.prio_write_force(0).unwrap();
+    let mut n = 0;
+    while !s.a.free_inc(0).unwrap().is_empty() {
+        n += 1;
+        assert!(n < 10_000, "free_inc never empties: invalidation went on under the write in flight");
+        match s.a.bucket_alloc(0, Reserve::None) {
+            Ok(b) => {
+                assert!(waiting.contains(&b) || free.contains(&b));
+                s.a.unpin(0, b).unwrap();
+            }
+            Err(_) => assert!(matches!(s.a.poll(0).unwrap(), Step::Idle | Step::Waiting)),
+        }
+    }
+    // ... but the next batch waits for the commit.
+    assert_eq!(s.a.poll(0).unwrap(), Step::Waiting);
+    assert!(s.a.free_inc(0).unwrap().is_empty());
+    s.finish_prio_write(0, &w3);
+    assert_eq!(s.a.poll(0).unwrap(), Step::WritePrios);
+    for _ in 0..500 {
+        let b = alloc_retry(&mut s, 0, Reserve::None);
+        assert_eq!(s.durable[0][b as usize], s.a.bucket(0, b).unwrap().gen, "bucket {b} not durable");
+        s.a.unpin(0, b).unwrap();
+    }
+    s.a.check_invariants().unwrap();
+}
+
+/// A forced write needs a free bucket per link, as any prio write: with too few it fails
+/// with NoSpace and changes nothing.
+#[test]
+fn forced_prio_write_needs_room_for_its_chain() {
+    let mut s = Sim::new(&config(1, 1024, Replacement::Lru, false));
+    while s.a.bucket_alloc(0, Reserve::Prio).is_ok() {}
+    let seq = s.a.prio_seq(0).unwrap();
+    let written = s.a.meta_sectors_written(0).unwrap();
+    assert_eq!(s.a.prio_write_force(0).unwrap_err().kind(), ErrorKind::NoSpace);
+    assert_eq!((s.a.prio_seq(0).unwrap(), s.a.meta_sectors_written(0).unwrap()), (seq, written));
+    assert_eq!(s.a.prio_write_failed(0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.a.prio_write_committed(0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    s.a.check_invariants().unwrap();
 }
 
 #[test]

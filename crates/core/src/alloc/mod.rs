@@ -12,6 +12,10 @@
 //!    a discard on the way if enabled) to the free lists, prio reserve first;
 //! 4. [`Allocator::bucket_alloc`] pops a free list in O(1).
 //!
+//! [`Allocator::prio_write_force`] starts a prio write outside that cycle, without a full
+//! batch: opening a set ends with one, so that the gens its first GC pass bumped are durable
+//! before any bucket is reused.
+//!
 //! There is no allocator thread: the engine calls [`Allocator::poll`] after anything that can
 //! make progress possible (an allocation, a completed discard or prio write, a finished GC) and
 //! carries out the [`Step`] it returns.
@@ -384,16 +388,12 @@ impl Allocator {
     }
 
     fn cache(&self, dev: u8) -> Result<&CacheAlloc> {
-        self.caches.get(dev as usize).ok_or_else(|| {
-            Error::new(ErrorKind::OutOfRange, format!("no cache device {dev} in this set of {}", self.caches.len()))
-        })
+        self.caches.get(dev as usize).ok_or_else(|| no_cache(dev, self.caches.len()))
     }
 
     fn cache_mut(&mut self, dev: u8) -> Result<&mut CacheAlloc> {
         let n = self.caches.len();
-        self.caches
-            .get_mut(dev as usize)
-            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, format!("no cache device {dev} in this set of {n}")))
+        self.caches.get_mut(dev as usize).ok_or_else(|| no_cache(dev, n))
     }
 
     /// The device and bucket a pointer points into.
@@ -635,6 +635,11 @@ impl Allocator {
                     if !gc_valid || c.invalidate_needs_gc {
                         return Ok(Step::NeedGc);
                     }
+                    // A forced prio write is in flight: a gen bumped now might miss the chain,
+                    // and its commit releases whatever `free_inc` holds.
+                    if c.prio_inflight.is_some() {
+                        return Ok(Step::Waiting);
+                    }
                     // A batch is released only by a prio write: never invalidate one (bumping
                     // gens, pinning buckets) whose prio write has nowhere to go. Only GC can
                     // find buckets for the prio reserve then (see `gc_finish`).
@@ -695,18 +700,59 @@ impl Allocator {
     /// [`Allocator::encode_prio_bucket`], write them, let the journal record `buckets[0]`,
     /// then call [`Allocator::prio_write_committed`] (or [`Allocator::prio_write_failed`]).
     pub fn prio_write_begin(&mut self, dev: u8) -> Result<PrioWrite> {
-        let bucket_size = self.bucket_size;
-        let c = self.cache_mut(dev)?;
+        let c = self.cache(dev)?;
         if c.state != State::BatchFull || c.prio_inflight.is_some() {
             return Err(inval(format!("cache {dev}: no prio write pending")));
         }
+        self.start_prio_write(dev)
+    }
+
+    /// Starts a prio write whatever the device's state, without waiting for a full batch (a
+    /// set being opened ends with one, so that the gens its first GC pass bumped are durable
+    /// before any bucket is reused). Go on as after [`Allocator::prio_write_begin`].
+    ///
+    /// A device that is filling a batch first invalidates what it can into `free_inc`, as
+    /// [`Allocator::poll`] would next: the commit releases those buckets to the free lists,
+    /// where the next prio write finds the buckets this one took (without them, only another
+    /// GC pass could refill the prio reserve). Whatever `free_inc` holds is in the chain, so
+    /// the commit lets the device drain it, as after a batch; nothing more is invalidated
+    /// while the write is in flight.
+    ///
+    /// `InvalidArgument` while another prio write is in flight, `NoSpace` when the free lists
+    /// hold fewer buckets than the chain has links (nothing is changed then).
+    pub fn prio_write_force(&mut self, dev: u8) -> Result<PrioWrite> {
+        let (gc_valid, gc_running, min_prio) = (self.gc_mark_valid, self.gc_running, self.min_prio);
+        let need_gc = &mut self.need_gc;
+        let n = self.caches.len();
+        let c = self.caches.get_mut(dev as usize).ok_or_else(|| no_cache(dev, n))?;
+        if c.prio_inflight.is_some() {
+            return Err(inval(format!("cache {dev}: a prio write is already in flight")));
+        }
+        if !c.prio_write_placeable() {
+            return Err(no_room_for_chain(c, dev));
+        }
+        if c.state == State::Filling && gc_valid && !gc_running && !c.invalidate_needs_gc && c.discarding.is_none() {
+            c.invalidate_buckets(min_prio, need_gc);
+            if c.free_inc.is_full() {
+                c.state = State::BatchFull;
+            }
+        }
+        self.start_prio_write(dev)
+    }
+
+    /// Sequence number of the newest prio write begun on a device (0 before the first); after
+    /// [`Allocator::read_prios`], that of the chain read.
+    pub fn prio_seq(&self, dev: u8) -> Result<u64> {
+        Ok(self.cache(dev)?.prio_seq)
+    }
+
+    fn start_prio_write(&mut self, dev: u8) -> Result<PrioWrite> {
+        let bucket_size = self.bucket_size;
+        let c = self.cache_mut(dev)?;
+        debug_assert!(c.prio_inflight.is_none());
         let n = c.prio_nr;
-        let ready = c.free[Reserve::None as usize].len() + c.free[Reserve::Prio as usize].len();
-        if ready < n {
-            return Err(Error::new(
-                ErrorKind::NoSpace,
-                format!("cache {dev}: {ready} free buckets for a prio chain of {n}"),
-            ));
+        if !c.prio_write_placeable() {
+            return Err(no_room_for_chain(c, dev));
         }
         c.prio_seq += 1;
         c.meta_sectors_written += u64::from(bucket_size) * n as u64;
@@ -749,7 +795,8 @@ impl Allocator {
     }
 
     /// The new chain is on disk and the journal points at it: the gens of the invalidated batch
-    /// are durable, so the batch may be handed out, and the previous chain is freed.
+    /// are durable, so the batch may be handed out (the device drains `free_inc`, whatever
+    /// state a forced write found it in), and the previous chain is freed.
     pub fn prio_write_committed(&mut self, dev: u8) -> Result<()> {
         let c = self.cache_mut(dev)?;
         let Some(w) = c.prio_inflight.take() else {
@@ -766,9 +813,10 @@ impl Allocator {
         Ok(())
     }
 
-    /// The prio write failed: [`Step::WritePrios`] is asked again. Its buckets go straight
-    /// back to the free lists (nothing points into them and their gens are durable); were
-    /// they merely freed, the retry could find no bucket to write to.
+    /// The prio write failed: [`Step::WritePrios`] is asked again once the device has a full
+    /// batch (retry a forced write by forcing it again). Its buckets go straight back to the
+    /// free lists (nothing points into them and their gens are durable); were they merely
+    /// freed, the retry could find no bucket to write to.
     pub fn prio_write_failed(&mut self, dev: u8) -> Result<()> {
         let c = self.cache_mut(dev)?;
         let Some(w) = c.prio_inflight.take() else {
@@ -905,6 +953,15 @@ fn check_bucket(c: &CacheAlloc, dev: u8, bucket: u64) -> Result<usize> {
         ));
     }
     Ok(bucket as usize)
+}
+
+fn no_cache(dev: u8, n: usize) -> Error {
+    Error::new(ErrorKind::OutOfRange, format!("no cache device {dev} in this set of {n}"))
+}
+
+fn no_room_for_chain(c: &CacheAlloc, dev: u8) -> Error {
+    let ready = c.free[Reserve::None as usize].len() + c.free[Reserve::Prio as usize].len();
+    Error::new(ErrorKind::NoSpace, format!("cache {dev}: {ready} free buckets for a prio chain of {}", c.prio_nr))
 }
 
 fn inval(m: String) -> Error {
