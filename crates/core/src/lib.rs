@@ -7,7 +7,6 @@ pub mod alloc;
 pub mod cache_set;
 pub mod checkpoint;
 pub mod crc64;
-pub mod device;
 pub mod error;
 pub mod index;
 pub mod io;

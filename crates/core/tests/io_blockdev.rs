@@ -37,7 +37,7 @@ fn loop_device_geometry_exclusion_io_and_discard() {
         eprintln!("no loop device available (needs root and losetup): block-device checks not run");
         return;
     };
-    let info = ubcache_core::device::device_info(std::path::Path::new(&lo.0)).unwrap();
+    let info = ubcache_core::io::device_info(std::path::Path::new(&lo.0)).unwrap();
     let dev = Device::open(&lo.0, &OpenOptions::default()).unwrap();
     assert!(dev.is_block_device());
     assert_eq!(dev.size(), 16 << 20);

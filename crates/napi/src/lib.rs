@@ -73,7 +73,7 @@ pub struct DeviceInfo {
 /// Describes the file or block device at `path` (BLKGETSIZE64 / BLKSSZGET for devices).
 #[napi]
 pub fn device_info(env: &Env, path: String) -> Result<DeviceInfo> {
-    let info = match ubcache_core::device::device_info(std::path::Path::new(&path)) {
+    let info = match ubcache_core::io::device_info(std::path::Path::new(&path)) {
         Ok(info) => info,
         Err(err) => return throw(env, err),
     };

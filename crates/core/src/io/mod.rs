@@ -7,7 +7,7 @@
 //!   falling back from io_uring to the portable engine with one warning.
 //! - [`fault::FaultEngine`] wraps any engine to fail chosen requests, add the latency of a
 //!   slow disk, and simulate a crash that loses or tears writes not yet flushed.
-//! - [`engine::IoThread`] is the engine thread: it owns an engine, takes requests from any
+//! - [`thread::IoThread`] is the engine thread: it owns an engine, takes requests from any
 //!   thread (a queue plus an eventfd) and delivers completions in batches through one
 //!   callback, so a binding pays one cross-thread wakeup per batch, not per I/O.
 //! - [`driver::RingDriver`] is the other way to run an engine: the caller's own thread
@@ -20,9 +20,9 @@
 pub mod buf;
 pub mod device;
 pub mod driver;
-pub mod engine;
 pub mod fault;
 pub mod psync;
+pub mod thread;
 pub mod uring;
 
 use std::collections::HashSet;
@@ -33,9 +33,9 @@ use std::time::Duration;
 use crate::error::{Error, ErrorKind, Result};
 
 pub use buf::{AlignedBuf, BufPool, BufPoolConfig, Slab, BUF_ALIGN};
-pub use device::{Device, DirectIo, OpenOptions};
+pub use device::{device_info, Device, DeviceInfo, DirectIo, OpenOptions};
 pub use driver::{BusyPoll, RingDriver, ADAPTIVE_POLL_CAP};
-pub use engine::{IoThread, IoThreadOptions};
+pub use thread::{IoThread, IoThreadOptions};
 
 /// Identifies a device added to an engine (an index into the engine's device table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
