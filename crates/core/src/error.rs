@@ -94,6 +94,27 @@ impl Error {
     }
 }
 
+impl Clone for Error {
+    /// The same error; an OS error is carried over by its errno (its exact `io::Error`
+    /// cannot be cloned).
+    fn clone(&self) -> Self {
+        let source = self.source.as_ref().map(|e| match e.raw_os_error() {
+            Some(n) => std::io::Error::from_raw_os_error(n),
+            None => std::io::Error::new(e.kind(), e.to_string()),
+        });
+        Error { kind: self.kind, message: self.message.clone(), source }
+    }
+}
+
+/// Errors are equal when their kind and message are.
+impl PartialEq for Error {
+    fn eq(&self, o: &Self) -> bool {
+        self.kind == o.kind && self.message == o.message
+    }
+}
+
+impl Eq for Error {}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)

@@ -160,3 +160,9 @@ mod tests {
         assert!(encode(&vec![UuidEntry::default(); 64], 77, 3, 8192, 4096).is_err());
     }
 }
+
+/// `uuid` in the usual 8-4-4-4-12 hex form.
+pub fn uuid_string(uuid: &[u8; 16]) -> String {
+    let h: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}

@@ -1,447 +1,361 @@
-//! The cache set survives restarts (warm) and crashes (nothing flushed lost, nothing stale
-//! served), and refuses to start on damaged metadata it cannot do without.
+//! The cache set engine against a model of the cached devices: random interleavings of
+//! reads, writes, FUA writes, flushes, discards and cache-mode switches with many requests
+//! in flight, in every mode, with clean restarts between rounds (the cache stays warm).
 
-mod io_common;
+mod set_common;
 
-use io_common::Rng;
-use std::collections::BTreeMap;
+use std::time::Duration;
 
-use ubcache_core::cache_set::superblock;
-use ubcache_core::cache_set::{CacheSet, CacheSetOptions, MemStorage, Storage};
+use set_common::*;
+use ubcache_core::cache_set::{CacheMode, CacheSetOptions, SetState};
+use ubcache_core::io::{AlignedBuf, DevId, IoCompletion, IoRequest};
+use ubcache_core::ErrorKind;
 
-const BS: u64 = 16; // bucket size in sectors (8 KiB)
+const MODES: [CacheMode; 4] = [CacheMode::Writeback, CacheMode::Writethrough, CacheMode::Writearound, CacheMode::None];
 
-fn fresh(nbuckets: u64) -> MemStorage {
-    let mut st = MemStorage::new(nbuckets * BS * 512);
-    st.write(4096, &superblock::format([1; 16], [2; 16], nbuckets, BS as u16, 8)).unwrap();
-    st
+/// A request of the workload in flight, and what the model needs to check it.
+pub enum Pending {
+    Read(ReadCheck),
+    Write { dev: usize, block: u64, blocks: u64, version: u64, fua: bool },
+    Flush { at: u64 },
+    Discard { dev: usize, block: u64, blocks: u64 },
 }
 
-fn opts() -> CacheSetOptions {
-    CacheSetOptions { journal_delay_ms: 100_000, seed: 7 }
+/// Drives a random workload: `ops` requests, up to `depth` in flight, checked against `model`.
+pub struct Workload {
+    pub rng: Rng,
+    pub depth: usize,
+    pub pending: std::collections::HashMap<u64, Pending>,
+    /// Largest request, in blocks.
+    pub max_blocks: u64,
+    /// Blocks each device's requests fall in (a hot range, so the cache gets hits).
+    pub span: u64,
+    /// Percentages of the mix.
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub fua: u64,
+    pub mode_switches: u64,
+    /// Errors are expected (faults injected): failed requests are fine, wrong data is not.
+    pub errors_ok: bool,
+    log: std::collections::HashMap<(usize, u64), Vec<String>>,
+    modes: Vec<String>,
+    ops: u64,
 }
 
-fn block(tag: u64) -> Vec<u8> {
-    (0..4096u64).map(|i| (i.wrapping_mul(31) ^ tag.wrapping_mul(0x9e37)) as u8).collect()
-}
-
-/// Model: (inode, block number) -> tag of the data last written there.
-type Model = BTreeMap<(u32, u64), u64>;
-
-fn check<S: Storage>(cs: &mut CacheSet<S>, model: &Model) {
-    for (&(inode, blk), &tag) in model {
-        let r = cs.read(inode, blk * 8, 8).unwrap();
-        assert_eq!(r.len(), 1, "inode {inode} block {blk}: {r:?}");
-        assert_eq!(r[0].data.as_deref(), Some(&block(tag)[..]), "inode {inode} block {blk} tag {tag}");
-    }
-    cs.verify_index().unwrap();
-    let gens: Vec<_> = cs.keys();
-    for k in gens {
-        for p in k.ptrs() {
-            let b = cs.allocator().bucket(p.dev(), p.offset() / BS).unwrap();
-            assert_eq!(b.gen, p.gen(), "key {k:?} points into a bucket whose gen moved on");
+impl Workload {
+    pub fn new(seed: u64) -> Workload {
+        Workload {
+            rng: Rng(seed | 1),
+            depth: 16,
+            pending: Default::default(),
+            max_blocks: 4,
+            span: 512,
+            writes: 45,
+            flushes: 5,
+            discards: 2,
+            fua: 10,
+            mode_switches: 1,
+            errors_ok: false,
+            log: Default::default(),
+            modes: Vec::new(),
+            ops: 0,
         }
     }
-}
 
-#[test]
-fn fresh_set_then_restart_keeps_every_key() {
-    let st = fresh(1024);
-    let mut cs = CacheSet::open(st, opts()).unwrap();
-    assert!(cs.open_report().fresh);
-    assert!(cs.superblock().sync());
-    assert_eq!(cs.superblock().seq, 1);
-    let mut model = Model::new();
-    for i in 0..600u64 {
-        let (inode, blk) = ((i % 3) as u32, (i * 7919) % 500);
-        cs.write(inode, blk * 8, &block(i)).unwrap();
-        model.insert((inode, blk), i);
-        if i % 50 == 0 {
-            cs.flush().unwrap();
+    /// Notes what touches each block, to tell how a failed check came about.
+    fn trace(&mut self, what: &str, dev: usize, block: u64, blocks: u64) {
+        if blocks > 64 {
+            self.modes.push(format!("{} {what} dev {dev}", self.ops));
+            return;
+        }
+        for b in block..block + blocks {
+            self.log.entry((dev, b)).or_default().push(format!("{} {what} ({block}+{blocks})", self.ops));
         }
     }
-    cs.flush().unwrap();
-    check(&mut cs, &model);
-    let st = cs.close().unwrap();
-    let mut cs = CacheSet::open(st, opts()).unwrap();
-    let r = cs.open_report().clone();
-    assert!(!r.fresh);
-    assert_eq!(r.replayed_keys, 0, "a clean close leaves nothing to replay: {r:?}");
-    assert_eq!(r.checkpoint_keys as usize, cs.keys().len());
-    assert_eq!(cs.superblock().seq, 2);
-    check(&mut cs, &model);
-    // Without a clean close the keys come from the journal.
-    for i in 600..700u64 {
-        cs.write(5, i * 8, &block(i)).unwrap();
-        model.insert((5, i), i);
+
+    fn history(&self, dev: usize, block: u64) -> String {
+        let ev = self.log.get(&(dev, block)).map(|v| v.join("\n  ")).unwrap_or_default();
+        format!("history of dev {dev} block {block}:\n  {ev}\nmode switches: {}", self.modes.join(", "))
     }
-    cs.flush().unwrap();
-    let st = cs.abandon();
-    let mut cs = CacheSet::open(st, opts()).unwrap();
-    let r = cs.open_report().clone();
-    assert_eq!(r.checkpoint_seq + r.replayed_entries, r.head_seq, "replay reached the newest entry: {r:?}");
-    assert!(r.replayed_keys > 0 || r.checkpoint_keys as usize == cs.keys().len(), "{r:?}");
-    check(&mut cs, &model);
-}
 
-#[test]
-fn unflushed_writes_are_not_required_but_flushed_ones_are() {
-    let mut cs = CacheSet::open(fresh(1024), opts()).unwrap();
-    cs.write(1, 0, &block(1)).unwrap();
-    cs.flush().unwrap();
-    cs.write(1, 8, &block(2)).unwrap();
-    let st = cs.abandon();
-    let mut cs = CacheSet::open(st, opts()).unwrap();
-    let mut m = Model::new();
-    m.insert((1, 0), 1);
-    check(&mut cs, &m);
-}
-
-// ---- Crash simulation over the fault engine ----
-
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use ubcache_core::cache_set::EngineStorage;
-use ubcache_core::io::fault::{CrashMode, FaultEngine, FaultRule};
-use ubcache_core::io::psync::PsyncEngine;
-use ubcache_core::io::{DirectIo, IoEngine, OpenOptions};
-
-type Faulty = EngineStorage<FaultEngine<PsyncEngine>>;
-
-fn fault_device(name: &str, nbuckets: u64) -> (Faulty, std::path::PathBuf) {
-    let path = std::path::PathBuf::from(format!("/dev/shm/ubcache-cs-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let o = OpenOptions {
-        direct: DirectIo::Off,
-        exclusive: false,
-        create_size: Some(nbuckets * BS * 512),
-        ..Default::default()
-    };
-    let dev = Arc::new(ubcache_core::io::Device::open(&path, &o).unwrap());
-    dev.write_at(&superblock::format([3; 16], [4; 16], nbuckets, BS as u16, 8), 4096).unwrap();
-    let mut e = FaultEngine::new(PsyncEngine::new(1).unwrap());
-    let id = e.add_device(dev).unwrap();
-    e.control().set_volatile(true);
-    (EngineStorage::new(e, id), path)
-}
-
-/// Per block: the data that is durable (None: nothing), and data written since the last
-/// successful flush, any of which a crash may or may not keep.
-#[derive(Default, Clone)]
-struct Slot {
-    durable: Option<u64>,
-    since: BTreeSet<u64>,
-}
-
-fn check_after_crash(cs: &mut CacheSet<Faulty>, model: &mut BTreeMap<(u32, u64), Slot>, ctx: &str) {
-    for (&(inode, blk), slot) in model.iter_mut() {
-        let r = cs.read(inode, blk * 8, 8).unwrap();
-        let got = match (r.len(), &r[0].data) {
-            (1, Some(d)) => {
-                let tag = slot.durable.iter().chain(slot.since.iter()).copied().find(|&t| block(t) == *d);
-                assert!(tag.is_some(), "{ctx}: inode {inode} block {blk} holds data never written there");
-                tag
-            }
-            (1, None) => None,
-            _ => panic!("{ctx}: inode {inode} block {blk} partly cached: {r:?}"),
-        };
-        if got.is_none() {
-            assert!(slot.durable.is_none(), "{ctx}: inode {inode} block {blk}: flushed data {:?} lost", slot.durable);
+    /// Submits one random request (or switches a mode).
+    pub fn step(&mut self, rig: &mut Rig, model: &mut Model) {
+        self.ops += 1;
+        let dev = self.rng.below(model.devices() as u64) as usize;
+        let span = self.span.min(model.device_blocks(dev));
+        let blocks = 1 + self.rng.below(self.max_blocks);
+        let block = self.rng.below(span - blocks + 1);
+        let tag = rig.tag();
+        let h = DevId(rig.handles[dev]);
+        let roll = self.rng.below(100);
+        if roll < self.mode_switches {
+            let mode = MODES[self.rng.below(4) as usize];
+            rig.engine.set_cache_mode(rig.handles[dev], mode).unwrap();
+            self.trace(&format!("mode {mode:?}"), dev, 0, u64::MAX / 2);
+            return;
         }
-        if slot.since.is_empty() {
-            assert_eq!(got, slot.durable, "{ctx}: inode {inode} block {blk}");
-        }
-        // What survived is durable now (the crash left the device synced).
-        *slot = Slot { durable: got, since: BTreeSet::new() };
-    }
-    cs.verify_index().unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    for k in cs.keys() {
-        for p in k.ptrs() {
-            let b = cs.allocator().bucket(p.dev(), p.offset() / BS).unwrap();
-            assert_eq!(b.gen, p.gen(), "{ctx}: key {k:?} points into a bucket whose gen moved on");
-        }
-    }
-}
-
-/// Random writes and flushes; the device fails every request from a random point on (the
-/// power cut) and the crash drops or tears what was not flushed; reopen and check.
-fn crash_campaign(name: &str, seed: u64, rounds: usize) -> usize {
-    let mut gens_moved = 0u64;
-    let (mut st, path) = fault_device(name, 1024);
-    let mut rng = Rng(seed);
-    let mut model: BTreeMap<(u32, u64), Slot> = BTreeMap::new();
-    let mut tag = seed << 32;
-    let mut crash_points = 0;
-    let mut stats = [0u64; 6];
-    for round in 0..rounds {
-        let ctl = st.engine().control();
-        let mut cs = match CacheSet::open(st, opts()) {
-            Ok(cs) => cs,
-            Err(e) => panic!("{name} round {round}: open failed: {e}"),
-        };
-        let r = cs.open_report();
-        stats[0] += r.replayed_keys;
-        stats[1] += r.stale_keys;
-        stats[2] += r.checkpoint_keys;
-        stats[3] += u64::from(r.checkpoint_fallback);
-        stats[4] += u64::from(r.gap_at.is_some());
-        if round > 0 {
-            check_after_crash(&mut cs, &mut model, &format!("{name} round {round}"));
-        }
-        // The power goes at a random request from now on (sometimes after the workload).
-        ctl.add_rule(FaultRule::eio().skip(rng.below(400)));
-        let ops = 10 + rng.below(60);
-        for _ in 0..ops {
-            let r = if rng.below(6) == 0 {
-                cs.flush().map(|_| {
-                    for s in model.values_mut() {
-                        if let Some(&last) = s.since.iter().max_by_key(|&&t| t) {
-                            s.durable = Some(last);
-                            s.since.clear();
-                        }
-                    }
-                })
+        let roll = roll - self.mode_switches;
+        if roll < self.writes {
+            let fua = self.rng.chance(self.fua);
+            let (data, version) = model.write_submitted(dev, block, blocks);
+            self.trace(&format!("write v{version} fua {fua} tag {tag}"), dev, block, blocks);
+            let buf = AlignedBuf::from_slice(&data);
+            self.pending.insert(tag, Pending::Write { dev, block, blocks, version, fua });
+            rig.submit(if fua {
+                IoRequest::write_fua(h, block * BLOCK, buf, tag)
             } else {
-                let inode = rng.below(2) as u32;
-                let blk = rng.below(160);
-                let n = 1 + rng.below(3);
-                let mut data = Vec::new();
-                for i in 0..n {
-                    tag += 1;
-                    data.extend(block(tag));
-                    model.entry((inode, blk + i)).or_default().since.insert(tag);
+                IoRequest::write(h, block * BLOCK, buf, tag)
+            });
+        } else if roll < self.writes + self.flushes {
+            let at = model.flush_submitted();
+            self.pending.insert(tag, Pending::Flush { at });
+            rig.submit(IoRequest::flush(h, tag));
+        } else if roll < self.writes + self.flushes + self.discards {
+            self.pending.insert(tag, Pending::Discard { dev, block, blocks });
+            self.trace(&format!("discard tag {tag}"), dev, block, blocks);
+            rig.submit(IoRequest::discard(h, block * BLOCK, blocks * BLOCK, tag));
+        } else {
+            self.pending.insert(tag, Pending::Read(model.read_submitted(dev, block, blocks)));
+            self.trace(&format!("read tag {tag:#x}"), dev, block, blocks);
+            rig.submit(IoRequest::read(h, block * BLOCK, AlignedBuf::new((blocks * BLOCK) as usize), tag));
+        }
+    }
+
+    /// Checks and retires the completions collected so far.
+    pub fn retire(&mut self, rig: &mut Rig, model: &mut Model) {
+        for c in std::mem::take(&mut rig.done) {
+            self.complete(model, c);
+        }
+    }
+
+    pub fn complete(&mut self, model: &mut Model, c: IoCompletion) {
+        let Some(p) = self.pending.remove(&c.user_data) else {
+            panic!("a completion nobody submitted: {:#x}", c.user_data)
+        };
+        let ok = c.result.is_ok();
+        let c_tag = c.user_data;
+        if let Err(e) = &c.result {
+            assert!(self.errors_ok, "request failed: {e}");
+        }
+        match p {
+            Pending::Read(r) => {
+                if ok {
+                    let data = c.into_buf().unwrap();
+                    if let Err(e) = model.read_done(&r, &data) {
+                        let bad = e.split(" block ").nth(1).and_then(|x| x.split(' ').next()).and_then(|x| x.parse().ok());
+                        let h = bad.map(|b| self.history(r.dev, b)).unwrap_or_default();
+                        panic!("read of dev {} blocks {}+{} (tag {:#x}): {e}\n{h}", r.dev, r.block, r.blocks, c_tag);
+                    }
                 }
-                // Tags increase, so the newest is the largest in `since`.
-                cs.write(inode, blk * 8, &data)
-            };
-            if let Err(e) = r {
-                assert!(ctl.injected() > 0, "{name} round {round}: error without a fault: {e}");
-                break;
+            }
+            Pending::Write { dev, block, blocks, version, fua } => {
+                self.trace(&format!("write v{version} done ok {ok}"), dev, block, blocks);
+                model.write_done(dev, block, blocks, version, ok, fua)
+            }
+            Pending::Flush { at } => {
+                if ok {
+                    model.flush_done(at)
+                }
+            }
+
+            Pending::Discard { dev, block, blocks } => {
+                self.trace("discard done", dev, block, blocks);
+                model.discard_done(dev, block, blocks)
             }
         }
-        gens_moved += (0..1024).map(|b| u64::from(cs.allocator().bucket(0, b).unwrap().gen)).sum::<u64>();
-        let mut st2 = cs.abandon();
-        let mode =
-            if rng.below(2) == 0 { CrashMode::DropUnflushed } else { CrashMode::TearUnflushed { seed: rng.next() } };
-        st2.engine().crash(mode).unwrap();
-        ctl.clear_rules();
-        crash_points += 1;
-        st = st2;
     }
-    let _ = std::fs::remove_file(&path);
-    eprintln!(
-        "{name}: replayed {} keys, {} stale, {} from checkpoints, {} fallbacks, {} gaps",
-        stats[0], stats[1], stats[2], stats[3], stats[4]
-    );
-    // The campaign must have exercised replay and bucket reuse, or it proved little.
-    assert!(stats[0] > 0 && stats[2] > 0 && gens_moved > 0, "{name}: {stats:?} gens {gens_moved}");
-    crash_points
-}
 
-/// Crash points per campaign (four campaigns run at once): thousands in a release build,
-/// fewer in a debug build to keep it quick.
-const ROUNDS: usize = if cfg!(debug_assertions) { 60 } else { 500 };
-
-#[test]
-fn crashes_lose_nothing_flushed_and_serve_nothing_stale() {
-    let threads: Vec<_> = (0..4u64)
-        .map(|t| std::thread::spawn(move || crash_campaign(&format!("c{t}"), 0x1234_5678 + t * 7777, ROUNDS)))
-        .collect();
-    let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    assert_eq!(total, 4 * ROUNDS);
-}
-
-// ---- Damaged metadata ----
-
-use ubcache_core::journal::{read_journal, JournalGeometry};
-
-fn geometry(cs: &mut CacheSet<MemStorage>) -> JournalGeometry {
-    let sb = cs.superblock().clone();
-    JournalGeometry {
-        buckets: sb.journal_buckets,
-        bucket_bytes: BS as usize * 512,
-        block_bytes: 4096,
-        set_magic: u64::from_le_bytes(sb.set_uuid[..8].try_into().unwrap()),
-    }
-}
-
-fn flip(st: &mut MemStorage, offset: u64) {
-    let base = offset / 4096 * 4096;
-    let mut b = vec![0u8; 4096];
-    st.read(base, &mut b).unwrap();
-    b[(offset - base) as usize] ^= 0x5a;
-    st.write(base, &b).unwrap();
-}
-
-fn is_hole<S: Storage>(cs: &mut CacheSet<S>, inode: u32, blk: u64) -> bool {
-    let r = cs.read(inode, blk * 8, 8).unwrap();
-    r.len() == 1 && r[0].data.is_none()
-}
-
-/// Writes blocks 0..n of inode 1 with one flush (journal entry) each; returns where each
-/// write's entry lies (byte offset on the device) and its seq.
-fn entries_per_write(cs: &mut CacheSet<MemStorage>, n: u64) -> Vec<(u64, u64)> {
-    let mut at = Vec::new();
-    for i in 0..n {
-        cs.write(1, i * 8, &block(i)).unwrap();
-        cs.flush().unwrap();
-        let g = geometry(cs);
-        let found = read_journal(cs.storage(), &g).unwrap();
-        let e =
-            found.iter().rev().find(|e| e.keys().unwrap().iter().any(|k| k.inode == 1 && k.start == i * 8)).unwrap();
-        at.push((g.buckets[e.bucket_idx] * g.bucket_bytes as u64 + e.offset as u64, e.jset.seq));
-    }
-    at
-}
-
-#[test]
-fn torn_newest_entry_is_ignored() {
-    let mut cs = CacheSet::open(fresh(4096), opts()).unwrap();
-    entries_per_write(&mut cs, 2);
-    let g = geometry(&mut cs);
-    let found = read_journal(cs.storage(), &g).unwrap();
-    let newest = found.last().unwrap().clone();
-    let b_in_newest = newest.keys().unwrap().iter().any(|k| k.start == 8);
-    let mut st = cs.abandon();
-    flip(&mut st, g.buckets[newest.bucket_idx] * g.bucket_bytes as u64 + newest.offset as u64 + 100);
-    let mut cs = CacheSet::open(st, opts()).unwrap();
-    assert_eq!(cs.open_report().head_seq, newest.jset.seq - 1);
-    assert_eq!(cs.read(1, 0, 8).unwrap()[0].data.as_deref(), Some(&block(0)[..]));
-    assert_eq!(is_hole(&mut cs, 1, 1), b_in_newest, "only the torn entry's keys are missing");
-    // The set goes on from there and survives another restart.
-    cs.write(1, 16, &block(9)).unwrap();
-    cs.flush().unwrap();
-    let mut cs = CacheSet::open(cs.abandon(), opts()).unwrap();
-    assert_eq!(cs.read(1, 16, 8).unwrap()[0].data.as_deref(), Some(&block(9)[..]));
-}
-
-#[test]
-fn replay_stops_at_a_gap_and_the_set_goes_on() {
-    let mut cs = CacheSet::open(fresh(4096), opts()).unwrap();
-    let at = entries_per_write(&mut cs, 3);
-    let mut st = cs.abandon();
-    flip(&mut st, at[1].0 + 20); // the middle entry's seq
-    let mut cs = CacheSet::open(st, opts()).unwrap();
-    assert_eq!(cs.open_report().gap_at, Some(at[1].1), "{:?}", cs.open_report());
-    assert_eq!(cs.read(1, 0, 8).unwrap()[0].data.as_deref(), Some(&block(0)[..]));
-    assert!(is_hole(&mut cs, 1, 1) && is_hole(&mut cs, 1, 2), "nothing after the gap is replayed");
-    // Writes after the recovery are not lost behind the old gap.
-    cs.write(1, 40, &block(40)).unwrap();
-    cs.flush().unwrap();
-    let mut cs = CacheSet::open(cs.abandon(), opts()).unwrap();
-    assert_eq!(cs.open_report().gap_at, None);
-    assert_eq!(cs.read(1, 40, 8).unwrap()[0].data.as_deref(), Some(&block(40)[..]));
-    assert_eq!(cs.read(1, 0, 8).unwrap()[0].data.as_deref(), Some(&block(0)[..]));
-}
-
-#[test]
-fn bad_checkpoint_falls_back_to_the_previous_one() {
-    let mut cs = CacheSet::open(fresh(4096), opts()).unwrap();
-    let mut model = Model::new();
-    let first = cs.metadata_pointers().0.unwrap();
-    let mut i = 0u64;
-    // Write until two checkpoints newer than the fresh set's were taken.
-    let mut seen = vec![first];
-    while seen.len() < 3 {
-        cs.write(2, (i % 300) * 8, &block(i)).unwrap();
-        model.insert((2, i % 300), i);
-        cs.flush().unwrap();
-        let c = cs.metadata_pointers().0.unwrap();
-        if *seen.last().unwrap() != c {
-            seen.push(c);
+    /// Runs `ops` requests with up to `depth` in flight, then waits for all of them.
+    pub fn run(&mut self, rig: &mut Rig, model: &mut Model, ops: usize) {
+        for _ in 0..ops {
+            let until = std::time::Instant::now() + Duration::from_secs(30);
+            while self.pending.len() >= self.depth {
+                rig.poll(Duration::from_millis(5));
+                self.retire(rig, model);
+                if std::time::Instant::now() > until {
+                    panic!("{} requests stuck: {}", self.pending.len(), rig.engine.set().unwrap().describe());
+                }
+            }
+            self.step(rig, model);
+            self.retire(rig, model);
         }
-        i += 1;
+        self.finish(rig, model);
     }
-    // A few more writes after it, so the fallback has more to replay.
-    for j in 0..5 {
-        cs.write(3, j * 8, &block(1000 + j)).unwrap();
-        model.insert((3, j), 1000 + j);
-    }
-    cs.flush().unwrap();
-    let cur = cs.metadata_pointers().0.unwrap();
-    let buckets = cs.checkpoint_buckets();
-    let mut st = cs.abandon();
-    flip(&mut st, buckets[0] * BS * 512 + 4096 + 100); // a data block of the head bucket
-    let mut cs = CacheSet::open(st, opts()).unwrap();
-    let r = cs.open_report().clone();
-    assert!(r.checkpoint_fallback, "{r:?}");
-    assert!(r.checkpoint_seq < cur.seq);
-    assert!(r.replayed_keys > 5, "a longer replay: {r:?}");
-    check(&mut cs, &model);
-    // The recovered state was checkpointed again: the next open needs no fallback.
-    let mut cs = CacheSet::open(cs.abandon(), opts()).unwrap();
-    assert!(!cs.open_report().checkpoint_fallback);
-    check(&mut cs, &model);
-}
 
-#[test]
-fn no_readable_checkpoint_refuses_to_start() {
-    let mut cs = CacheSet::open(fresh(1024), opts()).unwrap();
-    for i in 0..40 {
-        cs.write(1, i * 8, &block(i)).unwrap();
-        cs.flush().unwrap();
-    }
-    let g = geometry(&mut cs);
-    let mut st = cs.abandon();
-    // Damage every checkpoint any journal entry still names.
-    let found = read_journal(&mut st, &g).unwrap();
-    let heads: BTreeSet<u64> = found.iter().filter_map(|e| e.jset.checkpoint.map(|c| c.bucket)).collect();
-    for b in heads {
-        flip(&mut st, b * BS * 512 + 16);
-    }
-    let err = CacheSet::open(st, opts()).err().expect("opened without a checkpoint");
-    assert!(err.message().contains("index checkpoint"), "{err}");
-    assert_eq!(err.kind(), ubcache_core::ErrorKind::Corrupt);
-}
-
-#[test]
-fn bad_uuid_table_or_prio_chain_refuses_to_start_naming_it() {
-    for what in ["UUID table", "prio chain"] {
-        let mut cs = CacheSet::open(fresh(1024), opts()).unwrap();
-        cs.write(1, 0, &block(1)).unwrap();
-        cs.flush().unwrap();
-        let (_, uuid, prio) = cs.metadata_pointers();
-        let bucket = if what == "UUID table" { uuid.unwrap().bucket } else { prio };
-        let mut st = cs.abandon();
-        flip(&mut st, bucket * BS * 512 + 12); // magic
-        let err = CacheSet::open(st, opts()).err().unwrap_or_else(|| panic!("{what}: opened"));
-        assert!(err.message().contains(what), "{what}: {err}");
-        assert_eq!(err.kind(), ubcache_core::ErrorKind::Corrupt);
+    pub fn finish(&mut self, rig: &mut Rig, model: &mut Model) {
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while !self.pending.is_empty() {
+            assert!(
+                std::time::Instant::now() < until,
+                "{} requests never completed: {}",
+                self.pending.len(),
+                rig.engine.set().unwrap().describe()
+            );
+            rig.poll(Duration::from_millis(5));
+            self.retire(rig, model);
+        }
     }
 }
 
-#[test]
-fn uuid_table_survives_restart() {
-    use ubcache_core::uuids::{UuidEntry, UUID_FLASH_ONLY};
-    let mut cs = CacheSet::open(fresh(1024), opts()).unwrap();
-    let e = UuidEntry { uuid: [5; 16], flags: UUID_FLASH_ONLY, sectors: 1 << 20, first_reg: 17, ..Default::default() };
-    cs.set_uuids(vec![UuidEntry::default(), e.clone()]).unwrap();
-    let old = cs.metadata_pointers().1.unwrap();
-    cs.set_uuids(vec![UuidEntry::default(), e.clone(), e.clone()]).unwrap();
-    assert_ne!(cs.metadata_pointers().1.unwrap().bucket, old.bucket, "rewritten to a new bucket");
-    let cs = CacheSet::open(cs.abandon(), opts()).unwrap();
-    assert_eq!(cs.uuids(), &[UuidEntry::default(), e.clone(), e][..]);
+/// Reads every block of every device and checks it against the model.
+pub fn check_all(rig: &mut Rig, model: &mut Model) {
+    for dev in 0..model.devices() {
+        let n = model.device_blocks(dev);
+        let mut b = 0;
+        while b < n {
+            let k = (n - b).min(64);
+            let r = model.read_submitted(dev, b, k);
+            let data = rig.read(dev, b, k).unwrap();
+            if let Err(e) = model.read_done(&r, &data) {
+                panic!("full check: {e}");
+            }
+            b += k;
+        }
+    }
+}
+
+fn opts(modes: Vec<CacheMode>, seed: u64) -> RigOptions {
+    RigOptions { modes, seed, jitter: Duration::from_micros(200), ..Default::default() }
 }
 
 #[test]
-fn keys_are_batched_until_the_delay_or_a_flush() {
-    let mut cs = CacheSet::open(fresh(4096), opts()).unwrap();
-    let before = cs.stats().journal_entries;
-    for i in 0..6 {
-        cs.write(1, i * 8, &block(i)).unwrap();
+fn every_mode_reads_back_what_was_written_across_restarts() {
+    let paths = format("modes", Geo::small());
+    let mut model = Model::new(&paths.geo);
+    for (round, mode) in MODES.iter().enumerate() {
+        let o = opts(vec![*mode, MODES[(round + 1) % 4]], round as u64);
+        let mut rig = Rig::open(&paths, &o).unwrap();
+        assert_eq!(rig.state(), SetState::Running);
+        let mut w = Workload::new(round as u64 * 7 + 1);
+        w.run(&mut rig, &mut model, 1500);
+        check_all(&mut rig, &mut model);
+        rig.set_verify();
+        rig.close().unwrap();
     }
-    assert!(cs.poll_journal().unwrap().is_some(), "keys wait for the delay");
-    let mid = cs.stats().journal_entries;
-    assert!(mid - before <= 2, "at most the allocator's own prio entries: {}", mid - before);
-    cs.flush().unwrap();
-    assert_eq!(cs.stats().journal_entries, mid + 1, "one entry for the batch");
-    // With no delay every write is journalled by itself.
-    let st = cs.close().unwrap();
-    let mut cs = CacheSet::open(st, CacheSetOptions { journal_delay_ms: 0, seed: 7 }).unwrap();
-    let before = cs.stats().journal_entries;
-    for i in 0..5 {
-        cs.write(2, i * 8, &block(i)).unwrap();
+    // Reopened after a clean close, the cache serves from where it was: hits.
+    let mut rig = Rig::open(&paths, &opts(vec![CacheMode::Writeback], 9)).unwrap();
+    assert!(rig.engine.set().unwrap().open_report().clean_shutdown);
+    check_all(&mut rig, &mut model);
+    let s = rig.engine.set().unwrap().stats();
+    assert!(s.hit_sectors > 0, "a warm cache serves hits after a restart: {s:?}");
+    rig.close().unwrap();
+}
+
+#[test]
+fn model_interleavings_with_modes_switching_and_deep_queues() {
+    for seed in 1..=4u64 {
+        let paths = format(&format!("interleave{seed}"), Geo::small());
+        let mut model = Model::new(&paths.geo);
+        for round in 0..3u64 {
+            eprintln!("seed {seed} round {round}");
+            let o = opts(vec![MODES[(seed + round) as usize % 4], MODES[(seed + round + 2) as usize % 4]], seed * 10 + round);
+            let mut rig = Rig::open(&paths, &o).unwrap();
+            let mut w = Workload::new(seed * 1000 + round);
+            w.depth = 8 << (round % 3);
+            w.mode_switches = 3;
+            w.span = if round == 1 { 1024 } else { 256 };
+            w.run(&mut rig, &mut model, 2500);
+            check_all(&mut rig, &mut model);
+            rig.set_verify();
+            rig.close().unwrap();
+        }
     }
-    assert!(cs.stats().journal_entries >= before + 5);
-    assert_eq!(cs.poll_journal().unwrap(), None);
+}
+
+#[test]
+fn writing_ten_times_the_cache_keeps_working_and_never_serves_stale_data() {
+    // 2 MiB of cache, two devices of 4 MiB: every mode must reclaim to go on.
+    let geo = Geo { nbuckets: 600, bucket_sectors: 8 * 2, backing_blocks: vec![1024, 1024] };
+    for mode in MODES {
+        let paths = format(&format!("reclaim-{}", mode.name()), geo.clone());
+        let mut model = Model::new(&paths.geo);
+        let o = opts(vec![mode], 3);
+        let mut rig = Rig::open(&paths, &o).unwrap();
+        let mut w = Workload::new(77);
+        w.span = 1024;
+        w.writes = 70;
+        w.max_blocks = 8;
+        w.discards = 0;
+        w.mode_switches = 0;
+        // About 10 × 4.8 MiB of writes.
+        w.run(&mut rig, &mut model, 4000);
+        check_all(&mut rig, &mut model);
+        rig.set_verify();
+        let s = rig.engine.set().unwrap().stats();
+        assert!(s.gc_runs > 0 && s.prio_writes > 1, "{mode:?}: reclaim ran: {s:?}");
+        rig.close().unwrap();
+    }
+}
+
+#[test]
+fn bad_requests_get_typed_errors_and_the_set_runs_on() {
+    let paths = format("bad", Geo::small());
+    let mut rig = Rig::open(&paths, &RigOptions::default()).unwrap();
+    let h = DevId(rig.handles[0]);
+    let size = 1024 * BLOCK;
+    let cases: Vec<(IoRequest, ErrorKind)> = vec![
+        (IoRequest::read(h, 100, AlignedBuf::new(4096), 1), ErrorKind::Misaligned),
+        (IoRequest::read(h, 0, AlignedBuf::new(1000), 2), ErrorKind::Misaligned),
+        (IoRequest::write(h, size - 4096, AlignedBuf::new(8192), 3), ErrorKind::OutOfRange),
+        (IoRequest::read(h, u64::MAX - 4095, AlignedBuf::new(4096), 4), ErrorKind::OutOfRange),
+        (IoRequest::discard(h, size, 4096, 5), ErrorKind::OutOfRange),
+        (IoRequest::read(h, 0, AlignedBuf::new(0), 6), ErrorKind::InvalidArgument),
+        (IoRequest::read(DevId(99), 0, AlignedBuf::new(4096), 7), ErrorKind::InvalidArgument),
+    ];
+    for (req, kind) in cases {
+        let tag = req.user_data;
+        let c = rig.run(req);
+        assert_eq!(c.user_data, tag);
+        let e = c.result.unwrap_err();
+        assert_eq!(e.kind(), kind, "{e}");
+    }
+    rig.write(0, 3, &block_content(0, 3, 99), false).unwrap();
+    assert_eq!(rig.read(0, 3, 1).unwrap(), block_content(0, 3, 99));
+    assert_eq!(rig.state(), SetState::Running);
+    rig.set_verify();
+    // A closed set refuses requests with CLOSED.
+    let tag = rig.tag();
+    rig.engine.close(tag).unwrap();
+    let c = rig.run(IoRequest::read(h, 0, AlignedBuf::new(4096), 1000));
+    assert_eq!(c.result.unwrap_err().kind(), ErrorKind::Closed);
+}
+
+#[test]
+fn a_backing_device_too_small_for_its_data_offset_is_refused() {
+    let mut geo = Geo::small();
+    geo.backing_blocks = vec![16];
+    let paths = format("tiny", geo);
+    std::fs::write(&paths.backing[0], vec![0u8; 4096]).unwrap();
+    let e = match Rig::open(&paths, &RigOptions::default()) {
+        Err(e) => e,
+        Ok(_) => panic!("a backing device smaller than its data offset attached"),
+    };
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(e.message().contains("data offset"), "{e}");
+}
+
+#[test]
+fn opening_with_options_that_differ_from_defaults() {
+    // Journal written flush-write-flush instead of FUA; a longer journal delay.
+    let paths = format("nofua", Geo::small());
+    let mut model = Model::new(&paths.geo);
+    let mut o = opts(vec![CacheMode::Writeback, CacheMode::Writethrough], 5);
+    o.set = CacheSetOptions { journal_fua: false, journal_delay_ms: 50, ..Default::default() };
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    let mut w = Workload::new(5);
+    w.run(&mut rig, &mut model, 1500);
+    check_all(&mut rig, &mut model);
+    rig.close().unwrap();
+}
+
+trait Verify {
+    fn set_verify(&mut self);
+}
+
+impl Verify for Rig {
+    /// The index is consistent: keys do not overlap, counts add up.
+    fn set_verify(&mut self) {
+        self.engine.set().unwrap().verify_index().unwrap();
+    }
 }

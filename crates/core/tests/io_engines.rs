@@ -253,7 +253,7 @@ fn short_transfers_are_completed() {
     model[8192..8192 + data.len()].copy_from_slice(&data);
     assert!(read(&mut *e, id, 4096, 300 << 10) == model[4096..4096 + (300 << 10)]);
     let bufs: Vec<_> = [12288usize, 4096, 65536].iter().map(|&n| AlignedBuf::new(n)).collect();
-    let c = sync(&mut *e, IoRequest { dev: id, offset: 0, op: IoOp::Readv { bufs }, user_data: 5 });
+    let c = sync(&mut *e, IoRequest { dev: id, offset: 0, op: IoOp::Readv { bufs }, user_data: 5, fua: false });
     assert_eq!(c.result.unwrap(), 12288 + 4096 + 65536);
     let IoOp::Readv { bufs } = c.op else { panic!("readv comes back as readv") };
     let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
@@ -282,7 +282,7 @@ fn vectored_io_flush_and_discard() {
         let id = e.add_device(open(&p)).unwrap();
         let parts = [pattern(4096, 1), pattern(8192, 2), pattern(4096, 3)];
         let bufs = parts.iter().map(|d| AlignedBuf::from_slice(d)).collect();
-        let c = sync(&mut *e, IoRequest { dev: id, offset: 65536, op: IoOp::Writev { bufs }, user_data: 1 });
+        let c = sync(&mut *e, IoRequest { dev: id, offset: 65536, op: IoOp::Writev { bufs }, user_data: 1, fua: false });
         assert_eq!(c.result.unwrap(), 16384);
         flush(&mut *e, id);
         let all = read(&mut *e, id, 65536, 16384);

@@ -691,17 +691,41 @@ impl ExtentIndex {
     /// Completes a read miss: `key` (same inode, start and size as `ph`, not dirty) says
     /// where the data read from the backing device now sits in the cache. Only the sectors
     /// still under `ph`'s placeholders take it; anything written or invalidated meanwhile
-    /// is newer and stays.
+    /// is newer and stays. The miss is over afterwards ([`ExtentIndex::finish_fill`]).
     pub fn fill<B: BucketGens + BucketAccounting + ?Sized>(
         &mut self,
         ph: &Placeholder,
         key: &Key,
         b: &mut B,
     ) -> Result<FillOutcome> {
-        key.validate()?;
         if key.inode != ph.inode || key.start != ph.start || key.size != ph.len {
             return Err(invalid(format!(
                 "fill key {key} does not match the miss {}:{}+{}",
+                ph.inode, ph.start, ph.len
+            )));
+        }
+        let mut runs = Vec::new();
+        let filled = self.fill_part(ph, key, b, &mut runs)?;
+        Ok(self.finish_fill(ph, filled))
+    }
+
+    /// Fills the part of miss `ph` that `key` covers (a clean key inside the miss's range,
+    /// for data that came back in pieces): the sectors of that part still under `ph`'s
+    /// placeholders take the data. Appends to `runs` each `(start, len)` that took it, in
+    /// order: exactly what the index now holds from this key, which is what the journal
+    /// must record (the rest was overwritten meanwhile, and replaying it would bring old
+    /// data back over newer). Returns the sectors filled.
+    pub fn fill_part<B: BucketGens + BucketAccounting + ?Sized>(
+        &mut self,
+        ph: &Placeholder,
+        key: &Key,
+        b: &mut B,
+        runs: &mut Vec<(u64, u64)>,
+    ) -> Result<u64> {
+        key.validate()?;
+        if key.inode != ph.inode || key.start < ph.start || key.end() > ph.start + ph.len || key.dirty {
+            return Err(invalid(format!(
+                "fill key {key} is not a clean part of the miss {}:{}+{}",
                 ph.inode, ph.start, ph.len
             )));
         }
@@ -714,48 +738,69 @@ impl ExtentIndex {
         live.retain_ptrs(|p| !b.ptr_stale(p));
         if live.ptrs().is_empty() {
             // The cache copy is gone already; the range just stays uncached.
-            self.cancel_placeholder(ph);
-            return Ok(FillOutcome { filled: 0, collided: false });
+            return Ok(0);
         }
         let mut filled = 0;
         if let Some(vi) = self.vol_index(ph.inode) {
             let ExtentIndex { vols, side, .. } = self;
-            let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
+            let Volume { tree, sectors, .. } = &mut vols[vi];
             let pw = word::placeholder(ph.ticket);
-            let end = ph.start + ph.len;
-            let mut c = tree.seek(ph.start);
+            let end = key.end();
+            // Placeholders are cut to the holes of the miss; a key part may start inside one.
+            let mut c = tree.seek(key.start);
             while let Some(e) = tree.get(c) {
                 let es = e.start();
                 if es >= end {
                     break;
                 }
-                if e.word == pw {
-                    let n = e.size as u64;
-                    let skip = es - key.start;
-                    let mut ptrs = [live.ptrs()[0]; KEY_PTRS_MAX];
-                    for (d, p) in ptrs.iter_mut().zip(live.ptrs()) {
-                        *d = p.advance(skip);
-                    }
-                    let crc = if skip == 0 && n == key.size { live.crc } else { None };
-                    let w = make_word(side, &ptrs[..live.ptrs().len()], crc, live.dirty);
-                    tree.set_word(c, w);
-                    for p in live.ptrs() {
-                        b.add_sectors(p.dev(), p.bucket(bits), n as i64, live.dirty);
-                    }
-                    *sectors += n;
-                    if live.dirty {
-                        *dirty_sectors += n;
-                    }
-                    filled += n;
+                if e.word != pw {
+                    tree.advance(&mut c);
+                    continue;
+                }
+                // The piece of this placeholder that the key covers.
+                let (ps, pe) = (es.max(key.start), e.end.min(end));
+                if ps != es || pe != e.end {
+                    // Cut the placeholder so the piece is an entry of its own, then look again.
+                    let mut nb = NoBuckets;
+                    let (mut dirty_none, mut sect_none) = (0u64, 0u64);
+                    let mut t = Trimmer { b: &mut nb, side: &mut *side, sectors: &mut sect_none, dirty_sectors: &mut dirty_none, released: 0 };
+                    tree.replace(ps, pe, Some(pw), &mut t);
+                    c = tree.seek(ps);
+                    continue;
+                }
+                let n = e.size as u64;
+                let skip = es - key.start;
+                let mut ptrs = [live.ptrs()[0]; KEY_PTRS_MAX];
+                for (d, p) in ptrs.iter_mut().zip(live.ptrs()) {
+                    *d = p.advance(skip);
+                }
+                let crc = if skip == 0 && n == key.size { live.crc } else { None };
+                let w = make_word(side, &ptrs[..live.ptrs().len()], crc, false);
+                tree.set_word(c, w);
+                for p in live.ptrs() {
+                    b.add_sectors(p.dev(), p.bucket(bits), n as i64, false);
+                }
+                *sectors += n;
+                filled += n;
+                match runs.last_mut() {
+                    Some((s, l)) if *s + *l == es => *l += n,
+                    _ => runs.push((es, n)),
                 }
                 tree.advance(&mut c);
             }
         }
+        Ok(filled)
+    }
+
+    /// Ends miss `ph` after its fills: placeholders of it that are left (parts that were
+    /// not filled) go, and fewer sectors filled than reserved counts a collision.
+    pub fn finish_fill(&mut self, ph: &Placeholder, filled: u64) -> FillOutcome {
+        self.cancel_placeholder(ph);
         let collided = filled < ph.reserved;
         if collided {
             self.stats.cache_miss_collisions += 1;
         }
-        Ok(FillOutcome { filled, collided })
+        FillOutcome { filled, collided }
     }
 
     /// Withdraws a read miss (the backing read failed): its remaining placeholders go.

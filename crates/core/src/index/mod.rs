@@ -3,7 +3,7 @@
 //!
 //! - [`key`]: keys (inode, start, size, dirty, pointers with gens, optional data crc) and
 //!   lookup fragments;
-//! - [`bkey`]: bcache's on-disk `bkey` encoding of keys;
+//! - [`bkey`]: bcache's on-disk `bkey` encoding of keys, and the order to replay a run of them in;
 //! - [`buckets`]: what the index needs from the allocator (gens, sector accounting);
 //! - `btree`: the B+tree of one inode's extents, with overlap fix-up;
 //! - `word`/`side`: how a leaf packs a key into 18 bytes, and where the rare keys with
@@ -35,7 +35,7 @@ pub mod key;
 mod side;
 mod word;
 
-pub use bkey::{bkey_u64s, BKEY_U64S_MAX};
+pub use bkey::{bkey_u64s, replay_order, replay_records, ReplayRec, BKEY_U64S_MAX};
 pub use buckets::{BucketAccounting, BucketGens, MemBucket, MemBuckets};
 pub use extents::{ExtentIndex, FillOutcome, IndexStats, LookupReq, Placeholder, ScanFilter, ScanPos};
 pub use key::{

@@ -182,12 +182,35 @@ impl AlignedBuf {
     /// While the buffer lives, nothing else may read or write those bytes (no other window
     /// overlapping them, no JavaScript view reading them): the kernel writes into them.
     pub unsafe fn in_slab(slab: &Arc<Slab>, offset: usize, len: usize) -> Option<AlignedBuf> {
-        if !offset.is_multiple_of(BUF_ALIGN) || offset.checked_add(len)? > slab.len() {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { AlignedBuf::in_slab_aligned(slab, offset, len, BUF_ALIGN) }
+    }
+
+    /// [`AlignedBuf::in_slab`] for a window that starts on an `align` boundary (a power of
+    /// two of at least 512: what O_DIRECT needs of a device with 512-byte blocks).
+    ///
+    /// # Safety
+    /// As for [`AlignedBuf::in_slab`]; windows that only requests writing *from* them use
+    /// (the kernel reads them) may overlap each other.
+    pub unsafe fn in_slab_aligned(slab: &Arc<Slab>, offset: usize, len: usize, align: usize) -> Option<AlignedBuf> {
+        if !align.is_power_of_two() || align < 512 || !offset.is_multiple_of(align) || offset.checked_add(len)? > slab.len() {
             return None;
         }
         // SAFETY: offset + len <= slab.len(), so the pointer stays inside the allocation.
         let ptr = unsafe { NonNull::new_unchecked(slab.as_ptr().add(offset)) };
         Some(AlignedBuf { ptr, len, cap: len, origin: Origin::Slab(slab.clone()) })
+    }
+
+    /// This buffer as a window on a slab: `(slab, offset, len)`. A window stays where it
+    /// is; any other buffer becomes a slab of its own (no copy). Requests that split one
+    /// buffer into pieces take windows of it with [`AlignedBuf::in_slab_aligned`].
+    pub fn into_slab(self) -> (Arc<Slab>, usize, usize) {
+        if let Origin::Slab(slab) = &self.origin {
+            let at = self.ptr.as_ptr() as usize - slab.as_ptr() as usize;
+            return (slab.clone(), at, self.len);
+        }
+        let len = self.len;
+        (Slab::new(self), 0, len)
     }
 }
 

@@ -453,6 +453,9 @@ impl Device {
             }
             IoOp::Write { buf } => {
                 self.write_at(buf, off).map_err(|e| Error::io(ctx("write"), e))?;
+                if req.fua {
+                    self.sync_data().map_err(|e| Error::io(ctx("write (FUA: fdatasync)"), e))?;
+                }
                 Ok(buf.len() as u64)
             }
             IoOp::Readv { bufs } => {
@@ -461,6 +464,9 @@ impl Device {
             }
             IoOp::Writev { bufs } => {
                 self.writev_at(bufs, off).map_err(|e| Error::io(ctx("writev"), e))?;
+                if req.fua {
+                    self.sync_data().map_err(|e| Error::io(ctx("writev (FUA: fdatasync)"), e))?;
+                }
                 Ok(bufs.iter().map(|b| b.len() as u64).sum())
             }
             IoOp::Flush => {

@@ -74,6 +74,23 @@ impl RingDriver {
         })
     }
 
+    /// Takes over `engine` for a caller that waits in [`RingDriver::wait`] rather than in an
+    /// event loop, so it works with engines that cannot signal a descriptor (the fault
+    /// engine); [`RingDriver::fd`] is then -1.
+    pub fn without_fd(engine: Box<dyn IoEngine>) -> RingDriver {
+        RingDriver {
+            engine,
+            fd: -1,
+            closed: false,
+            batches: 0,
+            busy_poll: BusyPoll::Off,
+            lone_since: None,
+            lone_latency_ns: 0,
+            busy_polls: 0,
+            busy_poll_hits: 0,
+        }
+    }
+
     /// Whether [`RingDriver::submit_into`] keeps polling for a first completion when none is
     /// ready, instead of returning to the caller's event loop (default [`BusyPoll::Off`]).
     /// Sleeping in the loop and waking for the completion costs a 4 KiB read at queue
@@ -141,7 +158,7 @@ impl RingDriver {
     }
 
     /// The descriptor to watch for readability; when it is readable, call [`RingDriver::reap`].
-    /// It stays valid as long as the driver.
+    /// It stays valid as long as the driver (-1 for one made [`RingDriver::without_fd`]).
     pub fn fd(&self) -> RawFd {
         self.fd
     }
@@ -241,6 +258,11 @@ impl RingDriver {
         let mut out = Vec::new();
         self.poll_into(&mut out, timeout)?;
         Ok(out)
+    }
+
+    /// [`RingDriver::wait`] appending to `out`; returns how many.
+    pub fn wait_into(&mut self, out: &mut Vec<IoCompletion>, timeout: Option<Duration>) -> Result<usize> {
+        self.poll_into(out, timeout)
     }
 
     fn poll_into(&mut self, out: &mut Vec<IoCompletion>, timeout: Option<Duration>) -> Result<usize> {

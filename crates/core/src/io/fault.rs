@@ -8,14 +8,16 @@
 //!   letting some through; a number of times or forever) with an errno, EIO by default.
 //! - **Latency**: [`Latency`] delays completions like a slow disk: a fixed cost, a transfer
 //!   rate, and a seek model whose cost grows with the square root of the distance the head
-//!   travels; with `serial` the emulated disk serves one request at a time, as a disk arm does.
+//!   travels; with `serial` the emulated disk serves one request at a time, as a disk arm does;
+//!   a random `jitter` completes requests out of the order they were made in.
 //! - **Crashes**: with volatile writes on, every write or discard is recorded with the
 //!   contents it overwrites until a flush that follows its completion makes it durable.
 //!   [`FaultControl::crash`] cuts the power: requests in flight fail with EIO, then every
 //!   write not yet durable is undone ([`CrashMode::DropUnflushed`]) or torn, each of its
 //!   sectors independently kept or undone ([`CrashMode::TearUnflushed`]), newest first.
 //!   The device then behaves as after a reboot: what it holds is what a real disk with a
-//!   volatile write cache could hold after a power cut, and the test reopens it.
+//!   volatile write cache could hold after a power cut, and the test reopens it. A FUA
+//!   write ([`IoRequest::fua`]) is durable once it completes; in flight it may tear.
 //!
 //! Removing a device from the engine forgets its volatile writes (a clean close).
 
@@ -119,6 +121,11 @@ pub struct Latency {
     pub seek: Option<SeekModel>,
     /// Serve one request at a time per device (a disk arm), instead of all in parallel.
     pub serial: bool,
+    /// Up to this much more per request, drawn at random (seeded by `jitter_seed`): requests
+    /// then complete in an order other than the one they were made in, as on a real device.
+    pub jitter: Duration,
+    /// Seed of the jitter.
+    pub jitter_seed: u64,
 }
 
 impl Latency {
@@ -254,6 +261,21 @@ impl FaultControl {
     }
 }
 
+impl FaultControl {
+    /// Cuts the power after the engine this steers was dropped, as a process killed
+    /// mid-flight leaves it: whatever the engine still had in flight died with it, and
+    /// every write not yet durable is undone or torn as [`FaultControl::crash`] does. The
+    /// devices are let go, so they can be opened again.
+    pub fn cut_power_after_drop(&self, mode: CrashMode) -> Result<CrashReport> {
+        let mut st = self.shared.lock();
+        st.inner_inflight = 0;
+        let r = apply_crash(&mut st, mode);
+        st.devices.clear();
+        st.undo.clear();
+        r
+    }
+}
+
 fn apply_crash(st: &mut FaultState, mode: CrashMode) -> Result<CrashReport> {
     // Completions held back by the latency model were never seen by the host: they fail.
     st.crashes += 1;
@@ -310,6 +332,8 @@ struct Pending {
     user_data: u64,
     due: Option<Instant>,
     undo: Option<u64>,
+    /// A FUA write: durable as soon as it completes.
+    fua: bool,
     flush_epoch: Option<u64>,
 }
 
@@ -433,10 +457,14 @@ impl<E: IoEngine> FaultEngine<E> {
                 c.result = Err(Self::power_off_error());
             } else if c.result.is_ok() {
                 if let Some(id) = p.undo {
-                    let epoch = st.epoch;
-                    st.epoch += 1;
-                    if let Some(e) = st.undo.iter_mut().find(|e| e.id == id) {
-                        e.completed = Some(epoch);
+                    if p.fua {
+                        st.undo.retain(|e| e.id != id);
+                    } else {
+                        let epoch = st.epoch;
+                        st.epoch += 1;
+                        if let Some(e) = st.undo.iter_mut().find(|e| e.id == id) {
+                            e.completed = Some(epoch);
+                        }
                     }
                 }
                 if let Some(fe) = p.flush_epoch {
@@ -520,13 +548,22 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
             }
         }
         let dev = dev.filter(|_| valid);
-        let mut p = Pending { user_data: req.user_data, due: None, undo: None, flush_epoch: None };
+        let fua = req.fua && req.op.kind() == OpKind::Write;
+        let mut p = Pending { user_data: req.user_data, due: None, undo: None, fua, flush_epoch: None };
         if let Some(dev) = &dev {
             if let Some(lat) = st.latency {
                 let now = Instant::now();
                 let len = req.op.len();
                 let h = self.heads.entry(req.dev).or_insert(Head { busy_until: now, pos: 0 });
-                let service = lat.service(dev.size(), h.pos, req.offset, len);
+                let mut service = lat.service(dev.size(), h.pos, req.offset, len);
+                if !lat.jitter.is_zero() {
+                    // splitmix64 over a per-engine counter: reproducible for a seed.
+                    let mut z = lat.jitter_seed.wrapping_add(self.next_tag.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^= z >> 31;
+                    service += lat.jitter.mul_f64((z >> 11) as f64 / (1u64 << 53) as f64);
+                }
                 let start = if lat.serial { h.busy_until.max(now) } else { now };
                 let due = start + service;
                 if lat.serial {

@@ -22,6 +22,7 @@ pub mod device;
 pub mod driver;
 pub mod fault;
 pub mod psync;
+pub mod storage;
 pub mod thread;
 pub mod uring;
 
@@ -36,6 +37,7 @@ pub use buf::{AlignedBuf, BufPool, BufPoolConfig, Slab, BUF_ALIGN};
 pub use device::{device_info, Device, DeviceInfo, DirectIo, OpenOptions};
 pub use driver::{BusyPoll, RingDriver, ADAPTIVE_POLL_CAP};
 pub use thread::{IoThread, IoThreadOptions};
+pub use storage::{EngineStorage, MemStorage, Storage};
 
 /// Identifies a device added to an engine (an index into the engine's device table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -109,24 +111,32 @@ pub struct IoRequest {
     pub op: IoOp,
     /// Caller's tag, returned on the completion.
     pub user_data: u64,
+    /// Force unit access, for writes: the write is durable when it completes (`RWF_DSYNC`:
+    /// a FUA write on devices that honour FUA, a write and a flush of it otherwise).
+    /// Ignored by other ops.
+    pub fua: bool,
 }
 
 impl IoRequest {
     /// A read of `buf.len()` bytes.
     pub fn read(dev: DevId, offset: u64, buf: AlignedBuf, user_data: u64) -> Self {
-        IoRequest { dev, offset, op: IoOp::Read { buf }, user_data }
+        IoRequest { dev, offset, op: IoOp::Read { buf }, user_data, fua: false }
     }
     /// A write of all of `buf`.
     pub fn write(dev: DevId, offset: u64, buf: AlignedBuf, user_data: u64) -> Self {
-        IoRequest { dev, offset, op: IoOp::Write { buf }, user_data }
+        IoRequest { dev, offset, op: IoOp::Write { buf }, user_data, fua: false }
     }
     /// A flush (fdatasync).
     pub fn flush(dev: DevId, user_data: u64) -> Self {
-        IoRequest { dev, offset: 0, op: IoOp::Flush, user_data }
+        IoRequest { dev, offset: 0, op: IoOp::Flush, user_data, fua: false }
+    }
+    /// A write of all of `buf` that is durable when it completes (see [`IoRequest::fua`]).
+    pub fn write_fua(dev: DevId, offset: u64, buf: AlignedBuf, user_data: u64) -> Self {
+        IoRequest { dev, offset, op: IoOp::Write { buf }, user_data, fua: true }
     }
     /// A discard of `len` bytes.
     pub fn discard(dev: DevId, offset: u64, len: u64, user_data: u64) -> Self {
-        IoRequest { dev, offset, op: IoOp::Discard { len }, user_data }
+        IoRequest { dev, offset, op: IoOp::Discard { len }, user_data, fua: false }
     }
 }
 

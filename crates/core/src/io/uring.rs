@@ -237,6 +237,9 @@ impl UringEngine {
         }
         let off = op.req.offset + op.done;
         let done = op.done as usize;
+        // FUA: RWF_DSYNC makes the block layer send the write with FUA, or follow it with a
+        // flush where the device has no FUA.
+        let wflags = if op.req.fua { libc::RWF_DSYNC } else { 0 };
         let left = (op.total - op.done).min(max_transfer as u64) as u32;
         match &mut op.req.op {
             IoOp::Read { buf } => {
@@ -254,9 +257,9 @@ impl UringEngine {
                 let p = unsafe { buf.as_ptr().add(done) };
                 match buf.arena_slot() {
                     Some((pool, _)) if fixed_buf.is_some_and(|(id, _)| id == pool) => {
-                        on_fd!(|fd| opcode::WriteFixed::new(fd, p, left, 0).offset(off).build())
+                        on_fd!(|fd| opcode::WriteFixed::new(fd, p, left, 0).offset(off).rw_flags(wflags).build())
                     }
-                    _ => on_fd!(|fd| opcode::Write::new(fd, p, left).offset(off).build()),
+                    _ => on_fd!(|fd| opcode::Write::new(fd, p, left).offset(off).rw_flags(wflags).build()),
                 }
             }
             IoOp::Readv { bufs } => {
@@ -267,7 +270,7 @@ impl UringEngine {
             IoOp::Writev { bufs } => {
                 op.iov = iovecs_from(bufs.iter().map(|b| (b.as_ptr() as *mut u8, b.len())), done, left as usize);
                 let (p, n) = (op.iov.as_ptr(), op.iov.len() as u32);
-                on_fd!(|fd| opcode::Writev::new(fd, p, n).offset(off).build())
+                on_fd!(|fd| opcode::Writev::new(fd, p, n).offset(off).rw_flags(wflags).build())
             }
             IoOp::Flush => on_fd!(|fd| opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()),
             IoOp::Discard { len } => {

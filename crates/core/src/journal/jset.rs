@@ -25,7 +25,10 @@ const OFF_KEYS: usize = 28;
 const OFF_LAST_SEQ: usize = 32;
 const OFF_UUID: usize = 40;
 const OFF_ROOT: usize = 104;
-const OFF_LEVEL: usize = 168;
+/// bcache's `btree_level` and the padding after it: our flags.
+const OFF_FLAGS: usize = 168;
+/// Flag: written by a clean close.
+const JSET_CLEAN: u64 = 1;
 const OFF_PRIO: usize = 176;
 
 /// Bit 63 of a metadata pointer's `high` word, as bcache sets on every key it builds.
@@ -93,6 +96,9 @@ pub struct Jset {
     pub prio_bucket: [u64; JSET_PRIO_SLOTS],
     /// Keys inserted since the previous entry, in order.
     pub keys: Vec<Key>,
+    /// Written by a clean close: everything the set held was on stable storage, backing
+    /// devices included, so its clean data matches them.
+    pub clean: bool,
 }
 
 /// Bytes an entry holding keys of `key_words` u64 words in all takes, before padding.
@@ -161,6 +167,7 @@ impl Jset {
             checkpoint: MetaPtr::decode(&buf[OFF_ROOT..OFF_ROOT + 64], bucket_size, "checkpoint")?,
             prio_bucket: [0; JSET_PRIO_SLOTS],
             keys: Vec::new(),
+            clean: u64_at(buf, OFF_FLAGS) & JSET_CLEAN != 0,
         };
         for (i, p) in j.prio_bucket.iter_mut().enumerate() {
             *p = u64_at(buf, OFF_PRIO + 8 * i);
@@ -194,7 +201,7 @@ fn encode_header(j: &Jset, set_magic: u64, bucket_size: u32, words: usize, out: 
     out[OFF_LAST_SEQ..OFF_LAST_SEQ + 8].copy_from_slice(&j.last_seq.to_le_bytes());
     MetaPtr::encode(j.uuid_bucket.as_ref(), bucket_size, &mut out[OFF_UUID..OFF_UUID + 64])?;
     MetaPtr::encode(j.checkpoint.as_ref(), bucket_size, &mut out[OFF_ROOT..OFF_ROOT + 64])?;
-    out[OFF_LEVEL..OFF_PRIO].fill(0);
+    out[OFF_FLAGS..OFF_PRIO].copy_from_slice(&(if j.clean { JSET_CLEAN } else { 0 }).to_le_bytes());
     for (i, p) in j.prio_bucket.iter().enumerate() {
         out[OFF_PRIO + 8 * i..OFF_PRIO + 8 * i + 8].copy_from_slice(&p.to_le_bytes());
     }
@@ -229,6 +236,7 @@ mod tests {
             checkpoint: Some(MetaPtr { seq: 39, dev: 0, bucket: 12, gen: 5 }),
             prio_bucket: [17, 0, 0, 0, 0, 0, 0, 0],
             keys: vec![Key::new(1, 0, 8, p).with_dirty(true), Key::new(2, 64, 16, p)],
+            clean: false,
         }
     }
 
@@ -246,6 +254,11 @@ mod tests {
         let (d, len) = Jset::decode(&buf, 0x1122, 1024, 4096).unwrap().unwrap();
         assert_eq!(len, 4096);
         assert_eq!(d, j);
+        // The clean-close flag sits in bcache's btree_level word.
+        let j = Jset { clean: true, ..sample() };
+        j.encode(0x1122, 1024, 4096, &mut buf).unwrap();
+        assert_eq!(u64_at(&buf, 168), 1);
+        assert!(Jset::decode(&buf, 0x1122, 1024, 4096).unwrap().unwrap().0.clean);
     }
 
     #[test]

@@ -8,12 +8,14 @@
 //! moves to the next bucket of the ring, which must hold no entry at or after `last_seq`
 //! (a checkpoint covers its keys). Every write is made durable before the next starts, so a
 //! crash can tear at most the newest entry, which then fails its checksum and is ignored.
+//! This module knows the ring and the entry format; when entries are written and what they
+//! record is the cache set's journal writer (`cache_set::journal`).
 
 pub mod jset;
 
 pub use jset::{Jset, MetaPtr, JSET_HEADER_BYTES, JSET_MAGIC, JSET_PRIO_SLOTS, JSET_VERSION};
 
-use crate::cache_set::storage::Storage;
+use crate::io::storage::Storage;
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::Key;
 
@@ -170,30 +172,28 @@ impl Journal {
         (self.cur + 1) % self.bucket_seq.len()
     }
 
-    /// Writes `j` (its seq must be the next one) and makes it durable: a flush before (the
-    /// data its keys point at) and after (the entry itself).
-    pub fn write(&mut self, st: &mut dyn Storage, j: &Jset) -> Result<()> {
+    /// Encodes `j` (its seq must be the next one) into `out` and claims its place in the
+    /// ring: returns the byte offset on the cache device to write it at. The journal's state
+    /// moves on at once; the caller writes the entry (after a flush of the data its keys
+    /// point at) and makes it durable before preparing the next one, and takes the cache set
+    /// out of service if that write fails. Fails with `NoSpace` when the next bucket still
+    /// holds an entry at or after `j.last_seq`.
+    pub fn prepare(&mut self, j: &Jset, out: &mut Vec<u8>) -> Result<u64> {
         if j.seq != self.seq + 1 {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("journal entry {} written after {}", j.seq, self.seq),
             ));
         }
-        let mut buf = std::mem::take(&mut self.buf);
-        let r = self.write_buf(st, j, &mut buf);
-        self.buf = buf;
-        r
-    }
-
-    fn write_buf(&mut self, st: &mut dyn Storage, j: &Jset, buf: &mut Vec<u8>) -> Result<()> {
-        j.encode(self.g.set_magic, self.g.bucket_size(), self.g.block_bytes, buf)?;
-        if buf.len() > self.g.bucket_bytes {
+        j.encode(self.g.set_magic, self.g.bucket_size(), self.g.block_bytes, out)?;
+        if out.len() > self.g.bucket_bytes {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("journal entry of {} bytes does not fit a bucket of {}", buf.len(), self.g.bucket_bytes),
+                format!("journal entry of {} bytes does not fit a bucket of {}", out.len(), self.g.bucket_bytes),
             ));
         }
-        if self.offset + buf.len() > self.g.bucket_bytes {
+        let (mut cur, mut offset) = (self.cur, self.offset);
+        if offset + out.len() > self.g.bucket_bytes {
             let next = self.next_bucket();
             if self.bucket_seq[next] >= j.last_seq {
                 return Err(Error::new(
@@ -204,26 +204,37 @@ impl Journal {
                     ),
                 ));
             }
-            self.cur = next;
-            self.offset = 0;
-            self.bucket_seq[next] = 0;
+            cur = next;
+            offset = 0;
         }
-        st.flush()?;
-        let at = self.g.buckets[self.cur] * self.g.bucket_bytes as u64 + self.offset as u64;
-        st.write(at, buf)?;
-        st.flush()?;
-        self.offset += buf.len();
-        self.bucket_seq[self.cur] = j.seq;
+        let at = self.g.buckets[cur] * self.g.bucket_bytes as u64 + offset as u64;
+        self.cur = cur;
+        self.offset = offset + out.len();
+        self.bucket_seq[cur] = if offset == 0 { j.seq } else { self.bucket_seq[cur].max(j.seq) };
         self.seq = j.seq;
-        self.bytes_written += buf.len() as u64;
-        Ok(())
+        self.bytes_written += out.len() as u64;
+        Ok(at)
+    }
+
+    /// Writes `j` synchronously and makes it durable: a flush before (the data its keys
+    /// point at) and after (the entry itself). For tools and tests; the cache set writes
+    /// through [`Journal::prepare`].
+    pub fn write(&mut self, st: &mut dyn Storage, j: &Jset) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.prepare(j, &mut buf).and_then(|at| {
+            st.flush()?;
+            st.write(at, &buf)?;
+            st.flush()
+        });
+        self.buf = buf;
+        r
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache_set::storage::MemStorage;
+    use crate::io::storage::MemStorage;
     use crate::index::{Key, Ptr};
     use proptest::prelude::*;
 

@@ -1,12 +1,14 @@
-//! The synchronous storage seam the cache set's metadata and data paths run over: byte
-//! reads, writes and flushes on the cache device. [`EngineStorage`] drives any
-//! [`IoEngine`] (the fault engine included) with [`run_sync`]; [`MemStorage`] is a sparse
-//! in-memory device for tests and benchmarks.
+//! The synchronous storage seam: byte reads, writes and flushes on one device, one at a
+//! time. Opening a cache set reads its metadata through it (journal, prio chain, UUID
+//! table, checkpoints) on whatever thread opens it; tests and tools use it to read and
+//! damage devices. [`EngineStorage`] drives any [`IoEngine`] (the fault engine included)
+//! with [`run_sync`]; [`MemStorage`] is a sparse in-memory device for tests and benchmarks.
+//! The running cache set does not use it: its I/O goes through the engine asynchronously.
 
 use std::collections::HashMap;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{run_sync, AlignedBuf, DevId, IoCompletion, IoEngine, IoRequest};
+use crate::io::{run_sync, AlignedBuf, DevId, IoEngine, IoRequest};
 
 /// A cache device as the cache set uses it. Offsets and lengths are multiples of the
 /// block size.
@@ -24,13 +26,12 @@ pub struct EngineStorage<E: IoEngine> {
     engine: E,
     dev: DevId,
     tag: u64,
-    others: Vec<IoCompletion>,
 }
 
 impl<E: IoEngine> EngineStorage<E> {
     /// Storage on device `dev` of `engine`.
     pub fn new(engine: E, dev: DevId) -> Self {
-        EngineStorage { engine, dev, tag: 0, others: Vec::new() }
+        EngineStorage { engine, dev, tag: 0 }
     }
 
     /// The engine.
@@ -43,9 +44,17 @@ impl<E: IoEngine> EngineStorage<E> {
         self.engine
     }
 
-    fn run(&mut self, req: IoRequest) -> Result<IoCompletion> {
-        let c = run_sync(&mut self.engine, req, &mut self.others)?;
-        self.others.clear();
+    /// Runs one request. The engine must have nothing else in flight: a completion that is
+    /// not this request's would be somebody else's, and is refused rather than dropped.
+    fn run(&mut self, req: IoRequest) -> Result<crate::io::IoCompletion> {
+        let mut others = Vec::new();
+        let c = run_sync(&mut self.engine, req, &mut others)?;
+        if !others.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{} completions of other requests arrived on a storage engine", others.len()),
+            ));
+        }
         match c.result {
             Ok(_) => Ok(c),
             Err(ref e) => Err(Error::new(e.kind(), e.message().to_string())),

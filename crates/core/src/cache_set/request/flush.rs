@@ -1,0 +1,86 @@
+//! Flushes and discards.
+//!
+//! A flush completes when every write completed before it is durable: the journal entry
+//! holding the newest key (or dropped range) recorded so far is on stable storage, and the
+//! backing device is flushed if writes reached it since its last flush. A flush with
+//! nothing to wait for completes at once.
+//!
+//! A discard drops the range from the cache (recorded in the journal) and passes the
+//! discard down to the backing device; a backing device that cannot discard is not an error.
+
+use super::{split, CacheSet, Kind, Part};
+use crate::io::{IoCompletion, IoRequest};
+
+impl CacheSet {
+    pub(crate) fn flush_start(&mut self, slot: u32) {
+        if let Some(e) = self.failed_error() {
+            self.req_error(slot, e);
+            return self.complete_request(slot);
+        }
+        // Data written in place carries no key of its own: an entry written from now on
+        // (which flushes the cache device first) covers it.
+        let mut seq = self.journal_covering();
+        if self.cache_unflushed {
+            seq = seq.max(self.journal_next_stamped());
+        }
+        self.wait_journal(slot, seq);
+        let inode = self.reqs.get(slot).inode;
+        let dev = self.dev_mut(inode).expect("attached");
+        if std::mem::replace(&mut dev.backing_unflushed, false) {
+            let backing = dev.backing;
+            self.issue(slot, Part::BackingFlush, |tag| IoRequest::flush(backing, tag));
+        }
+        self.maybe_finish(slot);
+    }
+
+    pub(crate) fn discard_start(&mut self, slot: u32) {
+        if let Some(e) = self.failed_error() {
+            self.req_error(slot, e);
+            return self.complete_request(slot);
+        }
+        let r = self.reqs.get(slot);
+        let (inode, offset, len) = (r.inode, r.offset, r.len);
+        let dev = self.dev(inode).expect("attached");
+        let (backing, off) = (dev.backing, dev.data_offset + offset);
+        self.issue(slot, Part::BackingDiscard, |tag| IoRequest::discard(backing, off, len, tag));
+    }
+
+    pub(crate) fn flush_part_done(&mut self, slot: u32, part: usize, c: IoCompletion) {
+        let (result, _) = split(c);
+        let r = self.reqs.get(slot);
+        let p = std::mem::replace(&mut r.parts[part], Part::Journal);
+        match (p, result) {
+            (_, Ok(_)) => {}
+            (Part::BackingDiscard, Err(e)) if discard_unsupported(&e) => {}
+            (Part::BackingFlush, Err(e)) => {
+                // Writes may still sit in the backing device's cache: the next flush tries again.
+                let inode = r.inode;
+                if let Ok(d) = self.dev_mut(inode) {
+                    d.backing_unflushed = true;
+                }
+                self.req_error(slot, e);
+            }
+            (_, Err(e)) => self.req_error(slot, e),
+        }
+        debug_assert!(matches!(self.reqs.get(slot).kind, Kind::Flush | Kind::Discard));
+        self.maybe_finish(slot);
+    }
+
+    /// The backing device has discarded the range: the cache drops it too.
+    pub(crate) fn discard_commit(&mut self, slot: u32) {
+        let r = self.reqs.get(slot);
+        r.committed = true;
+        let (inode, sector, sectors) = (r.inode, r.offset / 512, r.len / 512);
+        if self.failed_error().is_none() {
+            self.invalidate_range(inode, sector, sectors);
+        }
+        self.maybe_finish(slot);
+    }
+}
+
+/// The backing device does not discard (EOPNOTSUPP, or EINVAL from some drivers).
+fn discard_unsupported(e: &crate::error::Error) -> bool {
+    use std::error::Error as _;
+    let errno = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).and_then(|s| s.raw_os_error());
+    matches!(errno, Some(libc::EOPNOTSUPP) | Some(libc::EINVAL))
+}

@@ -1,0 +1,425 @@
+//! Requests to cached devices: what every request has in common (its slot, its buffer, its
+//! parts in flight, how it completes) and the order overlapping requests are served in.
+//! The state machine of each kind is in its own file: `read`, `write`, `flush` (flushes
+//! and discards); `fill` inserts read misses into the cache.
+
+mod fill;
+mod flush;
+mod order;
+mod read;
+mod write;
+
+use std::sync::Arc;
+
+use super::journal::Waiter;
+use super::{CacheSet, SetState, Tag};
+use crate::error::{Error, ErrorKind, Result};
+use crate::index::{Fragment, Placeholder};
+use crate::io::{AlignedBuf, DevId, IoCompletion, IoOp, IoRequest, Slab};
+
+pub(crate) use fill::Fill;
+use order::Order;
+pub(crate) use write::{Path, Piece};
+
+/// What a request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+}
+
+/// One I/O of a request, or something else it waits for.
+#[derive(Debug)]
+pub(crate) enum Part {
+    /// A read from the cache of a hit: its bucket is pinned until it completes.
+    CacheRead { bucket: u64, dirty: bool, sector: u64 },
+    /// A read from the backing device; with a placeholder when the data is to fill the cache.
+    BackingRead { ph: Option<Placeholder> },
+    /// The write of allocation `piece` to the cache.
+    CacheWrite { piece: usize },
+    /// A write over dirty data, in place, its bucket pinned.
+    InPlace { bucket: u64 },
+    /// The write of the whole request to the backing device.
+    BackingWrite,
+    /// A flush of the backing device.
+    BackingFlush,
+    /// The discard passed down to the backing device.
+    BackingDiscard,
+    /// The journal entry covering the request must be durable.
+    Journal,
+}
+
+/// The request's buffer: whole while one I/O takes it, or shared by windows.
+pub(crate) enum Buf {
+    None,
+    Whole(AlignedBuf),
+    /// Travelling with the request's only I/O.
+    Away,
+    Shared { slab: Arc<Slab>, off: usize, len: usize },
+}
+
+impl Buf {
+    /// Bytes `at .. at + len` of the buffer, for one I/O (the buffer becomes shared).
+    fn window(&mut self, at: usize, len: usize, align: usize) -> AlignedBuf {
+        if let Buf::Whole(_) = self {
+            let Buf::Whole(b) = std::mem::replace(self, Buf::None) else { unreachable!() };
+            let (slab, off, len) = b.into_slab();
+            *self = Buf::Shared { slab, off, len };
+        }
+        match self {
+            Buf::Shared { slab, off, .. } => {
+                // SAFETY: a request's reads take disjoint windows, and nothing reads the
+                // buffer until they all completed; windows that writes take are only read.
+                unsafe { AlignedBuf::in_slab_aligned(slab, *off + at, len, align) }
+                    .expect("a request's windows lie inside its buffer, on block boundaries")
+            }
+            _ => unreachable!("window of a buffer that is not at hand"),
+        }
+    }
+
+    /// The whole buffer back, for the completion.
+    fn take(&mut self) -> Option<AlignedBuf> {
+        match std::mem::replace(self, Buf::None) {
+            Buf::Whole(b) => Some(b),
+            Buf::Shared { slab, off, len } => {
+                // SAFETY: every I/O on the buffer has completed.
+                Some(unsafe { AlignedBuf::in_slab_aligned(&slab, off, len, 512) }.expect("the whole window"))
+            }
+            Buf::None | Buf::Away => None,
+        }
+    }
+}
+
+/// A request in flight.
+pub(crate) struct Req {
+    pub user_data: u64,
+    pub inode: u32,
+    pub kind: Kind,
+    /// Bytes on the cached device.
+    pub offset: u64,
+    pub len: u64,
+    pub fua: bool,
+    /// Submission order, for ordering overlapping requests.
+    pub seqno: u64,
+    pub buf: Buf,
+    /// Parts not yet done.
+    pub outstanding: u32,
+    pub error: Option<Error>,
+    pub parts: Vec<Part>,
+    /// Writes: the path the part not over dirty data takes, that part (runs of sectors),
+    /// the cache space allocated for it, and whether some of the write went in place.
+    pub path: Path,
+    pub rest: Vec<(u64, u64)>,
+    pub pieces: Vec<Piece>,
+    pub in_place: bool,
+    /// The request orders later overlapping ones (a write or discard).
+    pub ordering: bool,
+    /// Written keys are in the index: what is left is waiting for the journal.
+    pub committed: bool,
+    /// Waiting for cache space: not finished whatever its parts did.
+    pub waiting_space: bool,
+}
+
+/// Every request in flight, by slot.
+#[derive(Default)]
+pub(crate) struct Requests {
+    slots: Vec<Option<Req>>,
+    free: Vec<u32>,
+    live: usize,
+    next_seqno: u64,
+    pub order: Order,
+    pub fills: Vec<Option<Fill>>,
+    fills_free: Vec<u32>,
+    pub fills_live: usize,
+    /// Scratch for lookups.
+    pub frags: Vec<Fragment>,
+}
+
+impl Requests {
+    /// Requests and fills in flight.
+    pub fn in_flight(&self) -> usize {
+        self.live + self.fills_live
+    }
+
+    pub fn get(&mut self, slot: u32) -> &mut Req {
+        self.slots[slot as usize].as_mut().expect("a live request slot")
+    }
+
+    fn insert(&mut self, r: Req) -> u32 {
+        self.live += 1;
+        match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = Some(r);
+                s
+            }
+            None => {
+                self.slots.push(Some(r));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: u32) -> Req {
+        self.live -= 1;
+        self.free.push(slot);
+        self.slots[slot as usize].take().expect("a live request slot")
+    }
+
+    pub fn insert_fill(&mut self, f: Fill) -> u32 {
+        self.fills_live += 1;
+        match self.fills_free.pop() {
+            Some(s) => {
+                self.fills[s as usize] = Some(f);
+                s
+            }
+            None => {
+                self.fills.push(Some(f));
+                (self.fills.len() - 1) as u32
+            }
+        }
+    }
+
+    pub fn remove_fill(&mut self, slot: u32) -> Fill {
+        self.fills_live -= 1;
+        self.fills_free.push(slot);
+        self.fills[slot as usize].take().expect("a live fill slot")
+    }
+
+    /// True when a request or fill of `inode` is in flight.
+    pub fn in_flight_for(&self, inode: u32) -> bool {
+        self.slots.iter().flatten().any(|r| r.inode == inode) || self.fills.iter().flatten().any(|f| f.inode() == inode)
+    }
+}
+
+/// A completion's result and buffer.
+pub(crate) fn split(c: IoCompletion) -> (Result<u64>, Option<AlignedBuf>) {
+    let IoCompletion { result, op, .. } = c;
+    let buf = match op {
+        IoOp::Read { buf } | IoOp::Write { buf } => Some(buf),
+        _ => None,
+    };
+    (result, buf)
+}
+
+fn op_kind(op: &IoOp) -> Result<Kind> {
+    Ok(match op {
+        IoOp::Read { .. } => Kind::Read,
+        IoOp::Write { .. } => Kind::Write,
+        IoOp::Flush => Kind::Flush,
+        IoOp::Discard { .. } => Kind::Discard,
+        IoOp::Readv { .. } | IoOp::Writev { .. } => {
+            return Err(Error::new(ErrorKind::InvalidArgument, "vectored I/O is not offered on cached devices"))
+        }
+    })
+}
+
+impl CacheSet {
+    /// Takes a request from the user (see [`CacheSet::submit`]).
+    pub(crate) fn submit_request(&mut self, io: IoRequest) {
+        let inode = io.dev.0;
+        let kind = match op_kind(&io.op) {
+            Ok(k) => k,
+            Err(e) => return self.done.push(IoCompletion::of(io, Err(e))),
+        };
+        let refuse = match &self.state {
+            SetState::Closing | SetState::Closed => Some(Error::new(ErrorKind::Closed, "the cache set is closed")),
+            _ => None,
+        };
+        if let Some(e) = refuse {
+            return self.done.push(IoCompletion::of(io, Err(e)));
+        }
+        let dev = match self.dev(inode) {
+            Ok(d) => d,
+            Err(e) => return self.done.push(IoCompletion::of(io, Err(e))),
+        };
+        let len = match &io.op {
+            IoOp::Read { buf } | IoOp::Write { buf } => buf.len() as u64,
+            IoOp::Discard { len } => *len,
+            _ => 0,
+        };
+        if kind != Kind::Flush {
+            let what = match kind {
+                Kind::Read => "read",
+                Kind::Write => "write",
+                _ => "discard",
+            };
+            if let Err(e) = dev.check_range(what, io.offset, len) {
+                return self.done.push(IoCompletion::of(io, Err(e)));
+            }
+        }
+        let seqno = self.reqs.next_seqno;
+        self.reqs.next_seqno += 1;
+        let buf = match io.op {
+            IoOp::Read { buf } | IoOp::Write { buf } => Buf::Whole(buf),
+            _ => Buf::None,
+        };
+        let ordering = matches!(kind, Kind::Write | Kind::Discard);
+        let req = Req {
+            user_data: io.user_data,
+            inode,
+            kind,
+            offset: io.offset,
+            len,
+            fua: io.fua && kind == Kind::Write,
+            seqno,
+            buf,
+            outstanding: 0,
+            error: None,
+            parts: Vec::new(),
+            path: Path::Undecided,
+            rest: Vec::new(),
+            pieces: Vec::new(),
+            in_place: false,
+            ordering,
+            committed: false,
+            waiting_space: false,
+        };
+        let slot = self.reqs.insert(req);
+        let (start, end) = (io.offset / 512, (io.offset + len) / 512);
+        if ordering {
+            self.reqs.order.add(inode, start, end, seqno, slot);
+        }
+        if self.state == SetState::Starting || self.reqs.order.must_wait(inode, start, end, seqno) {
+            if self.state != SetState::Starting {
+                self.stats.ordered_waits += 1;
+            }
+            self.reqs.order.block(slot);
+            return;
+        }
+        self.start_request(slot);
+    }
+
+    fn start_request(&mut self, slot: u32) {
+        match self.reqs.get(slot).kind {
+            Kind::Read => self.read_start(slot),
+            Kind::Write => self.write_start(slot),
+            Kind::Flush => self.flush_start(slot),
+            Kind::Discard => self.discard_start(slot),
+        }
+    }
+
+    /// Starts requests that waited (for startup, or for earlier overlapping writes) and
+    /// may go now, in submission order.
+    pub(crate) fn unblock_requests(&mut self) {
+        if self.state == SetState::Starting {
+            return;
+        }
+        for slot in self.reqs.order.take_ready(&self.reqs.slots) {
+            self.start_request(slot);
+        }
+    }
+
+    /// Issues one I/O for part `part` of request `slot`.
+    pub(crate) fn issue(&mut self, slot: u32, part: Part, req: impl FnOnce(u64) -> IoRequest) {
+        let r = self.reqs.get(slot);
+        let idx = r.parts.len() as u32;
+        r.parts.push(part);
+        r.outstanding += 1;
+        let io = req(Tag::Part { req: slot, part: idx }.encode());
+        self.push_io(io);
+    }
+
+    /// A part that is not an I/O (a journal wait) begins.
+    pub(crate) fn add_wait(&mut self, slot: u32) {
+        let r = self.reqs.get(slot);
+        r.parts.push(Part::Journal);
+        r.outstanding += 1;
+    }
+
+    /// Waits for journal entry `seq` to be durable before the request completes.
+    pub(crate) fn wait_journal(&mut self, slot: u32, seq: u64) {
+        if seq > self.journal.durable {
+            self.add_wait(slot);
+            self.journal_wait(seq, Waiter::Req(slot));
+        }
+    }
+
+    pub(crate) fn part_done(&mut self, slot: u32, part: u32, c: IoCompletion) {
+        let Some(Some(r)) = self.reqs.slots.get_mut(slot as usize) else {
+            debug_assert!(false, "completion for request slot {slot}, which is not in flight");
+            return;
+        };
+        r.outstanding -= 1;
+        match r.kind {
+            Kind::Read => self.read_part_done(slot, part as usize, c),
+            Kind::Write => self.write_part_done(slot, part as usize, c),
+            Kind::Flush | Kind::Discard => self.flush_part_done(slot, part as usize, c),
+        }
+    }
+
+    /// The journal entry a request waited for is durable.
+    pub(crate) fn req_journal_durable(&mut self, slot: u32) {
+        let r = self.reqs.get(slot);
+        r.outstanding -= 1;
+        self.maybe_finish(slot);
+    }
+
+    /// A part the request waited for failed (the set went out of service).
+    pub(crate) fn req_failed_part(&mut self, slot: u32, e: Error) {
+        let r = self.reqs.get(slot);
+        r.outstanding -= 1;
+        r.error.get_or_insert(e);
+        self.maybe_finish(slot);
+    }
+
+    /// Records an error for the request (the first one wins).
+    pub(crate) fn req_error(&mut self, slot: u32, e: Error) {
+        self.reqs.get(slot).error.get_or_insert(e);
+    }
+
+    /// Runs the request's next step once nothing is outstanding.
+    pub(crate) fn maybe_finish(&mut self, slot: u32) {
+        let r = self.reqs.get(slot);
+        if r.outstanding > 0 || r.waiting_space {
+            return;
+        }
+        match r.kind {
+            Kind::Write if !r.committed => self.write_commit(slot),
+            Kind::Discard if !r.committed => self.discard_commit(slot),
+            _ => self.complete_request(slot),
+        }
+    }
+
+    /// Hands the request back to the user.
+    pub(crate) fn complete_request(&mut self, slot: u32) {
+        let mut r = self.reqs.remove(slot);
+        let result = match r.error.take() {
+            Some(e) => Err(e),
+            None => Ok(match r.kind {
+                Kind::Flush => 0,
+                _ => r.len,
+            }),
+        };
+        let op = match r.kind {
+            Kind::Read => IoOp::Read { buf: r.buf.take().unwrap_or_else(|| AlignedBuf::new(0)) },
+            Kind::Write => IoOp::Write { buf: r.buf.take().unwrap_or_else(|| AlignedBuf::new(0)) },
+            Kind::Flush => IoOp::Flush,
+            Kind::Discard => IoOp::Discard { len: r.len },
+        };
+        self.done.push(IoCompletion { user_data: r.user_data, dev: DevId(r.inode), offset: r.offset, op, result });
+        if r.ordering {
+            self.reqs.order.remove(slot);
+            self.unblock_requests();
+        }
+        self.close_progress();
+    }
+
+    /// The set went out of service: requests waiting to start fail now.
+    pub(crate) fn reqs_fail(&mut self, e: &Error) {
+        let _ = e;
+        // Requests already running finish on their own completions; those waiting for
+        // space would wait forever.
+        self.space_fail_waiters();
+    }
+
+    /// Requests that have not started (waiting for startup or ordering) when the set closes.
+    pub(crate) fn reqs_refuse_waiting(&mut self, e: &Error) {
+        let blocked = self.reqs.order.take_all_blocked();
+        for slot in blocked {
+            self.req_error(slot, e.clone());
+            self.complete_request(slot);
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Reads (bcache's `cached_dev_read`): the range is split into the index's fragments;
+//! hits are read from the cache with their bucket pinned until the read completes, so it
+//! cannot be reused under the read; holes are read from the backing device at its data
+//! offset, behind a placeholder when the miss is to fill the cache (a write that lands
+//! meanwhile cuts the placeholder and the late fill becomes a no-op); ranges another miss
+//! is already filling are read from the backing device. The pieces land in one buffer.
+//!
+//! A hit whose cache read fails is read again from the backing device if it is clean; a
+//! dirty one fails the read (the cache held the only copy).
+
+use super::{split, Buf, CacheSet, Part};
+use crate::error::{Error, ErrorKind};
+use crate::index::{FragmentKind, KEY_SIZE_MAX};
+use crate::io::{IoCompletion, IoRequest};
+
+impl CacheSet {
+    pub(crate) fn read_start(&mut self, slot: u32) {
+        let r = self.reqs.get(slot);
+        let (inode, sector, sectors) = (r.inode, r.offset / 512, r.len / 512);
+        let dev = self.dev(inode).expect("request for an attached device");
+        let (backing, data_offset, fill) = (dev.backing, dev.data_offset, dev.mode.fills_misses());
+        let fill = fill && self.state == super::SetState::Running;
+        // A placeholder covers at most one key's worth of whole blocks.
+        let max_miss = KEY_SIZE_MAX / dev.block_sectors * dev.block_sectors;
+        // Windows start on sector boundaries of the request, which are block boundaries of
+        // both devices (requests and keys are whole blocks).
+        let align = 512;
+        let mut frags = std::mem::take(&mut self.reqs.frags);
+        if let Err(e) = self.index.lookup(inode, sector, sectors, &self.alloc, &mut frags) {
+            self.reqs.frags = frags;
+            self.req_error(slot, e);
+            return self.complete_request(slot);
+        }
+        let failed = self.failed_error();
+        // One hit covering the whole read: the buffer goes out whole, no windows.
+        if let [f] = frags.as_slice() {
+            if let FragmentKind::Hit { ptr, offset, dirty } = f.kind {
+                if failed.is_none() || dirty {
+                    let bucket = ptr.bucket(self.geo.bucket_bits);
+                    if self.alloc.pin(ptr.dev(), bucket).is_ok() {
+                        let _ = self.alloc.touch(ptr);
+                        self.reqs.frags = frags;
+                        self.stats.hit_sectors += sectors;
+                        self.stats.cache_hits += 1;
+                        let r = self.reqs.get(slot);
+                        let Buf::Whole(buf) = std::mem::replace(&mut r.buf, Buf::Away) else {
+                            unreachable!("a new read has its buffer")
+                        };
+                        let at = (ptr.offset() + offset) * 512;
+                        let part = Part::CacheRead { bucket, dirty, sector };
+                        let cache = self.cache;
+                        self.issue(slot, part, |tag| IoRequest::read(cache, at, buf, tag));
+                        return;
+                    }
+                }
+            }
+        }
+        let mut missed = false;
+        for f in frags.iter() {
+            let at = ((f.start - sector) * 512) as usize;
+            match f.kind {
+                FragmentKind::Hit { ptr, offset, dirty } if failed.is_none() || dirty => {
+                    let bucket = ptr.bucket(self.geo.bucket_bits);
+                    if let Err(e) = self.alloc.pin(ptr.dev(), bucket) {
+                        self.req_error(slot, e);
+                        continue;
+                    }
+                    let _ = self.alloc.touch(ptr);
+                    self.stats.hit_sectors += f.len;
+                    let win = self.reqs.get(slot).buf.window(at, (f.len * 512) as usize, align);
+                    let dev_at = (ptr.offset() + offset) * 512;
+                    let part = Part::CacheRead { bucket, dirty, sector: f.start };
+                    let cache = self.cache;
+                    self.issue(slot, part, |tag| IoRequest::read(cache, dev_at, win, tag));
+                }
+                FragmentKind::Hole if fill => {
+                    missed = true;
+                    self.stats.miss_sectors += f.len;
+                    // A placeholder covers at most one key's worth.
+                    let mut s = f.start;
+                    while s < f.end() {
+                        let n = (f.end() - s).min(max_miss);
+                        let ph = match self.index.insert_placeholder(inode, s, n, &self.alloc) {
+                            Ok(ph) => Some(ph),
+                            Err(_) => None,
+                        };
+                        let a = ((s - sector) * 512) as usize;
+                        let win = self.reqs.get(slot).buf.window(a, (n * 512) as usize, align);
+                        let off = data_offset + s * 512;
+                        let part = Part::BackingRead { ph };
+                        self.issue(slot, part, |tag| IoRequest::read(backing, off, win, tag));
+                        s += n;
+                    }
+                }
+                _ => {
+                    // A hole not to fill, a range another miss is filling, or (failed set)
+                    // clean data: from the backing device.
+                    missed = true;
+                    self.stats.miss_sectors += f.len;
+                    let win = self.reqs.get(slot).buf.window(at, (f.len * 512) as usize, align);
+                    let off = data_offset + f.start * 512;
+                    let part = Part::BackingRead { ph: None };
+                    self.issue(slot, part, |tag| IoRequest::read(backing, off, win, tag));
+                }
+            }
+        }
+        self.reqs.frags = frags;
+        if missed {
+            self.stats.cache_misses += 1;
+        } else {
+            self.stats.cache_hits += 1;
+        }
+        self.maybe_finish(slot);
+    }
+
+    pub(crate) fn read_part_done(&mut self, slot: u32, part: usize, c: IoCompletion) {
+        let (result, buf) = split(c);
+        let buf = buf.expect("a read gives its buffer back");
+        let r = self.reqs.get(slot);
+        let whole = matches!(r.buf, Buf::Away);
+        match std::mem::replace(&mut r.parts[part], Part::Journal) {
+            Part::CacheRead { bucket, dirty, sector } => {
+                let _ = self.alloc.unpin(0, bucket);
+                match result {
+                    Ok(_) => {
+                        if whole {
+                            self.reqs.get(slot).buf = Buf::Whole(buf);
+                        }
+                    }
+                    Err(e) if dirty => {
+                        self.stats.cache_io_errors += 1;
+                        if whole {
+                            self.reqs.get(slot).buf = Buf::Whole(buf);
+                        }
+                        let e = Error::new(
+                            ErrorKind::Io,
+                            format!("reading dirty data from the cache device failed: {}", e.message()),
+                        );
+                        self.req_error(slot, e);
+                    }
+                    Err(_) => {
+                        // Clean: the backing device has the same data. The buffer (whole or
+                        // a window) travels with the new read and comes back with it.
+                        self.stats.cache_io_errors += 1;
+                        self.stats.reread_from_backing += 1;
+                        let inode = self.reqs.get(slot).inode;
+                        let dev = self.dev(inode).expect("attached");
+                        let (off, backing) = (dev.data_offset + sector * 512, dev.backing);
+                        let part = Part::BackingRead { ph: None };
+                        self.issue(slot, part, |tag| IoRequest::read(backing, off, buf, tag));
+                    }
+                }
+            }
+            Part::BackingRead { ph, .. } => {
+                match result {
+                    Ok(_) => {
+                        if let Some(ph) = ph {
+                            self.fill_start(ph, &buf);
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(ph) = ph {
+                            self.index.finish_fill(&ph, 0);
+                        }
+                        self.req_error(slot, e);
+                    }
+                }
+                if whole {
+                    self.reqs.get(slot).buf = Buf::Whole(buf);
+                }
+            }
+            p => debug_assert!(false, "read part {p:?}"),
+        }
+        self.maybe_finish(slot);
+    }
+}
