@@ -85,6 +85,20 @@ pub(crate) struct CachedDev {
     pub mode: CacheMode,
     /// A write reached the backing device since the last flush of it was sent.
     pub backing_unflushed: bool,
+    /// Flushes of the backing device: the next one's number, those in flight, and the
+    /// requests waiting for one.
+    pub flush_next: u32,
+    pub flushes_in_flight: Vec<u32>,
+    pub flush_waiters: Vec<(u32, FlushWaiter)>,
+}
+
+/// Who waits for a flush of a backing device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FlushWaiter {
+    /// A user request (a flush): one of its outstanding parts.
+    Req(u32),
+    /// The clean close.
+    Close,
 }
 
 impl CachedDev {

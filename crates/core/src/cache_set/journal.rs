@@ -297,7 +297,7 @@ impl CacheSet {
 
     fn journal_wake(&mut self, who: Waiter) {
         match who {
-            Waiter::Req(slot) => self.req_journal_durable(slot),
+            Waiter::Req(slot) => self.req_wait_done(slot),
             Waiter::Prio => self.prio_recorded(),
             Waiter::Uuid => self.uuid_recorded(),
             Waiter::Checkpoint => self.checkpoint_recorded(),

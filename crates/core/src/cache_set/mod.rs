@@ -258,7 +258,7 @@ impl CacheSet {
             Some(Tag::Checkpoint) => self.checkpoint_io_done(c),
             Some(Tag::Super) => self.super_io_done(c),
             Some(Tag::BucketDiscard { bucket }) => self.bucket_discard_done(bucket, c),
-            Some(Tag::CloseFlush { .. }) => self.close_flush_done(c),
+            Some(Tag::BackingFlush { inode, n }) => self.backing_flush_done(inode, n, c),
             None => debug_assert!(false, "completion {:#x} the set never issued", c.user_data),
         }
     }
@@ -484,16 +484,13 @@ impl CacheSet {
         }
         if !c.flushes_sent {
             c.flushes_sent = true;
-            let mut flushes = Vec::new();
-            for d in self.devs.iter_mut().flatten() {
-                if std::mem::replace(&mut d.backing_unflushed, false) {
-                    flushes.push(IoRequest::flush(d.backing, Tag::CloseFlush { inode: d.inode }.encode()));
+            let inodes: Vec<u32> = self.devs.iter().flatten().map(|d| d.inode).collect();
+            for inode in inodes {
+                if self.backing_flush(inode, device::FlushWaiter::Close) {
+                    self.closing.flushes += 1;
                 }
             }
-            self.closing.flushes = flushes.len() as u32;
-            let any = !flushes.is_empty();
-            self.io_out.extend(flushes);
-            if any {
+            if self.closing.flushes > 0 {
                 return;
             }
         }
@@ -503,9 +500,9 @@ impl CacheSet {
     }
 
     /// A backing device flushed for the close.
-    pub(crate) fn close_flush_done(&mut self, c: IoCompletion) {
+    pub(crate) fn close_flush_done(&mut self, r: Result<()>) {
         self.closing.flushes -= 1;
-        if let Err(e) = c.result {
+        if let Err(e) = r {
             return self.fail(Error::new(e.kind(), format!("closing: flushing a backing device: {}", e.message())));
         }
         self.close_progress();

@@ -443,6 +443,9 @@ impl CacheSet {
             block_sectors: block,
             mode: cfg.mode,
             backing_unflushed: false,
+            flush_next: 0,
+            flushes_in_flight: Vec::new(),
+            flush_waiters: Vec::new(),
         });
         // Until the table is recorded the device is attached but, being new, has nothing
         // cached; requests are served all the same.

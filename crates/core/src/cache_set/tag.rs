@@ -20,8 +20,8 @@ pub(crate) enum Tag {
     Super,
     /// A bucket discarded on its way to the free lists.
     BucketDiscard { bucket: u32 },
-    /// The flush of cached device `inode`'s backing device at a clean close.
-    CloseFlush { inode: u32 },
+    /// Flush number `n` of cached device `inode`'s backing device.
+    BackingFlush { inode: u32, n: u32 },
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -41,7 +41,7 @@ impl Tag {
             Tag::Checkpoint => (6, 0, 0),
             Tag::Super => (7, 0, 0),
             Tag::BucketDiscard { bucket } => (8, bucket, 0),
-            Tag::CloseFlush { inode } => (9, inode, 0),
+            Tag::BackingFlush { inode, n } => (9, inode, n & B_MASK as u32),
         };
         debug_assert!(u64::from(b) <= B_MASK);
         ((kind as u64) << KIND_SHIFT) | (u64::from(a) << A_SHIFT) | (u64::from(b) & B_MASK)
@@ -59,7 +59,7 @@ impl Tag {
             6 => Tag::Checkpoint,
             7 => Tag::Super,
             8 => Tag::BucketDiscard { bucket: a },
-            9 => Tag::CloseFlush { inode: a },
+            9 => Tag::BackingFlush { inode: a, n: b },
             _ => return None,
         })
     }
@@ -81,7 +81,7 @@ mod tests {
             Tag::Checkpoint,
             Tag::Super,
             Tag::BucketDiscard { bucket: 1 << 31 },
-            Tag::CloseFlush { inode: 3 },
+            Tag::BackingFlush { inode: 3, n: 77 },
         ] {
             assert_eq!(Tag::decode(t.encode()), Some(t));
         }

@@ -176,6 +176,9 @@ struct UndoEntry {
     /// Write epoch at which the write completed; durable once a flush submitted after it
     /// completes.
     completed: Option<u64>,
+    /// Byte ranges (within this write) a later FUA write made durable with its own data:
+    /// a crash must not give them this write's old contents back.
+    settled: Vec<(usize, usize)>,
 }
 
 #[derive(Default)]
@@ -288,9 +291,20 @@ fn apply_crash(st: &mut FaultState, mode: CrashMode) -> Result<CrashReport> {
     for e in st.undo.drain(..).rev() {
         let Some(dev) = st.devices.get(&e.dev) else { continue };
         let sector = dev.logical_block_size() as usize;
+        // Restores the old contents of a range, sector by sector, but for what a later FUA
+        // write settled.
         let restore = |off: usize, len: usize| {
-            dev.write_at(&e.old[off..off + len], e.offset + off as u64)
-                .map_err(|err| Error::io(format!("{}: crash simulation restore", dev.path().display()), err))
+            let mut at = off;
+            while at < off + len {
+                let n = sector.min(off + len - at);
+                if !e.settled.iter().any(|&(s, t)| s < at + n && at < t) {
+                    dev.write_at(&e.old[at..at + n], e.offset + at as u64).map_err(|err| {
+                        Error::io(format!("{}: crash simulation restore", dev.path().display()), err)
+                    })?;
+                }
+                at += n;
+            }
+            Ok::<(), Error>(())
         };
         match mode {
             CrashMode::DropUnflushed => {
@@ -458,7 +472,15 @@ impl<E: IoEngine> FaultEngine<E> {
             } else if c.result.is_ok() {
                 if let Some(id) = p.undo {
                     if p.fua {
+                        // Durable now, and over whatever older unflushed writes left there.
+                        let (dev, start, end) = (c.dev, c.offset, c.offset + c.op.len());
                         st.undo.retain(|e| e.id != id);
+                        for e in st.undo.iter_mut().filter(|e| e.dev == dev && e.id < id) {
+                            let (es, ee) = (e.offset, e.offset + e.old.len() as u64);
+                            if es < end && start < ee {
+                                e.settled.push(((start.max(es) - es) as usize, (end.min(ee) - es) as usize));
+                            }
+                        }
                     } else {
                         let epoch = st.epoch;
                         st.epoch += 1;
@@ -588,7 +610,14 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
                     }
                     let id = st.next_undo;
                     st.next_undo += 1;
-                    st.undo.push(UndoEntry { id, dev: req.dev, offset: req.offset, old, completed: None });
+                    st.undo.push(UndoEntry {
+                        id,
+                        dev: req.dev,
+                        offset: req.offset,
+                        old,
+                        completed: None,
+                        settled: Vec::new(),
+                    });
                     p.undo = Some(id);
                 }
                 OpKind::Flush => p.flush_epoch = Some(st.epoch),

@@ -2,6 +2,9 @@
 //! the fault engine, and a model of what every sector of every cached device may hold.
 #![allow(dead_code)]
 
+mod workload;
+pub use workload::*;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -147,6 +150,21 @@ pub fn format(name: &str, geo: Geo) -> Paths {
     Paths { dir, cache, backing, geo }
 }
 
+/// Opens a device, waiting a little if the engine of a set that just crashed still holds
+/// it: the kernel tears an io_uring down in the background, and may hold the file (and its
+/// exclusive lock) a moment after the engine is gone.
+pub fn open_retrying(p: &Path) -> Result<Device> {
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        match Device::open(p, &dev_opts()) {
+            Err(e) if e.kind() == ubcache_core::ErrorKind::Busy && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Device options for files in memory (tmpfs has no O_DIRECT).
 pub fn dev_opts() -> OpenOptions {
     OpenOptions { direct: DirectIo::Off, ..Default::default() }
@@ -207,7 +225,7 @@ impl Rig {
                 ..Default::default()
             }));
         }
-        let cache = Arc::new(Device::open(&paths.cache, &dev_opts())?);
+        let cache = Arc::new(open_retrying(&paths.cache)?);
         let id = fe.add_device(cache.clone())?;
         let mut st = EngineStorage::new(fe, id);
         let set = cache_set::load(&mut st, o.set.clone());
@@ -223,7 +241,7 @@ impl Rig {
             let cfg = CachedDevConfig {
                 uuid: [i as u8 + 1; 16],
                 label: [0; 32],
-                device: Arc::new(Device::open(p, &dev_opts())?),
+                device: Arc::new(open_retrying(p)?),
                 data_offset: DATA_OFFSET,
                 mode: o.modes[i % o.modes.len()],
             };
@@ -380,6 +398,11 @@ pub struct Model {
     event: u64,
     next_version: u64,
     next_adopted: u64,
+    /// What happened to each block (when `UBCACHE_MODEL_LOG` is set), for failure reports.
+    log: Option<std::collections::HashMap<(usize, u64), Vec<String>>>,
+    /// Marks the log's entries (e.g. the crash point).
+    pub note: String,
+    mode: String,
 }
 
 /// A read in flight, as the model checks it.
@@ -406,7 +429,31 @@ impl Model {
             event: 1,
             next_version: 1,
             next_adopted: ADOPTED,
+            log: std::env::var_os("UBCACHE_MODEL_LOG").map(|_| Default::default()),
+            note: String::new(),
+            mode: String::new(),
         }
+    }
+
+    fn log(&mut self, dev: usize, block: u64, what: String) {
+        if let Some(l) = self.log.as_mut() {
+            l.entry((dev, block)).or_default().push(format!("[{}] e{} {what}", self.note, self.event));
+        }
+    }
+
+    /// Logs `what` for a block if it changed since the last such note.
+    pub fn watch_log(&mut self, dev: usize, block: u64, what: String) {
+        self.log(dev, block, what);
+    }
+
+    /// Notes the cache mode the next write is submitted in (for the log).
+    pub fn note_mode(&mut self, mode: &str) {
+        self.mode = mode.to_string();
+    }
+
+    /// What the model saw happen to a block (empty unless `UBCACHE_MODEL_LOG` is set).
+    pub fn history(&self, dev: usize, block: u64) -> String {
+        self.log.as_ref().and_then(|l| l.get(&(dev, block))).map(|v| v.join("\n  ")).unwrap_or_default()
     }
 
     pub fn devices(&self) -> usize {
@@ -431,6 +478,7 @@ impl Model {
         for b in block..block + blocks {
             data.extend_from_slice(&block_content(dev as u32, b, v));
             self.blocks[dev][b as usize].push(Version { version: v, submitted: at, done: None, ok: false });
+            self.log(dev, b, format!("write v{v} submitted ({block}+{blocks}) in {}", self.mode));
         }
         (data, v)
     }
@@ -447,13 +495,24 @@ impl Model {
                 vs.drain(..i);
                 self.discarded[dev][b as usize] = false;
             }
+            self.log(dev, b, format!("write v{version} done ok {ok} fua {fua}"));
         }
     }
 
-    /// A discard of the range completed: the range may read back as anything it held, or zeros.
+    /// A discard of the range was submitted: from now on (it may land any time, or be torn
+    /// by a crash) the range may read back as anything it held, or zeros.
+    pub fn discard_submitted(&mut self, dev: usize, block: u64, blocks: u64) {
+        for b in block..block + blocks {
+            self.discarded[dev][b as usize] = true;
+            self.log(dev, b, format!("discard submitted ({block}+{blocks})"));
+        }
+    }
+
+    /// A discard of the range completed.
     pub fn discard_done(&mut self, dev: usize, block: u64, blocks: u64) {
         for b in block..block + blocks {
             self.discarded[dev][b as usize] = true;
+            self.log(dev, b, format!("discarded ({block}+{blocks})"));
         }
     }
 
@@ -462,15 +521,23 @@ impl Model {
         self.tick()
     }
 
-    /// A flush submitted at `at` completed: every write that completed before it is
-    /// durable; the newest such one becomes each block's floor.
-    pub fn flush_done(&mut self, at: u64) {
-        for blocks in self.blocks.iter_mut() {
-            for vs in blocks.iter_mut() {
+    /// A flush of `dev` submitted at `at` completed: every write to that device that
+    /// completed before it is durable; the newest such one becomes each block's floor.
+    pub fn flush_done(&mut self, dev: usize, at: u64) {
+        let mut floors = Vec::new();
+        for (d, blocks) in self.blocks.iter_mut().enumerate().filter(|(d, _)| *d == dev) {
+            let dev = d;
+            for (b, vs) in blocks.iter_mut().enumerate() {
                 if let Some(i) = vs.iter().rposition(|w| w.ok && w.done.is_some_and(|d| d < at)) {
-                    vs.drain(..i);
+                    if i > 0 {
+                        vs.drain(..i);
+                        floors.push((dev, b as u64, vs[0].version));
+                    }
                 }
             }
+        }
+        for (dev, b, v) in floors {
+            self.log(dev, b, format!("flush (submitted e{at}) makes v{v} durable"));
         }
     }
 
@@ -507,30 +574,32 @@ impl Model {
         if allowed.iter().any(|v| *v >= ADOPTED && self.adopted.get(v).is_some_and(|d| d[..] == data[..])) {
             return Ok(());
         }
+        let ss = SECTOR as usize;
+        // A sector (of a block read back after a crash) may hold what an adopted version held.
+        let adopted_sector = |s: usize, sector: &[u8]| {
+            mixed
+                && allowed
+                    .iter()
+                    .filter(|a| **a >= ADOPTED)
+                    .any(|a| self.adopted.get(a).is_some_and(|d| d[s * ss..(s + 1) * ss] == *sector))
+        };
         let mut seen = None;
-        for (s, sector) in data.chunks(SECTOR as usize).enumerate() {
+        for (s, sector) in data.chunks(ss).enumerate() {
             let got = decode_sector(sector).map_err(|e| format!("dev {dev} block {b} sector {s}: {e}"))?;
             match got {
-                None if discarded => {}
+                None if discarded || adopted_sector(s, sector) => {}
                 None => return Err(format!("dev {dev} block {b} sector {s}: zeros, expected one of {allowed:?}")),
-                Some((d, bb, ss, v)) => {
-                    if (d as usize, bb, ss as usize) != (dev, b, s) {
+                Some((d, bb, sn, v)) => {
+                    if (d as usize, bb, sn as usize) != (dev, b, s) {
                         return Err(format!(
-                            "dev {dev} block {b} sector {s}: holds dev {d} block {bb} sector {ss} (version {v})"
+                            "dev {dev} block {b} sector {s}: holds dev {d} block {bb} sector {sn} (version {v})"
                         ));
                     }
                     if discarded {
                         continue;
                     }
-                    if !allowed.contains(&v) {
-                        let adopted_sector = allowed.iter().filter(|a| **a >= ADOPTED).any(|a| {
-                            self.adopted.get(a).is_some_and(|d| d[s * SECTOR as usize..(s + 1) * SECTOR as usize] == *sector)
-                        });
-                        if !(mixed && adopted_sector) {
-                            return Err(format!(
-                                "dev {dev} block {b} sector {s}: version {v}, expected one of {allowed:?}"
-                            ));
-                        }
+                    if !allowed.contains(&v) && !adopted_sector(s, sector) {
+                        return Err(format!("dev {dev} block {b} sector {s}: version {v}, expected one of {allowed:?}"));
                     }
                     if !mixed && *seen.get_or_insert(v) != v {
                         return Err(format!("dev {dev} block {b}: sectors of versions {seen:?} and {v} mixed"));
@@ -548,7 +617,9 @@ impl Model {
             let b = block + i;
             let blk = &data[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
             let allowed: Vec<u64> = self.blocks[dev][b as usize].iter().map(|w| w.version).collect();
-            self.check_block(dev, b, blk, &allowed, true)?;
+            if let Err(e) = self.check_block(dev, b, blk, &allowed, true) {
+                return Err(format!("{e}\n  {}", self.history(dev, b)));
+            }
             for v in &allowed {
                 self.adopted.remove(v);
             }
@@ -556,6 +627,8 @@ impl Model {
             self.next_adopted += 1;
             self.adopted.insert(id, blk.to_vec());
             self.blocks[dev][b as usize] = vec![Version { version: id, submitted: 0, done: Some(0), ok: true }];
+            let first = decode_sector(&blk[..SECTOR as usize]).ok().flatten().map(|d| d.3);
+            self.log(dev, b, format!("after a crash: read version {first:?} (sector 0), adopted as {id}"));
             self.discarded[dev][b as usize] = false;
         }
         Ok(())

@@ -9,6 +9,8 @@
 //! discard down to the backing device; a backing device that cannot discard is not an error.
 
 use super::{split, CacheSet, Kind, Part};
+use crate::cache_set::device::FlushWaiter;
+use crate::cache_set::Tag;
 use crate::io::{IoCompletion, IoRequest};
 
 impl CacheSet {
@@ -25,12 +27,63 @@ impl CacheSet {
         }
         self.wait_journal(slot, seq);
         let inode = self.reqs.get(slot).inode;
-        let dev = self.dev_mut(inode).expect("attached");
-        if std::mem::replace(&mut dev.backing_unflushed, false) {
-            let backing = dev.backing;
-            self.issue(slot, Part::BackingFlush, |tag| IoRequest::flush(backing, tag));
+        if self.backing_flush(inode, FlushWaiter::Req(slot)) {
+            self.add_wait(slot);
         }
         self.maybe_finish(slot);
+    }
+
+    /// Makes what reached `inode`'s backing device so far durable: a new flush if writes
+    /// completed since the last one was sent, else the last one if it is still in flight
+    /// (it covers them). `who` is told when it completes; returns false when there is
+    /// nothing to wait for.
+    pub(crate) fn backing_flush(&mut self, inode: u32, who: FlushWaiter) -> bool {
+        let Ok(d) = self.dev_mut(inode) else { return false };
+        let n = if std::mem::replace(&mut d.backing_unflushed, false) {
+            let n = d.flush_next;
+            d.flush_next = d.flush_next.wrapping_add(1) & ((1 << 24) - 1);
+            d.flushes_in_flight.push(n);
+            let tag = Tag::BackingFlush { inode, n }.encode();
+            let req = IoRequest::flush(d.backing, tag);
+            self.push_io(req);
+            n
+        } else if let Some(&n) = d.flushes_in_flight.last() {
+            n
+        } else {
+            return false;
+        };
+        self.dev_mut(inode).expect("attached").flush_waiters.push((n, who));
+        true
+    }
+
+    /// Flush `n` of `inode`'s backing device completed: its waiters go on.
+    pub(crate) fn backing_flush_done(&mut self, inode: u32, n: u32, c: IoCompletion) {
+        let Ok(d) = self.dev_mut(inode) else { return };
+        d.flushes_in_flight.retain(|&f| f != n);
+        if c.result.is_err() {
+            // Writes may still sit in the device's cache: the next flush tries again.
+            d.backing_unflushed = true;
+        }
+        let mut woken = Vec::new();
+        d.flush_waiters.retain(|&(f, w)| {
+            if f == n {
+                woken.push(w);
+                false
+            } else {
+                true
+            }
+        });
+        for w in woken {
+            let r = match &c.result {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.clone()),
+            };
+            match (w, r) {
+                (FlushWaiter::Req(slot), Ok(())) => self.req_wait_done(slot),
+                (FlushWaiter::Req(slot), Err(e)) => self.req_failed_part(slot, e),
+                (FlushWaiter::Close, r) => self.close_flush_done(r),
+            }
+        }
     }
 
     pub(crate) fn discard_start(&mut self, slot: u32) {
@@ -50,16 +103,15 @@ impl CacheSet {
         let r = self.reqs.get(slot);
         let p = std::mem::replace(&mut r.parts[part], Part::Journal);
         match (p, result) {
-            (_, Ok(_)) => {}
-            (Part::BackingDiscard, Err(e)) if discard_unsupported(&e) => {}
-            (Part::BackingFlush, Err(e)) => {
-                // Writes may still sit in the backing device's cache: the next flush tries again.
+            (Part::BackingDiscard, Ok(_)) => {
+                // Like a write, a discard is durable only after a flush of the device.
                 let inode = r.inode;
                 if let Ok(d) = self.dev_mut(inode) {
                     d.backing_unflushed = true;
                 }
-                self.req_error(slot, e);
             }
+            (_, Ok(_)) => {}
+            (Part::BackingDiscard, Err(e)) if discard_unsupported(&e) => {}
             (_, Err(e)) => self.req_error(slot, e),
         }
         debug_assert!(matches!(self.reqs.get(slot).kind, Kind::Flush | Kind::Discard));

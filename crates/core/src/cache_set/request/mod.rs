@@ -43,8 +43,6 @@ pub(crate) enum Part {
     InPlace { bucket: u64 },
     /// The write of the whole request to the backing device.
     BackingWrite,
-    /// A flush of the backing device.
-    BackingFlush,
     /// The discard passed down to the backing device.
     BackingDiscard,
     /// The journal entry covering the request must be durable.
@@ -349,8 +347,8 @@ impl CacheSet {
         }
     }
 
-    /// The journal entry a request waited for is durable.
-    pub(crate) fn req_journal_durable(&mut self, slot: u32) {
+    /// Something a request waited for (its journal entry, a backing flush) is done.
+    pub(crate) fn req_wait_done(&mut self, slot: u32) {
         let r = self.reqs.get(slot);
         r.outstanding -= 1;
         self.maybe_finish(slot);
