@@ -54,53 +54,57 @@ export declare class NativeIoEngine {
 
 /** An engine driven by the JavaScript thread (see the module docs). */
 export declare class NativeRing {
-  /**
-   * Opens an engine on this thread's event loop; `onComplete(count)` hears of each chunk
-   * of completions placed in the completion buffer, or `(0, [code, message])` if the
-   * engine broke.
-   */
-  constructor(options: NativeEngineOptions, onComplete: (count: number, fatal?: [string, string]) => void)
   /** `io_uring` or `psync`. */
   get kind(): string
-  /** The submission buffer: requests of `DESC` numbers each (see the module docs). */
+  /**
+   * The submission buffer: requests of seven numbers each, `op, tag, dev, offset,
+   * length, slab, at` (op 0 read, 2 flush, 3 discard).
+   */
   submissionBuffer(): ArrayBuffer
-  /** The completion buffer: `tag, result` pairs. */
+  /** The completion buffer: `tag, result` pairs (`result` -1 on error). */
   completionBuffer(): ArrayBuffer
   /** Requests the submission buffer holds. */
   get capacity(): number
   /** Completions handed over at a time: a call that returns this many may have more. */
   get chunk(): number
   /**
-   * `[id, ArrayBuffer]`: a slab of at least `bytes` bytes of aligned engine memory that reads
-   * can land in. It lives as long as the `ArrayBuffer` (and any read into it).
+   * `[id, ArrayBuffer]`: a slab of at least `bytes` bytes of aligned engine memory
+   * that reads can land in. It lives as long as the `ArrayBuffer` (and any read
+   * into it).
    */
   slab(bytes: number): [number, ArrayBuffer]
-  /** Opens a file or block device and adds it to the engine. */
-  openDevice(path: string, options?: NativeOpenOptions | undefined | null): NativeDevice
-  /** Removes a device; its requests in flight still complete. */
-  closeDevice(id: number): void
   /**
-   * Submits the first `count` requests of the submission buffer with one `io_uring_enter`.
-   * Returns how many completions it put in the completion buffer.
+   * Submits the first `count` requests of the submission buffer at once. Returns
+   * how many completions it put in the completion buffer.
    */
   submit(count: number): number
   /**
-   * Writes a copy of `data` at `offset`. Returns how many completions it put in the
-   * completion buffer.
+   * Writes a copy of `data` at `offset` (with `fua`, durable when it completes).
+   * Returns how many completions it put in the completion buffer.
    */
-  write(tag: number, dev: number, offset: number, data: Uint8Array): number
+  write(tag: number, dev: number, offset: number, data: Uint8Array, fua?: boolean | undefined | null): number
   /**
    * The next chunk of completions when the last call filled the completion buffer:
    * how many it put there (0: none left).
    */
   more(): number
   /**
-   * `[code, message, code, message, ...]` of the errors (results of -1) of the chunk in
-   * the completion buffer, in order.
+   * `[code, message, code, message, ...]` of the errors (results of -1) of the
+   * chunk in the completion buffer, in order.
    */
   takeErrors(): Array<string>
   /** Requests submitted and not yet delivered. */
   get inFlight(): number
+  /**
+   * Opens an engine on this thread's event loop; `onComplete(count)` hears of each chunk
+   * of completions placed in the completion buffer, or `(0, [code, message])` if the
+   * engine broke.
+   */
+  constructor(options: NativeEngineOptions, onComplete: (count: number, fatal?: [string, string]) => void)
+  /** Opens a file or block device and adds it to the engine. */
+  openDevice(path: string, options?: NativeOpenOptions | undefined | null): NativeDevice
+  /** Removes a device; its requests in flight still complete. */
+  closeDevice(id: number): void
   /**
    * Refuses new requests (they complete with `CLOSED`) and stops watching the engine.
    * Call it once nothing is in flight: requests still in flight are waited for here.

@@ -43,18 +43,23 @@ pub(crate) fn whole(v: f64, what: &str) -> std::result::Result<u64, CoreError> {
     }
 }
 
+/// The engine `name` names: `auto` (the default), `io_uring` or `psync`.
+pub(crate) fn engine_choice(env: &Env, name: Option<&str>) -> Result<EngineChoice> {
+    match name {
+        None | Some("auto") => Ok(EngineChoice::Auto),
+        Some("io_uring") => Ok(EngineChoice::Uring),
+        Some("psync") => Ok(EngineChoice::Psync),
+        Some(other) => invalid(env, format!("engine must be auto, io_uring or psync, got {other}")),
+    }
+}
+
 /// Builds the engine `options` ask for, with the buffer pool its reads take memory from.
 pub(crate) fn engine_of(
     env: &Env,
     options: &NativeEngineOptions,
     event_loop: bool,
 ) -> Result<(Box<dyn IoEngine>, BufPool)> {
-    let choice = match options.engine.as_deref() {
-        None | Some("auto") => EngineChoice::Auto,
-        Some("io_uring") => EngineChoice::Uring,
-        Some("psync") => EngineChoice::Psync,
-        Some(other) => return invalid(env, format!("engine must be auto, io_uring or psync, got {other}")),
-    };
+    let choice = engine_choice(env, options.engine.as_deref())?;
     let pool = BufPool::new(BufPoolConfig {
         arena_bytes: options.arena_bytes.unwrap_or(16 << 20) as usize,
         ..Default::default()
@@ -79,12 +84,9 @@ pub(crate) fn engine_of(
     }
 }
 
-/// Opens the device `path` names, and describes it for JavaScript (its `id` still 0).
-pub(crate) fn open_device(
-    env: &Env,
-    path: &str,
-    options: Option<NativeOpenOptions>,
-) -> Result<(Arc<Device>, NativeDevice)> {
+/// How to open a device, as `options` ask (default: for writing, O_DIRECT where supported,
+/// exclusively).
+pub(crate) fn open_options(env: &Env, options: Option<NativeOpenOptions>) -> Result<OpenOptions> {
     let o = options.unwrap_or(NativeOpenOptions { write: None, direct: None, exclusive: None, create_size: None });
     let direct = match o.direct.as_deref() {
         None | Some("auto") => DirectIo::Auto,
@@ -96,20 +98,33 @@ pub(crate) fn open_device(
         Some(v) => Some(to_u64(env, "createSize", v)?),
         None => None,
     };
-    let opts =
-        OpenOptions { write: o.write.unwrap_or(true), direct, exclusive: o.exclusive.unwrap_or(true), create_size };
-    let dev = match Device::open(path, &opts) {
-        Ok(d) => Arc::new(d),
-        Err(e) => return throw(env, e),
-    };
-    let info = NativeDevice {
+    Ok(OpenOptions { write: o.write.unwrap_or(true), direct, exclusive: o.exclusive.unwrap_or(true), create_size })
+}
+
+/// Describes an open device for JavaScript (its `id` still 0).
+pub(crate) fn device_of(dev: &Device) -> NativeDevice {
+    NativeDevice {
         id: 0,
         size: dev.size() as f64,
         logical_block_size: dev.logical_block_size(),
         direct: dev.is_direct(),
         block_device: dev.is_block_device(),
         writable: dev.is_writable(),
+    }
+}
+
+/// Opens the device `path` names, and describes it for JavaScript (its `id` still 0).
+pub(crate) fn open_device(
+    env: &Env,
+    path: &str,
+    options: Option<NativeOpenOptions>,
+) -> Result<(Arc<Device>, NativeDevice)> {
+    let opts = open_options(env, options)?;
+    let dev = match Device::open(path, &opts) {
+        Ok(d) => Arc::new(d),
+        Err(e) => return throw(env, e),
     };
+    let info = device_of(&dev);
     Ok((dev, info))
 }
 

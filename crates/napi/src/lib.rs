@@ -4,6 +4,7 @@
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
+mod inline;
 mod io;
 mod ring;
 
