@@ -20,6 +20,112 @@ export declare class Crc64 {
   reset(): void
 }
 
+/** A cache engine driven by the JavaScript thread (see the module docs). */
+export declare class NativeCacheEngine {
+  /** `io_uring` or `psync`. */
+  get kind(): string
+  /**
+   * The submission buffer: requests of seven numbers each, `op, tag, dev, offset,
+   * length, slab, at` (op 0 read, 2 flush, 3 discard).
+   */
+  submissionBuffer(): ArrayBuffer
+  /** The completion buffer: `tag, result` pairs (`result` -1 on error). */
+  completionBuffer(): ArrayBuffer
+  /** Requests the submission buffer holds. */
+  get capacity(): number
+  /** Completions handed over at a time: a call that returns this many may have more. */
+  get chunk(): number
+  /**
+   * `[id, ArrayBuffer]`: a slab of at least `bytes` bytes of aligned engine memory
+   * that reads can land in. It lives as long as the `ArrayBuffer` (and any read
+   * into it).
+   */
+  slab(bytes: number): [number, ArrayBuffer]
+  /**
+   * Submits the first `count` requests of the submission buffer at once. Returns
+   * how many completions it put in the completion buffer.
+   */
+  submit(count: number): number
+  /**
+   * Writes a copy of `data` at `offset` (with `fua`, durable when it completes).
+   * Returns how many completions it put in the completion buffer.
+   */
+  write(tag: number, dev: number, offset: number, data: Uint8Array, fua?: boolean | undefined | null): number
+  /**
+   * The next chunk of completions when the last call filled the completion buffer:
+   * how many it put there (0: none left).
+   */
+  more(): number
+  /**
+   * `[code, message, code, message, ...]` of the errors (results of -1) of the
+   * chunk in the completion buffer, in order.
+   */
+  takeErrors(): Array<string>
+  /** Requests submitted and not yet delivered. */
+  get inFlight(): number
+  /**
+   * Starts an engine on this thread's event loop, running `set` (taken over; its
+   * startup writes begin now), or with no set, serving backing devices straight
+   * (`attachPlain`). `onComplete` hears of completions as `NativeRing`'s does; `onEvent`
+   * of finished control operations (see the module docs).
+   */
+  constructor(options: NativeEngineOptions, set: NativeLoadedSet | null | undefined, onComplete: (count: number, fatal?: [string, string]) => void, onEvent: (tag: number, handle: number, error?: [string, string]) => void)
+  /**
+   * Attaches a backing device to the set: opens it and returns its handle (in `id`;
+   * `size` is what lies past the data offset) at once. `tag` comes back through
+   * `onEvent` when it can take requests (its UUID-table entry is durable), or with the
+   * error that kept it from attaching; requests before that fail with `INVALID_ARGUMENT`.
+   */
+  attach(tag: number, config: NativeAttachConfig): NativeDevice
+  /**
+   * Serves a backing device with no cache set: requests go to `dataOffset` on. Returns
+   * its handle (in `id`; `size` is what lies past the data offset); usable at once.
+   */
+  attachPlain(path: string, dataOffset: number, options?: NativeOpenOptions | undefined | null): NativeDevice
+  /**
+   * Lets go of a device (nothing of it may be in flight: `EBUSY`); a cached device's
+   * entry and cached data stay in the set for its next attach.
+   */
+  detach(handle: number): void
+  /**
+   * Switches a cached device's cache mode (`writethrough`, `writeback`, `writearound` or
+   * `none`); requests submitted from now on follow it.
+   */
+  setCacheMode(handle: number, mode: string): void
+  /** A device's cache mode; null for a device with no cache set. */
+  cacheMode(handle: number): string | null
+  /**
+   * Begins a clean close: requests in flight finish, new ones are refused, a final
+   * checkpoint is written. `tag` comes back through `onEvent` when all of it is durable
+   * (with the error if the set failed). Then call `shutdown`.
+   */
+  close(tag: number): void
+  /**
+   * Stops watching the engine and drops it, which releases its devices (and their
+   * exclusive opens). Requests still in flight are waited for and lost. Idempotent.
+   */
+  shutdown(): void
+  /** Counters of the cache set (null for an engine without one). */
+  stats(): NativeCacheSetStats | null
+  /**
+   * `starting`, `running`, `failed`, `closing` or `closed` (an engine without a set:
+   * `running` until shut down).
+   */
+  get state(): 'starting' | 'running' | 'failed' | 'closing' | 'closed'
+  /** `[code, message]` of the error that took the set out of service, if it failed. */
+  get failure(): [string, string] | null
+  /** A one-line account of what the set is doing and waiting for (null without a set). */
+  describe(): string | null
+  /** What opening the set found and did (null without a set). */
+  openReport(): NativeOpenReport | null
+  /** Dirty sectors of a cached device (null for a handle that is not one). */
+  dirtySectors(handle: number): number | null
+  /** Sectors of a cached device the cache holds (null for a handle that is not one). */
+  cachedSectors(handle: number): number | null
+  /** Counters of the I/O engine underneath: event-loop wakeups, batches, buffers. */
+  engineStats(): NativeEngineStats
+}
+
 /** The engine thread and its buffer pool. */
 export declare class NativeIoEngine {
   /** Starts an engine thread; `onComplete` receives every batch of completions. */
@@ -50,6 +156,17 @@ export declare class NativeIoEngine {
   stats(): NativeEngineStats
   /** True once `close` has been called. */
   get closed(): boolean
+}
+
+/**
+ * A cache set read back by `loadCacheSet`, with its cache device open: hand it to a
+ * `NativeCacheEngine`, which takes it over (once).
+ */
+export declare class NativeLoadedSet {
+  /** The cache device's path. */
+  get path(): string
+  /** False once an engine took the set over. */
+  get available(): boolean
 }
 
 /** An engine driven by the JavaScript thread (see the module docs). */
@@ -135,6 +252,67 @@ export interface DeviceInfo {
   isBlockDevice: boolean
 }
 
+/**
+ * Reads the cache set on the cache device at `path` back, on a libuv worker thread, and
+ * resolves to it (rejects with an `Error` carrying the core's `code`: `ENOENT`, `EBUSY`
+ * when the device is open elsewhere, `MAGIC_MISMATCH` when it holds no bcache superblock,
+ * `CORRUPT`, `EIO`, ...). Opening a large set does not hold up the event loop.
+ */
+export declare function loadCacheSet(path: string, options?: NativeLoadOptions | undefined | null): Promise<NativeLoadedSet>
+
+/** A backing device to attach to the cache set. */
+export interface NativeAttachConfig {
+  /** The backing device (a file or block device). */
+  path: string
+  /** Its UUID, 16 bytes (its superblock's `uuid`): what the set's UUID table knows it by. */
+  uuid: Uint8Array
+  /** Its label, at most 32 bytes of UTF-8. */
+  label?: string
+  /** Byte offset of its data (the superblock's `data_offset` × 512). */
+  dataOffset: number
+  /** `writethrough` (default), `writeback`, `writearound` or `none`. */
+  mode?: string
+  /** Open read-only. */
+  readOnly?: boolean
+  /** O_DIRECT policy: `auto` (default), `require` or `off`. */
+  direct?: string
+  /** Exclusive open (default true). */
+  exclusive?: boolean
+}
+
+/** Counters of a cache set, and where it stands. */
+export interface NativeCacheSetStats {
+  dataBytes: number
+  journalBytes: number
+  checkpointBytes: number
+  prioBytes: number
+  otherMetaBytes: number
+  metaBytes: number
+  journalEntries: number
+  journalPreflushes: number
+  checkpoints: number
+  prioWrites: number
+  gcRuns: number
+  hitSectors: number
+  missSectors: number
+  cacheHits: number
+  cacheMisses: number
+  cacheMissCollisions: number
+  fillSectors: number
+  writebackCutoffs: number
+  dirtyOverlaps: number
+  spaceWaits: number
+  orderedWaits: number
+  cacheIoErrors: number
+  rereadFromBacking: number
+  /** Percentage of buckets holding dirty data or metadata, as of the last GC. */
+  inUsePercent: number
+  /** Buckets free for allocation. */
+  availableBuckets: number
+  /** Requests (and read-miss fills) in flight. */
+  inFlight: number
+}
+
 /** A device opened in an engine. */
 export interface NativeDevice {
   /** Handle for requests. */
@@ -188,6 +366,20 @@ export interface NativeEngineStats {
   busyPollHits: number
 }
 
+/** How to open a cache set. */
+export interface NativeLoadOptions {
+  /** Engine that reads the set back: `auto` (default), `io_uring` or `psync`. */
+  engine?: string
+  /** O_DIRECT policy of the cache device: `auto` (default), `require` or `off`. */
+  direct?: string
+  /** Exclusive open of the cache device (default true). */
+  exclusive?: boolean
+  /** How long inserted keys may wait for a journal write when nobody flushes (default 100). */
+  journalDelayMs?: number
+  /** Journal entries go with FUA rather than between two flushes (default true). */
+  journalFua?: boolean
+}
+
 /** How to open a device. */
 export interface NativeOpenOptions {
   /** Open for writing (default true). */
@@ -198,4 +390,26 @@ export interface NativeOpenOptions {
   exclusive?: boolean
   /** Create a regular file of this many bytes if the path does not exist. */
   createSize?: number
+}
+
+/** What opening the set found and did (times in milliseconds). */
+export interface NativeOpenReport {
+  fresh: boolean
+  journalEntries: number
+  headSeq: number
+  checkpointKeys: number
+  checkpointSeq: number
+  checkpointFallback: boolean
+  checkpointsKept: number
+  replayedKeys: number
+  replayedEntries: number
+  staleKeys: number
+  gapAt?: number
+  prioDistance: number
+  cleanShutdown: boolean
+  cleanKeysDropped: number
+  journalReadMs: number
+  checkpointMs: number
+  replayMs: number
+  gcMs: number
 }

@@ -836,8 +836,11 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.Crc64 = nativeBinding.Crc64
+module.exports.NativeCacheEngine = nativeBinding.NativeCacheEngine
 module.exports.NativeIoEngine = nativeBinding.NativeIoEngine
+module.exports.NativeLoadedSet = nativeBinding.NativeLoadedSet
 module.exports.NativeRing = nativeBinding.NativeRing
 module.exports.crc64 = nativeBinding.crc64
 module.exports.crc64Implementation = nativeBinding.crc64Implementation
 module.exports.deviceInfo = nativeBinding.deviceInfo
+module.exports.loadCacheSet = nativeBinding.loadCacheSet

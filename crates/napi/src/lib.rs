@@ -4,9 +4,13 @@
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
+mod cache;
 mod inline;
 mod io;
 mod ring;
+
+// Reached from JavaScript only (napi registers it at load time).
+pub use cache::load_cache_set;
 
 /// Throws `err` as a JavaScript `Error` whose `code` is the core error's code, and returns
 /// the marker error that tells napi-rs an exception is already pending.

@@ -1,0 +1,555 @@
+//! Binding of the cache engine ([`CacheEngine`]): a cache set and the devices it serves,
+//! driven by the JavaScript thread exactly as `NativeRing` drives the I/O engine, through
+//! the same glue (inline.rs: the submission and completion buffers, slabs, the libuv poll
+//! handle), plus the libuv timer that runs the set's background work (journal delay, GC and
+//! checkpoint slices) when [`CacheEngine::next_deadline`] says.
+//!
+//! Opening a set reads its journal, checkpoint and index back, which for a large set takes
+//! a while: [`load_cache_set`] does it on a libuv worker thread, over a short-lived I/O
+//! engine of its own, and resolves to a `NativeLoadedSet` that the `NativeCacheEngine`
+//! constructor takes over.
+//!
+//! Control operations that need I/O (attach: the UUID table must be recorded; close: the
+//! final checkpoint) return at once and finish later: their `tag` comes back through the
+//! engine's second callback, `onEvent(tag, handle)` (the attached device's handle; 0 for a
+//! close), or `onEvent(tag, -1, [code, message])` when they failed. Events are always
+//! delivered from a libuv callback, after the completions that came with them.
+
+use std::cell::RefCell;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use ubcache_core::cache_set::{self, CacheEngine, CacheMode, CacheSet, CacheSetOptions, CachedDevConfig, SetState};
+use ubcache_core::io::{
+    open_engine, Device, EngineChoice, EngineOptions, EngineStorage, IoCompletion, IoEngine, IoRequest, OpenOptions,
+    RingDriver,
+};
+use ubcache_core::{Error as CoreError, ErrorKind, Result as CoreResult};
+
+use crate::inline::{inline_methods, Callbacks, Driven, Glue};
+use crate::io::{
+    engine_choice, invalid, open_device, open_options, throw, to_u64, NativeDevice, NativeEngineOptions,
+    NativeEngineStats, NativeOpenOptions,
+};
+use crate::ring::driver_of;
+
+/// The cache engine as the glue drives it; `None` once shut down (its devices released).
+pub(crate) struct Served(Option<CacheEngine>);
+
+fn closed() -> CoreError {
+    CoreError::new(ErrorKind::Closed, "the cache engine is closed")
+}
+
+impl Driven for Served {
+    const TIMED: bool = true;
+    fn submit_into(&mut self, reqs: Vec<IoRequest>, out: &mut Vec<IoCompletion>) -> CoreResult<usize> {
+        match &mut self.0 {
+            Some(e) => e.submit(reqs, out),
+            None => {
+                let n = reqs.len();
+                out.extend(reqs.into_iter().map(|r| IoCompletion::of(r, Err(closed()))));
+                Ok(n)
+            }
+        }
+    }
+    fn reap_into(&mut self, out: &mut Vec<IoCompletion>) -> CoreResult<usize> {
+        self.0.as_mut().map_or(Ok(0), |e| e.reap(out))
+    }
+    fn in_flight(&self) -> usize {
+        self.0.as_ref().map_or(0, CacheEngine::in_flight)
+    }
+    fn fd(&self) -> RawFd {
+        self.0.as_ref().map_or(-1, CacheEngine::fd)
+    }
+    fn close(&mut self) {
+        self.0 = None;
+    }
+    fn ring(&self) -> Option<&RingDriver> {
+        self.0.as_ref().map(CacheEngine::driver)
+    }
+    fn next_deadline(&self) -> Option<Instant> {
+        self.0.as_ref().and_then(CacheEngine::next_deadline)
+    }
+    fn tick(&mut self, out: &mut Vec<IoCompletion>) -> CoreResult<usize> {
+        self.0.as_mut().map_or(Ok(0), |e| e.tick(out))
+    }
+    fn take_events(&mut self, out: &mut Vec<(u64, CoreResult<u32>)>) {
+        if let Some(e) = &mut self.0 {
+            e.take_events(out);
+        }
+    }
+}
+
+/// How to open a cache set.
+#[napi(object)]
+pub struct NativeLoadOptions {
+    /// Engine that reads the set back: `auto` (default), `io_uring` or `psync`.
+    pub engine: Option<String>,
+    /// O_DIRECT policy of the cache device: `auto` (default), `require` or `off`.
+    pub direct: Option<String>,
+    /// Exclusive open of the cache device (default true).
+    pub exclusive: Option<bool>,
+    /// How long inserted keys may wait for a journal write when nobody flushes (default 100).
+    pub journal_delay_ms: Option<u32>,
+    /// Journal entries go with FUA rather than between two flushes (default true).
+    pub journal_fua: Option<bool>,
+}
+
+/// A cache set read back from its cache device, waiting for an engine to run it.
+pub struct Loaded {
+    set: CacheSet,
+    cache: Arc<Device>,
+}
+
+/// A cache set read back by `loadCacheSet`, with its cache device open: hand it to a
+/// `NativeCacheEngine`, which takes it over (once).
+#[napi]
+pub struct NativeLoadedSet {
+    path: String,
+    loaded: RefCell<Option<Loaded>>,
+}
+
+#[napi]
+impl NativeLoadedSet {
+    /// The cache device's path.
+    #[napi(getter)]
+    pub fn path(&self) -> String {
+        self.path.clone()
+    }
+
+    /// False once an engine took the set over.
+    #[napi(getter)]
+    pub fn available(&self) -> bool {
+        self.loaded.borrow().is_some()
+    }
+}
+
+/// Reads a cache set back on a libuv worker thread.
+pub struct LoadTask {
+    path: String,
+    open: OpenOptions,
+    choice: EngineChoice,
+    opts: CacheSetOptions,
+}
+
+impl LoadTask {
+    /// Opens the cache device and reads the set back through a short-lived engine.
+    fn load(&self) -> CoreResult<Loaded> {
+        let cache = Arc::new(Device::open(&self.path, &self.open)?);
+        let opts = EngineOptions { choice: self.choice, queue_depth: 8, psync_threads: 1, ..Default::default() };
+        let mut engine = open_engine(&opts)?;
+        let id = engine.add_device(cache.clone())?;
+        let mut st = EngineStorage::new(engine, id);
+        let set = cache_set::load(&mut st, self.opts.clone());
+        let _ = st.engine().remove_device(id);
+        Ok(Loaded { set: set?, cache })
+    }
+}
+
+impl Task for LoadTask {
+    type Output = CoreResult<Loaded>;
+    type JsValue = NativeLoadedSet;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        Ok(self.load())
+    }
+
+    fn resolve(&mut self, env: Env, output: Self::Output) -> Result<NativeLoadedSet> {
+        match output {
+            Ok(l) => Ok(NativeLoadedSet { path: self.path.clone(), loaded: RefCell::new(Some(l)) }),
+            Err(e) => Err(js_error(&env, &e)),
+        }
+    }
+}
+
+/// A rejection carrying a JavaScript `Error` whose `code` is the core error's code.
+fn js_error(env: &Env, e: &CoreError) -> napi::Error {
+    let raw = env.raw();
+    let (mut code, mut msg, mut err) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: napi calls on the JavaScript thread (a task's resolve) with values of this env.
+    let made = unsafe {
+        sys::napi_create_string_utf8(raw, e.code().as_ptr().cast(), e.code().len() as isize, &mut code)
+            == sys::Status::napi_ok
+            && sys::napi_create_string_utf8(raw, e.message().as_ptr().cast(), e.message().len() as isize, &mut msg)
+                == sys::Status::napi_ok
+            && sys::napi_create_error(raw, code, msg, &mut err) == sys::Status::napi_ok
+    };
+    if !made {
+        return napi::Error::new(Status::GenericFailure, format!("{}: {}", e.code(), e.message()));
+    }
+    // SAFETY: `err` is a live value of this env.
+    match unsafe { Unknown::from_napi_value(raw, err) } {
+        Ok(v) => napi::Error::from(v),
+        Err(x) => x,
+    }
+}
+
+/// Reads the cache set on the cache device at `path` back, on a libuv worker thread, and
+/// resolves to it (rejects with an `Error` carrying the core's `code`: `ENOENT`, `EBUSY`
+/// when the device is open elsewhere, `MAGIC_MISMATCH` when it holds no bcache superblock,
+/// `CORRUPT`, `EIO`, ...). Opening a large set does not hold up the event loop.
+#[napi(ts_return_type = "Promise<NativeLoadedSet>")]
+pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions>) -> Result<AsyncTask<LoadTask>> {
+    let o = options.unwrap_or(NativeLoadOptions {
+        engine: None,
+        direct: None,
+        exclusive: None,
+        journal_delay_ms: None,
+        journal_fua: None,
+    });
+    let choice = engine_choice(env, o.engine.as_deref())?;
+    let open = open_options(
+        env,
+        Some(NativeOpenOptions { write: None, direct: o.direct, exclusive: o.exclusive, create_size: None }),
+    )?;
+    let d = CacheSetOptions::default();
+    let opts = CacheSetOptions {
+        journal_delay_ms: o.journal_delay_ms.map_or(d.journal_delay_ms, u64::from),
+        journal_fua: o.journal_fua.unwrap_or(d.journal_fua),
+        ..d
+    };
+    Ok(AsyncTask::new(LoadTask { path, open, choice, opts }))
+}
+
+/// A backing device to attach to the cache set.
+#[napi(object)]
+pub struct NativeAttachConfig {
+    /// The backing device (a file or block device).
+    pub path: String,
+    /// Its UUID, 16 bytes (its superblock's `uuid`): what the set's UUID table knows it by.
+    pub uuid: Uint8Array,
+    /// Its label, at most 32 bytes of UTF-8.
+    pub label: Option<String>,
+    /// Byte offset of its data (the superblock's `data_offset` × 512).
+    pub data_offset: f64,
+    /// `writethrough` (default), `writeback`, `writearound` or `none`.
+    pub mode: Option<String>,
+    /// Open read-only.
+    pub read_only: Option<bool>,
+    /// O_DIRECT policy: `auto` (default), `require` or `off`.
+    pub direct: Option<String>,
+    /// Exclusive open (default true).
+    pub exclusive: Option<bool>,
+}
+
+/// Counters of a cache set, and where it stands.
+#[napi(object)]
+pub struct NativeCacheSetStats {
+    pub data_bytes: f64,
+    pub journal_bytes: f64,
+    pub checkpoint_bytes: f64,
+    pub prio_bytes: f64,
+    pub other_meta_bytes: f64,
+    pub meta_bytes: f64,
+    pub journal_entries: f64,
+    pub journal_preflushes: f64,
+    pub checkpoints: f64,
+    pub prio_writes: f64,
+    pub gc_runs: f64,
+    pub hit_sectors: f64,
+    pub miss_sectors: f64,
+    pub cache_hits: f64,
+    pub cache_misses: f64,
+    pub cache_miss_collisions: f64,
+    pub fill_sectors: f64,
+    pub writeback_cutoffs: f64,
+    pub dirty_overlaps: f64,
+    pub space_waits: f64,
+    pub ordered_waits: f64,
+    pub cache_io_errors: f64,
+    pub reread_from_backing: f64,
+    /// Percentage of buckets holding dirty data or metadata, as of the last GC.
+    pub in_use_percent: f64,
+    /// Buckets free for allocation.
+    pub available_buckets: f64,
+    /// Requests (and read-miss fills) in flight.
+    pub in_flight: f64,
+}
+
+/// What opening the set found and did (times in milliseconds).
+#[napi(object)]
+pub struct NativeOpenReport {
+    pub fresh: bool,
+    pub journal_entries: f64,
+    pub head_seq: f64,
+    pub checkpoint_keys: f64,
+    pub checkpoint_seq: f64,
+    pub checkpoint_fallback: bool,
+    pub checkpoints_kept: f64,
+    pub replayed_keys: f64,
+    pub replayed_entries: f64,
+    pub stale_keys: f64,
+    pub gap_at: Option<f64>,
+    pub prio_distance: f64,
+    pub clean_shutdown: bool,
+    pub clean_keys_dropped: f64,
+    pub journal_read_ms: f64,
+    pub checkpoint_ms: f64,
+    pub replay_ms: f64,
+    pub gc_ms: f64,
+}
+
+/// A cache engine driven by the JavaScript thread (see the module docs).
+#[napi]
+pub struct NativeCacheEngine {
+    glue: Box<Glue<Served>>,
+}
+
+inline_methods!(NativeCacheEngine);
+
+#[napi]
+impl NativeCacheEngine {
+    /// Starts an engine on this thread's event loop, running `set` (taken over; its
+    /// startup writes begin now), or with no set, serving backing devices straight
+    /// (`attachPlain`). `onComplete` hears of completions as `NativeRing`'s does; `onEvent`
+    /// of finished control operations (see the module docs).
+    #[napi(
+        constructor,
+        ts_args_type = "options: NativeEngineOptions, set: NativeLoadedSet | null | undefined, onComplete: (count: number, fatal?: [string, string]) => void, onEvent: (tag: number, handle: number, error?: [string, string]) => void"
+    )]
+    pub fn new(
+        env: &Env,
+        options: NativeEngineOptions,
+        set: Option<&NativeLoadedSet>,
+        on_complete: Function<'_, (), ()>,
+        on_event: Function<'_, (), ()>,
+    ) -> Result<Self> {
+        let loaded = match set {
+            Some(s) => match s.loaded.borrow_mut().take() {
+                Some(l) => Some(l),
+                None => return invalid(env, format!("the cache set on {} is already run by an engine", s.path)),
+            },
+            None => None,
+        };
+        let (driver, pool) = driver_of(env, &options)?;
+        let engine = match loaded {
+            Some(l) => match CacheEngine::with_set(driver, l.set, l.cache) {
+                Ok(e) => e,
+                Err(e) => return throw(env, e),
+            },
+            None => CacheEngine::new(driver),
+        };
+        let cbs = Callbacks { on_complete, on_event: Some(on_event), name: c"ubcache:cache" };
+        Ok(NativeCacheEngine { glue: Glue::new(env, Served(Some(engine)), pool, cbs)? })
+    }
+
+    /// Runs `f` on the engine (CLOSED once shut down), throws its error, and settles the
+    /// glue (timer, loop reference, events) afterwards.
+    fn with<T>(&self, env: &Env, f: impl FnOnce(&mut CacheEngine) -> CoreResult<T>) -> Result<T> {
+        let r = match self.glue.driven.borrow_mut().0.as_mut() {
+            Some(e) => f(e),
+            None => Err(closed()),
+        };
+        self.glue.after_call();
+        r.or_else(|e| throw(env, e))
+    }
+
+    /// Reads from the engine, or `None` once it is shut down.
+    fn get<T>(&self, f: impl FnOnce(&CacheEngine) -> T) -> Option<T> {
+        self.glue.driven.borrow().0.as_ref().map(f)
+    }
+
+    /// Attaches a backing device to the set: opens it and returns its handle (in `id`;
+    /// `size` is what lies past the data offset) at once. `tag` comes back through
+    /// `onEvent` when it can take requests (its UUID-table entry is durable), or with the
+    /// error that kept it from attaching; requests before that fail with `INVALID_ARGUMENT`.
+    #[napi]
+    pub fn attach(&self, env: &Env, tag: f64, config: NativeAttachConfig) -> Result<NativeDevice> {
+        let uuid: [u8; 16] = match <[u8; 16]>::try_from(&config.uuid[..]) {
+            Ok(u) => u,
+            Err(_) => return invalid(env, format!("uuid must be 16 bytes, got {}", config.uuid.len())),
+        };
+        let mut label = [0u8; 32];
+        let text = config.label.as_deref().unwrap_or("").as_bytes();
+        if text.len() > label.len() {
+            return invalid(env, format!("label of {} bytes: at most 32", text.len()));
+        }
+        label[..text.len()].copy_from_slice(text);
+        let mode = match CacheMode::from_name(config.mode.as_deref().unwrap_or("writethrough")) {
+            Ok(m) => m,
+            Err(e) => return throw(env, e),
+        };
+        let data_offset = to_u64(env, "dataOffset", config.data_offset)?;
+        let open = NativeOpenOptions {
+            write: config.read_only.map(|r| !r),
+            direct: config.direct,
+            exclusive: config.exclusive,
+            create_size: None,
+        };
+        let (device, info) = open_device(env, &config.path, Some(open))?;
+        let cfg = CachedDevConfig { uuid, label, device, data_offset, mode };
+        let handle = self.with(env, |e| e.attach(tag as u64, cfg))?;
+        Ok(NativeDevice { id: handle, size: (info.size - data_offset as f64).max(0.0), ..info })
+    }
+
+    /// Serves a backing device with no cache set: requests go to `dataOffset` on. Returns
+    /// its handle (in `id`; `size` is what lies past the data offset); usable at once.
+    #[napi]
+    pub fn attach_plain(
+        &self,
+        env: &Env,
+        path: String,
+        data_offset: f64,
+        options: Option<NativeOpenOptions>,
+    ) -> Result<NativeDevice> {
+        let data_offset = to_u64(env, "dataOffset", data_offset)?;
+        let (device, info) = open_device(env, &path, options)?;
+        let handle = self.with(env, |e| e.attach_plain(device, data_offset))?;
+        Ok(NativeDevice { id: handle, size: info.size - data_offset as f64, ..info })
+    }
+
+    /// Lets go of a device (nothing of it may be in flight: `EBUSY`); a cached device's
+    /// entry and cached data stay in the set for its next attach.
+    #[napi]
+    pub fn detach(&self, env: &Env, handle: u32) -> Result<()> {
+        self.with(env, |e| e.detach(handle))
+    }
+
+    /// Switches a cached device's cache mode (`writethrough`, `writeback`, `writearound` or
+    /// `none`); requests submitted from now on follow it.
+    #[napi]
+    pub fn set_cache_mode(&self, env: &Env, handle: u32, mode: String) -> Result<()> {
+        self.with(env, |e| e.set_cache_mode(handle, CacheMode::from_name(&mode)?))
+    }
+
+    /// A device's cache mode; null for a device with no cache set.
+    #[napi]
+    pub fn cache_mode(&self, env: &Env, handle: u32) -> Result<Option<String>> {
+        self.with(env, |e| Ok(e.cache_mode(handle)?.map(|m| m.name().to_string())))
+    }
+
+    /// Begins a clean close: requests in flight finish, new ones are refused, a final
+    /// checkpoint is written. `tag` comes back through `onEvent` when all of it is durable
+    /// (with the error if the set failed). Then call `shutdown`.
+    #[napi]
+    pub fn close(&self, env: &Env, tag: f64) -> Result<()> {
+        self.with(env, |e| e.close(tag as u64))
+    }
+
+    /// Stops watching the engine and drops it, which releases its devices (and their
+    /// exclusive opens). Requests still in flight are waited for and lost. Idempotent.
+    #[napi]
+    pub fn shutdown(&self) {
+        self.glue.shutdown();
+        self.glue.driven.borrow_mut().close();
+    }
+
+    /// Counters of the cache set (null for an engine without one).
+    #[napi]
+    pub fn stats(&self) -> Option<NativeCacheSetStats> {
+        self.get(|e| {
+            let s = e.set()?;
+            let st = s.stats();
+            Some(NativeCacheSetStats {
+                data_bytes: st.data_bytes as f64,
+                journal_bytes: st.journal_bytes as f64,
+                checkpoint_bytes: st.checkpoint_bytes as f64,
+                prio_bytes: st.prio_bytes as f64,
+                other_meta_bytes: st.other_meta_bytes as f64,
+                meta_bytes: st.meta_bytes() as f64,
+                journal_entries: st.journal_entries as f64,
+                journal_preflushes: st.journal_preflushes as f64,
+                checkpoints: st.checkpoints as f64,
+                prio_writes: st.prio_writes as f64,
+                gc_runs: st.gc_runs as f64,
+                hit_sectors: st.hit_sectors as f64,
+                miss_sectors: st.miss_sectors as f64,
+                cache_hits: st.cache_hits as f64,
+                cache_misses: st.cache_misses as f64,
+                cache_miss_collisions: st.cache_miss_collisions as f64,
+                fill_sectors: st.fill_sectors as f64,
+                writeback_cutoffs: st.writeback_cutoffs as f64,
+                dirty_overlaps: st.dirty_overlaps as f64,
+                space_waits: st.space_waits as f64,
+                ordered_waits: st.ordered_waits as f64,
+                cache_io_errors: st.cache_io_errors as f64,
+                reread_from_backing: st.reread_from_backing as f64,
+                in_use_percent: s.in_use_percent() as f64,
+                available_buckets: s.allocator().available_buckets() as f64,
+                in_flight: s.in_flight() as f64,
+            })
+        })
+        .flatten()
+    }
+
+    /// `starting`, `running`, `failed`, `closing` or `closed` (an engine without a set:
+    /// `running` until shut down).
+    #[napi(getter, ts_return_type = "'starting' | 'running' | 'failed' | 'closing' | 'closed'")]
+    pub fn state(&self) -> &'static str {
+        self.get(|e| match e.set().map(CacheSet::state) {
+            None | Some(SetState::Running) => "running",
+            Some(SetState::Starting) => "starting",
+            Some(SetState::Failed(_)) => "failed",
+            Some(SetState::Closing) => "closing",
+            Some(SetState::Closed) => "closed",
+        })
+        .unwrap_or("closed")
+    }
+
+    /// `[code, message]` of the error that took the set out of service, if it failed.
+    #[napi(getter, ts_return_type = "[string, string] | null")]
+    pub fn failure(&self) -> Option<Vec<String>> {
+        self.get(|e| match e.set().map(CacheSet::state) {
+            Some(SetState::Failed(err)) => Some(vec![err.code().to_string(), err.message().to_string()]),
+            _ => None,
+        })
+        .flatten()
+    }
+
+    /// A one-line account of what the set is doing and waiting for (null without a set).
+    #[napi]
+    pub fn describe(&self) -> Option<String> {
+        self.get(|e| e.set().map(CacheSet::describe)).flatten()
+    }
+
+    /// What opening the set found and did (null without a set).
+    #[napi]
+    pub fn open_report(&self) -> Option<NativeOpenReport> {
+        self.get(|e| {
+            let r = e.set()?.open_report();
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+            Some(NativeOpenReport {
+                fresh: r.fresh,
+                journal_entries: r.journal_entries as f64,
+                head_seq: r.head_seq as f64,
+                checkpoint_keys: r.checkpoint_keys as f64,
+                checkpoint_seq: r.checkpoint_seq as f64,
+                checkpoint_fallback: r.checkpoint_fallback,
+                checkpoints_kept: r.checkpoints_kept as f64,
+                replayed_keys: r.replayed_keys as f64,
+                replayed_entries: r.replayed_entries as f64,
+                stale_keys: r.stale_keys as f64,
+                gap_at: r.gap_at.map(|g| g as f64),
+                prio_distance: r.prio_distance as f64,
+                clean_shutdown: r.clean_shutdown,
+                clean_keys_dropped: r.clean_keys_dropped as f64,
+                journal_read_ms: ms(r.journal_read_time),
+                checkpoint_ms: ms(r.checkpoint_time),
+                replay_ms: ms(r.replay_time),
+                gc_ms: ms(r.gc_time),
+            })
+        })
+        .flatten()
+    }
+
+    /// Dirty sectors of a cached device (null for a handle that is not one).
+    #[napi]
+    pub fn dirty_sectors(&self, handle: u32) -> Option<f64> {
+        self.get(|e| Some(e.set()?.dirty_sectors(e.inode(handle)?) as f64)).flatten()
+    }
+
+    /// Sectors of a cached device the cache holds (null for a handle that is not one).
+    #[napi]
+    pub fn cached_sectors(&self, handle: u32) -> Option<f64> {
+        self.get(|e| Some(e.set()?.cached_sectors(e.inode(handle)?) as f64)).flatten()
+    }
+
+    /// Counters of the I/O engine underneath: event-loop wakeups, batches, buffers.
+    #[napi]
+    pub fn engine_stats(&self) -> NativeEngineStats {
+        self.glue.engine_stats()
+    }
+}
