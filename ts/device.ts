@@ -31,6 +31,15 @@
  * @module
  */
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
+import {
+  checkCount,
+  closedError,
+  deviceRequests,
+  InlineQueue,
+  MAX_REQUEST,
+  RequestSlots,
+  type RequestOp,
+} from './inline'
 import native from './native'
 
 /** Which engine runs the I/O. */
@@ -114,37 +123,6 @@ export interface IoEngineStats {
   busyPollHits: number
 }
 
-interface Pending {
-  resolve: (v: Buffer | number) => void
-  reject: (e: Error) => void
-  /** A read driven inline: the slab it lands in, and where. */
-  slab?: ArrayBuffer
-  at?: number
-  /** A read into a caller's engine buffer ({@link IoEngine.allocBuffer}): its memory, freed for other reads once this one is done. */
-  into?: ArrayBuffer
-}
-
-/** Numbers per request in the inline submission buffer: op, tag, dev, offset, length, slab, at. */
-const DESC = 7
-/** Small reads share slabs of this size; larger ones get a slab each. */
-const SLAB_BYTES = 64 << 10
-const OWN_SLAB_ABOVE = 16 << 10
-/** Reads land on 4 KiB boundaries of a slab, as O_DIRECT wants. */
-const SLAB_ALIGN = 4096
-/** Bytes one request may move (Linux's limit for a single read or write). */
-const MAX_REQUEST = 0x7ffff000
-/**
- * Inline mode: after this many calls in a row that came back with completions (whose
- * promises then made the next requests, all in one chain of microtasks), the next call's
- * completions are settled after a turn of the event loop. Without it, a reader whose
- * requests keep completing by the time it submits (fast devices, `spinMicros`) would starve
- * timers and other I/O, and the finalizers that return read buffers to the pool (which run
- * from the event loop) would never run: every read would need new memory.
- */
-const SYNC_ROUNDS = 16
-/** Schedules microtasks: cheaper than queueMicrotask, which sets up an async resource per call. */
-const RESOLVED = Promise.resolve()
-
 type NativeBatch = Array<number | Buffer | [string, string] | undefined>
 
 type NativeThread = InstanceType<typeof native.NativeIoEngine>
@@ -152,15 +130,29 @@ type NativeRing = InstanceType<typeof native.NativeRing>
 /** Geometry of an open device, as the native engine reports it. */
 type NativeDeviceInfo = native.NativeDevice
 
-/** Request codes of the native descriptors (writes carry data and go by a call of their own). */
+/** Request codes of the thread engine's batches (writes carry data and go by a call of their own). */
 const OP_CODE = { read: 0, flush: 2, discard: 3 } as const
 
-function checkCount(what: string, v: number): void {
-  if (!Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError(`${what} must be a non-negative integer, got ${v}`)
-}
-
-function closedError(what: string): UbcacheError {
-  return new UbcacheError('CLOSED', `${what} is closed`)
+/**
+ * @internal The native engine options `options` ask for, checked. `inline`: the engine is
+ * driven from this thread (spinning defaults to adaptive polling).
+ */
+export function nativeEngineOptions(options: Omit<IoEngineOptions, 'mode'>, inline: boolean): native.NativeEngineOptions {
+  if (options.queueDepth !== undefined) checkCount('queueDepth', options.queueDepth)
+  if (options.psyncThreads !== undefined) checkCount('psyncThreads', options.psyncThreads)
+  const spin = options.spinMicros ?? 'auto'
+  if (spin !== 'auto') {
+    if (typeof spin !== 'number') throw new InvalidArgumentError(`spinMicros must be 'auto' or a number of microseconds, got ${String(spin)}`)
+    checkCount('spinMicros', spin)
+    if (spin > 1_000_000) throw new InvalidArgumentError(`spinMicros must be at most 1000000, got ${spin}`)
+  }
+  return {
+    engine: options.engine,
+    queueDepth: options.queueDepth,
+    psyncThreads: options.psyncThreads,
+    spinMicros: spin === 'auto' ? undefined : spin,
+    spinAuto: spin === 'auto' && inline,
+  }
 }
 
 /**
@@ -170,71 +162,28 @@ function closedError(what: string): UbcacheError {
  */
 export class IoEngine {
   readonly #native: NativeThread | NativeRing
-  /** The native engine when it is a ring driven from this thread. */
-  readonly #ring: NativeRing | undefined
-  /** Called when the last pending request of a closing inline engine completes. */
-  #drained: (() => void) | undefined
-  /** Requests in flight by tag: a tag is a slot, reused once its request completed. */
-  readonly #slots: (Pending | undefined)[] = []
-  readonly #freeSlots: number[] = []
-  #live = 0
+  /** Inline mode: the requests to the ring driven from this thread. */
+  readonly #inline: InlineQueue<NativeRing> | undefined
+  /** Requests in flight (in inline mode, the queue's). */
+  readonly #slots: RequestSlots
   #keepAlive: NodeJS.Timeout | undefined
   #closing: Promise<void> | undefined
   /** Thread mode: requests made this tick, five numbers each. */
   #queue: number[] = []
-  /** Inline mode: the buffers shared with the ring, requests written and not yet submitted. */
-  #sq: Float64Array | undefined
-  #cq: Float64Array | undefined
-  #capacity = 0
-  #chunk = 0
-  #queued = 0
-  /** Inline mode: the slab small reads land in, its id, and how much of it is handed out. */
-  #slab: ArrayBuffer | undefined
-  #slabId = 0
-  #slabUsed = 0
-  /**
-   * Inline mode: calls in a row that returned completions, settled from the same chain of
-   * microtasks without the event loop getting a turn (see {@link SYNC_ROUNDS}).
-   */
-  #syncRounds = 0
-  /** Inline mode: the slab behind each buffer {@link IoEngine.allocBuffer} handed out. */
-  readonly #engineBuffers = new WeakMap<ArrayBuffer, number>()
-  /** Inline mode: byte ranges of engine buffers that reads are landing in (start, end pairs). */
-  readonly #landing = new Map<ArrayBuffer, number[]>()
 
   constructor(options: IoEngineOptions = {}) {
-    if (options.queueDepth !== undefined) checkCount('queueDepth', options.queueDepth)
-    if (options.psyncThreads !== undefined) checkCount('psyncThreads', options.psyncThreads)
-    const spin = options.spinMicros ?? 'auto'
-    if (spin !== 'auto') {
-      if (typeof spin !== 'number') throw new InvalidArgumentError(`spinMicros must be 'auto' or a number of microseconds, got ${String(spin)}`)
-      checkCount('spinMicros', spin)
-      if (spin > 1_000_000) throw new InvalidArgumentError(`spinMicros must be at most 1000000, got ${spin}`)
-    }
     const mode = options.mode ?? 'inline'
     if (mode !== 'inline' && mode !== 'thread') throw new InvalidArgumentError(`mode must be inline or thread, got ${String(mode)}`)
-    const nativeOptions = {
-      engine: options.engine,
-      queueDepth: options.queueDepth,
-      psyncThreads: options.psyncThreads,
-      spinMicros: spin === 'auto' ? undefined : spin,
-      spinAuto: spin === 'auto' && mode === 'inline',
-    }
+    const nativeOptions = nativeEngineOptions(options, mode === 'inline')
     try {
       if (mode === 'inline') {
-        const ring = new native.NativeRing(nativeOptions, (count, fatal) => {
-          // The event loop had a turn: submissions may complete others synchronously again.
-          this.#syncRounds = 0
-          if (fatal) this.#fail(this.#liveTags(), new UbcacheError(fatal[0], fatal[1]))
-          else this.#completeShared(count)
-        })
-        this.#ring = ring
-        this.#native = ring
-        this.#sq = new Float64Array(ring.submissionBuffer())
-        this.#cq = new Float64Array(ring.completionBuffer())
-        this.#capacity = ring.capacity
-        this.#chunk = ring.chunk
+        this.#inline = new InlineQueue((onComplete) => new native.NativeRing(nativeOptions, onComplete))
+        this.#native = this.#inline.native
+        this.#slots = this.#inline.slots
       } else {
+        // Requests in flight keep the process alive; an idle engine does not. (A ring does
+        // this natively: its poll handle holds the event loop only while requests are in flight.)
+        this.#slots = new RequestSlots(() => this.#keepAlive?.unref())
         this.#native = new native.NativeIoEngine(nativeOptions, (batch) => this.#complete(batch))
       }
     } catch (err) {
@@ -249,7 +198,7 @@ export class IoEngine {
 
   /** Which thread drives the engine (see {@link IoEngineOptions.mode}). */
   get mode(): EngineMode {
-    return this.#ring ? 'inline' : 'thread'
+    return this.#inline ? 'inline' : 'thread'
   }
 
   /**
@@ -277,17 +226,8 @@ export class IoEngine {
     checkCount('size', size)
     if (size > MAX_REQUEST) throw new InvalidArgumentError(`size ${size} exceeds one request's limit (${MAX_REQUEST} bytes)`)
     if (this.closed) throw closedError('the I/O engine')
-    const ring = this.#ring
-    if (!ring || size === 0) return Buffer.alloc(size)
-    let slab: [number, ArrayBuffer]
-    try {
-      slab = ring.slab(size)
-    } catch (err) {
-      throw asUbcacheError(err)
-    }
-    this.#engineBuffers.set(slab[1], slab[0])
-    // Engine memory comes back from earlier reads: clear it, as Buffer.alloc would.
-    return Buffer.from(slab[1], 0, size).fill(0)
+    if (!this.#inline || size === 0) return Buffer.alloc(size)
+    return this.#inline.allocBuffer(size)
   }
 
   /**
@@ -296,34 +236,14 @@ export class IoEngine {
    * 4 KiB boundary; else returns undefined (the caller copies instead).
    */
   submitInto(dev: number, offset: number, buffer: Uint8Array): Promise<number> | undefined {
-    const ring = this.#ring
-    const ab = buffer.buffer as ArrayBuffer
-    const slabId = this.#engineBuffers.get(ab)
-    if (!ring || slabId === undefined || buffer.byteOffset % SLAB_ALIGN !== 0 || buffer.byteLength === 0) return undefined
+    if (!this.#inline) return undefined
     if (this.#closing) return Promise.reject(closedError('the I/O engine'))
-    const start = buffer.byteOffset
-    const end = start + buffer.byteLength
-    const ranges = this.#landing.get(ab) ?? []
-    for (let i = 0; i < ranges.length; i += 2) {
-      if (start < ranges[i + 1] && ranges[i] < end) {
-        return Promise.reject(
-          new InvalidArgumentError(`bytes ${start}..${end} of this buffer overlap a read still landing in bytes ${ranges[i]}..${ranges[i + 1]}`),
-        )
-      }
-    }
-    ranges.push(start, end)
-    this.#landing.set(ab, ranges)
-    let pending: Pending | undefined
-    const promise = new Promise<number>((resolve, reject) => {
-      pending = { resolve: resolve as (v: Buffer | number) => void, reject, into: ab, at: start }
-    })
-    this.#queueRequest(OP_CODE.read, this.#track(pending as Pending), dev, offset, buffer.byteLength, slabId, start)
-    return promise
+    return this.#inline.submitInto(dev, offset, buffer)
   }
 
   /** Requests submitted and not yet completed. */
   get inFlight(): number {
-    return this.#live
+    return this.#slots.live
   }
 
   /** True once {@link IoEngine.close} has been called. */
@@ -357,11 +277,10 @@ export class IoEngine {
   close(): Promise<void> {
     this.#submitQueued()
     if (this.#closing) return this.#closing
-    const ring = this.#ring
-    if (ring) {
+    const inline = this.#inline
+    if (inline) {
       // Requests in flight complete through the event loop; then the ring is let go.
-      const drained = this.#live === 0 ? Promise.resolve() : new Promise<void>((r) => (this.#drained = r))
-      this.#closing = drained.then(() => ring.close())
+      this.#closing = inline.slots.whenIdle().then(() => inline.native.close())
     } else {
       this.#closing = (this.#native as NativeThread).close().then(() => {
         clearInterval(this.#keepAlive)
@@ -371,207 +290,42 @@ export class IoEngine {
   }
 
   /** @internal Submits one request and returns its completion. */
-  submit(
-    op: 'read' | 'write' | 'flush' | 'discard',
-    dev: number,
-    offset: number,
-    arg: number | Uint8Array,
-  ): Promise<Buffer | number> {
+  submit(op: RequestOp, dev: number, offset: number, arg: number | Uint8Array): Promise<Buffer | number> {
     if (this.#closing) return Promise.reject(closedError('the I/O engine'))
-    const ring = this.#ring
-    if (ring) return this.#submitInline(ring, op, dev, offset, arg)
+    if (this.#inline) return this.#inline.submit(op, dev, offset, arg)
     let tag = 0
-    const promise = new Promise<Buffer | number>((resolve, reject) => (tag = this.#track({ resolve, reject })))
-    // Requests in flight keep the process alive; an idle engine does not. (A ring does this
-    // natively: its poll handle holds the event loop only while requests are in flight.)
-    if (this.#live === 1) (this.#keepAlive ??= setInterval(() => {}, 1 << 30)).ref()
+    const promise = new Promise<Buffer | number>((resolve, reject) => (tag = this.#slots.track({ resolve, reject })))
+    if (this.#slots.live === 1) (this.#keepAlive ??= setInterval(() => {}, 1 << 30)).ref()
     if (op === 'write') {
       // Writes carry data and go alone, after everything queued before them.
       this.#submitQueued()
       try {
         ;(this.#native as NativeThread).write(tag, dev, offset, arg as Uint8Array)
       } catch (err) {
-        this.#fail([tag], err)
+        this.#slots.fail([tag], err)
       }
     } else {
       // Requests made in one tick (e.g. from one batch of completions) go in one call.
       this.#queue.push(OP_CODE[op], tag, dev, offset, op === 'flush' ? 0 : (arg as number))
-      if (this.#queue.length === 5) void RESOLVED.then(this.#submitQueued)
+      if (this.#queue.length === 5) void Promise.resolve().then(this.#submitQueued)
     }
     return promise
   }
 
-  /** Inline mode: the request goes into the shared submission buffer (reads get their window of a slab). */
-  #submitInline(
-    ring: NativeRing,
-    op: 'read' | 'write' | 'flush' | 'discard',
-    dev: number,
-    offset: number,
-    arg: number | Uint8Array,
-  ): Promise<Buffer | number> {
-    let pending: Pending | undefined
-    const promise = new Promise<Buffer | number>((resolve, reject) => {
-      pending = { resolve, reject }
-    })
-    const p = pending as Pending
-    const tag = this.#track(p)
-    if (op === 'write') {
-      // Writes carry data and go alone, after everything queued before them.
-      this.#submitQueued()
-      try {
-        this.#drain(ring, ring.write(tag, dev, offset, arg as Uint8Array))
-      } catch (err) {
-        this.#fail([tag], err)
-      }
-      return promise
-    }
-    let slabId = 0
-    let at = 0
-    const length = op === 'flush' ? 0 : (arg as number)
-    if (op === 'read') {
-      const size = Math.ceil(length / SLAB_ALIGN) * SLAB_ALIGN
-      try {
-        if (size > OWN_SLAB_ABOVE) {
-          ;[slabId, p.slab] = ring.slab(size)
-        } else {
-          if (this.#slab === undefined || this.#slabUsed + size > SLAB_BYTES) {
-            ;[this.#slabId, this.#slab] = ring.slab(SLAB_BYTES)
-            this.#slabUsed = 0
-          }
-          slabId = this.#slabId
-          p.slab = this.#slab
-          at = this.#slabUsed
-          this.#slabUsed += size
-        }
-      } catch (err) {
-        this.#fail([tag], err)
-        return promise
-      }
-      p.at = at
-    }
-    this.#queueRequest(OP_CODE[op], tag, dev, offset, length, slabId, at)
-    return promise
-  }
-
-  /** Inline mode: writes one request into the shared submission buffer. */
-  #queueRequest(
-    op: number,
-    tag: number,
-    dev: number,
-    offset: number,
-    length: number,
-    slabId: number,
-    at: number,
-  ): void {
-    const sq = this.#sq as Float64Array
-    const d = this.#queued * DESC
-    sq[d] = op
-    sq[d + 1] = tag
-    sq[d + 2] = dev
-    sq[d + 3] = offset
-    sq[d + 4] = length
-    sq[d + 5] = slabId
-    sq[d + 6] = at
-    // Requests made in one tick (e.g. from one batch of completions) go in one call.
-    if (++this.#queued === 1) void RESOLVED.then(this.#submitQueued)
-    else if (this.#queued === this.#capacity) this.#submitQueued()
-  }
-
-  /** @internal Sends the queued requests to the native engine. */
+  /** Sends the queued requests to the native engine. */
   readonly #submitQueued = (): void => {
-    const ring = this.#ring
-    if (ring) {
-      const n = this.#queued
-      if (n === 0) return
-      this.#queued = 0
-      try {
-        // A ring reports the completions it already has (e.g. requests it rejected).
-        this.#drain(ring, ring.submit(n))
-      } catch (err) {
-        const sq = this.#sq as Float64Array
-        this.#fail(
-          Array.from({ length: n }, (_, i) => sq[i * DESC + 1]),
-          err,
-        )
-      }
-      return
-    }
+    if (this.#inline) return this.#inline.submitQueued()
     if (this.#queue.length === 0) return
     const q = this.#queue
     this.#queue = []
     try {
       ;(this.#native as NativeThread).submitBatch(new Float64Array(q))
     } catch (err) {
-      this.#fail(
+      this.#slots.fail(
         q.filter((_, i) => i % 5 === 1),
         err,
       )
     }
-  }
-
-  /** Inline mode: handles `count` completions the ring just placed, and any more it has. */
-  #drain(ring: NativeRing, count: number): void {
-    if (count > 0) {
-      if (++this.#syncRounds <= SYNC_ROUNDS) this.#completeShared(count)
-      else this.#completeAfterTurn(count)
-    }
-    // Only a full chunk can leave more behind. Take it once the promises just settled have
-    // run and their requests have gone out, so the device works while we handle the rest.
-    if (count === this.#chunk) void RESOLVED.then(this.#drainMore)
-  }
-
-  readonly #drainMore = (): void => {
-    const ring = this.#ring as NativeRing
-    this.#submitQueued()
-    this.#drain(ring, ring.more())
-  }
-
-  #track(p: Pending): number {
-    const tag = this.#freeSlots.pop() ?? this.#slots.length
-    this.#slots[tag] = p
-    this.#live++
-    return tag
-  }
-
-  #untrack(tag: number): Pending | undefined {
-    const p = this.#slots[tag]
-    if (p) {
-      this.#slots[tag] = undefined
-      this.#freeSlots.push(tag)
-      this.#live--
-      if (p.into) this.#landed(p.into, p.at as number)
-    }
-    return p
-  }
-
-  /** The read landing at `start` of an engine buffer is done: the bytes are free for the next. */
-  #landed(ab: ArrayBuffer, start: number): void {
-    const ranges = this.#landing.get(ab) as number[]
-    if (ranges.length === 2) return void this.#landing.delete(ab)
-    for (let i = 0; i < ranges.length; i += 2) {
-      if (ranges[i] === start) return void ranges.splice(i, 2)
-    }
-  }
-
-  #liveTags(): number[] {
-    const tags: number[] = []
-    this.#slots.forEach((p, tag) => p && tags.push(tag))
-    return tags
-  }
-
-  #fail(tags: number[], err: unknown): void {
-    const e = asUbcacheError(err)
-    for (const tag of tags) {
-      this.#untrack(tag)?.reject(e)
-    }
-    this.#idle()
-  }
-
-  #idle(): void {
-    if (this.#live > 0) return
-    this.#keepAlive?.unref()
-    this.#drained?.()
-    this.#drained = undefined
   }
 
   /** @internal Closes a device in the native engine, after the requests made before. */
@@ -584,7 +338,7 @@ export class IoEngine {
   #complete(batch: NativeBatch): void {
     for (let i = 0; i < batch.length; i += 3) {
       const tag = batch[i] as number
-      const p = this.#untrack(tag)
+      const p = this.#slots.untrack(tag)
       if (!p) continue
       const result = batch[i + 1] as number
       const payload = batch[i + 2]
@@ -595,45 +349,7 @@ export class IoEngine {
         p.resolve((payload as Buffer | undefined) ?? result)
       }
     }
-    this.#idle()
-  }
-
-  /** Inline mode: `count` `tag, result` pairs in the completion buffer. */
-  #completeShared(count: number): void {
-    this.#settle(this.#cq as Float64Array, count, undefined)
-  }
-
-  /**
-   * Inline mode: settles `count` completions of the completion buffer after a turn of the
-   * event loop (see {@link SYNC_ROUNDS}). They are copied now: the next call of the ring
-   * reuses the buffer and the errors.
-   */
-  #completeAfterTurn(count: number): void {
-    const cq = (this.#cq as Float64Array).slice(0, 2 * count)
-    let errors: string[] | undefined
-    for (let i = 1; i < 2 * count && !errors; i += 2) if (cq[i] < 0) errors = (this.#ring as NativeRing).takeErrors()
-    setImmediate(() => {
-      this.#syncRounds = 0
-      this.#settle(cq, count, errors)
-    })
-  }
-
-  /** Inline mode: settles the promises of `count` `tag, result` pairs of `cq`. */
-  #settle(cq: Float64Array, count: number, errors: string[] | undefined): void {
-    let e = 0
-    for (let i = 0; i < count; i++) {
-      const tag = cq[2 * i]
-      const result = cq[2 * i + 1]
-      const p = this.#untrack(tag)
-      if (result < 0) {
-        errors ??= (this.#ring as NativeRing).takeErrors()
-        if (p) p.reject(new UbcacheError(errors[e] ?? 'EIO', errors[e + 1] ?? 'I/O error'))
-        e += 2
-      } else if (p) {
-        p.resolve(p.slab ? Buffer.from(p.slab, p.at, result) : result)
-      }
-    }
-    this.#idle()
+    this.#slots.idle()
   }
 }
 
@@ -684,7 +400,7 @@ export class RawDevice {
     return this.#closed
   }
 
-  #check(): void {
+  readonly #check = (): void => {
     if (this.#closed) throw closedError(this.path)
   }
 
@@ -695,15 +411,7 @@ export class RawDevice {
    * @throws {UbcacheError} `OUT_OF_RANGE`, `MISALIGNED`, `INVALID_ARGUMENT`, `EIO`, `CLOSED`.
    */
   read(offset: number, length: number): Promise<Buffer> {
-    try {
-      checkCount('offset', offset)
-      checkCount('length', length)
-      if (length > MAX_REQUEST) throw new InvalidArgumentError(`length ${length} exceeds one request's limit`)
-      this.#check()
-    } catch (err) {
-      return Promise.reject(err)
-    }
-    return this.#engine.submit('read', this.#id, offset, length) as Promise<Buffer>
+    return deviceRequests.read(this.#engine, this.#check, this.#id, offset, length)
   }
 
   /**
@@ -718,20 +426,7 @@ export class RawDevice {
    *   `Uint8Array`, or bytes a read is still landing in), `EIO`, `CLOSED`.
    */
   readInto(buffer: Uint8Array, offset: number): Promise<number> {
-    try {
-      if (!(buffer instanceof Uint8Array)) throw new InvalidArgumentError('buffer must be a Buffer or Uint8Array')
-      checkCount('offset', offset)
-      this.#check()
-    } catch (err) {
-      return Promise.reject(err)
-    }
-    return this.#engine.submitInto(this.#id, offset, buffer) ?? this.#readCopy(buffer, offset)
-  }
-
-  async #readCopy(buffer: Uint8Array, offset: number): Promise<number> {
-    const data = await this.read(offset, buffer.byteLength)
-    buffer.set(data)
-    return data.length
+    return deviceRequests.readInto(this.#engine, this.#check, this.#id, buffer, offset)
   }
 
   /**
@@ -750,28 +445,21 @@ export class RawDevice {
    * {@link RawDevice.flush}).
    * @throws {UbcacheError} `OUT_OF_RANGE`, `MISALIGNED`, `EACCES` (read-only), `EIO`, `CLOSED`.
    */
-  async write(offset: number, data: Uint8Array): Promise<void> {
-    checkCount('offset', offset)
-    if (!(data instanceof Uint8Array)) throw new InvalidArgumentError('data must be a Buffer or Uint8Array')
-    this.#check()
-    await this.#engine.submit('write', this.#id, offset, data)
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return deviceRequests.write(this.#engine, this.#check, this.#id, offset, data)
   }
 
   /** Makes every write completed so far durable (fdatasync). */
-  async flush(): Promise<void> {
-    this.#check()
-    await this.#engine.submit('flush', this.#id, 0, 0)
+  flush(): Promise<void> {
+    return deviceRequests.flush(this.#engine, this.#check, this.#id)
   }
 
   /**
    * Tells the device `length` bytes at `offset` are unused: BLKDISCARD on a block device,
    * a punched hole on a file (which then reads as zeros).
    */
-  async discard(offset: number, length: number): Promise<void> {
-    checkCount('offset', offset)
-    checkCount('length', length)
-    this.#check()
-    await this.#engine.submit('discard', this.#id, offset, length)
+  discard(offset: number, length: number): Promise<void> {
+    return deviceRequests.discard(this.#engine, this.#check, this.#id, offset, length)
   }
 
   /**
