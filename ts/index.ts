@@ -10,6 +10,16 @@
  * ```
  * @module ubcache
  */
+export {
+  type AttachOptions,
+  type CachedDeviceInfo,
+  CacheEngine,
+  type CacheEngineOptions,
+  type CacheSetOpenReport,
+  type CacheSetState,
+  type CacheSetStats,
+  type WriteOptions,
+} from './cache-engine'
 export { Crc64, crc64, crc64Implementation } from './crc64'
 export {
   type EngineChoice,

@@ -1,0 +1,609 @@
+/**
+ * The cache engine: one cache set (a cache device caching any number of backing devices)
+ * and the devices it serves, driven by the JavaScript thread. This is the low-level layer
+ * that the registry, cache sets and cached devices are built on: devices are known by
+ * numeric handles, and every call maps to one operation of the native engine.
+ *
+ * ```ts
+ * import { CacheEngine, makeBacking, makeCache } from 'ubcache'
+ * await makeCache('cache.img')
+ * const sb = await makeBacking('slow.img', { cacheMode: 'writeback' })
+ * const engine = await CacheEngine.open('cache.img')     // reads the set back off the event loop
+ * const dev = await engine.attach({ path: 'slow.img', uuid: sb.uuid, dataOffset: sb.dataOffset * 512, mode: sb.cacheMode })
+ * await engine.write(dev, 0, Buffer.alloc(4096, 1))
+ * await engine.flush(dev)                                 // durable: journal entry written
+ * const data = await engine.read(dev, 0, 4096)            // a hit: served from the cache device
+ * console.log(engine.stats())
+ * await engine.close()                                    // final checkpoint, devices released
+ * ```
+ *
+ * How it runs: {@link CacheEngine.open} reads the set back (superblock, journal, prio
+ * chain, UUID table, checkpoint, replay, a first GC) on a libuv worker thread, so opening a
+ * set of millions of extents does not hold up the event loop. From then on the JavaScript
+ * thread drives the engine itself, as the raw-device API does in its default `inline`
+ * mode: requests made in one tick go to the engine in one call through memory shared with
+ * it, Node's event loop watches the engine's io_uring (or portable engine) for
+ * completions, which come back in chunks of 8, and reads land in engine memory that the
+ * result is a view on (no copy; {@link CacheEngine.readInto} reads into a buffer of
+ * {@link CacheEngine.allocBuffer} again and again). Background work (the journal's delayed
+ * writes, prio writes, garbage collection, checkpoints) runs from a libuv timer, in slices
+ * of half a millisecond, whenever the engine says it is due. The engine keeps the process
+ * alive only while requests are in flight or background work is due: an idle engine that
+ * is never closed lets the process exit (its set is then recovered from the journal at the
+ * next open, as after a crash).
+ *
+ * Durability is a disk's with a volatile write cache: a write resolves once its data is on
+ * the cache (writeback) or backing device (other modes) and its key is in the index; it is
+ * durable after a {@link CacheEngine.flush} of its device, or at once with `fua`.
+ *
+ * Requests are checked as bcache checks them: offsets and lengths must be whole blocks
+ * (the larger of the set's block size and the backing device's logical block size;
+ * `MISALIGNED` otherwise), inside the device (`OUT_OF_RANGE`); an unknown handle, or one
+ * whose attach has not finished, is `INVALID_ARGUMENT`; a closed engine is `CLOSED`.
+ * @module
+ */
+import { type EngineChoice, type IoEngineOptions, type IoEngineStats, nativeEngineOptions, type OpenDeviceOptions } from './device'
+import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
+import { checkCount, closedError, deviceRequests, InlineQueue, MAX_REQUEST } from './inline'
+import native from './native'
+import { CACHE_MODES, type CacheMode } from './superblock'
+import { uuidToBytes } from './uuid'
+
+type NativeCacheEngine = InstanceType<typeof native.NativeCacheEngine>
+
+/** Options of {@link CacheEngine.open}: the engine's, and how to open the cache set. */
+export interface CacheEngineOptions extends Omit<IoEngineOptions, 'mode'> {
+  /** O_DIRECT policy of the cache device (see {@link OpenDeviceOptions.direct}). */
+  direct?: 'auto' | 'require' | 'off'
+  /** Refuse a cache device already open elsewhere (default true). */
+  exclusive?: boolean
+  /**
+   * How long written data's index updates may wait for a journal write when nobody
+   * flushes, in milliseconds (bcache's `journal_delay_ms`; default 100).
+   */
+  journalDelayMs?: number
+  /** Journal entries are written with FUA rather than between two flushes (default true). */
+  journalFua?: boolean
+}
+
+/** A backing device to attach to the cache set ({@link CacheEngine.attach}). */
+export interface AttachOptions {
+  /** The backing device: a file or block device. */
+  path: string
+  /**
+   * The backing device's UUID, as text or 16 bytes (its superblock's `uuid`): the set's
+   * UUID table knows it by this, and finds its cached data again at the next attach.
+   */
+  uuid: string | Uint8Array
+  /** Its label, at most 32 bytes of UTF-8 (default empty). */
+  label?: string
+  /** Byte offset of its data on the device: the superblock's `dataOffset` × 512. */
+  dataOffset: number
+  /** Its cache mode (default `writethrough`). */
+  mode?: CacheMode
+  /** Open read-only (default false). */
+  readOnly?: boolean
+  /** O_DIRECT policy (see {@link OpenDeviceOptions.direct}). */
+  direct?: 'auto' | 'require' | 'off'
+  /** Refuse a device already open elsewhere (default true). */
+  exclusive?: boolean
+}
+
+/** Options of a write ({@link CacheEngine.write}). */
+export interface WriteOptions {
+  /** Force unit access: the write is durable when it resolves, as if flushed (default false). */
+  fua?: boolean
+}
+
+/** A device the engine serves ({@link CacheEngine.device}). */
+export interface CachedDeviceInfo {
+  /** Its handle, for requests. */
+  handle: number
+  /** The path it was opened from. */
+  path: string
+  /** Bytes of data: what lies past the data offset. */
+  size: number
+  /** The backing device's logical block size. */
+  logicalBlockSize: number
+  /** Opened with O_DIRECT. */
+  direct: boolean
+  /** A block device rather than a regular file. */
+  isBlockDevice: boolean
+  /** Opened for writing. */
+  writable: boolean
+  /** Attached to the cache set (false: served straight, {@link CacheEngine.attachPlain}). */
+  cached: boolean
+}
+
+/** Where a cache set stands. */
+export type CacheSetState =
+  /** Making its opened state durable (prio write, superblock); requests wait. */
+  | 'starting'
+  /** Serving requests. */
+  | 'running'
+  /** A metadata write failed: flushes fail, writes are refused, clean data is read from the backing devices. */
+  | 'failed'
+  /** Draining requests and writing a final checkpoint; new requests are refused. */
+  | 'closing'
+  /** Closed cleanly: everything is on disk. */
+  | 'closed'
+
+/** Counters of a cache set since it was opened, and where it stands ({@link CacheEngine.stats}). */
+export interface CacheSetStats {
+  /** Where the set stands. */
+  state: CacheSetState
+  /** What took the set out of service, when `state` is `failed`. */
+  failure?: string
+  /** Data bytes written to the cache device (writes and read-miss fills). */
+  dataBytes: number
+  /** Journal entry bytes written. */
+  journalBytes: number
+  /** Checkpoint bytes written. */
+  checkpointBytes: number
+  /** Prio chain bytes written. */
+  prioBytes: number
+  /** UUID table and superblock bytes written. */
+  otherMetaBytes: number
+  /** All metadata bytes written. */
+  metaBytes: number
+  /** Journal entries written. */
+  journalEntries: number
+  /** Flushes of the cache device sent ahead of journal entries. */
+  journalPreflushes: number
+  /** Checkpoints recorded. */
+  checkpoints: number
+  /** Prio writes committed. */
+  prioWrites: number
+  /** GC passes finished. */
+  gcRuns: number
+  /** Sectors read from the cache (hits). */
+  hitSectors: number
+  /** Sectors read from backing devices because the cache did not hold them. */
+  missSectors: number
+  /** Read requests served entirely from the cache. */
+  cacheHits: number
+  /** Read requests that needed the backing device. */
+  cacheMisses: number
+  /** Fills that lost part of their range to a write or invalidation meanwhile. */
+  cacheMissCollisions: number
+  /** Sectors of read misses inserted into the cache. */
+  fillSectors: number
+  /** Writeback-mode writes sent through instead, because too much of the cache was dirty. */
+  writebackCutoffs: number
+  /** Writes that went to the cache because they overlapped dirty data, whatever the mode. */
+  dirtyOverlaps: number
+  /** Writes that waited for the allocator to free space. */
+  spaceWaits: number
+  /** Requests that waited for an earlier overlapping write. */
+  orderedWaits: number
+  /** Errors reading or writing the cache device's data. */
+  cacheIoErrors: number
+  /** Hit reads served again from the backing device after a cache read error. */
+  rereadFromBacking: number
+  /** Percentage of buckets holding dirty data or metadata, as of the last GC (bcache's `in_use`). */
+  inUsePercent: number
+  /** Buckets free for allocation. */
+  availableBuckets: number
+  /** Requests (and read-miss fills) in flight in the set. */
+  inFlight: number
+}
+
+/** What opening the cache set found and did ({@link CacheEngine.openReport}). */
+export interface CacheSetOpenReport {
+  /** The set had never run (`CACHE_SYNC` clear): it was initialized. */
+  fresh: boolean
+  /** Valid journal entries found. */
+  journalEntries: number
+  /** Sequence number of the newest valid journal entry. */
+  headSeq: number
+  /** Keys loaded from the checkpoint, and its sequence number. */
+  checkpointKeys: number
+  checkpointSeq: number
+  /** The newest checkpoint was damaged: an older one was loaded and more journal replayed. */
+  checkpointFallback: boolean
+  /** Checkpoints kept from reuse because replay may still start from them. */
+  checkpointsKept: number
+  /** Keys and journal entries replayed after the checkpoint. */
+  replayedKeys: number
+  replayedEntries: number
+  /** Keys whose pointers were all stale. */
+  staleKeys: number
+  /** Replay stopped before this missing sequence number (entries after it were ignored). */
+  gapAt?: number
+  /** Prio writes since the oldest checkpoint kept was begun. */
+  prioDistance: number
+  /** The set was closed cleanly last time. */
+  cleanShutdown: boolean
+  /** Clean keys dropped because the set was not closed cleanly (dirty data is kept). */
+  cleanKeysDropped: number
+  /** Milliseconds spent reading the journal, loading the checkpoint, replaying, and in the first GC. */
+  journalReadMs: number
+  checkpointMs: number
+  replayMs: number
+  gcMs: number
+}
+
+/** Settlers of a control operation waiting for its event. */
+interface Waiter {
+  resolve: (handle: number) => void
+  reject: (e: Error) => void
+}
+
+/**
+ * A cache engine: at most one cache set and the devices it serves, driven by the
+ * JavaScript thread (see the module docs). Make one with {@link CacheEngine.open}.
+ */
+export class CacheEngine {
+  readonly #native: NativeCacheEngine
+  readonly #queue: InlineQueue<NativeCacheEngine>
+  /** Control operations waiting for their event, by tag. */
+  readonly #waiting = new Map<number, Waiter>()
+  #nextTag = 0
+  readonly #devices = new Map<number, CachedDeviceInfo>()
+  readonly #hasCacheSet: boolean
+  #closing: Promise<void> | undefined
+
+  private constructor(options: CacheEngineOptions, set: native.NativeLoadedSet | undefined) {
+    const nativeOptions = nativeEngineOptions(options, true)
+    try {
+      this.#queue = new InlineQueue(
+        (onComplete) => new native.NativeCacheEngine(nativeOptions, set, onComplete, (tag, handle, error) => this.#event(tag, handle, error)),
+      )
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+    this.#native = this.#queue.native
+    this.#hasCacheSet = set !== undefined
+  }
+
+  /**
+   * Opens the cache set on the cache device at `cachePath` (formatted with
+   * {@link makeCache}) and starts an engine running it; without a path, an engine with no
+   * cache set, which serves backing devices straight ({@link CacheEngine.attachPlain}).
+   * The set is read back on a libuv worker thread; its startup writes (a prio write, the
+   * superblock) then begin, and requests wait for them.
+   * @throws {UbcacheError} `ENOENT`; `EBUSY` (the cache device is open elsewhere, e.g. by
+   *   another engine); `MAGIC_MISMATCH` (no bcache superblock); `CHECKSUM_MISMATCH`,
+   *   `INVALID_ARGUMENT` (a superblock ubcache cannot run: not a cache device, several
+   *   cache devices, bad sizes); `CORRUPT` (metadata that cannot be read back); `EIO`.
+   */
+  static async open(cachePath?: string, options: CacheEngineOptions = {}): Promise<CacheEngine> {
+    const delay = options.journalDelayMs
+    if (delay !== undefined && (checkCount('journalDelayMs', delay), delay > 0xffffffff)) {
+      throw new InvalidArgumentError(`journalDelayMs must be at most ${0xffffffff}, got ${delay}`)
+    }
+    let set: native.NativeLoadedSet | undefined
+    if (cachePath !== undefined) {
+      if (typeof cachePath !== 'string' || cachePath === '') throw new InvalidArgumentError('cachePath must be a non-empty string')
+      try {
+        set = await native.loadCacheSet(cachePath, {
+          engine: options.engine,
+          direct: options.direct,
+          exclusive: options.exclusive,
+          journalDelayMs: delay,
+          journalFua: options.journalFua,
+        })
+      } catch (err) {
+        throw asUbcacheError(err, cachePath)
+      }
+    }
+    return new CacheEngine(options, set)
+  }
+
+  /** The I/O engine underneath: `io_uring` or `psync`. */
+  get kind(): 'io_uring' | 'psync' {
+    return this.#native.kind as 'io_uring' | 'psync'
+  }
+
+  /** Whether the engine runs a cache set (false: it serves backing devices straight). */
+  get hasCacheSet(): boolean {
+    return this.#hasCacheSet
+  }
+
+  /** Where the cache set stands (an engine without one: `running`, then `closed`). */
+  get state(): CacheSetState {
+    return this.#native.state
+  }
+
+  /** What took the cache set out of service, when {@link CacheEngine.state} is `failed`. */
+  get failure(): UbcacheError | undefined {
+    const f = this.#native.failure
+    return f ? new UbcacheError(f[0], f[1]) : undefined
+  }
+
+  /** Requests made and not yet settled. */
+  get inFlight(): number {
+    return this.#queue.slots.live
+  }
+
+  /** True once {@link CacheEngine.close} has been called. */
+  get closed(): boolean {
+    return this.#closing !== undefined
+  }
+
+  readonly #check = (): void => {
+    if (this.#closing) throw closedError('the cache engine')
+  }
+
+  /** Starts a control operation under a fresh tag; resolves with its event. */
+  #control(start: (tag: number) => void): Promise<number> {
+    const tag = ++this.#nextTag
+    return new Promise<number>((resolve, reject) => {
+      this.#waiting.set(tag, { resolve, reject })
+      try {
+        start(tag)
+      } catch (err) {
+        this.#waiting.delete(tag)
+        reject(asUbcacheError(err))
+      }
+    })
+  }
+
+  /** A control operation finished (always from the event loop, never within a call). */
+  #event(tag: number, handle: number, error?: [string, string]): void {
+    const w = this.#waiting.get(tag)
+    if (!w) return
+    this.#waiting.delete(tag)
+    if (error) w.reject(new UbcacheError(error[0], error[1]))
+    else w.resolve(handle)
+  }
+
+  #remember(path: string, info: native.NativeDevice, cached: boolean): CachedDeviceInfo {
+    const d: CachedDeviceInfo = {
+      handle: info.id,
+      path,
+      size: info.size,
+      logicalBlockSize: info.logicalBlockSize,
+      direct: info.direct,
+      isBlockDevice: info.blockDevice,
+      writable: info.writable,
+      cached,
+    }
+    this.#devices.set(d.handle, d)
+    return d
+  }
+
+  /**
+   * Attaches a backing device to the cache set; resolves to its handle once it can take
+   * requests (its entry in the set's UUID table is durable). A device the set has seen
+   * before (same UUID) finds its cached data again.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (bad options, a data offset past the device,
+   *   an engine without a cache set); `ENOENT`, `EBUSY` (open elsewhere, or its UUID already
+   *   attached), `EACCES`; `NO_SPACE` (the UUID table is full); the set's failure; `CLOSED`.
+   */
+  async attach(options: AttachOptions): Promise<number> {
+    this.#check()
+    const o = options
+    if (typeof o?.path !== 'string' || o.path === '') throw new InvalidArgumentError('path must be a non-empty string')
+    const uuid = typeof o.uuid === 'string' ? uuidToBytes(o.uuid) : o.uuid
+    if (!(uuid instanceof Uint8Array) || uuid.length !== 16) throw new InvalidArgumentError('uuid must be a UUID string or 16 bytes')
+    checkCount('dataOffset', o.dataOffset)
+    if (o.mode !== undefined && !CACHE_MODES.includes(o.mode)) {
+      throw new InvalidArgumentError(`cache mode '${String(o.mode)}' is not one of ${CACHE_MODES.join(', ')}`)
+    }
+    let handle = -1
+    try {
+      return await this.#control((tag) => {
+        const info = this.#native.attach(tag, {
+          path: o.path,
+          uuid,
+          label: o.label,
+          dataOffset: o.dataOffset,
+          mode: o.mode,
+          readOnly: o.readOnly,
+          direct: o.direct,
+          exclusive: o.exclusive,
+        })
+        handle = this.#remember(o.path, info, true).handle
+      })
+    } catch (err) {
+      this.#devices.delete(handle)
+      throw asUbcacheError(err, o.path)
+    }
+  }
+
+  /**
+   * Serves a backing device with no cache set: requests go straight to it, from
+   * `dataOffset` (bytes) on. Resolves to its handle.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (a data offset past the device or not a
+   *   whole sector), `ENOENT`, `EBUSY`, `EACCES`, `CLOSED`.
+   */
+  async attachPlain(path: string, dataOffset: number, options: Omit<OpenDeviceOptions, 'createSize'> = {}): Promise<number> {
+    this.#check()
+    if (typeof path !== 'string' || path === '') throw new InvalidArgumentError('path must be a non-empty string')
+    checkCount('dataOffset', dataOffset)
+    try {
+      const info = this.#native.attachPlain(path, dataOffset, {
+        write: !options.readOnly,
+        direct: options.direct,
+        exclusive: options.exclusive,
+      })
+      return this.#remember(path, info, false).handle
+    } catch (err) {
+      throw asUbcacheError(err, path)
+    }
+  }
+
+  /**
+   * What the engine knows of the device `handle` names.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` for a handle the engine does not serve.
+   */
+  device(handle: number): CachedDeviceInfo {
+    const d = this.#devices.get(handle)
+    if (!d) throw new InvalidArgumentError(`no device ${handle} in this engine`)
+    return { ...d }
+  }
+
+  /** Handles of the devices the engine serves, in the order they were attached. */
+  get handles(): number[] {
+    return [...this.#devices.keys()]
+  }
+
+  /**
+   * Lets go of a device, releasing its exclusive open; a cached device's entry and cached
+   * data stay in the set for its next attach. Nothing of it may be in flight.
+   * @throws {UbcacheError} `EBUSY` (requests in flight), `INVALID_ARGUMENT` (unknown handle), `CLOSED`.
+   */
+  detach(handle: number): void {
+    this.#check()
+    this.#queue.submitQueued()
+    try {
+      this.#native.detach(handle)
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+    this.#devices.delete(handle)
+  }
+
+  /**
+   * Reads `length` bytes at `offset` of the device `handle` names: from the cache where it
+   * holds them, else from the backing device (and, unless the mode is `none`, into the
+   * cache). The result is a `Buffer` over the engine memory the data landed in, not a copy;
+   * small results may share one `ArrayBuffer`.
+   * @throws {UbcacheError} `MISALIGNED`, `OUT_OF_RANGE`, `INVALID_ARGUMENT`, `EIO`, `CLOSED`.
+   */
+  read(handle: number, offset: number, length: number): Promise<Buffer> {
+    return deviceRequests.read(this.#queue, this.#check, handle, offset, length)
+  }
+
+  /**
+   * Reads `buffer.byteLength` bytes at `offset` into `buffer`; resolves to that count. A
+   * buffer from {@link CacheEngine.allocBuffer} (from a 4 KiB boundary of it) is read into
+   * directly, with no copy and no new memory; any other `Uint8Array` through one copy. Leave
+   * the bytes alone until the read has resolved.
+   * @throws {UbcacheError} as {@link CacheEngine.read}; `INVALID_ARGUMENT` for bytes a read is still landing in.
+   */
+  readInto(handle: number, buffer: Uint8Array, offset: number): Promise<number> {
+    return deviceRequests.readInto(this.#queue, this.#check, handle, buffer, offset)
+  }
+
+  /**
+   * A zeroed `Buffer` of `size` bytes of aligned engine memory, for
+   * {@link CacheEngine.readInto} to read into again and again without copying.
+   * @throws {UbcacheError} `INVALID_ARGUMENT`, `CLOSED`.
+   */
+  allocBuffer(size: number): Buffer {
+    checkCount('size', size)
+    if (size > MAX_REQUEST) throw new InvalidArgumentError(`size ${size} exceeds one request's limit (${MAX_REQUEST} bytes)`)
+    this.#check()
+    return size === 0 ? Buffer.alloc(0) : this.#queue.allocBuffer(size)
+  }
+
+  /**
+   * Writes all of `data` at `offset` of the device `handle` names, as its cache mode says;
+   * resolves once the data is on the cache (writeback) or backing device (other modes)
+   * and indexed. It is durable after {@link CacheEngine.flush}, or at once with `fua`.
+   * @throws {UbcacheError} `MISALIGNED`, `OUT_OF_RANGE`, `INVALID_ARGUMENT`, `EACCES`,
+   *   `NO_SPACE`, `EIO`, the set's failure, `CLOSED`.
+   */
+  write(handle: number, offset: number, data: Uint8Array, options: WriteOptions = {}): Promise<void> {
+    return deviceRequests.write(this.#queue, this.#check, handle, offset, data, options.fua === true)
+  }
+
+  /**
+   * Makes every write to the device `handle` names that completed so far durable: its
+   * backing device flushed, and the journal entry covering its cached data written.
+   * @throws {UbcacheError} `INVALID_ARGUMENT`, `EIO`, the set's failure, `CLOSED`.
+   */
+  flush(handle: number): Promise<void> {
+    return deviceRequests.flush(this.#queue, this.#check, handle)
+  }
+
+  /**
+   * Tells the engine `length` bytes at `offset` of the device `handle` names are unused:
+   * the cache drops them and the discard goes on to the backing device.
+   * @throws {UbcacheError} as {@link CacheEngine.write}.
+   */
+  discard(handle: number, offset: number, length: number): Promise<void> {
+    return deviceRequests.discard(this.#queue, this.#check, handle, offset, length)
+  }
+
+  /**
+   * Switches a cached device's cache mode; requests made from now on follow it (the
+   * backing device's superblock is not changed).
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (unknown mode or handle, a device with no cache set), `CLOSED`.
+   */
+  setCacheMode(handle: number, mode: CacheMode): void {
+    this.#check()
+    if (!CACHE_MODES.includes(mode)) throw new InvalidArgumentError(`cache mode '${String(mode)}' is not one of ${CACHE_MODES.join(', ')}`)
+    this.#queue.submitQueued()
+    try {
+      this.#native.setCacheMode(handle, mode)
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * A device's cache mode (undefined for a device served with no cache set).
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (unknown handle), `CLOSED`.
+   */
+  cacheMode(handle: number): CacheMode | undefined {
+    try {
+      return (this.#native.cacheMode(handle) as CacheMode | null) ?? undefined
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /** Counters of the cache set and where it stands (undefined for an engine without one). */
+  stats(): CacheSetStats | undefined {
+    const s = this.#native.stats()
+    if (!s) return undefined
+    const failure = this.#native.failure
+    return { state: this.#native.state, ...(failure ? { failure: failure[1] } : {}), ...s }
+  }
+
+  /** Dirty sectors of a cached device: what writeback still has to copy (undefined for other handles). */
+  dirtySectors(handle: number): number | undefined {
+    return this.#native.dirtySectors(handle) ?? undefined
+  }
+
+  /** Sectors of a cached device that the cache holds (undefined for other handles). */
+  cachedSectors(handle: number): number | undefined {
+    return this.#native.cachedSectors(handle) ?? undefined
+  }
+
+  /** A one-line account of what the set is doing and waiting for, for diagnostics. */
+  describe(): string | undefined {
+    return this.#native.describe() ?? undefined
+  }
+
+  /** What opening the cache set found and did (undefined for an engine without one). */
+  openReport(): CacheSetOpenReport | undefined {
+    return this.#native.openReport() ?? undefined
+  }
+
+  /** Counters of the I/O engine underneath: event-loop wakeups, batches of completions, buffers. */
+  engineStats(): IoEngineStats {
+    return this.#native.engineStats()
+  }
+
+  /**
+   * Closes the engine cleanly: requests already made finish, later ones fail with
+   * `CLOSED`; the set writes a final checkpoint and marks its journal clean (so the next
+   * open loads the checkpoint rather than replaying), and the devices are released.
+   * Resolves once all of it is durable; rejects with the set's failure if it failed (the
+   * devices are released all the same). Idempotent.
+   */
+  close(): Promise<void> {
+    this.#closing ??= this.#close()
+    return this.#closing
+  }
+
+  async #close(): Promise<void> {
+    this.#queue.submitQueued()
+    let failure: unknown
+    try {
+      await this.#control((tag) => this.#native.close(tag))
+    } catch (err) {
+      failure = err
+    }
+    await this.#queue.slots.whenIdle()
+    this.#native.shutdown()
+    for (const w of this.#waiting.values()) w.reject(closedError('the cache engine'))
+    this.#waiting.clear()
+    this.#devices.clear()
+    if (failure !== undefined) throw asUbcacheError(failure)
+  }
+}
