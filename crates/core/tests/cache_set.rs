@@ -62,7 +62,7 @@ fn model_interleavings_with_modes_switching_and_deep_queues() {
 #[test]
 fn writing_ten_times_the_cache_keeps_working_and_never_serves_stale_data() {
     // 2 MiB of cache, two devices of 4 MiB: every mode must reclaim to go on.
-    let geo = Geo { nbuckets: 600, bucket_sectors: 8 * 2, backing_blocks: vec![1024, 1024] };
+    let geo = Geo { nbuckets: 600, bucket_sectors: 8 * 2, backing_blocks: vec![1024, 1024], journal_buckets: None };
     for mode in MODES {
         let paths = format(&format!("reclaim-{}", mode.name()), geo.clone());
         let mut model = Model::new(&paths.geo);

@@ -28,7 +28,7 @@ fn base_seed() -> u64 {
 /// A small set where the data does not fit: 4 MiB of cache, two devices of 2 MiB each and
 /// a third of 1 MiB, so reclaim, GC and checkpoints all happen within a few hundred writes.
 fn geo() -> Geo {
-    Geo { nbuckets: 520, bucket_sectors: 16, backing_blocks: vec![512, 512, 256] }
+    Geo { nbuckets: 520, bucket_sectors: 16, backing_blocks: vec![512, 512, 256], journal_buckets: None }
 }
 
 #[derive(Default, Debug)]

@@ -227,6 +227,9 @@ impl CacheSet {
             let _ = self.alloc.unpin(0, b);
         }
         self.stats.checkpoints += 1;
+        if run.reason == Reason::PrioDistance {
+            self.stats.prio_distance_checkpoints += 1;
+        }
         if run.reason == Reason::Close {
             self.closing.checkpoint_done = true;
         }
@@ -247,7 +250,7 @@ impl CacheSet {
         };
         if since > (nr / 4).max(1) {
             self.checkpoint_wanted(Reason::Journal);
-        } else if self.prio_distance() >= CKPT_PRIO_SOFT {
+        } else if self.prio_write_distance() >= CKPT_PRIO_SOFT {
             self.checkpoint_wanted(Reason::PrioDistance);
         }
     }

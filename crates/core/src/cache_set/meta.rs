@@ -123,7 +123,7 @@ impl Meta {
 
 impl CacheSet {
     /// Prio writes begun since the oldest checkpoint replay may start from.
-    pub(crate) fn prio_distance(&self) -> u64 {
+    pub(crate) fn prio_write_distance(&self) -> u64 {
         let now = self.alloc.prio_seq(0).unwrap_or(0);
         let base = self.meta.checkpoints.first().map_or(now, |c| c.prio_seq);
         now.saturating_sub(base)
@@ -135,7 +135,7 @@ impl CacheSet {
         if self.meta.prio.is_some() || matches!(self.state, SetState::Failed(_) | SetState::Closed) {
             return false;
         }
-        if self.prio_distance() + 1 > CKPT_PRIO_HARD {
+        if self.prio_write_distance() + 1 > CKPT_PRIO_HARD {
             // Gens could otherwise move too far within what replay reads: a checkpoint first.
             self.checkpoint_wanted(Reason::PrioDistance);
             return false;
@@ -187,7 +187,7 @@ impl CacheSet {
             return self.fail(e);
         }
         self.stats.prio_writes += 1;
-        if self.prio_distance() >= super::CKPT_PRIO_SOFT {
+        if self.prio_write_distance() >= super::CKPT_PRIO_SOFT {
             self.checkpoint_wanted(Reason::PrioDistance);
         }
         self.startup_progress();

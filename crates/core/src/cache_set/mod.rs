@@ -134,6 +134,8 @@ pub struct CacheSetStats {
     pub journal_preflushes: u64,
     /// Checkpoints recorded.
     pub checkpoints: u64,
+    /// Of those, begun because many prio writes happened since the oldest one kept.
+    pub prio_distance_checkpoints: u64,
     /// Prio writes committed.
     pub prio_writes: u64,
     /// GC passes finished.
@@ -314,6 +316,9 @@ impl CacheSet {
     pub fn stats(&self) -> CacheSetStats {
         let mut s = self.stats;
         s.cache_miss_collisions = self.index.stats().cache_miss_collisions;
+        s.journal_bytes = self.journal.ring.bytes_written();
+        s.journal_entries = self.journal.entries;
+        s.journal_preflushes = self.journal.preflushes;
         s
     }
 
@@ -382,6 +387,24 @@ impl CacheSet {
                 None => return all,
             }
         }
+    }
+
+    /// Where the newest journal entries point (the checkpoint replay starts from, the UUID
+    /// table, the head of the prio chain), as they stand now.
+    pub fn metadata_pointers(&self) -> (Option<crate::journal::MetaPtr>, Option<crate::journal::MetaPtr>, u64) {
+        (self.meta.newest_checkpoint(), self.meta.uuid_ptr, self.meta.prio_head)
+    }
+
+    /// The buckets of every checkpoint replay may start from, oldest first.
+    pub fn checkpoint_chains(&self) -> Vec<Vec<u64>> {
+        self.meta.checkpoints.iter().map(|c| c.buckets.clone()).collect()
+    }
+
+    /// Prio writes begun since the oldest checkpoint replay may start from: what bounds how
+    /// far any bucket's gen moved within a replay (a checkpoint is begun at
+    /// `CKPT_PRIO_SOFT` = 16, prio writes wait at `CKPT_PRIO_HARD` = 48).
+    pub fn prio_distance(&self) -> u64 {
+        self.prio_write_distance()
     }
 
     /// A one-line account of what the set is doing and waiting for, for diagnostics.

@@ -58,6 +58,8 @@ pub struct OpenReport {
     pub gap_at: Option<u64>,
     /// Prio writes since the oldest checkpoint kept was begun.
     pub prio_distance: u64,
+    /// Sequence number of the prio chain read.
+    pub prio_seq: u64,
     /// The set was closed cleanly last time (its newest entry says so).
     pub clean_shutdown: bool,
     /// Clean keys dropped because the set was not closed cleanly: the backing devices may
@@ -212,6 +214,7 @@ impl CacheSet {
             .read_prios(0, prio_head, |b, buf| st.read(b * bb, buf))
             .map_err(|e| ctx(&format!("prio chain at bucket {prio_head} unreadable"), e))?;
         self.meta.prio_head = prio_head;
+        self.report.prio_seq = self.alloc.prio_seq(0)?;
 
         // UUID table.
         let up = head.uuid_bucket.ok_or_else(|| Error::new(ErrorKind::Corrupt, "UUID table: the journal records none"))?;
@@ -296,7 +299,7 @@ impl CacheSet {
             self.drop_clean_keys()?;
         }
 
-        self.report.prio_distance = self.prio_distance();
+        self.report.prio_distance = self.prio_write_distance();
         if self.report.prio_distance >= CKPT_PRIO_LIMIT {
             return Err(Error::new(
                 ErrorKind::Corrupt,

@@ -128,6 +128,20 @@ pub fn mark_sync(page: &mut [u8]) -> Result<CacheSb> {
 /// first bucket past the superblock, `clamp(nbuckets >> 7, 2, 256)` journal buckets after it,
 /// `CACHE_SYNC` clear. For tests and benchmarks that need a formatted device.
 pub fn format(uuid: [u8; 16], set_uuid: [u8; 16], nbuckets: u64, bucket_size: u16, block_size: u16) -> Vec<u8> {
+    let keys = (nbuckets >> 7).clamp(2, 256) as usize;
+    format_with_journal(uuid, set_uuid, nbuckets, bucket_size, block_size, keys)
+}
+
+/// [`format`] with `journal_buckets` journal buckets (at most 256) instead of bcache's
+/// default count.
+pub fn format_with_journal(
+    uuid: [u8; 16],
+    set_uuid: [u8; 16],
+    nbuckets: u64,
+    bucket_size: u16,
+    block_size: u16,
+    journal_buckets: usize,
+) -> Vec<u8> {
     let mut p = vec![0u8; SB_BYTES];
     p[8..16].copy_from_slice(&8u64.to_le_bytes());
     p[16..24].copy_from_slice(&3u64.to_le_bytes());
@@ -140,7 +154,7 @@ pub fn format(uuid: [u8; 16], set_uuid: [u8; 16], nbuckets: u64, bucket_size: u1
     p[196..198].copy_from_slice(&1u16.to_le_bytes());
     let first = 23 / bucket_size + 1;
     p[204..206].copy_from_slice(&first.to_le_bytes());
-    let keys = (nbuckets >> 7).clamp(2, 256) as usize;
+    let keys = journal_buckets.min(256);
     p[206..208].copy_from_slice(&(keys as u16).to_le_bytes());
     for i in 0..keys {
         p[208 + 8 * i..216 + 8 * i].copy_from_slice(&(u64::from(first) + i as u64).to_le_bytes());

@@ -170,3 +170,30 @@ impl<S: Storage + ?Sized> Storage for &mut S {
         (**self).flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{open_engine, Device, EngineChoice, EngineOptions, OpenOptions};
+    use std::sync::Arc;
+
+    /// A completion that is not the storage's own is refused, never silently dropped.
+    #[test]
+    fn a_foreign_completion_is_refused_not_dropped() {
+        let dir = std::env::temp_dir().join(format!("ubcache-storage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f");
+        std::fs::write(&p, vec![7u8; 65536]).unwrap();
+        let mut e = open_engine(&EngineOptions { choice: EngineChoice::Psync, ..Default::default() }).unwrap();
+        let dev = Arc::new(Device::open(&p, &OpenOptions { direct: crate::io::DirectIo::Off, ..Default::default() }).unwrap());
+        let id = e.add_device(dev).unwrap();
+        let mut st = EngineStorage::new(e, id);
+        let mut buf = vec![0u8; 4096];
+        st.read(0, &mut buf).unwrap();
+        assert_eq!(buf, vec![7u8; 4096]);
+        st.engine().submit(IoRequest::read(id, 4096, AlignedBuf::new(4096), 999_999));
+        let err = st.read(8192, &mut buf).unwrap_err();
+        assert!(err.message().contains("other requests"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

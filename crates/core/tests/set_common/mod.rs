@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod workload;
+#[allow(unused_imports)]
 pub use workload::*;
 
 use std::path::{Path, PathBuf};
@@ -52,13 +53,15 @@ pub struct Geo {
     pub bucket_sectors: u16,
     /// Blocks of each backing device's data.
     pub backing_blocks: Vec<u64>,
+    /// Journal buckets, if not bcache's default count.
+    pub journal_buckets: Option<usize>,
 }
 
 impl Geo {
     /// A small set: 1024 buckets of 8 KiB (8 MiB of cache) and two devices of 4 MiB each,
     /// so the cache cannot hold both and reclaims.
     pub fn small() -> Geo {
-        Geo { nbuckets: 1024, bucket_sectors: 16, backing_blocks: vec![1024, 1024] }
+        Geo { nbuckets: 1024, bucket_sectors: 16, backing_blocks: vec![1024, 1024], journal_buckets: None }
     }
 }
 
@@ -134,7 +137,10 @@ pub fn format(name: &str, geo: Geo) -> Paths {
     let f = std::fs::File::create(&cache).unwrap();
     f.set_len(size).unwrap();
     use std::os::unix::fs::FileExt;
-    let sb = superblock::format([0xc1; 16], [0x5e; 16], geo.nbuckets, geo.bucket_sectors, 8);
+    let sb = match geo.journal_buckets {
+        Some(n) => superblock::format_with_journal([0xc1; 16], [0x5e; 16], geo.nbuckets, geo.bucket_sectors, 8, n),
+        None => superblock::format([0xc1; 16], [0x5e; 16], geo.nbuckets, geo.bucket_sectors, 8),
+    };
     f.write_all_at(&sb, 4096).unwrap();
     let mut backing = Vec::new();
     for (i, &blocks) in geo.backing_blocks.iter().enumerate() {
@@ -163,6 +169,24 @@ pub fn open_retrying(p: &Path) -> Result<Device> {
             r => return r,
         }
     }
+}
+
+/// The cache device's bytes, read and written straight (for tests that look at or damage
+/// what is on it while no engine has it open).
+pub fn storage(path: &Path) -> EngineStorage<Box<dyn IoEngine>> {
+    let mut e = open_engine(&EngineOptions { choice: EngineChoice::Psync, ..Default::default() }).unwrap();
+    let id = e.add_device(Arc::new(open_retrying(path).unwrap())).unwrap();
+    EngineStorage::new(e, id)
+}
+
+/// Flips bits of the byte at `offset` of the file at `path`.
+pub fn flip(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, offset).unwrap();
 }
 
 /// Device options for files in memory (tmpfs has no O_DIRECT).

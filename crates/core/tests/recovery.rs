@@ -1,0 +1,359 @@
+//! Opening a set whose metadata was damaged or cut short, and the ordering rules that keep
+//! a crash from losing anything flushed: each test here fails if its rule is taken away.
+
+mod set_common;
+
+use std::time::{Duration, Instant};
+
+use set_common::*;
+use ubcache_core::alloc::GcMark;
+use ubcache_core::cache_set::{superblock, CacheMode, CacheSetOptions, SetState};
+use ubcache_core::io::fault::{CrashMode, FaultRule, Latency};
+use ubcache_core::io::{AlignedBuf, DevId, IoRequest, OpKind, Storage};
+use ubcache_core::journal::{read_journal, FoundEntry, JournalGeometry};
+use ubcache_core::ErrorKind;
+
+fn wb() -> RigOptions {
+    RigOptions { modes: vec![CacheMode::Writeback], set: CacheSetOptions { journal_delay_ms: 100_000, ..Default::default() }, ..Default::default() }
+}
+
+/// The journal as it lies on the cache device.
+fn journal(paths: &Paths) -> (Vec<FoundEntry>, JournalGeometry) {
+    let mut st = storage(&paths.cache);
+    let mut page = vec![0u8; 4096];
+    st.read(4096, &mut page).unwrap();
+    let sb = superblock::parse(&page).unwrap();
+    let g = JournalGeometry {
+        buckets: sb.journal_buckets.clone(),
+        bucket_bytes: sb.bucket_size as usize * 512,
+        block_bytes: sb.block_size as usize * 512,
+        set_magic: ubcache_core::alloc::prio::set_magic(&sb.set_uuid),
+    };
+    (read_journal(&mut st, &g).unwrap(), g)
+}
+
+fn entry_at(g: &JournalGeometry, e: &FoundEntry) -> u64 {
+    g.buckets[e.bucket_idx] * g.bucket_bytes as u64 + e.offset as u64
+}
+
+fn data(dev: u32, block: u64, v: u64) -> Vec<u8> {
+    block_content(dev, block, v)
+}
+
+#[test]
+fn a_torn_newest_entry_is_ignored_and_the_set_goes_on() {
+    let paths = format("torn", Geo::small());
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    rig.write(0, 0, &data(0, 0, 1), false).unwrap();
+    rig.flush(0).unwrap();
+    rig.write(0, 1, &data(0, 1, 2), false).unwrap();
+    rig.flush(0).unwrap();
+    rig.crash(CrashMode::DropUnflushed);
+    let (found, g) = journal(&paths);
+    let newest = found.last().unwrap().clone();
+    assert!(newest.keys().unwrap().iter().any(|k| k.start == 8), "the second write's key is in the newest entry");
+    flip(&paths.cache, entry_at(&g, &newest) + 100);
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    let r = rig.engine.set().unwrap().open_report().clone();
+    assert_eq!(r.head_seq, newest.jset.seq - 1, "{r:?}");
+    assert_eq!(rig.read(0, 0, 1).unwrap(), data(0, 0, 1));
+    assert_eq!(rig.read(0, 1, 1).unwrap(), data(0, 1, 0), "the torn entry's key is gone: the backing device's data");
+    // The set goes on from there, and what it writes survives another crash.
+    rig.write(0, 2, &data(0, 2, 3), false).unwrap();
+    rig.flush(0).unwrap();
+    rig.crash(CrashMode::DropUnflushed);
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    assert_eq!(rig.read(0, 2, 1).unwrap(), data(0, 2, 3));
+    rig.close().unwrap();
+}
+
+#[test]
+fn replay_stops_at_a_gap_and_what_comes_after_the_recovery_survives() {
+    let paths = format("gap", Geo::small());
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    for b in 0..3 {
+        rig.write(0, b, &data(0, b, 10 + b), false).unwrap();
+        rig.flush(0).unwrap();
+    }
+    rig.crash(CrashMode::DropUnflushed);
+    let (found, g) = journal(&paths);
+    let with = |blk: u64| found.iter().rev().find(|e| e.keys().unwrap().iter().any(|k| k.start == blk * 8)).unwrap().clone();
+    let (e1, e2) = (with(1), with(2));
+    assert!(e2.jset.seq > e1.jset.seq);
+    flip(&paths.cache, entry_at(&g, &e1) + 20); // its seq: the entry is gone
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    let r = rig.engine.set().unwrap().open_report().clone();
+    assert_eq!(r.gap_at, Some(e1.jset.seq), "{r:?}");
+    assert_eq!(rig.read(0, 0, 1).unwrap(), data(0, 0, 10));
+    assert_eq!(rig.read(0, 2, 1).unwrap(), data(0, 2, 0), "nothing after the gap is replayed");
+    // The recovered state was checkpointed before the set ran: a write now survives a
+    // crash, though its entry lies after the old gap.
+    rig.write(0, 40, &data(0, 40, 40), false).unwrap();
+    rig.flush(0).unwrap();
+    rig.crash(CrashMode::DropUnflushed);
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    assert_eq!(rig.engine.set().unwrap().open_report().gap_at, None);
+    assert_eq!(rig.read(0, 40, 1).unwrap(), data(0, 40, 40));
+    assert_eq!(rig.read(0, 0, 1).unwrap(), data(0, 0, 10));
+    rig.close().unwrap();
+}
+
+/// Writes until two checkpoints are kept; returns the model of what was written.
+fn two_checkpoints(rig: &mut Rig) -> Vec<(u64, u64)> {
+    let mut written = Vec::new();
+    let mut i = 0u64;
+    let until = Instant::now() + Duration::from_secs(30);
+    while rig.engine.set().unwrap().checkpoint_chains().len() < 2 || written.len() < 50 {
+        assert!(Instant::now() < until, "no second checkpoint");
+        let b = (i * 7) % 300;
+        rig.write(0, b, &data(0, b, 100 + i), false).unwrap();
+        rig.flush(0).unwrap();
+        written.retain(|&(x, _)| x != b);
+        written.push((b, 100 + i));
+        i += 1;
+    }
+    written
+}
+
+#[test]
+fn a_damaged_checkpoint_falls_back_to_the_one_before_even_after_a_reopen() {
+    let paths = format("fallback", Geo::small());
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    let written = two_checkpoints(&mut rig);
+    rig.crash(CrashMode::DropUnflushed);
+    // Reopened, the older checkpoint is still one replay may fall back to: its buckets
+    // are kept from reuse (GC marks them metadata) for as long as entries name it.
+    let rig = Rig::open(&paths, &wb()).unwrap();
+    let set = rig.engine.set().unwrap();
+    let chains = set.checkpoint_chains();
+    assert_eq!(set.open_report().checkpoints_kept, 2, "{:?}", set.open_report());
+    assert_eq!(chains.len(), 2);
+    for b in chains.iter().flatten() {
+        assert_eq!(set.allocator().bucket(0, *b).unwrap().mark, GcMark::Metadata, "checkpoint bucket {b}");
+    }
+    let newest_head = set.metadata_pointers().0.unwrap();
+    rig.crash(CrashMode::DropUnflushed);
+    // Damage a data block of the newest checkpoint's head.
+    flip(&paths.cache, newest_head.bucket * 16 * 512 + 4096 + 100);
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    let r = rig.engine.set().unwrap().open_report().clone();
+    assert!(r.checkpoint_fallback, "{r:?}");
+    assert!(r.checkpoint_seq < newest_head.seq);
+    assert!(r.replayed_keys > 0, "a longer replay: {r:?}");
+    for &(b, v) in &written {
+        assert_eq!(rig.read(0, b, 1).unwrap(), data(0, b, v), "block {b}");
+    }
+    rig.crash(CrashMode::DropUnflushed);
+    // The recovered state was checkpointed again: no fallback needed next time.
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    assert!(!rig.engine.set().unwrap().open_report().checkpoint_fallback);
+    for &(b, v) in &written {
+        assert_eq!(rig.read(0, b, 1).unwrap(), data(0, b, v), "block {b}");
+    }
+    rig.close().unwrap();
+}
+
+#[test]
+fn no_readable_checkpoint_refuses_to_open() {
+    let paths = format("nockpt", Geo::small());
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    two_checkpoints(&mut rig);
+    rig.crash(CrashMode::DropUnflushed);
+    let (found, _) = journal(&paths);
+    let mut heads: Vec<u64> = found.iter().filter_map(|e| e.jset.checkpoint.map(|c| c.bucket)).collect();
+    heads.sort_unstable();
+    heads.dedup();
+    for b in heads {
+        flip(&paths.cache, b * 16 * 512 + 16);
+    }
+    let e = Rig::open(&paths, &wb()).err().expect("opened without a checkpoint");
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.message().contains("index checkpoint"), "{e}");
+}
+
+#[test]
+fn a_bad_uuid_table_or_prio_chain_refuses_to_open_naming_it() {
+    for what in ["UUID table", "prio chain"] {
+        let paths = format(&format!("badmeta-{}", what.len()), Geo::small());
+        let mut rig = Rig::open(&paths, &wb()).unwrap();
+        rig.write(0, 0, &data(0, 0, 1), false).unwrap();
+        rig.flush(0).unwrap();
+        rig.crash(CrashMode::DropUnflushed);
+        // What the newest durable entry names.
+        let (found, _) = journal(&paths);
+        let head = &found.last().unwrap().jset;
+        let bucket = if what == "UUID table" { head.uuid_bucket.unwrap().bucket } else { head.prio_bucket[0] };
+        flip(&paths.cache, bucket * 16 * 512 + 12); // in its magic
+        let e = Rig::open(&paths, &wb()).err().unwrap_or_else(|| panic!("{what}: opened"));
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.message().contains(what), "{what}: {e}");
+    }
+}
+
+#[test]
+fn cached_devices_keep_their_slots_and_data_across_restarts() {
+    let paths = format("slots", Geo::small());
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    let inodes: Vec<u32> = rig.handles.iter().map(|&h| rig.engine.inode(h).unwrap()).collect();
+    rig.write(1, 5, &data(1, 5, 7), false).unwrap();
+    let uuids = rig.engine.set().unwrap().uuids().to_vec();
+    assert_eq!(uuids.len(), 2);
+    rig.close().unwrap();
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    assert_eq!(rig.engine.set().unwrap().uuids(), &uuids[..]);
+    let again: Vec<u32> = rig.handles.iter().map(|&h| rig.engine.inode(h).unwrap()).collect();
+    assert_eq!(again, inodes, "each device gets its slot back");
+    assert_eq!(rig.read(1, 5, 1).unwrap(), data(1, 5, 7));
+    assert!(rig.engine.set().unwrap().stats().hit_sectors >= 8, "served from the cache");
+    rig.close().unwrap();
+}
+
+#[test]
+fn keys_wait_for_the_journal_delay_or_a_flush() {
+    let paths = format("batch", Geo::small());
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    rig.drain();
+    let s0 = rig.engine.set().unwrap().stats();
+    for b in 0..6 {
+        rig.write(0, b, &data(0, b, 1), false).unwrap();
+    }
+    rig.drain();
+    let s1 = rig.engine.set().unwrap().stats();
+    let mid = s1.journal_entries;
+    // Keys wait (the delay is long and nobody flushed): only prio writes record entries.
+    assert!(
+        mid - s0.journal_entries <= s1.prio_writes - s0.prio_writes + s1.checkpoints - s0.checkpoints,
+        "entries {s0:?} -> {s1:?}"
+    );
+    rig.flush(0).unwrap();
+    assert_eq!(rig.engine.set().unwrap().stats().journal_entries, mid + 1, "one entry for the batch");
+    rig.close().unwrap();
+    // With a short delay the entry is written without a flush.
+    let o = RigOptions { set: CacheSetOptions { journal_delay_ms: 1, ..Default::default() }, ..wb() };
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    let before = rig.engine.set().unwrap().stats().journal_entries;
+    rig.write(0, 9, &data(0, 9, 1), false).unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    while rig.engine.set().unwrap().stats().journal_entries == before {
+        assert!(Instant::now() < until, "the delay never wrote the entry");
+        rig.poll(Duration::from_millis(1));
+    }
+    rig.close().unwrap();
+}
+
+/// Rule: a key enters the index when its data write completes, not when it is sent.
+#[test]
+fn a_key_enters_the_index_only_when_its_data_write_completed() {
+    let paths = format("keylate", Geo::small());
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    rig.ctl.set_latency(Some(Latency { fixed: Duration::from_millis(80), ..Default::default() }));
+    let h = DevId(rig.handles[0]);
+    rig.submit(IoRequest::write(h, 0, AlignedBuf::from_slice(&data(0, 0, 5)), 77));
+    rig.poll(Duration::from_millis(20));
+    assert!(rig.done.is_empty());
+    assert_eq!(rig.engine.set().unwrap().cached_sectors(inode), 0, "no key before the data is written");
+    rig.drain();
+    assert!(rig.done.iter().any(|c| c.user_data == 77 && c.result.is_ok()));
+    assert_eq!(rig.engine.set().unwrap().cached_sectors(inode), 8, "the key is in once the write completed");
+    rig.ctl.set_latency(None);
+    rig.close().unwrap();
+}
+
+/// Rule: a hit read keeps its bucket from reuse until it completes.
+#[test]
+fn a_hit_read_pins_its_bucket_until_it_completes() {
+    let paths = format("pin", Geo::small());
+    let mut rig = Rig::open(&paths, &RigOptions { modes: vec![CacheMode::Writethrough], ..wb() }).unwrap();
+    rig.write(0, 3, &data(0, 3, 9), false).unwrap();
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    let key = rig.engine.set_mut().unwrap().keys().into_iter().find(|k| k.inode == inode && k.start == 24).unwrap();
+    let bucket = key.ptrs()[0].offset() / 16;
+    let pins = rig.engine.set().unwrap().allocator().bucket(0, bucket).unwrap().pin;
+    rig.ctl.set_latency(Some(Latency { fixed: Duration::from_millis(60), ..Default::default() }));
+    let h = DevId(rig.handles[0]);
+    rig.submit(IoRequest::read(h, 3 * BLOCK, AlignedBuf::new(4096), 90));
+    rig.poll(Duration::from_millis(10));
+    let during = rig.engine.set().unwrap().allocator().bucket(0, bucket).unwrap().pin;
+    assert_eq!(during, pins + 1, "the read holds a pin on bucket {bucket}");
+    let c = rig.run(IoRequest::flush(h, 91));
+    c.result.unwrap();
+    rig.ctl.set_latency(None);
+    rig.drain();
+    let r = rig.done.iter().position(|c| c.user_data == 90).map(|i| rig.done.remove(i)).unwrap();
+    assert_eq!(&r.into_buf().unwrap()[..], &data(0, 3, 9)[..]);
+    assert_eq!(rig.engine.set().unwrap().allocator().bucket(0, bucket).unwrap().pin, pins, "unpinned after");
+    rig.close().unwrap();
+}
+
+/// Rule: a metadata write error takes the set out of service; nothing flushed is lost.
+#[test]
+fn a_journal_write_error_takes_the_set_out_of_service() {
+    let paths = format("metaerr", Geo::small());
+    let o = RigOptions { modes: vec![CacheMode::Writeback, CacheMode::Writethrough], ..wb() };
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    rig.write(0, 1, &data(0, 1, 1), false).unwrap();
+    rig.flush(0).unwrap();
+    rig.write(1, 2, &data(1, 2, 2), false).unwrap(); // writethrough: clean in the cache
+    rig.flush(1).unwrap();
+    let sb = rig.engine.set().unwrap().superblock().clone();
+    let (first, last) = (sb.journal_buckets[0] * 16 * 512, (sb.journal_buckets.last().unwrap() + 1) * 16 * 512);
+    rig.ctl.add_rule(FaultRule::eio().op(OpKind::Write).range(first, last));
+    rig.write(0, 3, &data(0, 3, 3), false).unwrap();
+    let e = rig.flush(0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(matches!(rig.state(), SetState::Failed(_)), "{:?}", rig.state());
+    // Writes are refused; clean data is read from the backing device, dirty from the cache.
+    assert!(rig.write(0, 4, &data(0, 4, 4), false).is_err());
+    assert_eq!(rig.read(1, 2, 1).unwrap(), data(1, 2, 2));
+    assert_eq!(rig.read(0, 1, 1).unwrap(), data(0, 1, 1));
+    rig.ctl.clear_rules();
+    rig.crash(CrashMode::DropUnflushed);
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    assert_eq!(rig.read(0, 1, 1).unwrap(), data(0, 1, 1), "flushed before the failure");
+    assert_eq!(rig.read(1, 2, 1).unwrap(), data(1, 2, 2));
+    rig.close().unwrap();
+}
+
+/// Rule: opening a set ends with a durable prio write (the first GC's gen bumps on disk).
+#[test]
+fn opening_ends_with_a_durable_prio_write() {
+    let paths = format("openprio", Geo::small());
+    let rig = Rig::open(&paths, &wb()).unwrap();
+    rig.close().unwrap();
+    for _ in 0..3 {
+        let rig = Rig::open(&paths, &wb()).unwrap();
+        let set = rig.engine.set().unwrap();
+        let read = set.open_report().prio_seq;
+        let now = set.allocator().prio_seq(0).unwrap();
+        assert!(now > read, "a prio write was begun at open");
+        assert!(set.stats().prio_writes >= 1);
+        // Crashed right after opening: the next open reads the chain the startup wrote.
+        rig.crash(CrashMode::DropUnflushed);
+        let again = Rig::open(&paths, &wb()).unwrap();
+        assert!(again.engine.set().unwrap().open_report().prio_seq >= now, "the startup's prio write was durable");
+        again.crash(CrashMode::DropUnflushed);
+    }
+}
+
+/// Rule: a checkpoint is begun before gens could move far within what replay reads.
+#[test]
+fn prio_writes_never_run_far_ahead_of_the_oldest_checkpoint() {
+    // A long journal (the quarter-full trigger rarely fires) over a small cache (many prio
+    // writes): only the prio-write distance forces checkpoints here.
+    let geo = Geo { nbuckets: 520, bucket_sectors: 16, backing_blocks: vec![1024], journal_buckets: Some(200) };
+    let paths = format("priodist", geo);
+    // Writethrough: every write takes new space (writeback would overwrite its dirty data in place).
+    let mut rig = Rig::open(&paths, &RigOptions { modes: vec![CacheMode::Writethrough], ..wb() }).unwrap();
+    let mut max = 0;
+    for i in 0..6000u64 {
+        let b = i % 512;
+        rig.write(0, b, &data(0, b, i), false).unwrap();
+        max = max.max(rig.engine.set().unwrap().prio_distance());
+    }
+    let s = rig.engine.set().unwrap().stats();
+    assert!(s.prio_writes > 60, "{s:?}");
+    assert!(s.prio_distance_checkpoints > 0, "checkpoints were begun for the distance: {s:?}");
+    assert!(max <= 48, "prio writes since the oldest checkpoint: {max}");
+    rig.close().unwrap();
+}
