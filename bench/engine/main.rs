@@ -18,11 +18,16 @@
 //! median of the paired ratios; fio gets 1 s of ramp, ours 0.5 s of warm-up):
 //! - fill_seqread_bw_ratio: 1 MiB sequential reads at QD4 with nothing cached, mode none
 //!   (every read a miss, served from the backing device) vs fio's sequential reads of the
-//!   backing file;
+//!   backing file. Our 1 MiB buffers sit in transparent huge pages, fio's in 4 KiB pages,
+//!   so a disk taking at most 254 segments a request gets two requests per fio read: the
+//!   bench counts the disk's requests per read each way;
 //! - hit_randread_qd32_iops_ratio, hit_randread_qd1_p50_ratio: 4 KiB random reads over a
 //!   512 MiB region written before in writeback mode (the set's counters must show ≥ 99.9%
 //!   hits) vs fio randread on the raw cache device over the byte range that region's data
-//!   occupies there; p50 latency is submission to completion, vs fio's `lat` p50. (The
+//!   occupies there; p50 latency is submission to completion, vs fio's `lat` p50 (and,
+//!   under `_fio_polling`, vs fio spinning for completions with
+//!   `--iodepth_batch_complete_min=0`, as our adaptive busy polling does at QD1: on a VM
+//!   whose idle vCPUs are slow to wake, a sleeping fio loses tens of microseconds). (The
 //!   region is written rather than read once in writethrough mode because on a young set
 //!   the allocator's LRU drops the oldest clean buckets at each prio write while empty ones
 //!   abound, so a read-once fill would not stay whole.)
@@ -34,10 +39,10 @@
 //!   seconds asked for or one pass over the 1 GiB device, whichever comes first), so every
 //!   write takes the allocating path and is journalled (a write over dirty data goes in
 //!   place, allocating and journalling nothing); vs fio randwrite on the raw cache device.
-//!   Metadata bytes are counted by the block layer (/sys/block/<loop>/stat: bytes written
-//!   to the cache device less the data the set wrote), since the set's own journal
-//!   counters stay at 0; the set's counters for checkpoints, prios and the rest are shown
-//!   beside them (for a cache device that is a file, only those are available);
+//!   Metadata bytes are the set's counters (`CacheSetStats::meta_bytes`: journal,
+//!   checkpoints, prios, UUID table and superblock) over the measurement, per write; the
+//!   block layer's count (/sys/block/<loop>/stat: bytes written to the cache device less
+//!   the data the set wrote) is printed beside them as a check;
 //! - steady_state_ratio: writeback 4 KiB random writes at QD32 over 1/16 of a set of
 //!   `UBCACHE_BENCH_ENGINE_STEADY_GIB` (default 1) GiB formatted on the same device, until
 //!   10× the set's size is written: throughput of the last tenth / the first tenth. Since
@@ -205,6 +210,15 @@ impl Drop for CacheDev {
     }
 }
 
+/// Read requests the block device holding `path` has completed so far (field 1 of its
+/// /sys/dev/block/<major>:<minor>/stat), when there is one.
+fn disk_reads(path: &Path) -> Option<u64> {
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let s = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
 /// One fio run; returns the job's figures for `dir` ("read" or "write").
 fn fio(file: &Path, secs: u64, offset: u64, size: u64, args: &[&str], dir: &str) -> serde_json::Value {
     let out = Command::new("fio")
@@ -274,6 +288,7 @@ fn delta(a: &CacheSetStats, b: &CacheSetStats) -> CacheSetStats {
     CacheSetStats {
         data_bytes: b.data_bytes - a.data_bytes,
         journal_bytes: b.journal_bytes - a.journal_bytes,
+        journal_entries: b.journal_entries - a.journal_entries,
         checkpoint_bytes: b.checkpoint_bytes - a.checkpoint_bytes,
         prio_bytes: b.prio_bytes - a.prio_bytes,
         other_meta_bytes: b.other_meta_bytes - a.other_meta_bytes,
@@ -289,35 +304,32 @@ fn delta(a: &CacheSetStats, b: &CacheSetStats) -> CacheSetStats {
     }
 }
 
-/// Metadata bytes written to the cache device over a run of `bs`-byte writes: the block
-/// layer's count of bytes written less the data the set wrote (its `data_bytes`, plus the
-/// writes that went in place over dirty data, which it does not count). None when the
-/// cache device is not a block device.
+/// Metadata bytes written to the cache device over a run of `bs`-byte writes by the block
+/// layer's count: bytes written to it less the data the set wrote (its `data_bytes`, plus
+/// the writes that went in place over dirty data, which it does not count). A check on the
+/// set's own counters; None when the cache device is not a block device.
 fn dev_meta(run: &rig::Run, bs: u64) -> Option<u64> {
     let d = delta(&run.before, &run.after);
     run.dev_written.map(|w| w.saturating_sub(d.data_bytes + d.dirty_overlaps * bs))
 }
 
-/// Metadata bytes per write: by the device's count where there is one, else the set's.
-fn meta_per_write(run: &rig::Run, bs: u64) -> f64 {
-    let d = delta(&run.before, &run.after);
-    dev_meta(run, bs).unwrap_or(d.meta_bytes()) as f64 / run.ops.max(1) as f64
+/// Metadata bytes per write, by the set's counters (journal, checkpoints, prios, other).
+fn meta_per_write(run: &rig::Run) -> f64 {
+    delta(&run.before, &run.after).meta_bytes() as f64 / run.ops.max(1) as f64
 }
 
 fn meta_line(run: &rig::Run, bs: u64) -> String {
     let d = delta(&run.before, &run.after);
     let w = run.ops.max(1) as f64;
     let dev = match dev_meta(run, bs) {
-        Some(m) => format!(
-            "{:.1} B/write by the device's count, so journal ≈ {:.1} (the rest); ",
-            m as f64 / w,
-            m.saturating_sub(d.checkpoint_bytes + d.prio_bytes + d.other_meta_bytes) as f64 / w
-        ),
+        Some(m) => format!(" (block layer's count: {:.1})", m as f64 / w),
         None => String::new(),
     };
     format!(
-        "metadata {dev}set's counters {:.1} B/write: checkpoints {:.1} ({} B in {}), prios {:.1} ({} B in {}), other {:.1}, journal {:.1}; {} GC passes",
+        "metadata {:.1} B/write{dev}: journal {:.1} ({} entries), checkpoints {:.1} ({} B in {}), prios {:.1} ({} B in {}), other {:.1}; {} GC passes",
         d.meta_bytes() as f64 / w,
+        d.journal_bytes as f64 / w,
+        d.journal_entries,
         d.checkpoint_bytes as f64 / w,
         d.checkpoint_bytes,
         d.checkpoints,
@@ -325,7 +337,6 @@ fn meta_line(run: &rig::Run, bs: u64) -> String {
         d.prio_bytes,
         d.prio_writes,
         d.other_meta_bytes as f64 / w,
-        d.journal_bytes as f64 / w,
         d.gc_runs
     )
 }
@@ -456,6 +467,47 @@ fn run(b: &Bench) -> serde_json::Value {
             p.push(f, bw);
             eprintln!("  round {}: fio {:.0} MB/s, ours {:.0} MB/s ({:.3})", i + 1, f / 1e6, bw / 1e6, bw / f);
         }
+        // How many disk requests a 1 MiB read becomes, each way: 256 reads by fio (no ramp),
+        // then by us, counted by the disk holding the backing file.
+        let r0 = disk_reads(&b.backing);
+        let out = Command::new("fio")
+            .arg("--name=probe")
+            .arg(format!("--filename={}", b.backing.display()))
+            .args(["--direct=1", "--ioengine=io_uring", "--rw=read", "--bs=1m", "--iodepth=4", "--io_size=256m"])
+            .arg(format!("--offset={DATA_OFFSET}"))
+            .output()
+            .expect("fio");
+        assert!(out.status.success(), "fio failed: {}", String::from_utf8_lossy(&out.stderr));
+        let r1 = disk_reads(&b.backing);
+        let mut seq = 0u64;
+        let mut next = || {
+            let o = seq;
+            seq += 1 << 20;
+            o
+        };
+        let load = Load {
+            qd: 4,
+            bs: 1 << 20,
+            write: false,
+            next: &mut next,
+            warm: Duration::ZERO,
+            stop: Stop::Ops(256),
+            lat: false,
+            marks: vec![],
+            progress: None,
+            limit: Some(256),
+            zero_data: false,
+        };
+        drive(&mut rig, load);
+        rig.drain();
+        let r2 = disk_reads(&b.backing);
+        if let (Some(r0), Some(r1), Some(r2)) = (r0, r1, r2) {
+            eprintln!(
+                "  disk requests per 1 MiB read: fio {:.2}, ours {:.2} (our buffers of 1 MiB sit in transparent huge pages, one segment each)",
+                (r1 - r0) as f64 / 256.0,
+                (r2 - r1) as f64 / 256.0
+            );
+        }
         put("fill_seqread_bw_ratio", r3(p.ratio()));
         put("fio_seqread_bw_bytes_per_sec", p.fio().round());
         put("fill_seqread_bw_bytes_per_sec", p.ours().round());
@@ -523,9 +575,19 @@ fn run(b: &Bench) -> serde_json::Value {
             eprintln!("4 KiB random reads, all hits, {name}...");
             let depth = format!("--iodepth={qd}");
             let mut p = Pairs::default();
+            // At QD1 also against fio polling for its completions as we do (it spins in
+            // io_uring_enter with iodepth_batch_complete_min=0 instead of sleeping).
+            let mut p_spin = Pairs::default();
             let mut rng = Rng(0x0123_4567_89ab_cdef ^ qd as u64);
             for i in 0..b.rounds {
                 let f = fio(&cache_path, secs, lo, hi - lo, &["--rw=randread", "--bs=4k", &depth], "read");
+                let f_spin = (qd == 1).then(|| {
+                    let a = ["--rw=randread", "--bs=4k", "--iodepth=1", "--iodepth_batch_complete_min=0"];
+                    fio(&cache_path, secs, lo, hi - lo, &a, "read")["lat_ns"]["percentile"]["50.000000"]
+                        .as_f64()
+                        .unwrap()
+                });
+                let polls_before = rig.ce.driver().busy_polls();
                 let mut next = || rng.below(region_blocks) * BLOCK;
                 let mut run = drive(
                     &mut rig,
@@ -562,15 +624,20 @@ fn run(b: &Bench) -> serde_json::Value {
                     let ours = run.p50();
                     let ours99 = run.pct(0.99);
                     p.push(fp, ours);
+                    let fs = f_spin.unwrap();
+                    p_spin.push(fs, ours);
                     let (polls, polled) = rig.ce.driver().busy_polls();
+                    let (polls, polled) = (polls - polls_before.0, polled - polls_before.1);
                     eprintln!(
-                        "  round {}: fio p50 {:.1} us (p99 {:.1}), ours p50 {:.1} us (p99 {:.1}) ({:.3}); {:.0} IOPS; {:.2}% hits; busy polls {polls}, {polled} found a completion",
+                        "  round {}: fio p50 {:.1} us (p99 {:.1}; polling: p50 {:.1}), ours p50 {:.1} us (p99 {:.1}) ({:.3}; {:.3} to fio polling); {:.0} IOPS; {:.2}% hits; {polls} busy polls, {polled} found a completion",
                         i + 1,
                         fp / 1e3,
                         fp99 / 1e3,
+                        fs / 1e3,
                         ours / 1e3,
                         ours99 / 1e3,
                         ours / fp,
+                        ours / fs,
                         run.iops(),
                         hit * 100.0
                     );
@@ -584,6 +651,8 @@ fn run(b: &Bench) -> serde_json::Value {
                 put("hit_randread_qd1_p50_ratio", r3(p.ratio()));
                 put("fio_randread_qd1_p50_ns", p.fio().round());
                 put("hit_randread_qd1_p50_ns", p.ours().round());
+                put("hit_randread_qd1_p50_ratio_fio_polling", r3(p_spin.ratio()));
+                put("fio_polling_randread_qd1_p50_ns", p_spin.fio().round());
             }
         }
     }
@@ -682,7 +751,7 @@ fn run(b: &Bench) -> serde_json::Value {
             );
             let d = delta(&run.before, &run.after);
             assert_eq!(d.dirty_overlaps, 0, "a write landed on dirty data");
-            let mpw = meta_per_write(&run, BLOCK);
+            let mpw = meta_per_write(&run);
             meta.push(mpw);
             p.push(f, run.iops());
             eprintln!(
@@ -764,7 +833,7 @@ fn run(b: &Bench) -> serde_json::Value {
         put("steady_state_ratio", r3(ratio));
         put("steady_first_tenth_iops", tenths[0].round());
         put("steady_last_tenth_iops", tenths[9].round());
-        put("steady_meta_bytes_per_write", (meta_per_write(&run, BLOCK) * 10.0).round() / 10.0);
+        put("steady_meta_bytes_per_write", (meta_per_write(&run) * 10.0).round() / 10.0);
     }
 
     json.insert("seconds_per_measurement".into(), serde_json::json!(secs));
