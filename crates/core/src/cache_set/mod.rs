@@ -165,6 +165,9 @@ pub struct CacheSetStats {
     pub cache_io_errors: u64,
     /// Hit reads served again from the backing device after a cache read error.
     pub reread_from_backing: u64,
+    /// The longest the engine spent in one call of background work (a GC or checkpoint
+    /// slice, the allocator's steps, a prio write's encoding), in microseconds.
+    pub longest_tick_us: u64,
 }
 
 impl CacheSetStats {
@@ -268,6 +271,13 @@ impl CacheSet {
     /// Runs background work that is due (journal delay, allocator steps, a slice of GC or
     /// checkpoint). Call it after completions, and again by [`CacheSet::next_deadline`].
     pub fn tick(&mut self, now: Instant) {
+        let started = Instant::now();
+        self.tick_inner(now);
+        let us = started.elapsed().as_micros() as u64;
+        self.stats.longest_tick_us = self.stats.longest_tick_us.max(us);
+    }
+
+    fn tick_inner(&mut self, now: Instant) {
         self.journal_tick(now);
         if matches!(self.state, SetState::Running | SetState::Starting | SetState::Closing) {
             // The allocator's steps may free buckets at once: writes waiting for them go on.
