@@ -42,6 +42,14 @@ pub fn catch_signals() {
     }
 }
 
+/// CLOCK_MONOTONIC in seconds (what `perf record -k CLOCK_MONOTONIC` stamps samples with).
+fn monotonic() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 fn check_interrupted() {
     if INTERRUPTED.load(Ordering::Relaxed) {
         panic!("interrupted");
@@ -399,6 +407,9 @@ pub fn drive(rig: &mut Rig, load: Load) -> Run {
     let mut in_flight = qd;
     let mut stopping = false;
     let mut last_progress = Instant::now();
+    // UBCACHE_BENCH_PERF_WINDOWS=1: print each measurement's window, for `perf report --time`.
+    let windows = std::env::var_os("UBCACHE_BENCH_PERF_WINDOWS").is_some();
+    let mut window_start = 0.0;
     let mut progress_ops = 0u64;
     loop {
         if out.is_empty() {
@@ -407,6 +418,7 @@ pub fn drive(rig: &mut Rig, load: Load) -> Run {
         let now = Instant::now();
         if t0.is_none() && now >= warm_end {
             t0 = Some(now);
+            window_start = monotonic();
             before = rig.stats();
             dev_before = rig.dev_written();
         }
@@ -431,6 +443,9 @@ pub fn drive(rig: &mut Rig, load: Load) -> Run {
                         Stop::Ops(n) => run.ops >= n,
                     };
                 if stopping {
+                    if windows {
+                        eprintln!("perf window: {window_start:.6},{:.6}", monotonic());
+                    }
                     run.secs = (now - t0).as_secs_f64();
                     run.after = rig.stats();
                     run.dev_written = rig.dev_written().zip(dev_before).map(|(a, b)| a - b);
