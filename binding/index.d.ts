@@ -67,7 +67,10 @@ export declare class NativeCacheEngine {
    * Starts an engine on this thread's event loop, running `set` (taken over; its
    * startup writes begin now), or with no set, serving backing devices straight
    * (`attachPlain`). `onComplete` hears of completions as `NativeRing`'s does; `onEvent`
-   * of finished control operations (see the module docs).
+   * of finished control operations (see the module docs). Both are held strongly only
+   * while work is in flight or due: keep them reachable from the object that owns the
+   * engine (fields), so that an idle engine nobody refers to can be collected, which
+   * releases its devices (the set is then recovered at its next open).
    */
   constructor(options: NativeEngineOptions, set: NativeLoadedSet | null | undefined, onComplete: (count: number, fatal?: [string, string]) => void, onEvent: (tag: number, handle: number, error?: [string, string]) => void)
   /**
@@ -215,7 +218,9 @@ export declare class NativeRing {
   /**
    * Opens an engine on this thread's event loop; `onComplete(count)` hears of each chunk
    * of completions placed in the completion buffer, or `(0, [code, message])` if the
-   * engine broke.
+   * engine broke. The engine holds `onComplete` strongly only while requests are in
+   * flight: keep it reachable from the object that owns the engine (a field), so that
+   * an idle engine nobody refers to can be collected.
    */
   constructor(options: NativeEngineOptions, onComplete: (count: number, fatal?: [string, string]) => void)
   /** Opens a file or block device and adds it to the engine. */

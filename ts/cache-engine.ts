@@ -246,9 +246,7 @@ export class CacheEngine {
   private constructor(options: CacheEngineOptions, set: native.NativeLoadedSet | undefined) {
     const nativeOptions = nativeEngineOptions(options, true)
     try {
-      this.#queue = new InlineQueue(
-        (onComplete) => new native.NativeCacheEngine(nativeOptions, set, onComplete, (tag, handle, error) => this.#event(tag, handle, error)),
-      )
+      this.#queue = new InlineQueue((onComplete) => new native.NativeCacheEngine(nativeOptions, set, onComplete, this.#event))
     } catch (err) {
       throw asUbcacheError(err)
     }
@@ -339,8 +337,11 @@ export class CacheEngine {
     })
   }
 
-  /** A control operation finished (always from the event loop, never within a call). */
-  #event(tag: number, handle: number, error?: [string, string]): void {
+  /**
+   * A control operation finished (always from the event loop, never within a call). A
+   * field, so it lives as long as the engine: the native engine holds it weakly while idle.
+   */
+  readonly #event = (tag: number, handle: number, error?: [string, string]): void => {
     const w = this.#waiting.get(tag)
     if (!w) return
     this.#waiting.delete(tag)

@@ -173,14 +173,21 @@ export class InlineQueue<N extends InlineNative> {
   /** Byte ranges of engine buffers that reads are landing in (start, end pairs). */
   readonly #landing = new Map<ArrayBuffer, number[]>()
 
+  /**
+   * The completion callback. The native engine holds it weakly while idle (so that an
+   * engine nobody refers to can be collected): this field keeps it alive as long as the
+   * queue.
+   */
+  readonly #onComplete: CompleteFn = (count, fatal) => {
+    // The event loop had a turn: submissions may complete others synchronously again.
+    this.#syncRounds = 0
+    if (fatal) this.slots.fail(this.slots.liveTags(), new UbcacheError(fatal[0], fatal[1]))
+    else this.#settle(this.#cq, count, undefined)
+  }
+
   /** `make` builds the native engine around the completion callback it is given. */
   constructor(make: (onComplete: CompleteFn) => N) {
-    this.native = make((count, fatal) => {
-      // The event loop had a turn: submissions may complete others synchronously again.
-      this.#syncRounds = 0
-      if (fatal) this.slots.fail(this.slots.liveTags(), new UbcacheError(fatal[0], fatal[1]))
-      else this.#settle(this.#cq, count, undefined)
-    })
+    this.native = make(this.#onComplete)
     this.#sq = new Float64Array(this.native.submissionBuffer())
     this.#cq = new Float64Array(this.native.completionBuffer())
     this.#capacity = this.native.capacity

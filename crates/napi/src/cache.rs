@@ -305,7 +305,10 @@ impl NativeCacheEngine {
     /// Starts an engine on this thread's event loop, running `set` (taken over; its
     /// startup writes begin now), or with no set, serving backing devices straight
     /// (`attachPlain`). `onComplete` hears of completions as `NativeRing`'s does; `onEvent`
-    /// of finished control operations (see the module docs).
+    /// of finished control operations (see the module docs). Both are held strongly only
+    /// while work is in flight or due: keep them reachable from the object that owns the
+    /// engine (fields), so that an idle engine nobody refers to can be collected, which
+    /// releases its devices (the set is then recovered at its next open).
     #[napi(
         constructor,
         ts_args_type = "options: NativeEngineOptions, set: NativeLoadedSet | null | undefined, onComplete: (count: number, fatal?: [string, string]) => void, onEvent: (tag: number, handle: number, error?: [string, string]) => void"

@@ -23,6 +23,10 @@
 //! operations (the cache engine's attach and close) hand them to a second callback, one
 //! call per event, always from a libuv callback (never from inside a call JavaScript made).
 //!
+//! The callbacks close over the JavaScript object that owns the engine: they are held
+//! strongly only while work is in flight or due (as the loop is kept alive), so an idle
+//! engine that nothing refers to any more is garbage-collected, and its devices released.
+//!
 //! Timers: after every call into the engine and every reap, a `uv_timer` is armed for the
 //! engine's [`Driven::next_deadline`] (0 ms when work is due now, or when events wait to be
 //! delivered), and its callback runs [`Driven::tick`] and delivers what finished. A timer
@@ -225,8 +229,10 @@ pub(crate) struct Glue<D: Driven> {
     in_timer: Cell<bool>,
     /// libuv runs a timer re-armed at 0 ms from its callback in the next pass of the loop.
     zero_rearm: bool,
-    /// The handles are open and the callbacks held strongly (until `shutdown`).
+    /// The handles are open (until `shutdown`).
     live: Cell<bool>,
+    /// The callbacks are held strongly: work is in flight or due (see `update_hold`).
+    held: Cell<bool>,
     wakeups: Cell<usize>,
 }
 
@@ -317,6 +323,7 @@ impl<D: Driven> Glue<D> {
             // SAFETY: a pure query of libuv.
             zero_rearm: unsafe { uv_version() } >= UV_TIMER_READY_QUEUE,
             live: Cell::new(true),
+            held: Cell::new(true),
             wakeups: Cell::new(0),
         });
         let data = &*glue as *const Glue<D>;
@@ -398,6 +405,40 @@ impl<D: Driven> Glue<D> {
         if D::TIMED {
             self.arm_timer();
         }
+        self.update_hold();
+    }
+
+    /// Holds the callbacks strongly exactly while work is in flight or due. The callbacks
+    /// close over the JavaScript object that owns this one, so while they are held the
+    /// pair lives on even if nothing else refers to it (its completions must be delivered);
+    /// when idle, an engine nobody refers to any more is collected, and dropping it
+    /// releases its devices.
+    fn update_hold(&self) {
+        if !self.live.get() {
+            return;
+        }
+        let hold = self.refed.get() || self.armed.get().is_some() || !self.events.borrow().is_empty();
+        if hold != self.held.replace(hold) {
+            self.hold_callbacks(hold);
+        }
+    }
+
+    fn hold_callbacks(&self, hold: bool) {
+        let mut count = 0;
+        for r in [self.on_complete, self.on_event] {
+            if r.is_null() {
+                continue;
+            }
+            // SAFETY: references created in `new` and deleted only on drop; napi calls on
+            // the JavaScript thread.
+            unsafe {
+                if hold {
+                    sys::napi_reference_ref(self.env, r, &mut count);
+                } else {
+                    sys::napi_reference_unref(self.env, r, &mut count);
+                }
+            }
+        }
     }
 
     /// Keeps the event loop alive exactly while requests are in flight.
@@ -463,21 +504,18 @@ impl<D: Driven> Glue<D> {
             return;
         }
         self.close_handles();
-        // SAFETY: napi calls on the JavaScript thread; the hook and references were created
-        // in `new` and are released only here (`live` guards reentry).
+        // SAFETY: a napi call on the JavaScript thread; the hook was added in `new` and is
+        // removed only here (`live` guards reentry).
         unsafe {
             sys::napi_remove_env_cleanup_hook(
                 self.env,
                 Some(on_env_cleanup::<D>),
                 self as *const Glue<D> as *mut c_void,
             );
-            // The callbacks close over the JavaScript object that owns this one: hold them
-            // weakly from now on, so the pair can be collected.
-            let mut count = 0;
-            sys::napi_reference_unref(self.env, self.on_complete, &mut count);
-            if !self.on_event.is_null() {
-                sys::napi_reference_unref(self.env, self.on_event, &mut count);
-            }
+        }
+        // Hold the callbacks weakly from now on, so the pair can be collected.
+        if self.held.replace(false) {
+            self.hold_callbacks(false);
         }
     }
 
@@ -742,8 +780,9 @@ impl<D: Driven> Glue<D> {
 
 impl<D: Driven> Drop for Glue<D> {
     fn drop(&mut self) {
-        self.driven.get_mut().close();
+        // The handles go first: closing the cache engine closes the descriptor they watch.
         self.shutdown();
+        self.driven.get_mut().close();
         // SAFETY: the finalizer runs on the JavaScript thread; all were created in `new`.
         unsafe {
             sys::napi_delete_reference(self.env, self.on_complete);

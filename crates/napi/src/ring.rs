@@ -43,7 +43,9 @@ inline_methods!(NativeRing);
 impl NativeRing {
     /// Opens an engine on this thread's event loop; `onComplete(count)` hears of each chunk
     /// of completions placed in the completion buffer, or `(0, [code, message])` if the
-    /// engine broke.
+    /// engine broke. The engine holds `onComplete` strongly only while requests are in
+    /// flight: keep it reachable from the object that owns the engine (a field), so that
+    /// an idle engine nobody refers to can be collected.
     #[napi(
         constructor,
         ts_args_type = "options: NativeEngineOptions, onComplete: (count: number, fatal?: [string, string]) => void"
