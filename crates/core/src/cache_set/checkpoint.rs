@@ -66,6 +66,9 @@ struct Run {
 pub(crate) struct CheckpointState {
     pub wanted: Option<Reason>,
     run: Option<Run>,
+    /// Journal entries and prio writes when the triggers were last looked at: they are
+    /// looked at again only once one of them moved.
+    looked_at: (u64, u64),
 }
 
 impl CheckpointState {
@@ -241,6 +244,10 @@ impl CacheSet {
     /// Begins a checkpoint when the journal since the newest one passed a quarter of its size.
     pub(crate) fn maybe_checkpoint(&mut self) {
         if self.ckpt.run.is_some() || self.ckpt.wanted.is_some() || self.state != SetState::Running {
+            return;
+        }
+        let now = (self.journal.entries, self.alloc.prio_seq(0).unwrap_or(0));
+        if std::mem::replace(&mut self.ckpt.looked_at, now) == now {
             return;
         }
         let nr = self.journal.ring.nr_buckets();

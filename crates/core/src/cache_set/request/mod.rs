@@ -133,6 +133,8 @@ pub(crate) struct Requests {
     pub fills_live: usize,
     /// Scratch for lookups.
     pub frags: Vec<Fragment>,
+    /// Part lists of finished requests, kept for the next ones (no allocation per request).
+    spare_parts: Vec<Vec<Part>>,
 }
 
 impl Requests {
@@ -162,7 +164,18 @@ impl Requests {
     fn remove(&mut self, slot: u32) -> Req {
         self.live -= 1;
         self.free.push(slot);
-        self.slots[slot as usize].take().expect("a live request slot")
+        let mut r = self.slots[slot as usize].take().expect("a live request slot");
+        let mut parts = std::mem::take(&mut r.parts);
+        if parts.capacity() <= 16 {
+            parts.clear();
+            self.spare_parts.push(parts);
+        }
+        r
+    }
+
+    /// An empty part list (one a finished request left, if any).
+    fn parts(&mut self) -> Vec<Part> {
+        self.spare_parts.pop().unwrap_or_default()
     }
 
     pub fn insert_fill(&mut self, f: Fill) -> u32 {
@@ -265,7 +278,7 @@ impl CacheSet {
             buf,
             outstanding: 0,
             error: None,
-            parts: Vec::new(),
+            parts: self.reqs.parts(),
             path: Path::Undecided,
             rest: Vec::new(),
             pieces: Vec::new(),
