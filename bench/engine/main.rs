@@ -313,6 +313,7 @@ fn delta(a: &CacheSetStats, b: &CacheSetStats) -> CacheSetStats {
         prio_bytes: b.prio_bytes - a.prio_bytes,
         other_meta_bytes: b.other_meta_bytes - a.other_meta_bytes,
         checkpoints: b.checkpoints - a.checkpoints,
+        prio_distance_checkpoints: b.prio_distance_checkpoints - a.prio_distance_checkpoints,
         prio_writes: b.prio_writes - a.prio_writes,
         gc_runs: b.gc_runs - a.gc_runs,
         cache_hits: b.cache_hits - a.cache_hits,
@@ -346,18 +347,20 @@ fn meta_line(run: &rig::Run, bs: u64) -> String {
         None => String::new(),
     };
     format!(
-        "metadata {:.1} B/write{dev}: journal {:.1} ({} entries), checkpoints {:.1} ({} B in {}), prios {:.1} ({} B in {}), other {:.1}; {} GC passes",
+        "metadata {:.1} B/write{dev}: journal {:.1} ({} entries), checkpoints {:.1} ({} B in {}, {} for the prio-write distance), prios {:.1} ({} B in {}), other {:.1}; {} GC passes; longest background call {} us",
         d.meta_bytes() as f64 / w,
         d.journal_bytes as f64 / w,
         d.journal_entries,
         d.checkpoint_bytes as f64 / w,
         d.checkpoint_bytes,
         d.checkpoints,
+        d.prio_distance_checkpoints,
         d.prio_bytes as f64 / w,
         d.prio_bytes,
         d.prio_writes,
         d.other_meta_bytes as f64 / w,
-        d.gc_runs
+        d.gc_runs,
+        run.after.longest_tick_us
     )
 }
 
