@@ -567,10 +567,11 @@ proptest! {
             let i = before[b as usize];
             b >= 3 && matches!(i.mark, GcMark::Unused | GcMark::Reclaimable) && i.pin == 0 && i.gen.wrapping_sub(i.last_gc) < BUCKET_GC_GEN_MAX
         };
-        // bcache's bucket_prio, written out independently of the allocator's code.
+        // bcache's bucket_prio (with one added to its floor, so that a full bucket never
+        // weighs as little as an empty one), written out independently of the allocator's code.
         let key = |b: u64| {
             let i = before[b as usize];
-            let floor = u64::from(INITIAL_PRIO.saturating_sub(min_prio)) / 8;
+            let floor = u64::from(INITIAL_PRIO.saturating_sub(min_prio)) / 8 + 1;
             let w = (u64::from(i.prio.saturating_sub(min_prio)) + floor) * u64::from(i.sectors_used);
             assert_eq!(w, lru_weight(i.prio, i.sectors_used, min_prio));
             w

@@ -63,8 +63,16 @@ impl CacheAlloc {
         prio_nr: usize,
         seed: u64,
     ) -> CacheAlloc {
-        // bcache's sizing: `free` is nbuckets/1024 rounded up to a power of two.
-        let free = (nbuckets.next_power_of_two() >> 10) as usize;
+        // bcache's sizing: `free` is nbuckets/1024 rounded up to a power of two (at least
+        // one, for caches of fewer than 1024 buckets).
+        let free = ((nbuckets.next_power_of_two() >> 10) as usize).max(1);
+        // One invalidation batch per prio write. bcache's (`free` × 4) makes a small cache
+        // rewrite its whole prio chain for a handful of buckets: a 1 GiB cache of 512 KiB
+        // buckets wrote a 512 KiB prio bucket per 8 buckets, 512 bytes of metadata per
+        // 4 KiB written. The batch is therefore at least 512 buckets per prio bucket of
+        // the chain (a prio write is 0.2% of the data written), but at most a sixteenth of
+        // the cache.
+        let batch = (free << 2).max((prio_nr * 512).min(nbuckets as usize / 16));
         let mut lists = [Fifo::new(0), Fifo::new(0), Fifo::new(0), Fifo::new(0)];
         lists[Reserve::Btree as usize] = Fifo::new(8);
         lists[Reserve::Prio as usize] = Fifo::new(prio_nr);
@@ -77,9 +85,9 @@ impl CacheAlloc {
             discard,
             buckets: vec![Bucket::default(); nbuckets as usize],
             free: lists,
-            free_inc: Fifo::new(free << 2),
-            heap: BinaryHeap::with_capacity(free << 3),
-            heap_cap: free << 3,
+            free_inc: Fifo::new(batch),
+            heap: BinaryHeap::with_capacity(batch * 2),
+            heap_cap: batch * 2,
             fifo_last_bucket: first_bucket,
             rng: seed ^ 0x9E37_79B9_7F4A_7C15,
             invalidate_needs_gc: false,
@@ -272,7 +280,7 @@ pub(crate) fn lru_scan_scalar(
     cap: usize,
     mut worst: u64,
 ) {
-    let base = u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8);
+    let base = u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8) + 1;
     for (i, b) in (first as u64..).zip(&buckets[first..]) {
         // Weight in the high half, index in the low half: ties go to the lower index.
         let key = (weight(b.prio, b.sectors_used(), min_prio, base) << 32) | i;
@@ -292,7 +300,7 @@ pub(crate) fn lru_scan_scalar(
 unsafe fn lru_scan_avx2(buckets: &[Bucket], first: usize, min_prio: u16, heap: &mut BinaryHeap<u64>, cap: usize) {
     use std::arch::x86_64::*;
     const _: () = assert!(std::mem::size_of::<Bucket>() == 8);
-    let base = u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8);
+    let base = u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8) + 1;
     let min16 = _mm256_set1_epi64x(i64::from(min_prio));
     let low16 = _mm256_set1_epi64x(0xFFFF);
     let base_v = _mm256_set1_epi64x(base as i64);
@@ -352,7 +360,9 @@ fn heap_offer(heap: &mut BinaryHeap<u64>, cap: usize, key: u64) -> u64 {
 
 /// bcache's `bucket_prio`: the prio above the set's minimum, plus an eighth of the range up to
 /// INITIAL_PRIO so that even the oldest bucket keeps some weight, times the sectors still used.
-/// An emptier bucket is cheaper to throw away.
+/// An emptier bucket is cheaper to throw away. One more than bcache's base: on a young set,
+/// whose minimum is still INITIAL_PRIO, bcache's weighs a full bucket nothing, as little as
+/// an empty one, and LRU threw away the oldest data while empty buckets were to be had.
 #[inline]
 fn weight(prio: u16, sectors: u32, min_prio: u16, base: u64) -> u64 {
     (u64::from(prio.saturating_sub(min_prio)) + base) * u64::from(sectors)
@@ -361,7 +371,7 @@ fn weight(prio: u16, sectors: u32, min_prio: u16, base: u64) -> u64 {
 /// The LRU ordering key of a bucket with this prio and sectors used, given the set's
 /// `min_prio` (smaller is invalidated first).
 pub fn lru_weight(prio: u16, sectors_used: u32, min_prio: u16) -> u64 {
-    weight(prio, sectors_used, min_prio, u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8))
+    weight(prio, sectors_used, min_prio, u64::from(INITIAL_PRIO.saturating_sub(min_prio) / 8) + 1)
 }
 
 #[cfg(test)]

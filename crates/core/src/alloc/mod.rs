@@ -102,8 +102,8 @@ use open_bucket::OpenBuckets;
 
 /// Most cache devices in one cache set (bcache's MAX_CACHES_PER_SET).
 pub const MAX_CACHES_PER_SET: usize = 8;
-/// Fewest buckets a cache device may have: below 1024 bcache's free-list sizing gives zero.
-pub const MIN_NBUCKETS: u64 = 513;
+/// Fewest buckets a cache device may have (bcache's `read_super` minimum, 1 << 7).
+pub const MIN_NBUCKETS: u64 = 128;
 
 /// Which free list an allocation may draw from. Every allocation tries `None` first; only
 /// its own reserve after that, so ordinary data never eats the buckets held for metadata.

@@ -83,15 +83,15 @@ use tag::Tag;
 
 /// Prio writes after the oldest checkpoint replay may start from at which a new
 /// checkpoint is begun.
-pub(crate) const CKPT_PRIO_SOFT: u64 = 16;
+pub(crate) const CKPT_PRIO_SOFT: u64 = 32;
 /// Prio writes after the oldest checkpoint replay may start from at which prio writes wait
 /// for a checkpoint. Each prio write moves a bucket's gen at most once, and so may each GC
 /// that primes the reserves (at most one per prio write), so gens move at most
 /// `2 × CKPT_PRIO_HARD + 2` within a replay: well inside the 128 at which they would wrap.
-pub(crate) const CKPT_PRIO_HARD: u64 = 48;
+pub(crate) const CKPT_PRIO_HARD: u64 = 56;
 /// A set whose journal replay spans more prio writes than this refuses to open: its gens
 /// could have wrapped (only a set that crashed in every startup, dozens of times, gets here).
-pub(crate) const CKPT_PRIO_LIMIT: u64 = 60;
+pub(crate) const CKPT_PRIO_LIMIT: u64 = 62;
 
 /// Tunables of a cache set.
 #[derive(Clone, Debug)]
@@ -412,7 +412,7 @@ impl CacheSet {
 
     /// Prio writes begun since the oldest checkpoint replay may start from: what bounds how
     /// far any bucket's gen moved within a replay (a checkpoint is begun at
-    /// `CKPT_PRIO_SOFT` = 16, prio writes wait at `CKPT_PRIO_HARD` = 48).
+    /// `CKPT_PRIO_SOFT` = 32, prio writes wait at `CKPT_PRIO_HARD` = 56).
     pub fn prio_distance(&self) -> u64 {
         self.prio_write_distance()
     }

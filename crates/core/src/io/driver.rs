@@ -41,6 +41,8 @@ pub const ADAPTIVE_POLL_CAP: Duration = Duration::from_micros(50);
 
 /// Weight of a new sample in the running latency of lone requests, as a shift (1/8).
 const LONE_EWMA_SHIFT: u32 = 3;
+/// While lone requests are slower than the cap, one in this many is polled for anyway.
+const PROBE_EVERY: u32 = 16;
 
 /// An engine driven by its caller's thread (see the module docs).
 pub struct RingDriver {
@@ -53,6 +55,12 @@ pub struct RingDriver {
     lone_since: Option<Instant>,
     /// Running latency of lone requests, submission to reap, in nanoseconds.
     lone_latency_ns: u64,
+    /// What the lone request in flight was polled for (zero: not polled).
+    lone_budget: Duration,
+    /// Lone requests left unpolled since the last probe (adaptive polling off for now).
+    unprobed: u32,
+    /// Inside the busy-poll loop: a completion reaped now was waited for by polling.
+    in_poll: bool,
     busy_polls: usize,
     busy_poll_hits: usize,
 }
@@ -69,6 +77,9 @@ impl RingDriver {
             busy_poll: BusyPoll::Off,
             lone_since: None,
             lone_latency_ns: 0,
+            lone_budget: Duration::ZERO,
+            unprobed: 0,
+            in_poll: false,
             busy_polls: 0,
             busy_poll_hits: 0,
         })
@@ -86,6 +97,9 @@ impl RingDriver {
             busy_poll: BusyPoll::Off,
             lone_since: None,
             lone_latency_ns: 0,
+            lone_budget: Duration::ZERO,
+            unprobed: 0,
+            in_poll: false,
             busy_polls: 0,
             busy_poll_hits: 0,
         }
@@ -139,21 +153,54 @@ impl RingDriver {
                 }
                 self.lone_since = Some(Instant::now());
                 let recent = Duration::from_nanos(self.lone_latency_ns);
-                if recent > cap {
-                    Duration::ZERO
-                } else {
+                self.lone_budget = if recent <= cap {
                     cap.min(recent * 2)
-                }
+                } else {
+                    // Slow lately: still poll one lone request in PROBE_EVERY (for the cap),
+                    // so a device that is fast again is noticed.
+                    self.unprobed += 1;
+                    if self.unprobed >= PROBE_EVERY {
+                        self.unprobed = 0;
+                        cap
+                    } else {
+                        Duration::ZERO
+                    }
+                };
+                self.lone_budget
             }
         }
     }
 
-    /// Times a lone request that just completed (adaptive polling).
+    /// Times a lone request that just completed (adaptive polling). Only a request reaped
+    /// while it was polled for gives its true latency; one that outlasted its poll counts as
+    /// twice the cap; one reaped after a sleep in the event loop says nothing (the wakeup
+    /// alone costs tens of microseconds on a VM, and counting it kept polling off for good).
     fn lone_done(&mut self) {
         if let Some(since) = self.lone_since.take() {
             let ns = since.elapsed().as_nanos().min(u64::MAX as u128 / 2) as u64;
+            let budget = std::mem::replace(&mut self.lone_budget, Duration::ZERO);
+            let cap = match self.busy_poll {
+                BusyPoll::Adaptive(cap) => cap.as_nanos().min(u64::MAX as u128 / 4) as u64,
+                _ => return,
+            };
+            let sample = if self.in_poll {
+                ns
+            } else if !budget.is_zero() {
+                // Outlasted its poll: count it as twice the cap, so that a few in a row
+                // turn polling off (the probes turn it on again).
+                cap.saturating_mul(2).max(ns.min(cap.saturating_mul(2)))
+            } else {
+                return;
+            };
+            // Moves an eighth of the way, rounding away from the old value so that small
+            // values move too.
             let old = self.lone_latency_ns;
-            self.lone_latency_ns = old - (old >> LONE_EWMA_SHIFT) + (ns >> LONE_EWMA_SHIFT);
+            let step = (1u64 << LONE_EWMA_SHIFT) - 1;
+            self.lone_latency_ns = if sample >= old {
+                old + ((sample - old) + step >> LONE_EWMA_SHIFT)
+            } else {
+                old - ((old - sample + step) >> LONE_EWMA_SHIFT)
+            };
         }
     }
 
@@ -225,17 +272,23 @@ impl RingDriver {
         }
         self.busy_polls += 1;
         let until = Instant::now() + budget;
-        loop {
+        self.in_poll = true;
+        let r = loop {
             std::hint::spin_loop();
-            let got = self.reap_into(out)?;
+            let got = match self.reap_into(out) {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
             if got > 0 {
                 self.busy_poll_hits += 1;
-                return Ok(got);
+                break Ok(got);
             }
             if Instant::now() >= until {
-                return Ok(got);
+                break Ok(got);
             }
-        }
+        };
+        self.in_poll = false;
+        r
     }
 
     /// Collects finished completions without waiting (call it when [`RingDriver::fd`] is
@@ -403,7 +456,28 @@ mod tests {
                 }
                 got.into_iter().for_each(check);
             }
-            assert!(d.busy_polls().0 - polls <= 1, "{choice:?}: polling stopped for a device slower than the cap");
+            let probes = d.busy_polls().0 - polls;
+            assert!(probes <= 2 + 30 / PROBE_EVERY as usize, "{choice:?}: polling stopped for a device slower than the cap: {probes} polls");
+            // A device that was slow and is fast again: the probes notice, and polling comes
+            // back (the sleeps in between, whose times include the wakeup, do not count).
+            let cap = Duration::from_secs(5);
+            d.set_busy_poll(BusyPoll::Adaptive(cap));
+            d.lone_latency_ns = 2 * cap.as_nanos() as u64;
+            for i in 0..400u64 {
+                let mut got = d.submit_batch([read(i)]).unwrap();
+                while got.is_empty() {
+                    got = d.wait(Some(Duration::from_secs(5))).unwrap();
+                }
+                got.into_iter().for_each(check);
+            }
+            let before = d.busy_polls().0;
+            for i in 0..20u64 {
+                let got = d.submit_batch([read(i)]).unwrap();
+                assert_eq!(got.len(), 1, "{choice:?}: polled again");
+                got.into_iter().for_each(check);
+            }
+            let _ = before;
+            assert!(d.lone_latency_ns <= cap.as_nanos() as u64, "{choice:?}: the estimate came back under the cap");
             let _ = std::fs::remove_dir_all(p.parent().unwrap());
         }
     }
