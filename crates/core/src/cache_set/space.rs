@@ -68,6 +68,18 @@ impl CacheSet {
         self.space_progress();
     }
 
+    /// Space for a write: from the open buckets, else from the free lists, which the
+    /// allocator refills from its invalidated batch as it is asked (the lists are short).
+    pub(crate) fn alloc_sectors(&mut self, w: &crate::alloc::DataWrite) -> Result<crate::alloc::SectorAlloc> {
+        match self.alloc.alloc_sectors(w) {
+            Err(e) if e.kind() == ErrorKind::NoSpace => {
+                self.service_alloc();
+                self.alloc.alloc_sectors(w)
+            }
+            r => r,
+        }
+    }
+
     /// Something that needed a bucket found none: get the allocator going.
     pub(crate) fn space_wanted(&mut self) {
         self.service_alloc();
@@ -101,7 +113,12 @@ impl CacheSet {
     /// A bucket for metadata (UUID table, checkpoint), pinned; None when the free lists
     /// are empty (the caller retries from [`CacheSet::space_progress`]).
     pub(crate) fn meta_bucket(&mut self) -> Option<u64> {
-        match self.alloc.bucket_alloc(0, Reserve::Btree) {
+        let mut r = self.alloc.bucket_alloc(0, Reserve::Btree);
+        if r.as_ref().is_err_and(|e| e.kind() == ErrorKind::NoSpace) {
+            self.service_alloc();
+            r = self.alloc.bucket_alloc(0, Reserve::Btree);
+        }
+        match r {
             Ok(b) => Some(b),
             Err(e) if e.kind() == ErrorKind::NoSpace => {
                 self.space.meta_waiting = true;

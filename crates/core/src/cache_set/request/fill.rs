@@ -49,7 +49,7 @@ impl CacheSet {
                 flash_only: false,
                 moving_gc: false,
             };
-            match self.alloc.alloc_sectors(&w) {
+            match self.alloc_sectors(&w) {
                 Ok(a) => {
                     done += u64::from(a.sectors);
                     pieces.push(a);

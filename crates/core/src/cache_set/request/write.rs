@@ -1,18 +1,17 @@
-//! Writes (bcache's `cached_dev_write`).
-//!
-//! The parts of a write that land on dirty data are written in place, over that data: the
-//! cache holds the only current copy of those sectors, so the new data must go there (a
-//! copy on the backing device would be overwritten by a later writeback of the old), and
-//! writing in place needs no space, so a cache full of dirty data never holds a write up.
-//! The key stays as it is; nothing is journalled for those parts.
-//!
-//! The rest of the write goes by the path the cache mode chooses:
-//! - writeback: to newly allocated cache space, the keys dirty; a write waits for space
-//!   rather than fail. When too much of the cache is dirty or metadata (bcache's
-//!   `CUTOFF_WRITEBACK`, `CUTOFF_WRITEBACK_SYNC`) it goes writethrough instead;
+//! Writes (bcache's `cached_dev_write`), by the path the cache mode chooses:
+//! - writeback: to newly allocated cache space, the keys dirty (dirty data the write lands
+//!   on is replaced, as bcache does); a write waits for space rather than fail. When too
+//!   much of the cache is dirty or metadata (bcache's `CUTOFF_WRITEBACK`,
+//!   `CUTOFF_WRITEBACK_SYNC`) it goes writethrough instead;
 //! - writethrough: to the backing device and to the cache, complete when both are; the
 //!   cache takes what space it has now and drops the rest of the range;
 //! - writearound (and mode `none`): to the backing device only; the cache drops the range.
+//!
+//! Whatever the path, the parts of a write that land on dirty data go to the cache: a copy
+//! on the backing device alone would be overwritten by a later writeback of the old data.
+//! Outside writeback (the mode was switched, or the cache is past the cutoffs) they are
+//! written in place, over that data: that needs no space, so a cache full of dirty data
+//! never holds a write up. The key stays as it is; nothing is journalled for those parts.
 //!
 //! Keys enter the index when every part of the write has completed, and the journal
 //! records them (or the range dropped). A FUA write completes once that entry is durable
@@ -49,6 +48,14 @@ impl CacheSet {
             self.req_error(slot, e);
             return self.complete_request(slot);
         }
+        self.write_decide(slot, true);
+    }
+
+    /// Chooses the write's path and sends what can go now. In writeback, with the cache
+    /// below the cutoffs (and `copy` allowed), the whole write goes to new cache space,
+    /// dirty data it overwrites included, as bcache does. Otherwise the parts over dirty data
+    /// are written in place and the rest follows the mode (writethrough or around).
+    fn write_decide(&mut self, slot: u32, copy: bool) {
         let r = self.reqs.get(slot);
         let (inode, sector, sectors, fua) = (r.inode, r.offset / 512, r.len / 512, r.fua);
         let mode = self.dev(inode).expect("request for an attached device").mode;
@@ -58,12 +65,14 @@ impl CacheSet {
             self.req_error(slot, e);
             return self.complete_request(slot);
         }
-        // Dirty fragments are written in place; the others (`rest`) follow the path.
+        let writeback = mode == CacheMode::Writeback && copy && self.should_writeback(fua);
         let mut in_place = Vec::new();
         let mut rest: Vec<(u64, u64)> = Vec::new();
         for f in &frags {
             match f.kind {
-                FragmentKind::Hit { ptr, offset, dirty: true } => in_place.push((f.start, f.len, ptr, offset)),
+                FragmentKind::Hit { ptr, offset, dirty: true } if !writeback => {
+                    in_place.push((f.start, f.len, ptr, offset))
+                }
                 _ => match rest.last_mut() {
                     Some((s, l)) if *s + *l == f.start => *l += f.len,
                     _ => rest.push((f.start, f.len)),
@@ -76,7 +85,7 @@ impl CacheSet {
         }
         let path = match mode {
             _ if rest.is_empty() => Path::Around,
-            CacheMode::Writeback if self.should_writeback(fua) => Path::Writeback,
+            _ if writeback => Path::Writeback,
             CacheMode::Writeback => {
                 self.stats.writeback_cutoffs += 1;
                 Path::Writethrough
@@ -151,7 +160,7 @@ impl CacheSet {
                 flash_only: false,
                 moving_gc: false,
             };
-            match self.alloc.alloc_sectors(&w) {
+            match self.alloc_sectors(&w) {
                 Ok(a) => {
                     total += u64::from(a.sectors);
                     self.reqs.get(slot).pieces.push(Piece { sector: s, alloc: a, failed: false });
@@ -173,15 +182,15 @@ impl CacheSet {
     }
 
     /// A write that waited for space tries again: the allocator may have space now, or the
-    /// cache may have become too dirty for writeback (then it goes writethrough).
+    /// cache may have become too full for writeback: then the space it took is given back
+    /// and it goes the other way (in place over dirty data, writethrough for the rest).
     pub(crate) fn write_retry_space(&mut self, slot: u32) -> bool {
         self.reqs.get(slot).waiting_space = false;
         let fua = self.reqs.get(slot).fua;
         if !self.should_writeback(fua) {
-            self.stats.writeback_cutoffs += 1;
-            self.reqs.get(slot).path = Path::Writethrough;
-            self.write_alloc(slot, false);
-            self.write_issue(slot);
+            let ptrs: Vec<_> = std::mem::take(&mut self.reqs.get(slot).pieces).iter().map(|p| p.alloc.ptr).collect();
+            let _ = self.alloc.put_ptrs(&ptrs);
+            self.write_decide(slot, false);
             return true;
         }
         if self.write_alloc(slot, true) {
