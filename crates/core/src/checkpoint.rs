@@ -211,7 +211,9 @@ pub fn read(st: &mut dyn Storage, g: &CheckpointGeometry, head: u64, seq: u64, n
         }
         let version = u32_at(&hdr, OFF_VERSION);
         if version != CHECKPOINT_VERSION {
-            return Err(bad(format!("bucket {bucket}: format version {version}, this build reads {CHECKPOINT_VERSION}")));
+            return Err(bad(format!(
+                "bucket {bucket}: format version {version}, this build reads {CHECKPOINT_VERSION}"
+            )));
         }
         let (link, through, keys) = (u32_at(&hdr, OFF_LINK), u64_at(&hdr, OFF_THROUGH), u64_at(&hdr, OFF_KEYS));
         let is_head = u32_at(&hdr, OFF_FLAGS) & FLAG_HEAD != 0;
@@ -270,7 +272,13 @@ pub fn read(st: &mut dyn Storage, g: &CheckpointGeometry, head: u64, seq: u64, n
 /// The buckets of the checkpoint chain whose head is `head` and the prio sequence number it
 /// carries, from the headers alone (data blocks are not read or checked): for keeping an
 /// older checkpoint's buckets from reuse while replay may still fall back to it.
-pub fn chain(st: &mut dyn Storage, g: &CheckpointGeometry, head: u64, seq: u64, nbuckets: u64) -> Result<(Vec<u64>, u64)> {
+pub fn chain(
+    st: &mut dyn Storage,
+    g: &CheckpointGeometry,
+    head: u64,
+    seq: u64,
+    nbuckets: u64,
+) -> Result<(Vec<u64>, u64)> {
     let bad = |m: String| Error::new(ErrorKind::Corrupt, format!("checkpoint {seq}: {m}"));
     let mut hdr = vec![0u8; g.block_bytes];
     let (mut buckets, mut prio_seq, mut bucket, mut expect) = (Vec::new(), 0, head, None);

@@ -133,6 +133,12 @@ pub fn decode(buf: &[u8], set_magic: u64, seq: u64, bucket: u64) -> Result<Vec<U
     Ok((0..nr).map(|i| UuidEntry::decode(&buf[UUID_ENTRY_BYTES * (1 + i)..])).collect())
 }
 
+/// `uuid` in the usual 8-4-4-4-12 hex form.
+pub fn uuid_string(uuid: &[u8; 16]) -> String {
+    let h: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,10 +165,4 @@ mod tests {
         assert_eq!(capacity(8192), 63);
         assert!(encode(&vec![UuidEntry::default(); 64], 77, 3, 8192, 4096).is_err());
     }
-}
-
-/// `uuid` in the usual 8-4-4-4-12 hex form.
-pub fn uuid_string(uuid: &[u8; 16]) -> String {
-    let h: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }

@@ -45,7 +45,10 @@ fn model_interleavings_with_modes_switching_and_deep_queues() {
         let mut model = Model::new(&paths.geo);
         for round in 0..3u64 {
             eprintln!("seed {seed} round {round}");
-            let o = opts(vec![MODES[(seed + round) as usize % 4], MODES[(seed + round + 2) as usize % 4]], seed * 10 + round);
+            let o = opts(
+                vec![MODES[(seed + round) as usize % 4], MODES[(seed + round + 2) as usize % 4]],
+                seed * 10 + round,
+            );
             let mut rig = Rig::open(&paths, &o).unwrap();
             let mut w = Workload::new(seed * 1000 + round);
             w.depth = 8 << (round % 3);

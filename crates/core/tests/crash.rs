@@ -61,7 +61,8 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         model.note = format!("point {}", t.points);
         o.seed = rng.next();
         o.set.journal_fua = rng.chance(70);
-        let mode = if rng.chance(50) { CrashMode::TearUnflushed { seed: rng.next() } } else { CrashMode::DropUnflushed };
+        let mode =
+            if rng.chance(50) { CrashMode::TearUnflushed { seed: rng.next() } } else { CrashMode::DropUnflushed };
         // Crash while opening: cut the startup short after a few I/O rounds.
         if rng.chance(10) {
             model.note = format!("point {} (crash in startup)", t.points);
@@ -142,7 +143,12 @@ fn reopen_and_check(paths: &Paths, o: &RigOptions, model: &mut Model, point: usi
                     .keys()
                     .into_iter()
                     .filter(|k| {
-                        let bad: u64 = e.split(" block ").nth(1).and_then(|x| x.split(' ').next()).and_then(|x| x.parse().ok()).unwrap_or(0);
+                        let bad: u64 = e
+                            .split(" block ")
+                            .nth(1)
+                            .and_then(|x| x.split(' ').next())
+                            .and_then(|x| x.parse().ok())
+                            .unwrap_or(0);
                         k.inode == inode && k.end() > bad * 8 && k.start < (bad + 1) * 8
                     })
                     .map(|k| {
@@ -174,7 +180,8 @@ fn crashes_in_writeback_and_writethrough() {
 
 #[test]
 fn crashes_in_writearound_and_none() {
-    let t = campaign("cwa", base_seed() + 2, vec![CacheMode::Writearound, CacheMode::None, CacheMode::Writeback], points());
+    let t =
+        campaign("cwa", base_seed() + 2, vec![CacheMode::Writearound, CacheMode::None, CacheMode::Writeback], points());
     report("writearound/none", &t);
 }
 

@@ -282,7 +282,8 @@ fn vectored_io_flush_and_discard() {
         let id = e.add_device(open(&p)).unwrap();
         let parts = [pattern(4096, 1), pattern(8192, 2), pattern(4096, 3)];
         let bufs = parts.iter().map(|d| AlignedBuf::from_slice(d)).collect();
-        let c = sync(&mut *e, IoRequest { dev: id, offset: 65536, op: IoOp::Writev { bufs }, user_data: 1, fua: false });
+        let c =
+            sync(&mut *e, IoRequest { dev: id, offset: 65536, op: IoOp::Writev { bufs }, user_data: 1, fua: false });
         assert_eq!(c.result.unwrap(), 16384);
         flush(&mut *e, id);
         let all = read(&mut *e, id, 65536, 16384);

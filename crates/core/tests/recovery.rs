@@ -14,7 +14,11 @@ use ubcache_core::journal::{read_journal, FoundEntry, JournalGeometry};
 use ubcache_core::ErrorKind;
 
 fn wb() -> RigOptions {
-    RigOptions { modes: vec![CacheMode::Writeback], set: CacheSetOptions { journal_delay_ms: 100_000, ..Default::default() }, ..Default::default() }
+    RigOptions {
+        modes: vec![CacheMode::Writeback],
+        set: CacheSetOptions { journal_delay_ms: 100_000, ..Default::default() },
+        ..Default::default()
+    }
 }
 
 /// The journal as it lies on the cache device.
@@ -79,7 +83,8 @@ fn replay_stops_at_a_gap_and_what_comes_after_the_recovery_survives() {
     rig.crash(CrashMode::DropUnflushed);
     let (found, g) = journal(&paths);
     let base = found.last().unwrap().jset.checkpoint.unwrap().seq;
-    let with = |blk: u64| found.iter().rev().find(|e| e.keys().unwrap().iter().any(|k| k.start == blk * 8)).unwrap().clone();
+    let with =
+        |blk: u64| found.iter().rev().find(|e| e.keys().unwrap().iter().any(|k| k.start == blk * 8)).unwrap().clone();
     // An entry after the checkpoint replay starts from, with a later one after it.
     let b = (0..5).find(|&b| with(b).jset.seq > base).expect("entries after the checkpoint");
     let (e1, e2) = (with(b), with(5));

@@ -149,10 +149,13 @@ impl CacheEngine {
     /// Serves a backing device with no cache set: requests go to `data_offset` on.
     pub fn attach_plain(&mut self, device: Arc<Device>, data_offset: u64) -> Result<u32> {
         let size = device.size();
-        if data_offset >= size || data_offset % 512 != 0 {
+        if data_offset >= size || !data_offset.is_multiple_of(512) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("{}: data offset {data_offset} does not lie inside the device ({size} bytes)", device.path().display()),
+                format!(
+                    "{}: data offset {data_offset} does not lie inside the device ({size} bytes)",
+                    device.path().display()
+                ),
             ));
         }
         let block = u64::from(device.logical_block_size().max(512));
@@ -230,7 +233,7 @@ impl CacheEngine {
         if !matches!(r.op, IoOp::Flush) {
             let bad = if len == 0 {
                 Some(Error::new(ErrorKind::InvalidArgument, format!("request of 0 bytes at {}", r.offset)))
-            } else if r.offset % block != 0 || len % block != 0 {
+            } else if !r.offset.is_multiple_of(block) || !len.is_multiple_of(block) {
                 Some(Error::new(
                     ErrorKind::Misaligned,
                     format!("{len} bytes at {}: not whole blocks of {block} bytes", r.offset),

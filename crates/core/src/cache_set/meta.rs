@@ -29,6 +29,9 @@ struct PrioInFlight {
     left: usize,
 }
 
+/// A control operation (its tag, and the inode it completes with) waiting for a UUID table.
+type UuidEvent = (u64, u32);
+
 struct UuidWrite {
     entries: Vec<UuidEntry>,
     ptr: MetaPtr,
@@ -47,7 +50,7 @@ pub(crate) struct Meta {
     pub uuid_ptr: Option<MetaPtr>,
     uuid_write: Option<UuidWrite>,
     /// The next table to write, with the events waiting for it.
-    uuid_next: Option<(Vec<UuidEntry>, Vec<(u64, u32)>)>,
+    uuid_next: Option<(Vec<UuidEntry>, Vec<UuidEvent>)>,
     /// Checkpoints replay may start from, oldest first; the last is the newest.
     pub checkpoints: Vec<CheckpointRef>,
     /// Buckets of checkpoints given up, freed once an entry that no longer needs them is durable.

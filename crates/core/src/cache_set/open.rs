@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use super::checkpoint::Reason;
 use super::meta::{CheckpointRef, Meta};
 use super::{
-    CacheSet, CacheSetOptions, CacheSetStats, Geometry, GcState, JournalWriter, Requests, SetState, Space,
+    CacheSet, CacheSetOptions, CacheSetStats, GcState, Geometry, JournalWriter, Requests, SetState, Space,
     CKPT_PRIO_LIMIT, CKPT_PRIO_SOFT,
 };
 use crate::alloc::{self, Allocator, CacheConfig, Replacement, SetConfig};
@@ -111,7 +111,10 @@ pub fn load(st: &mut dyn Storage, opts: CacheSetOptions) -> Result<CacheSet> {
     if !sb.bucket_size.is_power_of_two() || sb.block_size == 0 || !sb.block_size.is_power_of_two() {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            format!("bucket size {} / block size {} sectors: both must be powers of two", sb.bucket_size, sb.block_size),
+            format!(
+                "bucket size {} / block size {} sectors: both must be powers of two",
+                sb.bucket_size, sb.block_size
+            ),
         ));
     }
     if sb.journal_buckets.is_empty() || sb.journal_buckets.iter().any(|&b| b < sb.first_bucket || b >= sb.nbuckets) {
@@ -201,7 +204,9 @@ impl CacheSet {
     fn recover(&mut self, st: &mut dyn Storage, found: Vec<FoundEntry>) -> Result<()> {
         let head = found
             .last()
-            .ok_or_else(|| Error::new(ErrorKind::Corrupt, "journal: no valid entry, though the set has run (CACHE_SYNC)"))?
+            .ok_or_else(|| {
+                Error::new(ErrorKind::Corrupt, "journal: no valid entry, though the set has run (CACHE_SYNC)")
+            })?
             .jset
             .clone();
         self.report.journal_entries = found.len();
@@ -217,7 +222,8 @@ impl CacheSet {
         self.report.prio_seq = self.alloc.prio_seq(0)?;
 
         // UUID table.
-        let up = head.uuid_bucket.ok_or_else(|| Error::new(ErrorKind::Corrupt, "UUID table: the journal records none"))?;
+        let up =
+            head.uuid_bucket.ok_or_else(|| Error::new(ErrorKind::Corrupt, "UUID table: the journal records none"))?;
         self.meta.uuids = read_uuids(st, &self.geo, &up).map_err(|e| ctx("UUID table unreadable", e))?;
         self.meta.uuid_ptr = Some(up);
 
@@ -389,12 +395,10 @@ impl CacheSet {
     /// table; `tag` comes back from [`CacheSet::take_events`] with the inode once the
     /// device can take requests (after the table is recorded if it changed).
     pub fn attach(&mut self, tag: u64, cfg: super::CachedDevConfig, backing: DevId) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as u32);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as u32);
         let sectors = cfg.device.size().saturating_sub(cfg.data_offset) / 512;
         let block = u64::from(cfg.device.logical_block_size().max(self.geo.block_bytes as u32)) / 512;
-        if cfg.data_offset % 512 != 0 || cfg.data_offset >= cfg.device.size() {
+        if !cfg.data_offset.is_multiple_of(512) || cfg.data_offset >= cfg.device.size() {
             let e = Error::new(
                 ErrorKind::InvalidArgument,
                 format!(
@@ -418,7 +422,8 @@ impl CacheSet {
             }
             None => {
                 let free = table.iter().position(|u| u.uuid == [0; 16]).unwrap_or(table.len());
-                let e = UuidEntry { uuid: cfg.uuid, label: cfg.label, first_reg: now, last_reg: now, ..Default::default() };
+                let e =
+                    UuidEntry { uuid: cfg.uuid, label: cfg.label, first_reg: now, last_reg: now, ..Default::default() };
                 if free == table.len() {
                     if table.len() >= uuids::capacity(self.geo.bucket_bytes).min(crate::index::KEY_INODE_MAX as usize) {
                         let e = Error::new(ErrorKind::NoSpace, "the UUID table is full");

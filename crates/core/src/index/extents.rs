@@ -763,7 +763,13 @@ impl ExtentIndex {
                     // Cut the placeholder so the piece is an entry of its own, then look again.
                     let mut nb = NoBuckets;
                     let (mut dirty_none, mut sect_none) = (0u64, 0u64);
-                    let mut t = Trimmer { b: &mut nb, side: &mut *side, sectors: &mut sect_none, dirty_sectors: &mut dirty_none, released: 0 };
+                    let mut t = Trimmer {
+                        b: &mut nb,
+                        side: &mut *side,
+                        sectors: &mut sect_none,
+                        dirty_sectors: &mut dirty_none,
+                        released: 0,
+                    };
                     tree.replace(ps, pe, Some(pw), &mut t);
                     c = tree.seek(ps);
                     continue;

@@ -193,7 +193,11 @@ impl AlignedBuf {
     /// As for [`AlignedBuf::in_slab`]; windows that only requests writing *from* them use
     /// (the kernel reads them) may overlap each other.
     pub unsafe fn in_slab_aligned(slab: &Arc<Slab>, offset: usize, len: usize, align: usize) -> Option<AlignedBuf> {
-        if !align.is_power_of_two() || align < 512 || !offset.is_multiple_of(align) || offset.checked_add(len)? > slab.len() {
+        if !align.is_power_of_two()
+            || align < 512
+            || !offset.is_multiple_of(align)
+            || offset.checked_add(len)? > slab.len()
+        {
             return None;
         }
         // SAFETY: offset + len <= slab.len(), so the pointer stays inside the allocation.

@@ -197,7 +197,7 @@ impl RingDriver {
             let old = self.lone_latency_ns;
             let step = (1u64 << LONE_EWMA_SHIFT) - 1;
             self.lone_latency_ns = if sample >= old {
-                old + ((sample - old) + step >> LONE_EWMA_SHIFT)
+                old + (((sample - old) + step) >> LONE_EWMA_SHIFT)
             } else {
                 old - ((old - sample + step) >> LONE_EWMA_SHIFT)
             };
@@ -457,7 +457,10 @@ mod tests {
                 got.into_iter().for_each(check);
             }
             let probes = d.busy_polls().0 - polls;
-            assert!(probes <= 2 + 30 / PROBE_EVERY as usize, "{choice:?}: polling stopped for a device slower than the cap: {probes} polls");
+            assert!(
+                probes <= 2 + 30 / PROBE_EVERY as usize,
+                "{choice:?}: polling stopped for a device slower than the cap: {probes} polls"
+            );
             // A device that was slow and is fast again: the probes notice, and polling comes
             // back (the sleeps in between, whose times include the wakeup, do not count).
             let cap = Duration::from_secs(5);

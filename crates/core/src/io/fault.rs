@@ -298,9 +298,8 @@ fn apply_crash(st: &mut FaultState, mode: CrashMode) -> Result<CrashReport> {
             while at < off + len {
                 let n = sector.min(off + len - at);
                 if !e.settled.iter().any(|&(s, t)| s < at + n && at < t) {
-                    dev.write_at(&e.old[at..at + n], e.offset + at as u64).map_err(|err| {
-                        Error::io(format!("{}: crash simulation restore", dev.path().display()), err)
-                    })?;
+                    dev.write_at(&e.old[at..at + n], e.offset + at as u64)
+                        .map_err(|err| Error::io(format!("{}: crash simulation restore", dev.path().display()), err))?;
                 }
                 at += n;
             }

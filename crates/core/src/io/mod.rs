@@ -36,8 +36,8 @@ use crate::error::{Error, ErrorKind, Result};
 pub use buf::{AlignedBuf, BufPool, BufPoolConfig, Slab, BUF_ALIGN};
 pub use device::{device_info, Device, DeviceInfo, DirectIo, OpenOptions};
 pub use driver::{BusyPoll, RingDriver, ADAPTIVE_POLL_CAP};
-pub use thread::{IoThread, IoThreadOptions};
 pub use storage::{EngineStorage, MemStorage, Storage};
+pub use thread::{IoThread, IoThreadOptions};
 
 /// Identifies a device added to an engine (an index into the engine's device table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

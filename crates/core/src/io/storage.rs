@@ -185,7 +185,9 @@ mod tests {
         let p = dir.join("f");
         std::fs::write(&p, vec![7u8; 65536]).unwrap();
         let mut e = open_engine(&EngineOptions { choice: EngineChoice::Psync, ..Default::default() }).unwrap();
-        let dev = Arc::new(Device::open(&p, &OpenOptions { direct: crate::io::DirectIo::Off, ..Default::default() }).unwrap());
+        let dev = Arc::new(
+            Device::open(&p, &OpenOptions { direct: crate::io::DirectIo::Off, ..Default::default() }).unwrap(),
+        );
         let id = e.add_device(dev).unwrap();
         let mut st = EngineStorage::new(e, id);
         let mut buf = vec![0u8; 4096];

@@ -15,9 +15,9 @@ pub mod jset;
 
 pub use jset::{Jset, MetaPtr, JSET_HEADER_BYTES, JSET_MAGIC, JSET_PRIO_SLOTS, JSET_VERSION};
 
-use crate::io::storage::Storage;
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::Key;
+use crate::io::storage::Storage;
 
 /// An entry found on disk, with where it lies. Its keys are left encoded until asked for.
 #[derive(Clone, Debug)]
@@ -234,8 +234,8 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::storage::MemStorage;
     use crate::index::{Key, Ptr};
+    use crate::io::storage::MemStorage;
     use proptest::prelude::*;
 
     fn geometry() -> JournalGeometry {

@@ -593,7 +593,14 @@ impl Model {
 
     /// A block's contents are one of `allowed` (sectors of several, if `mixed`), or after a
     /// discard anything the block held or zeros.
-    fn check_block(&self, dev: usize, b: u64, data: &[u8], allowed: &[u64], mixed: bool) -> std::result::Result<(), String> {
+    fn check_block(
+        &self,
+        dev: usize,
+        b: u64,
+        data: &[u8],
+        allowed: &[u64],
+        mixed: bool,
+    ) -> std::result::Result<(), String> {
         let discarded = self.discarded[dev][b as usize];
         if allowed.iter().any(|v| *v >= ADOPTED && self.adopted.get(v).is_some_and(|d| d[..] == data[..])) {
             return Ok(());
@@ -623,7 +630,9 @@ impl Model {
                         continue;
                     }
                     if !allowed.contains(&v) && !adopted_sector(s, sector) {
-                        return Err(format!("dev {dev} block {b} sector {s}: version {v}, expected one of {allowed:?}"));
+                        return Err(format!(
+                            "dev {dev} block {b} sector {s}: version {v}, expected one of {allowed:?}"
+                        ));
                     }
                     if !mixed && *seen.get_or_insert(v) != v {
                         return Err(format!("dev {dev} block {b}: sectors of versions {seen:?} and {v} mixed"));

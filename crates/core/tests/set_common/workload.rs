@@ -6,7 +6,8 @@ use super::*;
 use ubcache_core::cache_set::CacheMode;
 use ubcache_core::io::{AlignedBuf, DevId, IoCompletion, IoRequest};
 
-pub const MODES: [CacheMode; 4] = [CacheMode::Writeback, CacheMode::Writethrough, CacheMode::Writearound, CacheMode::None];
+pub const MODES: [CacheMode; 4] =
+    [CacheMode::Writeback, CacheMode::Writethrough, CacheMode::Writearound, CacheMode::None];
 
 /// A request of the workload in flight, and what the model needs to check it.
 pub enum Pending {
@@ -150,7 +151,8 @@ impl Workload {
                 if ok {
                     let data = c.into_buf().unwrap();
                     if let Err(e) = model.read_done(&r, &data) {
-                        let bad = e.split(" block ").nth(1).and_then(|x| x.split(' ').next()).and_then(|x| x.parse().ok());
+                        let bad =
+                            e.split(" block ").nth(1).and_then(|x| x.split(' ').next()).and_then(|x| x.parse().ok());
                         let h = bad.map(|b| self.history(r.dev, b)).unwrap_or_default();
                         panic!("read of dev {} blocks {}+{} (tag {:#x}): {e}\n{h}", r.dev, r.block, r.blocks, c_tag);
                     }
@@ -232,7 +234,6 @@ pub fn check_all(rig: &mut Rig, model: &mut Model) {
         }
     }
 }
-
 
 /// With `UBCACHE_WATCH` set (and `UBCACHE_MODEL_LOG`), logs the index's keys for the blocks
 /// a completed write or discard touched (slow: for finding out how a failure came about).

@@ -55,7 +55,11 @@ pub(crate) enum Buf {
     Whole(AlignedBuf),
     /// Travelling with the request's only I/O.
     Away,
-    Shared { slab: Arc<Slab>, off: usize, len: usize },
+    Shared {
+        slab: Arc<Slab>,
+        off: usize,
+        len: usize,
+    },
 }
 
 impl Buf {

@@ -80,10 +80,7 @@ impl CacheSet {
                     let mut s = f.start;
                     while s < f.end() {
                         let n = (f.end() - s).min(max_miss);
-                        let ph = match self.index.insert_placeholder(inode, s, n, &self.alloc) {
-                            Ok(ph) => Some(ph),
-                            Err(_) => None,
-                        };
+                        let ph = self.index.insert_placeholder(inode, s, n, &self.alloc).ok();
                         let a = ((s - sector) * 512) as usize;
                         let win = self.reqs.get(slot).buf.window(a, (n * 512) as usize, align);
                         let off = data_offset + s * 512;
