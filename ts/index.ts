@@ -3,10 +3,14 @@
  * applications; the on-disk format is Linux bcache's.
  *
  * ```ts
- * import { makeCache, makeBacking, readSuperblock } from 'ubcache'
- * await makeCache('cache.img', { bucketSize: '512k' })
- * await makeBacking('slow.img', { cacheMode: 'writeback' })
- * const { sb } = await readSuperblock('cache.img')
+ * import { makeCache, makeBacking, Registry } from 'ubcache'
+ * const cache = await makeCache('cache.img', { bucketSize: '512k' })
+ * await makeBacking('slow.img', { setUuid: cache.setUuid, cacheMode: 'writeback' })
+ * const reg = new Registry()
+ * await reg.registerCache('cache.img')
+ * const dev = await reg.registerBacking('slow.img')
+ * await dev.write(0, Buffer.alloc(4096, 1), { fua: true })
+ * await reg.close()
  * ```
  * @module ubcache
  */
@@ -42,6 +46,7 @@ export {
   makeSet,
   type SetFormatOptions,
 } from './format'
+export { CachedDevice, CacheSet, Registry, type RegistryOptions } from './registry'
 export { formatSuperblock, superblockJson, type SuperblockJson } from './show'
 export { type DeviceDescription, describeDevice, readSuperblock, readSuperblockPage, writeSuperblock } from './super-io'
 export {

@@ -1,0 +1,265 @@
+/**
+ * The registry: cache sets and cached devices, registered as bcache registers them
+ * (`register_bcache`), in bcache's vocabulary.
+ *
+ * ```ts
+ * import { CachedDevice, makeBacking, makeCache, Registry } from 'ubcache'
+ * const cache = await makeCache('cache.img')
+ * await makeBacking('slow.img', { setUuid: cache.setUuid, cacheMode: 'writeback' })
+ * const reg = new Registry()
+ * const set = await reg.registerCache('cache.img')     // opens (replays) or initialises the set
+ * const dev = await reg.registerBacking('slow.img')    // attached by the set UUID in its superblock
+ * await dev.write(0, Buffer.alloc(4096, 1))
+ * await dev.flush()                                    // durable
+ * const data = await dev.read(0, 4096)                 // a hit
+ * dev.cacheMode = 'writethrough'                        // at once; persisted in the superblock
+ * await reg.close()                                    // flush, final checkpoint, superblocks
+ * ```
+ * @module
+ */
+import { stat } from 'node:fs/promises'
+import { CacheEngine, type CacheEngineOptions } from './cache-engine'
+import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
+import { closedError } from './inline'
+import { CacheSet } from './registry/cache-set'
+import { CachedDevice } from './registry/cached-device'
+import { describeDevice, readSuperblock } from './super-io'
+import { isCacheVersion, type Superblock } from './superblock'
+
+export { CacheSet } from './registry/cache-set'
+export { CachedDevice } from './registry/cached-device'
+
+/**
+ * Options of a {@link Registry}: those of the engines it starts (one per cache set, and one
+ * serving backing devices without their set), and of the opens of its devices.
+ */
+export type RegistryOptions = CacheEngineOptions
+
+/**
+ * Cache sets and cached devices, registered by path in either order (bcache's
+ * `register_bcache`). {@link Registry.register} reads the device's superblock with every
+ * check the kernel makes: a cache device becomes a {@link CacheSet}, run by a cache engine
+ * of its own; a backing device becomes a {@link CachedDevice}, attached to the registered set
+ * whose UUID its superblock records, or served straight from its data offset until that set
+ * is registered. {@link Registry.close} stops everything cleanly.
+ *
+ * Devices are opened exclusively: a device registered here, or open in another process (or
+ * another registry), is refused with `EBUSY`. A refused registration leaves the registry as
+ * it was; once the cause is fixed the same path registers.
+ */
+export class Registry {
+  readonly #options: RegistryOptions
+  /** Registered sets by set UUID (undefined: being registered). */
+  readonly #sets = new Map<string, CacheSet | undefined>()
+  /** Registered cached devices by UUID (undefined: being registered). */
+  readonly #devices = new Map<string, CachedDevice | undefined>()
+  /** Paths registered or being registered, by what the device is (device and inode). */
+  readonly #paths = new Map<string, string>()
+  readonly #registering = new Set<Promise<unknown>>()
+  #plain: Promise<CacheEngine> | undefined
+  #closing: Promise<void> | undefined
+
+  /** A registry with no devices yet; `options` go to every engine it starts. */
+  constructor(options: RegistryOptions = {}) {
+    this.#options = { ...options }
+  }
+
+  /** The registered cache sets, in the order they were registered. */
+  get sets(): CacheSet[] {
+    return [...this.#sets.values()].filter((s) => s !== undefined)
+  }
+
+  /** The registered cached devices, in the order they were registered. */
+  get devices(): CachedDevice[] {
+    return [...this.#devices.values()].filter((d) => d !== undefined)
+  }
+
+  /** True once {@link Registry.close} has been called. */
+  get closed(): boolean {
+    return this.#closing !== undefined
+  }
+
+  /**
+   * Registers the device at `path`: a cache device as a {@link CacheSet} (opened: its
+   * journal replayed, or initialised if it never ran; backing devices registered before it
+   * attach to it now), a backing device as a {@link CachedDevice} (attached to its set if
+   * registered, else served straight until it is).
+   * @throws {SuperblockError} `NOT_BCACHE` (no bcache superblock) or the code of another
+   *   failed superblock check.
+   * @throws {UbcacheError} `EBUSY` (already registered here, or open elsewhere: another
+   *   process or registry), `INVALID_ARGUMENT` (a backing device whose block size is below its
+   *   set's; a set the engine cannot run), `ENOENT`, `EACCES`, `CORRUPT`, `EIO`, `CLOSED`.
+   */
+  register(path: string): Promise<CacheSet | CachedDevice> {
+    return this.#guard(path, undefined)
+  }
+
+  /**
+   * {@link Registry.register} for a cache device.
+   * @throws {UbcacheError} as {@link Registry.register}; `INVALID_ARGUMENT` for a backing device.
+   */
+  async registerCache(path: string): Promise<CacheSet> {
+    const r = await this.#guard(path, 'cache')
+    return r as CacheSet
+  }
+
+  /**
+   * {@link Registry.register} for a backing device.
+   * @throws {UbcacheError} as {@link Registry.register}; `INVALID_ARGUMENT` for a cache device.
+   */
+  async registerBacking(path: string): Promise<CachedDevice> {
+    const r = await this.#guard(path, 'backing')
+    return r as CachedDevice
+  }
+
+  #guard(path: string, kind: 'cache' | 'backing' | undefined): Promise<CacheSet | CachedDevice> {
+    if (this.#closing) return Promise.reject(closedError('the registry'))
+    if (typeof path !== 'string' || path === '') return Promise.reject(new InvalidArgumentError('path must be a non-empty string'))
+    const p = this.#register(path, kind)
+    this.#registering.add(p)
+    const forget = (): void => void this.#registering.delete(p)
+    p.then(forget, forget)
+    return p
+  }
+
+  async #register(path: string, kind: 'cache' | 'backing' | undefined): Promise<CacheSet | CachedDevice> {
+    const key = await identity(path)
+    const already = this.#paths.get(key)
+    if (already !== undefined) {
+      throw new UbcacheError('EBUSY', `${path}: already registered${already === path ? '' : ` (as ${already})`}`)
+    }
+    this.#paths.set(key, path)
+    try {
+      const { sb } = await readSuperblock(path)
+      const isCache = isCacheVersion(sb.version)
+      if (kind !== undefined && isCache !== (kind === 'cache')) {
+        throw new InvalidArgumentError(`${path}: a ${isCache ? 'cache' : 'backing'} device, not a ${kind} device`)
+      }
+      if (this.#closing) throw closedError('the registry')
+      return isCache ? await this.#registerCache(path, sb) : await this.#registerBacking(path, sb)
+    } catch (err) {
+      this.#paths.delete(key)
+      throw err
+    }
+  }
+
+  /** bcache's `register_cache`: one engine per set, then the devices waiting for it attach. */
+  async #registerCache(path: string, sb: Superblock): Promise<CacheSet> {
+    const uuid = sb.setUuid
+    const other = this.#sets.get(uuid)
+    if (this.#sets.has(uuid)) {
+      throw new UbcacheError('EBUSY', `${path}: cache set ${uuid} is already registered${other ? ` (from ${other.path})` : ''}`)
+    }
+    this.#sets.set(uuid, undefined)
+    let set: CacheSet
+    try {
+      const engine = await CacheEngine.open(path, this.#options)
+      set = new CacheSet(path, sb, engine)
+    } catch (err) {
+      this.#sets.delete(uuid)
+      throw asUbcacheError(err, path)
+    }
+    this.#sets.set(uuid, set)
+    await this.#attachWaiting(set)
+    return set
+  }
+
+  /** Devices registered before `set` whose superblock records it attach now (failures: their `attachError`). */
+  async #attachWaiting(set: CacheSet): Promise<void> {
+    const waiting = this.devices.filter((d) => d.set === null && d.superblock.setUuid === set.uuid)
+    await Promise.all(waiting.map((d) => d._autoAttach(set)))
+  }
+
+  /** bcache's `register_bdev`: attached to its set if registered, else served straight. */
+  async #registerBacking(path: string, sb: Superblock): Promise<CachedDevice> {
+    const uuid = sb.uuid
+    const other = this.#devices.get(uuid)
+    if (this.#devices.has(uuid)) {
+      throw new UbcacheError('EBUSY', `${path}: a backing device with UUID ${uuid} is already registered${other ? ` (${other.path})` : ''}`)
+    }
+    this.#devices.set(uuid, undefined)
+    try {
+      const size = describeDevice(path).bytes - sb.dataOffset * 512
+      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive } })
+      const set = this.#sets.get(sb.setUuid)
+      if (set) await dev._start(set)
+      else await dev._startPlain(await this.#plainEngine())
+      this.#devices.set(uuid, dev)
+      // The set may have been registered while this device was: it did not see it.
+      const now = this.#sets.get(sb.setUuid)
+      if (now && dev.set === null) await dev._autoAttach(now)
+      return dev
+    } catch (err) {
+      this.#devices.delete(uuid)
+      throw asUbcacheError(err, path)
+    }
+  }
+
+  /** The engine serving backing devices without their set, started on first use. */
+  #plainEngine(): Promise<CacheEngine> {
+    if (!this.#plain) {
+      const p = CacheEngine.open(undefined, this.#options)
+      this.#plain = p
+      p.catch(() => {
+        if (this.#plain === p) this.#plain = undefined
+      })
+    }
+    return this.#plain
+  }
+
+  /**
+   * Stops everything cleanly, as bcache does at shutdown: requests already made finish and
+   * later ones fail with `CLOSED`; every set is closed (its devices' writes flushed, a final
+   * checkpoint written, the journal marked clean, so the next registration finds the cache
+   * warm); then each backing superblock is brought up to date (`clean` unless the set holds
+   * dirty data of the device) and devices served without a set are flushed. Resolves once
+   * all of it is durable; rejects with the first failure (a set that failed, a superblock
+   * write), after doing all the rest. Idempotent.
+   */
+  close(): Promise<void> {
+    this.#closing ??= this.#close()
+    return this.#closing
+  }
+
+  async #close(): Promise<void> {
+    const failures: unknown[] = []
+    const note = (p: Promise<unknown>): Promise<unknown> => p.catch((err) => void failures.push(err))
+    // Devices refuse requests from now on; those registered meanwhile, once they are.
+    const closing = new Map<CachedDevice, Promise<unknown>>()
+    const closeDevices = (): void => {
+      for (const d of this.devices) if (!closing.has(d)) closing.set(d, note(d._close()))
+    }
+    closeDevices()
+    await Promise.allSettled([...this.#registering])
+    closeDevices()
+    await Promise.all(closing.values())
+    const devices = this.devices
+    const sets = this.sets
+    const outcomes = await Promise.all(sets.map((s) => s._close()))
+    sets.forEach((s, i) => {
+      if (outcomes[i] !== undefined) failures.push(outcomes[i])
+    })
+    await Promise.all(
+      devices.map((d) => {
+        const i = d.set ? sets.indexOf(d.set) : -1
+        return note(d._closeSuper(i >= 0 && outcomes[i] === undefined))
+      }),
+    )
+    if (this.#plain) {
+      const plain = await this.#plain.catch(() => undefined)
+      if (plain) await note(plain.close())
+    }
+    this.#paths.clear()
+    if (failures.length > 0) throw asUbcacheError(failures[0])
+  }
+}
+
+/** What the device at `path` is, whatever path names it: its device number for a block device, else device and inode. */
+async function identity(path: string): Promise<string> {
+  try {
+    const st = await stat(path, { bigint: true })
+    return st.isBlockDevice() ? `b:${st.rdev}` : `f:${st.dev}:${st.ino}`
+  } catch (err) {
+    throw asUbcacheError(err, path)
+  }
+}

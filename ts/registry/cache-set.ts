@@ -1,0 +1,119 @@
+/**
+ * A cache set: a registered cache device, run by a cache engine of its own, and the
+ * backing devices attached to it (see {@link CacheSet}).
+ * @module
+ */
+import type { CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats } from '../cache-engine'
+import { InvalidArgumentError } from '../errors'
+import type { Superblock } from '../superblock'
+import { CachedDevice } from './cached-device'
+
+/**
+ * A cache set registered with a {@link Registry} (bcache's `cache_set`): its cache device,
+ * opened by a cache engine of its own (which replays the journal, or initialises a set that
+ * never ran), and the {@link CachedDevice}s attached to it. Backing devices whose superblock
+ * records its UUID attach to it when registered, in either order.
+ */
+export class CacheSet {
+  /** The cache device's path. */
+  readonly path: string
+  /** The cache set's UUID (the cache superblock's `setUuid`). */
+  readonly uuid: string
+  /** Bytes per block, the smallest unit of cache I/O: attached devices' blocks are at least this. */
+  readonly blockSize: number
+  /** Bytes per bucket, the unit of cache allocation. */
+  readonly bucketSize: number
+  /** @internal The engine running the set. */
+  readonly _engine: CacheEngine
+  readonly #sb: Superblock
+  readonly #devices = new Set<CachedDevice>()
+  #final: CacheSetStats | undefined
+  #closed = false
+
+  /** @internal Sets are made by {@link Registry.register}. */
+  constructor(path: string, sb: Superblock, engine: CacheEngine) {
+    this.path = path
+    this.uuid = sb.setUuid
+    this.blockSize = sb.blockSize * 512
+    this.bucketSize = sb.bucketSize * 512
+    this.#sb = { ...sb, journalBuckets: [...sb.journalBuckets] }
+    this._engine = engine
+  }
+
+  /** The cache device's superblock as it was when registered (the engine then writes it with `CACHE_SYNC` set). */
+  get superblock(): Superblock {
+    return { ...this.#sb, journalBuckets: [...this.#sb.journalBuckets] }
+  }
+
+  /** The cached devices attached to the set, in the order they attached. */
+  get devices(): CachedDevice[] {
+    return [...this.#devices]
+  }
+
+  /** Where the set stands: `starting`, `running`, `failed`, `closing` or `closed`. */
+  get state(): CacheSetState {
+    return this._engine.state
+  }
+
+  /** True once the registry began closing the set. */
+  get closed(): boolean {
+    return this.#closed
+  }
+
+  /**
+   * Counters of the set since it was registered (hits, misses, journal entries, dirty
+   * buckets...) and where it stands; after the registry closed, those of its last moment.
+   */
+  stats(): CacheSetStats {
+    const s = this._engine.stats()
+    if (s) return s
+    return { ...(this.#final as CacheSetStats), state: this._engine.state }
+  }
+
+  /** What opening the set found and did: replayed journal entries, a clean last shutdown... */
+  openReport(): CacheSetOpenReport | undefined {
+    return this._engine.openReport()
+  }
+
+  /**
+   * Attaches a registered backing device to the set, as writing the set's UUID to bcache's
+   * sysfs `attach` does: the device's superblock then records the set's UUID and state
+   * `clean`, and the set gives it a slot in its UUID table. A device the set held data of
+   * from before it was written elsewhere has that data dropped first (see
+   * {@link CachedDevice}). Requests to the device in flight finish first; requests made
+   * meanwhile wait and then go through the set. Attaching a device already attached to the
+   * set does nothing.
+   * @throws {UbcacheError} `EBUSY` (attached to another set), `INVALID_ARGUMENT` (not a
+   *   device of this registry, a block size below the set's, dirty data in another set),
+   *   the engine's errors (`NO_SPACE`: the UUID table is full), `CLOSED`.
+   */
+  async attach(dev: CachedDevice): Promise<void> {
+    if (!(dev instanceof CachedDevice)) throw new InvalidArgumentError('attach takes a CachedDevice (from Registry.register)')
+    await dev._attach(this)
+  }
+
+  /** @internal A device attached. */
+  _add(dev: CachedDevice): void {
+    this.#devices.add(dev)
+  }
+
+  /**
+   * @internal Closes the set cleanly: once the requests made before have completed, keeps
+   * each device's final counts, then closes the engine (flush, final checkpoint). Resolves to
+   * the error that failed the set, or undefined; never rejects.
+   */
+  async _close(): Promise<unknown> {
+    this.#closed = true
+    const engine = this._engine
+    // The devices refuse new requests: wait for those in flight, so the counts are final.
+    while (engine.inFlight > 0) await new Promise((r) => setTimeout(r, 1))
+    for (const d of this.#devices) d._snapshot()
+    this.#final = engine.stats()
+    try {
+      await engine.close()
+      return undefined
+    } catch (err) {
+      return err
+    }
+  }
+}
