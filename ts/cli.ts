@@ -4,12 +4,14 @@
  * command line exits 1 too (with usage on `--help` only).
  * @module
  */
-import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises'
+import { constants } from 'node:fs'
+import { access, mkdtemp, rm, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { InvalidArgumentError, UbcacheError } from './errors'
 import { makeSet } from './format'
+import { type CachedDevice, Registry } from './registry'
 import { formatSuperblock, superblockJson } from './show'
 import { readSuperblock } from './super-io'
 import { REPLACEMENTS, type Replacement } from './superblock'
@@ -19,7 +21,7 @@ const USAGE = `Usage: ubcache <command> [options]
 Commands:
   make     Format cache (-C) and backing (-B) devices, as make-bcache does
   show     Print a device's superblock, as bcache-super-show does
-  example  Format two temporary files as a cache set and show them
+  example  Format two temporary files as a cache set, write and read through it, restart warm
   help     Print this help
 
 ubcache make [-C <cache>]... [-B <backing>]... [options]
@@ -133,9 +135,18 @@ async function cmdShow(argv: string[]): Promise<void> {
   }
 }
 
-/** The built-in example: a 64 MiB cache and a 32 MiB backing file formatted as one set. */
+/**
+ * The built-in example: a 64 MiB cache and a 32 MiB backing file formatted as one set,
+ * registered, written and read through the cache in writeback mode, closed, registered again
+ * and read from the warm cache, with the counts that show it.
+ */
 async function cmdExample(): Promise<void> {
-  const dir = await mkdtemp(join(tmpdir(), 'ubcache-example-'))
+  // O_DIRECT needs a filesystem that has it; /var/tmp is usually disk where /tmp may be tmpfs.
+  const base = await access('/var/tmp', constants.W_OK).then(
+    () => '/var/tmp',
+    () => tmpdir(),
+  )
+  const dir = await mkdtemp(join(base, 'ubcache-example-'))
   try {
     const cache = join(dir, 'cache.img')
     const backing = join(dir, 'backing.img')
@@ -145,13 +156,53 @@ async function cmdExample(): Promise<void> {
     await truncate(backing, 32 << 20)
     print(`$ ubcache make -C ${cache} -B ${backing} --bucket 256k --writeback --label example`)
     await cmdMake(['-C', cache, '-B', backing, '--bucket', '256k', '--writeback', '--label', 'example'])
-    for (const p of [cache, backing]) {
-      print(`\n$ ubcache show ${p}`)
-      await cmdShow([p])
-    }
+
+    const bytes = 4 << 20
+    const chunk = 64 << 10
+    const data = Buffer.alloc(bytes)
+    for (let i = 0; i < bytes; i += 4) data.writeUInt32LE((Math.imul(i + 1, 2654435761) ^ 0x5eed) >>> 0, i)
+
+    print('\nRegistering both (the backing device attaches to the set by the UUID in its superblock),')
+    print(`writing ${bytes >> 20} MiB through the cache in ${chunk >> 10} KiB writes, flushing, reading it back:`)
+    let reg = new Registry()
+    let set = await reg.registerCache(cache)
+    let dev = await reg.registerBacking(backing)
+    const writes: Promise<void>[] = []
+    for (let at = 0; at < bytes; at += chunk) writes.push(dev.write(at, data.subarray(at, at + chunk)))
+    await Promise.all(writes)
+    await dev.flush()
+    const first = await readAll(dev, bytes, chunk)
+    let s = set.stats()
+    print(`  ${dev.path}: mode ${dev.cacheMode}, superblock state ${dev.state}, ${dev.dirtySectors()} dirty sectors`)
+    print(`  read back ${first.equals(data) ? 'identical' : 'DIFFERENT'}: ${s.cacheHits} hits, ${s.cacheMisses} misses`)
+    print(`  cache set: ${s.journalEntries} journal entries (${s.journalBytes} bytes), ${s.dataBytes >> 10} KiB of data written to the cache`)
+    print('Closing: flush, final checkpoint, journal marked clean, backing superblock updated.')
+    await reg.close()
+
+    print('\nRegistering again and reading the same data:')
+    reg = new Registry()
+    set = await reg.registerCache(cache)
+    dev = await reg.registerBacking(backing)
+    const report = set.openReport()
+    const second = await readAll(dev, bytes, chunk)
+    s = set.stats()
+    print(`  the set opened from its checkpoint (${report?.checkpointKeys} keys; last shutdown clean: ${report?.cleanShutdown ? 'yes' : 'no'})`)
+    print(`  read back ${second.equals(data) ? 'identical' : 'DIFFERENT'}: ${s.cacheHits} hits, ${s.cacheMisses} misses (${s.hitSectors} sectors from the warm cache)`)
+    print(`  ${dev.dirtySectors()} dirty sectors: writeback data stays in the cache, so the superblock says ${dev.state}`)
+    await reg.close()
+
+    print(`\n$ ubcache show ${backing}`)
+    await cmdShow([backing])
   } finally {
     await rm(dir, { recursive: true, force: true })
   }
+}
+
+/** Reads `bytes` bytes of `dev` in `chunk`-byte reads, all in flight at once. */
+async function readAll(dev: CachedDevice, bytes: number, chunk: number): Promise<Buffer> {
+  const parts: Promise<Buffer>[] = []
+  for (let at = 0; at < bytes; at += chunk) parts.push(dev.read(at, chunk))
+  return Buffer.concat(await Promise.all(parts))
 }
 
 /** Runs the CLI on `argv` (without node and script); resolves to the exit code. */
