@@ -13,6 +13,7 @@ mod set_common;
 use std::time::Duration;
 
 use set_common::*;
+use ubcache_core::alloc::GcMark;
 use ubcache_core::cache_set::{CacheMode, CacheSetOptions, SetState};
 use ubcache_core::io::fault::{CrashMode, FaultRule};
 use ubcache_core::io::OpKind;
@@ -162,7 +163,17 @@ fn reopen_and_check(paths: &Paths, o: &RigOptions, model: &mut Model, point: usi
             b += k;
         }
     }
-    rig.engine.set().unwrap().verify_index().unwrap_or_else(|e| panic!("point {point}: index: {e}"));
+    let set = rig.engine.set_mut().unwrap();
+    set.verify_index().unwrap_or_else(|e| panic!("point {point}: index: {e}"));
+    // Every live key (scan drops those whose gen moved on) points into a bucket the
+    // allocator holds as data of its kind: one it would hand out would be reused under it.
+    for k in set.keys() {
+        for p in k.ptrs() {
+            let b = set.allocator().bucket(p.dev(), p.offset() / 16).unwrap();
+            let ok = if k.dirty { b.mark == GcMark::Dirty } else { matches!(b.mark, GcMark::Dirty | GcMark::Reclaimable) };
+            assert!(ok, "point {point}: key {k:?} in a bucket marked {:?}", b.mark);
+        }
+    }
     // The reopened set is left as a crash would leave it (it wrote its startup only).
     rig.crash(CrashMode::DropUnflushed);
 }
