@@ -246,7 +246,8 @@ export class CachedDevice {
    */
   allocBuffer(size: number): Buffer {
     if (this.#closed) throw this.#closedError()
-    const engine = (this.#route ?? this.#hold)?.engine
+    // While the device moves to its set, memory of the engine it leaves will do (one copy).
+    const engine = (this.#route ?? this.#hold)?.engine ?? this.#plain
     if (engine === undefined) throw this.#refusal ?? this.#closedError()
     return engine.allocBuffer(size)
   }
