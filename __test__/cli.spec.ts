@@ -56,12 +56,20 @@ test('show prints bcache-super-show style text', (t) => {
   t.regex(r.stdout, /^dev\.cache\.journal_buckets\t2 \[1-2\]$/m)
 })
 
-test('example runs make and show on temporary files', (t) => {
+test('example formats a set, writes and reads through it, and reads it again from the warm cache after a restart', (t) => {
   const r = cli('example')
   t.is(r.status, 0, r.stderr)
-  t.regex(r.stdout, /\[cache device\]/)
+  t.regex(r.stdout, /cache device .*, set /)
+  t.regex(r.stdout, /mode writeback, superblock state dirty, 8192 dirty sectors/)
+  const reads = [...r.stdout.matchAll(/read back identical: (\d+) hits, (\d+) misses/g)]
+  t.is(reads.length, 2)
+  t.is(reads[1][1], '64', 'after the restart every read hits')
+  t.is(reads[1][2], '0')
+  t.regex(r.stdout, /last shutdown clean: yes/)
+  t.regex(r.stdout, /\d+ journal entries/)
   t.regex(r.stdout, /\[backing device\]/)
   t.regex(r.stdout, /dev\.data\.cache_mode\t1 \[writeback\]/)
+  t.regex(r.stdout, /dev\.data\.cache_state\t2 \[dirty\]/)
 })
 
 test('bad input to make: exit 1 with one line', (t) => {

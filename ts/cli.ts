@@ -188,7 +188,7 @@ async function cmdExample(): Promise<void> {
     s = set.stats()
     print(`  the set opened from its checkpoint (${report?.checkpointKeys} keys; last shutdown clean: ${report?.cleanShutdown ? 'yes' : 'no'})`)
     print(`  read back ${second.equals(data) ? 'identical' : 'DIFFERENT'}: ${s.cacheHits} hits, ${s.cacheMisses} misses (${s.hitSectors} sectors from the warm cache)`)
-    print(`  ${dev.dirtySectors()} dirty sectors: writeback data stays in the cache, so the superblock says ${dev.state}`)
+    print(`  ${dev.dirtySectors()} dirty sectors: the cache holds the only copy of that data, so the superblock says ${dev.state}`)
     await reg.close()
 
     print(`\n$ ubcache show ${backing}`)
