@@ -170,7 +170,8 @@ fn reopen_and_check(paths: &Paths, o: &RigOptions, model: &mut Model, point: usi
     for k in set.keys() {
         for p in k.ptrs() {
             let b = set.allocator().bucket(p.dev(), p.offset() / 16).unwrap();
-            let ok = if k.dirty { b.mark == GcMark::Dirty } else { matches!(b.mark, GcMark::Dirty | GcMark::Reclaimable) };
+            let ok =
+                if k.dirty { b.mark == GcMark::Dirty } else { matches!(b.mark, GcMark::Dirty | GcMark::Reclaimable) };
             assert!(ok, "point {point}: key {k:?} in a bucket marked {:?}", b.mark);
         }
     }

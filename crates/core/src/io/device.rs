@@ -129,17 +129,7 @@ impl Device {
             is_block_device,
         };
         if opts.exclusive {
-            // SAFETY: plain syscall on a descriptor we own.
-            if unsafe { libc::flock(dev.fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!("{shown}: already open by another cache set or process"),
-                    ));
-                }
-                return Err(Error::io(format!("{shown}: flock"), e));
-            }
+            lock_exclusive(dev.fd(), &shown.to_string())?;
         }
         if is_block_device {
             let (size, lbs) = block_geometry(dev.fd()).map_err(|(what, e)| Error::io(format!("{shown}: {what}"), e))?;
@@ -173,13 +163,7 @@ impl Device {
                         drop(old);
                         dev.direct = false;
                         if opts.exclusive {
-                            // SAFETY: plain syscall on a descriptor we own.
-                            if unsafe { libc::flock(dev.fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                                return Err(Error::new(
-                                    ErrorKind::Busy,
-                                    format!("{shown}: already open by another cache set or process"),
-                                ));
-                            }
+                            lock_exclusive(dev.fd(), &shown.to_string())?;
                         }
                         warn_once(
                             "buffered-io",
@@ -509,6 +493,75 @@ pub(crate) fn iovecs_from(
         skip = 0;
     }
     out
+}
+
+/// How long an open waits for a lock still held by a process that has exited.
+const DEAD_HOLDER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes the device's flock, or fails with [`ErrorKind::Busy`] naming who holds it.
+///
+/// A process killed with SIGKILL keeps its lock for a moment after it has exited: its
+/// io_uring ring is torn down by a kernel worker that still holds the file until in-flight
+/// requests are cancelled. So when the holder (from /proc/locks) is a process that no
+/// longer runs, the open waits for the lock (up to [`DEAD_HOLDER_WAIT`]) instead of
+/// refusing a restart straight after a crash; a live holder is refused at once.
+fn lock_exclusive(fd: RawFd, shown: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + DEAD_HOLDER_WAIT;
+    loop {
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::io(format!("{shown}: flock"), e));
+        }
+        let holder = flock_holder(fd);
+        // No holder listed: the lock went between the two looks, so try again.
+        let dead = holder.is_none_or(|pid| !process_runs(pid));
+        if !dead || std::time::Instant::now() >= deadline {
+            let by = match holder {
+                Some(pid) if dead => format!(" (process {pid}, which exited, still holds it)"),
+                Some(pid) if pid == std::process::id() => " (this process)".to_string(),
+                Some(pid) => format!(" (process {pid})"),
+                None => String::new(),
+            };
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("{shown}: already open by another cache set or process{by}"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The pid that /proc/locks names for a FLOCK lock on the file behind `fd`.
+fn flock_holder(fd: RawFd) -> Option<u32> {
+    // SAFETY: fstat fills the zeroed struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    let (major, minor) = (libc::major(st.st_dev), libc::minor(st.st_dev));
+    let want = format!("{major:02x}:{minor:02x}:{}", st.st_ino);
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 12345 08:01:1234 0 EOF"; blocked waiters start "1: ->".
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want).then(|| f[4].parse().ok()).flatten()
+    })
+}
+
+/// Whether `pid` is a process that still runs (not gone, not a zombie).
+fn process_runs(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start())
+            .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X')),
+        Err(_) => false,
+    }
 }
 
 fn open_file(path: &Path, opts: &OpenOptions, block: bool, direct: bool) -> std::io::Result<File> {
