@@ -109,6 +109,7 @@ for (const mode of modes) {
     else t.is(engine.dirtySectors(h), 0)
     const before = engine.stats()
     t.is(before?.state, 'running')
+    t.true(Number.isFinite(before?.longestTickUs) && (before?.longestTickUs ?? -1) >= 0, 'longestTickUs is a finite number >= 0')
     if (mode === 'none') t.is(before?.cacheHits, 0)
     else t.true((before?.cacheHits ?? 0) > 0, `${mode} hits what it wrote or read`)
     const cachedBefore = engine.cachedSectors(h)

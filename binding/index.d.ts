@@ -310,6 +310,8 @@ export interface NativeCacheSetStats {
   orderedWaits: number
   cacheIoErrors: number
   rereadFromBacking: number
+  /** The longest single call of background work, in microseconds. */
+  longestTickUs: number
   /** Percentage of buckets holding dirty data or metadata, as of the last GC. */
   inUsePercent: number
   /** Buckets free for allocation. */

@@ -180,6 +180,12 @@ export interface CacheSetStats {
   cacheIoErrors: number
   /** Hit reads served again from the backing device after a cache read error. */
   rereadFromBacking: number
+  /**
+   * The longest the engine spent in one call of background work (a GC or checkpoint slice,
+   * the allocator's steps, a prio write's encoding), in microseconds: how long background
+   * work held up the JavaScript thread at most.
+   */
+  longestTickUs: number
   /** Percentage of buckets holding dirty data or metadata, as of the last GC (bcache's `in_use`). */
   inUsePercent: number
   /** Buckets free for allocation. */

@@ -261,6 +261,8 @@ pub struct NativeCacheSetStats {
     pub ordered_waits: f64,
     pub cache_io_errors: f64,
     pub reread_from_backing: f64,
+    /// The longest single call of background work, in microseconds.
+    pub longest_tick_us: f64,
     /// Percentage of buckets holding dirty data or metadata, as of the last GC.
     pub in_use_percent: f64,
     /// Buckets free for allocation.
@@ -470,6 +472,7 @@ impl NativeCacheEngine {
                 ordered_waits: st.ordered_waits as f64,
                 cache_io_errors: st.cache_io_errors as f64,
                 reread_from_backing: st.reread_from_backing as f64,
+                longest_tick_us: st.longest_tick_us as f64,
                 in_use_percent: s.in_use_percent() as f64,
                 available_buckets: s.allocator().available_buckets() as f64,
                 in_flight: s.in_flight() as f64,
