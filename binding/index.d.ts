@@ -47,10 +47,10 @@ export declare class NativeCacheEngine {
    */
   submit(count: number): number
   /**
-   * Writes a copy of `data` at `offset` (with `fua`, durable when it completes).
-   * Returns how many completions it put in the completion buffer.
+   * Copies `data` into engine memory as a write at `offset` (with `fua`, durable
+   * when it completes); returns the slot the next `submit` names it by (op 1).
    */
-  write(tag: number, dev: number, offset: number, data: Uint8Array, fua?: boolean | undefined | null): number
+  stage(dev: number, offset: number, data: Uint8Array, fua?: boolean | undefined | null): number
   /**
    * The next chunk of completions when the last call filled the completion buffer:
    * how many it put there (0: none left).
@@ -199,10 +199,10 @@ export declare class NativeRing {
    */
   submit(count: number): number
   /**
-   * Writes a copy of `data` at `offset` (with `fua`, durable when it completes).
-   * Returns how many completions it put in the completion buffer.
+   * Copies `data` into engine memory as a write at `offset` (with `fua`, durable
+   * when it completes); returns the slot the next `submit` names it by (op 1).
    */
-  write(tag: number, dev: number, offset: number, data: Uint8Array, fua?: boolean | undefined | null): number
+  stage(dev: number, offset: number, data: Uint8Array, fua?: boolean | undefined | null): number
   /**
    * The next chunk of completions when the last call filled the completion buffer:
    * how many it put there (0: none left).

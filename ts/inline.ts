@@ -24,7 +24,7 @@ export interface InlineNative {
   readonly chunk: number
   slab(bytes: number): [number, ArrayBuffer]
   submit(count: number): number
-  write(tag: number, dev: number, offset: number, data: Uint8Array, fua?: boolean | null): number
+  stage(dev: number, offset: number, data: Uint8Array, fua?: boolean | null): number
   more(): number
   takeErrors(): string[]
 }
@@ -66,8 +66,8 @@ const SLAB_ALIGN = 4096
 const SYNC_ROUNDS = 16
 /** Schedules microtasks: cheaper than queueMicrotask, which sets up an async resource per call. */
 const RESOLVED = Promise.resolve()
-/** Request codes of the submission buffer (writes carry data and go by a call of their own). */
-const OP_CODE = { read: 0, flush: 2, discard: 3 } as const
+/** Request codes of the submission buffer (a write names the slot its data was staged in). */
+const OP_CODE = { read: 0, write: 1, flush: 2, discard: 3 } as const
 
 /** Throws `INVALID_ARGUMENT` unless `v` is a non-negative safe integer. */
 export function checkCount(what: string, v: number): void {
@@ -260,13 +260,18 @@ export class InlineQueue<N extends InlineNative> {
     const p = pending as Pending
     const tag = this.slots.track(p)
     if (op === 'write') {
-      // Writes carry data and go alone, after everything queued before them.
-      this.submitQueued()
+      // The data is copied now (the caller may reuse its buffer); the write goes out with
+      // the other requests of this tick, so that writes made side by side reach the device
+      // together (and a lone one is not polled for while the others wait to be made).
+      const data = arg as Uint8Array
+      let slot: number
       try {
-        this.#drain(this.native.write(tag, dev, offset, arg as Uint8Array, fua))
+        slot = this.native.stage(dev, offset, data, fua)
       } catch (err) {
         this.slots.fail([tag], err)
+        return promise
       }
+      this.#queueRequest(OP_CODE.write, tag, dev, offset, data.byteLength, slot, 0)
       return promise
     }
     let slabId = 0

@@ -213,6 +213,8 @@ pub(crate) struct Glue<D: Driven> {
     /// Completions not yet handed to JavaScript, and the errors of the chunk last handed.
     done: RefCell<VecDeque<IoCompletion>>,
     scratch: RefCell<Vec<IoCompletion>>,
+    /// Writes copied in by `stage`, waiting for the submission that names them.
+    staged: RefCell<Vec<Option<IoRequest>>>,
     errors: RefCell<Vec<String>>,
     /// Control operations finished and not yet handed to JavaScript.
     events: RefCell<VecDeque<(u64, CoreResult<u32>)>>,
@@ -312,6 +314,7 @@ impl<D: Driven> Glue<D> {
             cq,
             done: RefCell::new(VecDeque::new()),
             scratch: RefCell::new(Vec::new()),
+            staged: RefCell::new(Vec::new()),
             errors: RefCell::new(Vec::new()),
             events: RefCell::new(VecDeque::new()),
             slabs: Rc::new(RefCell::new(Slabs::default())),
@@ -655,6 +658,21 @@ impl<D: Driven> Glue<D> {
                         }
                     }
                 }
+                1 => {
+                    let slot = whole(d[5], "staged write")? as usize;
+                    match self.staged.borrow_mut().get_mut(slot).and_then(Option::take) {
+                        Some(mut w) => {
+                            w.user_data = tag;
+                            w
+                        }
+                        None => {
+                            return Err(CoreError::new(
+                                ErrorKind::InvalidArgument,
+                                format!("write {slot}: no such staged write"),
+                            ))
+                        }
+                    }
+                }
                 2 => IoRequest::flush(dev, tag),
                 3 => IoRequest::discard(dev, offset, length, tag),
                 op => return Err(CoreError::new(ErrorKind::InvalidArgument, format!("unknown request op {op}"))),
@@ -687,18 +705,25 @@ impl<D: Driven> Glue<D> {
             );
         }
         let mut reqs = Vec::with_capacity(n);
-        if let Err(e) = self.requests(n, &mut reqs) {
+        let decoded = self.requests(n, &mut reqs);
+        // Every staged write was named by this submission (or is failed with it).
+        self.staged.borrow_mut().clear();
+        if let Err(e) = decoded {
             return throw(env, e);
         }
         self.submit_reqs(env, reqs)
     }
 
-    /// Writes a copy of `data` at `offset`, durable on completion with `fua`.
-    pub fn write(&self, env: &Env, tag: f64, dev: u32, offset: f64, data: &[u8], fua: bool) -> Result<u32> {
+    /// Copies `data` into engine memory as a write at `offset` (durable on completion with
+    /// `fua`) and returns its slot, which the next submission names (op 1): writes made in
+    /// one tick then go to the engine together, in order with the other requests.
+    pub fn stage(&self, env: &Env, dev: u32, offset: f64, data: &[u8], fua: bool) -> Result<u32> {
         let offset = to_u64(env, "offset", offset)?;
-        let mut req = IoRequest::write(DevId(dev), offset, self.pool.copy_from(data), tag as u64);
+        let mut req = IoRequest::write(DevId(dev), offset, self.pool.copy_from(data), 0);
         req.fua = fua;
-        self.submit_reqs(env, vec![req])
+        let mut staged = self.staged.borrow_mut();
+        staged.push(Some(req));
+        Ok((staged.len() - 1) as u32)
     }
 
     /// `[id, ArrayBuffer]`: a slab of at least `bytes` bytes of aligned engine memory.
@@ -863,19 +888,11 @@ macro_rules! inline_methods {
                 self.glue.submit(env, count)
             }
 
-            /// Writes a copy of `data` at `offset` (with `fua`, durable when it completes).
-            /// Returns how many completions it put in the completion buffer.
+            /// Copies `data` into engine memory as a write at `offset` (with `fua`, durable
+            /// when it completes); returns the slot the next `submit` names it by (op 1).
             #[napi]
-            pub fn write(
-                &self,
-                env: &Env,
-                tag: f64,
-                dev: u32,
-                offset: f64,
-                data: &[u8],
-                fua: Option<bool>,
-            ) -> Result<u32> {
-                self.glue.write(env, tag, dev, offset, data, fua.unwrap_or(false))
+            pub fn stage(&self, env: &Env, dev: u32, offset: f64, data: &[u8], fua: Option<bool>) -> Result<u32> {
+                self.glue.stage(env, dev, offset, data, fua.unwrap_or(false))
             }
 
             /// The next chunk of completions when the last call filled the completion buffer:
