@@ -53,15 +53,26 @@
 //!   writes over dirty data go in place, once the region is all dirty nothing allocates
 //!   and nothing is reclaimed: this measures that the in-place path holds its rate (and
 //!   the first tenth includes the region's first writes).
+//! - where the engine runs (placement.rs; `_thread`, `_inline_beside_thread` and
+//!   `_thread_over_inline` keys, CPU per request as `_cpu_us_per_req_*`): the hit reads at
+//!   QD32 and QD1 and the writeback writes, driven inline (as above, from the thread that
+//!   opened the set) and with the set on an engine thread of its own that this thread feeds
+//!   through a queue and an eventfd doorbell, its completions coming back in batches through
+//!   a queue and an eventfd (thread.rs), alternating with fio in the same rounds.
 //!
 //! The last stdout line is one JSON object; progress goes to stderr.
 //! Other environment: `UBCACHE_BENCH_ENGINE_CACHE_GIB` (size of the cache device, default
-//! 4), `UBCACHE_BENCH_ENGINE_ONLY` (comma-separated subset of fill,hit,wt,wb,steady),
+//! 4), `UBCACHE_BENCH_ENGINE_ONLY` (comma-separated subset of fill,hit,wt,wb,thread,steady),
+//! `UBCACHE_BENCH_ENGINE_THREAD_SPIN_US` (see placement.rs),
 //! `UBCACHE_BENCH_PERF_WINDOWS=1` (print the CLOCK_MONOTONIC window of each of our
 //! measurements, for `perf record -k CLOCK_MONOTONIC` then `perf report --time <window>`).
 
+#[path = "placement.rs"]
+mod placement;
 #[path = "rig.rs"]
 mod rig;
+#[path = "thread.rs"]
+mod thread;
 
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -794,6 +805,10 @@ fn run(b: &Bench) -> serde_json::Value {
         put("fio_cache_randwrite_qd32_iops", p.fio().round());
         put("wb_randwrite_qd32_iops", p.ours().round());
         put("meta_bytes_per_write", (median(&meta) * 10.0).round() / 10.0);
+    }
+
+    if b.wants("thread") {
+        placement::run(b, &mut put);
     }
 
     if b.wants("steady") {
