@@ -49,10 +49,15 @@
 //!   the data the set wrote) is printed beside them as a check;
 //! - steady_state_ratio: writeback 4 KiB random writes at QD32 over 1/16 of a set of
 //!   `UBCACHE_BENCH_ENGINE_STEADY_GIB` (default 1) GiB formatted on the same device, until
-//!   10× the set's size is written: throughput of the last tenth / the first tenth. Since
-//!   writes over dirty data go in place, once the region is all dirty nothing allocates
-//!   and nothing is reclaimed: this measures that the in-place path holds its rate (and
-//!   the first tenth includes the region's first writes).
+//!   10× the set's size is written: throughput of the last tenth / the first tenth. Writes
+//!   over dirty data replace it in new space (bcache's copy on write) until the writeback
+//!   cutoffs, then in place; GC reclaims the buckets the replaced data leaves, so this
+//!   measures that reclaim keeps up (the first tenth includes the region's first writes).
+//! - journal (`fua_write_qd{1,32}_*` keys): writeback 4 KiB random FUA writes at QD1 and
+//!   QD32, each complete once the journal entry holding its key is durable, with the
+//!   journal written with FUA after a preflush (the default) and as flush-write-flush
+//!   (`CacheSetOptions::journal_fua: false`), on fresh sets in alternating order; fio
+//!   randwrite with `--fdatasync=1` on the raw cache device beside them.
 //! - where the engine runs (placement.rs; `_thread`, `_inline_beside_thread` and
 //!   `_thread_over_inline` keys, CPU per request as `_cpu_us_per_req_*`): the hit reads at
 //!   QD32 and QD1 and the writeback writes, driven inline (as above, from the thread that
@@ -62,7 +67,7 @@
 //!
 //! The last stdout line is one JSON object; progress goes to stderr.
 //! Other environment: `UBCACHE_BENCH_ENGINE_CACHE_GIB` (size of the cache device, default
-//! 4), `UBCACHE_BENCH_ENGINE_ONLY` (comma-separated subset of fill,hit,wt,wb,thread,steady),
+//! 4), `UBCACHE_BENCH_ENGINE_ONLY` (comma-separated subset of fill,hit,wt,wb,journal,thread,steady),
 //! `UBCACHE_BENCH_ENGINE_THREAD_SPIN_US` (see placement.rs),
 //! `UBCACHE_BENCH_PERF_WINDOWS=1` (print the CLOCK_MONOTONIC window of each of our
 //! measurements, for `perf record -k CLOCK_MONOTONIC` then `perf report --time <window>`).
@@ -286,6 +291,11 @@ impl Bench {
 
     /// Formats a fresh set of `bytes` on the cache device and opens it in `mode`.
     fn fresh_set(&self, bytes: u64, mode: CacheMode) -> Rig {
+        self.fresh_set_with(bytes, mode, CacheSetOptions::default())
+    }
+
+    /// [`Bench::fresh_set`] with options of its own.
+    fn fresh_set_with(&self, bytes: u64, mode: CacheMode, set: CacheSetOptions) -> Rig {
         let bucket_bytes = u64::from(self.bucket_sectors) * 512;
         format_cache(&self.cache.path, bytes / bucket_bytes, self.bucket_sectors, fresh_set_uuid());
         Rig::open(&RigConfig {
@@ -294,7 +304,7 @@ impl Bench {
             backing: &self.backing,
             backing_direct: DirectIo::Require,
             mode,
-            set: CacheSetOptions::default(),
+            set,
             arena_bytes: 64 << 20,
         })
     }
@@ -320,6 +330,7 @@ fn delta(a: &CacheSetStats, b: &CacheSetStats) -> CacheSetStats {
         data_bytes: b.data_bytes - a.data_bytes,
         journal_bytes: b.journal_bytes - a.journal_bytes,
         journal_entries: b.journal_entries - a.journal_entries,
+        journal_preflushes: b.journal_preflushes - a.journal_preflushes,
         checkpoint_bytes: b.checkpoint_bytes - a.checkpoint_bytes,
         prio_bytes: b.prio_bytes - a.prio_bytes,
         other_meta_bytes: b.other_meta_bytes - a.other_meta_bytes,
@@ -805,6 +816,89 @@ fn run(b: &Bench) -> serde_json::Value {
         put("fio_cache_randwrite_qd32_iops", p.fio().round());
         put("wb_randwrite_qd32_iops", p.ours().round());
         put("meta_bytes_per_write", (median(&meta) * 10.0).round() / 10.0);
+    }
+
+    if b.wants("journal") {
+        // FUA writes in writeback: each completes when the journal entry holding its key is
+        // durable, so this measures the journal's commit, written with FUA (after a
+        // preflush) or as flush-write-flush (`journal_fua: false`), on fresh sets in turn.
+        let start = b.data_start(b.cache_bytes);
+        for qd in [1usize, 32] {
+            eprintln!(
+                "4 KiB random FUA writes, QD{qd}, writeback: the journal written with FUA vs flush-write-flush (IOPS, p50)..."
+            );
+            let (mut on, mut off, mut on_p50, mut off_p50, mut fio_iops) = (vec![], vec![], vec![], vec![], vec![]);
+            for i in 0..b.rounds {
+                let f = fio(
+                    &cache_path,
+                    secs,
+                    start,
+                    dev_bytes,
+                    &["--rw=randwrite", "--bs=4k", &format!("--iodepth={qd}"), "--fdatasync=1"],
+                    "write",
+                )["iops"]
+                    .as_f64()
+                    .unwrap();
+                fio_iops.push(f);
+                let order = if i % 2 == 0 { [true, false] } else { [false, true] };
+                let mut line = format!("  round {}: fio with fdatasync after each write {f:.0} IOPS", i + 1);
+                for journal_fua in order {
+                    let opts = CacheSetOptions { journal_fua, ..CacheSetOptions::default() };
+                    let mut rig = b.fresh_set_with(b.cache_bytes, CacheMode::Writeback, opts);
+                    rig.fua_writes = true;
+                    let mut rng = Rng(0x0f0a_0000_0000_0001 + i as u64);
+                    let mut next = || rng.below(dev_blocks) * BLOCK;
+                    let mut run = drive(
+                        &mut rig,
+                        Load {
+                            qd,
+                            bs: BLOCK as usize,
+                            write: true,
+                            next: &mut next,
+                            warm: Bench::warm(),
+                            stop: measure,
+                            lat: true,
+                            marks: vec![],
+                            progress: None,
+                            limit: None,
+                            zero_data: false,
+                        },
+                    );
+                    let d = delta(&run.before, &run.after);
+                    let p50 = run.p50();
+                    line += &format!(
+                        "; journal {}: {:.0} IOPS, p50 {:.1} us, {} entries, {} preflushes",
+                        if journal_fua { "FUA" } else { "flush-write-flush" },
+                        run.iops(),
+                        p50 / 1000.0,
+                        d.journal_entries,
+                        d.journal_preflushes
+                    );
+                    if journal_fua {
+                        on.push(run.iops());
+                        on_p50.push(p50);
+                    } else {
+                        off.push(run.iops());
+                        off_p50.push(p50);
+                    }
+                    rig.drain();
+                }
+                eprintln!("{line}");
+            }
+            let ratio: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
+            eprintln!(
+                "  QD{qd}: FUA journal {:.0} IOPS, flush-write-flush {:.0} IOPS: {:.3}",
+                median(&on),
+                median(&off),
+                median(&ratio)
+            );
+            put(&format!("fua_write_qd{qd}_iops_journal_fua"), median(&on).round());
+            put(&format!("fua_write_qd{qd}_iops_journal_flush"), median(&off).round());
+            put(&format!("fua_write_qd{qd}_journal_fua_over_flush"), r3(median(&ratio)));
+            put(&format!("fua_write_qd{qd}_p50_ns_journal_fua"), median(&on_p50).round());
+            put(&format!("fua_write_qd{qd}_p50_ns_journal_flush"), median(&off_p50).round());
+            put(&format!("fio_fdatasync_randwrite_qd{qd}_iops"), median(&fio_iops).round());
+        }
     }
 
     if b.wants("thread") {

@@ -119,6 +119,8 @@ pub struct Rig {
     /// The cache device's block-layer counters (/sys/block/<dev>/stat), when it is a block
     /// device: bytes written to it, measured independently of the set's own counters.
     pub dev_stat: Option<std::path::PathBuf>,
+    /// Every write `drive` makes is a FUA write (durable when it completes).
+    pub fua_writes: bool,
 }
 
 impl Rig {
@@ -172,6 +174,7 @@ impl Rig {
             next_tag: 0,
             load_time,
             dev_stat,
+            fua_writes: false,
         };
         let tag = rig.tag();
         let dev = CachedDevConfig {
@@ -376,9 +379,12 @@ pub fn drive(rig: &mut Rig, load: Load) -> Run {
             Some(b)
         })
         .collect();
+    let fua = rig.fua_writes;
     let mk = |slot: usize, off: u64, buf: AlignedBuf, write: bool| {
         if write {
-            IoRequest::write(h, off, buf, slot as u64)
+            let mut r = IoRequest::write(h, off, buf, slot as u64);
+            r.fua = fua;
+            r
         } else {
             IoRequest::read(h, off, buf, slot as u64)
         }
