@@ -11,6 +11,8 @@ import {
   superblockCsum,
   SuperblockError,
 } from '../ts/index'
+import native = require('../ts/native')
+import { uuidToString } from '../ts/uuid'
 
 function cacheSb(over: Partial<Superblock> = {}): Superblock {
   return {
@@ -227,4 +229,63 @@ test('labels: UTF-8 up to 32 bytes; longer refused on write', (t) => {
   const sb = parseSuperblock(serializeSuperblock(cacheSb({ label: 'caché-ü' })), device).sb
   t.is(sb.label, 'caché-ü')
   t.throws(() => serializeSuperblock(cacheSb({ label: 'x'.repeat(33) })), { message: /label is 33 bytes/ })
+})
+
+// ts/superblock.ts is the full parser and writer; the Rust core reads the cache superblock
+// fields it needs on its own (crates/core/src/cache_set/superblock.rs), patches CACHE_SYNC
+// and seq, and formats pages for its tests. These hold the two against each other.
+const cacheCases = roundTrips.filter(([, sb]) => sb.version === SbVersion.CDEV || sb.version === SbVersion.CDEV_WITH_UUID || sb.version === SbVersion.CDEV_WITH_FEATURES)
+
+for (const [name, sb] of cacheCases) {
+  test(`Rust and TypeScript agree: ${name}`, (t) => {
+    const page = serializeSuperblock(sb)
+    const dev = { sectors: 200 * (1 << 17), logicalBlockSize: 512 }
+    const ts = parseSuperblock(page, dev).sb
+    const rs = native.parseCacheSuperblock(page)
+    t.is(uuidToString(rs.setUuid), ts.setUuid)
+    t.is(rs.flags, ts.flags)
+    t.is(rs.seq, ts.seq)
+    t.deepEqual([rs.nbuckets, rs.blockSize, rs.bucketSize, rs.nrInSet, rs.nrThisDev, rs.firstBucket], [ts.nbuckets, ts.blockSize, ts.bucketSize, ts.nrInSet, ts.nrThisDev, ts.firstBucket])
+    t.deepEqual(rs.journalBuckets, ts.journalBuckets)
+    // The core's CACHE_SYNC patch: TypeScript reads it back with only those fields changed.
+    const synced = parseSuperblock(native.markCacheSuperblockSync(page), dev).sb
+    t.deepEqual(synced, { ...ts, cacheSync: true, flags: ts.flags | 1n, seq: ts.seq + 1n })
+  })
+}
+
+test('Rust and TypeScript agree: a page the core formats parses in TypeScript as formatted', (t) => {
+  for (const [nbuckets, bucketSize, blockSize, journal] of [
+    [512, 1024, 8, 4],
+    [40000, 8, 1, 256],
+    [300, 128, 8, 2],
+  ]) {
+    const uuid = Buffer.alloc(16, 0x11)
+    const setUuid = Buffer.alloc(16, 0x22)
+    const page = native.formatCacheSuperblock(uuid, setUuid, nbuckets, bucketSize, blockSize, journal)
+    const ts = parseSuperblock(page, { sectors: nbuckets * bucketSize + 64, logicalBlockSize: 512 }).sb
+    const first = Math.floor(23 / bucketSize) + 1
+    t.is(ts.version, SbVersion.CDEV_WITH_UUID)
+    t.is(ts.uuid, uuidToString(uuid))
+    t.is(ts.setUuid, uuidToString(setUuid))
+    t.deepEqual([ts.nbuckets, ts.bucketSize, ts.blockSize, ts.firstBucket, ts.cacheSync], [nbuckets, bucketSize, blockSize, first, false])
+    t.deepEqual(ts.journalBuckets, Array.from({ length: journal }, (_, i) => first + i))
+    // And the core reads back what TypeScript writes of it.
+    const again = native.parseCacheSuperblock(serializeSuperblock(ts))
+    t.deepEqual(again.journalBuckets, ts.journalBuckets)
+  }
+})
+
+test('Rust and TypeScript agree on what is not a valid cache superblock', (t) => {
+  const page = serializeSuperblock(cacheSb())
+  const badMagic = Buffer.from(page)
+  badMagic[24] ^= 1
+  const badCsum = Buffer.from(page)
+  badCsum[190] ^= 1
+  for (const [buf, rust] of [
+    [badMagic, /not a bcache device/],
+    [badCsum, /checksum/],
+  ] as const) {
+    t.throws(() => parseSuperblock(buf, device), { instanceOf: SuperblockError })
+    t.throws(() => native.parseCacheSuperblock(buf), { message: rust })
+  }
 })

@@ -258,12 +258,24 @@ export interface DeviceInfo {
 }
 
 /**
+ * The core's `format_with_journal` (the superblock page its tests and benchmarks format).
+ * @internal
+ */
+export declare function formatCacheSuperblock(uuid: Uint8Array, setUuid: Uint8Array, nbuckets: number, bucketSize: number, blockSize: number, journalBuckets: number): Buffer
+
+/**
  * Reads the cache set on the cache device at `path` back, on a libuv worker thread, and
  * resolves to it (rejects with an `Error` carrying the core's `code`: `ENOENT`, `EBUSY`
  * when the device is open elsewhere, `MAGIC_MISMATCH` when it holds no bcache superblock,
  * `CORRUPT`, `EIO`, ...). Opening a large set does not hold up the event loop.
  */
 export declare function loadCacheSet(path: string, options?: NativeLoadOptions | undefined | null): Promise<NativeLoadedSet>
+
+/**
+ * The core's `mark_sync` of a cache superblock page: the patched page.
+ * @internal
+ */
+export declare function markCacheSuperblockSync(page: Uint8Array): Buffer
 
 /** A backing device to attach to the cache set. */
 export interface NativeAttachConfig {
@@ -283,6 +295,23 @@ export interface NativeAttachConfig {
   direct?: string
   /** Exclusive open (default true). */
   exclusive?: boolean
+}
+
+/**
+ * The cache device superblock fields the Rust core reads (`cache_set::superblock`), for
+ * the test that holds its parser against ts/superblock.ts.
+ */
+export interface NativeCacheSb {
+  setUuid: Buffer
+  flags: bigint
+  seq: bigint
+  nbuckets: number
+  blockSize: number
+  bucketSize: number
+  nrInSet: number
+  nrThisDev: number
+  firstBucket: number
+  journalBuckets: Array<number>
 }
 
 /** Counters of a cache set, and where it stands. */
@@ -420,3 +449,9 @@ export interface NativeOpenReport {
   replayMs: number
   gcMs: number
 }
+
+/**
+ * The core's parse of a cache superblock page (4096 bytes from byte 4096 of the device).
+ * @internal
+ */
+export declare function parseCacheSuperblock(page: Uint8Array): NativeCacheSb

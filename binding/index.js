@@ -843,4 +843,7 @@ module.exports.NativeRing = nativeBinding.NativeRing
 module.exports.crc64 = nativeBinding.crc64
 module.exports.crc64Implementation = nativeBinding.crc64Implementation
 module.exports.deviceInfo = nativeBinding.deviceInfo
+module.exports.formatCacheSuperblock = nativeBinding.formatCacheSuperblock
 module.exports.loadCacheSet = nativeBinding.loadCacheSet
+module.exports.markCacheSuperblockSync = nativeBinding.markCacheSuperblockSync
+module.exports.parseCacheSuperblock = nativeBinding.parseCacheSuperblock

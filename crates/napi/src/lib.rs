@@ -94,3 +94,77 @@ pub fn device_info(env: &Env, path: String) -> Result<DeviceInfo> {
 pub fn crc64_implementation() -> String {
     ubcache_core::crc64::implementation()
 }
+
+/// The cache device superblock fields the Rust core reads (`cache_set::superblock`), for
+/// the test that holds its parser against ts/superblock.ts.
+#[napi(object)]
+pub struct NativeCacheSb {
+    pub set_uuid: Buffer,
+    pub flags: BigInt,
+    pub seq: BigInt,
+    pub nbuckets: f64,
+    pub block_size: u32,
+    pub bucket_size: u32,
+    pub nr_in_set: u32,
+    pub nr_this_dev: u32,
+    pub first_bucket: f64,
+    pub journal_buckets: Vec<f64>,
+}
+
+impl From<ubcache_core::cache_set::CacheSb> for NativeCacheSb {
+    fn from(sb: ubcache_core::cache_set::CacheSb) -> Self {
+        NativeCacheSb {
+            set_uuid: sb.set_uuid.to_vec().into(),
+            flags: BigInt::from(sb.flags),
+            seq: BigInt::from(sb.seq),
+            nbuckets: sb.nbuckets as f64,
+            block_size: sb.block_size,
+            bucket_size: sb.bucket_size,
+            nr_in_set: u32::from(sb.nr_in_set),
+            nr_this_dev: u32::from(sb.nr_this_dev),
+            first_bucket: sb.first_bucket as f64,
+            journal_buckets: sb.journal_buckets.iter().map(|&b| b as f64).collect(),
+        }
+    }
+}
+
+/// The core's parse of a cache superblock page (4096 bytes from byte 4096 of the device).
+/// @internal
+#[napi]
+pub fn parse_cache_superblock(env: Env, page: &[u8]) -> Result<NativeCacheSb> {
+    ubcache_core::cache_set::superblock::parse(page).map(Into::into).or_else(|e| throw(&env, e))
+}
+
+/// The core's `mark_sync` of a cache superblock page: the patched page.
+/// @internal
+#[napi]
+pub fn mark_cache_superblock_sync(env: Env, page: &[u8]) -> Result<Buffer> {
+    let mut p = page.to_vec();
+    match ubcache_core::cache_set::superblock::mark_sync(&mut p) {
+        Ok(_) => Ok(p.into()),
+        Err(e) => throw(&env, e),
+    }
+}
+
+/// The core's `format_with_journal` (the superblock page its tests and benchmarks format).
+/// @internal
+#[napi]
+pub fn format_cache_superblock(
+    uuid: &[u8],
+    set_uuid: &[u8],
+    nbuckets: f64,
+    bucket_size: u16,
+    block_size: u16,
+    journal_buckets: u32,
+) -> Buffer {
+    let id = |b: &[u8]| std::array::from_fn(|i| b.get(i).copied().unwrap_or(0));
+    let page = ubcache_core::cache_set::superblock::format_with_journal(
+        id(uuid),
+        id(set_uuid),
+        nbuckets as u64,
+        bucket_size,
+        block_size,
+        journal_buckets as usize,
+    );
+    page.into()
+}
