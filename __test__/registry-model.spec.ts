@@ -140,10 +140,37 @@ test(`model: ${ROUNDS} rounds of ${OPS} random requests through CachedDevice, ev
 
   for (let round = 0; round < ROUNDS; round++) {
     const reg = new Registry()
-    const order = round === 0 ? 'cache-first' : pick(['cache-first', 'backing-first', 'mid-stream'] as const)
+    // Round 1 always registers the set mid-stream, so every run serves requests without it.
+    const order = round === 0 ? 'cache-first' : round === 1 ? 'mid-stream' : pick(['cache-first', 'backing-first', 'mid-stream'] as const)
     let set: CacheSet | undefined
     let registering: Promise<CacheSet> | undefined
     const devs: CachedDevice[] = []
+    let phase: [string, number] = ['starting', Date.now()]
+    const inflight = new Set<Promise<unknown>>()
+    /** What each request in flight is and when it was made, for the stall report. */
+    const made = new Map<Promise<unknown>, [string, number]>()
+    const track = (p: Promise<unknown>, what: string): void => {
+      const q = p.then(
+        () => undefined,
+        (err) => fail(`${what}: ${String(err)}`),
+      )
+      inflight.add(q)
+      made.set(q, [what, Date.now()])
+      void q.then(() => {
+        inflight.delete(q)
+        made.delete(q)
+      })
+    }
+    // A request in flight for 20 s is a hang: say which, and what the set and devices hold.
+    const watchdog = setInterval(() => {
+      const stuck = [...made.values()].filter(([, at]) => Date.now() - at > 20_000)
+      if (stuck.length === 0 && Date.now() - phase[1] < 20_000) return
+      const report = `round ${round}, ${phase[0]} for ${Date.now() - phase[1]} ms: ${stuck.length} requests in flight for over 20 s: ${stuck.map(([w]) => w).join('; ')}; devices: ${devs
+        .map((d) => `${d.state} ${d.cacheMode} set ${d.set ? 'yes' : 'no'} (${d._describe()})`)
+        .join('; ')}; set: ${set?._engine.describe() ?? 'none'}; registering: ${registering ? 'yes' : 'no'}`
+      t.log(report)
+      console.error(report)
+    }, 5_000)
     if (order === 'cache-first') set = await reg.registerCache(f.cache)
     for (const p of f.backings) devs.push(await reg.registerBacking(p))
     if (order === 'backing-first') set = await reg.registerCache(f.cache)
@@ -168,16 +195,8 @@ test(`model: ${ROUNDS} rounds of ${OPS} random requests through CachedDevice, ev
 
     const window = 16 + Math.floor(rand() * 17)
     const midAt = Math.floor(rand() * 200)
-    const inflight = new Set<Promise<unknown>>()
-    const track = (p: Promise<unknown>, what: string): void => {
-      const q = p.then(
-        () => undefined,
-        (err) => fail(`${what}: ${String(err)}`),
-      )
-      inflight.add(q)
-      void q.then(() => inflight.delete(q))
-    }
     for (let op = 0; op < OPS; op++) {
+      phase = [`op ${op}`, Date.now()]
       if (order === 'mid-stream' && op === midAt && !registering) registering = reg.registerCache(f.cache)
       const d = Math.floor(rand() * devs.length)
       const dev = devs[d]
@@ -234,8 +253,11 @@ test(`model: ${ROUNDS} rounds of ${OPS} random requests through CachedDevice, ev
         await Promise.race(inflight)
       }
     }
+    phase = ['registering the set', Date.now()]
     if (registering) set = await registering
+    phase = ['waiting for the requests in flight', Date.now()]
     await Promise.all(inflight)
+    phase = ['cleaning devices, verifying, closing', Date.now()]
     if (!set) throw new Error('no set')
     for (const dev of devs) t.is(dev.set, set, `round ${round}: attached at the end`)
     // Now and then a device is left clean with its hot region cached (discarded, then written
@@ -262,6 +284,7 @@ test(`model: ${ROUNDS} rounds of ${OPS} random requests through CachedDevice, ev
     cachedAtClose = devs.map((d) => d.cachedSectors() ?? 0)
     const closedModes = devs.map((d) => d.cacheMode)
     await reg.close()
+    clearInterval(watchdog)
     for (let d = 0; d < devs.length; d++) {
       const sb = (await readSuperblock(f.backings[d])).sb
       t.is(sb.state, dirty[d] > 0 ? 'dirty' : 'clean', `round ${round}: device ${d} state`)

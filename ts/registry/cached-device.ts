@@ -682,6 +682,22 @@ export class CachedDevice {
     if (r && r.set === null) await r.engine.flush(r.handle)
   }
 
+  /** @internal Where the device's requests are, for reports of a stall in tests. */
+  _describe(): string {
+    const q = this.#queue
+    const r = this.#route
+    return [
+      `route ${r ? (r.set ? `set (in flight ${r.engine.inFlight})` : `straight (in flight ${r.engine.inFlight})`) : 'none'}`,
+      `hold ${this.#hold ? `yes (in flight ${this.#hold.engine.inFlight})` : 'no'}`,
+      `queue ${q ? `${q.length} [${q.slice(0, 4).map((w) => w.kind).join(',')}]` : 'none'}`,
+      `overlaps ${this.#overlaps.size}`,
+      `attaching ${this.#attaching.size}`,
+      `waiting for set ${this.#wake ? 'yes' : 'no'}`,
+      `fast ${this.#fast}`,
+      `superblock ${this.#super.sb.state}`,
+    ].join(', ')
+  }
+
   /** @internal Its set is about to close, nothing of it in flight: keeps the final counts. */
   _snapshot(): void {
     const r = this.#route

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use set_common::*;
 use ubcache_core::alloc::GcMark;
-use ubcache_core::cache_set::{superblock, CacheMode, CacheSetOptions, SetState};
+use ubcache_core::cache_set::{superblock, CacheMode, CacheSetOptions, CachedDevConfig, SetState};
 use ubcache_core::io::fault::{CrashMode, FaultRule, Latency};
 use ubcache_core::io::{AlignedBuf, DevId, IoRequest, OpKind, Storage};
 use ubcache_core::journal::{read_journal, FoundEntry, JournalGeometry};
@@ -400,5 +400,51 @@ fn a_fua_write_in_writethrough_is_cached_too() {
     assert_eq!(rig.engine.set().unwrap().cached_sectors(inode), 8);
     assert_eq!(rig.read(0, 7, 1).unwrap(), data(0, 7, 3));
     assert!(rig.engine.set().unwrap().stats().hit_sectors >= 8);
+    rig.close().unwrap();
+}
+
+/// Rule: no completion is ever dropped. Requests that finish while the engine works for a
+/// call that returns no completions (an attach reaps the ring) come back from the next call
+/// that does, and the driver is told to make one.
+#[test]
+fn requests_finishing_during_an_attach_are_handed_out_later() {
+    let paths = format("undelivered", Geo::small());
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    rig.engine.detach(rig.handles[1]).unwrap();
+    let h = DevId(rig.handles[0]);
+    let tags: Vec<u64> = (0..8).map(|i| 500 + i).collect();
+    for (i, &t) in tags.iter().enumerate() {
+        let mut out = Vec::new();
+        rig.engine
+            .submit([IoRequest::write(h, i as u64 * BLOCK, AlignedBuf::from_slice(&data(0, i as u64, 1)), t)], &mut out)
+            .unwrap();
+        rig.done.extend(out);
+    }
+    // Let the writes finish on the device, then attach while nobody has reaped them.
+    std::thread::sleep(Duration::from_millis(50));
+    let cfg = CachedDevConfig {
+        uuid: [2; 16],
+        label: [0; 32],
+        device: std::sync::Arc::new(open_retrying(&paths.backing[1]).unwrap()),
+        data_offset: DATA_OFFSET,
+        mode: CacheMode::Writeback,
+    };
+    let tag = rig.tag();
+    rig.handles[1] = rig.engine.attach(tag, cfg).unwrap();
+    assert!(rig.engine.has_undelivered(), "the attach reaped the writes (the scenario under test)");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !tags.iter().all(|t| rig.done.iter().any(|c| c.user_data == *t)) {
+        assert!(
+            Instant::now() < until,
+            "writes never came back: {:?}",
+            rig.done.iter().map(|c| c.user_data).collect::<Vec<_>>()
+        );
+        rig.poll(Duration::from_millis(10));
+    }
+    assert!(!rig.engine.has_undelivered());
+    for c in rig.done.iter().filter(|c| tags.contains(&c.user_data)) {
+        assert!(c.result.is_ok(), "{c:?}");
+    }
+    rig.drain();
     rig.close().unwrap();
 }

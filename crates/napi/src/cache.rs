@@ -81,6 +81,9 @@ impl Driven for Served {
             e.take_events(out);
         }
     }
+    fn has_undelivered(&self) -> bool {
+        self.0.as_ref().is_some_and(CacheEngine::has_undelivered)
+    }
 }
 
 /// How to open a cache set.

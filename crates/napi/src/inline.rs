@@ -111,6 +111,11 @@ pub(crate) trait Driven: 'static {
     }
     /// Control operations finished: `(tag, result)`.
     fn take_events(&mut self, _out: &mut Vec<(u64, CoreResult<u32>)>) {}
+    /// Requests finished that only [`Driven::tick`] hands out now (the descriptor will not
+    /// turn readable for them).
+    fn has_undelivered(&self) -> bool {
+        false
+    }
 }
 
 impl Driven for RingDriver {
@@ -470,8 +475,11 @@ impl<D: Driven> Glue<D> {
         if t.is_null() {
             return;
         }
-        let due =
-            if self.events.borrow().is_empty() { self.driven.borrow().next_deadline() } else { Some(Instant::now()) };
+        let due = if self.events.borrow().is_empty() && !self.driven.borrow().has_undelivered() {
+            self.driven.borrow().next_deadline()
+        } else {
+            Some(Instant::now())
+        };
         let Some(due) = due else {
             if self.armed.take().is_some() {
                 // SAFETY: t is an initialised, open timer handle.

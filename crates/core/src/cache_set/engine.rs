@@ -58,6 +58,9 @@ pub struct CacheEngine {
     plain_done: Vec<IoCompletion>,
     io: Vec<IoRequest>,
     got: Vec<IoCompletion>,
+    /// Requests that finished during a call that returns no completions (attach, close):
+    /// handed out by the next call that does.
+    undelivered: Vec<IoCompletion>,
     /// Handles of cached devices by inode (to give completions their handle back).
     by_inode: Vec<u32>,
     /// Attaches waiting for the set's event: tag → handle.
@@ -79,6 +82,7 @@ impl CacheEngine {
             plain_done: Vec::new(),
             io: Vec::new(),
             got: Vec::new(),
+            undelivered: Vec::new(),
             by_inode: Vec::new(),
             attaching: Vec::new(),
             events: Vec::new(),
@@ -94,7 +98,7 @@ impl CacheEngine {
         let id = e.driver.add_device(cache)?;
         set.start(id);
         e.set = Some(set);
-        e.pump(&mut Vec::new())?;
+        e.pump_aside()?;
         Ok(e)
     }
 
@@ -142,7 +146,7 @@ impl CacheEngine {
         let handle = self.new_handle(Route::Plain { backing, data_offset: 0, size: 0, block: 1 });
         self.attaching.push((tag, handle));
         self.set.as_mut().expect("a set").attach(tag, cfg, backing);
-        self.pump(&mut Vec::new())?;
+        self.pump_aside()?;
         Ok(handle)
     }
 
@@ -194,7 +198,7 @@ impl CacheEngine {
             }
             None => self.events.push((tag, Ok(0))),
         }
-        self.pump(&mut Vec::new())
+        self.pump_aside()
     }
 
     /// Takes `reqs` and returns what completed at once in `out`; returns how many.
@@ -292,6 +296,22 @@ impl CacheEngine {
         Ok(())
     }
 
+    /// [`CacheEngine::pump`] from a call that returns no completions: what finishes is kept
+    /// for the next call that does (see [`CacheEngine::has_undelivered`]), never dropped.
+    fn pump_aside(&mut self) -> Result<()> {
+        let mut aside = std::mem::take(&mut self.undelivered);
+        let r = self.pump(&mut aside);
+        self.undelivered = aside;
+        r
+    }
+
+    /// Whether requests finished that no call has returned yet: the driver should call
+    /// [`CacheEngine::tick`] (or any call that returns completions) without waiting for the
+    /// descriptor, which will not turn readable for them.
+    pub fn has_undelivered(&self) -> bool {
+        !self.undelivered.is_empty()
+    }
+
     fn route(&mut self, got: &mut Vec<IoCompletion>) {
         let now = Instant::now();
         let any = !got.is_empty();
@@ -310,6 +330,7 @@ impl CacheEngine {
     }
 
     fn collect(&mut self, out: &mut Vec<IoCompletion>) {
+        out.append(&mut self.undelivered);
         let start = out.len();
         if let Some(s) = self.set.as_mut() {
             s.take_done(out);
