@@ -37,6 +37,7 @@ import {
   deviceRequests,
   InlineQueue,
   MAX_REQUEST,
+  type Pending,
   RequestSlots,
   type RequestOp,
 } from './inline'
@@ -294,7 +295,7 @@ export class IoEngine {
     if (this.#closing) return Promise.reject(closedError('the I/O engine'))
     if (this.#inline) return this.#inline.submit(op, dev, offset, arg)
     let tag = 0
-    const promise = new Promise<Buffer | number>((resolve, reject) => (tag = this.#slots.track({ resolve, reject })))
+    const promise = new Promise<Buffer | number>((resolve, reject) => (tag = this.#slots.track({ resolve: resolve as Pending['resolve'], reject, empty: op !== 'read' })))
     if (this.#slots.live === 1) (this.#keepAlive ??= setInterval(() => {}, 1 << 30)).ref()
     if (op === 'write') {
       // Writes carry data and go alone, after everything queued before them.
@@ -346,7 +347,7 @@ export class IoEngine {
         const [code, message] = payload as [string, string]
         p.reject(new UbcacheError(code, message))
       } else {
-        p.resolve((payload as Buffer | undefined) ?? result)
+        p.resolve((payload as Buffer | undefined) ?? (p.empty ? undefined : result))
       }
     }
     this.#slots.idle()
