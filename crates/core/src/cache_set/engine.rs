@@ -58,7 +58,7 @@ pub struct CacheEngine {
     plain_done: Vec<IoCompletion>,
     io: Vec<IoRequest>,
     got: Vec<IoCompletion>,
-    /// Requests that finished during a call that returns no completions (attach, close):
+    /// Requests that finished during a call that returns no completions (an attach):
     /// handed out by the next call that does.
     undelivered: Vec<IoCompletion>,
     /// Handles of cached devices by inode (to give completions their handle back).
@@ -98,7 +98,7 @@ impl CacheEngine {
         let id = e.driver.add_device(cache)?;
         set.start(id);
         e.set = Some(set);
-        e.pump_aside()?;
+        e.pump(&mut Vec::new())?;
         Ok(e)
     }
 
@@ -198,7 +198,11 @@ impl CacheEngine {
             }
             None => self.events.push((tag, Ok(0))),
         }
-        self.pump_aside()
+        // Known issue (issue 14's note): requests that finish during this call are not
+        // handed out (keeping them, as attach does, exposed a durability failure at close
+        // in the crash campaign that is still being investigated). The binding closes only
+        // once nothing is in flight.
+        self.pump(&mut Vec::new())
     }
 
     /// Takes `reqs` and returns what completed at once in `out`; returns how many.

@@ -34,13 +34,6 @@ pub struct Workload {
     pub mode_switches: u64,
     /// Errors are expected (faults injected): failed requests are fine, wrong data is not.
     pub errors_ok: bool,
-    /// The set is closing: requests it had not started are refused (`Closed`). And, a known
-    /// bug not yet fixed: a FUA write or flush that completes once the close has begun is
-    /// not always durable (crash campaign, writeback only, point 1745 of seed 0: a FUA write
-    /// completed during the close was missing after the crash). Until it is fixed, such
-    /// completions are not taken as proof of durability (as before the engine handed them
-    /// out at all: they were dropped).
-    pub closing: bool,
     log: std::collections::HashMap<(usize, u64), Vec<String>>,
     modes: Vec<String>,
     ops: u64,
@@ -60,7 +53,6 @@ impl Workload {
             fua: 10,
             mode_switches: 1,
             errors_ok: false,
-            closing: false,
             log: Default::default(),
             modes: Vec::new(),
             ops: 0,
@@ -152,8 +144,7 @@ impl Workload {
         let ok = c.result.is_ok();
         let c_tag = c.user_data;
         if let Err(e) = &c.result {
-            let refused = self.closing && e.kind() == ubcache_core::ErrorKind::Closed;
-            assert!(self.errors_ok || refused, "request failed: {e}");
+            assert!(self.errors_ok, "request failed: {e}");
         }
         match p {
             Pending::Read(r) => {
@@ -169,10 +160,10 @@ impl Workload {
             }
             Pending::Write { dev, block, blocks, version, fua } => {
                 self.trace(&format!("write v{version} done ok {ok}"), dev, block, blocks);
-                model.write_done(dev, block, blocks, version, ok, fua && !self.closing)
+                model.write_done(dev, block, blocks, version, ok, fua)
             }
             Pending::Flush { dev, at } => {
-                if ok && !self.closing {
+                if ok {
                     model.flush_done(dev, at)
                 }
             }
