@@ -2,7 +2,8 @@ import test from 'ava'
 import { spawnSync } from 'node:child_process'
 import { closeSync, mkdirSync, openSync, readSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
-import { CacheEngine, type CacheMode, makeBacking, makeCache, type Superblock, UbcacheError } from '../ts/index'
+import { CacheEngine, type CacheMode, makeBacking, makeCache, type Superblock } from '../ts/index'
+import { code } from './registry-helpers'
 
 // O_DIRECT needs a real filesystem; /var/tmp is one where /tmp may be tmpfs.
 const dir = join('/var/tmp', `ubcache-cache-engine-spec-${process.pid}`)
@@ -57,16 +58,6 @@ function backingBytes(s: Set, offset: number, length: number): Buffer {
   }
 }
 
-async function code(p: Promise<unknown> | (() => unknown)): Promise<string> {
-  let err: unknown
-  try {
-    await (typeof p === 'function' ? p() : p)
-  } catch (e) {
-    err = e
-  }
-  if (!(err instanceof UbcacheError)) throw new Error(`expected a UbcacheError, got ${String(err)}`)
-  return err.code
-}
 
 /** Waits (up to 10 s) for `cond` to hold. */
 async function until(cond: () => boolean): Promise<void> {
