@@ -101,6 +101,7 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
             // Crash while closing.
             t.during_close += 1;
             let tag = rig.tag();
+            w.closing = true;
             let _ = rig.engine.close(tag);
             for _ in 0..rng.below(8) {
                 rig.poll(Duration::from_millis(1));

@@ -98,7 +98,7 @@ impl CacheEngine {
         let id = e.driver.add_device(cache)?;
         set.start(id);
         e.set = Some(set);
-        e.pump(&mut Vec::new())?;
+        e.pump_aside()?;
         Ok(e)
     }
 
@@ -198,11 +198,7 @@ impl CacheEngine {
             }
             None => self.events.push((tag, Ok(0))),
         }
-        // Known issue (issue 14's note): requests that finish during this call are not
-        // handed out (keeping them, as attach does, exposed a durability failure at close
-        // in the crash campaign that is still being investigated). The binding closes only
-        // once nothing is in flight.
-        self.pump(&mut Vec::new())
+        self.pump_aside()
     }
 
     /// Takes `reqs` and returns what completed at once in `out`; returns how many.

@@ -416,8 +416,9 @@ const ADOPTED: u64 = 1 << 62;
 pub struct Model {
     /// Per device, per block: the versions from the durable floor on.
     blocks: Vec<Vec<Vec<Version>>>,
-    /// Blocks discarded since their floor: zeros or any content of the block is allowed.
-    discarded: Vec<Vec<bool>>,
+    /// Blocks discarded since their floor, with the model event of the newest discard's
+    /// submission: zeros or any content of the block is allowed.
+    discarded: Vec<Vec<Option<u64>>>,
     adopted: std::collections::HashMap<u64, Vec<u8>>,
     event: u64,
     next_version: u64,
@@ -448,7 +449,7 @@ impl Model {
                 .iter()
                 .map(|&n| vec![vec![Version { version: 0, submitted: 0, done: Some(0), ok: true }]; n as usize])
                 .collect(),
-            discarded: geo.backing_blocks.iter().map(|&n| vec![false; n as usize]).collect(),
+            discarded: geo.backing_blocks.iter().map(|&n| vec![None; n as usize]).collect(),
             adopted: Default::default(),
             event: 1,
             next_version: 1,
@@ -516,8 +517,13 @@ impl Model {
             vs[i].done = Some(e);
             vs[i].ok = ok;
             if ok && fua {
+                let submitted = vs[i].submitted;
                 vs.drain(..i);
-                self.discarded[dev][b as usize] = false;
+                // A discard submitted after this write is served after it: it may still land.
+                let d = &mut self.discarded[dev][b as usize];
+                if d.is_some_and(|at| at < submitted) {
+                    *d = None;
+                }
             }
             self.log(dev, b, format!("write v{version} done ok {ok} fua {fua}"));
         }
@@ -526,8 +532,9 @@ impl Model {
     /// A discard of the range was submitted: from now on (it may land any time, or be torn
     /// by a crash) the range may read back as anything it held, or zeros.
     pub fn discard_submitted(&mut self, dev: usize, block: u64, blocks: u64) {
+        let at = self.tick();
         for b in block..block + blocks {
-            self.discarded[dev][b as usize] = true;
+            self.discarded[dev][b as usize] = Some(at);
             self.log(dev, b, format!("discard submitted ({block}+{blocks})"));
         }
     }
@@ -535,7 +542,6 @@ impl Model {
     /// A discard of the range completed.
     pub fn discard_done(&mut self, dev: usize, block: u64, blocks: u64) {
         for b in block..block + blocks {
-            self.discarded[dev][b as usize] = true;
             self.log(dev, b, format!("discarded ({block}+{blocks})"));
         }
     }
@@ -601,7 +607,7 @@ impl Model {
         allowed: &[u64],
         mixed: bool,
     ) -> std::result::Result<(), String> {
-        let discarded = self.discarded[dev][b as usize];
+        let discarded = self.discarded[dev][b as usize].is_some();
         if allowed.iter().any(|v| *v >= ADOPTED && self.adopted.get(v).is_some_and(|d| d[..] == data[..])) {
             return Ok(());
         }
@@ -662,7 +668,7 @@ impl Model {
             self.blocks[dev][b as usize] = vec![Version { version: id, submitted: 0, done: Some(0), ok: true }];
             let first = decode_sector(&blk[..SECTOR as usize]).ok().flatten().map(|d| d.3);
             self.log(dev, b, format!("after a crash: read version {first:?} (sector 0), adopted as {id}"));
-            self.discarded[dev][b as usize] = false;
+            self.discarded[dev][b as usize] = None;
         }
         Ok(())
     }

@@ -34,6 +34,8 @@ pub struct Workload {
     pub mode_switches: u64,
     /// Errors are expected (faults injected): failed requests are fine, wrong data is not.
     pub errors_ok: bool,
+    /// The set is closing: requests that had not started may be refused (`Closed`).
+    pub closing: bool,
     log: std::collections::HashMap<(usize, u64), Vec<String>>,
     modes: Vec<String>,
     ops: u64,
@@ -53,6 +55,7 @@ impl Workload {
             fua: 10,
             mode_switches: 1,
             errors_ok: false,
+            closing: false,
             log: Default::default(),
             modes: Vec::new(),
             ops: 0,
@@ -144,7 +147,8 @@ impl Workload {
         let ok = c.result.is_ok();
         let c_tag = c.user_data;
         if let Err(e) = &c.result {
-            assert!(self.errors_ok, "request failed: {e}");
+            let refused = self.closing && e.kind() == ubcache_core::error::ErrorKind::Closed;
+            assert!(self.errors_ok || refused, "request failed: {e}");
         }
         match p {
             Pending::Read(r) => {

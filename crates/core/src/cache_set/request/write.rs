@@ -289,7 +289,7 @@ impl CacheSet {
     pub(crate) fn write_commit(&mut self, slot: u32) {
         let r = self.reqs.get(slot);
         r.committed = true;
-        let (inode, fua, path, in_place) = (r.inode, r.fua, r.path, r.in_place);
+        let (inode, fua, path) = (r.inode, r.fua, r.path);
         let failed = r.error.is_some();
         let pieces = std::mem::take(&mut r.pieces);
         let rest = std::mem::take(&mut r.rest);
@@ -342,9 +342,10 @@ impl CacheSet {
         let ptrs: Vec<_> = pieces.iter().map(|p| p.alloc.ptr).collect();
         let _ = self.alloc.put_ptrs(&ptrs);
         if fua && self.reqs.get(slot).error.is_none() {
-            // In place, the key written into may itself still wait for its entry.
-            let seq = if in_place { seq.max(self.journal_covering()) } else { seq };
-            self.wait_journal(slot, seq);
+            // Durable with everything recorded before it: a range dropped earlier (by a
+            // discard, or a write that went around) must not come back over this data after
+            // a crash, and in place the key written into may still wait for its entry.
+            self.wait_journal(slot, seq.max(self.journal_covering()));
         }
         self.maybe_finish(slot);
     }
