@@ -252,7 +252,9 @@ export class CacheEngine {
   private constructor(options: CacheEngineOptions, set: native.NativeLoadedSet | undefined) {
     const nativeOptions = nativeEngineOptions(options, true)
     try {
-      this.#queue = new InlineQueue((onComplete) => new native.NativeCacheEngine(nativeOptions, set, onComplete, this.#event))
+      this.#queue = new InlineQueue((onComplete) => new native.NativeCacheEngine(nativeOptions, set, onComplete, this.#event), {
+        holdWhileBusy: true,
+      })
     } catch (err) {
       throw asUbcacheError(err)
     }

@@ -1,7 +1,7 @@
 //! A cache set driven the way the JavaScript binding drives it, for the benchmarks
 //! (bench/engine, and bench/journal through `#[path]`): an io_uring engine opened for an
-//! event loop (`EngineOptions { event_loop: true, submit_batch: 2, buf_pool }`, as
-//! crates/napi/src/io.rs `engine_of` does), a [`RingDriver`] with adaptive busy polling (as
+//! event loop (`EngineOptions { event_loop: true, submit_batch: 0, buf_pool }`, as
+//! crates/napi/src/cache.rs has `engine_of` build it), a [`RingDriver`] with adaptive busy polling (as
 //! crates/napi/src/ring.rs `NativeRing::new` does), the set loaded through an
 //! [`EngineStorage`] over that same engine, then run by a [`CacheEngine`] from this thread:
 //! requests go in with `submit`, completions come out of `reap` when the ring's descriptor
@@ -129,12 +129,12 @@ impl Rig {
     pub fn open(cfg: &RigConfig) -> Rig {
         let pool = BufPool::new(BufPoolConfig { arena_bytes: cfg.arena_bytes, ..Default::default() });
         let defaults = EngineOptions::default();
-        // As crates/napi/src/io.rs `engine_of` builds an engine for the event loop.
+        // As crates/napi/src/io.rs `engine_of` builds an engine for the cache engine's event loop.
         let opts = EngineOptions {
             choice: EngineChoice::Uring,
             buf_pool: Some(pool.clone()),
             event_loop: true,
-            submit_batch: 2,
+            submit_batch: 0,
             ..defaults
         };
         let mut engine = open_engine(&opts).expect("io_uring engine");

@@ -53,11 +53,13 @@ pub(crate) fn engine_choice(env: &Env, name: Option<&str>) -> Result<EngineChoic
     }
 }
 
-/// Builds the engine `options` ask for, with the buffer pool its reads take memory from.
+/// Builds the engine `options` ask for, with the buffer pool its reads take memory from;
+/// `submit_batch` overrides [`EngineOptions::submit_batch`].
 pub(crate) fn engine_of(
     env: &Env,
     options: &NativeEngineOptions,
     event_loop: bool,
+    submit_batch: Option<usize>,
 ) -> Result<(Box<dyn IoEngine>, BufPool)> {
     let choice = engine_choice(env, options.engine.as_deref())?;
     let pool = BufPool::new(BufPoolConfig {
@@ -75,7 +77,7 @@ pub(crate) fn engine_of(
         // requests come back together: going out in pairs gets the device going sooner.
         // QD32 4 KiB reads from Node, 2-core VM: 150.4K IOPS against 148.1K with 4, 134.4K
         // with 1 (three alternating runs each).
-        submit_batch: if event_loop { 2 } else { defaults.submit_batch },
+        submit_batch: submit_batch.unwrap_or(if event_loop { 2 } else { defaults.submit_batch }),
         ..defaults
     };
     match open_engine(&opts) {
@@ -283,7 +285,7 @@ impl NativeIoEngine {
         ts_args_type = "options: NativeEngineOptions, onComplete: (batch: Array<number | Buffer | [string, string] | undefined>) => void"
     )]
     pub fn new(env: &Env, options: NativeEngineOptions, on_complete: Function<'_, (), ()>) -> Result<Self> {
-        let (engine, pool) = engine_of(env, &options, false)?;
+        let (engine, pool) = engine_of(env, &options, false, None)?;
         let tsfn: CompletionFn = on_complete
             .build_threadsafe_function::<Vec<IoCompletion>>()
             .weak::<true>()

@@ -16,9 +16,14 @@ use crate::io::{
     engine_of, open_device, throw, NativeDevice, NativeEngineOptions, NativeEngineStats, NativeOpenOptions,
 };
 
-/// A ring driver built as `options` ask (busy polling included), with its buffer pool.
-pub(crate) fn driver_of(env: &Env, options: &NativeEngineOptions) -> Result<(RingDriver, ubcache_core::io::BufPool)> {
-    let (engine, pool) = engine_of(env, options, true)?;
+/// A ring driver built as `options` ask (busy polling included), with its buffer pool;
+/// `submit_batch` as [`engine_of`] takes it.
+pub(crate) fn driver_of(
+    env: &Env,
+    options: &NativeEngineOptions,
+    submit_batch: Option<usize>,
+) -> Result<(RingDriver, ubcache_core::io::BufPool)> {
+    let (engine, pool) = engine_of(env, options, true, submit_batch)?;
     let mut driver = match RingDriver::new(engine) {
         Ok(d) => d,
         Err(e) => return throw(env, e),
@@ -51,7 +56,7 @@ impl NativeRing {
         ts_args_type = "options: NativeEngineOptions, onComplete: (count: number, fatal?: [string, string]) => void"
     )]
     pub fn new(env: &Env, options: NativeEngineOptions, on_complete: Function<'_, (), ()>) -> Result<Self> {
-        let (driver, pool) = driver_of(env, &options)?;
+        let (driver, pool) = driver_of(env, &options, None)?;
         let cbs = Callbacks { on_complete, on_event: None, name: c"ubcache:io" };
         Ok(NativeRing { glue: Glue::new(env, driver, pool, cbs)? })
     }
