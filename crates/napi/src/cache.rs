@@ -332,11 +332,11 @@ impl NativeCacheEngine {
             },
             None => None,
         };
-        // Every I/O one call makes goes to the kernel at its end, in one system call: a
-        // request is two I/Os or more (writethrough: backing and cache), and going out in
-        // pairs cost a system call and a doorbell per request. QD32 4 KiB writethrough from
-        // Node on the 2-core VM: 0.85-0.90 of fio at 17 us CPU/write, against 0.84 at 22 us
-        // with pairs (bench:cache, same run).
+        // Every I/O one call makes goes to the kernel at its end, in one system call (with
+        // the inline queue holding lone requests while busy, calls carry a few requests).
+        // bench:cache, 2-core VM, two alternating runs of 3 rounds: hits QD32 0.80 and 0.80
+        // of fio against 0.73 and 0.72 in pairs (the default for an event loop); writethrough
+        // QD32 0.80 and 0.83 against 0.87 and 0.81, at 17 us CPU/write against 22.
         let (driver, pool) = driver_of(env, &options, Some(0))?;
         let engine = match loaded {
             Some(l) => match CacheEngine::with_set(driver, l.set, l.cache) {
