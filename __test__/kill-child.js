@@ -12,26 +12,9 @@
 // argv: JSON {cache, backings: [path...], modes: [mode...], base, seed, order}
 'use strict'
 const { Registry } = require('../dist/index.js')
+const { BLOCK, blocks } = require('./block-format.js')
 
-const BLOCK = 4096
-const UNIT = 16
-const CHECK = 0x9e3779b9
 const cfg = JSON.parse(process.argv[2])
-
-function blocks(id, dev, start, n) {
-  const b = Buffer.alloc(n * BLOCK)
-  for (let i = 0; i < n; i++) {
-    const block = start + i
-    const check = (id ^ Math.imul(dev + 1, 0x01000193) ^ Math.imul(block, 0x45d9f3b) ^ CHECK) >>> 0
-    for (let o = i * BLOCK; o < (i + 1) * BLOCK; o += UNIT) {
-      b.writeUInt32LE(id, o)
-      b.writeUInt32LE(dev, o + 4)
-      b.writeUInt32LE(block, o + 8)
-      b.writeUInt32LE(check, o + 12)
-    }
-  }
-  return b
-}
 
 let seed = cfg.seed >>> 0
 function rand() {

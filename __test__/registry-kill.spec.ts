@@ -13,38 +13,12 @@ import test from 'ava'
 import { spawn } from 'node:child_process'
 import { resolve } from 'node:path'
 import { type CacheMode, Registry } from '../ts/index'
+import { BLOCK, blocks, writer } from './block-format'
 import { formatSet, rng, writeFileBytes } from './registry-helpers'
 
 const KILLS = Number(process.env.UBCACHE_KILLS ?? 20)
-const BLOCK = 4096
-const UNIT = 16
-const CHECK = 0x9e3779b9
 const modes: CacheMode[] = ['writethrough', 'writeback', 'writearound', 'none']
 const CHILD = resolve(__dirname, 'kill-child.js')
-
-/** The initial content: id 0 in every block. */
-function initial(dev: number, nblocks: number): Buffer {
-  const b = Buffer.alloc(nblocks * BLOCK)
-  for (let block = 0; block < nblocks; block++) {
-    const check = (0 ^ Math.imul(dev + 1, 0x01000193) ^ Math.imul(block, 0x45d9f3b) ^ CHECK) >>> 0
-    for (let o = block * BLOCK; o < (block + 1) * BLOCK; o += UNIT) {
-      b.writeUInt32LE(dev, o + 4)
-      b.writeUInt32LE(block, o + 8)
-      b.writeUInt32LE(check, o + 12)
-    }
-  }
-  return b
-}
-
-/** The id of the write the block at `i` of `data` came from, or undefined if it is not a whole block of one for `dev`, `block`. */
-function writer(data: Buffer, i: number, dev: number, block: number): number | undefined {
-  const b = data.subarray(i * BLOCK, (i + 1) * BLOCK)
-  const id = b.readUInt32LE(0)
-  const check = (id ^ Math.imul(dev + 1, 0x01000193) ^ Math.imul(block, 0x45d9f3b) ^ CHECK) >>> 0
-  if (b.readUInt32LE(4) !== dev || b.readUInt32LE(8) !== block || b.readUInt32LE(12) !== check) return undefined
-  for (let o = UNIT; o < BLOCK; o += UNIT) if (b.compare(b, 0, UNIT, o, o + UNIT) !== 0) return undefined
-  return id
-}
 
 interface Run {
   lines: number
@@ -62,7 +36,7 @@ test.serial(`SIGKILL at random moments, ${KILLS} times: the set opens and every 
   const rand = rng(seed)
   const f = await formatSet(2, { backingBytes: 8 << 20 })
   const nblocks = ((8 << 20) - 8192) / BLOCK
-  f.backings.forEach((p, d) => writeFileBytes(p, f.sbs[d].dataOffset * 512, initial(d, nblocks)))
+  f.backings.forEach((p, d) => writeFileBytes(p, f.sbs[d].dataOffset * 512, blocks(0, d, 0, nblocks)))
   /** Per device and block: the newest id reported durable. */
   const durable = f.backings.map(() => new Float64Array(nblocks))
   const stats = { kills: 0, beforeReady: 0, durableReports: 0, newerThanDurable: 0, blocksChecked: 0, uncleanOpens: 0, replayedEntries: 0 }

@@ -14,57 +14,12 @@
 // written again.
 import test from 'ava'
 import { readSuperblock, Registry, type CacheMode, type CachedDevice, type CacheSet } from '../ts/index'
+import { BLOCK, blocks, describe, writer } from './block-format'
 import { formatSet, rng, writeFileBytes } from './registry-helpers'
 
-const BLOCK = 4096
-const UNIT = 16
-const CHECK = 0x9e3779b9
 const modes: CacheMode[] = ['writethrough', 'writeback', 'writearound', 'none']
 const ROUNDS = Number(process.env.UBCACHE_MODEL_ROUNDS ?? 10)
 const OPS = Number(process.env.UBCACHE_MODEL_OPS ?? 500)
-
-/** `n` blocks written by write `id` to device `dev` from block `start`. */
-function blocks(id: number, dev: number, start: number, n: number): Buffer {
-  const b = Buffer.alloc(n * BLOCK)
-  for (let i = 0; i < n; i++) {
-    const block = start + i
-    const check = (id ^ Math.imul(dev + 1, 0x01000193) ^ Math.imul(block, 0x45d9f3b) ^ CHECK) >>> 0
-    for (let o = i * BLOCK; o < (i + 1) * BLOCK; o += UNIT) {
-      b.writeUInt32LE(id, o)
-      b.writeUInt32LE(dev, o + 4)
-      b.writeUInt32LE(block, o + 8)
-      b.writeUInt32LE(check, o + 12)
-    }
-  }
-  return b
-}
-
-/** Which write the block at `i` of `data` came from, or undefined if it is not a whole block of one for `dev`, `block`. */
-function writer(data: Uint8Array, i: number, dev: number, block: number): number | undefined {
-  const b = Buffer.from(data.buffer, data.byteOffset + i * BLOCK, BLOCK)
-  const id = b.readUInt32LE(0)
-  if (b.readUInt32LE(4) !== dev || b.readUInt32LE(8) !== block) return undefined
-  const check = (id ^ Math.imul(dev + 1, 0x01000193) ^ Math.imul(block, 0x45d9f3b) ^ CHECK) >>> 0
-  if (b.readUInt32LE(12) !== check) return undefined
-  for (let o = UNIT; o < BLOCK; o += UNIT) if (b.compare(b, 0, UNIT, o, o + UNIT) !== 0) return undefined
-  return id
-}
-
-/** The writers of the units of the block at `i` of `data`, run-length encoded: what a bad block holds. */
-function describe(data: Uint8Array, i: number): string {
-  const b = Buffer.from(data.buffer, data.byteOffset + i * BLOCK, BLOCK)
-  const runs: string[] = []
-  for (let o = 0; o < BLOCK; ) {
-    const id = b.readUInt32LE(o)
-    const dev = b.readUInt32LE(o + 4)
-    const block = b.readUInt32LE(o + 8)
-    let e = o + UNIT
-    while (e < BLOCK && b.compare(b, o, o + UNIT, e, e + UNIT) === 0) e += UNIT
-    runs.push(`bytes ${o}..${e}: write ${id} dev ${dev} block ${block}`)
-    o = e
-  }
-  return runs.join('; ')
-}
 
 interface Model {
   /** Per block: the id of the newest write made to it (0: the initial content; -1: discarded, undefined). */
