@@ -101,6 +101,10 @@ for (const mode of modes) {
     const before = engine.stats()
     t.is(before?.state, 'running')
     t.true(Number.isFinite(before?.longestTickUs) && (before?.longestTickUs ?? -1) >= 0, 'longestTickUs is a finite number >= 0')
+    t.true(
+      Number.isInteger(before?.prioDistanceCheckpoints) && (before?.prioDistanceCheckpoints ?? 0) <= (before?.checkpoints ?? 0),
+      'prioDistanceCheckpoints counts some of the checkpoints',
+    )
     if (mode === 'none') t.is(before?.cacheHits, 0)
     else t.true((before?.cacheHits ?? 0) > 0, `${mode} hits what it wrote or read`)
     const cachedBefore = engine.cachedSectors(h)

@@ -325,6 +325,7 @@ export interface NativeCacheSetStats {
   journalEntries: number
   journalPreflushes: number
   checkpoints: number
+  prioDistanceCheckpoints: number
   prioWrites: number
   gcRuns: number
   hitSectors: number

@@ -152,6 +152,11 @@ export interface CacheSetStats {
   journalPreflushes: number
   /** Checkpoints recorded. */
   checkpoints: number
+  /**
+   * Of those, begun because many prio writes happened since the oldest checkpoint kept (so
+   * that no bucket's gen can wrap within what replay would read).
+   */
+  prioDistanceCheckpoints: number
   /** Prio writes committed. */
   prioWrites: number
   /** GC passes finished. */
