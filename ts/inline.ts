@@ -369,6 +369,7 @@ export class InlineQueue<N extends InlineNative> {
   }
 
   readonly #submitHeld = (): void => {
+    if (this.#queued === 0) return
     this.#holds = HOLD_BELOW
     this.submitQueued()
   }
