@@ -500,3 +500,24 @@ fn requests_finishing_during_a_close_are_handed_out_later() {
     assert!(matches!(result(first), Some(Ok(_))), "{:?}", result(first));
     assert!(matches!(result(second), Some(Err(e)) if e.kind() == ErrorKind::Closed), "{:?}", result(second));
 }
+
+/// Fills copy the data into buffers of earlier fills (kept to spare a fresh mapping per
+/// fill): a small fill into a large buffer that held other blocks caches exactly its own.
+#[test]
+fn a_fill_into_a_reused_copy_buffer_caches_its_own_data() {
+    let paths = format("fillreuse", Geo::small());
+    let mut rig = Rig::open(&paths, &RigOptions { modes: vec![CacheMode::Writethrough], ..wb() }).unwrap();
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    let expect = |start: u64, n: u64| (start..start + n).flat_map(|b| data(0, b, 0)).collect::<Vec<u8>>();
+    assert!(rig.read(0, 0, 64).unwrap() == expect(0, 64), "blocks 0..64");
+    rig.drain();
+    assert_eq!(rig.engine.set().unwrap().cached_sectors(inode), 64 * 8, "the first fill landed");
+    assert!(rig.read(0, 200, 2).unwrap() == expect(200, 2), "blocks 200..202");
+    rig.drain();
+    assert_eq!(rig.engine.set().unwrap().cached_sectors(inode), 66 * 8, "the second fill landed");
+    let hits = rig.engine.set().unwrap().stats().hit_sectors;
+    assert!(rig.read(0, 200, 2).unwrap() == expect(200, 2), "the second fill cached its own blocks");
+    assert!(rig.read(0, 0, 64).unwrap() == expect(0, 64), "blocks 0..64");
+    assert_eq!(rig.engine.set().unwrap().stats().hit_sectors - hits, 66 * 8, "both read back from the cache");
+    rig.close().unwrap();
+}

@@ -139,6 +139,8 @@ pub(crate) struct Requests {
     pub frags: Vec<Fragment>,
     /// Part lists of finished requests, kept for the next ones (no allocation per request).
     spare_parts: Vec<Vec<Part>>,
+    /// Copy buffers of finished fills, kept for the next ones (see `fill::FILL_SPARES`).
+    pub fill_spare: Vec<AlignedBuf>,
 }
 
 impl Requests {
