@@ -501,8 +501,8 @@ fn requests_finishing_during_a_close_are_handed_out_later() {
     assert!(matches!(result(second), Some(Err(e)) if e.kind() == ErrorKind::Closed), "{:?}", result(second));
 }
 
-/// Fills copy the data into buffers of earlier fills (kept to spare a fresh mapping per
-/// fill): a small fill into a large buffer that held other blocks caches exactly its own.
+/// Fills copy the data into recycled buffers (kept to spare a fresh mapping per fill): each
+/// fill caches exactly its own blocks, whatever its buffer held before.
 #[test]
 fn a_fill_into_a_reused_copy_buffer_caches_its_own_data() {
     let paths = format("fillreuse", Geo::small());

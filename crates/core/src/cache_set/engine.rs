@@ -58,7 +58,8 @@ pub struct CacheEngine {
     plain_done: Vec<IoCompletion>,
     io: Vec<IoRequest>,
     got: Vec<IoCompletion>,
-    /// Requests that finished during a call that returns no completions (an attach):
+    /// Requests that finished during a call that returns no completions (starting a set,
+    /// an attach, a close):
     /// handed out by the next call that does.
     undelivered: Vec<IoCompletion>,
     /// Handles of cached devices by inode (to give completions their handle back).

@@ -166,11 +166,6 @@ impl Slab {
     pub fn is_empty(&self) -> bool {
         self.buf.len == 0
     }
-
-    /// The buffer back, once nothing else holds the slab (no window, no other `Arc`).
-    pub fn into_buf(self) -> AlignedBuf {
-        self.buf
-    }
 }
 
 impl std::fmt::Debug for Slab {

@@ -13,13 +13,6 @@ use crate::index::{Key, Placeholder};
 use crate::io::{AlignedBuf, IoCompletion, IoRequest, Slab};
 use std::sync::Arc;
 
-/// Copy buffers of finished fills kept for the next ones, and the largest kept. A fresh
-/// buffer of a megabyte is mapped, faulted in page by page, zeroed and unmapped again for
-/// every fill: 1 MiB sequential read misses that fill the cache cost about 0.9 ms of CPU
-/// each that way.
-const FILL_SPARES: usize = 8;
-const FILL_SPARE_MAX: usize = 4 << 20;
-
 /// A fill in flight.
 pub(crate) struct Fill {
     ph: Placeholder,
@@ -27,7 +20,7 @@ pub(crate) struct Fill {
     ok: Vec<bool>,
     left: u32,
     /// The copy of the data, which the pieces' writes take windows of.
-    data: Arc<Slab>,
+    _data: Arc<Slab>,
 }
 
 impl Fill {
@@ -70,17 +63,10 @@ impl CacheSet {
             self.space_wanted();
             return;
         }
-        let len = (done * 512) as usize;
-        let spare = self.reqs.fill_spare.iter().enumerate().filter(|(_, b)| b.capacity() >= len);
-        let mut copy = match spare.min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i) {
-            Some(i) => self.reqs.fill_spare.swap_remove(i),
-            None => AlignedBuf::new(len),
-        };
-        copy.set_len(len);
-        copy.copy_from_slice(&data[..len]);
+        let copy = self.reqs.fill_pool.copy_from(&data[..(done * 512) as usize]);
         let (slab, _, _) = copy.into_slab();
         let n = pieces.len();
-        let slot = self.reqs.insert_fill(Fill { ph, pieces, ok: vec![false; n], left: n as u32, data: slab.clone() });
+        let slot = self.reqs.insert_fill(Fill { ph, pieces, ok: vec![false; n], left: n as u32, _data: slab.clone() });
         let f = self.reqs.fills[slot as usize].as_ref().expect("just inserted");
         let mut reqs = Vec::with_capacity(n);
         let mut at = 0usize;
@@ -107,8 +93,6 @@ impl CacheSet {
             Ok(_) => f.ok[piece as usize] = true,
             Err(_) => self.stats.cache_io_errors += 1,
         }
-        // The piece's window on the copy goes now, so that the last one frees the copy.
-        drop(c.op);
         self.cache_unflushed = true;
         if self.reqs.fills[slot as usize].as_ref().is_some_and(|f| f.left > 0) {
             return;
@@ -139,12 +123,6 @@ impl CacheSet {
         }
         let ptrs: Vec<_> = f.pieces.iter().map(|a| a.ptr).collect();
         let _ = self.alloc.put_ptrs(&ptrs);
-        if let Ok(slab) = Arc::try_unwrap(f.data) {
-            let buf = slab.into_buf();
-            if buf.capacity() <= FILL_SPARE_MAX && self.reqs.fill_spare.len() < FILL_SPARES {
-                self.reqs.fill_spare.push(buf);
-            }
-        }
         self.index.finish_fill(&f.ph, filled);
         self.stats.fill_sectors += filled;
         self.close_progress();
