@@ -1132,6 +1132,27 @@ fn sector_allocator_keeps_streams_together_and_kinds_apart() {
     s.a.check_invariants().unwrap();
 }
 
+#[test]
+fn a_writers_random_writes_go_end_to_end_into_the_bucket_it_used_last() {
+    let mut s = Sim::new(&config(1, 1024, Replacement::Lru, false));
+    s.drive();
+    let x = sectors_retry(&mut s, &write(1, 0, 2, 5, false));
+    let y = sectors_retry(&mut s, &write(2, 0, 2, 6, false));
+    assert_ne!(x.ptr.offset() / 16, y.ptr.offset() / 16);
+    // Writer 5 continues writer 6's stream: the bucket it used last is now y's.
+    let y2 = sectors_retry(&mut s, &write(2, 2, 2, 5, false));
+    assert_eq!(y2.ptr.offset(), y.ptr.offset() + 2);
+    // Its random writes follow on there, one after another, not in x's bucket (bcache's
+    // loop would take the writer's oldest bucket, and alternate).
+    let mut at = y2.ptr.offset() + 2;
+    for off in [900, 40, 7000] {
+        let r = sectors_retry(&mut s, &write(1, off, 2, 5, false));
+        assert_eq!(r.ptr.offset(), at, "random write at {off}");
+        at += 2;
+    }
+    s.a.check_invariants().unwrap();
+}
+
 /// The allocator is the index's bucket accounting: inserting keys raises the sectors used of
 /// the bucket they point into, overwriting or dropping them lowers it, never below zero, and
 /// neither the GC mark nor the pins move. GC then recounts the same figures from scratch.

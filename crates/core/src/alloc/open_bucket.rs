@@ -65,9 +65,13 @@ impl OpenBuckets {
         OpenBuckets { slots: vec![OpenBucket::default(); MAX_OPEN_BUCKETS], lru: (0..MAX_OPEN_BUCKETS as u8).collect() }
     }
 
-    /// bcache's `pick_data_bucket`, most recent first: the bucket this write continues, else
-    /// the oldest one last used by the same writer, else the least recently used one. Buckets
-    /// holding data of the other kind (flash-only or cached) are never chosen to share.
+    /// bcache's `pick_data_bucket`: the bucket this write continues, else the one the same
+    /// writer used last, else the least recently used one. Buckets holding data of the other
+    /// kind (flash-only or cached) are never chosen to share. bcache's loop ends on the
+    /// *oldest* bucket of the writer, so one writer's random writes rotate over every open
+    /// bucket, each landing in a different one; taking the newest keeps them end to end in
+    /// one bucket, as its comment ("preserve locality") intends, and lets the block layer
+    /// merge the cache-device writes made together into one request.
     fn pick(&self, w: &DataWrite) -> usize {
         let mut same_writer = None;
         for (pos, &s) in self.lru.iter().enumerate().rev() {
@@ -78,7 +82,7 @@ impl OpenBuckets {
             if ob.inode == w.inode && ob.offset == w.offset {
                 return pos;
             }
-            if ob.write_point == w.write_point {
+            if same_writer.is_none() && ob.write_point == w.write_point {
                 same_writer = Some(pos);
             }
         }

@@ -306,6 +306,19 @@ impl UringEngine {
                         self.in_kernel += 1;
                     }
                 }
+                // Each device's ops side by side, in their order: the block layer merges a
+                // bio only into the request plugged just before it, so writes that
+                // allocation laid end to end on the cache device (one open bucket per
+                // writer) reach it as one request instead of one each. Ops on different
+                // devices have no order to keep (completion is what orders them).
+                if self.backlog.len() > 2 {
+                    let ops = &self.ops;
+                    let dev_of = |idx: &u32| ops[*idx as usize].as_ref().map_or(0, |op| op.dev);
+                    let b = self.backlog.make_contiguous();
+                    if b.windows(2).any(|w| dev_of(&w[0]) > dev_of(&w[1])) {
+                        b.sort_by_key(dev_of);
+                    }
+                }
                 while let Some(&idx) = self.backlog.front() {
                     if self.in_kernel >= self.cq_cap {
                         break;
