@@ -1,6 +1,6 @@
 //! A cache set driven the way the JavaScript binding drives it, for the benchmarks
 //! (bench/engine, and bench/journal through `#[path]`): an io_uring engine opened for an
-//! event loop (`EngineOptions { event_loop: true, submit_batch: 2, buf_pool }`, as
+//! event loop (`EngineOptions { submit_batch: 2, buf_pool }`, as
 //! crates/napi/src/io.rs `engine_of` builds it by default; the cache engine's binding asks
 //! for 0 instead, see below), a [`RingDriver`] with adaptive busy polling (as
 //! crates/napi/src/ring.rs `NativeRing::new` does), the set loaded through an
@@ -141,7 +141,6 @@ impl Rig {
         let opts = EngineOptions {
             choice: EngineChoice::Uring,
             buf_pool: Some(pool.clone()),
-            event_loop: true,
             submit_batch: 2,
             ..defaults
         };

@@ -72,7 +72,6 @@ pub(crate) fn engine_of(
         queue_depth: options.queue_depth.unwrap_or(defaults.queue_depth),
         psync_threads: options.psync_threads.map_or(defaults.psync_threads, |n| n as usize),
         buf_pool: Some(pool.clone()),
-        event_loop,
         // The event loop hands completions over in chunks of 8 (ring.rs) and each chunk's
         // requests come back together: going out in pairs gets the device going sooner.
         // QD32 4 KiB reads from Node, 2-core VM: 150.4K IOPS against 148.1K with 4, 134.4K

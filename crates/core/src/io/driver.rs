@@ -5,11 +5,10 @@
 //! On a small machine those wakeups dominate a 4 KiB read. A [`RingDriver`] has no thread:
 //! [`RingDriver::submit_batch`] puts requests straight into the engine (for io_uring, one
 //! `io_uring_enter` on the caller's thread), and the engine's completion descriptor
-//! ([`RingDriver::fd`]: the ring's own descriptor for an io_uring engine opened with
-//! `EngineOptions::event_loop`, else an eventfd registered with the ring; the portable
-//! engine's eventfd) tells the caller's event loop when to call [`RingDriver::reap`]. A
-//! batch of completions then costs one wakeup of the loop the caller was sleeping in
-//! anyway, and a reap with nothing finished costs no system call.
+//! ([`RingDriver::fd`]: an eventfd registered with the io_uring ring, which runs deferred
+//! task work, so completions are posted by the caller's next entry; the portable engine's
+//! eventfd) tells the caller's event loop when to call [`RingDriver::reap`]. A batch of
+//! completions then costs one wakeup of the loop the caller was sleeping in anyway.
 //!
 //! Use a driver from one thread only: the io_uring ring is set up for a single issuer, the
 //! thread that first submits.
@@ -370,14 +369,13 @@ mod tests {
         (p, data)
     }
 
-    /// Every engine a driver takes, on its own file: (choice, event_loop).
-    const DRIVEN: [(EngineChoice, bool); 3] =
-        [(EngineChoice::Uring, false), (EngineChoice::Uring, true), (EngineChoice::Psync, false)];
+    /// Every engine a driver takes.
+    const DRIVEN: [EngineChoice; 2] = [EngineChoice::Uring, EngineChoice::Psync];
 
     /// A driver over `choice` with the file from `file(tag)` added.
-    fn driver(tag: &str, choice: EngineChoice, event_loop: bool) -> (RingDriver, DevId, std::path::PathBuf, Vec<u8>) {
+    fn driver(tag: &str, choice: EngineChoice) -> (RingDriver, DevId, std::path::PathBuf, Vec<u8>) {
         let (p, data) = file(tag);
-        let engine = open_engine(&EngineOptions { choice, event_loop, ..Default::default() }).unwrap();
+        let engine = open_engine(&EngineOptions { choice, ..Default::default() }).unwrap();
         let mut d = RingDriver::new(engine).unwrap();
         let id = d.add_device(Arc::new(Device::open(&p, &OpenOptions::default()).unwrap())).unwrap();
         (d, id, p, data)
@@ -385,8 +383,8 @@ mod tests {
 
     #[test]
     fn busy_polling_returns_the_first_completion_from_the_submit_call() {
-        for (choice, event_loop) in DRIVEN {
-            let (mut d, id, p, data) = driver(&format!("busy-{choice:?}-{event_loop}"), choice, event_loop);
+        for choice in DRIVEN {
+            let (mut d, id, p, data) = driver(&format!("busy-{choice:?}"), choice);
             // A budget no 4 KiB read of a file comes near: the call must return its completion.
             d.set_busy_poll(BusyPoll::Fixed(Duration::from_secs(5)));
             for i in 0..20u64 {
@@ -410,8 +408,8 @@ mod tests {
     /// for overlapping ones, and stops polling once lone requests take longer than the cap.
     #[test]
     fn adaptive_polling_polls_only_for_lone_requests_within_the_cap() {
-        for (choice, event_loop) in DRIVEN {
-            let (mut d, id, p, data) = driver(&format!("adaptive-{choice:?}-{event_loop}"), choice, event_loop);
+        for choice in DRIVEN {
+            let (mut d, id, p, data) = driver(&format!("adaptive-{choice:?}"), choice);
             let read = |i: u64| IoRequest::read(id, i * 8192 % (1 << 20), AlignedBuf::new(4096), i);
             let check = |c: IoCompletion| {
                 let off = (c.user_data * 8192 % (1 << 20)) as usize;
@@ -492,8 +490,8 @@ mod tests {
     /// completes once, with the right data, and the descriptor goes quiet when all is reaped.
     #[test]
     fn completions_arrive_through_the_descriptor() {
-        for (choice, event_loop) in DRIVEN {
-            let (mut d, id, p, data) = driver(&format!("{choice:?}-{event_loop}"), choice, event_loop);
+        for choice in DRIVEN {
+            let (mut d, id, p, data) = driver(&format!("{choice:?}"), choice);
             let reqs: Vec<_> = (0..64u64).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i)).collect();
             let mut got = d.submit_batch(reqs).unwrap();
             // A bad request completes at once, through the return value.
@@ -523,7 +521,7 @@ mod tests {
     /// Closing with requests in flight: they still complete, later ones fail with CLOSED.
     #[test]
     fn close_completes_in_flight_and_refuses_new() {
-        let (mut d, id, p, _) = driver("close", EngineChoice::Uring, true);
+        let (mut d, id, p, _) = driver("close", EngineChoice::Uring);
         let mut got =
             d.submit_batch((0..32u64).map(|i| IoRequest::read(id, i * 4096, AlignedBuf::new(4096), i))).unwrap();
         d.close();

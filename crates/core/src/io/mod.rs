@@ -332,10 +332,6 @@ pub struct EngineOptions {
     pub submit_batch: usize,
     /// For tests: pretend `io_uring_setup` failed with this errno.
     pub simulate_uring_setup_error: Option<i32>,
-    /// The engine is driven from an event loop ([`RingDriver`]) rather than a thread that
-    /// waits in `poll`: io_uring then posts completions without deferred task running, and
-    /// [`IoEngine::completion_fd`] is the ring's own descriptor (no eventfd to reset).
-    pub event_loop: bool,
 }
 
 impl Default for EngineOptions {
@@ -349,7 +345,6 @@ impl Default for EngineOptions {
             max_transfer: None,
             submit_batch: 4,
             simulate_uring_setup_error: None,
-            event_loop: false,
         }
     }
 }
