@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use set_common::*;
 use ubcache_core::alloc::GcMark;
-use ubcache_core::cache_set::{CacheMode, CacheSetOptions, SetState};
+use ubcache_core::cache_set::{CacheMode, CacheSetOptions, SetState, WritebackConfig};
 use ubcache_core::io::fault::{CrashMode, FaultRule};
 use ubcache_core::io::OpKind;
 
@@ -42,6 +42,8 @@ struct Tally {
     requests: usize,
     torn_sectors: u64,
     unflushed: usize,
+    /// Sectors written back and marked clean before the crashes.
+    written_back: u64,
 }
 
 /// Runs `n` crash points on one set; `modes` are the devices' cache modes (switched at
@@ -62,6 +64,17 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         model.note = format!("point {}", t.points);
         o.seed = rng.next();
         o.set.journal_fua = rng.chance(70);
+        // Writeback: at full speed with a short or no wait between passes, paused, or as
+        // bcache paces it (which in a run this short writes little back).
+        o.writeback = match rng.below(4) {
+            0 | 1 => Some(WritebackConfig {
+                percent: 0,
+                delay: Duration::from_millis(rng.below(3)),
+                ..Default::default()
+            }),
+            2 => Some(WritebackConfig { running: false, ..Default::default() }),
+            _ => None,
+        };
         let mode =
             if rng.chance(50) { CrashMode::TearUnflushed { seed: rng.next() } } else { CrashMode::DropUnflushed };
         // Crash while opening: cut the startup short after a few I/O rounds.
@@ -117,6 +130,7 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         if matches!(rig.state(), SetState::Failed(_)) {
             t.failed_sets += 1;
         }
+        t.written_back += rig.engine.set().map_or(0, |s| s.stats().writeback_sectors);
         model.note = format!("point {} crashed {mode:?}", t.points);
         let r = rig.crash(mode);
         t.torn_sectors += r.sectors_kept;
@@ -183,6 +197,8 @@ fn reopen_and_check(paths: &Paths, o: &RigOptions, model: &mut Model, point: usi
 fn report(name: &str, t: &Tally) {
     eprintln!("{name}: {t:?}");
     assert!(t.points >= points(), "{name}: {} crash points", t.points);
+    // Half the points run writeback at full speed: it must have run.
+    assert!(t.written_back > 0 || points() < 100, "{name}: nothing was written back");
 }
 
 #[test]

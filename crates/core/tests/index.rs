@@ -310,7 +310,10 @@ fn writeback_walks_dirty_keys_in_order_and_cleans_them() {
     // The key at 300 is overwritten in part before writeback finishes with it.
     let dirty = idx.key_at(3, 300, &b).unwrap();
     idx.insert(&Key::new(3, 305, 2, ptr(1, BUCKET_SECTORS, 0)).with_dirty(true), &mut b).unwrap();
-    assert_eq!(idx.mark_clean(&dirty, &mut b).unwrap(), 8);
+    let mut cleaned = Vec::new();
+    assert_eq!(idx.mark_clean(&dirty, &mut b, &mut cleaned).unwrap(), 8);
+    assert_eq!(cleaned.iter().map(|k| k.size).sum::<u64>(), 8);
+    assert!(cleaned.iter().all(|k| !k.dirty && k.inode == dirty.inode));
     assert_eq!(idx.dirty_sectors(3), 12);
     assert_eq!(b.bucket(0, 2).unwrap().dirty_sectors, 0);
     assert_eq!(b.bucket(0, 2).unwrap().clean_sectors, 8);
@@ -688,7 +691,9 @@ impl Harness {
                         }
                     }
                 }
-                prop_assert_eq!(self.idx.mark_clean(&key, &mut self.b).unwrap(), want);
+                let mut cleaned = Vec::new();
+                prop_assert_eq!(self.idx.mark_clean(&key, &mut self.b, &mut cleaned).unwrap(), want);
+                prop_assert_eq!(cleaned.iter().map(|k| k.size).sum::<u64>(), want);
             }
         }
         self.check_invariants()

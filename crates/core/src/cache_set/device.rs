@@ -90,6 +90,8 @@ pub(crate) struct CachedDev {
     pub flush_next: u32,
     pub flushes_in_flight: Vec<u32>,
     pub flush_waiters: Vec<(u32, FlushWaiter)>,
+    /// Its writeback.
+    pub wb: super::writeback::Writeback,
 }
 
 /// Who waits for a flush of a backing device.
@@ -99,6 +101,8 @@ pub(crate) enum FlushWaiter {
     Req(u32),
     /// The clean close.
     Close,
+    /// Writeback: the extents of this batch become clean.
+    Writeback(u32),
 }
 
 impl CachedDev {

@@ -59,6 +59,7 @@ mod request;
 mod space;
 pub mod superblock;
 mod tag;
+mod writeback;
 
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,7 @@ pub use device::{CacheMode, CachedDevConfig};
 pub use engine::CacheEngine;
 pub use open::{load, OpenReport};
 pub use superblock::CacheSb;
+pub use writeback::{WritebackConfig, WritebackRate};
 
 use checkpoint::CheckpointState;
 use device::CachedDev;
@@ -80,6 +82,7 @@ use meta::Meta;
 use request::Requests;
 use space::Space;
 use tag::Tag;
+use writeback::WbIos;
 
 /// Prio writes after the oldest checkpoint replay may start from at which a new
 /// checkpoint is begun.
@@ -165,6 +168,11 @@ pub struct CacheSetStats {
     pub cache_io_errors: u64,
     /// Hit reads served again from the backing device after a cache read error.
     pub reread_from_backing: u64,
+    /// Sectors written back to backing devices and marked clean.
+    pub writeback_sectors: u64,
+    /// Writeback extents that failed (a cache read, a backing write or its flush) and
+    /// stayed dirty for the next pass.
+    pub writeback_errors: u64,
     /// The longest the engine spent in one call of background work (a GC or checkpoint
     /// slice, the allocator's steps, a prio write's encoding), in microseconds.
     pub longest_tick_us: u64,
@@ -205,6 +213,8 @@ pub struct CacheSet {
     pub(crate) ckpt: CheckpointState,
     pub(crate) space: Space,
     pub(crate) reqs: Requests,
+    /// Writeback I/Os in flight.
+    pub(crate) wb_ios: WbIos,
     /// Cached devices by inode.
     pub(crate) devs: Vec<Option<CachedDev>>,
     pub(crate) state: SetState,
@@ -264,6 +274,7 @@ impl CacheSet {
             Some(Tag::Super) => self.super_io_done(c),
             Some(Tag::BucketDiscard { bucket }) => self.bucket_discard_done(bucket, c),
             Some(Tag::BackingFlush { inode, n }) => self.backing_flush_done(inode, n, c),
+            Some(Tag::Writeback { io, write }) => self.writeback_io_done(io, write, c),
             None => debug_assert!(false, "completion {:#x} the set never issued", c.user_data),
         }
     }
@@ -283,6 +294,7 @@ impl CacheSet {
             // The allocator's steps may free buckets at once: writes waiting for them go on.
             self.space_progress();
             self.background_slice(now);
+            self.writeback_tick(now);
         }
         self.close_progress();
     }
@@ -293,7 +305,10 @@ impl CacheSet {
         if self.background_pending() || !self.space.waiters.is_empty() && self.state == SetState::Running {
             return Some(Instant::now());
         }
-        self.journal_deadline()
+        match (self.journal_deadline(), self.writeback_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// I/O to submit, in order.
@@ -497,7 +512,7 @@ impl CacheSet {
         if self.state != SetState::Closing {
             return;
         }
-        if self.reqs.in_flight() > 0 || self.meta.busy() {
+        if self.reqs.in_flight() > 0 || self.meta.busy() || self.writeback_busy() {
             return;
         }
         let c = &mut self.closing;

@@ -171,6 +171,7 @@ pub fn load(st: &mut dyn Storage, opts: CacheSetOptions) -> Result<CacheSet> {
         ckpt: Default::default(),
         space: Space::default(),
         reqs: Requests::default(),
+        wb_ios: Default::default(),
         devs: Vec::new(),
         state: SetState::Starting,
         startup: Startup::default(),
@@ -454,6 +455,7 @@ impl CacheSet {
             flush_next: 0,
             flushes_in_flight: Vec::new(),
             flush_waiters: Vec::new(),
+            wb: super::writeback::Writeback::new(super::writeback::WritebackConfig::default()),
         });
         // Until the table is recorded the device is attached but, being new, has nothing
         // cached; requests are served all the same.
@@ -468,7 +470,7 @@ impl CacheSet {
     /// Detaches cached device `inode` from the engine (its requests must have completed);
     /// its entry and cached data stay for the next attach.
     pub fn detach(&mut self, inode: u32) -> Result<DevId> {
-        if self.reqs.in_flight_for(inode) {
+        if self.reqs.in_flight_for(inode) || self.writeback_busy_for(inode) {
             return Err(Error::new(ErrorKind::Busy, format!("cached device {inode} has requests in flight")));
         }
         let d = self.devs.get_mut(inode as usize).and_then(Option::take).ok_or_else(|| super::no_device(inode))?;

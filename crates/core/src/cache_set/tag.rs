@@ -22,6 +22,8 @@ pub(crate) enum Tag {
     BucketDiscard { bucket: u32 },
     /// Flush number `n` of cached device `inode`'s backing device.
     BackingFlush { inode: u32, n: u32 },
+    /// Writeback I/O `io`: its cache read, or (`write`) its backing write.
+    Writeback { io: u32, write: bool },
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -42,6 +44,7 @@ impl Tag {
             Tag::Super => (7, 0, 0),
             Tag::BucketDiscard { bucket } => (8, bucket, 0),
             Tag::BackingFlush { inode, n } => (9, inode, n & B_MASK as u32),
+            Tag::Writeback { io, write } => (10, io, u32::from(write)),
         };
         debug_assert!(u64::from(b) <= B_MASK);
         ((kind as u64) << KIND_SHIFT) | (u64::from(a) << A_SHIFT) | (u64::from(b) & B_MASK)
@@ -60,6 +63,7 @@ impl Tag {
             7 => Tag::Super,
             8 => Tag::BucketDiscard { bucket: a },
             9 => Tag::BackingFlush { inode: a, n: b },
+            10 => Tag::Writeback { io: a, write: b != 0 },
             _ => return None,
         })
     }
@@ -82,6 +86,8 @@ mod tests {
             Tag::Super,
             Tag::BucketDiscard { bucket: 1 << 31 },
             Tag::BackingFlush { inode: 3, n: 77 },
+            Tag::Writeback { io: 9, write: true },
+            Tag::Writeback { io: u32::MAX, write: false },
         ] {
             assert_eq!(Tag::decode(t.encode()), Some(t));
         }

@@ -840,8 +840,15 @@ impl ExtentIndex {
     /// Writeback finished copying `key` (as returned by a dirty scan) to the backing
     /// device: the extents still holding that data (a pointer in common, at the same place)
     /// become clean. Parts overwritten meanwhile stay as they are. Returns the sectors
-    /// cleaned.
-    pub fn mark_clean<B: BucketGens + BucketAccounting + ?Sized>(&mut self, key: &Key, b: &mut B) -> Result<u64> {
+    /// cleaned, and pushes onto `cleaned` a clean key for each extent cleaned (its live
+    /// pointers, at its place): exactly what the journal must record, as replaying a clean
+    /// key over the whole of `key` would bring its data back over later writes.
+    pub fn mark_clean<B: BucketGens + BucketAccounting + ?Sized>(
+        &mut self,
+        key: &Key,
+        b: &mut B,
+        cleaned_keys: &mut Vec<Key>,
+    ) -> Result<u64> {
         key.validate()?;
         if key.ptrs().is_empty() {
             return Ok(0);
@@ -870,12 +877,18 @@ impl ExtentIndex {
                 let skip = es - key.start;
                 if key.ptrs().iter().map(|kp| kp.advance(skip)).any(|p| ptrs.contains(&p) && !b.ptr_stale(p)) {
                     let n = e.size as u64;
+                    let mut clean: Option<Key> = None;
                     for &p in ptrs {
                         if !b.ptr_stale(p) {
                             b.add_sectors(p.dev(), p.bucket(bits), -(n as i64), true);
                             b.add_sectors(p.dev(), p.bucket(bits), n as i64, false);
+                            match clean.as_mut() {
+                                None => clean = Some(Key::new(key.inode, es, n, p)),
+                                Some(k) => k.push_ptr(p)?,
+                            }
                         }
                     }
+                    cleaned_keys.extend(clean);
                     tree.set_word(c, e.word & !word::DIRTY);
                     *dirty_sectors -= n;
                     cleaned += n;

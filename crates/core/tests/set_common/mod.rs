@@ -214,6 +214,8 @@ pub struct RigOptions {
     pub jitter: Duration,
     pub seed: u64,
     pub engine: EngineChoice,
+    /// Writeback tunables set on every device once attached (None: the defaults).
+    pub writeback: Option<ubcache_core::cache_set::WritebackConfig>,
 }
 
 impl Default for RigOptions {
@@ -225,6 +227,7 @@ impl Default for RigOptions {
             jitter: Duration::ZERO,
             seed: 1,
             engine: EngineChoice::Auto,
+            writeback: None,
         }
     }
 }
@@ -291,6 +294,12 @@ impl Rig {
         }
         for (_, r) in events {
             r?;
+        }
+        if let Some(cfg) = &o.writeback {
+            for &h in &rig.handles {
+                let inode = rig.engine.inode(h).expect("attached");
+                rig.engine.set_mut().expect("a set").set_writeback_config(inode, cfg.clone())?;
+            }
         }
         Ok(rig)
     }

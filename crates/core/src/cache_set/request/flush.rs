@@ -82,6 +82,7 @@ impl CacheSet {
                 (FlushWaiter::Req(slot), Ok(())) => self.req_wait_done(slot),
                 (FlushWaiter::Req(slot), Err(e)) => self.req_failed_part(slot, e),
                 (FlushWaiter::Close, r) => self.close_flush_done(r),
+                (FlushWaiter::Writeback(batch), r) => self.writeback_flushed(inode, batch, r),
             }
         }
     }

@@ -18,7 +18,7 @@ use crate::index::{Fragment, Placeholder};
 use crate::io::{AlignedBuf, BufPool, DevId, IoCompletion, IoOp, IoRequest, Slab};
 
 pub(crate) use fill::Fill;
-use order::Order;
+pub(crate) use order::Order;
 pub(crate) use write::{Path, Piece};
 
 /// What a request is.
@@ -151,6 +151,13 @@ impl Requests {
         self.live + self.fills_live
     }
 
+    /// The next submission number (writeback takes one for each extent, to order the user
+    /// requests that come after it).
+    pub fn take_seqno(&mut self) -> u64 {
+        self.next_seqno += 1;
+        self.next_seqno - 1
+    }
+
     pub fn get(&mut self, slot: u32) -> &mut Req {
         self.slots[slot as usize].as_mut().expect("a live request slot")
     }
@@ -268,8 +275,8 @@ impl CacheSet {
                 return self.done.push(IoCompletion::of(io, Err(e)));
             }
         }
-        let seqno = self.reqs.next_seqno;
-        self.reqs.next_seqno += 1;
+        let seqno = self.reqs.take_seqno();
+        self.wb_ios.requests_seen += 1;
         let buf = match io.op {
             IoOp::Read { buf } | IoOp::Write { buf } => Buf::Whole(buf),
             _ => Buf::None,

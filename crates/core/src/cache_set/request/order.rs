@@ -42,6 +42,11 @@ impl Order {
         self.active.iter().any(|a| a.inode == inode && a.seqno < seqno && a.start < end && start < a.end)
     }
 
+    /// True when any write or discard in flight overlaps `start..end` of `inode`.
+    pub fn overlaps_any(&self, inode: u32, start: u64, end: u64) -> bool {
+        self.active.iter().any(|a| a.inode == inode && a.start < end && start < a.end)
+    }
+
     pub fn block(&mut self, slot: u32) {
         self.blocked.push_back(slot);
     }

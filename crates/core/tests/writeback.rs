@@ -1,0 +1,164 @@
+//! Writeback: dirty extents reach the backing device and become clean, in LBA order, at
+//! the pace the tunables set, never over newer data.
+
+mod set_common;
+
+use std::time::{Duration, Instant};
+
+use set_common::*;
+use ubcache_core::cache_set::{CacheMode, CacheSetOptions, WritebackConfig};
+use ubcache_core::ErrorKind;
+
+fn opts(wb: WritebackConfig) -> RigOptions {
+    RigOptions {
+        modes: vec![CacheMode::Writeback],
+        set: CacheSetOptions { journal_delay_ms: 2, ..Default::default() },
+        writeback: Some(wb),
+        ..Default::default()
+    }
+}
+
+fn full_speed() -> WritebackConfig {
+    WritebackConfig { percent: 0, delay: Duration::ZERO, ..Default::default() }
+}
+
+/// Block `b` of backing device `dev` as the file holds it.
+fn on_backing(paths: &Paths, dev: usize, b: u64) -> Vec<u8> {
+    let data = std::fs::read(&paths.backing[dev]).unwrap();
+    let at = (DATA_OFFSET + b * BLOCK) as usize;
+    data[at..at + BLOCK as usize].to_vec()
+}
+
+fn dirty(rig: &Rig, dev: usize) -> u64 {
+    let inode = rig.engine.inode(rig.handles[dev]).unwrap();
+    rig.engine.set().unwrap().dirty_sectors(inode)
+}
+
+/// Polls until `dev` has nothing dirty (or panics after 10 s).
+fn wait_clean(rig: &mut Rig, dev: usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while dirty(rig, dev) > 0 {
+        assert!(Instant::now() < until, "still {} dirty sectors after 10 s", dirty(rig, dev));
+        rig.poll(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn dirty_data_reaches_the_backing_device_and_stays_cached_clean() {
+    let paths = format("wb-basic", Geo::small());
+    let mut rig = Rig::open(&paths, &opts(full_speed())).unwrap();
+    let blocks: Vec<u64> = vec![40, 3, 17, 18, 19, 100, 7];
+    for (i, &b) in blocks.iter().enumerate() {
+        rig.write(0, b, &block_content(0, b, 10 + i as u64), false).unwrap();
+    }
+    wait_clean(&mut rig, 0);
+    let stats = rig.engine.set().unwrap().stats();
+    assert_eq!(stats.writeback_sectors, blocks.len() as u64 * BLOCK / 512);
+    for (i, &b) in blocks.iter().enumerate() {
+        assert_eq!(on_backing(&paths, 0, b), block_content(0, b, 10 + i as u64), "block {b} on the backing device");
+        // Still a hit: writeback leaves the data cached.
+        assert_eq!(rig.read(0, b, 1).unwrap(), block_content(0, b, 10 + i as u64));
+    }
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    let set = rig.engine.set().unwrap();
+    assert!(set.cached_sectors(inode) >= blocks.len() as u64 * BLOCK / 512);
+    let r = set.writeback_rate(inode).unwrap();
+    assert!(r.full_speed && r.written == stats.writeback_sectors && r.dirty == 0, "{r:?}");
+    rig.close().unwrap();
+    // The clean state was recorded: nothing is dirty after a restart.
+    let rig = Rig::open(&paths, &opts(WritebackConfig { running: false, ..Default::default() })).unwrap();
+    assert_eq!(dirty(&rig, 0), 0);
+}
+
+#[test]
+fn a_paused_writeback_writes_nothing_until_resumed() {
+    let paths = format("wb-pause", Geo::small());
+    let mut rig = Rig::open(&paths, &opts(WritebackConfig { running: false, ..full_speed() })).unwrap();
+    for b in 0..8 {
+        rig.write(0, b, &block_content(0, b, 5), false).unwrap();
+    }
+    for _ in 0..20 {
+        rig.poll(Duration::from_millis(5));
+    }
+    assert_eq!(dirty(&rig, 0), 8 * BLOCK / 512);
+    assert_eq!(on_backing(&paths, 0, 3), block_content(0, 3, 0));
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    rig.engine.set_mut().unwrap().set_writeback_config(inode, full_speed()).unwrap();
+    wait_clean(&mut rig, 0);
+    assert_eq!(on_backing(&paths, 0, 3), block_content(0, 3, 5));
+}
+
+#[test]
+fn writes_during_writeback_are_never_overwritten_by_the_older_data() {
+    let paths = format("wb-race", Geo::small());
+    let mut rig = Rig::open(&paths, &opts(full_speed())).unwrap();
+    // Rewrite the same blocks while writeback runs: whatever the interleaving, the newest
+    // version ends up on the backing device and in the cache.
+    for v in 1..=30u64 {
+        for b in 0..6 {
+            rig.write(0, b, &block_content(0, b, v), false).unwrap();
+        }
+        rig.poll(Duration::from_micros(200));
+    }
+    wait_clean(&mut rig, 0);
+    for b in 0..6 {
+        assert_eq!(rig.read(0, b, 1).unwrap(), block_content(0, b, 30));
+        assert_eq!(on_backing(&paths, 0, b), block_content(0, b, 30), "block {b}");
+    }
+}
+
+#[test]
+fn the_rate_follows_bcaches_controller() {
+    let paths = format("wb-rate", Geo::small());
+    // Paused, so the controller runs on its own clock without writing anything back.
+    let cfg = WritebackConfig { running: true, percent: 1, ..Default::default() };
+    let mut rig = Rig::open(&paths, &opts(WritebackConfig { running: false, ..cfg.clone() })).unwrap();
+    for b in 0..64 {
+        rig.write(0, b, &block_content(0, b, 1), false).unwrap();
+    }
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    let set = rig.engine.set_mut().unwrap();
+    set.set_writeback_config(inode, WritebackConfig { running: false, ..cfg.clone() }).unwrap();
+    let t0 = Instant::now();
+    let mut rates = Vec::new();
+    for i in 0..4 {
+        set.tick(t0 + Duration::from_secs(5 * i));
+        rates.push(set.writeback_rate(inode).unwrap());
+    }
+    let r = rates[0];
+    let dirty = 64 * BLOCK / 512;
+    assert_eq!(r.dirty, dirty);
+    // Target: 1% of the cache, shared with the other devices in proportion to their size.
+    let g = &paths.geo;
+    let cache = g.nbuckets * u64::from(g.bucket_sectors);
+    let total: u64 = g.backing_blocks.iter().map(|b| b * BLOCK / 512).sum();
+    let target = cache / 100 * (g.backing_blocks[0] * BLOCK / 512) / total;
+    assert_eq!(r.target, target);
+    let error = dirty as i64 - target as i64;
+    assert_eq!(r.proportional, error / 40);
+    assert_eq!(r.integral, 0);
+    assert_eq!(r.rate, (error / 40).max(8) as u64);
+    // Each later update adds error × 5 s to the integral, scaled by 1/10000.
+    assert_eq!(rates[3].integral, (3 * error * 5) / 10_000);
+    assert_eq!(rates[3].rate, ((error / 40) + (3 * error * 5) / 10_000).max(8) as u64);
+    assert!(!r.full_speed);
+}
+
+#[test]
+fn bad_tunables_are_refused_by_name() {
+    let paths = format("wb-bad", Geo::small());
+    let mut rig = Rig::open(&paths, &opts(WritebackConfig::default())).unwrap();
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    let set = rig.engine.set_mut().unwrap();
+    for (cfg, name) in [
+        (WritebackConfig { percent: 41, ..Default::default() }, "writeback_percent"),
+        (WritebackConfig { rate_minimum: 0, ..Default::default() }, "writeback_rate_minimum"),
+        (WritebackConfig { p_term_inverse: 0, ..Default::default() }, "writeback_rate_p_term_inverse"),
+        (WritebackConfig { rate_update: Duration::ZERO, ..Default::default() }, "writeback_rate_update_seconds"),
+    ] {
+        let e = set.set_writeback_config(inode, cfg).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.message().contains(name), "{e}");
+    }
+    assert_eq!(set.writeback_config(inode).unwrap(), WritebackConfig::default());
+}
