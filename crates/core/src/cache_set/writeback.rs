@@ -271,7 +271,10 @@ impl CacheSet {
                 continue;
             }
             let mut t = wb.next_update.unwrap_or_else(Instant::now);
-            if wb.queue.len() < MAX_IN_FLIGHT {
+            // A pass that ended with extents still on their way: the next starts from a
+            // completion's tick, not by polling a scan that can only find those again.
+            let waiting = wb.pass_ended.is_some() && !wb.idle();
+            if wb.queue.len() < MAX_IN_FLIGHT && !waiting {
                 let start = match wb.pass_ended {
                     Some(p) => p + wb.cfg.delay,
                     None => wb.next_io.unwrap_or_else(Instant::now),
