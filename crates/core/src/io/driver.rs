@@ -261,7 +261,7 @@ impl RingDriver {
             // Requests overlap: the lone request's timing no longer measures the device alone.
             self.lone_since = None;
         }
-        let got = self.reap_into(out)?;
+        let got = self.poll_into(out, Some(Duration::ZERO))?;
         if got > 0 || self.busy_poll == BusyPoll::Off {
             return Ok(got);
         }
@@ -274,7 +274,7 @@ impl RingDriver {
         self.in_poll = true;
         let r = loop {
             std::hint::spin_loop();
-            let got = match self.reap_into(out) {
+            let got = match self.poll_into(out, Some(Duration::ZERO)) {
                 Ok(n) => n,
                 Err(e) => break Err(e),
             };
@@ -301,7 +301,11 @@ impl RingDriver {
     /// [`RingDriver::reap`] appending to `out` (no allocation when `out` has room); returns
     /// how many. Cheap when nothing finished: no system call for io_uring.
     pub fn reap_into(&mut self, out: &mut Vec<IoCompletion>) -> Result<usize> {
-        self.poll_into(out, Some(Duration::ZERO))
+        let n = self.poll_into(out, Some(Duration::ZERO))?;
+        if n == 0 {
+            self.engine.spurious_wakeup();
+        }
+        Ok(n)
     }
 
     /// Waits up to `timeout` (`None`: no limit) for completions, for callers without an

@@ -241,6 +241,11 @@ pub trait IoEngine: Send {
             format!("the {} engine cannot be driven from an event loop", self.kind().name()),
         ))
     }
+
+    /// The completion descriptor woke its loop and `poll` found nothing: reset it if it
+    /// still reads readable with nothing to come of it (a signal can arrive after the poll
+    /// that would have reset it), so a level-triggered loop does not spin on it.
+    fn spurious_wakeup(&mut self) {}
 }
 
 impl<E: IoEngine + ?Sized> IoEngine for Box<E> {
@@ -270,6 +275,9 @@ impl<E: IoEngine + ?Sized> IoEngine for Box<E> {
     }
     fn completion_fd(&mut self) -> Result<RawFd> {
         (**self).completion_fd()
+    }
+    fn spurious_wakeup(&mut self) {
+        (**self).spurious_wakeup()
     }
 }
 

@@ -675,6 +675,23 @@ impl IoEngine for UringEngine {
         Ok(())
     }
 
+    fn spurious_wakeup(&mut self) {
+        if self.reaped {
+            // The next poll resets it.
+            return;
+        }
+        if let Some(n) = &self.notifier {
+            // The kernel may signal the eventfd late (from an RCU callback when it cannot
+            // signal where the completion happens), after the poll that reaped it: reset it,
+            // and signal again if something arrived meanwhile (the TASKRUN flag is set
+            // before the kernel signals, as in `poll`).
+            n.drain();
+            if self.ring.submission().taskrun() || !self.ring.completion().is_empty() {
+                n.notify();
+            }
+        }
+    }
+
     fn completion_fd(&mut self) -> Result<std::os::fd::RawFd> {
         if !self.defer {
             // Without deferred task running the kernel posts completions itself, and the
