@@ -42,8 +42,9 @@ async function formatSet(): Promise<Set> {
   return { cache, backing, sb }
 }
 
+/** Attach options for the set's backing device; writeback paused, so dirty data stays put (__test__/writeback.spec.ts runs it). */
 function attachOptions(s: Set, mode: CacheMode) {
-  return { path: s.backing, uuid: s.sb.uuid, dataOffset: s.sb.dataOffset * 512, mode }
+  return { path: s.backing, uuid: s.sb.uuid, dataOffset: s.sb.dataOffset * 512, mode, writeback: { running: false } }
 }
 
 /** What the backing file holds at `offset` of its data. */

@@ -95,6 +95,12 @@ export declare class NativeCacheEngine {
    * `none`); requests submitted from now on follow it.
    */
   setCacheMode(handle: number, mode: string): void
+  /** A cached device's writeback tunables. */
+  writebackConfig(handle: number): NativeWritebackConfig
+  /** Changes a cached device's writeback tunables: the fields given, validated together. */
+  setWritebackConfig(handle: number, cfg: NativeWritebackConfig): void
+  /** A cached device's writeback controller state. */
+  writebackRate(handle: number): NativeWritebackRate
   /** A device's cache mode; null for a device with no cache set. */
   cacheMode(handle: number): string | null
   /**
@@ -295,6 +301,8 @@ export interface NativeAttachConfig {
   direct?: string
   /** Exclusive open (default true). */
   exclusive?: boolean
+  /** Writeback tunables to start with (the rest: bcache's defaults). */
+  writeback?: NativeWritebackConfig
 }
 
 /**
@@ -340,6 +348,8 @@ export interface NativeCacheSetStats {
   orderedWaits: number
   cacheIoErrors: number
   rereadFromBacking: number
+  writebackSectors: number
+  writebackErrors: number
   /** The longest single call of background work, in microseconds. */
   longestTickUs: number
   /** Percentage of buckets holding dirty data or metadata, as of the last GC. */
@@ -449,6 +459,34 @@ export interface NativeOpenReport {
   checkpointMs: number
   replayMs: number
   gcMs: number
+}
+
+/**
+ * Writeback tunables of a cached device (bcache's names; see the core's
+ * `WritebackConfig`). Every field is optional when setting: those left out keep their value.
+ */
+export interface NativeWritebackConfig {
+  running?: boolean
+  percent?: number
+  delaySeconds?: number
+  rateUpdateSeconds?: number
+  ratePTermInverse?: number
+  rateITermInverse?: number
+  rateMinimum?: number
+}
+
+/**
+ * The writeback controller's state (bcache's `writeback_rate_debug`), in sectors and
+ * sectors per second.
+ */
+export interface NativeWritebackRate {
+  rate: number
+  dirty: number
+  target: number
+  proportional: number
+  integral: number
+  written: number
+  fullSpeed: boolean
 }
 
 /**

@@ -87,6 +87,11 @@ export interface AttachOptions {
   direct?: 'auto' | 'require' | 'off'
   /** Refuse a device already open elsewhere (default true). */
   exclusive?: boolean
+  /**
+   * Writeback tunables to start with, in place of bcache's defaults: set before the set
+   * can start writing anything back ({@link CacheEngine.setWritebackConfig} later).
+   */
+  writeback?: Partial<WritebackConfig>
 }
 
 /** Options of a write ({@link CacheEngine.write}). */
@@ -127,6 +132,91 @@ export type CacheSetState =
   | 'closing'
   /** Closed cleanly: everything is on disk. */
   | 'closed'
+
+/**
+ * Writeback tunables of a cached device, with bcache's names and defaults
+ * ({@link CachedDevice.writebackConfig}).
+ */
+export interface WritebackConfig {
+  /** `writeback_running` (true): false pauses writeback; extents on their way finish. */
+  running: boolean
+  /**
+   * `writeback_percent` (10, 0 to 40): the dirty data aimed at, as a percentage of the
+   * cache shared by the cached devices in proportion to their size; 0 writes back at full
+   * speed.
+   */
+  percent: number
+  /** `writeback_delay` (30), in seconds: the wait after a pass over the whole device. */
+  delaySeconds: number
+  /** `writeback_rate_update_seconds` (5, 1 to 60): how often the controller runs. */
+  rateUpdateSeconds: number
+  /** `writeback_rate_p_term_inverse` (40): the proportional term is the excess dirty data over this. */
+  ratePTermInverse: number
+  /** `writeback_rate_i_term_inverse` (10000): the integral term is the accumulated excess over this. */
+  rateITermInverse: number
+  /** `writeback_rate_minimum` (8), in sectors per second. */
+  rateMinimum: number
+}
+
+/** The writeback controller's state (bcache's `writeback_rate_debug`), in 512-byte sectors. */
+export interface WritebackRate {
+  /** The rate, in sectors per second. */
+  rate: number
+  /** Dirty sectors of the device. */
+  dirty: number
+  /** The dirty sectors aimed at. */
+  target: number
+  /** The proportional term, sectors per second. */
+  proportional: number
+  /** The integral term, sectors per second. */
+  integral: number
+  /** Sectors written back and marked clean since the set was opened. */
+  written: number
+  /** Running at full speed: `percent` 0, or the set idle for six rate updates. */
+  fullSpeed: boolean
+}
+
+/** bcache's defaults for {@link WritebackConfig}. */
+export const DEFAULT_WRITEBACK: Readonly<WritebackConfig> = Object.freeze({
+  running: true,
+  percent: 10,
+  delaySeconds: 30,
+  rateUpdateSeconds: 5,
+  ratePTermInverse: 40,
+  rateITermInverse: 10000,
+  rateMinimum: 8,
+})
+
+/** Each writeback tunable: bcache's name and, for numbers, the whole numbers allowed. */
+const WRITEBACK_TUNABLES: Record<keyof WritebackConfig, { name: string; range?: [number, number] }> = {
+  running: { name: 'writeback_running' },
+  percent: { name: 'writeback_percent', range: [0, 40] },
+  delaySeconds: { name: 'writeback_delay', range: [0, 2 ** 32 - 1] },
+  rateUpdateSeconds: { name: 'writeback_rate_update_seconds', range: [1, 60] },
+  ratePTermInverse: { name: 'writeback_rate_p_term_inverse', range: [1, 2 ** 31 - 1] },
+  rateITermInverse: { name: 'writeback_rate_i_term_inverse', range: [1, 2 ** 31 - 1] },
+  rateMinimum: { name: 'writeback_rate_minimum', range: [1, 1e9] },
+}
+
+/**
+ * Throws `INVALID_ARGUMENT` naming the tunable for a key {@link WritebackConfig} does not
+ * have, a value of the wrong type or one out of bcache's range.
+ */
+export function checkWritebackChanges(changes: Partial<WritebackConfig>): void {
+  if (typeof changes !== 'object' || changes === null) throw new InvalidArgumentError('writeback changes must be an object')
+  for (const [k, v] of Object.entries(changes)) {
+    const t = WRITEBACK_TUNABLES[k as keyof WritebackConfig]
+    if (!t) throw new InvalidArgumentError(`unknown writeback tunable '${k}' (known: ${Object.keys(WRITEBACK_TUNABLES).join(', ')})`)
+    if (!t.range) {
+      if (typeof v !== 'boolean') throw new InvalidArgumentError(`${t.name} (${k}) must be true or false, got ${String(v)}`)
+      continue
+    }
+    const [lo, hi] = t.range
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < lo || v > hi) {
+      throw new InvalidArgumentError(`${t.name} (${k}) must be a whole number in ${lo}..${hi}, got ${String(v)}`)
+    }
+  }
+}
 
 /** Counters of a cache set since it was opened, and where it stands ({@link CacheEngine.stats}). */
 export interface CacheSetStats {
@@ -175,6 +265,10 @@ export interface CacheSetStats {
   fillSectors: number
   /** Writeback-mode writes sent through instead, because too much of the cache was dirty. */
   writebackCutoffs: number
+  /** Sectors written back to backing devices and marked clean. */
+  writebackSectors: number
+  /** Writeback extents that failed (a cache read, a backing write or its flush) and stay dirty for the next pass. */
+  writebackErrors: number
   /** Writes that went to the cache because they overlapped dirty data, whatever the mode. */
   dirtyOverlaps: number
   /** Writes that waited for the allocator to free space. */
@@ -395,6 +489,7 @@ export class CacheEngine {
     if (o.mode !== undefined && !CACHE_MODES.includes(o.mode)) {
       throw new InvalidArgumentError(`cache mode '${String(o.mode)}' is not one of ${CACHE_MODES.join(', ')}`)
     }
+    if (o.writeback !== undefined) checkWritebackChanges(o.writeback)
     let handle = -1
     try {
       return await this.#control((tag) => {
@@ -407,6 +502,7 @@ export class CacheEngine {
           readOnly: o.readOnly,
           direct: o.direct,
           exclusive: o.exclusive,
+          writeback: o.writeback,
         })
         handle = this.#remember(o.path, info, true).handle
       })
@@ -555,6 +651,47 @@ export class CacheEngine {
   cacheMode(handle: number): CacheMode | undefined {
     try {
       return (this.#native.cacheMode(handle) as CacheMode | null) ?? undefined
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * A cached device's writeback tunables.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (unknown handle, a device with no cache set), `CLOSED`.
+   */
+  writebackConfig(handle: number): WritebackConfig {
+    try {
+      return this.#native.writebackConfig(handle) as WritebackConfig
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * Changes the writeback tunables given (validated together; nothing changes if one is
+   * out of range). Takes effect at once: a pause stops new extents, a new rate applies to
+   * the next one.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (a value out of range, naming the tunable;
+   * unknown handle; a device with no cache set), `CLOSED`.
+   */
+  setWritebackConfig(handle: number, changes: Partial<WritebackConfig>): void {
+    this.#check()
+    checkWritebackChanges(changes)
+    try {
+      this.#native.setWritebackConfig(handle, changes)
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * A cached device's writeback controller state.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (unknown handle, a device with no cache set), `CLOSED`.
+   */
+  writebackRate(handle: number): WritebackRate {
+    try {
+      return this.#native.writebackRate(handle)
     } catch (err) {
       throw asUbcacheError(err)
     }

@@ -137,8 +137,9 @@ async function cmdShow(argv: string[]): Promise<void> {
 
 /**
  * The built-in example: a 64 MiB cache and a 32 MiB backing file formatted as one set,
- * registered, written and read through the cache in writeback mode, closed, registered again
- * and read from the warm cache, with the counts that show it.
+ * registered, written and read through the cache in writeback mode (writeback paused),
+ * closed, registered again and read from the warm cache, then written back to the backing
+ * file at full speed, with the counts that show it.
  */
 async function cmdExample(): Promise<void> {
   // O_DIRECT needs a filesystem that has it; /var/tmp is usually disk where /tmp may be tmpfs.
@@ -163,8 +164,10 @@ async function cmdExample(): Promise<void> {
     for (let i = 0; i < bytes; i += 4) data.writeUInt32LE((Math.imul(i + 1, 2654435761) ^ 0x5eed) >>> 0, i)
 
     print('\nRegistering both (the backing device attaches to the set by the UUID in its superblock),')
-    print(`writing ${bytes >> 20} MiB through the cache in ${chunk >> 10} KiB writes, flushing, reading it back:`)
-    let reg = new Registry()
+    print(`writing ${bytes >> 20} MiB through the cache in ${chunk >> 10} KiB writes, flushing, reading it back`)
+    print('(writeback paused, so the dirty data stays in the cache until the end):')
+    const paused = { writeback: { running: false } }
+    let reg = new Registry(paused)
     let set = await reg.registerCache(cache)
     let dev = await reg.registerBacking(backing)
     const writes: Promise<void>[] = []
@@ -180,7 +183,7 @@ async function cmdExample(): Promise<void> {
     await reg.close()
 
     print('\nRegistering again and reading the same data:')
-    reg = new Registry()
+    reg = new Registry(paused)
     set = await reg.registerCache(cache)
     dev = await reg.registerBacking(backing)
     const report = set.openReport()
@@ -189,7 +192,16 @@ async function cmdExample(): Promise<void> {
     print(`  the set opened from its checkpoint (${report?.checkpointKeys} keys; last shutdown clean: ${report?.cleanShutdown ? 'yes' : 'no'})`)
     print(`  read back ${second.equals(data) ? 'identical' : 'DIFFERENT'}: ${s.cacheHits} hits, ${s.cacheMisses} misses (${s.hitSectors} sectors from the warm cache)`)
     print(`  ${dev.dirtySectors()} dirty sectors: the cache holds the only copy of that data, so the superblock says ${dev.state}`)
+    print('\nWriting the dirty data back to the backing file at full speed (writeback_percent 0):')
+    const dirty = dev.dirtySectors() ?? 0
+    const started = performance.now()
+    dev.configureWriteback({ running: true, percent: 0, delaySeconds: 0 })
+    while ((dev.dirtySectors() ?? 0) > 0) await new Promise((r) => setTimeout(r, 10))
+    const secs = (performance.now() - started) / 1000
+    s = set.stats()
+    print(`  ${s.writebackSectors} sectors written back in ${secs.toFixed(2)} s, ${dev.dirtySectors()} dirty sectors left of ${dirty}; still cached: ${dev.cachedSectors()} sectors`)
     await reg.close()
+    print(`  closed: the backing superblock says ${dev.state}`)
 
     print(`\n$ ubcache show ${backing}`)
     await cmdShow([backing])

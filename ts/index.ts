@@ -22,7 +22,10 @@ export {
   type CacheSetOpenReport,
   type CacheSetState,
   type CacheSetStats,
+  DEFAULT_WRITEBACK,
   type WriteOptions,
+  type WritebackConfig,
+  type WritebackRate,
 } from './cache-engine'
 export { Crc64, crc64, crc64Implementation } from './crc64'
 export {

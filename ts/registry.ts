@@ -18,7 +18,7 @@
  * @module
  */
 import { stat } from 'node:fs/promises'
-import { CacheEngine, type CacheEngineOptions } from './cache-engine'
+import { CacheEngine, type CacheEngineOptions, checkWritebackChanges, type WritebackConfig } from './cache-engine'
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { closedError } from './inline'
 import { CacheSet } from './registry/cache-set'
@@ -33,7 +33,14 @@ export { CachedDevice } from './registry/cached-device'
  * Options of a {@link Registry}: those of the engines it starts (one per cache set, and one
  * serving backing devices without their set), and of the opens of its devices.
  */
-export type RegistryOptions = CacheEngineOptions
+export interface RegistryOptions extends CacheEngineOptions {
+  /**
+   * Writeback tunables every cached device registered here starts with, in place of
+   * bcache's defaults ({@link CachedDevice.configureWriteback} changes them later):
+   * `{ running: false }`, say, keeps dirty data in the cache until asked.
+   */
+  writeback?: Partial<WritebackConfig>
+}
 
 /**
  * Cache sets and cached devices, registered by path in either order (bcache's
@@ -61,7 +68,14 @@ export class Registry {
 
   /** A registry with no devices yet; `options` go to every engine it starts. */
   constructor(options: RegistryOptions = {}) {
+    if (options.writeback !== undefined) checkWritebackChanges(options.writeback)
     this.#options = { ...options }
+  }
+
+  /** The options for the engines (the registry's own taken out). */
+  #engineOptions(): CacheEngineOptions {
+    const { writeback: _, ...engine } = this.#options
+    return engine
   }
 
   /** The registered cache sets, in the order they were registered. */
@@ -153,7 +167,7 @@ export class Registry {
     this.#sets.set(uuid, undefined)
     let set: CacheSet
     try {
-      const engine = await CacheEngine.open(path, this.#options)
+      const engine = await CacheEngine.open(path, this.#engineOptions())
       set = new CacheSet(path, sb, engine)
     } catch (err) {
       this.#sets.delete(uuid)
@@ -180,7 +194,7 @@ export class Registry {
     this.#devices.set(uuid, undefined)
     try {
       const size = describeDevice(path).bytes - sb.dataOffset * 512
-      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive } })
+      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive }, writeback: this.#options.writeback })
       const set = this.#sets.get(sb.setUuid)
       if (set) await dev._start(set)
       else await dev._startPlain(await this.#plainEngine())
@@ -198,7 +212,7 @@ export class Registry {
   /** The engine serving backing devices without their set, started on first use. */
   #plainEngine(): Promise<CacheEngine> {
     if (!this.#plain) {
-      const p = CacheEngine.open(undefined, this.#options)
+      const p = CacheEngine.open(undefined, this.#engineOptions())
       this.#plain = p
       p.catch(() => {
         if (this.#plain === p) this.#plain = undefined

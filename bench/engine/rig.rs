@@ -190,6 +190,7 @@ impl Rig {
             device: backing,
             data_offset: DATA_OFFSET,
             mode: cfg.mode,
+            writeback: Default::default(),
         };
         rig.handle = rig.ce.attach(tag, dev).expect("attach");
         let mut events = Vec::new();

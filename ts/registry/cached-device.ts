@@ -3,7 +3,7 @@
  * when one serves it, straight from its data offset otherwise (see {@link CachedDevice}).
  * @module
  */
-import type { AttachOptions, CacheEngine, WriteOptions } from '../cache-engine'
+import { type AttachOptions, type CacheEngine, checkWritebackChanges, DEFAULT_WRITEBACK, type WriteOptions, type WritebackConfig, type WritebackRate } from '../cache-engine'
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from '../errors'
 import { closedError } from '../inline'
 import { CACHE_MODES, type BackingState, type CacheMode, type Superblock } from '../superblock'
@@ -51,6 +51,8 @@ export interface CachedDeviceInit {
   size: number
   /** Options for the engines' opens. */
   open: Pick<AttachOptions, 'direct' | 'exclusive'>
+  /** Writeback tunables to start with, in place of bcache's defaults. */
+  writeback?: Partial<WritebackConfig>
 }
 
 /** The dirty and cached sector counts of a device when its set closed. */
@@ -123,6 +125,8 @@ export class CachedDevice {
   #mode: CacheMode
   /** The mode requests submitted now follow (behind {@link CachedDevice.cacheMode} while requests wait). */
   #engineMode: CacheMode
+  /** Writeback tunables changed from bcache's defaults: applied whenever a set serves the device. */
+  #writeback: Partial<WritebackConfig> = {}
   /** A cache-mode write to the superblock is queued and has not picked its mode yet. */
   #modeQueued = false
   /** Requests and control operations waiting for a gate, in order; undefined when none is closed. */
@@ -157,6 +161,7 @@ export class CachedDevice {
     this.#open = init.open
     this.#mode = sb.cacheMode
     this.#engineMode = sb.cacheMode
+    this.#writeback = { ...init.writeback }
   }
 
   /** The cache set serving the device, or null when it is served without one. */
@@ -219,6 +224,41 @@ export class CachedDevice {
       this.#modeQueued = true
       this.#update(() => void (this.#modeQueued = false)).catch((err) => this.#failed(err))
     }
+  }
+
+  /**
+   * The writeback tunables (bcache's `writeback_*`, see {@link WritebackConfig}): its
+   * defaults until changed with {@link CachedDevice.configureWriteback}. Like bcache's
+   * sysfs tunables they are not persisted: a new registration starts from the defaults.
+   */
+  writebackConfig(): WritebackConfig {
+    return { ...DEFAULT_WRITEBACK, ...this.#writeback }
+  }
+
+  /**
+   * Changes writeback tunables (those given; all checked before any changes). Applies at
+   * once when a set serves the device (a pause stops new extents, a new rate applies to the
+   * next one), else when one does. `{ running: false }` pauses writeback, `{ percent: 0 }`
+   * writes dirty data back at full speed.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (an unknown tunable, a wrong type, a value
+   * out of bcache's range, naming it), `CLOSED`.
+   */
+  configureWriteback(changes: Partial<WritebackConfig>): void {
+    if (this.#closed) throw this.#closedError()
+    checkWritebackChanges(changes)
+    const r = this.#route
+    if (r?.set) r.engine.setWritebackConfig(r.handle, changes)
+    this.#writeback = { ...this.#writeback, ...changes }
+  }
+
+  /**
+   * The writeback controller's state (bcache's `writeback_rate_debug`); undefined when no
+   * set serves the device.
+   */
+  writebackRate(): WritebackRate | undefined {
+    const r = this.#route
+    if (!r?.set || this.#closed) return undefined
+    return r.engine.writebackRate(r.handle)
   }
 
   /**
@@ -639,7 +679,7 @@ export class CachedDevice {
    */
   async #attachTo(set: CacheSet): Promise<void> {
     const engine = set._engine
-    const handle = await engine.attach({ path: this.path, uuid: this.uuid, label: this.label, dataOffset: this.dataOffset, mode: this.#engineMode, ...this.#open })
+    const handle = await engine.attach({ path: this.path, uuid: this.uuid, label: this.label, dataOffset: this.dataOffset, mode: this.#engineMode, writeback: this.#writeback, ...this.#open })
     try {
       const sb = this.#super.sb
       const foreign = sb.state === 'none' || sb.state === 'stale' || sb.setUuid !== set.uuid

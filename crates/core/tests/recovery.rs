@@ -430,6 +430,7 @@ fn requests_finishing_during_an_attach_are_handed_out_later() {
         device: std::sync::Arc::new(open_retrying(&paths.backing[1]).unwrap()),
         data_offset: DATA_OFFSET,
         mode: CacheMode::Writeback,
+        writeback: Default::default(),
     };
     let tag = rig.tag();
     rig.handles[1] = rig.engine.attach(tag, cfg).unwrap();

@@ -18,7 +18,7 @@
 use std::cell::RefCell;
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -236,6 +236,8 @@ pub struct NativeAttachConfig {
     pub direct: Option<String>,
     /// Exclusive open (default true).
     pub exclusive: Option<bool>,
+    /// Writeback tunables to start with (the rest: bcache's defaults).
+    pub writeback: Option<NativeWritebackConfig>,
 }
 
 /// Counters of a cache set, and where it stands.
@@ -265,6 +267,8 @@ pub struct NativeCacheSetStats {
     pub ordered_waits: f64,
     pub cache_io_errors: f64,
     pub reread_from_backing: f64,
+    pub writeback_sectors: f64,
+    pub writeback_errors: f64,
     /// The longest single call of background work, in microseconds.
     pub longest_tick_us: f64,
     /// Percentage of buckets holding dirty data or metadata, as of the last GC.
@@ -273,6 +277,32 @@ pub struct NativeCacheSetStats {
     pub available_buckets: f64,
     /// Requests (and read-miss fills) in flight.
     pub in_flight: f64,
+}
+
+/// Writeback tunables of a cached device (bcache's names; see the core's
+/// `WritebackConfig`). Every field is optional when setting: those left out keep their value.
+#[napi(object)]
+pub struct NativeWritebackConfig {
+    pub running: Option<bool>,
+    pub percent: Option<f64>,
+    pub delay_seconds: Option<f64>,
+    pub rate_update_seconds: Option<f64>,
+    pub rate_p_term_inverse: Option<f64>,
+    pub rate_i_term_inverse: Option<f64>,
+    pub rate_minimum: Option<f64>,
+}
+
+/// The writeback controller's state (bcache's `writeback_rate_debug`), in sectors and
+/// sectors per second.
+#[napi(object)]
+pub struct NativeWritebackRate {
+    pub rate: f64,
+    pub dirty: f64,
+    pub target: f64,
+    pub proportional: f64,
+    pub integral: f64,
+    pub written: f64,
+    pub full_speed: bool,
 }
 
 /// What opening the set found and did (times in milliseconds).
@@ -394,7 +424,13 @@ impl NativeCacheEngine {
             create_size: None,
         };
         let (device, info) = open_device(env, &config.path, Some(open))?;
-        let cfg = CachedDevConfig { uuid, label, device, data_offset, mode };
+        let mut writeback = cache_set::WritebackConfig::default();
+        if let Some(w) = &config.writeback {
+            if let Err(e) = apply_writeback(&mut writeback, w) {
+                return throw(env, e);
+            }
+        }
+        let cfg = CachedDevConfig { uuid, label, device, data_offset, mode, writeback };
         let handle = self.with(env, |e| e.attach(tag as u64, cfg))?;
         Ok(NativeDevice { id: handle, size: (info.size - data_offset as f64).max(0.0), ..info })
     }
@@ -427,6 +463,46 @@ impl NativeCacheEngine {
     #[napi]
     pub fn set_cache_mode(&self, env: &Env, handle: u32, mode: String) -> Result<()> {
         self.with(env, |e| e.set_cache_mode(handle, CacheMode::from_name(&mode)?))
+    }
+
+    /// A cached device's writeback tunables.
+    #[napi]
+    pub fn writeback_config(&self, env: &Env, handle: u32) -> Result<NativeWritebackConfig> {
+        let c = self.with(env, |e| e.writeback_config(handle))?;
+        Ok(NativeWritebackConfig {
+            running: Some(c.running),
+            percent: Some(f64::from(c.percent)),
+            delay_seconds: Some(c.delay.as_secs_f64()),
+            rate_update_seconds: Some(c.rate_update.as_secs_f64()),
+            rate_p_term_inverse: Some(c.p_term_inverse as f64),
+            rate_i_term_inverse: Some(c.i_term_inverse as f64),
+            rate_minimum: Some(c.rate_minimum as f64),
+        })
+    }
+
+    /// Changes a cached device's writeback tunables: the fields given, validated together.
+    #[napi]
+    pub fn set_writeback_config(&self, env: &Env, handle: u32, cfg: NativeWritebackConfig) -> Result<()> {
+        self.with(env, |e| {
+            let mut c = e.writeback_config(handle)?;
+            apply_writeback(&mut c, &cfg)?;
+            e.set_writeback_config(handle, c)
+        })
+    }
+
+    /// A cached device's writeback controller state.
+    #[napi]
+    pub fn writeback_rate(&self, env: &Env, handle: u32) -> Result<NativeWritebackRate> {
+        let r = self.with(env, |e| e.writeback_rate(handle))?;
+        Ok(NativeWritebackRate {
+            rate: r.rate as f64,
+            dirty: r.dirty as f64,
+            target: r.target as f64,
+            proportional: r.proportional as f64,
+            integral: r.integral as f64,
+            written: r.written as f64,
+            full_speed: r.full_speed,
+        })
     }
 
     /// A device's cache mode; null for a device with no cache set.
@@ -482,6 +558,8 @@ impl NativeCacheEngine {
                 ordered_waits: st.ordered_waits as f64,
                 cache_io_errors: st.cache_io_errors as f64,
                 reread_from_backing: st.reread_from_backing as f64,
+                writeback_sectors: st.writeback_sectors as f64,
+                writeback_errors: st.writeback_errors as f64,
                 longest_tick_us: st.longest_tick_us as f64,
                 in_use_percent: s.in_use_percent() as f64,
                 available_buckets: s.allocator().available_buckets() as f64,
@@ -568,4 +646,40 @@ impl NativeCacheEngine {
     pub fn engine_stats(&self) -> NativeEngineStats {
         self.glue.engine_stats()
     }
+}
+
+/// Applies the tunables `n` gives to `c` (whole numbers, in range; the core validates the
+/// whole at the end).
+fn apply_writeback(c: &mut cache_set::WritebackConfig, n: &NativeWritebackConfig) -> CoreResult<()> {
+    let whole = |what: &str, v: f64, max: f64| -> CoreResult<u64> {
+        if v.fract() != 0.0 || !(0.0..=max).contains(&v) {
+            return Err(CoreError::new(
+                ErrorKind::InvalidArgument,
+                format!("{what}: must be a whole number in 0..={max}, got {v}"),
+            ));
+        }
+        Ok(v as u64)
+    };
+    if let Some(v) = n.running {
+        c.running = v;
+    }
+    if let Some(v) = n.percent {
+        c.percent = whole("writeback_percent", v, 40.0)? as u8;
+    }
+    if let Some(v) = n.delay_seconds {
+        c.delay = Duration::from_secs(whole("writeback_delay", v, f64::from(u32::MAX))?);
+    }
+    if let Some(v) = n.rate_update_seconds {
+        c.rate_update = Duration::from_secs(whole("writeback_rate_update_seconds", v, 60.0)?);
+    }
+    if let Some(v) = n.rate_p_term_inverse {
+        c.p_term_inverse = whole("writeback_rate_p_term_inverse", v, f64::from(i32::MAX))?;
+    }
+    if let Some(v) = n.rate_i_term_inverse {
+        c.i_term_inverse = whole("writeback_rate_i_term_inverse", v, f64::from(i32::MAX))?;
+    }
+    if let Some(v) = n.rate_minimum {
+        c.rate_minimum = whole("writeback_rate_minimum", v, 1e9)?;
+    }
+    Ok(())
 }

@@ -68,6 +68,8 @@ pub struct CachedDevConfig {
     pub data_offset: u64,
     /// Its cache mode.
     pub mode: CacheMode,
+    /// Its writeback tunables (bcache's defaults: `Default::default()`).
+    pub writeback: super::writeback::WritebackConfig,
 }
 
 /// A cached device attached to the running set.

@@ -473,6 +473,35 @@ impl CacheEngine {
         }
     }
 
+    /// The inode of a handle attached to the set; an error naming it otherwise.
+    fn cached_inode(&self, handle: u32) -> Result<u32> {
+        match self.routes.get(handle as usize).and_then(Option::as_ref) {
+            Some(Route::Cached(inode)) => Ok(*inode),
+            Some(Route::Plain { .. }) => {
+                Err(Error::new(ErrorKind::InvalidArgument, format!("device {handle} is not attached to a cache set")))
+            }
+            None => Err(bad_handle(handle)),
+        }
+    }
+
+    /// The handle's writeback tunables.
+    pub fn writeback_config(&self, handle: u32) -> Result<super::WritebackConfig> {
+        let inode = self.cached_inode(handle)?;
+        self.set.as_ref().expect("a set").writeback_config(inode)
+    }
+
+    /// Sets the handle's writeback tunables (validated; see [`super::WritebackConfig`]).
+    pub fn set_writeback_config(&mut self, handle: u32, cfg: super::WritebackConfig) -> Result<()> {
+        let inode = self.cached_inode(handle)?;
+        self.set.as_mut().expect("a set").set_writeback_config(inode, cfg)
+    }
+
+    /// The handle's writeback controller state (bcache's `writeback_rate_debug`).
+    pub fn writeback_rate(&self, handle: u32) -> Result<super::WritebackRate> {
+        let inode = self.cached_inode(handle)?;
+        self.set.as_ref().expect("a set").writeback_rate(inode)
+    }
+
     /// Switches the handle's cache mode.
     pub fn set_cache_mode(&mut self, handle: u32, mode: super::CacheMode) -> Result<()> {
         match self.routes.get(handle as usize).and_then(Option::as_ref) {

@@ -414,6 +414,9 @@ impl CacheSet {
         if let Some(e) = self.failed_error() {
             return self.events.push((tag, Err(e)));
         }
+        if let Err(e) = cfg.writeback.validate() {
+            return self.events.push((tag, Err(e)));
+        }
         let mut table = self.meta.latest_uuids().to_vec();
         let slot = table.iter().position(|u| u.uuid == cfg.uuid);
         let inode = match slot {
@@ -455,7 +458,7 @@ impl CacheSet {
             flush_next: 0,
             flushes_in_flight: Vec::new(),
             flush_waiters: Vec::new(),
-            wb: super::writeback::Writeback::new(super::writeback::WritebackConfig::default()),
+            wb: super::writeback::Writeback::new(cfg.writeback.clone()),
         });
         // Until the table is recorded the device is attached but, being new, has nothing
         // cached; requests are served all the same.

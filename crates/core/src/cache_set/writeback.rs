@@ -371,14 +371,26 @@ impl CacheSet {
             keys.retain(|k| k.inode == inode);
             let reached_end = next.is_none_or(|p| p.inode != inode) || keys.is_empty();
             let mut started = 0;
+            let mut paced = false;
             for k in keys.drain(..) {
+                let wb = &mut self.devs[inode as usize].as_mut().expect("attached").wb;
+                if wb.next_io.is_some_and(|t| now < t) {
+                    // The rest waits for its turn: the next scan starts at this key.
+                    paced = true;
+                    wb.cursor = k.start;
+                    break;
+                }
                 let end = k.end();
                 if self.writeback_extent(k, now) {
                     started += 1;
                 }
                 self.devs[inode as usize].as_mut().expect("attached").wb.cursor = end;
             }
+            keys.clear();
             let wb = &mut self.devs[inode as usize].as_mut().expect("attached").wb;
+            if paced {
+                break;
+            }
             if reached_end {
                 wb.cursor = 0;
                 wb.pass_ended = Some(now);

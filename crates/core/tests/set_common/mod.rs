@@ -271,6 +271,7 @@ impl Rig {
                 device: Arc::new(open_retrying(p)?),
                 data_offset: DATA_OFFSET,
                 mode: o.modes[i % o.modes.len()],
+                writeback: Default::default(),
             };
             let tag = rig.tag();
             rig.handles.push(rig.engine.attach(tag, cfg)?);

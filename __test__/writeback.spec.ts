@@ -1,0 +1,90 @@
+import test from 'ava'
+import { CachedDevice, DEFAULT_WRITEBACK, readSuperblock, Registry } from '../ts/index'
+import { error, fileBytes, formatSet, pattern } from './registry-helpers'
+
+async function open(): Promise<{ reg: Registry; dev: CachedDevice; backing: string }> {
+  const f = await formatSet(1)
+  const reg = new Registry()
+  await reg.register(f.cache)
+  const dev = await reg.register(f.backings[0])
+  if (!(dev instanceof CachedDevice)) throw new Error('not a cached device')
+  dev.cacheMode = 'writeback'
+  return { reg, dev, backing: f.backings[0] }
+}
+
+async function until(what: string, ok: () => boolean, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms
+  while (!ok()) {
+    if (Date.now() > end) throw new Error(`${what}: not after ${ms} ms`)
+    await new Promise((r) => setTimeout(r, 5))
+  }
+}
+
+test('writeback at full speed: dirty data reaches the backing device, stays cached, and the backing superblock says clean at the close', async (t) => {
+  const { reg, dev, backing } = await open()
+  t.deepEqual(dev.writebackConfig(), { ...DEFAULT_WRITEBACK })
+  dev.configureWriteback({ percent: 0, delaySeconds: 0 })
+  t.is(dev.writebackConfig().percent, 0)
+  const blocks = [0, 9, 3, 100, 101, 102, 50]
+  for (const [i, b] of blocks.entries()) await dev.write(b * 4096, pattern(4096, 10 + i))
+  await until('clean', () => dev.dirtySectors() === 0)
+  for (const [i, b] of blocks.entries()) {
+    t.true(fileBytes(backing, dev.dataOffset + b * 4096, 4096).equals(pattern(4096, 10 + i)), `block ${b} on the backing device`)
+    t.true((await dev.read(b * 4096, 4096)).equals(pattern(4096, 10 + i)))
+  }
+  t.is(dev.set?.stats().writebackSectors, blocks.length * 8)
+  const rate = dev.writebackRate()
+  t.truthy(rate)
+  t.true(rate?.fullSpeed)
+  t.is(rate?.written, blocks.length * 8)
+  await reg.close()
+  t.is((await readSuperblock(backing)).sb.state, 'clean')
+})
+
+test('a paused writeback writes nothing back until resumed; tunables set before the set serves the device apply when it does', async (t) => {
+  const f = await formatSet(1)
+  const reg = new Registry()
+  const backing = f.backings[0]
+  // The backing device first: served straight until its set arrives.
+  const dev = await reg.register(backing)
+  if (!(dev instanceof CachedDevice)) throw new Error('not a cached device')
+  t.is(dev.set, null)
+  dev.configureWriteback({ running: false, percent: 0, delaySeconds: 0 })
+  t.is(dev.writebackRate(), undefined)
+  await reg.register(f.cache)
+  await until('attached', () => dev.set !== null)
+  dev.cacheMode = 'writeback'
+  t.false(dev.writebackConfig().running)
+  for (let b = 0; b < 8; b++) await dev.write(b * 4096, pattern(4096, b + 1))
+  await new Promise((r) => setTimeout(r, 100))
+  t.is(dev.dirtySectors(), 64)
+  t.false(fileBytes(backing, dev.dataOffset, 4096).equals(pattern(4096, 1)))
+  dev.configureWriteback({ running: true })
+  await until('clean', () => dev.dirtySectors() === 0)
+  t.true(fileBytes(backing, dev.dataOffset, 4096).equals(pattern(4096, 1)))
+  await reg.close()
+})
+
+test('bad writeback tunables are refused naming the tunable, and change nothing', async (t) => {
+  const { reg, dev } = await open()
+  const cases: [Record<string, unknown>, RegExp][] = [
+    [{ percent: 41 }, /writeback_percent.*0\.\.40/],
+    [{ percent: -1 }, /writeback_percent/],
+    [{ percent: 1.5 }, /writeback_percent/],
+    [{ rateMinimum: 0 }, /writeback_rate_minimum/],
+    [{ rateUpdateSeconds: 61 }, /writeback_rate_update_seconds/],
+    [{ ratePTermInverse: 0 }, /writeback_rate_p_term_inverse/],
+    [{ running: 'yes' }, /writeback_running/],
+    [{ turbo: true }, /unknown writeback tunable 'turbo'/],
+    [{ percent: 5, delaySeconds: -1 }, /writeback_delay/],
+  ]
+  for (const [changes, msg] of cases) {
+    const e = await error(() => dev.configureWriteback(changes))
+    t.is(e.code, 'INVALID_ARGUMENT', JSON.stringify(changes))
+    t.regex(e.message, msg)
+  }
+  t.deepEqual(dev.writebackConfig(), { ...DEFAULT_WRITEBACK })
+  await reg.close()
+  t.is((await error(() => dev.configureWriteback({ percent: 1 }))).code, 'CLOSED')
+  t.is(dev.writebackRate(), undefined)
+})
