@@ -208,6 +208,12 @@ test('opening: a missing device, one with no bcache superblock, a backing device
   t.not(await code(CacheEngine.open(s.backing)), 'EBUSY')
   t.is(await code(CacheEngine.open(s.cache, { engine: 'sideways' as 'psync' })), 'INVALID_ARGUMENT')
   t.is(await code(CacheEngine.open(s.cache, { journalDelayMs: -1 })), 'INVALID_ARGUMENT')
+  t.is(await code(CacheEngine.open(s.cache, { ioErrorLimit: -1 })), 'INVALID_ARGUMENT')
+  t.is(await code(CacheEngine.open(s.cache, { ioErrorHalflife: 1.5 })), 'INVALID_ARGUMENT')
+  t.is(await code(CacheEngine.open(s.cache, { ioErrorLimit: 2 ** 33 })), 'INVALID_ARGUMENT')
+  const engine = await CacheEngine.open(s.cache, { ioErrorLimit: 100, ioErrorHalflife: 8800 })
+  t.is(engine.stats()?.ioErrors, 0)
+  await engine.close()
 })
 
 test('a cache set runs in one engine at a time: a second open is refused (exclusive open)', async (t) => {

@@ -350,6 +350,8 @@ export interface NativeCacheSetStats {
   rereadFromBacking: number
   writebackSectors: number
   writebackErrors: number
+  /** The cache device's I/O errors as `io_error_limit` counts them (decayed). */
+  ioErrors: number
   /** The longest single call of background work, in microseconds. */
   longestTickUs: number
   /** Percentage of buckets holding dirty data or metadata, as of the last GC. */
@@ -425,6 +427,10 @@ export interface NativeLoadOptions {
   journalDelayMs?: number
   /** Journal entries go with FUA rather than between two flushes (default true). */
   journalFua?: boolean
+  /** bcache's `io_error_limit` (default 8). */
+  ioErrorLimit?: number
+  /** bcache's `io_error_halflife`, in cache-device I/Os (default 0: no decay). */
+  ioErrorHalflife?: number
 }
 
 /** How to open a device. */

@@ -64,6 +64,17 @@ export interface CacheEngineOptions extends Omit<IoEngineOptions, 'mode'> {
   journalDelayMs?: number
   /** Journal entries are written with FUA rather than between two flushes (default true). */
   journalFua?: boolean
+  /**
+   * bcache's `io_error_limit` (default 8): at this many I/O errors of the cache device
+   * (decayed by `ioErrorHalflife`) the set leaves service: writes are refused, clean data
+   * is read from the backing devices.
+   */
+  ioErrorLimit?: number
+  /**
+   * bcache's `io_error_halflife` (default 0: errors are never forgotten): the cache-device
+   * I/Os after which an error counts half.
+   */
+  ioErrorHalflife?: number
 }
 
 /** A backing device to attach to the cache set ({@link CacheEngine.attach}). */
@@ -265,6 +276,8 @@ export interface CacheSetStats {
   fillSectors: number
   /** Writeback-mode writes sent through instead, because too much of the cache was dirty. */
   writebackCutoffs: number
+  /** The cache device's I/O errors as `ioErrorLimit` counts them (decayed by `ioErrorHalflife`). */
+  ioErrors: number
   /** Sectors written back to backing devices and marked clean. */
   writebackSectors: number
   /** Writeback extents that failed (a cache read, a backing write or its flush) and stay dirty for the next pass. */
@@ -377,6 +390,10 @@ export class CacheEngine {
     if (delay !== undefined && (checkCount('journalDelayMs', delay), delay > 0xffffffff)) {
       throw new InvalidArgumentError(`journalDelayMs must be at most ${0xffffffff}, got ${delay}`)
     }
+    for (const k of ['ioErrorLimit', 'ioErrorHalflife'] as const) {
+      const v = options[k]
+      if (v !== undefined && (checkCount(k, v), v > 0xffffffff)) throw new InvalidArgumentError(`${k} must be at most ${0xffffffff}, got ${v}`)
+    }
     let set: native.NativeLoadedSet | undefined
     if (cachePath !== undefined) {
       if (typeof cachePath !== 'string' || cachePath === '') throw new InvalidArgumentError('cachePath must be a non-empty string')
@@ -387,6 +404,8 @@ export class CacheEngine {
           exclusive: options.exclusive,
           journalDelayMs: delay,
           journalFua: options.journalFua,
+          ioErrorLimit: options.ioErrorLimit,
+          ioErrorHalflife: options.ioErrorHalflife,
         })
       } catch (err) {
         throw asUbcacheError(err, cachePath)

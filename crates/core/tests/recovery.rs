@@ -522,3 +522,58 @@ fn a_fill_into_a_reused_copy_buffer_caches_its_own_data() {
     assert_eq!(rig.engine.set().unwrap().stats().hit_sectors - hits, 66 * 8, "both read back from the cache");
     rig.close().unwrap();
 }
+
+/// Rule: cache-device I/O errors take the set out of service once they reach
+/// `io_error_limit`; below it, a clean hit whose read fails is served from the backing
+/// device and the set runs on. With `io_error_halflife`, old errors fade.
+#[test]
+fn cache_io_errors_past_the_limit_take_the_set_out_of_service() {
+    let paths = format("ioerr", Geo::small());
+    let set = CacheSetOptions { io_error_limit: 3, ..wb().set };
+    let o = RigOptions { modes: vec![CacheMode::Writethrough], set, ..wb() };
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    for b in 0..8 {
+        rig.write(0, b, &data(0, b, 1), false).unwrap(); // writethrough: clean in the cache
+    }
+    rig.flush(0).unwrap();
+    // The cache device is the engine's first device.
+    let cache_reads = || FaultRule::eio().op(OpKind::Read).dev(DevId(0));
+    rig.ctl.add_rule(cache_reads().times(2));
+    for b in 0..2 {
+        assert_eq!(rig.read(0, b, 1).unwrap(), data(0, b, 1), "served from the backing device");
+    }
+    assert_eq!(rig.ctl.injected(), 2);
+    let stats = rig.engine.set().unwrap().stats();
+    assert_eq!((stats.io_errors_milli, stats.reread_from_backing), (2000, 2));
+    assert!(matches!(rig.state(), SetState::Running), "{:?}", rig.state());
+    rig.ctl.add_rule(cache_reads().times(1));
+    assert_eq!(rig.read(0, 2, 1).unwrap(), data(0, 2, 1));
+    match rig.state() {
+        SetState::Failed(e) => assert!(e.message().contains("too many I/O errors on the cache device (3"), "{e}"),
+        s => panic!("still {s:?} after 3 errors"),
+    }
+    // Out of service: writes are refused, clean data comes from the backing device.
+    assert!(rig.write(0, 9, &data(0, 9, 2), false).is_err());
+    assert_eq!(rig.read(0, 5, 1).unwrap(), data(0, 5, 1));
+    rig.crash(CrashMode::DropUnflushed);
+
+    // Errors that fade: every I/O takes 1/128 off the count (halflife 88 I/Os).
+    let paths = format("ioerr-decay", Geo::small());
+    let set = CacheSetOptions { io_error_limit: 2, io_error_halflife: 88, ..wb().set };
+    let o = RigOptions { modes: vec![CacheMode::Writethrough], set, ..wb() };
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    for b in 0..8 {
+        rig.write(0, b, &data(0, b, 1), false).unwrap();
+    }
+    rig.ctl.add_rule(cache_reads().times(1));
+    assert_eq!(rig.read(0, 0, 1).unwrap(), data(0, 0, 1));
+    for i in 0..200 {
+        assert_eq!(rig.read(0, 1 + i % 7, 1).unwrap(), data(0, 1 + i % 7, 1));
+    }
+    let milli = rig.engine.set().unwrap().stats().io_errors_milli;
+    assert!(milli < 300, "one error after 200 I/Os counts {milli}/1000");
+    rig.ctl.add_rule(cache_reads().times(1));
+    assert_eq!(rig.read(0, 0, 1).unwrap(), data(0, 0, 1));
+    assert!(matches!(rig.state(), SetState::Running), "the first error has faded: {:?}", rig.state());
+    rig.close().unwrap();
+}

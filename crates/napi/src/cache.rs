@@ -99,6 +99,10 @@ pub struct NativeLoadOptions {
     pub journal_delay_ms: Option<u32>,
     /// Journal entries go with FUA rather than between two flushes (default true).
     pub journal_fua: Option<bool>,
+    /// bcache's `io_error_limit` (default 8).
+    pub io_error_limit: Option<u32>,
+    /// bcache's `io_error_halflife`, in cache-device I/Os (default 0: no decay).
+    pub io_error_halflife: Option<u32>,
 }
 
 /// A cache set read back from its cache device, waiting for an engine to run it.
@@ -202,6 +206,8 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
         exclusive: None,
         journal_delay_ms: None,
         journal_fua: None,
+        io_error_limit: None,
+        io_error_halflife: None,
     });
     let choice = engine_choice(env, o.engine.as_deref())?;
     let open = open_options(
@@ -212,6 +218,8 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
     let opts = CacheSetOptions {
         journal_delay_ms: o.journal_delay_ms.map_or(d.journal_delay_ms, u64::from),
         journal_fua: o.journal_fua.unwrap_or(d.journal_fua),
+        io_error_limit: o.io_error_limit.unwrap_or(d.io_error_limit),
+        io_error_halflife: o.io_error_halflife.unwrap_or(d.io_error_halflife),
         ..d
     };
     Ok(AsyncTask::new(LoadTask { path, open, choice, opts }))
@@ -269,6 +277,8 @@ pub struct NativeCacheSetStats {
     pub reread_from_backing: f64,
     pub writeback_sectors: f64,
     pub writeback_errors: f64,
+    /// The cache device's I/O errors as `io_error_limit` counts them (decayed).
+    pub io_errors: f64,
     /// The longest single call of background work, in microseconds.
     pub longest_tick_us: f64,
     /// Percentage of buckets holding dirty data or metadata, as of the last GC.
@@ -560,6 +570,7 @@ impl NativeCacheEngine {
                 reread_from_backing: st.reread_from_backing as f64,
                 writeback_sectors: st.writeback_sectors as f64,
                 writeback_errors: st.writeback_errors as f64,
+                io_errors: st.io_errors_milli as f64 / 1000.0,
                 longest_tick_us: st.longest_tick_us as f64,
                 in_use_percent: s.in_use_percent() as f64,
                 available_buckets: s.allocator().available_buckets() as f64,

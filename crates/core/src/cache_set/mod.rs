@@ -110,11 +110,24 @@ pub struct CacheSetOptions {
     /// Longest a slice of background work (GC, checkpoint) may run before the engine
     /// serves requests again.
     pub slice: Duration,
+    /// I/O errors of the cache device (decayed, see `io_error_halflife`) at which the set
+    /// leaves service (bcache's `io_error_limit`, default 8).
+    pub io_error_limit: u32,
+    /// Cache-device I/Os after which an error counts half (bcache's `io_error_halflife`);
+    /// 0 (the default) never forgets one.
+    pub io_error_halflife: u32,
 }
 
 impl Default for CacheSetOptions {
     fn default() -> Self {
-        CacheSetOptions { journal_delay_ms: 100, seed: 1, journal_fua: true, slice: Duration::from_micros(500) }
+        CacheSetOptions {
+            journal_delay_ms: 100,
+            seed: 1,
+            journal_fua: true,
+            slice: Duration::from_micros(500),
+            io_error_limit: 8,
+            io_error_halflife: 0,
+        }
     }
 }
 
@@ -168,6 +181,9 @@ pub struct CacheSetStats {
     pub cache_io_errors: u64,
     /// Hit reads served again from the backing device after a cache read error.
     pub reread_from_backing: u64,
+    /// The cache device's I/O error count as `io_error_limit` sees it (decayed by
+    /// `io_error_halflife`), times 1000.
+    pub io_errors_milli: u64,
     /// Sectors written back to backing devices and marked clean.
     pub writeback_sectors: u64,
     /// Writeback extents that failed (a cache read, a backing write or its flush) and
@@ -215,6 +231,8 @@ pub struct CacheSet {
     pub(crate) reqs: Requests,
     /// Writeback I/Os in flight.
     pub(crate) wb_ios: WbIos,
+    /// The cache device's decaying I/O error count.
+    pub(crate) io_errors: IoErrors,
     /// Cached devices by inode.
     pub(crate) devs: Vec<Option<CachedDev>>,
     pub(crate) state: SetState,
@@ -232,6 +250,17 @@ pub struct CacheSet {
     pub(crate) done: Vec<IoCompletion>,
     /// Control operations finished (attach, close, ...): their tag and result.
     pub(crate) events: Vec<(u64, Result<u32>)>,
+}
+
+/// Errors count `1 << IO_ERROR_SHIFT` each, so decay keeps fractions (bcache's scale).
+const IO_ERROR_SHIFT: u32 = 20;
+
+/// The cache device's I/O errors (scaled by `IO_ERROR_SHIFT`) and the I/Os since the last
+/// decay step.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct IoErrors {
+    errors: u64,
+    ios: u64,
 }
 
 /// How far a clean close has come.
@@ -264,6 +293,9 @@ impl CacheSet {
 
     /// Feeds the completion of an I/O taken from [`CacheSet::take_io`].
     pub fn complete(&mut self, c: IoCompletion) {
+        if c.dev == self.cache {
+            self.count_cache_io(c.result.as_ref().err());
+        }
         match Tag::decode(c.user_data) {
             Some(Tag::Part { req, part }) => self.part_done(req, part, c),
             Some(Tag::Fill { fill, piece }) => self.fill_done(fill, piece, c),
@@ -340,6 +372,7 @@ impl CacheSet {
     /// Counters.
     pub fn stats(&self) -> CacheSetStats {
         let mut s = self.stats;
+        s.io_errors_milli = (self.io_errors.errors * 1000) >> IO_ERROR_SHIFT;
         s.cache_miss_collisions = self.index.stats().cache_miss_collisions;
         s.journal_bytes = self.journal.ring.bytes_written();
         s.journal_entries = self.journal.entries;
@@ -486,6 +519,35 @@ impl CacheSet {
         match &self.state {
             SetState::Failed(e) => Some(e.clone()),
             _ => None,
+        }
+    }
+
+    /// bcache's `bch_count_io_errors`: every I/O of the cache device counts; every
+    /// `io_error_halflife / 88` of them the error count decays by 1/128 (so an error counts
+    /// half after about `io_error_halflife` I/Os); at `io_error_limit` errors the set
+    /// leaves service (clean data is then read from the backing devices).
+    fn count_cache_io(&mut self, err: Option<&Error>) {
+        let decay = u64::from(self.opts.io_error_halflife / 88);
+        let e = &mut self.io_errors;
+        if decay > 0 {
+            e.ios += 1;
+            while e.ios >= decay {
+                e.ios -= decay;
+                e.errors = e.errors * 127 / 128;
+            }
+        }
+        let Some(err) = err else { return };
+        e.errors += 1 << IO_ERROR_SHIFT;
+        let count = e.errors >> IO_ERROR_SHIFT;
+        let limit = u64::from(self.opts.io_error_limit);
+        if count >= limit && self.failed_error().is_none() {
+            self.fail(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "too many I/O errors on the cache device ({count}, io_error_limit {limit}); the last: {}",
+                    err.message()
+                ),
+            ));
         }
     }
 

@@ -172,6 +172,7 @@ pub fn load(st: &mut dyn Storage, opts: CacheSetOptions) -> Result<CacheSet> {
         space: Space::default(),
         reqs: Requests::default(),
         wb_ios: Default::default(),
+        io_errors: Default::default(),
         devs: Vec::new(),
         state: SetState::Starting,
         startup: Startup::default(),
