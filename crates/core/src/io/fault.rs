@@ -194,6 +194,8 @@ struct FaultState {
     powered_off: bool,
     inner_inflight: usize,
     injected: u64,
+    /// Submissions recorded while tracing: device, kind, byte offset.
+    trace: Option<Vec<(DevId, OpKind, u64)>>,
 }
 
 struct FaultShared {
@@ -217,6 +219,16 @@ impl FaultControl {
     /// Adds a rule; the first matching rule decides a request's fate.
     pub fn add_rule(&self, rule: FaultRule) {
         self.shared.lock().rules.push(rule);
+    }
+
+    /// Starts recording every request submitted (device, kind, byte offset), in order.
+    pub fn start_trace(&self) {
+        self.shared.lock().trace = Some(Vec::new());
+    }
+
+    /// The requests submitted since [`FaultControl::start_trace`]; recording goes on.
+    pub fn take_trace(&self) -> Vec<(DevId, OpKind, u64)> {
+        self.shared.lock().trace.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Removes every rule.
@@ -537,6 +549,9 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
             drop(st);
             self.ready.push(IoCompletion::of(req, Err(Self::power_off_error())));
             return;
+        }
+        if let Some(t) = st.trace.as_mut() {
+            t.push((req.dev, req.op.kind(), req.offset));
         }
         let dev = self.inner.device(req.dev);
         let valid = dev.as_ref().is_some_and(|d| d.check(&req).is_ok());
