@@ -138,12 +138,8 @@ impl Rig {
         // against 0.73 and 0.75 at the end (hits alike); from JavaScript, whose requests
         // come a tick's worth at a time, hits QD32 0.80 and 0.80 at the end against 0.73
         // and 0.72 with pairs (writethrough alike).
-        let opts = EngineOptions {
-            choice: EngineChoice::Uring,
-            buf_pool: Some(pool.clone()),
-            submit_batch: 2,
-            ..defaults
-        };
+        let opts =
+            EngineOptions { choice: EngineChoice::Uring, buf_pool: Some(pool.clone()), submit_batch: 2, ..defaults };
         let mut engine = open_engine(&opts).expect("io_uring engine");
         let cache = Arc::new(
             Device::open(cfg.cache, &OpenOptions { direct: cfg.cache_direct, ..Default::default() })

@@ -67,11 +67,9 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         // Writeback: at full speed with a short or no wait between passes, paused, or as
         // bcache paces it (which in a run this short writes little back).
         o.writeback = match rng.below(4) {
-            0 | 1 => Some(WritebackConfig {
-                percent: 0,
-                delay: Duration::from_millis(rng.below(3)),
-                ..Default::default()
-            }),
+            0 | 1 => {
+                Some(WritebackConfig { percent: 0, delay: Duration::from_millis(rng.below(3)), ..Default::default() })
+            }
             2 => Some(WritebackConfig { running: false, ..Default::default() }),
             _ => None,
         };

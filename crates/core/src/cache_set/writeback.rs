@@ -83,9 +83,8 @@ impl Default for WritebackConfig {
 impl WritebackConfig {
     /// Refuses values bcache refuses, naming the tunable and the range.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, range: &str| {
-            Err(Error::new(ErrorKind::InvalidArgument, format!("{what}: must be {range}")))
-        };
+        let bad =
+            |what: &str, range: &str| Err(Error::new(ErrorKind::InvalidArgument, format!("{what}: must be {range}")));
         if self.percent > 40 {
             return bad("writeback_percent", "0..=40");
         }
@@ -420,7 +419,14 @@ impl CacheSet {
         }
         let inode = key.inode;
         let sectors = key.size;
-        let n = self.wb_ios.insert(WbIo { inode, key, pinned: (ptr.dev(), bucket), data: None, writing: false, failed: false });
+        let n = self.wb_ios.insert(WbIo {
+            inode,
+            key,
+            pinned: (ptr.dev(), bucket),
+            data: None,
+            writing: false,
+            failed: false,
+        });
         // Later user requests over the extent wait for its backing write.
         let seqno = self.reqs.take_seqno();
         self.reqs.order.add(inode, start, end, seqno, ORDER_SLOT_BASE + n);
@@ -493,7 +499,8 @@ impl CacheSet {
         };
         loop {
             let wb = &self.devs[inode as usize].as_ref().expect("attached").wb;
-            let Some(&n) = wb.queue.iter().find(|&&q| !self.wb_ios.slots[q as usize].as_ref().is_some_and(|io| io.writing))
+            let Some(&n) =
+                wb.queue.iter().find(|&&q| !self.wb_ios.slots[q as usize].as_ref().is_some_and(|io| io.writing))
             else {
                 break;
             };
