@@ -88,3 +88,23 @@ test('bad writeback tunables are refused naming the tunable, and change nothing'
   t.is((await error(() => dev.configureWriteback({ percent: 1 }))).code, 'CLOSED')
   t.is(dev.writebackRate(), undefined)
 })
+
+test("priorityStats and cacheAvailablePercent: bcache's view of the cache device's buckets", async (t) => {
+  const f = await formatSet(1)
+  const reg = new Registry({ writeback: { running: false } })
+  await reg.register(f.cache)
+  const dev = await reg.register(f.backings[0])
+  if (!(dev instanceof CachedDevice) || dev.set === null) throw new Error('not attached')
+  dev.cacheMode = 'writeback'
+  for (let at = 0; at < 4 << 20; at += 65536) await dev.write(at, pattern(65536, at))
+  const p = dev.set.priorityStats()
+  t.truthy(p)
+  t.is(p?.quantiles.length, 31)
+  // 4 MiB dirty in 64 KiB buckets of a 64 MiB cache: about 6% of the buckets.
+  t.true((p?.dirtyPercent ?? 0) >= 5 && (p?.dirtyPercent ?? 0) <= 8, JSON.stringify(p))
+  t.true((p?.unusedPercent ?? 0) > 80)
+  const s = dev.set.stats()
+  t.is(s.cacheAvailablePercent, 100 - s.inUsePercent)
+  await reg.close()
+  t.is(dev.set?.priorityStats(), undefined)
+})

@@ -131,6 +131,11 @@ export declare class NativeCacheEngine {
   dirtySectors(handle: number): number | null
   /** Sectors of a cached device the cache holds (null for a handle that is not one). */
   cachedSectors(handle: number): number | null
+  /**
+   * bcache's `priority_stats` of the cache device (null for an engine without a set).
+   * Sorts every bucket's prio: for an occasional look, not for every request.
+   */
+  priorityStats(): NativePriorityStats | null
   /** Counters of the I/O engine underneath: event-loop wakeups, batches, buffers. */
   engineStats(): NativeEngineStats
 }
@@ -356,6 +361,8 @@ export interface NativeCacheSetStats {
   longestTickUs: number
   /** Percentage of buckets holding dirty data or metadata, as of the last GC. */
   inUsePercent: number
+  /** bcache's `cache_available_percent`: 100 − `in_use_percent`. */
+  cacheAvailablePercent: number
   /** Buckets free for allocation. */
   availableBuckets: number
   /** Requests (and read-miss fills) in flight. */
@@ -465,6 +472,17 @@ export interface NativeOpenReport {
   checkpointMs: number
   replayMs: number
   gcMs: number
+}
+
+/** bcache's `priority_stats` of the cache device. */
+export interface NativePriorityStats {
+  unusedPercent: number
+  cleanPercent: number
+  dirtyPercent: number
+  metadataPercent: number
+  average: number
+  sectorsPerQuantile: number
+  quantiles: Array<number>
 }
 
 /**

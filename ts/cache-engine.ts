@@ -229,6 +229,24 @@ export function checkWritebackChanges(changes: Partial<WritebackConfig>): void {
   }
 }
 
+/** bcache's `priority_stats` of a cache device ({@link CacheEngine.priorityStats}). */
+export interface PriorityStats {
+  /** Buckets with nothing in them, percent. */
+  unusedPercent: number
+  /** Buckets holding clean (reclaimable) data, percent. */
+  cleanPercent: number
+  /** Buckets holding dirty data, percent. */
+  dirtyPercent: number
+  /** Metadata buckets, percent. */
+  metadataPercent: number
+  /** Mean age of the data buckets (initial prio − prio). */
+  average: number
+  /** Sectors each quantile stands for. */
+  sectorsPerQuantile: number
+  /** 31 quantiles of age, youngest first. */
+  quantiles: number[]
+}
+
 /** Counters of a cache set since it was opened, and where it stands ({@link CacheEngine.stats}). */
 export interface CacheSetStats {
   /** Where the set stands. */
@@ -300,6 +318,8 @@ export interface CacheSetStats {
   longestTickUs: number
   /** Percentage of buckets holding dirty data or metadata, as of the last GC (bcache's `in_use`). */
   inUsePercent: number
+  /** bcache's `cache_available_percent`: 100 − `inUsePercent`, the share that could take new data. */
+  cacheAvailablePercent: number
   /** Buckets free for allocation. */
   availableBuckets: number
   /** Requests (and read-miss fills) in flight in the set. */
@@ -711,6 +731,18 @@ export class CacheEngine {
   writebackRate(handle: number): WritebackRate {
     try {
       return this.#native.writebackRate(handle)
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * bcache's `priority_stats` of the cache device (undefined for an engine without a set).
+   * Sorts every bucket's prio: for an occasional look, not for every request.
+   */
+  priorityStats(): PriorityStats | undefined {
+    try {
+      return this.#native.priorityStats() ?? undefined
     } catch (err) {
       throw asUbcacheError(err)
     }

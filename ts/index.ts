@@ -23,6 +23,7 @@ export {
   type CacheSetState,
   type CacheSetStats,
   DEFAULT_WRITEBACK,
+  type PriorityStats,
   type WriteOptions,
   type WritebackConfig,
   type WritebackRate,

@@ -3,7 +3,7 @@
  * backing devices attached to it (see {@link CacheSet}).
  * @module
  */
-import type { CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats } from '../cache-engine'
+import type { CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats, PriorityStats } from '../cache-engine'
 import { InvalidArgumentError } from '../errors'
 import type { Superblock } from '../superblock'
 import { CachedDevice } from './cached-device'
@@ -68,6 +68,14 @@ export class CacheSet {
     const s = this._engine.stats()
     if (s) return s
     return { ...(this.#final as CacheSetStats), state: this._engine.state }
+  }
+
+  /**
+   * bcache's `priority_stats`: how the cache device's buckets are used (unused, clean,
+   * dirty, metadata) and how old their data is; undefined once the registry closed.
+   */
+  priorityStats(): PriorityStats | undefined {
+    return this._engine.priorityStats()
   }
 
   /** What opening the set found and did: replayed journal entries, a clean last shutdown... */

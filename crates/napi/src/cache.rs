@@ -283,6 +283,8 @@ pub struct NativeCacheSetStats {
     pub longest_tick_us: f64,
     /// Percentage of buckets holding dirty data or metadata, as of the last GC.
     pub in_use_percent: f64,
+    /// bcache's `cache_available_percent`: 100 − `in_use_percent`.
+    pub cache_available_percent: f64,
     /// Buckets free for allocation.
     pub available_buckets: f64,
     /// Requests (and read-miss fills) in flight.
@@ -313,6 +315,18 @@ pub struct NativeWritebackRate {
     pub integral: f64,
     pub written: f64,
     pub full_speed: bool,
+}
+
+/// bcache's `priority_stats` of the cache device.
+#[napi(object)]
+pub struct NativePriorityStats {
+    pub unused_percent: f64,
+    pub clean_percent: f64,
+    pub dirty_percent: f64,
+    pub metadata_percent: f64,
+    pub average: f64,
+    pub sectors_per_quantile: f64,
+    pub quantiles: Vec<u32>,
 }
 
 /// What opening the set found and did (times in milliseconds).
@@ -573,6 +587,7 @@ impl NativeCacheEngine {
                 io_errors: st.io_errors_milli as f64 / 1000.0,
                 longest_tick_us: st.longest_tick_us as f64,
                 in_use_percent: s.in_use_percent() as f64,
+                cache_available_percent: 100.0 - s.in_use_percent().min(100) as f64,
                 available_buckets: s.allocator().available_buckets() as f64,
                 in_flight: s.in_flight() as f64,
             })
@@ -650,6 +665,26 @@ impl NativeCacheEngine {
     #[napi]
     pub fn cached_sectors(&self, handle: u32) -> Option<f64> {
         self.get(|e| Some(e.set()?.cached_sectors(e.inode(handle)?) as f64)).flatten()
+    }
+
+    /// bcache's `priority_stats` of the cache device (null for an engine without a set).
+    /// Sorts every bucket's prio: for an occasional look, not for every request.
+    #[napi]
+    pub fn priority_stats(&self, env: &Env) -> Result<Option<NativePriorityStats>> {
+        let r = self.get(|e| e.set().map(|s| s.allocator().priority_stats(0))).flatten();
+        match r {
+            None => Ok(None),
+            Some(Err(e)) => throw(env, e),
+            Some(Ok(p)) => Ok(Some(NativePriorityStats {
+                unused_percent: p.unused_percent as f64,
+                clean_percent: p.clean_percent as f64,
+                dirty_percent: p.dirty_percent as f64,
+                metadata_percent: p.metadata_percent as f64,
+                average: p.average as f64,
+                sectors_per_quantile: p.sectors_per_quantile as f64,
+                quantiles: p.quantiles.iter().map(|&q| u32::from(q)).collect(),
+            })),
+        }
     }
 
     /// Counters of the I/O engine underneath: event-loop wakeups, batches, buffers.
