@@ -590,8 +590,10 @@ export class CacheEngine {
 
   /**
    * Lets go of a device, releasing its exclusive open; a cached device's entry and cached
-   * data stay in the set for its next attach. Nothing of it may be in flight.
-   * @throws {UbcacheError} `EBUSY` (requests in flight), `INVALID_ARGUMENT` (unknown handle), `CLOSED`.
+   * data stay in the set for its next attach. Nothing of it may be in flight, writeback
+   * included: pause it first ({@link CacheEngine.setWritebackConfig} with `running: false`)
+   * and retry once extents on their way have finished.
+   * @throws {UbcacheError} `EBUSY` (requests or writeback in flight), `INVALID_ARGUMENT` (unknown handle), `CLOSED`.
    */
   detach(handle: number): void {
     this.#check()

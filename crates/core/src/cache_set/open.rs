@@ -475,7 +475,10 @@ impl CacheSet {
     /// its entry and cached data stay for the next attach.
     pub fn detach(&mut self, inode: u32) -> Result<DevId> {
         if self.reqs.in_flight_for(inode) || self.writeback_busy_for(inode) {
-            return Err(Error::new(ErrorKind::Busy, format!("cached device {inode} has requests in flight")));
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("cached device {inode} has requests or writeback in flight (pause writeback, then retry)"),
+            ));
         }
         let d = self.devs.get_mut(inode as usize).and_then(Option::take).ok_or_else(|| super::no_device(inode))?;
         Ok(d.backing)
