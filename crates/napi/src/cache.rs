@@ -694,14 +694,14 @@ impl NativeCacheEngine {
     }
 }
 
-/// Applies the tunables `n` gives to `c` (whole numbers, in range; the core validates the
-/// whole at the end).
+/// Applies the tunables `n` gives to `c`: numbers must be whole and not negative; their
+/// ranges are the core's to check (`WritebackConfig::validate`, when the config is set).
 fn apply_writeback(c: &mut cache_set::WritebackConfig, n: &NativeWritebackConfig) -> CoreResult<()> {
-    let whole = |what: &str, v: f64, max: f64| -> CoreResult<u64> {
-        if v.fract() != 0.0 || !(0.0..=max).contains(&v) {
+    let whole = |what: &str, v: f64| -> CoreResult<u64> {
+        if v.fract() != 0.0 || !(0.0..=u64::MAX as f64).contains(&v) {
             return Err(CoreError::new(
                 ErrorKind::InvalidArgument,
-                format!("{what}: must be a whole number in 0..={max}, got {v}"),
+                format!("{what}: must be a whole number, not negative, got {v}"),
             ));
         }
         Ok(v as u64)
@@ -710,22 +710,22 @@ fn apply_writeback(c: &mut cache_set::WritebackConfig, n: &NativeWritebackConfig
         c.running = v;
     }
     if let Some(v) = n.percent {
-        c.percent = whole("writeback_percent", v, 40.0)? as u8;
+        c.percent = u8::try_from(whole("writeback_percent", v)?).unwrap_or(u8::MAX);
     }
     if let Some(v) = n.delay_seconds {
-        c.delay = Duration::from_secs(whole("writeback_delay", v, f64::from(u32::MAX))?);
+        c.delay = Duration::from_secs(whole("writeback_delay", v)?);
     }
     if let Some(v) = n.rate_update_seconds {
-        c.rate_update = Duration::from_secs(whole("writeback_rate_update_seconds", v, 60.0)?);
+        c.rate_update = Duration::from_secs(whole("writeback_rate_update_seconds", v)?);
     }
     if let Some(v) = n.rate_p_term_inverse {
-        c.p_term_inverse = whole("writeback_rate_p_term_inverse", v, f64::from(i32::MAX))?;
+        c.p_term_inverse = whole("writeback_rate_p_term_inverse", v)?;
     }
     if let Some(v) = n.rate_i_term_inverse {
-        c.i_term_inverse = whole("writeback_rate_i_term_inverse", v, f64::from(i32::MAX))?;
+        c.i_term_inverse = whole("writeback_rate_i_term_inverse", v)?;
     }
     if let Some(v) = n.rate_minimum {
-        c.rate_minimum = whole("writeback_rate_minimum", v, 1e9)?;
+        c.rate_minimum = whole("writeback_rate_minimum", v)?;
     }
     Ok(())
 }

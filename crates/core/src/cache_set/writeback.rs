@@ -222,6 +222,12 @@ impl WbIos {
 }
 
 impl CacheSet {
+    /// The writeback state of attached device `inode` (writeback I/O in flight keeps it
+    /// attached: see `detach`).
+    fn wb(&mut self, inode: u32) -> &mut Writeback {
+        &mut self.devs[inode as usize].as_mut().expect("attached").wb
+    }
+
     /// The writeback tunables of `inode`.
     pub fn writeback_config(&self, inode: u32) -> Result<WritebackConfig> {
         Ok(self.dev(inode)?.wb.cfg.clone())
@@ -359,8 +365,7 @@ impl CacheSet {
         }
         let mut keys = std::mem::take(&mut self.wb_ios.keys);
         loop {
-            let d = self.devs[inode as usize].as_mut().expect("attached");
-            let wb = &mut d.wb;
+            let wb = self.wb(inode);
             if wb.queue.len() >= MAX_IN_FLIGHT || wb.next_io.is_some_and(|t| now < t) {
                 break;
             }
@@ -372,7 +377,7 @@ impl CacheSet {
             let mut started = 0;
             let mut paced = false;
             for k in keys.drain(..) {
-                let wb = &mut self.devs[inode as usize].as_mut().expect("attached").wb;
+                let wb = self.wb(inode);
                 if wb.next_io.is_some_and(|t| now < t) {
                     // The rest waits for its turn: the next scan starts at this key.
                     paced = true;
@@ -383,10 +388,10 @@ impl CacheSet {
                 if self.writeback_extent(k, now) {
                     started += 1;
                 }
-                self.devs[inode as usize].as_mut().expect("attached").wb.cursor = end;
+                self.wb(inode).cursor = end;
             }
             keys.clear();
-            let wb = &mut self.devs[inode as usize].as_mut().expect("attached").wb;
+            let wb = self.wb(inode);
             if paced {
                 break;
             }
@@ -430,7 +435,7 @@ impl CacheSet {
         // Later user requests over the extent wait for its backing write.
         let seqno = self.reqs.take_seqno();
         self.reqs.order.add(inode, start, end, seqno, ORDER_SLOT_BASE + n);
-        let wb = &mut self.devs[inode as usize].as_mut().expect("attached").wb;
+        let wb = self.wb(inode);
         wb.queue.push_back(n);
         // bch_next_delay: the next extent starts sectors/rate later, never more than 2.5 s
         // ahead nor 2 s behind.
@@ -498,7 +503,7 @@ impl CacheSet {
             (d.backing, d.data_offset)
         };
         loop {
-            let wb = &self.devs[inode as usize].as_ref().expect("attached").wb;
+            let wb = &self.dev(inode).expect("attached").wb;
             let Some(&n) =
                 wb.queue.iter().find(|&&q| !self.wb_ios.slots[q as usize].as_ref().is_some_and(|io| io.writing))
             else {
@@ -508,7 +513,7 @@ impl CacheSet {
             if io.failed {
                 self.wb_ios.remove(n);
                 self.reqs.order.remove(ORDER_SLOT_BASE + n);
-                self.devs[inode as usize].as_mut().expect("attached").wb.queue.retain(|&q| q != n);
+                self.wb(inode).queue.retain(|&q| q != n);
                 continue;
             }
             let Some(data) = io.data.take() else { break };
@@ -525,11 +530,11 @@ impl CacheSet {
     /// Flushes the backing device for the extents written, once none is in flight to it
     /// or enough have gathered.
     fn writeback_maybe_flush(&mut self, inode: u32) {
-        let wb = &self.devs[inode as usize].as_ref().expect("attached").wb;
+        let wb = &self.dev(inode).expect("attached").wb;
         if wb.written.is_empty() || (!wb.queue.is_empty() && wb.written.len() < FLUSH_BATCH) {
             return;
         }
-        let wb = &mut self.devs[inode as usize].as_mut().expect("attached").wb;
+        let wb = self.wb(inode);
         let batch = wb.next_batch;
         wb.next_batch = wb.next_batch.wrapping_add(1);
         let keys = std::mem::take(&mut wb.written);
