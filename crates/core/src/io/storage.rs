@@ -194,6 +194,8 @@ mod tests {
         st.read(0, &mut buf).unwrap();
         assert_eq!(buf, vec![7u8; 4096]);
         st.engine().submit(IoRequest::read(id, 4096, AlignedBuf::new(4096), 999_999));
+        // Let the foreign read finish first (psync threads), so the next read meets it.
+        std::thread::sleep(std::time::Duration::from_millis(100));
         let err = st.read(8192, &mut buf).unwrap_err();
         assert!(err.message().contains("other requests"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
