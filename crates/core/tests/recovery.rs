@@ -7,18 +7,28 @@ use std::time::{Duration, Instant};
 
 use set_common::*;
 use ubcache_core::alloc::GcMark;
-use ubcache_core::cache_set::{superblock, CacheMode, CacheSetOptions, CachedDevConfig, SetState};
+use ubcache_core::cache_set::{superblock, CacheMode, CacheSetOptions, CachedDevConfig, SetState, WritebackConfig};
 use ubcache_core::io::fault::{CrashMode, FaultRule, Latency};
 use ubcache_core::io::{AlignedBuf, DevId, IoRequest, OpKind, Storage};
 use ubcache_core::journal::{read_journal, FoundEntry, JournalGeometry};
 use ubcache_core::ErrorKind;
 
+/// Writeback mode with writeback paused: these tests need their dirty keys to stay dirty
+/// (a key written back is clean, and a clean key is dropped after a crash, which changes
+/// what a replay has to do); writeback across crashes is the crash campaign's.
 fn wb() -> RigOptions {
     RigOptions {
         modes: vec![CacheMode::Writeback],
         set: CacheSetOptions { journal_delay_ms: 100_000, ..Default::default() },
+        writeback: Some(WritebackConfig { running: false, ..Default::default() }),
         ..Default::default()
     }
+}
+
+/// Completions held back this long: a test's requests are then still in flight when its
+/// next call runs, however fast the machine.
+fn slow(rig: &Rig) {
+    rig.ctl.set_latency(Some(Latency { fixed: Duration::from_millis(30), ..Default::default() }));
 }
 
 /// The journal as it lies on the cache device.
@@ -46,7 +56,9 @@ fn data(dev: u32, block: u64, v: u64) -> Vec<u8> {
 
 #[test]
 fn a_torn_newest_entry_is_ignored_and_the_set_goes_on() {
-    let paths = format("torn", Geo::small());
+    // A journal long enough that no checkpoint (recorded in an entry of its own) comes
+    // after the second write's entry.
+    let paths = format("torn", Geo { journal_buckets: Some(64), ..Geo::small() });
     let mut rig = Rig::open(&paths, &wb()).unwrap();
     rig.write(0, 0, &data(0, 0, 1), false).unwrap();
     rig.flush(0).unwrap();
@@ -125,6 +137,13 @@ fn two_checkpoints(rig: &mut Rig) -> Vec<(u64, u64)> {
         written.push((b, 100 + i));
         i += 1;
     }
+    // The newest checkpoint recorded, a write after it: replay has a key to apply.
+    rig.settle();
+    let b = (i * 7) % 300;
+    rig.write(0, b, &data(0, b, 100 + i), false).unwrap();
+    rig.flush(0).unwrap();
+    written.retain(|&(x, _)| x != b);
+    written.push((b, 100 + i));
     written
 }
 
@@ -136,7 +155,10 @@ fn a_damaged_checkpoint_falls_back_to_the_one_before_even_after_a_reopen() {
     rig.crash(CrashMode::DropUnflushed);
     // Reopened, the older checkpoint is still one replay may fall back to: its buckets
     // are kept from reuse (GC marks them metadata) for as long as entries name it.
-    let rig = Rig::open(&paths, &wb()).unwrap();
+    let mut rig = Rig::open(&paths, &wb()).unwrap();
+    // The set may begin a checkpoint of its own (the journal since the loaded one is long):
+    // the newest is then the one to damage, once it is recorded.
+    rig.settle();
     let set = rig.engine.set().unwrap();
     let chains = set.checkpoint_chains();
     assert_eq!(set.open_report().checkpoints_kept, 2, "{:?}", set.open_report());
@@ -144,6 +166,7 @@ fn a_damaged_checkpoint_falls_back_to_the_one_before_even_after_a_reopen() {
     for b in chains.iter().flatten() {
         assert_eq!(set.allocator().bucket(0, *b).unwrap().mark, GcMark::Metadata, "checkpoint bucket {b}");
     }
+    assert!(set.open_report().replayed_keys > 0, "{:?}", set.open_report());
     let newest_head = set.metadata_pointers().0.unwrap();
     rig.crash(CrashMode::DropUnflushed);
     // Damage a data block of the newest checkpoint's head.
@@ -225,14 +248,15 @@ fn cached_devices_keep_their_slots_and_data_across_restarts() {
 
 #[test]
 fn keys_wait_for_the_journal_delay_or_a_flush() {
-    let paths = format("batch", Geo::small());
+    // A journal long enough that no checkpoint adds an entry of its own.
+    let paths = format("batch", Geo { journal_buckets: Some(64), ..Geo::small() });
     let mut rig = Rig::open(&paths, &wb()).unwrap();
-    rig.drain();
+    rig.settle();
     let s0 = rig.engine.set().unwrap().stats();
     for b in 0..6 {
         rig.write(0, b, &data(0, b, 1), false).unwrap();
     }
-    rig.drain();
+    rig.settle();
     let s1 = rig.engine.set().unwrap().stats();
     let mid = s1.journal_entries;
     // Keys wait (the delay is long and nobody flushed): only prio writes record entries.
@@ -414,6 +438,8 @@ fn requests_finishing_during_an_attach_are_handed_out_later() {
     let mut rig = Rig::open(&paths, &wb()).unwrap();
     rig.engine.detach(rig.handles[1]).unwrap();
     let h = DevId(rig.handles[0]);
+    // Else a fast device finishes a write during the next one's submit, which reaps it.
+    slow(&rig);
     let tags: Vec<u64> = (0..8).map(|i| 500 + i).collect();
     for (i, &t) in tags.iter().enumerate() {
         let mut out = Vec::new();
@@ -422,8 +448,9 @@ fn requests_finishing_during_an_attach_are_handed_out_later() {
             .unwrap();
         rig.done.extend(out);
     }
+    assert!(rig.done.is_empty(), "no write finished during a submit: {:?}", rig.done);
     // Let the writes finish on the device, then attach while nobody has reaped them.
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(100));
     let cfg = CachedDevConfig {
         uuid: [2; 16],
         label: [0; 32],
@@ -481,6 +508,8 @@ fn requests_finishing_during_a_close_are_handed_out_later() {
     let paths = format("undelivered-close", Geo::small());
     let mut rig = Rig::open(&paths, &wb()).unwrap();
     let h = DevId(rig.handles[0]);
+    // The first write must still be in flight when the close runs.
+    slow(&rig);
     let (first, second) = (700, 701);
     let mut out = Vec::new();
     for (t, v) in [(first, 1), (second, 2)] {

@@ -448,12 +448,20 @@ impl CacheSet {
     }
 
     /// Where the newest journal entries point (the checkpoint replay starts from, the UUID
-    /// table, the head of the prio chain), as they stand now.
+    /// table, the head of the prio chain), as they stand now: a checkpoint is named from
+    /// when its last bucket is written, before the entry recording it is durable (see
+    /// [`CacheSet::checkpoint_running`]).
     pub fn metadata_pointers(&self) -> (Option<crate::journal::MetaPtr>, Option<crate::journal::MetaPtr>, u64) {
         (self.meta.newest_checkpoint(), self.meta.uuid_ptr, self.meta.prio_head)
     }
 
-    /// The buckets of every checkpoint replay may start from, oldest first.
+    /// A checkpoint is wanted or being written (until the entry recording it is durable).
+    pub fn checkpoint_running(&self) -> bool {
+        self.ckpt.wanted.is_some() || self.ckpt.running()
+    }
+
+    /// The buckets of every checkpoint replay may start from, oldest first (the newest may
+    /// not be recorded yet: see [`CacheSet::checkpoint_running`]).
     pub fn checkpoint_chains(&self) -> Vec<Vec<u64>> {
         self.meta.checkpoints.iter().map(|c| c.buckets.clone()).collect()
     }

@@ -214,7 +214,7 @@ pub struct RigOptions {
     pub jitter: Duration,
     pub seed: u64,
     pub engine: EngineChoice,
-    /// Writeback tunables set on every device once attached (None: the defaults).
+    /// Writeback tunables every device is attached with (None: the defaults).
     pub writeback: Option<ubcache_core::cache_set::WritebackConfig>,
 }
 
@@ -271,7 +271,7 @@ impl Rig {
                 device: Arc::new(open_retrying(p)?),
                 data_offset: DATA_OFFSET,
                 mode: o.modes[i % o.modes.len()],
-                writeback: Default::default(),
+                writeback: o.writeback.clone().unwrap_or_default(),
             };
             let tag = rig.tag();
             rig.handles.push(rig.engine.attach(tag, cfg)?);
@@ -295,12 +295,6 @@ impl Rig {
         }
         for (_, r) in events {
             r?;
-        }
-        if let Some(cfg) = &o.writeback {
-            for &h in &rig.handles {
-                let inode = rig.engine.inode(h).expect("attached");
-                rig.engine.set_mut().expect("a set").set_writeback_config(inode, cfg.clone())?;
-            }
         }
         Ok(rig)
     }
@@ -332,6 +326,20 @@ impl Rig {
         let until = Instant::now() + Duration::from_secs(60);
         while self.engine.in_flight() > 0 {
             assert!(Instant::now() < until, "requests still in flight after 60 s");
+            self.poll(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until no I/O is in flight and no checkpoint runs: every metadata pointer the
+    /// set shows is then recorded in a durable entry.
+    pub fn settle(&mut self) {
+        let until = Instant::now() + Duration::from_secs(60);
+        while self.engine.in_flight() > 0 || self.engine.set().is_some_and(|s| s.checkpoint_running()) {
+            assert!(
+                Instant::now() < until,
+                "still busy after 60 s: {}",
+                self.engine.set().map(|s| s.describe()).unwrap_or_default()
+            );
             self.poll(Duration::from_millis(10));
         }
     }
