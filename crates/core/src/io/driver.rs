@@ -5,9 +5,9 @@
 //! On a small machine those wakeups dominate a 4 KiB read. A [`RingDriver`] has no thread:
 //! [`RingDriver::submit_batch`] puts requests straight into the engine (for io_uring, one
 //! `io_uring_enter` on the caller's thread), and the engine's completion descriptor
-//! ([`RingDriver::fd`]: an eventfd registered with the io_uring ring, which runs deferred
-//! task work, so completions are posted by the caller's next entry; the portable engine's
-//! eventfd) tells the caller's event loop when to call [`RingDriver::reap`]. A batch of
+//! ([`RingDriver::fd`]: the io_uring ring's own descriptor, readable while its completion
+//! queue holds entries; the portable engine's eventfd) tells the caller's event loop when
+//! to call [`RingDriver::reap`]. A batch of
 //! completions then costs one wakeup of the loop the caller was sleeping in anyway.
 //!
 //! Use a driver from one thread only: the io_uring ring is set up for a single issuer, the

@@ -9,9 +9,10 @@
 //!
 //! Device descriptors go into a sparse registered-file table and the buffer pool's arena
 //! (if any) is registered as one fixed buffer; both fall back to the plain opcodes when
-//! registration is refused. The ring is set up like fio's (single issuer, deferred and
-//! cooperative task running) when the kernel supports it; it is created disabled and
-//! enabled by the first `poll`, so that the thread that drives it becomes its issuer.
+//! registration is refused. The ring is set up like fio's (single issuer, cooperative task
+//! running; deferred task running can be built but is off, see `UringEngine::new`) when the
+//! kernel supports it; it is created disabled and enabled by the first `poll`, so that the
+//! thread that drives it becomes its issuer.
 //!
 //! Discards on a block device use the BLKDISCARD ioctl, which io_uring cannot carry before
 //! Linux 6.12; it runs on a short-lived helper thread that reports back through an eventfd
