@@ -99,6 +99,14 @@ export declare class NativeCacheEngine {
   writebackConfig(handle: number): NativeWritebackConfig
   /** Changes a cached device's writeback tunables: the fields given, validated together. */
   setWritebackConfig(handle: number, cfg: NativeWritebackConfig): void
+  /** A cached device's bypass tunables. */
+  bypassConfig(handle: number): NativeBypassConfig
+  /** Changes a cached device's bypass tunables: the fields given, validated together. */
+  setBypassConfig(handle: number, cfg: NativeBypassConfig): void
+  /** The cache set's congestion thresholds. */
+  congestionConfig(): NativeCongestionConfig
+  /** Changes the cache set's congestion thresholds. */
+  setCongestionConfig(cfg: NativeCongestionConfig): void
   /** A cached device's writeback controller state. */
   writebackRate(handle: number): NativeWritebackRate
   /** A device's cache mode; null for a device with no cache set. */
@@ -308,6 +316,20 @@ export interface NativeAttachConfig {
   exclusive?: boolean
   /** Writeback tunables to start with (the rest: bcache's defaults). */
   writeback?: NativeWritebackConfig
+  /** Bypass tunables to start with (the rest: bcache's defaults). */
+  bypass?: NativeBypassConfig
+}
+
+/**
+ * Bypass tunables of a cached device, in bytes (see the core's `BypassConfig`). Every
+ * field is optional when setting: those left out keep their value; a negative
+ * `sequentialCutoffRead`/`sequentialCutoffWrite` goes back to the shared cutoff (getting,
+ * such a field is absent).
+ */
+export interface NativeBypassConfig {
+  sequentialCutoff?: number
+  sequentialCutoffRead?: number
+  sequentialCutoffWrite?: number
 }
 
 /**
@@ -345,6 +367,12 @@ export interface NativeCacheSetStats {
   missSectors: number
   cacheHits: number
   cacheMisses: number
+  cacheBypassHits: number
+  cacheBypassMisses: number
+  bypassedSectors: number
+  sequentialBypasses: number
+  congestedBypasses: number
+  cacheAddCutoffs: number
   cacheMissCollisions: number
   fillSectors: number
   writebackCutoffs: number
@@ -367,6 +395,12 @@ export interface NativeCacheSetStats {
   availableBuckets: number
   /** Requests (and read-miss fills) in flight. */
   inFlight: number
+}
+
+/** When a cache set's cache device counts as congested, in microseconds (0: not timed). */
+export interface NativeCongestionConfig {
+  readThresholdUs: number
+  writeThresholdUs: number
 }
 
 /** A device opened in an engine. */
@@ -438,6 +472,10 @@ export interface NativeLoadOptions {
   ioErrorLimit?: number
   /** bcache's `io_error_halflife`, in cache-device I/Os (default 0: no decay). */
   ioErrorHalflife?: number
+  /** bcache's `congested_read_threshold_us` (default 2000; 0: reads not timed). */
+  congestedReadThresholdUs?: number
+  /** bcache's `congested_write_threshold_us` (default 20000; 0: writes not timed). */
+  congestedWriteThresholdUs?: number
 }
 
 /** How to open a device. */

@@ -75,6 +75,14 @@ export interface CacheEngineOptions extends Omit<IoEngineOptions, 'mode'> {
    * I/Os after which an error counts half.
    */
   ioErrorHalflife?: number
+  /**
+   * bcache's `congested_read_threshold_us` (default 2000): cache-device reads slower than
+   * this count as congestion, and while the cache is congested part of the traffic
+   * bypasses it (see {@link CongestionConfig}); 0 leaves reads untimed.
+   */
+  congestedReadThresholdUs?: number
+  /** bcache's `congested_write_threshold_us` (default 20000): the same for writes. */
+  congestedWriteThresholdUs?: number
 }
 
 /** A backing device to attach to the cache set ({@link CacheEngine.attach}). */
@@ -103,6 +111,8 @@ export interface AttachOptions {
    * can start writing anything back ({@link CacheEngine.setWritebackConfig} later).
    */
   writeback?: Partial<WritebackConfig>
+  /** Bypass tunables to start with, in place of bcache's defaults. */
+  bypass?: Partial<BypassConfig>
 }
 
 /** Options of a write ({@link CacheEngine.write}). */
@@ -229,6 +239,90 @@ export function checkWritebackChanges(changes: Partial<WritebackConfig>): void {
   }
 }
 
+/**
+ * Bypass tunables of a cached device, with bcache's names and defaults
+ * ({@link CachedDevice.bypassConfig}). A stream of requests (each starting where the one
+ * before ended, within 5 s; 64 streams are remembered per device) that has moved the cutoff
+ * in bytes, its current request included, bypasses the cache: reads are served from the
+ * cache where it hits and from the backing device without filling where it misses; writes
+ * go to the backing device and drop what the cache held for the range (data still dirty
+ * there is overwritten in place). Random I/O between streams is never bypassed for them.
+ */
+export interface BypassConfig {
+  /** `sequential_cutoff` (4 MiB), in bytes, 0 to 2^32 − 1; 0 turns the detector off. */
+  sequentialCutoff: number
+  /** A cutoff for reads of their own, in bytes (null: `sequentialCutoff`). */
+  sequentialCutoffRead: number | null
+  /** A cutoff for writes of their own, in bytes (null: `sequentialCutoff`). */
+  sequentialCutoffWrite: number | null
+}
+
+/** bcache's defaults for {@link BypassConfig}. */
+export const DEFAULT_BYPASS: Readonly<BypassConfig> = Object.freeze({
+  sequentialCutoff: 4 << 20,
+  sequentialCutoffRead: null,
+  sequentialCutoffWrite: null,
+})
+
+const BYPASS_TUNABLES: Record<keyof BypassConfig, { name: string; nullable: boolean }> = {
+  sequentialCutoff: { name: 'sequential_cutoff', nullable: false },
+  sequentialCutoffRead: { name: 'sequential_cutoff_read', nullable: true },
+  sequentialCutoffWrite: { name: 'sequential_cutoff_write', nullable: true },
+}
+
+/**
+ * Throws `INVALID_ARGUMENT` naming the tunable for a key {@link BypassConfig} does not
+ * have or a value that is not a whole number of bytes in 0..2^32 − 1 (or null where allowed).
+ */
+export function checkBypassChanges(changes: Partial<BypassConfig>): void {
+  if (typeof changes !== 'object' || changes === null) throw new InvalidArgumentError('bypass changes must be an object')
+  for (const [k, v] of Object.entries(changes)) {
+    const t = BYPASS_TUNABLES[k as keyof BypassConfig]
+    if (!t) throw new InvalidArgumentError(`unknown bypass tunable '${k}' (known: ${Object.keys(BYPASS_TUNABLES).join(', ')})`)
+    if (v === null && t.nullable) continue
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 2 ** 32 - 1) {
+      const what = t.nullable ? 'a whole number of bytes in 0..4294967295, or null' : 'a whole number of bytes in 0..4294967295'
+      throw new InvalidArgumentError(`${t.name} (${k}) must be ${what}, got ${String(v)}`)
+    }
+  }
+}
+
+/** The native form of bypass changes: null (the shared cutoff) travels as -1. */
+function nativeBypass(changes: Partial<BypassConfig>): native.NativeBypassConfig {
+  const n = (v: number | null | undefined) => (v === null ? -1 : v)
+  return { sequentialCutoff: changes.sequentialCutoff, sequentialCutoffRead: n(changes.sequentialCutoffRead), sequentialCutoffWrite: n(changes.sequentialCutoffWrite) }
+}
+
+/**
+ * When a cache set's cache device counts as congested (bcache's `congested_*_threshold_us`,
+ * {@link CacheSet.congestionConfig}). Each cache read or write slower than its threshold
+ * lowers a congestion counter by its latency in milliseconds; faster ones and time raise it
+ * again. While it is low, requests whose stream has moved at least a length that shrinks as
+ * congestion grows bypass the cache; at the worst, all do.
+ */
+export interface CongestionConfig {
+  /** `congested_read_threshold_us` (2000), in microseconds; 0: reads are not timed. */
+  readThresholdUs: number
+  /** `congested_write_threshold_us` (20000), in microseconds; 0: writes are not timed. */
+  writeThresholdUs: number
+}
+
+/** bcache's defaults for {@link CongestionConfig}. */
+export const DEFAULT_CONGESTION: Readonly<CongestionConfig> = Object.freeze({ readThresholdUs: 2000, writeThresholdUs: 20000 })
+
+/** Throws `INVALID_ARGUMENT` naming the tunable for an unknown key or a bad value. */
+export function checkCongestionChanges(changes: Partial<CongestionConfig>): void {
+  if (typeof changes !== 'object' || changes === null) throw new InvalidArgumentError('congestion changes must be an object')
+  const names: Record<keyof CongestionConfig, string> = { readThresholdUs: 'congested_read_threshold_us', writeThresholdUs: 'congested_write_threshold_us' }
+  for (const [k, v] of Object.entries(changes)) {
+    const name = names[k as keyof CongestionConfig]
+    if (!name) throw new InvalidArgumentError(`unknown congestion tunable '${k}' (known: ${Object.keys(names).join(', ')})`)
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 2 ** 32 - 1) {
+      throw new InvalidArgumentError(`${name} (${k}) must be a whole number of microseconds in 0..4294967295, got ${String(v)}`)
+    }
+  }
+}
+
 /** bcache's `priority_stats` of a cache device ({@link CacheEngine.priorityStats}). */
 export interface PriorityStats {
   /** Buckets with nothing in them, percent. */
@@ -288,6 +382,18 @@ export interface CacheSetStats {
   cacheHits: number
   /** Read requests that needed the backing device. */
   cacheMisses: number
+  /** Bypassed read requests served entirely from the cache (bcache's `cache_bypass_hits`). */
+  cacheBypassHits: number
+  /** Bypassed read requests that needed the backing device (bcache's `cache_bypass_misses`). */
+  cacheBypassMisses: number
+  /** Sectors of requests that bypassed the cache, for any reason, mode `none` included (bcache's `bypassed`). */
+  bypassedSectors: number
+  /** Requests that bypassed because their stream passed the sequential cutoff. */
+  sequentialBypasses: number
+  /** Requests that bypassed because the cache device was congested. */
+  congestedBypasses: number
+  /** Requests that added nothing to the cache because more than 95% of it was in use (bcache's `CUTOFF_CACHE_ADD`). */
+  cacheAddCutoffs: number
   /** Fills that lost part of their range to a write or invalidation meanwhile. */
   cacheMissCollisions: number
   /** Sectors of read misses inserted into the cache. */
@@ -410,7 +516,7 @@ export class CacheEngine {
     if (delay !== undefined && (checkCount('journalDelayMs', delay), delay > 0xffffffff)) {
       throw new InvalidArgumentError(`journalDelayMs must be at most ${0xffffffff}, got ${delay}`)
     }
-    for (const k of ['ioErrorLimit', 'ioErrorHalflife'] as const) {
+    for (const k of ['ioErrorLimit', 'ioErrorHalflife', 'congestedReadThresholdUs', 'congestedWriteThresholdUs'] as const) {
       const v = options[k]
       if (v !== undefined && (checkCount(k, v), v > 0xffffffff)) throw new InvalidArgumentError(`${k} must be at most ${0xffffffff}, got ${v}`)
     }
@@ -426,6 +532,8 @@ export class CacheEngine {
           journalFua: options.journalFua,
           ioErrorLimit: options.ioErrorLimit,
           ioErrorHalflife: options.ioErrorHalflife,
+          congestedReadThresholdUs: options.congestedReadThresholdUs,
+          congestedWriteThresholdUs: options.congestedWriteThresholdUs,
         })
       } catch (err) {
         throw asUbcacheError(err, cachePath)
@@ -529,6 +637,7 @@ export class CacheEngine {
       throw new InvalidArgumentError(`cache mode '${String(o.mode)}' is not one of ${CACHE_MODES.join(', ')}`)
     }
     if (o.writeback !== undefined) checkWritebackChanges(o.writeback)
+    if (o.bypass !== undefined) checkBypassChanges(o.bypass)
     let handle = -1
     try {
       return await this.#control((tag) => {
@@ -542,6 +651,7 @@ export class CacheEngine {
           direct: o.direct,
           exclusive: o.exclusive,
           writeback: o.writeback,
+          bypass: o.bypass === undefined ? undefined : nativeBypass(o.bypass),
         })
         handle = this.#remember(o.path, info, true).handle
       })
@@ -721,6 +831,62 @@ export class CacheEngine {
     checkWritebackChanges(changes)
     try {
       this.#native.setWritebackConfig(handle, changes)
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * A cached device's bypass tunables.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (unknown handle, a device with no cache set), `CLOSED`.
+   */
+  bypassConfig(handle: number): BypassConfig {
+    try {
+      const c = this.#native.bypassConfig(handle)
+      return { sequentialCutoff: c.sequentialCutoff ?? DEFAULT_BYPASS.sequentialCutoff, sequentialCutoffRead: c.sequentialCutoffRead ?? null, sequentialCutoffWrite: c.sequentialCutoffWrite ?? null }
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * Changes the bypass tunables given (validated together). Takes effect with the next
+   * request; the streams seen so far are kept.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (a value out of range, naming the tunable;
+   * unknown handle; a device with no cache set), `CLOSED`.
+   */
+  setBypassConfig(handle: number, changes: Partial<BypassConfig>): void {
+    this.#check()
+    checkBypassChanges(changes)
+    try {
+      this.#native.setBypassConfig(handle, nativeBypass(changes))
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * The cache set's congestion thresholds.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (an engine without a set), `CLOSED`.
+   */
+  congestionConfig(): CongestionConfig {
+    try {
+      return this.#native.congestionConfig()
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * Changes the congestion thresholds given; takes effect with the next cache I/O.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (a bad value, naming the tunable; an engine
+   *   without a set), `CLOSED`.
+   */
+  setCongestionConfig(changes: Partial<CongestionConfig>): void {
+    this.#check()
+    checkCongestionChanges(changes)
+    try {
+      this.#native.setCongestionConfig({ ...this.#native.congestionConfig(), ...changes })
     } catch (err) {
       throw asUbcacheError(err)
     }

@@ -165,8 +165,9 @@ async function cmdExample(): Promise<void> {
 
     print('\nRegistering both (the backing device attaches to the set by the UUID in its superblock),')
     print(`writing ${bytes >> 20} MiB through the cache in ${chunk >> 10} KiB writes, flushing, reading it back`)
-    print('(writeback paused, so the dirty data stays in the cache until the end):')
-    const paused = { writeback: { running: false } }
+    print('(writeback paused, so the dirty data stays in the cache until the end; sequential cutoff')
+    print('off, as one stream of 4 MiB would otherwise reach bcache\'s default cutoff and bypass it):')
+    const paused = { writeback: { running: false }, bypass: { sequentialCutoff: 0 } }
     let reg = new Registry(paused)
     let set = await reg.registerCache(cache)
     let dev = await reg.registerBacking(backing)

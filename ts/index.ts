@@ -16,12 +16,16 @@
  */
 export {
   type AttachOptions,
+  type BypassConfig,
   type CachedDeviceInfo,
   CacheEngine,
   type CacheEngineOptions,
   type CacheSetOpenReport,
   type CacheSetState,
   type CacheSetStats,
+  type CongestionConfig,
+  DEFAULT_BYPASS,
+  DEFAULT_CONGESTION,
   DEFAULT_WRITEBACK,
   type PriorityStats,
   type WriteOptions,

@@ -18,7 +18,7 @@
  * @module
  */
 import { stat } from 'node:fs/promises'
-import { CacheEngine, type CacheEngineOptions, checkWritebackChanges, type WritebackConfig } from './cache-engine'
+import { type BypassConfig, CacheEngine, type CacheEngineOptions, checkBypassChanges, checkWritebackChanges, type WritebackConfig } from './cache-engine'
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { closedError } from './inline'
 import { CacheSet } from './registry/cache-set'
@@ -40,6 +40,12 @@ export interface RegistryOptions extends CacheEngineOptions {
    * `{ running: false }`, say, keeps dirty data in the cache until asked.
    */
   writeback?: Partial<WritebackConfig>
+  /**
+   * Bypass tunables every cached device registered here starts with, in place of bcache's
+   * defaults ({@link CachedDevice.configureBypass} changes them later):
+   * `{ sequentialCutoff: 0 }`, say, caches long sequential streams too.
+   */
+  bypass?: Partial<BypassConfig>
 }
 
 /**
@@ -69,12 +75,13 @@ export class Registry {
   /** A registry with no devices yet; `options` go to every engine it starts. */
   constructor(options: RegistryOptions = {}) {
     if (options.writeback !== undefined) checkWritebackChanges(options.writeback)
+    if (options.bypass !== undefined) checkBypassChanges(options.bypass)
     this.#options = { ...options }
   }
 
   /** The options for the engines (the registry's own taken out). */
   #engineOptions(): CacheEngineOptions {
-    const { writeback: _, ...engine } = this.#options
+    const { writeback: _w, bypass: _b, ...engine } = this.#options
     return engine
   }
 
@@ -194,7 +201,7 @@ export class Registry {
     this.#devices.set(uuid, undefined)
     try {
       const size = describeDevice(path).bytes - sb.dataOffset * 512
-      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive }, writeback: this.#options.writeback })
+      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive }, writeback: this.#options.writeback, bypass: this.#options.bypass })
       const set = this.#sets.get(sb.setUuid)
       if (set) await dev._start(set)
       else await dev._startPlain(await this.#plainEngine())

@@ -216,8 +216,10 @@ async function openSet(mode) {
   // The journal takes nbuckets/128 buckets (2 to 256) after the first, as bcache sets it up.
   const nb = csb.nbuckets
   dataStart = (csb.firstBucket + Math.min(256, Math.max(2, nb >> 7))) * csb.bucketSize * 512
+  // What is measured is the cache path: long sequential streams must not bypass it.
+  const bypass = { sequentialCutoff: 0 }
   if (api === 'registry') {
-    const reg = new lib.Registry()
+    const reg = new lib.Registry({ bypass })
     const set = await reg.register(cache.path)
     const dev = await reg.register(backingPath)
     if (dev.set !== set) throw new Error(`the backing device did not attach to its set: ${dev.attachError?.message}`)
@@ -235,7 +237,7 @@ async function openSet(mode) {
     }
   }
   const engine = await lib.CacheEngine.open(cache.path)
-  const h = await engine.attach({ path: backingPath, uuid: bsb.uuid, dataOffset: bsb.dataOffset * 512, mode })
+  const h = await engine.attach({ path: backingPath, uuid: bsb.uuid, dataOffset: bsb.dataOffset * 512, mode, bypass })
   return {
     size: engine.device(h).size,
     read: (o, n) => engine.read(h, o, n),

@@ -187,6 +187,8 @@ impl Rig {
             data_offset: DATA_OFFSET,
             mode: cfg.mode,
             writeback: Default::default(),
+            // The cache path is what is measured: sequential streams must not bypass it.
+            bypass: ubcache_core::cache_set::BypassConfig { sequential_cutoff: 0, ..Default::default() },
         };
         rig.handle = rig.ce.attach(tag, dev).expect("attach");
         let mut events = Vec::new();

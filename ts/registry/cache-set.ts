@@ -3,7 +3,7 @@
  * backing devices attached to it (see {@link CacheSet}).
  * @module
  */
-import type { CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats, PriorityStats } from '../cache-engine'
+import type { CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats, CongestionConfig, PriorityStats } from '../cache-engine'
 import { InvalidArgumentError } from '../errors'
 import type { Superblock } from '../superblock'
 import { CachedDevice } from './cached-device'
@@ -76,6 +76,26 @@ export class CacheSet {
    */
   priorityStats(): PriorityStats | undefined {
     return this._engine.priorityStats()
+  }
+
+  /**
+   * When the cache device counts as congested (bcache's `congested_read_threshold_us` and
+   * `congested_write_threshold_us`); set at registration with the registry's
+   * `congestedReadThresholdUs`/`congestedWriteThresholdUs` options.
+   * @throws {UbcacheError} `CLOSED` once the registry closed.
+   */
+  congestionConfig(): CongestionConfig {
+    return this._engine.congestionConfig()
+  }
+
+  /**
+   * Changes the congestion thresholds given (0 leaves that direction untimed); takes effect
+   * with the next cache I/O; not persisted.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (an unknown tunable or a bad value, naming
+   *   it), `CLOSED`.
+   */
+  configureCongestion(changes: Partial<CongestionConfig>): void {
+    this._engine.setCongestionConfig(changes)
   }
 
   /** What opening the set found and did: replayed journal entries, a clean last shutdown... */

@@ -3,7 +3,7 @@
  * when one serves it, straight from its data offset otherwise (see {@link CachedDevice}).
  * @module
  */
-import { type AttachOptions, type CacheEngine, checkWritebackChanges, DEFAULT_WRITEBACK, type WriteOptions, type WritebackConfig, type WritebackRate } from '../cache-engine'
+import { type AttachOptions, type BypassConfig, type CacheEngine, checkBypassChanges, checkWritebackChanges, DEFAULT_BYPASS, DEFAULT_WRITEBACK, type WriteOptions, type WritebackConfig, type WritebackRate } from '../cache-engine'
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from '../errors'
 import { closedError } from '../inline'
 import { CACHE_MODES, type BackingState, type CacheMode, type Superblock } from '../superblock'
@@ -53,6 +53,8 @@ export interface CachedDeviceInit {
   open: Pick<AttachOptions, 'direct' | 'exclusive'>
   /** Writeback tunables to start with, in place of bcache's defaults. */
   writeback?: Partial<WritebackConfig>
+  /** Bypass tunables to start with, in place of bcache's defaults. */
+  bypass?: Partial<BypassConfig>
 }
 
 /** The dirty and cached sector counts of a device when its set closed. */
@@ -127,6 +129,8 @@ export class CachedDevice {
   #engineMode: CacheMode
   /** Writeback tunables changed from bcache's defaults: applied whenever a set serves the device. */
   #writeback: Partial<WritebackConfig> = {}
+  /** Bypass tunables changed from bcache's defaults: applied whenever a set serves the device. */
+  #bypass: Partial<BypassConfig> = {}
   /** A cache-mode write to the superblock is queued and has not picked its mode yet. */
   #modeQueued = false
   /** Requests and control operations waiting for a gate, in order; undefined when none is closed. */
@@ -162,6 +166,7 @@ export class CachedDevice {
     this.#mode = sb.cacheMode
     this.#engineMode = sb.cacheMode
     this.#writeback = { ...init.writeback }
+    this.#bypass = { ...init.bypass }
   }
 
   /** The cache set serving the device, or null when it is served without one. */
@@ -249,6 +254,30 @@ export class CachedDevice {
     const r = this.#route
     if (r?.set) r.engine.setWritebackConfig(r.handle, changes)
     this.#writeback = { ...this.#writeback, ...changes }
+  }
+
+  /**
+   * The bypass tunables (bcache's `sequential_cutoff`, and cutoffs for reads and writes of
+   * their own; see {@link BypassConfig}): bcache's defaults until changed with
+   * {@link CachedDevice.configureBypass}; not persisted.
+   */
+  bypassConfig(): BypassConfig {
+    return { ...DEFAULT_BYPASS, ...this.#bypass }
+  }
+
+  /**
+   * Changes bypass tunables (those given; all checked before any changes). Applies to the
+   * next request when a set serves the device, else when one does. `{ sequentialCutoff: 0 }`
+   * caches every stream, however long.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (an unknown tunable or a bad value, naming
+   *   it), `CLOSED`.
+   */
+  configureBypass(changes: Partial<BypassConfig>): void {
+    if (this.#closed) throw this.#closedError()
+    checkBypassChanges(changes)
+    const r = this.#route
+    if (r?.set) r.engine.setBypassConfig(r.handle, changes)
+    this.#bypass = { ...this.#bypass, ...changes }
   }
 
   /**
@@ -679,7 +708,7 @@ export class CachedDevice {
    */
   async #attachTo(set: CacheSet): Promise<void> {
     const engine = set._engine
-    const handle = await engine.attach({ path: this.path, uuid: this.uuid, label: this.label, dataOffset: this.dataOffset, mode: this.#engineMode, writeback: this.#writeback, ...this.#open })
+    const handle = await engine.attach({ path: this.path, uuid: this.uuid, label: this.label, dataOffset: this.dataOffset, mode: this.#engineMode, writeback: this.#writeback, bypass: this.#bypass, ...this.#open })
     try {
       const sb = this.#super.sb
       const foreign = sb.state === 'none' || sb.state === 'stale' || sb.setUuid !== set.uuid

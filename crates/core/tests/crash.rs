@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use set_common::*;
 use ubcache_core::alloc::GcMark;
-use ubcache_core::cache_set::{CacheMode, CacheSetOptions, SetState, WritebackConfig};
+use ubcache_core::cache_set::{BypassConfig, CacheMode, CacheSetOptions, SetState, WritebackConfig};
 use ubcache_core::io::fault::{CrashMode, FaultRule};
 use ubcache_core::io::OpKind;
 
@@ -44,6 +44,8 @@ struct Tally {
     unflushed: usize,
     /// Sectors written back and marked clean before the crashes.
     written_back: u64,
+    /// Requests that bypassed the cache by the sequential cutoff.
+    bypassed: u64,
 }
 
 /// Runs `n` crash points on one set; `modes` are the devices' cache modes (switched at
@@ -71,6 +73,13 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
                 Some(WritebackConfig { percent: 0, delay: Duration::from_millis(rng.below(3)), ..Default::default() })
             }
             2 => Some(WritebackConfig { running: false, ..Default::default() }),
+            _ => None,
+        };
+        // A quarter of the points with a cutoff of a few blocks: requests of that many
+        // blocks, and streams that reach it, bypass the cache (reads do not fill, writes go
+        // around it or, over dirty data, into it in place).
+        o.bypass = match rng.below(4) {
+            0 => Some(BypassConfig { sequential_cutoff: 4096 * (1 + rng.below(4)), ..Default::default() }),
             _ => None,
         };
         let mode =
@@ -129,6 +138,7 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
             t.failed_sets += 1;
         }
         t.written_back += rig.engine.set().map_or(0, |s| s.stats().writeback_sectors);
+        t.bypassed += rig.engine.set().map_or(0, |s| s.stats().sequential_bypasses);
         model.note = format!("point {} crashed {mode:?}", t.points);
         let r = rig.crash(mode);
         t.torn_sectors += r.sectors_kept;
@@ -197,6 +207,7 @@ fn report(name: &str, t: &Tally) {
     assert!(t.points >= points(), "{name}: {} crash points", t.points);
     // Half the points run writeback at full speed: it must have run.
     assert!(t.written_back > 0 || points() < 100, "{name}: nothing was written back");
+    assert!(t.bypassed > 0 || points() < 100, "{name}: nothing bypassed the cache");
 }
 
 #[test]

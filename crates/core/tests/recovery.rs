@@ -458,6 +458,7 @@ fn requests_finishing_during_an_attach_are_handed_out_later() {
         data_offset: DATA_OFFSET,
         mode: CacheMode::Writeback,
         writeback: Default::default(),
+        bypass: Default::default(),
     };
     let tag = rig.tag();
     rig.handles[1] = rig.engine.attach(tag, cfg).unwrap();

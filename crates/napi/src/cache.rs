@@ -103,6 +103,10 @@ pub struct NativeLoadOptions {
     pub io_error_limit: Option<u32>,
     /// bcache's `io_error_halflife`, in cache-device I/Os (default 0: no decay).
     pub io_error_halflife: Option<u32>,
+    /// bcache's `congested_read_threshold_us` (default 2000; 0: reads not timed).
+    pub congested_read_threshold_us: Option<u32>,
+    /// bcache's `congested_write_threshold_us` (default 20000; 0: writes not timed).
+    pub congested_write_threshold_us: Option<u32>,
 }
 
 /// A cache set read back from its cache device, waiting for an engine to run it.
@@ -208,6 +212,8 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
         journal_fua: None,
         io_error_limit: None,
         io_error_halflife: None,
+        congested_read_threshold_us: None,
+        congested_write_threshold_us: None,
     });
     let choice = engine_choice(env, o.engine.as_deref())?;
     let open = open_options(
@@ -220,6 +226,10 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
         journal_fua: o.journal_fua.unwrap_or(d.journal_fua),
         io_error_limit: o.io_error_limit.unwrap_or(d.io_error_limit),
         io_error_halflife: o.io_error_halflife.unwrap_or(d.io_error_halflife),
+        congestion: cache_set::CongestionConfig {
+            read_threshold_us: o.congested_read_threshold_us.unwrap_or(d.congestion.read_threshold_us),
+            write_threshold_us: o.congested_write_threshold_us.unwrap_or(d.congestion.write_threshold_us),
+        },
         ..d
     };
     Ok(AsyncTask::new(LoadTask { path, open, choice, opts }))
@@ -246,6 +256,8 @@ pub struct NativeAttachConfig {
     pub exclusive: Option<bool>,
     /// Writeback tunables to start with (the rest: bcache's defaults).
     pub writeback: Option<NativeWritebackConfig>,
+    /// Bypass tunables to start with (the rest: bcache's defaults).
+    pub bypass: Option<NativeBypassConfig>,
 }
 
 /// Counters of a cache set, and where it stands.
@@ -267,6 +279,12 @@ pub struct NativeCacheSetStats {
     pub miss_sectors: f64,
     pub cache_hits: f64,
     pub cache_misses: f64,
+    pub cache_bypass_hits: f64,
+    pub cache_bypass_misses: f64,
+    pub bypassed_sectors: f64,
+    pub sequential_bypasses: f64,
+    pub congested_bypasses: f64,
+    pub cache_add_cutoffs: f64,
     pub cache_miss_collisions: f64,
     pub fill_sectors: f64,
     pub writeback_cutoffs: f64,
@@ -302,6 +320,24 @@ pub struct NativeWritebackConfig {
     pub rate_p_term_inverse: Option<f64>,
     pub rate_i_term_inverse: Option<f64>,
     pub rate_minimum: Option<f64>,
+}
+
+/// Bypass tunables of a cached device, in bytes (see the core's `BypassConfig`). Every
+/// field is optional when setting: those left out keep their value; a negative
+/// `sequentialCutoffRead`/`sequentialCutoffWrite` goes back to the shared cutoff (getting,
+/// such a field is absent).
+#[napi(object)]
+pub struct NativeBypassConfig {
+    pub sequential_cutoff: Option<f64>,
+    pub sequential_cutoff_read: Option<f64>,
+    pub sequential_cutoff_write: Option<f64>,
+}
+
+/// When a cache set's cache device counts as congested, in microseconds (0: not timed).
+#[napi(object)]
+pub struct NativeCongestionConfig {
+    pub read_threshold_us: u32,
+    pub write_threshold_us: u32,
 }
 
 /// The writeback controller's state (bcache's `writeback_rate_debug`), in sectors and
@@ -454,7 +490,13 @@ impl NativeCacheEngine {
                 return throw(env, e);
             }
         }
-        let cfg = CachedDevConfig { uuid, label, device, data_offset, mode, writeback };
+        let mut bypass = cache_set::BypassConfig::default();
+        if let Some(b) = &config.bypass {
+            if let Err(e) = apply_bypass(&mut bypass, b) {
+                return throw(env, e);
+            }
+        }
+        let cfg = CachedDevConfig { uuid, label, device, data_offset, mode, writeback, bypass };
         let handle = self.with(env, |e| e.attach(tag as u64, cfg))?;
         Ok(NativeDevice { id: handle, size: (info.size - data_offset as f64).max(0.0), ..info })
     }
@@ -511,6 +553,47 @@ impl NativeCacheEngine {
             let mut c = e.writeback_config(handle)?;
             apply_writeback(&mut c, &cfg)?;
             e.set_writeback_config(handle, c)
+        })
+    }
+
+    /// A cached device's bypass tunables.
+    #[napi]
+    pub fn bypass_config(&self, env: &Env, handle: u32) -> Result<NativeBypassConfig> {
+        let c = self.with(env, |e| e.bypass_config(handle))?;
+        Ok(NativeBypassConfig {
+            sequential_cutoff: Some(c.sequential_cutoff as f64),
+            sequential_cutoff_read: c.sequential_cutoff_read.map(|v| v as f64),
+            sequential_cutoff_write: c.sequential_cutoff_write.map(|v| v as f64),
+        })
+    }
+
+    /// Changes a cached device's bypass tunables: the fields given, validated together.
+    #[napi]
+    pub fn set_bypass_config(&self, env: &Env, handle: u32, cfg: NativeBypassConfig) -> Result<()> {
+        self.with(env, |e| {
+            let mut c = e.bypass_config(handle)?;
+            apply_bypass(&mut c, &cfg)?;
+            e.set_bypass_config(handle, c)
+        })
+    }
+
+    /// The cache set's congestion thresholds.
+    #[napi]
+    pub fn congestion_config(&self, env: &Env) -> Result<NativeCongestionConfig> {
+        let c = self.with(env, |e| Ok(e.set().ok_or_else(no_set)?.congestion_config()))?;
+        Ok(NativeCongestionConfig { read_threshold_us: c.read_threshold_us, write_threshold_us: c.write_threshold_us })
+    }
+
+    /// Changes the cache set's congestion thresholds.
+    #[napi]
+    pub fn set_congestion_config(&self, env: &Env, cfg: NativeCongestionConfig) -> Result<()> {
+        self.with(env, |e| {
+            let c = cache_set::CongestionConfig {
+                read_threshold_us: cfg.read_threshold_us,
+                write_threshold_us: cfg.write_threshold_us,
+            };
+            e.set_mut().ok_or_else(no_set)?.set_congestion_config(c);
+            Ok(())
         })
     }
 
@@ -574,6 +657,12 @@ impl NativeCacheEngine {
                 miss_sectors: st.miss_sectors as f64,
                 cache_hits: st.cache_hits as f64,
                 cache_misses: st.cache_misses as f64,
+                cache_bypass_hits: st.cache_bypass_hits as f64,
+                cache_bypass_misses: st.cache_bypass_misses as f64,
+                bypassed_sectors: st.bypassed_sectors as f64,
+                sequential_bypasses: st.sequential_bypasses as f64,
+                congested_bypasses: st.congested_bypasses as f64,
+                cache_add_cutoffs: st.cache_add_cutoffs as f64,
                 cache_miss_collisions: st.cache_miss_collisions as f64,
                 fill_sectors: st.fill_sectors as f64,
                 writeback_cutoffs: st.writeback_cutoffs as f64,
@@ -692,6 +781,40 @@ impl NativeCacheEngine {
     pub fn engine_stats(&self) -> NativeEngineStats {
         self.glue.engine_stats()
     }
+}
+
+/// The error for a set-level call on an engine that serves plain devices only.
+fn no_set() -> CoreError {
+    CoreError::new(ErrorKind::InvalidArgument, "this engine has no cache set")
+}
+
+/// Applies the bypass tunables `n` gives to `c` (ranges: `BypassConfig::validate`).
+fn apply_bypass(c: &mut cache_set::BypassConfig, n: &NativeBypassConfig) -> CoreResult<()> {
+    let bytes = |what: &str, v: f64| -> CoreResult<u64> {
+        if v.fract() != 0.0 || v > u64::MAX as f64 || v.is_nan() {
+            return Err(CoreError::new(
+                ErrorKind::InvalidArgument,
+                format!("{what}: must be a whole number of bytes, got {v}"),
+            ));
+        }
+        Ok(v as u64)
+    };
+    if let Some(v) = n.sequential_cutoff {
+        if v < 0.0 {
+            return Err(CoreError::new(
+                ErrorKind::InvalidArgument,
+                format!("sequential_cutoff: must not be negative, got {v}"),
+            ));
+        }
+        c.sequential_cutoff = bytes("sequential_cutoff", v)?;
+    }
+    if let Some(v) = n.sequential_cutoff_read {
+        c.sequential_cutoff_read = if v < 0.0 { None } else { Some(bytes("sequential_cutoff_read", v)?) };
+    }
+    if let Some(v) = n.sequential_cutoff_write {
+        c.sequential_cutoff_write = if v < 0.0 { None } else { Some(bytes("sequential_cutoff_write", v)?) };
+    }
+    Ok(())
 }
 
 /// Applies the tunables `n` gives to `c`: numbers must be whole and not negative; their

@@ -48,11 +48,6 @@ impl CacheMode {
             }
         })
     }
-
-    /// Read misses are inserted into the cache.
-    pub(crate) fn fills_misses(self) -> bool {
-        self != CacheMode::None
-    }
 }
 
 /// A backing device as the set is given it.
@@ -70,6 +65,8 @@ pub struct CachedDevConfig {
     pub mode: CacheMode,
     /// Its writeback tunables (bcache's defaults: `Default::default()`).
     pub writeback: super::writeback::WritebackConfig,
+    /// Its bypass tunables (bcache's defaults: `Default::default()`).
+    pub bypass: super::bypass::BypassConfig,
 }
 
 /// A cached device attached to the running set.
@@ -94,6 +91,8 @@ pub(crate) struct CachedDev {
     pub flush_waiters: Vec<(u32, FlushWaiter)>,
     /// Its writeback.
     pub wb: super::writeback::Writeback,
+    /// Its sequential detector and cutoffs.
+    pub bypass: super::bypass::Bypass,
 }
 
 /// Who waits for a flush of a backing device.

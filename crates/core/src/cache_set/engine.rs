@@ -496,6 +496,18 @@ impl CacheEngine {
         self.set.as_mut().expect("a set").set_writeback_config(inode, cfg)
     }
 
+    /// The handle's bypass tunables.
+    pub fn bypass_config(&self, handle: u32) -> Result<super::BypassConfig> {
+        let inode = self.cached_inode(handle)?;
+        self.set.as_ref().expect("a set").bypass_config(inode)
+    }
+
+    /// Sets the handle's bypass tunables (validated; see [`super::BypassConfig`]).
+    pub fn set_bypass_config(&mut self, handle: u32, cfg: super::BypassConfig) -> Result<()> {
+        let inode = self.cached_inode(handle)?;
+        self.set.as_mut().expect("a set").set_bypass_config(inode, cfg)
+    }
+
     /// The handle's writeback controller state (bcache's `writeback_rate_debug`).
     pub fn writeback_rate(&self, handle: u32) -> Result<super::WritebackRate> {
         let inode = self.cached_inode(handle)?;

@@ -21,6 +21,8 @@
 //! - `checkpoint`: writing the index as a fuzzy checkpoint, a slice at a time;
 //! - `gc`: garbage collection, a slice at a time;
 //! - `space`: the allocator's steps, requests waiting for space, bcache's writeback cutoffs;
+//! - `bypass`: which requests skip the cache (sequential cutoff, congestion, a full cache);
+//! - `writeback`: dirty data copied to the backing devices at the controller's pace;
 //! - `device`: cached devices and cache modes; `tag`: what an I/O belongs to;
 //! - [`engine`]: the driver that owns the I/O engine and runs the set.
 //!
@@ -48,6 +50,7 @@
 //! - overlapping requests to a cached device are served in the order they were submitted
 //!   (a read or write waits for earlier overlapping writes and discards).
 
+mod bypass;
 mod checkpoint;
 mod device;
 pub mod engine;
@@ -68,6 +71,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::index::ExtentIndex;
 use crate::io::{DevId, IoCompletion, IoRequest};
 
+pub use bypass::{BypassConfig, CongestionConfig, CUTOFF_CACHE_ADD};
 pub use device::{CacheMode, CachedDevConfig};
 pub use engine::CacheEngine;
 pub use open::{load, OpenReport};
@@ -116,6 +120,8 @@ pub struct CacheSetOptions {
     /// Cache-device I/Os after which an error counts half (bcache's `io_error_halflife`);
     /// 0 (the default) never forgets one.
     pub io_error_halflife: u32,
+    /// When the cache device counts as congested (bcache's `congested_*_threshold_us`).
+    pub congestion: CongestionConfig,
 }
 
 impl Default for CacheSetOptions {
@@ -127,6 +133,7 @@ impl Default for CacheSetOptions {
             slice: Duration::from_micros(500),
             io_error_limit: 8,
             io_error_halflife: 0,
+            congestion: CongestionConfig::default(),
         }
     }
 }
@@ -164,6 +171,18 @@ pub struct CacheSetStats {
     pub cache_hits: u64,
     /// Read requests that needed the backing device.
     pub cache_misses: u64,
+    /// Bypassed read requests served entirely from the cache (bcache's `cache_bypass_hits`).
+    pub cache_bypass_hits: u64,
+    /// Bypassed read requests that needed the backing device (`cache_bypass_misses`).
+    pub cache_bypass_misses: u64,
+    /// Sectors of requests that bypassed the cache, for any reason (bcache's `bypassed`).
+    pub bypassed_sectors: u64,
+    /// Requests that bypassed because their stream passed the sequential cutoff.
+    pub sequential_bypasses: u64,
+    /// Requests that bypassed because the cache device was congested.
+    pub congested_bypasses: u64,
+    /// Requests that added nothing because the cache was past `CUTOFF_CACHE_ADD`.
+    pub cache_add_cutoffs: u64,
     /// Fills that lost part of their range to a write or invalidation meanwhile.
     pub cache_miss_collisions: u64,
     /// Sectors of read misses inserted into the cache.
@@ -231,6 +250,7 @@ pub struct CacheSet {
     pub(crate) reqs: Requests,
     /// Writeback I/Os in flight.
     pub(crate) wb_ios: WbIos,
+    pub(crate) congestion: bypass::Congestion,
     /// The cache device's decaying I/O error count.
     pub(crate) io_errors: IoErrors,
     /// Cached devices by inode.

@@ -172,6 +172,7 @@ pub fn load(st: &mut dyn Storage, opts: CacheSetOptions) -> Result<CacheSet> {
         space: Space::default(),
         reqs: Requests::default(),
         wb_ios: Default::default(),
+        congestion: super::bypass::Congestion::new(opts.congestion, opts.seed),
         io_errors: Default::default(),
         devs: Vec::new(),
         state: SetState::Starting,
@@ -415,7 +416,7 @@ impl CacheSet {
         if let Some(e) = self.failed_error() {
             return self.events.push((tag, Err(e)));
         }
-        if let Err(e) = cfg.writeback.validate() {
+        if let Err(e) = cfg.writeback.validate().and_then(|_| cfg.bypass.validate()) {
             return self.events.push((tag, Err(e)));
         }
         let mut table = self.meta.latest_uuids().to_vec();
@@ -460,6 +461,7 @@ impl CacheSet {
             flushes_in_flight: Vec::new(),
             flush_waiters: Vec::new(),
             wb: super::writeback::Writeback::new(cfg.writeback.clone()),
+            bypass: super::bypass::Bypass::new(cfg.bypass.clone()),
         });
         // Until the table is recorded the device is attached but, being new, has nothing
         // cached; requests are served all the same.

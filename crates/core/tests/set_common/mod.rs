@@ -216,6 +216,8 @@ pub struct RigOptions {
     pub engine: EngineChoice,
     /// Writeback tunables every device is attached with (None: the defaults).
     pub writeback: Option<ubcache_core::cache_set::WritebackConfig>,
+    /// Bypass tunables every device is attached with (None: the defaults).
+    pub bypass: Option<ubcache_core::cache_set::BypassConfig>,
 }
 
 impl Default for RigOptions {
@@ -228,6 +230,7 @@ impl Default for RigOptions {
             seed: 1,
             engine: EngineChoice::Auto,
             writeback: None,
+            bypass: None,
         }
     }
 }
@@ -272,6 +275,7 @@ impl Rig {
                 data_offset: DATA_OFFSET,
                 mode: o.modes[i % o.modes.len()],
                 writeback: o.writeback.clone().unwrap_or_default(),
+                bypass: o.bypass.clone().unwrap_or_default(),
             };
             let tag = rig.tag();
             rig.handles.push(rig.engine.attach(tag, cfg)?);

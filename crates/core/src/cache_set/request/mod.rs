@@ -122,6 +122,10 @@ pub(crate) struct Req {
     pub committed: bool,
     /// Waiting for cache space: not finished whatever its parts did.
     pub waiting_space: bool,
+    /// The request bypasses the cache (see `bypass`): reads do not fill, writes go around.
+    pub bypass: bool,
+    /// When it started, if the cache device's latency is timed (for congestion).
+    pub started: Option<std::time::Instant>,
 }
 
 /// Every request in flight, by slot.
@@ -301,6 +305,8 @@ impl CacheSet {
             ordering,
             committed: false,
             waiting_space: false,
+            bypass: false,
+            started: None,
         };
         let slot = self.reqs.insert(req);
         let (start, end) = (io.offset / 512, (io.offset + len) / 512);
@@ -318,6 +324,9 @@ impl CacheSet {
     }
 
     fn start_request(&mut self, slot: u32) {
+        if self.congestion.timed() {
+            self.reqs.get(slot).started = Some(std::time::Instant::now());
+        }
         match self.reqs.get(slot).kind {
             Kind::Read => self.read_start(slot),
             Kind::Write => self.write_start(slot),

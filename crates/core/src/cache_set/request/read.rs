@@ -17,9 +17,10 @@ impl CacheSet {
     pub(crate) fn read_start(&mut self, slot: u32) {
         let r = self.reqs.get(slot);
         let (inode, sector, sectors) = (r.inode, r.offset / 512, r.len / 512);
+        let bypass = self.bypass_check(inode, false, sector, sectors);
         let dev = self.dev(inode).expect("request for an attached device");
-        let (backing, data_offset, fill) = (dev.backing, dev.data_offset, dev.mode.fills_misses());
-        let fill = fill && self.state == super::SetState::Running;
+        let (backing, data_offset) = (dev.backing, dev.data_offset);
+        let fill = !bypass && self.state == super::SetState::Running;
         // A placeholder covers at most one key's worth of whole blocks.
         let max_miss = KEY_SIZE_MAX / dev.block_sectors * dev.block_sectors;
         // Windows start on sector boundaries of the request, which are block boundaries of
@@ -41,7 +42,7 @@ impl CacheSet {
                         let _ = self.alloc.touch(ptr);
                         self.reqs.frags = frags;
                         self.stats.hit_sectors += sectors;
-                        self.stats.cache_hits += 1;
+                        self.count_read(true, bypass);
                         let r = self.reqs.get(slot);
                         let Buf::Whole(buf) = std::mem::replace(&mut r.buf, Buf::Away) else {
                             unreachable!("a new read has its buffer")
@@ -102,12 +103,19 @@ impl CacheSet {
             }
         }
         self.reqs.frags = frags;
-        if missed {
-            self.stats.cache_misses += 1;
-        } else {
-            self.stats.cache_hits += 1;
-        }
+        self.count_read(!missed, bypass);
         self.maybe_finish(slot);
+    }
+
+    /// bcache's `bch_mark_cache_accounting`.
+    fn count_read(&mut self, hit: bool, bypass: bool) {
+        let s = &mut self.stats;
+        match (hit, bypass) {
+            (true, false) => s.cache_hits += 1,
+            (false, false) => s.cache_misses += 1,
+            (true, true) => s.cache_bypass_hits += 1,
+            (false, true) => s.cache_bypass_misses += 1,
+        }
     }
 
     pub(crate) fn read_part_done(&mut self, slot: u32, part: usize, c: IoCompletion) {
@@ -118,6 +126,8 @@ impl CacheSet {
         match std::mem::replace(&mut r.parts[part], Part::Journal) {
             Part::CacheRead { bucket, dirty, sector } => {
                 let _ = self.alloc.unpin(0, bucket);
+                let started = self.reqs.get(slot).started;
+                self.congestion_sample(false, started);
                 match result {
                     Ok(_) => {
                         if whole {

@@ -48,6 +48,10 @@ impl CacheSet {
             self.req_error(slot, e);
             return self.complete_request(slot);
         }
+        let r = self.reqs.get(slot);
+        let (inode, sector, sectors) = (r.inode, r.offset / 512, r.len / 512);
+        let bypass = self.bypass_check(inode, true, sector, sectors);
+        self.reqs.get(slot).bypass = bypass;
         self.write_decide(slot, true);
     }
 
@@ -57,8 +61,12 @@ impl CacheSet {
     /// are written in place and the rest follows the mode (writethrough or around).
     fn write_decide(&mut self, slot: u32, copy: bool) {
         let r = self.reqs.get(slot);
-        let (inode, sector, sectors, fua) = (r.inode, r.offset / 512, r.len / 512, r.fua);
-        let mode = self.dev(inode).expect("request for an attached device").mode;
+        let (inode, sector, sectors, fua, bypass) = (r.inode, r.offset / 512, r.len / 512, r.fua, r.bypass);
+        // A bypassed write goes around the cache, whatever the mode.
+        let mode = match self.dev(inode).expect("request for an attached device").mode {
+            _ if bypass => CacheMode::Writearound,
+            m => m,
+        };
         let mut frags = std::mem::take(&mut self.reqs.frags);
         if let Err(e) = self.index.lookup(inode, sector, sectors, &self.alloc, &mut frags) {
             self.reqs.frags = frags;
@@ -251,6 +259,8 @@ impl CacheSet {
         match std::mem::replace(&mut r.parts[part], Part::Journal) {
             Part::CacheWrite { piece } => {
                 self.cache_unflushed = true;
+                let started = r.started;
+                self.congestion_sample(true, started);
                 if let Err(e) = result {
                     self.stats.cache_io_errors += 1;
                     let r = self.reqs.get(slot);
@@ -262,6 +272,8 @@ impl CacheSet {
             }
             Part::InPlace { bucket } => {
                 self.cache_unflushed = true;
+                let started = r.started;
+                self.congestion_sample(true, started);
                 let _ = self.alloc.unpin(0, bucket);
                 if let Err(e) = result {
                     // The dirty data there may be torn: the cache held the only copy.
