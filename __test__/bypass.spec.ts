@@ -26,6 +26,11 @@ test("a sequential stream past bcache's 4 MiB cutoff bypasses the cache; random 
   t.is(s.cacheBypassMisses, 17)
   t.is(s.cacheMisses, 15 + 32)
   t.is(s.bypassedSectors, 17 * 512)
+  // The device's accounting (bcache's stats windows) says the same.
+  const a = dev.accounting()
+  t.like(a?.total, { cacheBypassMisses: 17, cacheMisses: 15 + 32, bypassedSectors: 17 * 512, cacheHits: 0, cacheHitRatio: 0 })
+  t.deepEqual(a?.fiveMinute, a?.total)
+  t.is(set.accounting()?.day.cacheBypassMisses, 17)
   // What was not bypassed is cached (fills land shortly after the reads).
   await new Promise((r) => setTimeout(r, 100))
   t.true((dev.cachedSectors() ?? 0) <= 15 * 512 + 32 * 8, `${dev.cachedSectors()}`)

@@ -99,6 +99,10 @@ export declare class NativeCacheEngine {
   writebackConfig(handle: number): NativeWritebackConfig
   /** Changes a cached device's writeback tunables: the fields given, validated together. */
   setWritebackConfig(handle: number, cfg: NativeWritebackConfig): void
+  /** A cached device's request accounting since it was attached. */
+  deviceAccounting(handle: number): NativeAccounting
+  /** The cache set's request accounting since it was opened (null without a set). */
+  accounting(): NativeAccounting | null
   /** A cached device's bypass tunables. */
   bypassConfig(handle: number): NativeBypassConfig
   /** Changes a cached device's bypass tunables: the fields given, validated together. */
@@ -295,6 +299,14 @@ export declare function loadCacheSet(path: string, options?: NativeLoadOptions |
  * @internal
  */
 export declare function markCacheSuperblockSync(page: Uint8Array): Buffer
+
+/** bcache's four accounting windows. */
+export interface NativeAccounting {
+  fiveMinute: NativeStatWindow
+  hour: NativeStatWindow
+  day: NativeStatWindow
+  total: NativeStatWindow
+}
 
 /** A backing device to attach to the cache set. */
 export interface NativeAttachConfig {
@@ -521,6 +533,18 @@ export interface NativePriorityStats {
   average: number
   sectorsPerQuantile: number
   quantiles: Array<number>
+}
+
+/** Counts of one accounting window (bcache's stats names). */
+export interface NativeStatWindow {
+  cacheHits: number
+  cacheMisses: number
+  cacheBypassHits: number
+  cacheBypassMisses: number
+  cacheMissCollisions: number
+  bypassedSectors: number
+  /** Whole percent of hits among hits and misses. */
+  cacheHitRatio: number
 }
 
 /**

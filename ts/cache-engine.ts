@@ -323,6 +323,38 @@ export function checkCongestionChanges(changes: Partial<CongestionConfig>): void
   }
 }
 
+/** Counts of one accounting window ({@link Accounting}), with bcache's names. */
+export interface StatWindow {
+  /** Read requests served entirely from the cache. */
+  cacheHits: number
+  /** Read requests that needed the backing device. */
+  cacheMisses: number
+  /** Bypassed read requests served entirely from the cache. */
+  cacheBypassHits: number
+  /** Bypassed read requests that needed the backing device. */
+  cacheBypassMisses: number
+  /** Read-miss fills that lost (part of) their range to a write, or found no space. */
+  cacheMissCollisions: number
+  /** Sectors of requests that bypassed the cache (bcache's `bypassed`). */
+  bypassedSectors: number
+  /** Hits as a whole percentage of hits and misses (0 with neither). */
+  cacheHitRatio: number
+}
+
+/**
+ * Request accounting as bcache's `stats_total`, `stats_day`, `stats_hour` and
+ * `stats_five_minute` keep it: every 5 s what was counted moves into each window, and the
+ * windows decay by 31/32, the five-minute one every step, the hour one every 12th, the day
+ * one every 288th; the total never decays. What was counted since the last step shows in
+ * every window undecayed.
+ */
+export interface Accounting {
+  fiveMinute: StatWindow
+  hour: StatWindow
+  day: StatWindow
+  total: StatWindow
+}
+
 /** bcache's `priority_stats` of a cache device ({@link CacheEngine.priorityStats}). */
 export interface PriorityStats {
   /** Buckets with nothing in them, percent. */
@@ -834,6 +866,24 @@ export class CacheEngine {
     } catch (err) {
       throw asUbcacheError(err)
     }
+  }
+
+  /**
+   * A cached device's request accounting since it was attached (bcache's per-device
+   * `stats_*` windows).
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (unknown handle, a device with no cache set), `CLOSED`.
+   */
+  deviceAccounting(handle: number): Accounting {
+    try {
+      return this.#native.deviceAccounting(handle)
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /** The cache set's request accounting since it was opened (undefined without a set, or closed). */
+  accounting(): Accounting | undefined {
+    return this.#native.accounting() ?? undefined
   }
 
   /**

@@ -15,6 +15,7 @@
  * @module ubcache
  */
 export {
+  type Accounting,
   type AttachOptions,
   type BypassConfig,
   type CachedDeviceInfo,
@@ -28,6 +29,7 @@ export {
   DEFAULT_CONGESTION,
   DEFAULT_WRITEBACK,
   type PriorityStats,
+  type StatWindow,
   type WriteOptions,
   type WritebackConfig,
   type WritebackRate,

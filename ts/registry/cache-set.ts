@@ -3,7 +3,7 @@
  * backing devices attached to it (see {@link CacheSet}).
  * @module
  */
-import type { CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats, CongestionConfig, PriorityStats } from '../cache-engine'
+import type { Accounting, CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats, CongestionConfig, PriorityStats } from '../cache-engine'
 import { InvalidArgumentError } from '../errors'
 import type { Superblock } from '../superblock'
 import { CachedDevice } from './cached-device'
@@ -76,6 +76,15 @@ export class CacheSet {
    */
   priorityStats(): PriorityStats | undefined {
     return this._engine.priorityStats()
+  }
+
+  /**
+   * Hits, misses and bypasses of every cached device of the set, in bcache's decaying
+   * windows (five minutes, an hour, a day) and in total, since the set was registered;
+   * undefined once the registry closed.
+   */
+  accounting(): Accounting | undefined {
+    return this._engine.accounting()
   }
 
   /**

@@ -3,7 +3,7 @@
  * when one serves it, straight from its data offset otherwise (see {@link CachedDevice}).
  * @module
  */
-import { type AttachOptions, type BypassConfig, type CacheEngine, checkBypassChanges, checkWritebackChanges, DEFAULT_BYPASS, DEFAULT_WRITEBACK, type WriteOptions, type WritebackConfig, type WritebackRate } from '../cache-engine'
+import { type Accounting, type AttachOptions, type BypassConfig, type CacheEngine, checkBypassChanges, checkWritebackChanges, DEFAULT_BYPASS, DEFAULT_WRITEBACK, type WriteOptions, type WritebackConfig, type WritebackRate } from '../cache-engine'
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from '../errors'
 import { closedError } from '../inline'
 import { CACHE_MODES, type BackingState, type CacheMode, type Superblock } from '../superblock'
@@ -254,6 +254,17 @@ export class CachedDevice {
     const r = this.#route
     if (r?.set) r.engine.setWritebackConfig(r.handle, changes)
     this.#writeback = { ...this.#writeback, ...changes }
+  }
+
+  /**
+   * The device's hits, misses and bypasses in bcache's decaying windows (five minutes, an
+   * hour, a day) and in total, since a set last began serving it; undefined when no set
+   * serves it.
+   */
+  accounting(): Accounting | undefined {
+    const r = this.#route
+    if (!r?.set || this.#closed) return undefined
+    return r.engine.deviceAccounting(r.handle)
   }
 
   /**

@@ -158,3 +158,34 @@ fn a_slow_cache_device_turns_random_reads_away_and_a_fast_one_does_not() {
     rig.ctl.set_latency(None);
     rig.close().unwrap();
 }
+
+/// bcache's per-device and set accounting: each device counts its own requests, the set
+/// all of them.
+#[test]
+fn each_device_accounts_for_its_own_requests_and_the_set_for_all() {
+    let paths = format("accounting", Geo::small());
+    let mut o = opts(CacheMode::Writethrough, 64 << 10);
+    o.modes = vec![CacheMode::Writethrough, CacheMode::Writethrough];
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    // Device 0: 4 misses, then the same 4 blocks hit.
+    for round in 0..2 {
+        for b in [1u64, 5, 9, 13] {
+            rig.read(0, b, 1).unwrap();
+        }
+        if round == 0 {
+            rig.drain();
+        }
+    }
+    // Device 1: a 64 KiB read (bypassed: it reaches the cutoff by itself).
+    rig.read(1, 0, 16).unwrap();
+    rig.drain();
+    let set = rig.engine.set().unwrap();
+    let acc = |dev: usize| set.device_accounting(rig.engine.inode(rig.handles[dev]).unwrap()).unwrap();
+    let (a0, a1, all) = (acc(0), acc(1), set.accounting());
+    assert_eq!((a0.total.cache_hits, a0.total.cache_misses, a0.total.hit_ratio()), (4, 4, 50), "{a0:?}");
+    assert_eq!((a1.total.cache_bypass_misses, a1.total.bypassed_sectors, a1.total.cache_hits), (1, 128, 0), "{a1:?}");
+    assert_eq!(a0.five_minute, a0.total, "nothing decayed within the first 5 s");
+    assert_eq!(all.total.cache_hits + all.total.cache_misses + all.total.cache_bypass_misses, 9);
+    assert_eq!(all.day.bypassed_sectors, 128);
+    rig.close().unwrap();
+}

@@ -333,6 +333,41 @@ pub struct NativeBypassConfig {
     pub sequential_cutoff_write: Option<f64>,
 }
 
+/// Counts of one accounting window (bcache's stats names).
+#[napi(object)]
+pub struct NativeStatWindow {
+    pub cache_hits: f64,
+    pub cache_misses: f64,
+    pub cache_bypass_hits: f64,
+    pub cache_bypass_misses: f64,
+    pub cache_miss_collisions: f64,
+    pub bypassed_sectors: f64,
+    /// Whole percent of hits among hits and misses.
+    pub cache_hit_ratio: f64,
+}
+
+/// bcache's four accounting windows.
+#[napi(object)]
+pub struct NativeAccounting {
+    pub five_minute: NativeStatWindow,
+    pub hour: NativeStatWindow,
+    pub day: NativeStatWindow,
+    pub total: NativeStatWindow,
+}
+
+fn native_accounting(a: &cache_set::Accounting) -> NativeAccounting {
+    let w = |w: &cache_set::StatWindow| NativeStatWindow {
+        cache_hits: w.cache_hits as f64,
+        cache_misses: w.cache_misses as f64,
+        cache_bypass_hits: w.cache_bypass_hits as f64,
+        cache_bypass_misses: w.cache_bypass_misses as f64,
+        cache_miss_collisions: w.cache_miss_collisions as f64,
+        bypassed_sectors: w.bypassed_sectors as f64,
+        cache_hit_ratio: w.hit_ratio() as f64,
+    };
+    NativeAccounting { five_minute: w(&a.five_minute), hour: w(&a.hour), day: w(&a.day), total: w(&a.total) }
+}
+
 /// When a cache set's cache device counts as congested, in microseconds (0: not timed).
 #[napi(object)]
 pub struct NativeCongestionConfig {
@@ -554,6 +589,19 @@ impl NativeCacheEngine {
             apply_writeback(&mut c, &cfg)?;
             e.set_writeback_config(handle, c)
         })
+    }
+
+    /// A cached device's request accounting since it was attached.
+    #[napi]
+    pub fn device_accounting(&self, env: &Env, handle: u32) -> Result<NativeAccounting> {
+        let a = self.with(env, |e| e.device_accounting(handle))?;
+        Ok(native_accounting(&a))
+    }
+
+    /// The cache set's request accounting since it was opened (null without a set).
+    #[napi]
+    pub fn accounting(&self) -> Option<NativeAccounting> {
+        self.get(|e| e.set().map(|s| native_accounting(&s.accounting()))).flatten()
     }
 
     /// A cached device's bypass tunables.

@@ -278,6 +278,7 @@ impl CacheSet {
         let a = Ask { mode: dev.mode, write, sector, bytes: sectors * 512, in_use };
         let reason = decide(&mut dev.bypass, &mut self.congestion, &a, now);
         let Some(reason) = reason else { return false };
+        self.account(inode, super::accounting::Event::Bypassed(sectors));
         let s = &mut self.stats;
         s.bypassed_sectors += sectors;
         match reason {

@@ -496,6 +496,12 @@ impl CacheEngine {
         self.set.as_mut().expect("a set").set_writeback_config(inode, cfg)
     }
 
+    /// The handle's request accounting (bcache's per-device stats windows).
+    pub fn device_accounting(&self, handle: u32) -> Result<super::Accounting> {
+        let inode = self.cached_inode(handle)?;
+        self.set.as_ref().expect("a set").device_accounting(inode)
+    }
+
     /// The handle's bypass tunables.
     pub fn bypass_config(&self, handle: u32) -> Result<super::BypassConfig> {
         let inode = self.cached_inode(handle)?;

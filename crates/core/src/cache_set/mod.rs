@@ -21,6 +21,7 @@
 //! - `checkpoint`: writing the index as a fuzzy checkpoint, a slice at a time;
 //! - `gc`: garbage collection, a slice at a time;
 //! - `space`: the allocator's steps, requests waiting for space, bcache's writeback cutoffs;
+//! - `accounting`: bcache's hit/miss/bypass counts in decaying windows, per device and set;
 //! - `bypass`: which requests skip the cache (sequential cutoff, congestion, a full cache);
 //! - `writeback`: dirty data copied to the backing devices at the controller's pace;
 //! - `device`: cached devices and cache modes; `tag`: what an I/O belongs to;
@@ -50,6 +51,7 @@
 //! - overlapping requests to a cached device are served in the order they were submitted
 //!   (a read or write waits for earlier overlapping writes and discards).
 
+mod accounting;
 mod bypass;
 mod checkpoint;
 mod device;
@@ -71,6 +73,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::index::ExtentIndex;
 use crate::io::{DevId, IoCompletion, IoRequest};
 
+pub use accounting::{Accounting, StatWindow};
 pub use bypass::{BypassConfig, CongestionConfig, CUTOFF_CACHE_ADD};
 pub use device::{CacheMode, CachedDevConfig};
 pub use engine::CacheEngine;
@@ -251,6 +254,7 @@ pub struct CacheSet {
     /// Writeback I/Os in flight.
     pub(crate) wb_ios: WbIos,
     pub(crate) congestion: bypass::Congestion,
+    pub(crate) accounting: accounting::Collector,
     /// The cache device's decaying I/O error count.
     pub(crate) io_errors: IoErrors,
     /// Cached devices by inode.

@@ -173,6 +173,7 @@ pub fn load(st: &mut dyn Storage, opts: CacheSetOptions) -> Result<CacheSet> {
         reqs: Requests::default(),
         wb_ios: Default::default(),
         congestion: super::bypass::Congestion::new(opts.congestion, opts.seed),
+        accounting: super::accounting::Collector::new(Instant::now()),
         io_errors: Default::default(),
         devs: Vec::new(),
         state: SetState::Starting,
@@ -462,6 +463,7 @@ impl CacheSet {
             flush_waiters: Vec::new(),
             wb: super::writeback::Writeback::new(cfg.writeback.clone()),
             bypass: super::bypass::Bypass::new(cfg.bypass.clone()),
+            accounting: super::accounting::Collector::new(std::time::Instant::now()),
         });
         // Until the table is recorded the device is attached but, being new, has nothing
         // cached; requests are served all the same.

@@ -30,10 +30,17 @@ impl Fill {
 }
 
 impl CacheSet {
+    /// Ends miss `ph` with `filled` sectors in the cache; a shortfall counts a collision.
+    pub(crate) fn fill_finished(&mut self, ph: &Placeholder, filled: u64) {
+        if self.index.finish_fill(ph, filled).collided {
+            self.account(ph.inode, crate::cache_set::accounting::Event::Collision);
+        }
+    }
+
     /// Starts filling miss `ph` with `data` (the backing device's contents of its range).
     pub(crate) fn fill_start(&mut self, ph: Placeholder, data: &[u8]) {
         if self.state != super::SetState::Running {
-            self.index.finish_fill(&ph, 0);
+            self.fill_finished(&ph, 0);
             return;
         }
         // The cache takes space it is given now, never waits for it: clean data can always
@@ -59,7 +66,7 @@ impl CacheSet {
         }
         self.gc_count_sectors(done);
         if pieces.is_empty() {
-            self.index.finish_fill(&ph, 0);
+            self.fill_finished(&ph, 0);
             self.space_wanted();
             return;
         }
@@ -123,7 +130,7 @@ impl CacheSet {
         }
         let ptrs: Vec<_> = f.pieces.iter().map(|a| a.ptr).collect();
         let _ = self.alloc.put_ptrs(&ptrs);
-        self.index.finish_fill(&f.ph, filled);
+        self.fill_finished(&f.ph, filled);
         self.stats.fill_sectors += filled;
         self.close_progress();
     }

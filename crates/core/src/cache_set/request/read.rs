@@ -42,7 +42,7 @@ impl CacheSet {
                         let _ = self.alloc.touch(ptr);
                         self.reqs.frags = frags;
                         self.stats.hit_sectors += sectors;
-                        self.count_read(true, bypass);
+                        self.count_read(inode, true, bypass);
                         let r = self.reqs.get(slot);
                         let Buf::Whole(buf) = std::mem::replace(&mut r.buf, Buf::Away) else {
                             unreachable!("a new read has its buffer")
@@ -103,12 +103,13 @@ impl CacheSet {
             }
         }
         self.reqs.frags = frags;
-        self.count_read(!missed, bypass);
+        self.count_read(inode, !missed, bypass);
         self.maybe_finish(slot);
     }
 
     /// bcache's `bch_mark_cache_accounting`.
-    fn count_read(&mut self, hit: bool, bypass: bool) {
+    fn count_read(&mut self, inode: u32, hit: bool, bypass: bool) {
+        self.account(inode, super::super::accounting::Event::Read { hit, bypass });
         let s = &mut self.stats;
         match (hit, bypass) {
             (true, false) => s.cache_hits += 1,
@@ -167,7 +168,7 @@ impl CacheSet {
                     }
                     Err(e) => {
                         if let Some(ph) = ph {
-                            self.index.finish_fill(&ph, 0);
+                            self.fill_finished(&ph, 0);
                         }
                         self.req_error(slot, e);
                     }
