@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use set_common::*;
 use ubcache_core::cache_set::{CacheMode, CacheSetOptions, WritebackConfig};
+use ubcache_core::io::fault::Latency;
 use ubcache_core::io::{DevId, OpKind};
 use ubcache_core::ErrorKind;
 
@@ -196,4 +197,36 @@ fn bad_tunables_are_refused_by_name() {
         assert!(e.message().contains(name), "{e}");
     }
     assert_eq!(set.writeback_config(inode).unwrap(), WritebackConfig::default());
+}
+
+/// Foreground reads keep their latency while writeback runs: a read of an extent on its way
+/// to a slow backing device is served from the cache at once, and a write to it waits.
+#[test]
+fn reads_of_an_extent_being_written_back_do_not_wait_for_it() {
+    let paths = format("wb-read", Geo::small());
+    let mut rig = Rig::open(&paths, &opts(WritebackConfig { running: false, ..full_speed() })).unwrap();
+    rig.write(0, 5, &block_content(0, 5, 1), false).unwrap();
+    // The backing device takes 300 ms a request; the cache none.
+    rig.ctl.set_latency_only(Some(paths.backing.clone()));
+    rig.ctl.set_latency(Some(Latency { fixed: Duration::from_millis(300), ..Default::default() }));
+    rig.ctl.start_trace();
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    rig.engine.set_mut().unwrap().set_writeback_config(inode, full_speed()).unwrap();
+    // Until the extent's backing write is on its way.
+    let until = Instant::now() + Duration::from_secs(5);
+    while !rig.ctl.take_trace().iter().any(|&(_, kind, off)| kind == OpKind::Write && off == DATA_OFFSET + 5 * BLOCK) {
+        assert!(Instant::now() < until, "writeback never wrote the extent");
+        rig.poll(Duration::from_millis(1));
+    }
+    let t = Instant::now();
+    assert_eq!(rig.read(0, 5, 1).unwrap(), block_content(0, 5, 1));
+    assert!(t.elapsed() < Duration::from_millis(150), "the read waited {:?} for writeback", t.elapsed());
+    assert!(dirty(&rig, 0) > 0, "still dirty: the read did not come after writeback");
+    // A write to it waits until the extent is clean, then lands over it.
+    rig.write(0, 5, &block_content(0, 5, 2), false).unwrap();
+    rig.ctl.set_latency(None);
+    wait_clean(&mut rig, 0);
+    assert_eq!(rig.read(0, 5, 1).unwrap(), block_content(0, 5, 2));
+    assert_eq!(on_backing(&paths, 0, 5), block_content(0, 5, 2));
+    rig.close().unwrap();
 }

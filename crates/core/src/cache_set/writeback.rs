@@ -434,7 +434,7 @@ impl CacheSet {
         });
         // Later user requests over the extent wait for its backing write.
         let seqno = self.reqs.take_seqno();
-        self.reqs.order.add(inode, start, end, seqno, ORDER_SLOT_BASE + n);
+        self.reqs.order.add(inode, start, end, seqno, ORDER_SLOT_BASE + n, true);
         let wb = self.wb(inode);
         wb.queue.push_back(n);
         // bch_next_delay: the next extent starts sectors/rate later, never more than 2.5 s

@@ -185,6 +185,8 @@ struct UndoEntry {
 struct FaultState {
     rules: Vec<FaultRule>,
     latency: Option<Latency>,
+    /// Paths of the devices the latency applies to (None: every device).
+    latency_only: Option<Vec<std::path::PathBuf>>,
     volatile: bool,
     devices: HashMap<DevId, Arc<Device>>,
     undo: Vec<UndoEntry>,
@@ -239,6 +241,12 @@ impl FaultControl {
     /// Sets (or with `None` removes) the latency model for requests submitted from now on.
     pub fn set_latency(&self, latency: Option<Latency>) {
         self.shared.lock().latency = latency;
+    }
+
+    /// Limits the latency model to the devices opened from `paths` (None: every device), to
+    /// emulate a slow backing device behind a fast cache.
+    pub fn set_latency_only(&self, paths: Option<Vec<std::path::PathBuf>>) {
+        self.shared.lock().latency_only = paths;
     }
 
     /// Turns volatile-write tracking on or off (off forgets what was tracked).
@@ -587,7 +595,8 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
         let fua = req.fua && req.op.kind() == OpKind::Write;
         let mut p = Pending { user_data: req.user_data, due: None, undo: None, fua, flush_epoch: None };
         if let Some(dev) = &dev {
-            if let Some(lat) = st.latency {
+            let slow = st.latency_only.as_ref().is_none_or(|only| only.iter().any(|p| p == dev.path()));
+            if let Some(lat) = st.latency.filter(|_| slow) {
                 let now = Instant::now();
                 let len = req.op.len();
                 let h = self.heads.entry(req.dev).or_insert(Head { busy_until: now, pos: 0 });

@@ -311,9 +311,9 @@ impl CacheSet {
         let slot = self.reqs.insert(req);
         let (start, end) = (io.offset / 512, (io.offset + len) / 512);
         if ordering {
-            self.reqs.order.add(inode, start, end, seqno, slot);
+            self.reqs.order.add(inode, start, end, seqno, slot, false);
         }
-        if self.state == SetState::Starting || self.reqs.order.must_wait(inode, start, end, seqno) {
+        if self.state == SetState::Starting || self.reqs.order.must_wait(inode, start, end, seqno, kind == Kind::Read) {
             if self.state != SetState::Starting {
                 self.stats.ordered_waits += 1;
             }

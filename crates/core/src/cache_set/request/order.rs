@@ -3,6 +3,9 @@
 //! writes in flight at once would otherwise land in either order (the cache's key in one,
 //! the backing device's data in the other), and a read would see either. Requests that
 //! overlap nothing in flight — nearly all — pay one check of an empty or short list.
+//!
+//! Writeback holds its extents here too, so that no write changes one while it is copied
+//! and marked clean; reads pass those: the cache keeps the data they read unchanged.
 
 use std::collections::VecDeque;
 
@@ -14,6 +17,8 @@ struct Active {
     end: u64,
     seqno: u64,
     slot: u32,
+    /// Reads need not wait for it (writeback's extents).
+    reads_pass: bool,
 }
 
 #[derive(Default)]
@@ -25,9 +30,10 @@ pub(crate) struct Order {
 }
 
 impl Order {
-    /// A write or discard of sectors `start..end` of `inode` was submitted.
-    pub fn add(&mut self, inode: u32, start: u64, end: u64, seqno: u64, slot: u32) {
-        self.active.push(Active { inode, start, end, seqno, slot });
+    /// A write or discard of sectors `start..end` of `inode` was submitted (with
+    /// `reads_pass`: a writeback extent, which only writes wait for).
+    pub fn add(&mut self, inode: u32, start: u64, end: u64, seqno: u64, slot: u32, reads_pass: bool) {
+        self.active.push(Active { inode, start, end, seqno, slot, reads_pass });
     }
 
     /// The write or discard in `slot` completed.
@@ -37,9 +43,12 @@ impl Order {
         }
     }
 
-    /// True when a write or discard submitted before `seqno` overlaps `start..end` of `inode`.
-    pub fn must_wait(&self, inode: u32, start: u64, end: u64, seqno: u64) -> bool {
-        self.active.iter().any(|a| a.inode == inode && a.seqno < seqno && a.start < end && start < a.end)
+    /// True when a write or discard submitted before `seqno` overlaps `start..end` of `inode`
+    /// (for a `read`, one that reads do not pass).
+    pub fn must_wait(&self, inode: u32, start: u64, end: u64, seqno: u64, read: bool) -> bool {
+        self.active
+            .iter()
+            .any(|a| a.inode == inode && a.seqno < seqno && a.start < end && start < a.end && !(read && a.reads_pass))
     }
 
     /// True when any write or discard in flight overlaps `start..end` of `inode`.
@@ -59,7 +68,7 @@ impl Order {
             let slot = self.blocked[i];
             let r = slots[slot as usize].as_ref().expect("a blocked request is live");
             let (start, end) = (r.offset / 512, (r.offset + r.len) / 512);
-            if self.must_wait(r.inode, start, end, r.seqno) {
+            if self.must_wait(r.inode, start, end, r.seqno, r.kind == super::Kind::Read) {
                 i += 1;
             } else {
                 self.blocked.remove(i);
