@@ -344,3 +344,36 @@ test('an engine nobody refers to is collected once idle, releasing its devices; 
   t.is(r.status, 0, r.stderr)
   t.is(r.stdout, '32 32\n')
 })
+
+test('detachFromSet writes dirty data back, drops the cached data and frees the slot, with progress; an aborted one keeps everything', async (t) => {
+  const s = await formatSet()
+  const engine = await CacheEngine.open(s.cache)
+  const h = await engine.attach(attachOptions(s, 'writeback'))
+  for (let i = 0; i < 16; i++) await engine.write(h, i * 65536, pattern(65536, i))
+  t.is(engine.dirtySectors(h), 16 * 128)
+  // Aborted at once: still attached, still dirty, still cached.
+  const ac = new AbortController()
+  const aborted = engine.detachFromSet(h, { signal: ac.signal })
+  ac.abort()
+  t.is(await code(aborted), 'CLOSED')
+  t.true((engine.cachedSectors(h) ?? 0) >= 16 * 128)
+  const seen: number[] = []
+  await engine.detachFromSet(h, { onProgress: (d) => seen.push(d), progressMs: 1 })
+  t.is(seen.at(-1), 0)
+  t.is(engine.dirtySectors(h), 0)
+  t.is(engine.cachedSectors(h), 0)
+  for (let i = 0; i < 16; i++) t.true(backingBytes(s, i * 65536, 65536).equals(pattern(65536, i)), `chunk ${i} on the backing device`)
+  // Passed straight through now.
+  await engine.write(h, 0, pattern(4096, 99))
+  t.true((await engine.read(h, 0, 4096)).equals(pattern(4096, 99)))
+  t.is(engine.cachedSectors(h), 0)
+  t.is(await code(engine.detachFromSet(h, { progressMs: 0 })), 'INVALID_ARGUMENT')
+  engine.detach(h)
+  await engine.close()
+  // The set has forgotten the device: attached again, nothing of it is cached.
+  const again = await CacheEngine.open(s.cache)
+  const h2 = await again.attach(attachOptions(s, 'writeback'))
+  t.is(again.cachedSectors(h2), 0)
+  t.true((await again.read(h2, 65536, 65536)).equals(pattern(65536, 1)))
+  await again.close()
+})

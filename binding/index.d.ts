@@ -91,6 +91,14 @@ export declare class NativeCacheEngine {
    */
   detach(handle: number): void
   /**
+   * Begins detaching a cached device from the set for good (its dirty data written
+   * back, its cached data dropped, its UUID slot freed); `tag` comes back through
+   * `onEvent` when that is durable, or with the error that stopped it.
+   */
+  detachBegin(tag: number, handle: number): void
+  /** Cancels a detach still writing back (its tag comes back with `CLOSED`). */
+  detachCancel(handle: number): void
+  /**
    * Switches a cached device's cache mode (`writethrough`, `writeback`, `writearound` or
    * `none`); requests submitted from now on follow it.
    */

@@ -840,6 +840,45 @@ export class CacheEngine {
   }
 
   /**
+   * Detaches a cached device from the set for good, as bcache's sysfs `detach`: its
+   * requests bypass the cache from now on, its dirty data is written back at full speed
+   * (paused or not), then what the set holds of it is dropped and its slot in the UUID
+   * table freed; resolves once that is durable. The handle then serves the backing device
+   * straight until {@link CacheEngine.detach} lets go of it. `onProgress` is called about
+   * every `progressMs` (250) with the dirty sectors left; aborting `signal` cancels the
+   * detach while it still writes back (the promise rejects with `CLOSED`, the device stays
+   * attached with what it has cached).
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (unknown handle, a device with no cache set),
+   *   `EBUSY` (already detaching), `CLOSED` (cancelled, or the set closed meanwhile), the
+   *   set's failure.
+   */
+  async detachFromSet(handle: number, options: { signal?: AbortSignal; onProgress?: (dirtySectors: number) => void; progressMs?: number } = {}): Promise<void> {
+    this.#check()
+    const { signal, onProgress, progressMs = 250 } = options
+    checkCount('progressMs', progressMs)
+    if (progressMs < 1) throw new InvalidArgumentError(`progressMs must be at least 1, got ${progressMs}`)
+    signal?.throwIfAborted()
+    const timer = onProgress ? setInterval(() => onProgress(this.dirtySectors(handle) ?? 0), progressMs) : undefined
+    const abort = () => {
+      try {
+        this.#native.detachCancel(handle)
+      } catch {
+        // Too late to cancel: the data is dropped already; the detach finishes.
+      }
+    }
+    signal?.addEventListener('abort', abort, { once: true })
+    try {
+      await this.#control((tag) => this.#native.detachBegin(tag, handle))
+      onProgress?.(0)
+    } catch (err) {
+      throw asUbcacheError(err)
+    } finally {
+      clearInterval(timer)
+      signal?.removeEventListener('abort', abort)
+    }
+  }
+
+  /**
    * A cached device's writeback tunables.
    * @throws {UbcacheError} `INVALID_ARGUMENT` (unknown handle, a device with no cache set), `CLOSED`.
    */

@@ -559,6 +559,20 @@ impl NativeCacheEngine {
         self.with(env, |e| e.detach(handle))
     }
 
+    /// Begins detaching a cached device from the set for good (its dirty data written
+    /// back, its cached data dropped, its UUID slot freed); `tag` comes back through
+    /// `onEvent` when that is durable, or with the error that stopped it.
+    #[napi]
+    pub fn detach_begin(&self, env: &Env, tag: f64, handle: u32) -> Result<()> {
+        self.with(env, |e| e.detach_begin(tag as u64, handle))
+    }
+
+    /// Cancels a detach still writing back (its tag comes back with `CLOSED`).
+    #[napi]
+    pub fn detach_cancel(&self, env: &Env, handle: u32) -> Result<()> {
+        self.with(env, |e| e.detach_cancel(handle))
+    }
+
     /// Switches a cached device's cache mode (`writethrough`, `writeback`, `writearound` or
     /// `none`); requests submitted from now on follow it.
     #[napi]

@@ -96,7 +96,7 @@ impl Default for CongestionConfig {
 /// Why a request bypassed the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Reason {
-    /// The device's mode adds nothing (mode `none`; writes in writearound).
+    /// The device's mode adds nothing (mode `none`; writes in writearound), or it detaches.
     Mode,
     /// The cache is past `CUTOFF_CACHE_ADD`.
     Full,
@@ -244,10 +244,15 @@ pub(crate) struct Ask {
     pub bytes: u64,
     /// Percentage of the cache holding dirty data or metadata.
     pub in_use: u64,
+    /// The device detaches (bcache's `BCACHE_DEV_DETACHING`).
+    pub detaching: bool,
 }
 
 /// bcache's `check_should_bypass`, without the cache set around it.
 pub(crate) fn decide(dev: &mut Bypass, congestion: &mut Congestion, a: &Ask, now: Instant) -> Option<Reason> {
+    if a.detaching {
+        return Some(Reason::Mode);
+    }
     if a.in_use > CUTOFF_CACHE_ADD {
         return Some(Reason::Full);
     }
@@ -275,7 +280,7 @@ impl CacheSet {
         let in_use = self.space.in_use;
         let now = Instant::now();
         let Some(Some(dev)) = self.devs.get_mut(inode as usize) else { return false };
-        let a = Ask { mode: dev.mode, write, sector, bytes: sectors * 512, in_use };
+        let a = Ask { mode: dev.mode, write, sector, bytes: sectors * 512, in_use, detaching: dev.detach.is_some() };
         let reason = decide(&mut dev.bypass, &mut self.congestion, &a, now);
         let Some(reason) = reason else { return false };
         self.account(inode, super::accounting::Event::Bypassed(sectors));
@@ -326,7 +331,7 @@ mod tests {
     use super::*;
 
     fn ask(write: bool, sector: u64, kib: u64) -> Ask {
-        Ask { mode: CacheMode::Writethrough, write, sector, bytes: kib << 10, in_use: 0 }
+        Ask { mode: CacheMode::Writethrough, write, sector, bytes: kib << 10, in_use: 0, detaching: false }
     }
 
     fn off() -> Congestion {

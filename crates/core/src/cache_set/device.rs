@@ -93,6 +93,8 @@ pub(crate) struct CachedDev {
     pub wb: super::writeback::Writeback,
     /// Its sequential detector and cutoffs.
     pub bypass: super::bypass::Bypass,
+    /// Its detach, once begun.
+    pub detach: Option<super::detach::Detach>,
     /// Its request accounting (bcache's per-device stats).
     pub accounting: super::accounting::Collector,
 }

@@ -188,6 +188,25 @@ impl CacheEngine {
         self.driver.remove_device(backing)
     }
 
+    /// Begins detaching the handle's cached device for good (see `cache_set::detach`): its
+    /// dirty data is written back, then its cached data dropped and its UUID slot freed.
+    /// `tag` comes back from [`CacheEngine::take_events`] when that is durable (or with
+    /// the error that stopped it); the device then passes requests straight through until
+    /// [`CacheEngine::detach`] lets go of it.
+    pub fn detach_begin(&mut self, tag: u64, handle: u32) -> Result<()> {
+        let inode = self.cached_inode(handle)?;
+        self.set.as_mut().expect("a set").detach_begin(tag, inode)?;
+        self.pump_aside()
+    }
+
+    /// Cancels the handle's detach while it still writes back (its tag comes back with
+    /// `Closed`).
+    pub fn detach_cancel(&mut self, handle: u32) -> Result<()> {
+        let inode = self.cached_inode(handle)?;
+        self.set.as_mut().expect("a set").detach_cancel(inode)?;
+        self.pump_aside()
+    }
+
     /// Begins a clean close of the set: requests in flight finish, new ones are refused, a
     /// final checkpoint is written. `tag` comes back from [`CacheEngine::take_events`] when
     /// it is done (the set's state is then [`SetState::Closed`]).

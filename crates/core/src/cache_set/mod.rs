@@ -23,6 +23,7 @@
 //! - `space`: the allocator's steps, requests waiting for space, bcache's writeback cutoffs;
 //! - `accounting`: bcache's hit/miss/bypass counts in decaying windows, per device and set;
 //! - `bypass`: which requests skip the cache (sequential cutoff, congestion, a full cache);
+//! - `detach`: detaching a device for good (write back, drop its data, free its slot);
 //! - `writeback`: dirty data copied to the backing devices at the controller's pace;
 //! - `device`: cached devices and cache modes; `tag`: what an I/O belongs to;
 //! - [`engine`]: the driver that owns the I/O engine and runs the set.
@@ -54,6 +55,7 @@
 mod accounting;
 mod bypass;
 mod checkpoint;
+mod detach;
 mod device;
 pub mod engine;
 mod gc;
@@ -351,6 +353,7 @@ impl CacheSet {
             self.space_progress();
             self.background_slice(now);
             self.writeback_tick(now);
+            self.detach_progress();
         }
         self.close_progress();
     }
@@ -361,10 +364,7 @@ impl CacheSet {
         if self.background_pending() || !self.space.waiters.is_empty() && self.state == SetState::Running {
             return Some(Instant::now());
         }
-        match (self.journal_deadline(), self.writeback_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.journal_deadline(), self.writeback_deadline(), self.detach_deadline()].into_iter().flatten().min()
     }
 
     /// I/O to submit, in order.
@@ -541,6 +541,7 @@ impl CacheSet {
             format!("cache set {} out of service: {}", crate::uuids::uuid_string(&self.geo.sb.set_uuid), e.message()),
         );
         self.state = SetState::Failed(e.clone());
+        self.detach_abort_all(&e);
         self.journal_fail(&e);
         self.reqs_fail(&e);
         self.close_progress();
@@ -595,6 +596,7 @@ impl CacheSet {
             self.state = SetState::Closing;
             let e = Error::new(ErrorKind::Closed, "the cache set is closing");
             self.reqs_refuse_waiting(&e);
+            self.detach_abort_all(&e);
         }
         self.close_progress();
     }

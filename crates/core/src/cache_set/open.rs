@@ -464,6 +464,7 @@ impl CacheSet {
             wb: super::writeback::Writeback::new(cfg.writeback.clone()),
             bypass: super::bypass::Bypass::new(cfg.bypass.clone()),
             accounting: super::accounting::Collector::new(std::time::Instant::now()),
+            detach: None,
         });
         // Until the table is recorded the device is attached but, being new, has nothing
         // cached; requests are served all the same.
@@ -472,12 +473,21 @@ impl CacheSet {
 
     /// The UUID table recording an attach is durable.
     pub(crate) fn uuid_event_done(&mut self, tag: u64, inode: u32) {
+        self.detach_recorded(inode);
         self.events.push((tag, Ok(inode)));
     }
 
     /// Detaches cached device `inode` from the engine (its requests must have completed);
     /// its entry and cached data stay for the next attach.
     pub fn detach(&mut self, inode: u32) -> Result<DevId> {
+        if let Ok(d) = self.dev(inode) {
+            if matches!(d.detach, Some(super::detach::Detach::WritingBack { .. } | super::detach::Detach::Recording)) {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("cached device {inode} is detaching from the set (cancel that, or wait for it)"),
+                ));
+            }
+        }
         if self.reqs.in_flight_for(inode) || self.writeback_busy_for(inode) {
             return Err(Error::new(
                 ErrorKind::Busy,

@@ -146,6 +146,8 @@ pub(crate) struct Writeback {
     /// Extents whose flush is in flight, by flush batch.
     flushing: Vec<(u32, Vec<u32>)>,
     next_batch: u32,
+    /// The device detaches: write everything back at full speed, paused or not.
+    pub detaching: bool,
 }
 
 impl Writeback {
@@ -162,7 +164,29 @@ impl Writeback {
             written: Vec::new(),
             flushing: Vec::new(),
             next_batch: 0,
+            detaching: false,
         }
+    }
+
+    /// Writes back (its tunables say so, or the device detaches).
+    pub fn active(&self) -> bool {
+        self.cfg.running || self.detaching
+    }
+
+    /// The wait after a pass (none while detaching, as bcache's `writeback_delay`).
+    fn delay(&self) -> Duration {
+        if self.detaching {
+            Duration::ZERO
+        } else {
+            self.cfg.delay
+        }
+    }
+
+    /// The controller runs again at the next tick, and the next extent may start at once.
+    pub fn reschedule(&mut self) {
+        self.next_update = None;
+        self.next_io = None;
+        self.pass_ended = None;
     }
 
     /// Nothing in flight (I/O, or a flush with extents waiting for it).
@@ -272,7 +296,7 @@ impl CacheSet {
         let mut at: Option<Instant> = None;
         for d in self.devs.iter().flatten() {
             let wb = &d.wb;
-            if !wb.cfg.running || self.index.dirty_sectors(d.inode) == 0 {
+            if !wb.active() || self.index.dirty_sectors(d.inode) == 0 {
                 continue;
             }
             let mut t = wb.next_update.unwrap_or_else(Instant::now);
@@ -281,7 +305,7 @@ impl CacheSet {
             let waiting = wb.pass_ended.is_some() && !wb.idle();
             if wb.queue.len() < MAX_IN_FLIGHT && !waiting {
                 let start = match wb.pass_ended {
-                    Some(p) => p + wb.cfg.delay,
+                    Some(p) => p + wb.delay(),
                     None => wb.next_io.unwrap_or_else(Instant::now),
                 };
                 t = t.min(start);
@@ -337,7 +361,7 @@ impl CacheSet {
         }
         let integral = wb.integral / wb.cfg.i_term_inverse as i64;
         let rate = (proportional + integral).clamp(wb.cfg.rate_minimum as i64, MAX_RATE as i64) as u64;
-        let full = wb.cfg.percent == 0 || wbs.idle_updates >= IDLE_UPDATES;
+        let full = wb.cfg.percent == 0 || wbs.idle_updates >= IDLE_UPDATES || wb.detaching;
         wb.rate = WritebackRate {
             rate: if full { MAX_RATE } else { rate },
             dirty,
@@ -354,11 +378,11 @@ impl CacheSet {
         let dirty = self.index.dirty_sectors(inode);
         let Ok(d) = self.dev_mut(inode) else { return };
         let wb = &mut d.wb;
-        if !wb.cfg.running || dirty == 0 {
+        if !wb.active() || dirty == 0 {
             return;
         }
         if let Some(p) = wb.pass_ended {
-            if now < p + wb.cfg.delay {
+            if now < p + wb.delay() {
                 return;
             }
             wb.pass_ended = None;

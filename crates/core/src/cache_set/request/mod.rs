@@ -217,6 +217,12 @@ impl Requests {
         self.fills[slot as usize].take().expect("a live fill slot")
     }
 
+    /// True when a write or fill of `inode` is in flight (either may still add keys).
+    pub fn writes_or_fills_for(&self, inode: u32) -> bool {
+        self.slots.iter().flatten().any(|r| r.inode == inode && r.kind == Kind::Write)
+            || self.fills.iter().flatten().any(|f| f.inode() == inode)
+    }
+
     /// True when a request or fill of `inode` is in flight.
     pub fn in_flight_for(&self, inode: u32) -> bool {
         self.slots.iter().flatten().any(|r| r.inode == inode) || self.fills.iter().flatten().any(|f| f.inode() == inode)
