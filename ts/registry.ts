@@ -201,7 +201,7 @@ export class Registry {
     this.#devices.set(uuid, undefined)
     try {
       const size = describeDevice(path).bytes - sb.dataOffset * 512
-      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive }, writeback: this.#options.writeback, bypass: this.#options.bypass })
+      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive }, writeback: this.#options.writeback, bypass: this.#options.bypass, plainEngine: () => this.#plainEngine() })
       const set = this.#sets.get(sb.setUuid)
       if (set) await dev._start(set)
       else await dev._startPlain(await this.#plainEngine())

@@ -134,6 +134,11 @@ export class CacheSet {
     this.#devices.add(dev)
   }
 
+  /** @internal A device detached. */
+  _remove(dev: CachedDevice): void {
+    this.#devices.delete(dev)
+  }
+
   /**
    * @internal Closes the set cleanly: once the requests made before have completed, keeps
    * each device's final counts, then closes the engine (flush, final checkpoint). Resolves to

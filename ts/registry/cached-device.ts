@@ -12,6 +12,9 @@ import type { CacheSet } from './cache-set'
 import { Overlaps } from './overlaps'
 import { merge, purgeCached } from './purge'
 
+/** The set UUID of a backing device attached to no set. */
+const NULL_UUID = '00000000-0000-0000-0000-000000000000'
+
 /** Where a cached device's requests go. */
 interface Route {
   engine: CacheEngine
@@ -55,6 +58,8 @@ export interface CachedDeviceInit {
   writeback?: Partial<WritebackConfig>
   /** Bypass tunables to start with, in place of bcache's defaults. */
   bypass?: Partial<BypassConfig>
+  /** The registry's set-less engine, which serves the device once it detaches from its set. */
+  plainEngine: () => Promise<CacheEngine>
 }
 
 /** The dirty and cached sector counts of a device when its set closed. */
@@ -112,6 +117,7 @@ export class CachedDevice {
   readonly dataOffset: number
 
   readonly #super: BackingSuper
+  readonly #plainEngine: () => Promise<CacheEngine>
   readonly #open: Pick<AttachOptions, 'direct' | 'exclusive'>
   /** Where requests go now: undefined while waiting for its set, and when it cannot be served. */
   #route: Route | undefined
@@ -166,6 +172,7 @@ export class CachedDevice {
     this.#mode = sb.cacheMode
     this.#engineMode = sb.cacheMode
     this.#writeback = { ...init.writeback }
+    this.#plainEngine = init.plainEngine
     this.#bypass = { ...init.bypass }
   }
 
@@ -289,6 +296,81 @@ export class CachedDevice {
     const r = this.#route
     if (r?.set) r.engine.setBypassConfig(r.handle, changes)
     this.#bypass = { ...this.#bypass, ...changes }
+  }
+
+  /**
+   * Detaches the device from its cache set for good, as writing 1 to bcache's sysfs
+   * `detach` does: from now on its requests bypass the cache; its dirty data is written
+   * back at full speed (paused or not); then what the set holds of it is dropped and its
+   * slot in the set's UUID table freed, and its superblock says state `none` with no set
+   * UUID. Requests go on throughout; afterwards the device is served straight, as one
+   * registered without a set (attach it again with {@link CacheSet.attach}). `onProgress`
+   * gets the dirty sectors left about every 250 ms; aborting `signal` cancels the detach
+   * while it still writes back (it rejects with `CLOSED`, the device stays attached as it
+   * was). A device with nothing dirty detaches at once.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (not attached to a set), `EBUSY` (already
+   *   detaching), `CLOSED` (cancelled, or the registry closed meanwhile), the set's
+   *   failure, a superblock write's error.
+   */
+  async detach(options: { signal?: AbortSignal; onProgress?: (dirtySectors: number) => void } = {}): Promise<void> {
+    if (this.#closed) throw this.#closedError()
+    const r = this.#route
+    if (!r?.set) throw new InvalidArgumentError(`${this.path}: not attached to a cache set`)
+    const set = r.set
+    await r.engine.detachFromSet(r.handle, options)
+    // Passed straight through the set's engine now: over to the set-less one, with requests
+    // held at the gate meanwhile.
+    await new Promise<void>((resolve, reject) => {
+      let started = false
+      this.#control({
+        kind: 'control',
+        start: 0,
+        end: 0,
+        needs: () => {
+          if (started) return undefined
+          started = true
+          return () => this.#leave(set).then(resolve, reject)
+        },
+        go: () => RESOLVED,
+        resolve: noop,
+        reject: noop,
+      })
+    })
+  }
+
+  /** Moves a device detached from `set` to the registry's set-less engine. */
+  async #leave(set: CacheSet): Promise<void> {
+    const r = this.#route as Route
+    try {
+      await this.#overlaps.idle()
+      await r.engine.flush(r.handle)
+      // Requests sent before the gate closed may still be in flight: the engine lets go of
+      // the device once they are done.
+      for (const end = Date.now() + 60_000; ; ) {
+        try {
+          r.engine.detach(r.handle)
+          break
+        } catch (err) {
+          if (asUbcacheError(err).code !== 'EBUSY' || Date.now() > end) throw err
+          await new Promise((resolve) => setTimeout(resolve, 1))
+        }
+      }
+      this.#route = undefined
+      set._remove(this)
+      await this.#update((s) => {
+        s.setUuid = NULL_UUID
+        s.state = 'none'
+      })
+      const engine = await this.#plainEngine()
+      const handle = await engine.attachPlain(this.path, this.dataOffset, this.#open)
+      this.#plain = engine
+      this.#route = { engine, handle, set: null }
+    } catch (err) {
+      this.#refusal = asUbcacheError(err, this.path)
+      throw this.#refusal
+    } finally {
+      this.#refresh()
+    }
   }
 
   /**
