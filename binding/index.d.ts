@@ -492,9 +492,9 @@ export interface NativeLoadOptions {
   ioErrorLimit?: number
   /** bcache's `io_error_halflife`, in cache-device I/Os (default 0: no decay). */
   ioErrorHalflife?: number
-  /** bcache's `congested_read_threshold_us` (default 2000; 0: reads not timed). */
+  /** bcache's `congested_read_threshold_us` (default 0: reads not timed; bcache's 2000). */
   congestedReadThresholdUs?: number
-  /** bcache's `congested_write_threshold_us` (default 20000; 0: writes not timed). */
+  /** bcache's `congested_write_threshold_us` (default 0: writes not timed; bcache's 20000). */
   congestedWriteThresholdUs?: number
 }
 

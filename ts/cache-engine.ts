@@ -76,12 +76,12 @@ export interface CacheEngineOptions extends Omit<IoEngineOptions, 'mode'> {
    */
   ioErrorHalflife?: number
   /**
-   * bcache's `congested_read_threshold_us` (default 2000): cache-device reads slower than
-   * this count as congestion, and while the cache is congested part of the traffic
-   * bypasses it (see {@link CongestionConfig}); 0 leaves reads untimed.
+   * bcache's `congested_read_threshold_us`: cache-device reads slower than this count as
+   * congestion, and while the cache is congested part of the traffic bypasses it (see
+   * {@link CongestionConfig}). Default 0: reads untimed (bcache's default is 2000).
    */
   congestedReadThresholdUs?: number
-  /** bcache's `congested_write_threshold_us` (default 20000): the same for writes. */
+  /** bcache's `congested_write_threshold_us`: the same for writes. Default 0 (bcache's: 20000). */
   congestedWriteThresholdUs?: number
 }
 
@@ -301,14 +301,19 @@ function nativeBypass(changes: Partial<BypassConfig>): native.NativeBypassConfig
  * congestion grows bypass the cache; at the worst, all do.
  */
 export interface CongestionConfig {
-  /** `congested_read_threshold_us` (2000), in microseconds; 0: reads are not timed. */
+  /** `congested_read_threshold_us`, in microseconds; 0 (the default): reads are not timed. bcache's default: 2000. */
   readThresholdUs: number
-  /** `congested_write_threshold_us` (20000), in microseconds; 0: writes are not timed. */
+  /** `congested_write_threshold_us`, in microseconds; 0 (the default): writes are not timed. bcache's default: 20000. */
   writeThresholdUs: number
 }
 
-/** bcache's defaults for {@link CongestionConfig}. */
-export const DEFAULT_CONGESTION: Readonly<CongestionConfig> = Object.freeze({ readThresholdUs: 2000, writeThresholdUs: 20000 })
+/**
+ * The defaults of {@link CongestionConfig}: off. Unlike bcache (2000 and 20000 µs): the engine
+ * runs on the event loop and times a cache I/O up to the moment it handles the completion,
+ * so a busy loop or a loaded machine reads as a congested cache device (with bcache's values,
+ * a test on a loaded 2-core machine saw every read bypass the cache).
+ */
+export const DEFAULT_CONGESTION: Readonly<CongestionConfig> = Object.freeze({ readThresholdUs: 0, writeThresholdUs: 0 })
 
 /** Throws `INVALID_ARGUMENT` naming the tunable for an unknown key or a bad value. */
 export function checkCongestionChanges(changes: Partial<CongestionConfig>): void {

@@ -133,7 +133,8 @@ fn random_reads(rig: &mut Rig, n: u64, span: u64, depth: u64) {
 #[test]
 fn a_slow_cache_device_turns_random_reads_away_and_a_fast_one_does_not() {
     let paths = format("congested", Geo::small());
-    let o = opts(CacheMode::Writethrough, 0);
+    let mut o = opts(CacheMode::Writethrough, 0);
+    o.set.congestion = CongestionConfig::BCACHE;
     let mut rig = Rig::open(&paths, &o).unwrap();
     // Fill 256 blocks, then read them at random: fast, no congestion.
     rig.read(0, 0, 256).unwrap();

@@ -103,9 +103,9 @@ pub struct NativeLoadOptions {
     pub io_error_limit: Option<u32>,
     /// bcache's `io_error_halflife`, in cache-device I/Os (default 0: no decay).
     pub io_error_halflife: Option<u32>,
-    /// bcache's `congested_read_threshold_us` (default 2000; 0: reads not timed).
+    /// bcache's `congested_read_threshold_us` (default 0: reads not timed; bcache's 2000).
     pub congested_read_threshold_us: Option<u32>,
-    /// bcache's `congested_write_threshold_us` (default 20000; 0: writes not timed).
+    /// bcache's `congested_write_threshold_us` (default 0: writes not timed; bcache's 20000).
     pub congested_write_threshold_us: Option<u32>,
 }
 

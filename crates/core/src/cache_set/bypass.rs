@@ -9,7 +9,8 @@
 //!   lengths; a library has no tasks (every caller shares the event loop), and an average
 //!   over all callers would bypass a random reader because another reads sequentially, so
 //!   only the stream itself counts here.
-//! - **Congestion** (`bch_get_congested`). Cache-device I/O slower than
+//! - **Congestion** (`bch_get_congested`; off by default, see [`CongestionConfig`]).
+//!   Cache-device I/O slower than
 //!   `congested_read_threshold_us` / `congested_write_threshold_us` drives a counter down by
 //!   its latency in milliseconds; faster I/O and time bring it back. While it is down, a
 //!   request bypasses when its stream is at least a threshold long that shrinks, with some
@@ -77,20 +78,26 @@ impl BypassConfig {
     }
 }
 
-/// Congestion tunables of a cache set (bcache's names and defaults).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Congestion tunables of a cache set (bcache's names).
+///
+/// Off by default, unlike bcache (2000 and 20000 µs, [`CongestionConfig::BCACHE`]): the
+/// engine times a cache I/O from its request's start to the moment it handles the
+/// completion, so the time its thread spends elsewhere (a busy event loop, a loaded
+/// machine) counts as device latency. With bcache's values on, a registry test on a loaded
+/// 2-core machine saw every read bypass the cache. Turn it on where the engine has its
+/// thread to itself and the cache device is shared or can stall.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CongestionConfig {
     /// `congested_read_threshold_us`: cache reads slower than this count as congestion;
-    /// 0 ignores reads. Default 2000.
+    /// 0 (the default) ignores reads.
     pub read_threshold_us: u32,
-    /// `congested_write_threshold_us`: the same for writes. Default 20000.
+    /// `congested_write_threshold_us`: the same for writes; 0 (the default) ignores them.
     pub write_threshold_us: u32,
 }
 
-impl Default for CongestionConfig {
-    fn default() -> Self {
-        CongestionConfig { read_threshold_us: 2000, write_threshold_us: 20000 }
-    }
+impl CongestionConfig {
+    /// bcache's defaults.
+    pub const BCACHE: CongestionConfig = CongestionConfig { read_threshold_us: 2000, write_threshold_us: 20000 };
 }
 
 /// Why a request bypassed the cache.
@@ -426,7 +433,7 @@ mod tests {
 
     #[test]
     fn congestion_grows_with_slow_io_and_fades_with_fast_io_and_time() {
-        let mut c = Congestion::new(CongestionConfig::default(), 3);
+        let mut c = Congestion::new(CongestionConfig::BCACHE, 3);
         let t = Instant::now();
         c.sample(false, Duration::from_micros(1500), t);
         assert_eq!(c.threshold(t), 0, "below the read threshold");
@@ -449,7 +456,7 @@ mod tests {
         assert_eq!(c.congested, -CONGESTED_MAX + 100);
         assert_eq!(c.threshold(t + Duration::from_secs(2)), 0, "a second without slow I/O ends it");
         let mut dev = Bypass::new(BypassConfig { sequential_cutoff: 0, ..Default::default() });
-        let mut c = Congestion::new(CongestionConfig::default(), 3);
+        let mut c = Congestion::new(CongestionConfig::BCACHE, 3);
         for _ in 0..200 {
             c.sample(false, Duration::from_millis(50), t);
         }
