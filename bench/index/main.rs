@@ -30,7 +30,9 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use ubcache_core::index::{BucketAccounting, BucketGens, ExtentIndex, Fragment, FragmentKind, Key, LookupReq, Ptr};
+use ubcache_core::index::{
+    BucketAccounting, BucketGens, ExtentIndex, Fragment, FragmentKind, Key, LookupReq, Ptr, ScanFilter, ScanPos,
+};
 
 struct Counting;
 
@@ -262,6 +264,9 @@ struct Figures {
     btreemap_range_lookups_per_s: Rate,
     btreemap_bytes_per_extent: f64,
     btreemap_bulk_bytes_per_extent: f64,
+    /// A scan for 16 dirty keys among all the clean ones, and a scan of every key.
+    dirty_scan: Duration,
+    full_scan: Duration,
 }
 
 fn run(n: usize, seed: u64) -> Figures {
@@ -446,6 +451,34 @@ fn run(n: usize, seed: u64) -> Figures {
         "overwrites: {OVERWRITES} random inserts with fix-up: {overwrite_per_s} (keys {keys_before} -> {})",
         idx.len()
     );
+    // Writeback's scan for dirty keys among all these clean ones: 16 dirty extents.
+    for _ in 0..16 {
+        let start = rng.below(SPACE_BLOCKS - MAX_BLOCKS) * BLOCK;
+        idx.insert(&Key::new(0, start, BLOCK, b.alloc(BLOCK)).with_dirty(true), &mut b).unwrap();
+    }
+    let scan_all = |idx: &mut ExtentIndex, b: &Buckets, filter: ScanFilter| {
+        let (mut keys, mut pos, mut found) = (Vec::new(), ScanPos::default(), 0usize);
+        loop {
+            let next = idx.scan(pos, filter, 64, b, &mut keys);
+            found += keys.iter().filter(|k| k.dirty).count();
+            match next {
+                Some(p) => pos = p,
+                None => return found,
+            }
+        }
+    };
+    // The first dirty scan clears the map's regions that hold nothing dirty; time the next.
+    assert!(scan_all(&mut idx, &b, ScanFilter::Dirty) >= 16);
+    let t = Instant::now();
+    let found = scan_all(&mut idx, &b, ScanFilter::Dirty);
+    let dirty_scan = t.elapsed();
+    let t = Instant::now();
+    assert_eq!(scan_all(&mut idx, &b, ScanFilter::All), found);
+    let full_scan = t.elapsed();
+    eprintln!(
+        "dirty scan: {found} dirty keys among {} in {dirty_scan:.1?} (a scan of every key: {full_scan:.1?})",
+        idx.len()
+    );
     if std::env::var_os("INDEX_BENCH_VERIFY").is_some() {
         idx.verify().unwrap();
         eprintln!("index verified");
@@ -464,6 +497,8 @@ fn run(n: usize, seed: u64) -> Figures {
         btreemap_range_lookups_per_s: map_lookups[1],
         btreemap_bytes_per_extent,
         btreemap_bulk_bytes_per_extent,
+        dirty_scan,
+        full_scan,
     }
 }
 
@@ -537,12 +572,14 @@ fn main() {
     // are the slower of building and overwriting.
     println!(
         "{{\"extents\": {}, \"lookups_per_s\": {:.0}, \"inserts_per_s\": {:.0}, \"bytes_per_extent\": {:.2}, \
-         \"btreemap_lookups_per_s\": {:.0}, \"btreemap_bytes_per_extent\": {:.2}}}",
+         \"btreemap_lookups_per_s\": {:.0}, \"btreemap_bytes_per_extent\": {:.2}, \"dirty_scan_us\": {:.1}, \"full_scan_ms\": {:.1}}}",
         f.extents,
         f.lookups_per_s.cpu,
         f.build_per_s.cpu.min(f.overwrite_per_s.cpu),
         f.bytes_per_extent,
         f.btreemap_lookups_per_s.cpu,
-        f.btreemap_bytes_per_extent
+        f.btreemap_bytes_per_extent,
+        f.dirty_scan.as_secs_f64() * 1e6,
+        f.full_scan.as_secs_f64() * 1e3
     );
 }

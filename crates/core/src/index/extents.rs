@@ -81,6 +81,53 @@ struct Volume {
     tree: Tree,
     sectors: u64,
     dirty_sectors: u64,
+    dirty_map: DirtyMap,
+}
+
+/// Sectors per region of a [`DirtyMap`] (1 MiB).
+const DIRTY_REGION_SHIFT: u32 = 11;
+
+/// Where a volume may hold dirty data: a bit per 1 MiB region, set by every insert of a dirty
+/// key for each region the key overlaps, cleared by a dirty scan that finds no dirty extent
+/// overlapping the region. A dirty extent only ever shrinks (trims, splits) or turns clean,
+/// so every region it overlaps keeps its bit, and writeback's scan for dirty keys visits
+/// the regions that hold some instead of every extent of the volume.
+#[derive(Default)]
+struct DirtyMap(Vec<u64>);
+
+impl DirtyMap {
+    fn mark(&mut self, start: u64, end: u64) {
+        for r in start >> DIRTY_REGION_SHIFT..=(end - 1) >> DIRTY_REGION_SHIFT {
+            let w = (r / 64) as usize;
+            if w >= self.0.len() {
+                self.0.resize(w + 1, 0);
+            }
+            self.0[w] |= 1 << (r % 64);
+        }
+    }
+
+    fn clear(&mut self, r: u64) {
+        if let Some(w) = self.0.get_mut((r / 64) as usize) {
+            *w &= !(1 << (r % 64));
+        }
+    }
+
+    /// The first region from `r` on whose bit is set.
+    fn next(&self, r: u64) -> Option<u64> {
+        let mut w = (r / 64) as usize;
+        let mut bits = *self.0.get(w)? & (!0u64 << (r % 64));
+        loop {
+            if bits != 0 {
+                return Some(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+            }
+            w += 1;
+            bits = *self.0.get(w)?;
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.0.capacity() * 8
+    }
 }
 
 /// Volumes by inode, in a table indexed by the inode itself: inodes are UUID table slots,
@@ -99,7 +146,9 @@ impl Volumes {
         if i >= self.0.len() {
             self.0.resize_with(i + 1, || None);
         }
-        self.0[i].get_or_insert_with(|| Box::new(Volume { inode, tree: Tree::new(), sectors: 0, dirty_sectors: 0 }));
+        self.0[i].get_or_insert_with(|| {
+            Box::new(Volume { inode, tree: Tree::new(), sectors: 0, dirty_sectors: 0, dirty_map: DirtyMap::default() })
+        });
         i
     }
 
@@ -110,7 +159,10 @@ impl Volumes {
 
     fn heap_bytes(&self) -> usize {
         self.0.capacity() * std::mem::size_of::<Option<Box<Volume>>>()
-            + self.iter_from(0).map(|(_, v)| std::mem::size_of::<Volume>() + v.tree.heap_bytes()).sum::<usize>()
+            + self
+                .iter_from(0)
+                .map(|(_, v)| std::mem::size_of::<Volume>() + v.tree.heap_bytes() + v.dirty_map.heap_bytes())
+                .sum::<usize>()
     }
 }
 
@@ -370,6 +422,62 @@ fn entry_live<G: BucketGens + ?Sized>(side: &mut SideTable, w: u64, gens: &G) ->
     }
 }
 
+/// `ExtentIndex::scan` for dirty keys: walks only the regions the volumes' dirty maps name,
+/// clearing the bit of a region it walks whole without meeting a dirty extent.
+#[allow(clippy::too_many_arguments)]
+fn scan_dirty<G: BucketGens + ?Sized>(
+    vols: &mut Volumes,
+    side: &mut SideTable,
+    stale: &mut Vec<(usize, u64, u64)>,
+    from: ScanPos,
+    max: usize,
+    gens: &G,
+    out: &mut Vec<Key>,
+) -> Option<ScanPos> {
+    let inodes: Vec<usize> = vols.iter_from(from.inode).map(|(vi, _)| vi).collect();
+    for vi in inodes {
+        let vol = &mut vols[vi];
+        let start = if vol.inode == from.inode { from.offset } else { 0 };
+        let mut pos = start;
+        while let Some(r) = vol.dirty_map.next(pos >> DIRTY_REGION_SHIFT) {
+            let (rs, re) = (r << DIRTY_REGION_SHIFT, (r + 1) << DIRTY_REGION_SHIFT);
+            let lo = pos.max(rs);
+            let tree = &vol.tree;
+            let mut c = tree.seek(lo);
+            let mut dirty_seen = false;
+            while let Some(e) = tree.get(c) {
+                if e.start() >= re {
+                    break;
+                }
+                tree.advance(&mut c);
+                if !word::is_dirty(e.word) {
+                    continue;
+                }
+                dirty_seen = true;
+                // One that began in an earlier region was handed out with it (the scan's own
+                // start excepted, where an extent over it is handed out as `scan` does).
+                if e.start() < lo && lo != start {
+                    continue;
+                }
+                if !entry_live(side, e.word, gens) {
+                    stale.push((vi, e.start(), e.end));
+                    continue;
+                }
+                let Some(k) = entry_key(side, vol.inode, &e) else { continue };
+                if let Some(last) = out.last().filter(|_| out.len() == max) {
+                    return Some(ScanPos { inode: last.inode, offset: last.end() });
+                }
+                out.push(k);
+            }
+            if !dirty_seen && lo == rs {
+                vol.dirty_map.clear(r);
+            }
+            pos = re;
+        }
+    }
+    None
+}
+
 impl ExtentIndex {
     /// An empty index.
     pub fn new() -> ExtentIndex {
@@ -620,13 +728,14 @@ impl ExtentIndex {
         let vi = self.vol_or_create(key.inode);
         let ExtentIndex { vols, side, .. } = self;
         let w = make_word(side, live.ptrs(), live.crc, live.dirty);
-        let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
+        let Volume { tree, sectors, dirty_sectors, dirty_map, .. } = &mut vols[vi];
         let mut t =
             Trimmer { b: &mut *b, side, sectors: &mut *sectors, dirty_sectors: &mut *dirty_sectors, released: 0 };
         tree.replace(key.start, key.end(), Some(w), &mut t);
         *sectors += key.size;
         if key.dirty {
             *dirty_sectors += key.size;
+            dirty_map.mark(key.start, key.end());
         }
         for p in live.ptrs() {
             b.add_sectors(p.dev(), p.bucket(bits), key.size as i64, key.dirty);
@@ -917,6 +1026,13 @@ impl ExtentIndex {
         }
         let mut next = None;
         let ExtentIndex { vols, side, stale, .. } = self;
+        if filter == ScanFilter::Dirty {
+            next = scan_dirty(vols, side, stale, from, max, gens, out);
+            if !self.stale.is_empty() {
+                self.drop_stale(gens);
+            }
+            return next;
+        }
         'vols: for (vi, vol) in vols.iter_from(from.inode) {
             let tree = &vol.tree;
             let mut c = if vol.inode == from.inode { tree.seek(from.offset) } else { tree.first() };
@@ -941,6 +1057,11 @@ impl ExtentIndex {
             self.drop_stale(gens);
         }
         next
+    }
+
+    /// The regions of `inode` the dirty map says may hold dirty data (for tests).
+    pub fn dirty_regions(&self, inode: u32) -> usize {
+        self.vol_index(inode).map_or(0, |vi| self.vols[vi].dirty_map.0.iter().map(|w| w.count_ones() as usize).sum())
     }
 
     /// GC's mark pass: reports every live extent's sectors to `b` (`add_sectors` with the
