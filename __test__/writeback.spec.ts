@@ -108,3 +108,21 @@ test("priorityStats and cacheAvailablePercent: bcache's view of the cache device
   await reg.close()
   t.is(dev.set?.priorityStats(), undefined)
 })
+
+test("set.triggerGc runs a GC pass (bcache's trigger_gc); its time figures are in the stats; gcAfterWriteback is checked", async (t) => {
+  const { reg, dev } = await open()
+  const set = dev.set
+  if (!set) throw new Error('not attached')
+  const runs = set.stats().gcRuns
+  t.true(set.stats().gcLastMsAgo >= 0, 'opening ran a pass')
+  set.triggerGc()
+  await until('a GC pass', () => set.stats().gcRuns > runs)
+  const s = set.stats()
+  t.true(s.gcMaxDurationMs >= s.gcAverageDurationMs && s.gcAverageDurationMs >= 0)
+  t.true(s.gcLastMsAgo >= 0 && s.gcLastMsAgo < 10_000)
+  await reg.close()
+  t.is((await error(() => set.triggerGc())).code, 'CLOSED')
+  const bad = new Registry({ gcAfterWriteback: 'yes' as unknown as boolean })
+  t.regex((await error(bad.registerCache(set.path))).message, /gcAfterWriteback/)
+  await bad.close()
+})

@@ -115,6 +115,8 @@ export declare class NativeCacheEngine {
   bypassConfig(handle: number): NativeBypassConfig
   /** Changes a cached device's bypass tunables: the fields given, validated together. */
   setBypassConfig(handle: number, cfg: NativeBypassConfig): void
+  /** Asks the set for a GC pass now (bcache's `trigger_gc`). */
+  triggerGc(): void
   /** The cache set's congestion thresholds. */
   congestionConfig(): NativeCongestionConfig
   /** Changes the cache set's congestion thresholds. */
@@ -383,6 +385,14 @@ export interface NativeCacheSetStats {
   prioDistanceCheckpoints: number
   prioWrites: number
   gcRuns: number
+  /**
+   * bcache's `btree_gc_average_duration_ms`, `btree_gc_max_duration_ms`,
+   * `btree_gc_average_frequency_sec` (as ms), and ms since the last pass ended (-1: none yet).
+   */
+  gcAverageDurationMs: number
+  gcMaxDurationMs: number
+  gcAverageIntervalMs: number
+  gcLastMsAgo: number
   hitSectors: number
   missSectors: number
   cacheHits: number
@@ -496,6 +506,8 @@ export interface NativeLoadOptions {
   congestedReadThresholdUs?: number
   /** bcache's `congested_write_threshold_us` (default 0: writes not timed; bcache's 20000). */
   congestedWriteThresholdUs?: number
+  /** bcache's `gc_after_writeback` (default false). */
+  gcAfterWriteback?: boolean
 }
 
 /** How to open a device. */

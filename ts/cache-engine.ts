@@ -83,6 +83,8 @@ export interface CacheEngineOptions extends Omit<IoEngineOptions, 'mode'> {
   congestedReadThresholdUs?: number
   /** bcache's `congested_write_threshold_us`: the same for writes. Default 0 (bcache's: 20000). */
   congestedWriteThresholdUs?: number
+  /** bcache's `gc_after_writeback`: a GC pass runs once writeback has left a device with nothing dirty (default false). */
+  gcAfterWriteback?: boolean
 }
 
 /** A backing device to attach to the cache set ({@link CacheEngine.attach}). */
@@ -411,6 +413,14 @@ export interface CacheSetStats {
   prioWrites: number
   /** GC passes finished. */
   gcRuns: number
+  /** bcache's `btree_gc_average_duration_ms`: mean length of a pass, start to end (weighted 1/8 to the newest). */
+  gcAverageDurationMs: number
+  /** bcache's `btree_gc_max_duration_ms`. */
+  gcMaxDurationMs: number
+  /** bcache's `btree_gc_average_frequency_sec`, in ms: mean time between passes. */
+  gcAverageIntervalMs: number
+  /** bcache's `btree_gc_last_sec`, in ms: since the last pass ended (−1 before the first). */
+  gcLastMsAgo: number
   /** Sectors read from the cache (hits). */
   hitSectors: number
   /** Sectors read from backing devices because the cache did not hold them. */
@@ -553,6 +563,9 @@ export class CacheEngine {
     if (delay !== undefined && (checkCount('journalDelayMs', delay), delay > 0xffffffff)) {
       throw new InvalidArgumentError(`journalDelayMs must be at most ${0xffffffff}, got ${delay}`)
     }
+    if (options.gcAfterWriteback !== undefined && typeof options.gcAfterWriteback !== 'boolean') {
+      throw new InvalidArgumentError(`gcAfterWriteback must be true or false, got ${String(options.gcAfterWriteback)}`)
+    }
     for (const k of ['ioErrorLimit', 'ioErrorHalflife', 'congestedReadThresholdUs', 'congestedWriteThresholdUs'] as const) {
       const v = options[k]
       if (v !== undefined && (checkCount(k, v), v > 0xffffffff)) throw new InvalidArgumentError(`${k} must be at most ${0xffffffff}, got ${v}`)
@@ -571,6 +584,7 @@ export class CacheEngine {
           ioErrorHalflife: options.ioErrorHalflife,
           congestedReadThresholdUs: options.congestedReadThresholdUs,
           congestedWriteThresholdUs: options.congestedWriteThresholdUs,
+          gcAfterWriteback: options.gcAfterWriteback,
         })
       } catch (err) {
         throw asUbcacheError(err, cachePath)
@@ -954,6 +968,20 @@ export class CacheEngine {
     checkBypassChanges(changes)
     try {
       this.#native.setBypassConfig(handle, nativeBypass(changes))
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * Asks for a GC pass now (bcache's `trigger_gc`): it runs in slices between requests;
+   * `stats().gcRuns` counts it when done. Does nothing while one runs.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (an engine without a set), `CLOSED`.
+   */
+  triggerGc(): void {
+    this.#check()
+    try {
+      this.#native.triggerGc()
     } catch (err) {
       throw asUbcacheError(err)
     }

@@ -216,10 +216,13 @@ async function openSet(mode) {
   // The journal takes nbuckets/128 buckets (2 to 256) after the first, as bcache sets it up.
   const nb = csb.nbuckets
   dataStart = (csb.firstBucket + Math.min(256, Math.max(2, nb >> 7))) * csb.bucketSize * 512
-  // What is measured is the cache path: long sequential streams must not bypass it.
+  // What is measured is the cache path: long sequential streams must not bypass it, and
+  // writeback (which runs by default and would copy the benchmark's dirty data to the
+  // backing file meanwhile) is paused, as fio's writes to the raw cache device copy nothing.
   const bypass = { sequentialCutoff: 0 }
+  const writeback = { running: false }
   if (api === 'registry') {
-    const reg = new lib.Registry({ bypass })
+    const reg = new lib.Registry({ bypass, writeback })
     const set = await reg.register(cache.path)
     const dev = await reg.register(backingPath)
     if (dev.set !== set) throw new Error(`the backing device did not attach to its set: ${dev.attachError?.message}`)
@@ -237,7 +240,7 @@ async function openSet(mode) {
     }
   }
   const engine = await lib.CacheEngine.open(cache.path)
-  const h = await engine.attach({ path: backingPath, uuid: bsb.uuid, dataOffset: bsb.dataOffset * 512, mode, bypass })
+  const h = await engine.attach({ path: backingPath, uuid: bsb.uuid, dataOffset: bsb.dataOffset * 512, mode, bypass, writeback })
   return {
     size: engine.device(h).size,
     read: (o, n) => engine.read(h, o, n),

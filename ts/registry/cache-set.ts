@@ -88,6 +88,15 @@ export class CacheSet {
   }
 
   /**
+   * Asks for a GC pass now, as writing to bcache's sysfs `trigger_gc` does; it runs in
+   * slices between requests (`stats().gcRuns` counts it once done).
+   * @throws {UbcacheError} `CLOSED` once the registry closed.
+   */
+  triggerGc(): void {
+    this._engine.triggerGc()
+  }
+
+  /**
    * When the cache device counts as congested (bcache's `congested_read_threshold_us` and
    * `congested_write_threshold_us`); set at registration with the registry's
    * `congestedReadThresholdUs`/`congestedWriteThresholdUs` options.

@@ -230,3 +230,35 @@ fn reads_of_an_extent_being_written_back_do_not_wait_for_it() {
     assert_eq!(on_backing(&paths, 0, 5), block_content(0, 5, 2));
     rig.close().unwrap();
 }
+
+/// bcache's `trigger_gc` and `gc_after_writeback`, and GC's time figures.
+#[test]
+fn gc_runs_when_triggered_and_after_writeback_cleaned_a_device() {
+    let paths = format("wb-gc", Geo::small());
+    let mut o = opts(WritebackConfig { running: false, ..full_speed() });
+    o.set.gc_after_writeback = true;
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    let runs = |rig: &Rig| rig.engine.set().unwrap().stats().gc_runs;
+    let wait_runs = |rig: &mut Rig, n: u64| {
+        let until = Instant::now() + Duration::from_secs(10);
+        while runs(rig) < n {
+            assert!(Instant::now() < until, "no GC pass after 10 s");
+            rig.poll(Duration::from_millis(2));
+        }
+    };
+    let before = runs(&rig);
+    assert!(rig.engine.set().unwrap().gc_times().since_last.is_some(), "opening ran a pass");
+    rig.engine.set_mut().unwrap().trigger_gc();
+    wait_runs(&mut rig, before + 1);
+    let t = rig.engine.set().unwrap().gc_times();
+    assert!(t.max_duration >= t.average_duration && t.since_last.unwrap() < Duration::from_secs(10), "{t:?}");
+    for b in 0..8 {
+        rig.write(0, b, &block_content(0, b, 1), false).unwrap();
+    }
+    let before = runs(&rig);
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    rig.engine.set_mut().unwrap().set_writeback_config(inode, full_speed()).unwrap();
+    wait_clean(&mut rig, 0);
+    wait_runs(&mut rig, before + 1);
+    rig.close().unwrap();
+}

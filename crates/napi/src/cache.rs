@@ -107,6 +107,8 @@ pub struct NativeLoadOptions {
     pub congested_read_threshold_us: Option<u32>,
     /// bcache's `congested_write_threshold_us` (default 0: writes not timed; bcache's 20000).
     pub congested_write_threshold_us: Option<u32>,
+    /// bcache's `gc_after_writeback` (default false).
+    pub gc_after_writeback: Option<bool>,
 }
 
 /// A cache set read back from its cache device, waiting for an engine to run it.
@@ -214,6 +216,7 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
         io_error_halflife: None,
         congested_read_threshold_us: None,
         congested_write_threshold_us: None,
+        gc_after_writeback: None,
     });
     let choice = engine_choice(env, o.engine.as_deref())?;
     let open = open_options(
@@ -230,6 +233,7 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
             read_threshold_us: o.congested_read_threshold_us.unwrap_or(d.congestion.read_threshold_us),
             write_threshold_us: o.congested_write_threshold_us.unwrap_or(d.congestion.write_threshold_us),
         },
+        gc_after_writeback: o.gc_after_writeback.unwrap_or(d.gc_after_writeback),
         ..d
     };
     Ok(AsyncTask::new(LoadTask { path, open, choice, opts }))
@@ -275,6 +279,12 @@ pub struct NativeCacheSetStats {
     pub prio_distance_checkpoints: f64,
     pub prio_writes: f64,
     pub gc_runs: f64,
+    /// bcache's `btree_gc_average_duration_ms`, `btree_gc_max_duration_ms`,
+    /// `btree_gc_average_frequency_sec` (as ms), and ms since the last pass ended (-1: none yet).
+    pub gc_average_duration_ms: f64,
+    pub gc_max_duration_ms: f64,
+    pub gc_average_interval_ms: f64,
+    pub gc_last_ms_ago: f64,
     pub hit_sectors: f64,
     pub miss_sectors: f64,
     pub cache_hits: f64,
@@ -639,6 +649,15 @@ impl NativeCacheEngine {
         })
     }
 
+    /// Asks the set for a GC pass now (bcache's `trigger_gc`).
+    #[napi]
+    pub fn trigger_gc(&self, env: &Env) -> Result<()> {
+        self.with(env, |e| {
+            e.set_mut().ok_or_else(no_set)?.trigger_gc();
+            Ok(())
+        })
+    }
+
     /// The cache set's congestion thresholds.
     #[napi]
     pub fn congestion_config(&self, env: &Env) -> Result<NativeCongestionConfig> {
@@ -702,6 +721,7 @@ impl NativeCacheEngine {
         self.get(|e| {
             let s = e.set()?;
             let st = s.stats();
+            let gc = s.gc_times();
             Some(NativeCacheSetStats {
                 data_bytes: st.data_bytes as f64,
                 journal_bytes: st.journal_bytes as f64,
@@ -715,6 +735,10 @@ impl NativeCacheEngine {
                 prio_distance_checkpoints: st.prio_distance_checkpoints as f64,
                 prio_writes: st.prio_writes as f64,
                 gc_runs: st.gc_runs as f64,
+                gc_average_duration_ms: gc.average_duration.as_secs_f64() * 1e3,
+                gc_max_duration_ms: gc.max_duration.as_secs_f64() * 1e3,
+                gc_average_interval_ms: gc.average_interval.as_secs_f64() * 1e3,
+                gc_last_ms_ago: gc.since_last.map_or(-1.0, |d| d.as_secs_f64() * 1e3),
                 hit_sectors: st.hit_sectors as f64,
                 miss_sectors: st.miss_sectors as f64,
                 cache_hits: st.cache_hits as f64,

@@ -10,7 +10,7 @@
 //! neared the window GC allows), and after every sixteenth of the cache written, as bcache
 //! does (`sectors_to_gc`), so the writeback cutoffs see a recent `in_use`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{CacheSet, SetState};
 use crate::alloc::PtrKind;
@@ -27,6 +27,37 @@ pub(crate) struct GcState {
     /// Sectors still to allocate before the next pass (bcache's `sectors_to_gc`).
     sectors_to_gc: i64,
     out: Vec<Key>,
+    /// When the pass under way began.
+    started: Option<Instant>,
+    /// bcache's `btree_gc_*` time stats: the last pass's end, the mean and longest pass
+    /// (start to end, slices and the requests between them), the mean time between passes.
+    last: Option<Instant>,
+    avg_duration: Duration,
+    max_duration: Duration,
+    avg_interval: Duration,
+}
+
+/// GC's time figures (bcache's `btree_gc_average_duration_ms`, `btree_gc_max_duration_ms`,
+/// `btree_gc_average_frequency_sec`, `btree_gc_last_sec`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcTimes {
+    /// Mean length of a pass (an exponentially weighted mean, weight 1/8 for the newest).
+    pub average_duration: Duration,
+    /// The longest pass.
+    pub max_duration: Duration,
+    /// Mean time between the ends of two passes (weighted likewise).
+    pub average_interval: Duration,
+    /// Since the last pass ended (None before the first).
+    pub since_last: Option<Duration>,
+}
+
+/// bcache's `ewma_add` with weight 8.
+fn ewma(avg: Duration, sample: Duration) -> Duration {
+    if avg.is_zero() {
+        sample
+    } else {
+        (avg * 7 + sample) / 8
+    }
 }
 
 impl CacheSet {
@@ -48,6 +79,24 @@ impl CacheSet {
         self.gc.wanted = true;
     }
 
+    /// Asks for a GC pass now (bcache's `trigger_gc`); it runs in slices between requests.
+    /// Does nothing while one runs.
+    pub fn trigger_gc(&mut self) {
+        if !self.gc.running && matches!(self.state, SetState::Running) {
+            self.gc.wanted = true;
+        }
+    }
+
+    /// GC's time figures.
+    pub fn gc_times(&self) -> GcTimes {
+        GcTimes {
+            average_duration: self.gc.avg_duration,
+            max_duration: self.gc.max_duration,
+            average_interval: self.gc.avg_interval,
+            since_last: self.gc.last.map(|t| t.elapsed()),
+        }
+    }
+
     /// Begins a pass.
     pub(crate) fn gc_start(&mut self) {
         self.gc.wanted = false;
@@ -56,6 +105,7 @@ impl CacheSet {
         if self.gc.sectors_to_gc == 0 {
             self.gc.sectors_to_gc = self.gc_interval();
         }
+        self.gc.started = Some(Instant::now());
         self.alloc.gc_start();
     }
 
@@ -110,6 +160,15 @@ impl CacheSet {
         }
         self.gc.running = false;
         self.stats.gc_runs += 1;
+        let now = Instant::now();
+        if let Some(t) = self.gc.started.take() {
+            let d = now.duration_since(t);
+            self.gc.avg_duration = ewma(self.gc.avg_duration, d);
+            self.gc.max_duration = self.gc.max_duration.max(d);
+        }
+        if let Some(last) = self.gc.last.replace(now) {
+            self.gc.avg_interval = ewma(self.gc.avg_interval, now.duration_since(last));
+        }
         let _ = self.update_in_use();
         if self.state != SetState::Starting {
             self.space_progress();

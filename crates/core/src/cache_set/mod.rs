@@ -79,6 +79,7 @@ pub use accounting::{Accounting, StatWindow};
 pub use bypass::{BypassConfig, CongestionConfig, CUTOFF_CACHE_ADD};
 pub use device::{CacheMode, CachedDevConfig};
 pub use engine::CacheEngine;
+pub use gc::GcTimes;
 pub use open::{load, OpenReport};
 pub use superblock::CacheSb;
 pub use writeback::{WritebackConfig, WritebackRate};
@@ -127,6 +128,9 @@ pub struct CacheSetOptions {
     pub io_error_halflife: u32,
     /// When the cache device counts as congested (bcache's `congested_*_threshold_us`).
     pub congestion: CongestionConfig,
+    /// A GC pass runs when a device's writeback has left it with nothing dirty (bcache's
+    /// `gc_after_writeback`; default false).
+    pub gc_after_writeback: bool,
 }
 
 impl Default for CacheSetOptions {
@@ -139,6 +143,7 @@ impl Default for CacheSetOptions {
             io_error_limit: 8,
             io_error_halflife: 0,
             congestion: CongestionConfig::default(),
+            gc_after_writeback: false,
         }
     }
 }

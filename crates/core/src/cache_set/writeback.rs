@@ -606,6 +606,10 @@ impl CacheSet {
         if let Ok(d) = self.dev_mut(inode) {
             d.wb.rate.written += sectors;
         }
+        if self.opts.gc_after_writeback && sectors > 0 && self.index.dirty_sectors(inode) == 0 {
+            // bcache's BCH_DO_AUTO_GC: the buckets writeback made clean are counted anew.
+            self.trigger_gc();
+        }
         self.close_progress();
     }
 }
