@@ -46,6 +46,10 @@ struct Tally {
     written_back: u64,
     /// Requests that bypassed the cache by the sequential cutoff.
     bypassed: u64,
+    /// Detaches of device 0 begun midway through a point's workload, and those finished
+    /// (data dropped, UUID slot freed) before the crash.
+    detaches: usize,
+    detached: usize,
 }
 
 /// Runs `n` crash points on one set; `modes` are the devices' cache modes (switched at
@@ -115,7 +119,16 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
             rig.ctl.add_rule(FaultRule::eio().op(op).skip(rng.below(40)).times(1 + rng.below(3)));
         }
         let ops = rng.below(150) as usize;
-        w.run_for(&mut rig, &mut model, ops);
+        let detach = rng.chance(15).then(|| rig.tag());
+        w.run_for(&mut rig, &mut model, ops / 2);
+        if let Some(tag) = detach {
+            // Detaching for good midway: the device's requests go on (bypassing the
+            // cache), its dirty data is written back, then its cached data dropped.
+            if rig.engine.detach_begin(tag, rig.handles[0]).is_ok() {
+                t.detaches += 1;
+            }
+        }
+        w.run_for(&mut rig, &mut model, ops - ops / 2);
         t.requests += ops;
         if rng.chance(10) {
             // Crash while closing.
@@ -139,6 +152,11 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         }
         t.written_back += rig.engine.set().map_or(0, |s| s.stats().writeback_sectors);
         t.bypassed += rig.engine.set().map_or(0, |s| s.stats().sequential_bypasses);
+        if let Some(tag) = detach {
+            let mut events = Vec::new();
+            rig.engine.take_events(&mut events);
+            t.detached += events.iter().filter(|e| e.0 == tag && e.1.is_ok()).count();
+        }
         model.note = format!("point {} crashed {mode:?}", t.points);
         let r = rig.crash(mode);
         t.torn_sectors += r.sectors_kept;
@@ -208,6 +226,7 @@ fn report(name: &str, t: &Tally) {
     // Half the points run writeback at full speed: it must have run.
     assert!(t.written_back > 0 || points() < 100, "{name}: nothing was written back");
     assert!(t.bypassed > 0 || points() < 100, "{name}: nothing bypassed the cache");
+    assert!(t.detaches > 0 || points() < 100, "{name}: no detach begun");
 }
 
 #[test]
