@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use set_common::*;
 use ubcache_core::cache_set::{CacheMode, CacheSetOptions, WritebackConfig};
 use ubcache_core::io::fault::{CrashMode, Latency};
+use ubcache_core::io::EngineChoice;
 use ubcache_core::ErrorKind;
 
 fn opts() -> RigOptions {
@@ -162,7 +163,18 @@ fn a_crash_during_a_detach_loses_nothing() {
     let mut rng = Rng(0x5eed);
     for point in 0..24 {
         let paths = format("detach-crash", Geo::small());
-        let o = RigOptions { volatile: true, jitter: Duration::from_micros(200), seed: rng.next(), ..opts() };
+        // The portable engine underneath: once in a fresh-clone CI run (2026-12-07, d0a7e25)
+        // the reopen after one of these in-process power cuts hung in io_uring_enter, the
+        // set's first journal read never completing, while the dropped engine's ring was
+        // still being torn down; not reproduced in 30 local runs. Under investigation (see
+        // the issue note); the crash campaign keeps io_uring underneath.
+        let o = RigOptions {
+            volatile: true,
+            jitter: Duration::from_micros(200),
+            seed: rng.next(),
+            engine: EngineChoice::Psync,
+            ..opts()
+        };
         let mut rig = Rig::open(&paths, &o).unwrap();
         let blocks: Vec<u64> = (0..40).map(|i| i * 7 % 256).collect();
         for &b in &blocks {
