@@ -210,8 +210,38 @@ export const DEFAULT_WRITEBACK: Readonly<WritebackConfig> = Object.freeze({
   rateMinimum: 8,
 })
 
+/**
+ * How a tunable is checked: bcache's name, and either a boolean (no `range`) or a whole
+ * number in `range` (of `unit`), null allowed where `nullable`.
+ */
+interface Tunable {
+  name: string
+  range?: [number, number]
+  unit?: string
+  nullable?: boolean
+}
+
+/** Throws `INVALID_ARGUMENT` naming the tunable for a key `table` does not have or a bad value. */
+function checkTunables(group: string, table: Record<string, Tunable>, changes: object): void {
+  if (typeof changes !== 'object' || changes === null) throw new InvalidArgumentError(`${group} changes must be an object`)
+  for (const [k, v] of Object.entries(changes)) {
+    const t = Object.hasOwn(table, k) ? table[k] : undefined
+    if (!t) throw new InvalidArgumentError(`unknown ${group} tunable '${k}' (known: ${Object.keys(table).join(', ')})`)
+    if (!t.range) {
+      if (typeof v !== 'boolean') throw new InvalidArgumentError(`${t.name} (${k}) must be true or false, got ${String(v)}`)
+      continue
+    }
+    if (v === null && t.nullable) continue
+    const [lo, hi] = t.range
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < lo || v > hi) {
+      const what = `a whole number${t.unit ? ` of ${t.unit}` : ''} in ${lo}..${hi}${t.nullable ? ', or null' : ''}`
+      throw new InvalidArgumentError(`${t.name} (${k}) must be ${what}, got ${String(v)}`)
+    }
+  }
+}
+
 /** Each writeback tunable: bcache's name and, for numbers, the whole numbers allowed. */
-const WRITEBACK_TUNABLES: Record<keyof WritebackConfig, { name: string; range?: [number, number] }> = {
+const WRITEBACK_TUNABLES: Record<keyof WritebackConfig, Tunable> = {
   running: { name: 'writeback_running' },
   percent: { name: 'writeback_percent', range: [0, 40] },
   delaySeconds: { name: 'writeback_delay', range: [0, 2 ** 32 - 1] },
@@ -226,19 +256,7 @@ const WRITEBACK_TUNABLES: Record<keyof WritebackConfig, { name: string; range?: 
  * have, a value of the wrong type or one out of bcache's range.
  */
 export function checkWritebackChanges(changes: Partial<WritebackConfig>): void {
-  if (typeof changes !== 'object' || changes === null) throw new InvalidArgumentError('writeback changes must be an object')
-  for (const [k, v] of Object.entries(changes)) {
-    const t = WRITEBACK_TUNABLES[k as keyof WritebackConfig]
-    if (!t) throw new InvalidArgumentError(`unknown writeback tunable '${k}' (known: ${Object.keys(WRITEBACK_TUNABLES).join(', ')})`)
-    if (!t.range) {
-      if (typeof v !== 'boolean') throw new InvalidArgumentError(`${t.name} (${k}) must be true or false, got ${String(v)}`)
-      continue
-    }
-    const [lo, hi] = t.range
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < lo || v > hi) {
-      throw new InvalidArgumentError(`${t.name} (${k}) must be a whole number in ${lo}..${hi}, got ${String(v)}`)
-    }
-  }
+  checkTunables('writeback', WRITEBACK_TUNABLES, changes)
 }
 
 /**
@@ -266,10 +284,10 @@ export const DEFAULT_BYPASS: Readonly<BypassConfig> = Object.freeze({
   sequentialCutoffWrite: null,
 })
 
-const BYPASS_TUNABLES: Record<keyof BypassConfig, { name: string; nullable: boolean }> = {
-  sequentialCutoff: { name: 'sequential_cutoff', nullable: false },
-  sequentialCutoffRead: { name: 'sequential_cutoff_read', nullable: true },
-  sequentialCutoffWrite: { name: 'sequential_cutoff_write', nullable: true },
+const BYPASS_TUNABLES: Record<keyof BypassConfig, Tunable> = {
+  sequentialCutoff: { name: 'sequential_cutoff', range: [0, 2 ** 32 - 1], unit: 'bytes' },
+  sequentialCutoffRead: { name: 'sequential_cutoff_read', range: [0, 2 ** 32 - 1], unit: 'bytes', nullable: true },
+  sequentialCutoffWrite: { name: 'sequential_cutoff_write', range: [0, 2 ** 32 - 1], unit: 'bytes', nullable: true },
 }
 
 /**
@@ -277,16 +295,7 @@ const BYPASS_TUNABLES: Record<keyof BypassConfig, { name: string; nullable: bool
  * have or a value that is not a whole number of bytes in 0..2^32 − 1 (or null where allowed).
  */
 export function checkBypassChanges(changes: Partial<BypassConfig>): void {
-  if (typeof changes !== 'object' || changes === null) throw new InvalidArgumentError('bypass changes must be an object')
-  for (const [k, v] of Object.entries(changes)) {
-    const t = BYPASS_TUNABLES[k as keyof BypassConfig]
-    if (!t) throw new InvalidArgumentError(`unknown bypass tunable '${k}' (known: ${Object.keys(BYPASS_TUNABLES).join(', ')})`)
-    if (v === null && t.nullable) continue
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 2 ** 32 - 1) {
-      const what = t.nullable ? 'a whole number of bytes in 0..4294967295, or null' : 'a whole number of bytes in 0..4294967295'
-      throw new InvalidArgumentError(`${t.name} (${k}) must be ${what}, got ${String(v)}`)
-    }
-  }
+  checkTunables('bypass', BYPASS_TUNABLES, changes)
 }
 
 /** The native form of bypass changes: null (the shared cutoff) travels as -1. */
@@ -317,17 +326,14 @@ export interface CongestionConfig {
  */
 export const DEFAULT_CONGESTION: Readonly<CongestionConfig> = Object.freeze({ readThresholdUs: 0, writeThresholdUs: 0 })
 
+const CONGESTION_TUNABLES: Record<keyof CongestionConfig, Tunable> = {
+  readThresholdUs: { name: 'congested_read_threshold_us', range: [0, 2 ** 32 - 1], unit: 'microseconds' },
+  writeThresholdUs: { name: 'congested_write_threshold_us', range: [0, 2 ** 32 - 1], unit: 'microseconds' },
+}
+
 /** Throws `INVALID_ARGUMENT` naming the tunable for an unknown key or a bad value. */
 export function checkCongestionChanges(changes: Partial<CongestionConfig>): void {
-  if (typeof changes !== 'object' || changes === null) throw new InvalidArgumentError('congestion changes must be an object')
-  const names: Record<keyof CongestionConfig, string> = { readThresholdUs: 'congested_read_threshold_us', writeThresholdUs: 'congested_write_threshold_us' }
-  for (const [k, v] of Object.entries(changes)) {
-    const name = names[k as keyof CongestionConfig]
-    if (!name) throw new InvalidArgumentError(`unknown congestion tunable '${k}' (known: ${Object.keys(names).join(', ')})`)
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 2 ** 32 - 1) {
-      throw new InvalidArgumentError(`${name} (${k}) must be a whole number of microseconds in 0..4294967295, got ${String(v)}`)
-    }
-  }
+  checkTunables('congestion', CONGESTION_TUNABLES, changes)
 }
 
 /** Counts of one accounting window ({@link Accounting}), with bcache's names. */

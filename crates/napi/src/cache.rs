@@ -876,45 +876,32 @@ fn no_set() -> CoreError {
 
 /// Applies the bypass tunables `n` gives to `c` (ranges: `BypassConfig::validate`).
 fn apply_bypass(c: &mut cache_set::BypassConfig, n: &NativeBypassConfig) -> CoreResult<()> {
-    let bytes = |what: &str, v: f64| -> CoreResult<u64> {
-        if v.fract() != 0.0 || v > u64::MAX as f64 || v.is_nan() {
-            return Err(CoreError::new(
-                ErrorKind::InvalidArgument,
-                format!("{what}: must be a whole number of bytes, got {v}"),
-            ));
-        }
-        Ok(v as u64)
-    };
     if let Some(v) = n.sequential_cutoff {
-        if v < 0.0 {
-            return Err(CoreError::new(
-                ErrorKind::InvalidArgument,
-                format!("sequential_cutoff: must not be negative, got {v}"),
-            ));
-        }
-        c.sequential_cutoff = bytes("sequential_cutoff", v)?;
+        c.sequential_cutoff = whole("sequential_cutoff", v)?;
     }
     if let Some(v) = n.sequential_cutoff_read {
-        c.sequential_cutoff_read = if v < 0.0 { None } else { Some(bytes("sequential_cutoff_read", v)?) };
+        c.sequential_cutoff_read = if v < 0.0 { None } else { Some(whole("sequential_cutoff_read", v)?) };
     }
     if let Some(v) = n.sequential_cutoff_write {
-        c.sequential_cutoff_write = if v < 0.0 { None } else { Some(bytes("sequential_cutoff_write", v)?) };
+        c.sequential_cutoff_write = if v < 0.0 { None } else { Some(whole("sequential_cutoff_write", v)?) };
     }
     Ok(())
+}
+
+/// A tunable's value as a whole number, not negative; an error naming the tunable otherwise.
+fn whole(what: &str, v: f64) -> CoreResult<u64> {
+    if v.fract() != 0.0 || !(0.0..=u64::MAX as f64).contains(&v) {
+        return Err(CoreError::new(
+            ErrorKind::InvalidArgument,
+            format!("{what}: must be a whole number, not negative, got {v}"),
+        ));
+    }
+    Ok(v as u64)
 }
 
 /// Applies the tunables `n` gives to `c`: numbers must be whole and not negative; their
 /// ranges are the core's to check (`WritebackConfig::validate`, when the config is set).
 fn apply_writeback(c: &mut cache_set::WritebackConfig, n: &NativeWritebackConfig) -> CoreResult<()> {
-    let whole = |what: &str, v: f64| -> CoreResult<u64> {
-        if v.fract() != 0.0 || !(0.0..=u64::MAX as f64).contains(&v) {
-            return Err(CoreError::new(
-                ErrorKind::InvalidArgument,
-                format!("{what}: must be a whole number, not negative, got {v}"),
-            ));
-        }
-        Ok(v as u64)
-    };
     if let Some(v) = n.running {
         c.running = v;
     }

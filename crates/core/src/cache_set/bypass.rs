@@ -256,7 +256,14 @@ pub(crate) struct Ask {
 }
 
 /// bcache's `check_should_bypass`, without the cache set around it.
-pub(crate) fn decide(dev: &mut Bypass, congestion: &mut Congestion, a: &Ask, now: Instant) -> Option<Reason> {
+/// The clock is read only when the detector or congestion needs it (not for a device with
+/// neither, the common case on the request path).
+pub(crate) fn decide(
+    dev: &mut Bypass,
+    congestion: &mut Congestion,
+    a: &Ask,
+    clock: impl FnOnce() -> Instant,
+) -> Option<Reason> {
     if a.detaching {
         return Some(Reason::Mode);
     }
@@ -266,8 +273,12 @@ pub(crate) fn decide(dev: &mut Bypass, congestion: &mut Congestion, a: &Ask, now
     if a.mode == CacheMode::None || (a.mode == CacheMode::Writearound && a.write) {
         return Some(Reason::Mode);
     }
-    let congested = congestion.threshold(now);
     let cutoff = dev.cfg.cutoff(a.write);
+    if cutoff == 0 && !congestion.timed() {
+        return None;
+    }
+    let now = clock();
+    let congested = congestion.threshold(now);
     if congested == 0 && cutoff == 0 {
         return None;
     }
@@ -285,10 +296,9 @@ impl CacheSet {
     /// Whether a read or write of `inode` bypasses the cache, counted in the stats.
     pub(crate) fn bypass_check(&mut self, inode: u32, write: bool, sector: u64, sectors: u64) -> bool {
         let in_use = self.space.in_use;
-        let now = Instant::now();
         let Some(Some(dev)) = self.devs.get_mut(inode as usize) else { return false };
         let a = Ask { mode: dev.mode, write, sector, bytes: sectors * 512, in_use, detaching: dev.detach.is_some() };
-        let reason = decide(&mut dev.bypass, &mut self.congestion, &a, now);
+        let reason = decide(&mut dev.bypass, &mut self.congestion, &a, Instant::now);
         let Some(reason) = reason else { return false };
         self.account(inode, super::accounting::Event::Bypassed(sectors));
         let s = &mut self.stats;
@@ -355,12 +365,12 @@ mod tests {
         let mut bypassed = [0u32; 3];
         for step in 0..64u64 {
             // Two 64 KiB sequential streams and a 4 KiB random reader, interleaved.
-            let ra = decide(&mut dev, &mut c, &ask(false, a, 64), now);
+            let ra = decide(&mut dev, &mut c, &ask(false, a, 64), || now);
             a += 128;
-            let rb = decide(&mut dev, &mut c, &ask(true, b, 64), now);
+            let rb = decide(&mut dev, &mut c, &ask(true, b, 64), || now);
             b += 128;
             rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let rr = decide(&mut dev, &mut c, &ask(false, (rng >> 20) % (1 << 28) * 8, 4), now);
+            let rr = decide(&mut dev, &mut c, &ask(false, (rng >> 20) % (1 << 28) * 8, 4), || now);
             // A stream reaches 1 MiB with its 16th request.
             assert_eq!(ra.is_some(), step >= 15, "stream a, request {step}");
             assert_eq!(rb.is_some(), step >= 15, "stream b, request {step}");
@@ -383,10 +393,11 @@ mod tests {
         let mut c = off();
         let now = Instant::now();
         for i in 0..32u64 {
-            assert_eq!(decide(&mut dev, &mut c, &ask(false, i * 128, 64), now), None, "reads never bypass");
+            assert_eq!(decide(&mut dev, &mut c, &ask(false, i * 128, 64), || now), None, "reads never bypass");
         }
-        let w: Vec<bool> =
-            (0..8u64).map(|i| decide(&mut dev, &mut c, &ask(true, (1 << 20) + i * 128, 64), now).is_some()).collect();
+        let w: Vec<bool> = (0..8u64)
+            .map(|i| decide(&mut dev, &mut c, &ask(true, (1 << 20) + i * 128, 64), || now).is_some())
+            .collect();
         assert_eq!(w, [false, false, false, true, true, true, true, true], "256 KiB with the 4th write");
     }
 
@@ -395,21 +406,21 @@ mod tests {
         let mut dev = Bypass::new(BypassConfig { sequential_cutoff: 128 << 10, ..Default::default() });
         let mut c = off();
         let t = Instant::now();
-        assert_eq!(decide(&mut dev, &mut c, &ask(false, 0, 64), t), None);
+        assert_eq!(decide(&mut dev, &mut c, &ask(false, 0, 64), || t), None);
         assert_eq!(
-            decide(&mut dev, &mut c, &ask(false, 128, 64), t + Duration::from_secs(6)),
+            decide(&mut dev, &mut c, &ask(false, 128, 64), || t + Duration::from_secs(6)),
             None,
             "expired: a new stream"
         );
         assert_eq!(
-            decide(&mut dev, &mut c, &ask(false, 256, 64), t + Duration::from_secs(7)),
+            decide(&mut dev, &mut c, &ask(false, 256, 64), || t + Duration::from_secs(7)),
             Some(Reason::Sequential)
         );
         // 64 other streams push it out.
         for i in 0..64u64 {
-            decide(&mut dev, &mut c, &ask(false, (i + 1) << 24, 4), t + Duration::from_secs(7));
+            decide(&mut dev, &mut c, &ask(false, (i + 1) << 24, 4), || t + Duration::from_secs(7));
         }
-        assert_eq!(decide(&mut dev, &mut c, &ask(false, 384, 64), t + Duration::from_secs(7)), None, "forgotten");
+        assert_eq!(decide(&mut dev, &mut c, &ask(false, 384, 64), || t + Duration::from_secs(7)), None, "forgotten");
     }
 
     #[test]
@@ -419,16 +430,16 @@ mod tests {
         let now = Instant::now();
         let mut a = ask(false, 0, 4);
         a.in_use = CUTOFF_CACHE_ADD;
-        assert_eq!(decide(&mut dev, &mut c, &a, now), None, "at the cutoff: still added");
+        assert_eq!(decide(&mut dev, &mut c, &a, || now), None, "at the cutoff: still added");
         a.in_use = CUTOFF_CACHE_ADD + 1;
-        assert_eq!(decide(&mut dev, &mut c, &a, now), Some(Reason::Full));
+        assert_eq!(decide(&mut dev, &mut c, &a, || now), Some(Reason::Full));
         a.in_use = 0;
         a.mode = CacheMode::None;
-        assert_eq!(decide(&mut dev, &mut c, &a, now), Some(Reason::Mode));
+        assert_eq!(decide(&mut dev, &mut c, &a, || now), Some(Reason::Mode));
         a.mode = CacheMode::Writearound;
-        assert_eq!(decide(&mut dev, &mut c, &a, now), None, "writearound reads fill");
+        assert_eq!(decide(&mut dev, &mut c, &a, || now), None, "writearound reads fill");
         a.write = true;
-        assert_eq!(decide(&mut dev, &mut c, &a, now), Some(Reason::Mode));
+        assert_eq!(decide(&mut dev, &mut c, &a, || now), Some(Reason::Mode));
     }
 
     #[test]
@@ -460,7 +471,7 @@ mod tests {
         for _ in 0..200 {
             c.sample(false, Duration::from_millis(50), t);
         }
-        assert_eq!(decide(&mut dev, &mut c, &ask(false, 99, 4), t), Some(Reason::Congested));
+        assert_eq!(decide(&mut dev, &mut c, &ask(false, 99, 4), || t), Some(Reason::Congested));
     }
 
     #[test]

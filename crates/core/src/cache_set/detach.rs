@@ -13,6 +13,7 @@
 
 use std::time::Instant;
 
+use super::device::CachedDev;
 use super::{CacheSet, SetState};
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::{ScanFilter, ScanPos};
@@ -43,7 +44,6 @@ impl CacheSet {
             return Err(Error::new(ErrorKind::Busy, format!("cached device {inode} is already detaching")));
         }
         d.detach = Some(Detach::WritingBack { tag });
-        d.wb.detaching = true;
         d.wb.reschedule();
         self.detach_progress();
         Ok(())
@@ -57,7 +57,6 @@ impl CacheSet {
         match d.detach {
             Some(Detach::WritingBack { tag }) => {
                 d.detach = None;
-                d.wb.detaching = false;
                 d.wb.reschedule();
                 let e = Error::new(ErrorKind::Closed, format!("detach of cached device {inode} cancelled"));
                 self.events.push((tag, Err(e)));
@@ -68,14 +67,17 @@ impl CacheSet {
         }
     }
 
-    /// A detach whose writeback is done can finish now.
-    pub(crate) fn detach_ready(&self) -> bool {
-        self.devs.iter().flatten().any(|d| {
-            matches!(d.detach, Some(Detach::WritingBack { .. }))
-                && self.index.dirty_sectors(d.inode) == 0
-                && d.wb.idle()
-                && !self.reqs.writes_or_fills_for(d.inode)
-        })
+    /// The tag of `d`'s detach if it can finish now: nothing dirty, no writeback on its way,
+    /// no write or fill in flight (either could still add keys).
+    fn detach_finishing(&self, d: &CachedDev) -> Option<u64> {
+        match d.detach {
+            Some(Detach::WritingBack { tag })
+                if self.index.dirty_sectors(d.inode) == 0 && d.wb.idle() && !self.reqs.writes_or_fills_for(d.inode) =>
+            {
+                Some(tag)
+            }
+            _ => None,
+        }
     }
 
     /// Finishes the detaches that may finish.
@@ -83,21 +85,8 @@ impl CacheSet {
         if self.state != SetState::Running {
             return;
         }
-        let ready: Vec<(u32, u64)> = self
-            .devs
-            .iter()
-            .flatten()
-            .filter_map(|d| match d.detach {
-                Some(Detach::WritingBack { tag })
-                    if self.index.dirty_sectors(d.inode) == 0
-                        && d.wb.idle()
-                        && !self.reqs.writes_or_fills_for(d.inode) =>
-                {
-                    Some((d.inode, tag))
-                }
-                _ => None,
-            })
-            .collect();
+        let ready: Vec<(u32, u64)> =
+            self.devs.iter().flatten().filter_map(|d| Some((d.inode, self.detach_finishing(d)?))).collect();
         for (inode, tag) in ready {
             self.detach_finish(inode, tag);
         }
@@ -146,7 +135,6 @@ impl CacheSet {
         for d in self.devs.iter_mut().flatten() {
             if let Some(Detach::WritingBack { tag }) = d.detach {
                 d.detach = None;
-                d.wb.detaching = false;
                 self.events.push((tag, Err(e.clone())));
             }
         }
@@ -154,6 +142,7 @@ impl CacheSet {
 
     /// When a detach can finish (None: none can yet).
     pub(crate) fn detach_deadline(&self) -> Option<Instant> {
-        (self.state == SetState::Running && self.detach_ready()).then(Instant::now)
+        let ready = self.devs.iter().flatten().any(|d| self.detach_finishing(d).is_some());
+        (self.state == SetState::Running && ready).then(Instant::now)
     }
 }

@@ -194,16 +194,16 @@ impl CacheEngine {
     /// the error that stopped it); the device then passes requests straight through until
     /// [`CacheEngine::detach`] lets go of it.
     pub fn detach_begin(&mut self, tag: u64, handle: u32) -> Result<()> {
-        let inode = self.cached_inode(handle)?;
-        self.set.as_mut().expect("a set").detach_begin(tag, inode)?;
+        let (set, inode) = self.cached_mut(handle)?;
+        set.detach_begin(tag, inode)?;
         self.pump_aside()
     }
 
     /// Cancels the handle's detach while it still writes back (its tag comes back with
     /// `Closed`).
     pub fn detach_cancel(&mut self, handle: u32) -> Result<()> {
-        let inode = self.cached_inode(handle)?;
-        self.set.as_mut().expect("a set").detach_cancel(inode)?;
+        let (set, inode) = self.cached_mut(handle)?;
+        set.detach_cancel(inode)?;
         self.pump_aside()
     }
 
@@ -492,6 +492,18 @@ impl CacheEngine {
         }
     }
 
+    /// The set and the inode of a handle attached to it; an error naming it otherwise.
+    fn cached(&self, handle: u32) -> Result<(&CacheSet, u32)> {
+        let inode = self.cached_inode(handle)?;
+        Ok((self.set.as_ref().expect("a cached route means a set"), inode))
+    }
+
+    /// [`CacheEngine::cached`], to change the set.
+    fn cached_mut(&mut self, handle: u32) -> Result<(&mut CacheSet, u32)> {
+        let inode = self.cached_inode(handle)?;
+        Ok((self.set.as_mut().expect("a cached route means a set"), inode))
+    }
+
     /// The inode of a handle attached to the set; an error naming it otherwise.
     fn cached_inode(&self, handle: u32) -> Result<u32> {
         match self.routes.get(handle as usize).and_then(Option::as_ref) {
@@ -505,38 +517,38 @@ impl CacheEngine {
 
     /// The handle's writeback tunables.
     pub fn writeback_config(&self, handle: u32) -> Result<super::WritebackConfig> {
-        let inode = self.cached_inode(handle)?;
-        self.set.as_ref().expect("a set").writeback_config(inode)
+        let (set, inode) = self.cached(handle)?;
+        set.writeback_config(inode)
     }
 
     /// Sets the handle's writeback tunables (validated; see [`super::WritebackConfig`]).
     pub fn set_writeback_config(&mut self, handle: u32, cfg: super::WritebackConfig) -> Result<()> {
-        let inode = self.cached_inode(handle)?;
-        self.set.as_mut().expect("a set").set_writeback_config(inode, cfg)
+        let (set, inode) = self.cached_mut(handle)?;
+        set.set_writeback_config(inode, cfg)
     }
 
     /// The handle's request accounting (bcache's per-device stats windows).
     pub fn device_accounting(&self, handle: u32) -> Result<super::Accounting> {
-        let inode = self.cached_inode(handle)?;
-        self.set.as_ref().expect("a set").device_accounting(inode)
+        let (set, inode) = self.cached(handle)?;
+        set.device_accounting(inode)
     }
 
     /// The handle's bypass tunables.
     pub fn bypass_config(&self, handle: u32) -> Result<super::BypassConfig> {
-        let inode = self.cached_inode(handle)?;
-        self.set.as_ref().expect("a set").bypass_config(inode)
+        let (set, inode) = self.cached(handle)?;
+        set.bypass_config(inode)
     }
 
     /// Sets the handle's bypass tunables (validated; see [`super::BypassConfig`]).
     pub fn set_bypass_config(&mut self, handle: u32, cfg: super::BypassConfig) -> Result<()> {
-        let inode = self.cached_inode(handle)?;
-        self.set.as_mut().expect("a set").set_bypass_config(inode, cfg)
+        let (set, inode) = self.cached_mut(handle)?;
+        set.set_bypass_config(inode, cfg)
     }
 
     /// The handle's writeback controller state (bcache's `writeback_rate_debug`).
     pub fn writeback_rate(&self, handle: u32) -> Result<super::WritebackRate> {
-        let inode = self.cached_inode(handle)?;
-        self.set.as_ref().expect("a set").writeback_rate(inode)
+        let (set, inode) = self.cached(handle)?;
+        set.writeback_rate(inode)
     }
 
     /// Switches the handle's cache mode.

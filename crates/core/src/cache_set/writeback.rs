@@ -146,8 +146,6 @@ pub(crate) struct Writeback {
     /// Extents whose flush is in flight, by flush batch.
     flushing: Vec<(u32, Vec<u32>)>,
     next_batch: u32,
-    /// The device detaches: write everything back at full speed, paused or not.
-    pub detaching: bool,
 }
 
 impl Writeback {
@@ -164,18 +162,18 @@ impl Writeback {
             written: Vec::new(),
             flushing: Vec::new(),
             next_batch: 0,
-            detaching: false,
         }
     }
 
-    /// Writes back (its tunables say so, or the device detaches).
-    pub fn active(&self) -> bool {
-        self.cfg.running || self.detaching
+    /// Writes back (its tunables say so, or the device is `detaching`: then at full speed,
+    /// paused or not).
+    pub fn active(&self, detaching: bool) -> bool {
+        self.cfg.running || detaching
     }
 
     /// The wait after a pass (none while detaching, as bcache's `writeback_delay`).
-    fn delay(&self) -> Duration {
-        if self.detaching {
+    fn delay(&self, detaching: bool) -> Duration {
+        if detaching {
             Duration::ZERO
         } else {
             self.cfg.delay
@@ -296,7 +294,8 @@ impl CacheSet {
         let mut at: Option<Instant> = None;
         for d in self.devs.iter().flatten() {
             let wb = &d.wb;
-            if !wb.active() || self.index.dirty_sectors(d.inode) == 0 {
+            let detaching = d.detach.is_some();
+            if !wb.active(detaching) || self.index.dirty_sectors(d.inode) == 0 {
                 continue;
             }
             let mut t = wb.next_update.unwrap_or_else(Instant::now);
@@ -305,7 +304,7 @@ impl CacheSet {
             let waiting = wb.pass_ended.is_some() && !wb.idle();
             if wb.queue.len() < MAX_IN_FLIGHT && !waiting {
                 let start = match wb.pass_ended {
-                    Some(p) => p + wb.delay(),
+                    Some(p) => p + wb.delay(detaching),
                     None => wb.next_io.unwrap_or_else(Instant::now),
                 };
                 t = t.min(start);
@@ -361,7 +360,7 @@ impl CacheSet {
         }
         let integral = wb.integral / wb.cfg.i_term_inverse as i64;
         let rate = (proportional + integral).clamp(wb.cfg.rate_minimum as i64, MAX_RATE as i64) as u64;
-        let full = wb.cfg.percent == 0 || wbs.idle_updates >= IDLE_UPDATES || wb.detaching;
+        let full = wb.cfg.percent == 0 || wbs.idle_updates >= IDLE_UPDATES || d.detach.is_some();
         wb.rate = WritebackRate {
             rate: if full { MAX_RATE } else { rate },
             dirty,
@@ -377,12 +376,13 @@ impl CacheSet {
     fn writeback_start(&mut self, inode: u32, now: Instant) {
         let dirty = self.index.dirty_sectors(inode);
         let Ok(d) = self.dev_mut(inode) else { return };
+        let detaching = d.detach.is_some();
         let wb = &mut d.wb;
-        if !wb.active() || dirty == 0 {
+        if !wb.active(detaching) || dirty == 0 {
             return;
         }
         if let Some(p) = wb.pass_ended {
-            if now < p + wb.delay() {
+            if now < p + wb.delay(detaching) {
                 return;
             }
             wb.pass_ended = None;

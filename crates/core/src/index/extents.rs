@@ -422,6 +422,56 @@ fn entry_live<G: BucketGens + ?Sized>(side: &mut SideTable, w: u64, gens: &G) ->
     }
 }
 
+/// Hands out the key of entry `e` of volume `vi` into `out` unless `out` already holds `max`
+/// (then returns where the next scan starts); a stale entry is noted for removal instead.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn hand_out<G: BucketGens + ?Sized>(
+    side: &mut SideTable,
+    stale: &mut Vec<(usize, u64, u64)>,
+    vi: usize,
+    inode: u32,
+    e: &Entry,
+    max: usize,
+    gens: &G,
+    out: &mut Vec<Key>,
+) -> Option<ScanPos> {
+    if !entry_live(side, e.word, gens) {
+        stale.push((vi, e.start(), e.end));
+        return None;
+    }
+    let k = entry_key(side, inode, e)?;
+    if let Some(last) = out.last().filter(|_| out.len() == max) {
+        return Some(ScanPos { inode: last.inode, offset: last.end() });
+    }
+    out.push(k);
+    None
+}
+
+/// `ExtentIndex::scan` of every key.
+#[allow(clippy::too_many_arguments)]
+fn scan_all<G: BucketGens + ?Sized>(
+    vols: &Volumes,
+    side: &mut SideTable,
+    stale: &mut Vec<(usize, u64, u64)>,
+    from: ScanPos,
+    max: usize,
+    gens: &G,
+    out: &mut Vec<Key>,
+) -> Option<ScanPos> {
+    for (vi, vol) in vols.iter_from(from.inode) {
+        let tree = &vol.tree;
+        let mut c = if vol.inode == from.inode { tree.seek(from.offset) } else { tree.first() };
+        while let Some(e) = tree.get(c) {
+            tree.advance(&mut c);
+            if let Some(next) = hand_out(side, stale, vi, vol.inode, &e, max, gens, out) {
+                return Some(next);
+            }
+        }
+    }
+    None
+}
+
 /// `ExtentIndex::scan` for dirty keys: walks only the regions the volumes' dirty maps name,
 /// clearing the bit of a region it walks whole without meeting a dirty extent.
 #[allow(clippy::too_many_arguments)]
@@ -434,9 +484,8 @@ fn scan_dirty<G: BucketGens + ?Sized>(
     gens: &G,
     out: &mut Vec<Key>,
 ) -> Option<ScanPos> {
-    let inodes: Vec<usize> = vols.iter_from(from.inode).map(|(vi, _)| vi).collect();
-    for vi in inodes {
-        let vol = &mut vols[vi];
+    for vi in from.inode as usize..vols.0.len() {
+        let Some(vol) = vols.0[vi].as_deref_mut() else { continue };
         let start = if vol.inode == from.inode { from.offset } else { 0 };
         let mut pos = start;
         while let Some(r) = vol.dirty_map.next(pos >> DIRTY_REGION_SHIFT) {
@@ -459,15 +508,9 @@ fn scan_dirty<G: BucketGens + ?Sized>(
                 if e.start() < lo && lo != start {
                     continue;
                 }
-                if !entry_live(side, e.word, gens) {
-                    stale.push((vi, e.start(), e.end));
-                    continue;
+                if let Some(next) = hand_out(side, stale, vi, vol.inode, &e, max, gens, out) {
+                    return Some(next);
                 }
-                let Some(k) = entry_key(side, vol.inode, &e) else { continue };
-                if let Some(last) = out.last().filter(|_| out.len() == max) {
-                    return Some(ScanPos { inode: last.inode, offset: last.end() });
-                }
-                out.push(k);
             }
             if !dirty_seen && lo == rs {
                 vol.dirty_map.clear(r);
@@ -1024,35 +1067,11 @@ impl ExtentIndex {
         if max == 0 {
             return Some(from);
         }
-        let mut next = None;
         let ExtentIndex { vols, side, stale, .. } = self;
-        if filter == ScanFilter::Dirty {
-            next = scan_dirty(vols, side, stale, from, max, gens, out);
-            if !self.stale.is_empty() {
-                self.drop_stale(gens);
-            }
-            return next;
-        }
-        'vols: for (vi, vol) in vols.iter_from(from.inode) {
-            let tree = &vol.tree;
-            let mut c = if vol.inode == from.inode { tree.seek(from.offset) } else { tree.first() };
-            while let Some(e) = tree.get(c) {
-                tree.advance(&mut c);
-                if filter == ScanFilter::Dirty && !word::is_dirty(e.word) {
-                    continue;
-                }
-                if !entry_live(side, e.word, gens) {
-                    stale.push((vi, e.start(), e.end));
-                    continue;
-                }
-                let Some(k) = entry_key(side, vol.inode, &e) else { continue };
-                if let Some(last) = out.last().filter(|_| out.len() == max) {
-                    next = Some(ScanPos { inode: last.inode, offset: last.end() });
-                    break 'vols;
-                }
-                out.push(k);
-            }
-        }
+        let next = match filter {
+            ScanFilter::Dirty => scan_dirty(vols, side, stale, from, max, gens, out),
+            ScanFilter::All => scan_all(vols, side, stale, from, max, gens, out),
+        };
         if !self.stale.is_empty() {
             self.drop_stale(gens);
         }
