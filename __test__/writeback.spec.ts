@@ -126,3 +126,26 @@ test("set.triggerGc runs a GC pass (bcache's trigger_gc); its time figures are i
   t.regex((await error(bad.registerCache(set.path))).message, /gcAfterWriteback/)
   await bad.close()
 })
+
+test('moving GC empties mostly empty buckets after a GC pass: dirty data keeps every byte and stays dirty; copyGcEnabled is checked', async (t) => {
+  const { reg, dev } = await open()
+  const set = dev.set
+  if (!set) throw new Error('not attached')
+  dev.configureWriteback({ running: false })
+  // 32 buckets of 64 KiB written, then three blocks in four discarded: each a quarter full.
+  for (let b = 0; b < 512; b++) await dev.write(b * 4096, pattern(4096, b + 1))
+  for (let b = 0; b < 512; b++) if (b % 4 !== 0) await dev.discard(b * 4096, 4096)
+  await dev.flush()
+  const before = set.stats()
+  set.triggerGc()
+  await until('a moving GC pass', () => set.stats().movingGcPasses > before.movingGcPasses)
+  const s = set.stats()
+  t.is(s.movingGcSectors - before.movingGcSectors, 128 * 8, 'every live block of the 32 buckets moved')
+  t.true(s.movingGcBuckets - before.movingGcBuckets >= 32 && s.movingGcLastMs >= 0)
+  t.is(dev.dirtySectors(), 128 * 8)
+  for (let b = 0; b < 512; b += 4) t.true((await dev.read(b * 4096, 4096)).equals(pattern(4096, b + 1)), `block ${b}`)
+  await reg.close()
+  const bad = new Registry({ copyGcEnabled: 1 as unknown as boolean })
+  t.regex((await error(bad.registerCache(set.path))).message, /copyGcEnabled must be true or false/)
+  await bad.close()
+})

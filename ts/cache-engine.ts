@@ -85,6 +85,12 @@ export interface CacheEngineOptions extends Omit<IoEngineOptions, 'mode'> {
   congestedWriteThresholdUs?: number
   /** bcache's `gc_after_writeback`: a GC pass runs once writeback has left a device with nothing dirty (default false). */
   gcAfterWriteback?: boolean
+  /**
+   * bcache's `copy_gc_enabled`: after each GC pass, moving GC copies the live data of mostly
+   * empty buckets (at most half full, emptiest first, up to a 32nd of the cache a pass) into
+   * fresh buckets, so their space comes back. Default true.
+   */
+  copyGcEnabled?: boolean
 }
 
 /** A backing device to attach to the cache set ({@link CacheEngine.attach}). */
@@ -427,6 +433,18 @@ export interface CacheSetStats {
   gcAverageIntervalMs: number
   /** bcache's `btree_gc_last_sec`, in ms: since the last pass ended (−1 before the first). */
   gcLastMsAgo: number
+  /** Moving GC passes finished. */
+  movingGcPasses: number
+  /** Buckets moving GC chose to empty, over all passes. */
+  movingGcBuckets: number
+  /** Sectors moving GC copied to fresh buckets. */
+  movingGcSectors: number
+  /** Moves given up (no space, an I/O error, or the data changed meanwhile): the data stayed. */
+  movingGcDropped: number
+  /** The last moving GC pass: sectors moved. */
+  movingGcLastSectors: number
+  /** The last moving GC pass: how long it took, in ms. */
+  movingGcLastMs: number
   /** Sectors read from the cache (hits). */
   hitSectors: number
   /** Sectors read from backing devices because the cache did not hold them. */
@@ -569,8 +587,9 @@ export class CacheEngine {
     if (delay !== undefined && (checkCount('journalDelayMs', delay), delay > 0xffffffff)) {
       throw new InvalidArgumentError(`journalDelayMs must be at most ${0xffffffff}, got ${delay}`)
     }
-    if (options.gcAfterWriteback !== undefined && typeof options.gcAfterWriteback !== 'boolean') {
-      throw new InvalidArgumentError(`gcAfterWriteback must be true or false, got ${String(options.gcAfterWriteback)}`)
+    for (const k of ['gcAfterWriteback', 'copyGcEnabled'] as const) {
+      const v = options[k]
+      if (v !== undefined && typeof v !== 'boolean') throw new InvalidArgumentError(`${k} must be true or false, got ${String(v)}`)
     }
     for (const k of ['ioErrorLimit', 'ioErrorHalflife', 'congestedReadThresholdUs', 'congestedWriteThresholdUs'] as const) {
       const v = options[k]
@@ -591,6 +610,7 @@ export class CacheEngine {
           congestedReadThresholdUs: options.congestedReadThresholdUs,
           congestedWriteThresholdUs: options.congestedWriteThresholdUs,
           gcAfterWriteback: options.gcAfterWriteback,
+          copyGcEnabled: options.copyGcEnabled,
         })
       } catch (err) {
         throw asUbcacheError(err, cachePath)

@@ -50,6 +50,9 @@ struct Tally {
     /// (data dropped, UUID slot freed) before the crash.
     detaches: usize,
     detached: usize,
+    /// Sectors moving GC moved before the crashes (GC is asked for midway in 30% of points;
+    /// moving GC follows each pass).
+    moved: u64,
 }
 
 /// Runs `n` crash points on one set; `modes` are the devices' cache modes (switched at
@@ -120,7 +123,13 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         }
         let ops = rng.below(150) as usize;
         let detach = rng.chance(15).then(|| rig.tag());
+        let gc = rng.chance(30);
         w.run_for(&mut rig, &mut model, ops / 2);
+        if gc {
+            if let Some(set) = rig.engine.set_mut() {
+                set.trigger_gc();
+            }
+        }
         if let Some(tag) = detach {
             // Detaching for good midway: the device's requests go on (bypassing the
             // cache), its dirty data is written back, then its cached data dropped.
@@ -152,6 +161,7 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         }
         t.written_back += rig.engine.set().map_or(0, |s| s.stats().writeback_sectors);
         t.bypassed += rig.engine.set().map_or(0, |s| s.stats().sequential_bypasses);
+        t.moved += rig.engine.set().map_or(0, |s| s.moving_gc_stats().sectors_moved);
         if let Some(tag) = detach {
             let mut events = Vec::new();
             rig.engine.take_events(&mut events);
@@ -227,6 +237,7 @@ fn report(name: &str, t: &Tally) {
     assert!(t.written_back > 0 || points() < 100, "{name}: nothing was written back");
     assert!(t.bypassed > 0 || points() < 100, "{name}: nothing bypassed the cache");
     assert!(t.detaches > 0 || points() < 100, "{name}: no detach begun");
+    assert!(t.moved > 0 || points() < 100, "{name}: moving GC moved nothing");
 }
 
 #[test]

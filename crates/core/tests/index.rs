@@ -455,6 +455,7 @@ enum Op {
     InvalidateBucket { n: usize },
     Scan { dirty: bool, batch: usize },
     MarkClean { n: usize },
+    Move { n: usize, off: u64, len: u64 },
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
@@ -472,6 +473,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(|n| Op::InvalidateBucket { n }),
         1 => (any::<bool>(), 1..5usize).prop_map(|(dirty, batch)| Op::Scan { dirty, batch }),
         1 => any::<usize>().prop_map(|n| Op::MarkClean { n }),
+        1 => (any::<usize>(), any::<u64>(), any::<u64>()).prop_map(|(n, off, len)| Op::Move { n, off, len }),
     ]
 }
 
@@ -484,6 +486,8 @@ struct Harness {
     used_buckets: Vec<(u8, u64)>,
     phs: Vec<Placeholder>,
     scanned: Vec<Key>,
+    /// Keys of the last scan of everything (moving GC's candidates).
+    scanned_all: Vec<Key>,
     collisions: u64,
     crc_seed: u64,
 }
@@ -498,6 +502,7 @@ impl Harness {
             used_buckets: Vec::new(),
             phs: Vec::new(),
             scanned: Vec::new(),
+            scanned_all: Vec::new(),
             collisions: 0,
             crc_seed: 1,
         }
@@ -672,6 +677,8 @@ impl Harness {
                 }
                 if dirty {
                     self.scanned = all;
+                } else {
+                    self.scanned_all = all;
                 }
             }
             Op::MarkClean { n } => {
@@ -694,6 +701,45 @@ impl Harness {
                 let mut cleaned = Vec::new();
                 prop_assert_eq!(self.idx.mark_clean(&key, &mut self.b, &mut cleaned).unwrap(), want);
                 prop_assert_eq!(cleaned.iter().map(|k| k.size).sum::<u64>(), want);
+            }
+            Op::Move { n, off, len } => {
+                // Moving GC copied part of a key it scanned (which may have changed since)
+                // to fresh space: sectors still holding that data point there instead.
+                if self.scanned_all.is_empty() {
+                    return Ok(());
+                }
+                let key = self.scanned_all[n % self.scanned_all.len()].clone();
+                let start = key.start + off % key.size;
+                let len = 1 + len % (key.end() - start);
+                let src = ptr_at(key.ptrs()[0], start - key.start);
+                let dst = self.alloc(0, len);
+                let mut want = 0;
+                if self.live(src) && self.live(dst) {
+                    for s in start..start + len {
+                        let here = ptr_at(src, s - start);
+                        let live =
+                            |p: &Ptr| self.b.bucket(p.dev(), p.bucket(BUCKET_BITS)).map(|b| b.gen) == Some(p.gen());
+                        if let Some(Sect::Data { ptrs, .. }) = self.model.get_mut(&(key.inode, s)) {
+                            if ptrs.contains(&here) {
+                                let mut now = vec![ptr_at(dst, s - start)];
+                                now.extend(ptrs.iter().copied().filter(|p| *p != here && live(p)));
+                                *ptrs = now;
+                                want += 1;
+                            }
+                        }
+                    }
+                }
+                let mut moved = Vec::new();
+                let got = self.idx.move_ptr(key.inode, start, len, src, dst, &mut self.b, &mut moved).unwrap();
+                prop_assert_eq!(got, want, "moving {:?} {}+{}", key, start, len);
+                prop_assert_eq!(moved.iter().map(|k| k.size).sum::<u64>(), want);
+                for k in &moved {
+                    prop_assert_eq!(k.ptrs()[0], ptr_at(dst, k.start - start));
+                    let Some(Sect::Data { dirty, .. }) = self.model.get(&(k.inode, k.start)) else {
+                        return Err(TestCaseError::fail(format!("moved key {k:?} where the model has no data")));
+                    };
+                    prop_assert_eq!(k.dirty, *dirty);
+                }
             }
         }
         self.check_invariants()

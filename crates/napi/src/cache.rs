@@ -109,6 +109,8 @@ pub struct NativeLoadOptions {
     pub congested_write_threshold_us: Option<u32>,
     /// bcache's `gc_after_writeback` (default false).
     pub gc_after_writeback: Option<bool>,
+    /// bcache's `copy_gc_enabled` (default true).
+    pub copy_gc_enabled: Option<bool>,
 }
 
 /// A cache set read back from its cache device, waiting for an engine to run it.
@@ -217,6 +219,7 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
         congested_read_threshold_us: None,
         congested_write_threshold_us: None,
         gc_after_writeback: None,
+        copy_gc_enabled: None,
     });
     let choice = engine_choice(env, o.engine.as_deref())?;
     let open = open_options(
@@ -234,6 +237,7 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
             write_threshold_us: o.congested_write_threshold_us.unwrap_or(d.congestion.write_threshold_us),
         },
         gc_after_writeback: o.gc_after_writeback.unwrap_or(d.gc_after_writeback),
+        copy_gc_enabled: o.copy_gc_enabled.unwrap_or(d.copy_gc_enabled),
         ..d
     };
     Ok(AsyncTask::new(LoadTask { path, open, choice, opts }))
@@ -285,6 +289,14 @@ pub struct NativeCacheSetStats {
     pub gc_max_duration_ms: f64,
     pub gc_average_interval_ms: f64,
     pub gc_last_ms_ago: f64,
+    /// Moving GC: passes finished, buckets chosen, sectors moved, moves given up, and the
+    /// last pass's sectors and length.
+    pub moving_gc_passes: f64,
+    pub moving_gc_buckets: f64,
+    pub moving_gc_sectors: f64,
+    pub moving_gc_dropped: f64,
+    pub moving_gc_last_sectors: f64,
+    pub moving_gc_last_ms: f64,
     pub hit_sectors: f64,
     pub miss_sectors: f64,
     pub cache_hits: f64,
@@ -722,6 +734,7 @@ impl NativeCacheEngine {
             let s = e.set()?;
             let st = s.stats();
             let gc = s.gc_times();
+            let mgc = s.moving_gc_stats();
             Some(NativeCacheSetStats {
                 data_bytes: st.data_bytes as f64,
                 journal_bytes: st.journal_bytes as f64,
@@ -739,6 +752,12 @@ impl NativeCacheEngine {
                 gc_max_duration_ms: gc.max_duration.as_secs_f64() * 1e3,
                 gc_average_interval_ms: gc.average_interval.as_secs_f64() * 1e3,
                 gc_last_ms_ago: gc.since_last.map_or(-1.0, |d| d.as_secs_f64() * 1e3),
+                moving_gc_passes: mgc.passes as f64,
+                moving_gc_buckets: mgc.buckets as f64,
+                moving_gc_sectors: mgc.sectors_moved as f64,
+                moving_gc_dropped: mgc.moves_dropped as f64,
+                moving_gc_last_sectors: mgc.last_sectors as f64,
+                moving_gc_last_ms: mgc.last_duration.as_secs_f64() * 1e3,
                 hit_sectors: st.hit_sectors as f64,
                 miss_sectors: st.miss_sectors as f64,
                 cache_hits: st.cache_hits as f64,

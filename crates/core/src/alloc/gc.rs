@@ -139,6 +139,37 @@ impl Allocator {
         Ok(())
     }
 
+    /// The buckets moving GC should empty (bcache's `bch_moving_gc` selection): data buckets
+    /// (clean or dirty), unpinned, holding some live sectors but at most `max_used`, those
+    /// with the fewest first, as many as fit in `budget` sectors. In bucket order.
+    pub fn moving_gc_candidates(&self, dev: u8, max_used: u32, budget: u64) -> Result<Vec<u64>> {
+        let c = self.caches.get(dev as usize).ok_or_else(|| inval(format!("no cache device {dev}")))?;
+        let mut found: Vec<(u32, u32)> = c
+            .buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                matches!(b.mark(), GcMark::Reclaimable | GcMark::Dirty)
+                    && b.pin == 0
+                    && b.sectors_used() > 0
+                    && b.sectors_used() <= max_used
+            })
+            .map(|(i, b)| (b.sectors_used(), i as u32))
+            .collect();
+        found.sort_unstable();
+        let mut left = budget;
+        let mut out: Vec<u64> = Vec::new();
+        for (used, i) in found {
+            if u64::from(used) > left {
+                break;
+            }
+            left -= u64::from(used);
+            out.push(u64::from(i));
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
     /// True between [`Allocator::gc_start`] and [`Allocator::gc_finish`].
     pub fn gc_running(&self) -> bool {
         self.gc_running

@@ -173,5 +173,6 @@ impl CacheSet {
         if self.state != SetState::Starting {
             self.space_progress();
         }
+        self.moving_gc_begin();
     }
 }

@@ -61,6 +61,7 @@ pub mod engine;
 mod gc;
 mod journal;
 mod meta;
+mod moving_gc;
 mod open;
 mod request;
 mod space;
@@ -80,6 +81,7 @@ pub use bypass::{BypassConfig, CongestionConfig, CUTOFF_CACHE_ADD};
 pub use device::{CacheMode, CachedDevConfig};
 pub use engine::CacheEngine;
 pub use gc::GcTimes;
+pub use moving_gc::MovingGcStats;
 pub use open::{load, OpenReport};
 pub use superblock::CacheSb;
 pub use writeback::{WritebackConfig, WritebackRate};
@@ -131,6 +133,9 @@ pub struct CacheSetOptions {
     /// A GC pass runs when a device's writeback has left it with nothing dirty (bcache's
     /// `gc_after_writeback`; default false).
     pub gc_after_writeback: bool,
+    /// After each GC pass, the live data of mostly empty buckets moves to fresh ones so
+    /// their space comes back (bcache's `copy_gc_enabled`; default true).
+    pub copy_gc_enabled: bool,
 }
 
 impl Default for CacheSetOptions {
@@ -144,6 +149,7 @@ impl Default for CacheSetOptions {
             io_error_halflife: 0,
             congestion: CongestionConfig::default(),
             gc_after_writeback: false,
+            copy_gc_enabled: true,
         }
     }
 }
@@ -260,6 +266,7 @@ pub struct CacheSet {
     pub(crate) reqs: Requests,
     /// Writeback I/Os in flight.
     pub(crate) wb_ios: WbIos,
+    pub(crate) moving: moving_gc::MovingGc,
     pub(crate) congestion: bypass::Congestion,
     pub(crate) accounting: accounting::Collector,
     /// The cache device's decaying I/O error count.
@@ -338,6 +345,8 @@ impl CacheSet {
             Some(Tag::BucketDiscard { bucket }) => self.bucket_discard_done(bucket, c),
             Some(Tag::BackingFlush { inode, n }) => self.backing_flush_done(inode, n, c),
             Some(Tag::Writeback { io, write }) => self.writeback_io_done(io, write, c),
+            Some(Tag::MoveRead { io }) => self.move_read_done(io, c),
+            Some(Tag::MoveWrite { io, piece }) => self.move_write_done(io, piece, c),
             None => debug_assert!(false, "completion {:#x} the set never issued", c.user_data),
         }
     }
@@ -546,6 +555,7 @@ impl CacheSet {
             format!("cache set {} out of service: {}", crate::uuids::uuid_string(&self.geo.sb.set_uuid), e.message()),
         );
         self.state = SetState::Failed(e.clone());
+        self.moving_gc_stop();
         self.detach_abort_all(&e);
         self.journal_fail(&e);
         self.reqs_fail(&e);
@@ -602,6 +612,7 @@ impl CacheSet {
             let e = Error::new(ErrorKind::Closed, "the cache set is closing");
             self.reqs_refuse_waiting(&e);
             self.detach_abort_all(&e);
+            self.moving_gc_stop();
         }
         self.close_progress();
     }
@@ -613,7 +624,7 @@ impl CacheSet {
         if self.state != SetState::Closing {
             return;
         }
-        if self.reqs.in_flight() > 0 || self.meta.busy() || self.writeback_busy() {
+        if self.reqs.in_flight() > 0 || self.meta.busy() || self.writeback_busy() || self.moving.running() {
             return;
         }
         let c = &mut self.closing;
@@ -684,6 +695,9 @@ impl CacheSet {
         if self.ckpt.has_work() {
             self.checkpoint_slice(deadline);
         }
+        if self.moving_gc_pending() {
+            self.moving_gc_slice(deadline);
+        }
     }
 
     /// Background work is waiting for a slice.
@@ -695,6 +709,7 @@ impl CacheSet {
             || self.gc.wanted
             || self.ckpt.has_work()
             || (self.ckpt.wanted.is_some() && !self.ckpt.running())
+            || self.moving_gc_pending()
     }
 }
 

@@ -172,6 +172,7 @@ pub fn load(st: &mut dyn Storage, opts: CacheSetOptions) -> Result<CacheSet> {
         space: Space::default(),
         reqs: Requests::default(),
         wb_ios: Default::default(),
+        moving: Default::default(),
         congestion: super::bypass::Congestion::new(opts.congestion, opts.seed),
         accounting: super::accounting::Collector::new(Instant::now()),
         io_errors: Default::default(),

@@ -108,6 +108,9 @@ impl CacheSet {
             self.uuid_write_next();
             self.checkpoint_pump();
         }
+        if self.space.waiters.is_empty() {
+            self.moving_gc_retry();
+        }
     }
 
     /// A bucket for metadata (UUID table, checkpoint), pinned; None when the free lists

@@ -24,6 +24,10 @@ pub(crate) enum Tag {
     BackingFlush { inode: u32, n: u32 },
     /// Writeback I/O `io`: its cache read, or (`write`) its backing write.
     Writeback { io: u32, write: bool },
+    /// Moving GC's cache read of move `io`.
+    MoveRead { io: u32 },
+    /// Piece `piece` of moving GC's cache write of move `io`.
+    MoveWrite { io: u32, piece: u32 },
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -45,6 +49,8 @@ impl Tag {
             Tag::BucketDiscard { bucket } => (8, bucket, 0),
             Tag::BackingFlush { inode, n } => (9, inode, n & B_MASK as u32),
             Tag::Writeback { io, write } => (10, io, u32::from(write)),
+            Tag::MoveRead { io } => (11, io, 0),
+            Tag::MoveWrite { io, piece } => (12, io, piece),
         };
         debug_assert!(u64::from(b) <= B_MASK);
         ((kind as u64) << KIND_SHIFT) | (u64::from(a) << A_SHIFT) | (u64::from(b) & B_MASK)
@@ -64,6 +70,8 @@ impl Tag {
             8 => Tag::BucketDiscard { bucket: a },
             9 => Tag::BackingFlush { inode: a, n: b },
             10 => Tag::Writeback { io: a, write: b != 0 },
+            11 => Tag::MoveRead { io: a },
+            12 => Tag::MoveWrite { io: a, piece: b },
             _ => return None,
         })
     }
@@ -88,6 +96,8 @@ mod tests {
             Tag::BackingFlush { inode: 3, n: 77 },
             Tag::Writeback { io: 9, write: true },
             Tag::Writeback { io: u32::MAX, write: false },
+            Tag::MoveRead { io: 5 },
+            Tag::MoveWrite { io: u32::MAX, piece: 3 },
         ] {
             assert_eq!(Tag::decode(t.encode()), Some(t));
         }

@@ -1051,6 +1051,73 @@ impl ExtentIndex {
         Ok(cleaned)
     }
 
+    /// Moving GC copied the `len` sectors that live pointer `src` holds for `start..` of
+    /// `inode` to `dst`: extents of that range still holding the same data (a pointer to the
+    /// same place) point at `dst` instead, keeping their dirty state and any other pointers.
+    /// Parts rewritten, invalidated or gone stale meanwhile are left alone. Pushes each key
+    /// now indexed onto `moved` (exactly what the journal must record); returns the sectors
+    /// moved.
+    #[allow(clippy::too_many_arguments)]
+    pub fn move_ptr<B: BucketGens + BucketAccounting + ?Sized>(
+        &mut self,
+        inode: u32,
+        start: u64,
+        len: u64,
+        src: Ptr,
+        dst: Ptr,
+        b: &mut B,
+        moved: &mut Vec<Key>,
+    ) -> Result<u64> {
+        if len == 0 || b.ptr_stale(src) || b.ptr_stale(dst) {
+            return Ok(0);
+        }
+        let Some(vi) = self.vol_index(inode) else { return Ok(0) };
+        let end = start + len;
+        // The data at sector s sits at src + (s - start): a pointer p of an extent starting
+        // at es holds the same data when it names that place.
+        let same_place = |p: Ptr, es: u64| {
+            p.dev() == src.dev()
+                && p.gen() == src.gen()
+                && p.offset() as i128 - es as i128 == src.offset() as i128 - start as i128
+        };
+        let mut found: Vec<Key> = Vec::new();
+        {
+            let ExtentIndex { vols, side, .. } = &mut *self;
+            let tree = &vols[vi].tree;
+            let mut c = tree.seek(start);
+            while let Some(e) = tree.get(c) {
+                let es = e.start();
+                if es >= end {
+                    break;
+                }
+                tree.advance(&mut c);
+                let Some(k) = entry_key(side, inode, &e) else { continue };
+                if !k.ptrs().iter().any(|&p| same_place(p, es) && !b.ptr_stale(p)) {
+                    continue;
+                }
+                let (ss, se) = (es.max(start), e.end.min(end));
+                let mut nk = Key::new(inode, ss, se - ss, dst.advance(ss - start)).with_dirty(k.dirty);
+                if ss == es && se == e.end {
+                    nk = nk.with_crc(k.crc);
+                }
+                for &p in k.ptrs() {
+                    if !same_place(p, es) && !b.ptr_stale(p) {
+                        nk.push_ptr(p.advance(ss - es))?;
+                    }
+                }
+                found.push(nk);
+            }
+        }
+        let mut n = 0;
+        for k in found {
+            if self.insert(&k, b)? {
+                n += k.size;
+                moved.push(k);
+            }
+        }
+        Ok(n)
+    }
+
     /// Live keys in (inode, sector) order from `from`, at most `max` of them, into `out`
     /// (cleared first). Writeback walks dirty keys this way, GC walks all of them; stale
     /// keys met on the way are removed. Returns where to continue, or None when the walk
