@@ -393,6 +393,16 @@ export interface NativeCacheSetStats {
   gcMaxDurationMs: number
   gcAverageIntervalMs: number
   gcLastMsAgo: number
+  /**
+   * Moving GC: passes finished, buckets chosen, sectors moved, moves given up, and the
+   * last pass's sectors and length.
+   */
+  movingGcPasses: number
+  movingGcBuckets: number
+  movingGcSectors: number
+  movingGcDropped: number
+  movingGcLastSectors: number
+  movingGcLastMs: number
   hitSectors: number
   missSectors: number
   cacheHits: number
@@ -508,6 +518,8 @@ export interface NativeLoadOptions {
   congestedWriteThresholdUs?: number
   /** bcache's `gc_after_writeback` (default false). */
   gcAfterWriteback?: boolean
+  /** bcache's `copy_gc_enabled` (default true). */
+  copyGcEnabled?: boolean
 }
 
 /** How to open a device. */
