@@ -13,14 +13,16 @@
 //!   (cache hits, QD 8) while writeback copies that data to the slow device at full speed,
 //!   over the same with writeback paused.
 //!
-//! The other figures of the issue (writeback bandwidth against fio, GC's event-loop lag
-//! over 10M extents, detaching, moving GC) are not measured here yet: the last line gives
-//! them as null.
+//! - The figures of background work (writeback bandwidth against fio, GC's hold of the
+//!   thread over 10M extents, detaching a clean device of 1M extents, moving GC's rate):
+//!   see `background.rs`.
 //!
 //! Files live in /dev/shm; `UBCACHE_BENCH_QUICK=1` shortens every phase (a smoke run).
 
 #[path = "../../crates/core/tests/set_common/mod.rs"]
 mod set_common;
+
+mod background;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -45,6 +47,11 @@ fn quick() -> bool {
 
 /// A cache set on files in /dev/shm: a formatted cache, sparse backing devices.
 fn files(name: &str, nbuckets: u64, backing_bytes: &[u64]) -> Paths {
+    files_with(name, nbuckets, 8, backing_bytes)
+}
+
+/// [`files`] with blocks of `block` sectors.
+fn files_with(name: &str, nbuckets: u64, block: u16, backing_bytes: &[u64]) -> Paths {
     let dir = PathBuf::from("/dev/shm").join(format!("ubcache-bench-policies-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -52,7 +59,7 @@ fn files(name: &str, nbuckets: u64, backing_bytes: &[u64]) -> Paths {
     let f = std::fs::File::create(&cache).unwrap();
     f.set_len(nbuckets * u64::from(BUCKET_SECTORS) * 512).unwrap();
     use std::os::unix::fs::FileExt;
-    f.write_all_at(&superblock::format([0xc1; 16], [0x5e; 16], nbuckets, BUCKET_SECTORS, 8), 4096).unwrap();
+    f.write_all_at(&superblock::format([0xc1; 16], [0x5e; 16], nbuckets, BUCKET_SECTORS, block), 4096).unwrap();
     let backing: Vec<PathBuf> = backing_bytes
         .iter()
         .enumerate()
@@ -307,33 +314,97 @@ fn fg_during_writeback(reads: usize) -> (Duration, Duration, u64) {
     (percentile(&mut off, 0.99), percentile(&mut on, 0.99), dirty_before - dirty_after)
 }
 
+/// Whether section `name` runs: `UBCACHE_BENCH_SECTIONS` (a comma-separated list of
+/// zipf, seq, fg, wb, gc, mgc) picks some; every one runs by default.
+fn section(name: &str) -> bool {
+    std::env::var("UBCACHE_BENCH_SECTIONS").map_or(true, |v| v.split(',').any(|s| s.trim() == name))
+}
+
+/// A figure for the JSON line: its value, or null when its section did not run.
+fn fig(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "null".to_string(), |v| format!("{v:.digits$}"))
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let phase = if quick() { Duration::from_millis(500) } else { Duration::from_secs(4) };
     eprintln!("bench/policies: slow backing device 5 ms + seek (0.5..10 ms), 200 MB/s; cache 8 MiB of 64 KiB buckets; Zipf θ=1.2 over 80 MiB");
-    let (cached, raw, speedup, hr) = zipf_speedup(phase);
-    eprintln!(
-        "zipf 4 KiB random reads, QD32: warm cache {cached:.0} IOPS (hit ratio {hr:.1}%), uncached {raw:.0} IOPS: {speedup:.2}x (target >= 10)"
-    );
-    let (alone, with) = seq_pollution(phase, 4 << 20);
-    let drop = alone - with;
-    eprintln!("zipf hit ratio {alone:.1}% alone, {with:.1}% beside a 1 GiB sequential read (cutoff 4 MiB): drop {drop:.2} points (target <= 2)");
-    let (alone0, with0) = seq_pollution(phase, 0);
-    eprintln!(
-        "  for reference, sequential cutoff off: {alone0:.1}% alone, {with0:.1}% beside it: drop {:.2} points",
-        alone0 - with0
-    );
-    let reads = if quick() { 2000 } else { 20_000 };
-    let (off, on, written) = fg_during_writeback(reads);
-    let fg = on.as_secs_f64() / off.as_secs_f64();
-    eprintln!(
-        "4 KiB random hit reads, QD8, p99: {:.1} us with writeback paused, {:.1} us while it writes back at full speed ({written} sectors): {fg:.2}x (target <= 2)",
-        off.as_secs_f64() * 1e6,
-        on.as_secs_f64() * 1e6
-    );
+    let speedup = section("zipf").then(|| {
+        let (cached, raw, speedup, hr) = zipf_speedup(phase);
+        eprintln!(
+            "zipf 4 KiB random reads, QD32: warm cache {cached:.0} IOPS (hit ratio {hr:.1}%), uncached {raw:.0} IOPS: {speedup:.2}x (target >= 10)"
+        );
+        speedup
+    });
+    let drop = section("seq").then(|| {
+        let (alone, with) = seq_pollution(phase, 4 << 20);
+        let drop = alone - with;
+        eprintln!("zipf hit ratio {alone:.1}% alone, {with:.1}% beside a 1 GiB sequential read (cutoff 4 MiB): drop {drop:.2} points (target <= 2)");
+        let (alone0, with0) = seq_pollution(phase, 0);
+        eprintln!(
+            "  for reference, sequential cutoff off: {alone0:.1}% alone, {with0:.1}% beside it: drop {:.2} points",
+            alone0 - with0
+        );
+        drop
+    });
+    let fg = section("fg").then(|| {
+        let reads = if quick() { 2000 } else { 20_000 };
+        let (off, on, written) = fg_during_writeback(reads);
+        let fg = on.as_secs_f64() / off.as_secs_f64();
+        eprintln!(
+            "4 KiB random hit reads, QD8, p99: {:.1} us with writeback paused, {:.1} us while it writes back at full speed ({written} sectors): {fg:.2}x (target <= 2)",
+            off.as_secs_f64() * 1e6,
+            on.as_secs_f64() * 1e6
+        );
+        fg
+    });
+    let wb = section("wb").then(|| {
+        let wb_bytes = if quick() { 128 << 20 } else { 1 << 30 };
+        let (ours, fio) = background::writeback_bw(wb_bytes);
+        let wb = ours / fio;
+        eprintln!(
+            "writeback of {} MiB at full speed to a file on disk (O_DIRECT): {:.0} MiB/s; fio sequential 1 MiB writes QD16 on the same file: {:.0} MiB/s: {wb:.3}x (target >= 0.8)",
+            wb_bytes >> 20,
+            ours / 1048576.0,
+            fio / 1048576.0
+        );
+        wb
+    });
+    let (lag, detach) = if section("gc") {
+        let (extents, detach_extents) = if quick() { (1_000_000, 100_000) } else { (10_000_000, 1_000_000) };
+        let (lag, longest, detach) = background::gc_lag_and_detach(extents, detach_extents);
+        eprintln!(
+            "GC over {extents} extents: engine calls hold the thread {:.3} ms at p99, {:.3} ms at most (target <= 5)",
+            lag.as_secs_f64() * 1e3,
+            longest.as_secs_f64() * 1e3
+        );
+        eprintln!(
+            "detaching a clean device caching {detach_extents} extents: {:.3} s (target <= 0.1)",
+            detach.as_secs_f64()
+        );
+        (Some(lag.as_secs_f64() * 1e3), Some(detach.as_secs_f64()))
+    } else {
+        (None, None)
+    };
+    let mgc = section("mgc").then(|| {
+        let (rate, moved) = background::moving_gc_rate();
+        eprintln!(
+            "moving GC: {} MiB moved out of quarter-full buckets at {:.0} MiB/s",
+            (moved * 512) >> 20,
+            rate / 1048576.0
+        );
+        rate / 1048576.0
+    });
     println!(
-        "{{\"zipf_warm_speedup\":{speedup:.3},\"seq_pollution_hit_ratio_drop_pts\":{drop:.3},\"writeback_bw_ratio\":null,\"fg_p99_during_writeback_ratio\":{fg:.3},\"gc_event_loop_lag_p99_ms\":null,\"detach_clean_s\":null,\"moving_gc_mib_per_s\":null}}"
+        "{{\"zipf_warm_speedup\":{},\"seq_pollution_hit_ratio_drop_pts\":{},\"writeback_bw_ratio\":{},\"fg_p99_during_writeback_ratio\":{},\"gc_event_loop_lag_p99_ms\":{},\"detach_clean_s\":{},\"moving_gc_mib_per_s\":{}}}",
+        fig(speedup, 3),
+        fig(drop, 3),
+        fig(wb, 3),
+        fig(fg, 3),
+        fig(lag, 3),
+        fig(detach, 4),
+        fig(mgc, 1)
     );
 }

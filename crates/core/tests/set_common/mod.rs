@@ -218,6 +218,8 @@ pub struct RigOptions {
     pub writeback: Option<ubcache_core::cache_set::WritebackConfig>,
     /// Bypass tunables every device is attached with (None: the defaults).
     pub bypass: Option<ubcache_core::cache_set::BypassConfig>,
+    /// Backing devices opened with O_DIRECT (files on a disk, for benchmarks).
+    pub backing_direct: bool,
 }
 
 impl Default for RigOptions {
@@ -231,6 +233,7 @@ impl Default for RigOptions {
             engine: EngineChoice::Auto,
             writeback: None,
             bypass: None,
+            backing_direct: false,
         }
     }
 }
@@ -271,7 +274,11 @@ impl Rig {
             let cfg = CachedDevConfig {
                 uuid: [i as u8 + 1; 16],
                 label: [0; 32],
-                device: Arc::new(open_retrying(p)?),
+                device: Arc::new(if o.backing_direct {
+                    Device::open(p, &OpenOptions { direct: DirectIo::Require, ..Default::default() })?
+                } else {
+                    open_retrying(p)?
+                }),
                 data_offset: DATA_OFFSET,
                 mode: o.modes[i % o.modes.len()],
                 writeback: o.writeback.clone().unwrap_or_default(),
