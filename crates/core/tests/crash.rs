@@ -53,6 +53,8 @@ struct Tally {
     /// Sectors moving GC moved before the crashes (GC is asked for midway in 30% of points;
     /// moving GC follows each pass).
     moved: u64,
+    /// Points run with data checksums.
+    csum_points: usize,
 }
 
 /// Runs `n` crash points on one set; `modes` are the devices' cache modes (switched at
@@ -73,6 +75,9 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         model.note = format!("point {}", t.points);
         o.seed = rng.next();
         o.set.journal_fua = rng.chance(70);
+        // Data checksums on a third of the points: a crash must leave no extent whose data
+        // fails its checksum (a torn write in place, a fill recorded before its data).
+        o.set.data_csum = rng.chance(33);
         // Writeback: at full speed with a short or no wait between passes, paused, or as
         // bcache paces it (which in a run this short writes little back).
         o.writeback = match rng.below(4) {
@@ -107,6 +112,7 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
             continue;
         }
         let mut rig = Rig::open(&paths, &o).unwrap_or_else(|e| panic!("point {}: open: {e}", t.points));
+        t.csum_points += usize::from(o.set.data_csum);
         let mut w = Workload::new(rng.next());
         w.depth = 1 + rng.below(24) as usize;
         w.span = 64 + rng.below(512);

@@ -26,6 +26,8 @@ use crate::journal::{Journal, Jset, JSET_PRIO_SLOTS};
 pub(crate) enum Waiter {
     /// A user request (flush, FUA write): one of its outstanding parts.
     Req(u32),
+    /// A write's parts in place, held until the checksums they invalidate are dropped.
+    InPlace(u32),
     /// The prio chain just written is recorded.
     Prio,
     /// The UUID table just written is recorded.
@@ -298,6 +300,7 @@ impl CacheSet {
     fn journal_wake(&mut self, who: Waiter) {
         match who {
             Waiter::Req(slot) => self.req_wait_done(slot),
+            Waiter::InPlace(slot) => self.write_in_place_go(slot),
             Waiter::Prio => self.prio_recorded(),
             Waiter::Uuid => self.uuid_recorded(),
             Waiter::Checkpoint => self.checkpoint_recorded(),
@@ -309,7 +312,8 @@ impl CacheSet {
     pub(crate) fn journal_fail(&mut self, e: &Error) {
         let waiters = std::mem::take(&mut self.journal.waiters);
         for (_, w) in waiters {
-            if let Waiter::Req(slot) = w {
+            if let Waiter::Req(slot) | Waiter::InPlace(slot) = w {
+                self.reqs.get(slot).in_place_gated.clear();
                 self.req_failed_part(slot, e.clone());
             }
         }

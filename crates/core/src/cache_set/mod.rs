@@ -136,6 +136,10 @@ pub struct CacheSetOptions {
     /// After each GC pass, the live data of mostly empty buckets moves to fresh ones so
     /// their space comes back (bcache's `copy_gc_enabled`; default true).
     pub copy_gc_enabled: bool,
+    /// Every extent written to the cache carries a crc64 of its data in its key (bcache has
+    /// the field and leaves it unused); a hit whose data does not match is a cache read
+    /// error. Default false.
+    pub data_csum: bool,
 }
 
 impl Default for CacheSetOptions {
@@ -150,6 +154,7 @@ impl Default for CacheSetOptions {
             congestion: CongestionConfig::default(),
             gc_after_writeback: false,
             copy_gc_enabled: true,
+            data_csum: false,
         }
     }
 }
@@ -216,6 +221,8 @@ pub struct CacheSetStats {
     pub cache_io_errors: u64,
     /// Hit reads served again from the backing device after a cache read error.
     pub reread_from_backing: u64,
+    /// Cache reads (hits, writeback) whose data did not match its key's checksum.
+    pub csum_errors: u64,
     /// The cache device's I/O error count as `io_error_limit` sees it (decayed by
     /// `io_error_halflife`), times 1000.
     pub io_errors_milli: u64,

@@ -8,7 +8,8 @@
 //! clean, where it still holds the very data written back (a pointer in common), and the
 //! journal record clean keys for exactly those extents. A crash anywhere leaves each
 //! extent dirty (written back again after the restart) or clean with its data on the
-//! backing device.
+//! backing device. Data read back that does not match its key's checksum (`data_csum`)
+//! is never written back: the extent stays dirty.
 //!
 //! A user write or discard overlapping an extent on its way waits until the extent is
 //! clean (the ordering of overlapping requests, `request/order.rs`, with the writeback as
@@ -490,6 +491,18 @@ impl CacheSet {
         if !write {
             let (dev, bucket) = io.pinned;
             let _ = self.alloc.unpin(dev, bucket);
+            let io = self.wb_ios.get(n);
+            // Data that does not match its checksum must not reach the backing device.
+            let bad = match (&result, io.key.crc, &buf) {
+                (Ok(_), Some(crc), Some(b)) => crate::index::Key::data_crc(b) != crc,
+                _ => false,
+            };
+            if bad {
+                io.failed = true;
+                self.stats.csum_errors += 1;
+                self.stats.writeback_errors += 1;
+                return self.writeback_issue_writes(inode);
+            }
             let io = self.wb_ios.get(n);
             match result {
                 Ok(_) => io.data = buf,

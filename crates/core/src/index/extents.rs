@@ -1051,6 +1051,33 @@ impl ExtentIndex {
         Ok(cleaned)
     }
 
+    /// Drops the data checksum of the extents of `start..start + len` of `inode` that carry
+    /// one (their data is about to be rewritten in place); pushes each such extent's key,
+    /// now without checksum, onto `out` (what the journal must record first). Returns how
+    /// many there were.
+    pub fn clear_crc(&mut self, inode: u32, start: u64, len: u64, out: &mut Vec<Key>) -> usize {
+        let Some(vi) = self.vol_index(inode) else { return 0 };
+        let end = start + len;
+        let ExtentIndex { vols, side, .. } = self;
+        let tree = &vols[vi].tree;
+        let mut n = 0;
+        let mut c = tree.seek(start);
+        while let Some(e) = tree.get(c) {
+            if e.start() >= end {
+                break;
+            }
+            tree.advance(&mut c);
+            if let Word::Indirect(slot) = word::decode(e.word) {
+                if side.get(slot).crc.is_some() {
+                    side.get_mut(slot).crc = None;
+                    out.extend(entry_key(side, inode, &e));
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// Moving GC copied the `len` sectors that live pointer `src` holds for `start..` of
     /// `inode` to `dst`: extents of that range still holding the same data (a pointer to the
     /// same place) point at `dst` instead, keeping their dirty state and any other pointers.

@@ -17,6 +17,8 @@ use std::sync::Arc;
 pub(crate) struct Fill {
     ph: Placeholder,
     pieces: Vec<SectorAlloc>,
+    /// Each piece's checksum, with `data_csum`.
+    crcs: Vec<Option<u64>>,
     ok: Vec<bool>,
     left: u32,
     /// The copy of the data, which the pieces' writes take windows of.
@@ -70,10 +72,18 @@ impl CacheSet {
             self.space_wanted();
             return;
         }
+        let mut crcs = Vec::with_capacity(pieces.len());
+        let mut at = 0usize;
+        for a in &pieces {
+            let len = a.sectors as usize * 512;
+            crcs.push(self.opts.data_csum.then(|| Key::data_crc(&data[at..at + len])));
+            at += len;
+        }
         let copy = self.reqs.fill_pool.copy_from(&data[..(done * 512) as usize]);
         let (slab, _, _) = copy.into_slab();
         let n = pieces.len();
-        let slot = self.reqs.insert_fill(Fill { ph, pieces, ok: vec![false; n], left: n as u32, _data: slab.clone() });
+        let slot =
+            self.reqs.insert_fill(Fill { ph, pieces, crcs, ok: vec![false; n], left: n as u32, _data: slab.clone() });
         let f = self.reqs.fills[slot as usize].as_ref().expect("just inserted");
         let mut reqs = Vec::with_capacity(n);
         let mut at = 0usize;
@@ -109,17 +119,23 @@ impl CacheSet {
         let mut filled = 0;
         let mut runs = Vec::new();
         let mut start = f.ph.start;
-        for (a, ok) in f.pieces.iter().zip(&f.ok) {
+        for ((a, ok), crc) in f.pieces.iter().zip(&f.ok).zip(&f.crcs) {
             let n = u64::from(a.sectors);
             if *ok && running {
-                let key = Key::new(f.ph.inode, start, n, a.ptr);
+                let key = Key::new(f.ph.inode, start, n, a.ptr).with_crc(*crc);
                 runs.clear();
                 match self.index.fill_part(&f.ph, &key, &mut self.alloc, &mut runs) {
                     Ok(got) => {
                         filled += got;
                         self.stats.data_bytes += n * 512;
                         for &(s, len) in &runs {
-                            let k = Key::new(f.ph.inode, s, len, a.ptr.advance(s - start));
+                            // The index keeps the checksum only of a piece filled whole.
+                            let whole = s == start && len == n;
+                            let k = Key::new(f.ph.inode, s, len, a.ptr.advance(s - start)).with_crc(if whole {
+                                *crc
+                            } else {
+                                None
+                            });
                             self.journal_add(k);
                         }
                     }

@@ -33,8 +33,13 @@ pub(crate) enum Kind {
 /// One I/O of a request, or something else it waits for.
 #[derive(Debug)]
 pub(crate) enum Part {
-    /// A read from the cache of a hit: its bucket is pinned until it completes.
-    CacheRead { bucket: u64, dirty: bool, sector: u64 },
+    /// A read from the cache of a hit: its bucket is pinned until it completes. With
+    /// `check`, the data read is the whole extent, and must match its checksum.
+    CacheRead { bucket: u64, dirty: bool, sector: u64, check: Option<Check> },
+    /// A hit on part of an extent with a checksum: the whole extent is read into a buffer
+    /// of its own and checked, then sectors `skip .. skip + len` of it are copied to byte
+    /// `at` of the request's buffer.
+    CacheReadExtent { bucket: u64, dirty: bool, sector: u64, len: u64, skip: u64, at: usize, check: Check },
     /// A read from the backing device; with a placeholder when the data is to fill the cache.
     BackingRead { ph: Option<Placeholder> },
     /// The write of allocation `piece` to the cache.
@@ -47,6 +52,17 @@ pub(crate) enum Part {
     BackingDiscard,
     /// The journal entry covering the request must be durable.
     Journal,
+}
+
+/// A hit's extent, to check against its checksum (`data_csum`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Check {
+    pub crc: u64,
+    /// The extent's pointer at its start, and its first sector.
+    pub ptr: crate::index::Ptr,
+    pub start: u64,
+    /// Its sectors.
+    pub size: u64,
 }
 
 /// The request's buffer: whole while one I/O takes it, or shared by windows.
@@ -116,6 +132,9 @@ pub(crate) struct Req {
     pub rest: Vec<(u64, u64)>,
     pub pieces: Vec<Piece>,
     pub in_place: bool,
+    /// With `data_csum`, writes in place wait here (sector, sectors, pointer, offset in
+    /// it) until the entry dropping the checksums of the extents they change is durable.
+    pub in_place_gated: Vec<(u64, u64, crate::index::Ptr, u64)>,
     /// The request orders later overlapping ones (a write or discard).
     pub ordering: bool,
     /// Written keys are in the index: what is left is waiting for the journal.
@@ -308,6 +327,7 @@ impl CacheSet {
             rest: Vec::new(),
             pieces: Vec::new(),
             in_place: false,
+            in_place_gated: Vec::new(),
             ordering,
             committed: false,
             waiting_space: false,

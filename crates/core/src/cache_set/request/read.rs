@@ -7,10 +7,16 @@
 //!
 //! A hit whose cache read fails is read again from the backing device if it is clean; a
 //! dirty one fails the read (the cache held the only copy).
+//!
+//! With `data_csum`, a hit on an extent that carries a checksum is checked: the read takes
+//! the whole extent (into a buffer of its own when the request wants only part of it), and
+//! data that does not match counts as a failed cache read, as above; a clean extent is
+//! dropped from the cache too. A dirty one stays (and keeps failing reads): dropping it
+//! would serve the backing device's older data as if it were current.
 
-use super::{split, Buf, CacheSet, Part};
+use super::{split, Buf, CacheSet, Check, Part};
 use crate::error::{Error, ErrorKind};
-use crate::index::{FragmentKind, KEY_SIZE_MAX};
+use crate::index::{Fragment, FragmentKind, Key, Ptr, KEY_SIZE_MAX};
 use crate::io::{IoCompletion, IoRequest};
 
 impl CacheSet {
@@ -36,7 +42,9 @@ impl CacheSet {
         // One hit covering the whole read: the buffer goes out whole, no windows.
         if let [f] = frags.as_slice() {
             if let FragmentKind::Hit { ptr, offset, dirty } = f.kind {
-                if failed.is_none() || dirty {
+                let check = self.hit_check(inode, f, ptr, offset);
+                let whole = check.is_none_or(|(_, whole)| whole);
+                if whole && (failed.is_none() || dirty) {
                     let bucket = ptr.bucket(self.geo.bucket_bits);
                     if self.alloc.pin(ptr.dev(), bucket).is_ok() {
                         let _ = self.alloc.touch(ptr);
@@ -48,7 +56,7 @@ impl CacheSet {
                             unreachable!("a new read has its buffer")
                         };
                         let at = (ptr.offset() + offset) * 512;
-                        let part = Part::CacheRead { bucket, dirty, sector };
+                        let part = Part::CacheRead { bucket, dirty, sector, check: check.map(|c| c.0) };
                         let cache = self.cache;
                         self.issue(slot, part, |tag| IoRequest::read(cache, at, buf, tag));
                         return;
@@ -68,11 +76,30 @@ impl CacheSet {
                     }
                     let _ = self.alloc.touch(ptr);
                     self.stats.hit_sectors += f.len;
-                    let win = self.reqs.get(slot).buf.window(at, (f.len * 512) as usize, align);
-                    let dev_at = (ptr.offset() + offset) * 512;
-                    let part = Part::CacheRead { bucket, dirty, sector: f.start };
                     let cache = self.cache;
-                    self.issue(slot, part, |tag| IoRequest::read(cache, dev_at, win, tag));
+                    match self.hit_check(inode, f, ptr, offset) {
+                        Some((check, false)) => {
+                            // The fragment starts `offset` sectors into the extent at `ptr`.
+                            let extent = ptr.offset() * 512;
+                            let buf = self.reqs.fill_pool.get((check.size * 512) as usize);
+                            let part = Part::CacheReadExtent {
+                                bucket,
+                                dirty,
+                                sector: f.start,
+                                len: f.len,
+                                skip: offset,
+                                at,
+                                check,
+                            };
+                            self.issue(slot, part, |tag| IoRequest::read(cache, extent, buf, tag));
+                        }
+                        check => {
+                            let win = self.reqs.get(slot).buf.window(at, (f.len * 512) as usize, align);
+                            let dev_at = (ptr.offset() + offset) * 512;
+                            let part = Part::CacheRead { bucket, dirty, sector: f.start, check: check.map(|c| c.0) };
+                            self.issue(slot, part, |tag| IoRequest::read(cache, dev_at, win, tag));
+                        }
+                    }
                 }
                 FragmentKind::Hole if fill => {
                     missed = true;
@@ -107,6 +134,32 @@ impl CacheSet {
         self.maybe_finish(slot);
     }
 
+    /// With `data_csum`: the checksum of the extent under hit `f` (at `offset` into the
+    /// extent `ptr` starts), if it has one, and whether `f` covers that extent whole.
+    fn hit_check(&mut self, inode: u32, f: &Fragment, ptr: Ptr, offset: u64) -> Option<(Check, bool)> {
+        if !self.opts.data_csum {
+            return None;
+        }
+        let k = self.index.key_at(inode, f.start, &self.alloc)?;
+        let crc = k.crc?;
+        let start = f.start - offset;
+        if k.start != start {
+            return None;
+        }
+        Some((Check { crc, ptr, start, size: k.size }, f.start == k.start && f.len == k.size))
+    }
+
+    /// A hit's data did not match its checksum: counted, and a clean extent still in the
+    /// index as it was read is dropped (the backing device has its data).
+    fn csum_mismatch(&mut self, inode: u32, check: &Check) {
+        self.stats.csum_errors += 1;
+        if let Some(k) = self.index.key_at(inode, check.start, &self.alloc) {
+            if k.start == check.start && !k.dirty && k.ptrs().contains(&check.ptr) {
+                self.invalidate_range(inode, k.start, k.size);
+            }
+        }
+    }
+
     /// bcache's `bch_mark_cache_accounting`.
     fn count_read(&mut self, inode: u32, hit: bool, bypass: bool) {
         self.account(inode, super::super::accounting::Event::Read { hit, bypass });
@@ -125,10 +178,18 @@ impl CacheSet {
         let r = self.reqs.get(slot);
         let whole = matches!(r.buf, Buf::Away);
         match std::mem::replace(&mut r.parts[part], Part::Journal) {
-            Part::CacheRead { bucket, dirty, sector } => {
+            Part::CacheRead { bucket, dirty, sector, check } => {
                 let _ = self.alloc.unpin(0, bucket);
                 let started = self.reqs.get(slot).started;
                 self.congestion_sample(false, started);
+                let result = match (result, check) {
+                    (Ok(_), Some(c)) if Key::data_crc(&buf) != c.crc => {
+                        let inode = self.reqs.get(slot).inode;
+                        self.csum_mismatch(inode, &c);
+                        Err(csum_error(sector))
+                    }
+                    (r, _) => r,
+                };
                 match result {
                     Ok(_) => {
                         if whole {
@@ -159,6 +220,46 @@ impl CacheSet {
                     }
                 }
             }
+            Part::CacheReadExtent { bucket, dirty, sector, len, skip, at, check } => {
+                let _ = self.alloc.unpin(0, bucket);
+                let started = self.reqs.get(slot).started;
+                self.congestion_sample(false, started);
+                let inode = self.reqs.get(slot).inode;
+                let n = (len * 512) as usize;
+                let win = self.reqs.get(slot).buf.window(at, n, 512);
+                let err = match result {
+                    Err(e) => {
+                        self.stats.cache_io_errors += 1;
+                        Some(e)
+                    }
+                    Ok(_) if Key::data_crc(&buf) != check.crc => {
+                        self.csum_mismatch(inode, &check);
+                        Some(csum_error(sector))
+                    }
+                    Ok(_) => None,
+                };
+                match err {
+                    None => {
+                        let mut win = win;
+                        let from = (skip * 512) as usize;
+                        win.copy_from_slice(&buf[from..from + n]);
+                    }
+                    Some(e) if dirty => {
+                        let e = Error::new(
+                            ErrorKind::Io,
+                            format!("reading dirty data from the cache device failed: {}", e.message()),
+                        );
+                        self.req_error(slot, e);
+                    }
+                    Some(_) => {
+                        self.stats.reread_from_backing += 1;
+                        let dev = self.dev(inode).expect("attached");
+                        let (off, backing) = (dev.data_offset + sector * 512, dev.backing);
+                        let part = Part::BackingRead { ph: None };
+                        self.issue(slot, part, |tag| IoRequest::read(backing, off, win, tag));
+                    }
+                }
+            }
             Part::BackingRead { ph, .. } => {
                 match result {
                     Ok(_) => {
@@ -181,4 +282,9 @@ impl CacheSet {
         }
         self.maybe_finish(slot);
     }
+}
+
+/// A hit's data did not match its checksum.
+fn csum_error(sector: u64) -> Error {
+    Error::new(ErrorKind::ChecksumMismatch, format!("the cache's data at sector {sector} does not match its checksum"))
 }

@@ -40,6 +40,8 @@ pub(crate) struct Piece {
     pub sector: u64,
     pub alloc: SectorAlloc,
     pub failed: bool,
+    /// The data's checksum, with `data_csum`.
+    pub crc: Option<u64>,
 }
 
 impl CacheSet {
@@ -105,9 +107,47 @@ impl CacheSet {
         r.path = path;
         r.rest = rest;
         r.in_place = !in_place.is_empty();
+        // An extent's checksum no longer holds once its data changes in place: it is dropped,
+        // durably, before the write goes (after a crash the data may be either). Also with
+        // `data_csum` off now: the extent may have been written while it was on.
+        let mut gate = 0;
+        if !in_place.is_empty() {
+            let mut keys = Vec::new();
+            for &(s, len, ..) in &in_place {
+                self.index.clear_crc(inode, s, len, &mut keys);
+            }
+            for k in keys {
+                gate = self.journal_add(k);
+            }
+        }
+        if gate > self.journal.durable {
+            self.reqs.get(slot).in_place_gated = in_place;
+            self.add_wait(slot);
+            self.journal_wait(gate, super::super::journal::Waiter::InPlace(slot));
+        } else {
+            self.write_in_place(slot, in_place);
+        }
+        match path {
+            Path::Writeback => {
+                if self.write_alloc(slot, true) {
+                    self.write_issue(slot);
+                }
+            }
+            Path::Writethrough => {
+                self.write_alloc(slot, false);
+                self.write_issue(slot);
+            }
+            _ => self.write_issue(slot),
+        }
+    }
+
+    /// Writes the parts of a write over dirty data in place.
+    fn write_in_place(&mut self, slot: u32, parts: Vec<(u64, u64, crate::index::Ptr, u64)>) {
         let cache = self.cache;
         let bits = self.geo.bucket_bits;
-        for (s, len, ptr, offset) in in_place {
+        let r = self.reqs.get(slot);
+        let (sector, fua) = (r.offset / 512, r.fua);
+        for (s, len, ptr, offset) in parts {
             let bucket = ptr.bucket(bits);
             if let Err(e) = self.alloc.pin(ptr.dev(), bucket) {
                 self.req_error(slot, e);
@@ -124,18 +164,13 @@ impl CacheSet {
                 }
             });
         }
-        match path {
-            Path::Writeback => {
-                if self.write_alloc(slot, true) {
-                    self.write_issue(slot);
-                }
-            }
-            Path::Writethrough => {
-                self.write_alloc(slot, false);
-                self.write_issue(slot);
-            }
-            _ => self.write_issue(slot),
-        }
+    }
+
+    /// The entry dropping the checksums is durable: the parts in place go.
+    pub(crate) fn write_in_place_go(&mut self, slot: u32) {
+        let parts = std::mem::take(&mut self.reqs.get(slot).in_place_gated);
+        self.write_in_place(slot, parts);
+        self.req_wait_done(slot);
     }
 
     /// Allocates cache space for what is left of the write's `rest`. With `wait`, a write
@@ -171,7 +206,7 @@ impl CacheSet {
             match self.alloc_sectors(&w) {
                 Ok(a) => {
                     total += u64::from(a.sectors);
-                    self.reqs.get(slot).pieces.push(Piece { sector: s, alloc: a, failed: false });
+                    self.reqs.get(slot).pieces.push(Piece { sector: s, alloc: a, failed: false, crc: None });
                 }
                 Err(_) => {
                     self.gc_count_sectors(total);
@@ -223,6 +258,9 @@ impl CacheSet {
             // The common case: one piece takes the whole buffer, no windows.
             let r = self.reqs.get(slot);
             let Buf::Whole(buf) = std::mem::replace(&mut r.buf, Buf::Away) else { unreachable!("buffer at hand") };
+            if self.opts.data_csum {
+                r.pieces[0].crc = Some(Key::data_crc(&buf));
+            }
             let at = r.pieces[0].alloc.ptr.offset() * 512;
             self.issue(slot, Part::CacheWrite { piece: 0 }, |tag| IoRequest::write(cache, at, buf, tag));
             return;
@@ -244,6 +282,9 @@ impl CacheSet {
             let p = r.pieces[i];
             let n = p.alloc.sectors as usize * 512;
             let win = r.buf.window(((p.sector - start) * 512) as usize, n, 512);
+            if self.opts.data_csum {
+                r.pieces[i].crc = Some(Key::data_crc(&win));
+            }
             let dev_at = p.alloc.ptr.offset() * 512;
             self.issue(slot, Part::CacheWrite { piece: i }, |tag| IoRequest::write(cache, dev_at, win, tag));
         }
@@ -314,7 +355,7 @@ impl CacheSet {
                 Path::Writeback if !failed => {
                     for p in &pieces {
                         let n = u64::from(p.alloc.sectors);
-                        let key = Key::new(inode, p.sector, n, p.alloc.ptr).with_dirty(true);
+                        let key = Key::new(inode, p.sector, n, p.alloc.ptr).with_dirty(true).with_crc(p.crc);
                         match self.index.insert(&key, &mut self.alloc) {
                             Ok(_) => {
                                 let _ = self.alloc.mark_dirty(p.alloc.ptr);
@@ -330,7 +371,7 @@ impl CacheSet {
                     let mut cached = Vec::new();
                     for p in pieces.iter().filter(|p| !p.failed) {
                         let n = u64::from(p.alloc.sectors);
-                        let key = Key::new(inode, p.sector, n, p.alloc.ptr);
+                        let key = Key::new(inode, p.sector, n, p.alloc.ptr).with_crc(p.crc);
                         if self.index.insert(&key, &mut self.alloc).is_ok() {
                             self.stats.data_bytes += n * 512;
                             seq = self.journal_add(key);
