@@ -421,6 +421,7 @@ export interface NativeCacheSetStats {
   orderedWaits: number
   cacheIoErrors: number
   rereadFromBacking: number
+  csumErrors: number
   writebackSectors: number
   writebackErrors: number
   /** The cache device's I/O errors as `io_error_limit` counts them (decayed). */
@@ -520,6 +521,8 @@ export interface NativeLoadOptions {
   gcAfterWriteback?: boolean
   /** bcache's `copy_gc_enabled` (default true). */
   copyGcEnabled?: boolean
+  /** Data checksums in keys, checked on hits (default false). */
+  dataCsum?: boolean
 }
 
 /** How to open a device. */

@@ -91,6 +91,15 @@ export interface CacheEngineOptions extends Omit<IoEngineOptions, 'mode'> {
    * fresh buckets, so their space comes back. Default true.
    */
   copyGcEnabled?: boolean
+  /**
+   * Data checksums (bcache has the key field and leaves it unused): every extent written to
+   * the cache carries a crc64 of its data in its key, and a hit is checked against it (the
+   * whole extent is read, also for a read of part of it). A mismatch counts in
+   * `stats().csumErrors` and is a cache read error: clean data is read from the backing
+   * device instead (and dropped from the cache), dirty data fails the read with `EIO`.
+   * Writeback never copies data that fails its checksum. Default false.
+   */
+  dataCsum?: boolean
 }
 
 /** A backing device to attach to the cache set ({@link CacheEngine.attach}). */
@@ -487,6 +496,8 @@ export interface CacheSetStats {
   cacheIoErrors: number
   /** Hit reads served again from the backing device after a cache read error. */
   rereadFromBacking: number
+  /** Cache reads (hits, writeback) whose data did not match its checksum ({@link CacheEngineOptions.dataCsum}). */
+  csumErrors: number
   /**
    * The longest the engine spent in one call of background work (a GC or checkpoint slice,
    * the allocator's steps, a prio write's encoding), in microseconds: how long background
@@ -587,7 +598,7 @@ export class CacheEngine {
     if (delay !== undefined && (checkCount('journalDelayMs', delay), delay > 0xffffffff)) {
       throw new InvalidArgumentError(`journalDelayMs must be at most ${0xffffffff}, got ${delay}`)
     }
-    for (const k of ['gcAfterWriteback', 'copyGcEnabled'] as const) {
+    for (const k of ['gcAfterWriteback', 'copyGcEnabled', 'dataCsum'] as const) {
       const v = options[k]
       if (v !== undefined && typeof v !== 'boolean') throw new InvalidArgumentError(`${k} must be true or false, got ${String(v)}`)
     }
@@ -611,6 +622,7 @@ export class CacheEngine {
           congestedWriteThresholdUs: options.congestedWriteThresholdUs,
           gcAfterWriteback: options.gcAfterWriteback,
           copyGcEnabled: options.copyGcEnabled,
+          dataCsum: options.dataCsum,
         })
       } catch (err) {
         throw asUbcacheError(err, cachePath)

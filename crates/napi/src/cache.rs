@@ -111,6 +111,8 @@ pub struct NativeLoadOptions {
     pub gc_after_writeback: Option<bool>,
     /// bcache's `copy_gc_enabled` (default true).
     pub copy_gc_enabled: Option<bool>,
+    /// Data checksums in keys, checked on hits (default false).
+    pub data_csum: Option<bool>,
 }
 
 /// A cache set read back from its cache device, waiting for an engine to run it.
@@ -220,6 +222,7 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
         congested_write_threshold_us: None,
         gc_after_writeback: None,
         copy_gc_enabled: None,
+        data_csum: None,
     });
     let choice = engine_choice(env, o.engine.as_deref())?;
     let open = open_options(
@@ -238,6 +241,7 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
         },
         gc_after_writeback: o.gc_after_writeback.unwrap_or(d.gc_after_writeback),
         copy_gc_enabled: o.copy_gc_enabled.unwrap_or(d.copy_gc_enabled),
+        data_csum: o.data_csum.unwrap_or(d.data_csum),
         ..d
     };
     Ok(AsyncTask::new(LoadTask { path, open, choice, opts }))
@@ -315,6 +319,7 @@ pub struct NativeCacheSetStats {
     pub ordered_waits: f64,
     pub cache_io_errors: f64,
     pub reread_from_backing: f64,
+    pub csum_errors: f64,
     pub writeback_sectors: f64,
     pub writeback_errors: f64,
     /// The cache device's I/O errors as `io_error_limit` counts them (decayed).
@@ -776,6 +781,7 @@ impl NativeCacheEngine {
                 ordered_waits: st.ordered_waits as f64,
                 cache_io_errors: st.cache_io_errors as f64,
                 reread_from_backing: st.reread_from_backing as f64,
+                csum_errors: st.csum_errors as f64,
                 writeback_sectors: st.writeback_sectors as f64,
                 writeback_errors: st.writeback_errors as f64,
                 io_errors: st.io_errors_milli as f64 / 1000.0,
