@@ -3,7 +3,8 @@
 //! - `writeback_bw_ratio`: writeback of 1 GiB of dirty data (written as 1 MiB writes, so
 //!   64 KiB extents) at full speed to a backing file on the disk the benchmark runs from,
 //!   opened O_DIRECT, over fio's sequential write bandwidth on the same file (1 MiB writes,
-//!   QD 16, O_DIRECT, io_uring, a flush at the end, as writeback ends with one).
+//!   QD 16, O_DIRECT, io_uring, a flush at the end, as writeback ends with one; measured
+//!   on its second run, the first having allocated the file's blocks).
 //! - `gc_event_loop_lag_p99_ms`: with 10M extents cached (512-byte blocks, one extent
 //!   each), the p99 of how long one call into the engine keeps the thread while a GC pass
 //!   walks them: in Node that call runs on the event loop, so it is the loop's lag.
@@ -102,6 +103,8 @@ pub fn writeback_bw(bytes: u64) -> (f64, f64) {
     // 3 GiB cache.
     let dir = std::env::var_os("UBCACHE_BENCH_DISK_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
     let paths = fast_set("wbbw", 3 * bytes / (64 << 10), 8, &[bytes], Some(&dir));
+    // Twice: the first run allocates the sparse file's blocks, as writeback finds them.
+    fio_seq_write(&paths.backing[0], DATA_OFFSET, bytes);
     let fio = fio_seq_write(&paths.backing[0], DATA_OFFSET, bytes);
     let mut rig = open_fast(&paths, vec![CacheMode::Writeback], true);
     let mib = 1u64 << 20;
