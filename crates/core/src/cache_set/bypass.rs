@@ -297,6 +297,10 @@ impl CacheSet {
     pub(crate) fn bypass_check(&mut self, inode: u32, write: bool, sector: u64, sectors: u64) -> bool {
         let in_use = self.space.in_use;
         let Some(Some(dev)) = self.devs.get_mut(inode as usize) else { return false };
+        if dev.flash {
+            // Nowhere to go around the cache to.
+            return false;
+        }
         let a = Ask { mode: dev.mode, write, sector, bytes: sectors * 512, in_use, detaching: dev.detach.is_some() };
         let reason = decide(&mut dev.bypass, &mut self.congestion, &a, Instant::now);
         let Some(reason) = reason else { return false };

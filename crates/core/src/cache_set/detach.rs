@@ -40,6 +40,9 @@ impl CacheSet {
             return Err(Error::new(ErrorKind::Closed, format!("cache set is {:?}: cannot detach", self.state)));
         }
         let d = self.dev_mut(inode)?;
+        if d.flash {
+            return Err(super::volume::flash_refuses(inode, "detach"));
+        }
         if d.detach.is_some() {
             return Err(Error::new(ErrorKind::Busy, format!("cached device {inode} is already detaching")));
         }

@@ -97,6 +97,9 @@ pub(crate) struct CachedDev {
     pub detach: Option<super::detach::Detach>,
     /// Its request accounting (bcache's per-device stats).
     pub accounting: super::accounting::Collector,
+    /// A flash-only volume (`volume.rs`): no backing device; its data lives in the cache
+    /// only, dirty, and is never written back.
+    pub flash: bool,
 }
 
 /// Who waits for a flush of a backing device.

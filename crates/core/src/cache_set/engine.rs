@@ -185,7 +185,38 @@ impl CacheEngine {
             }
         };
         self.routes[handle as usize] = None;
+        if backing == super::volume::NO_BACKING {
+            // A flash-only volume: nothing in the I/O engine to close.
+            return Ok(());
+        }
         self.driver.remove_device(backing)
+    }
+
+    /// Creates a flash-only volume of `sectors` named `uuid` in the set (see
+    /// `cache_set::volume`). Returns its handle at once; `tag` comes back from
+    /// [`CacheEngine::take_events`] when its UUID-table entry is durable.
+    pub fn create_volume(&mut self, tag: u64, uuid: [u8; 16], label: [u8; 32], sectors: u64) -> Result<u32> {
+        let set =
+            self.set.as_mut().ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))?;
+        set.create_volume(tag, uuid, label, sectors);
+        self.volume_handle(tag)
+    }
+
+    /// Attaches the set's flash-only volume `uuid` (one created before a restart). Returns
+    /// its handle; `tag` comes back from [`CacheEngine::take_events`] at once.
+    pub fn attach_volume(&mut self, tag: u64, uuid: [u8; 16]) -> Result<u32> {
+        let set =
+            self.set.as_mut().ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))?;
+        set.attach_volume(tag, uuid);
+        self.volume_handle(tag)
+    }
+
+    fn volume_handle(&mut self, tag: u64) -> Result<u32> {
+        // Requests before the event are refused by the set (no such inode yet).
+        let handle = self.new_handle(Route::Cached(u32::MAX));
+        self.attaching.push((tag, handle));
+        self.pump_aside()?;
+        Ok(handle)
     }
 
     /// Begins detaching the handle's cached device for good (see `cache_set::detach`): its
@@ -376,7 +407,8 @@ impl CacheEngine {
                         self.events.push((tag, Ok(handle)));
                     }
                     Err(e) => {
-                        if let Some(Route::Plain { backing, .. }) = self.routes[handle as usize].take() {
+                        let route = self.routes[handle as usize].take();
+                        if let Some(Route::Plain { backing, .. }) = route {
                             let _ = self.driver.remove_device(backing);
                         }
                         self.events.push((tag, Err(e)));

@@ -67,6 +67,7 @@ mod request;
 mod space;
 pub mod superblock;
 mod tag;
+mod volume;
 mod writeback;
 
 use std::time::{Duration, Instant};
@@ -473,7 +474,11 @@ impl CacheSet {
 
     /// Switches a cached device's cache mode; requests submitted from now on follow it.
     pub fn set_cache_mode(&mut self, inode: u32, mode: CacheMode) -> Result<()> {
-        self.dev_mut(inode)?.mode = mode;
+        let d = self.dev_mut(inode)?;
+        if d.flash && mode != CacheMode::Writeback {
+            return Err(volume::flash_refuses(inode, "another cache mode"));
+        }
+        d.mode = mode;
         Ok(())
     }
 

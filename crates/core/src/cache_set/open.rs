@@ -423,6 +423,16 @@ impl CacheSet {
         }
         let mut table = self.meta.latest_uuids().to_vec();
         let slot = table.iter().position(|u| u.uuid == cfg.uuid);
+        if slot.is_some_and(|i| table[i].flash_only()) {
+            let e = Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "UUID {} names a flash-only volume of this set, not a backing device",
+                    uuids::uuid_string(&cfg.uuid)
+                ),
+            );
+            return self.events.push((tag, Err(e)));
+        }
         let inode = match slot {
             Some(i) => {
                 table[i].last_reg = now;
@@ -466,6 +476,7 @@ impl CacheSet {
             bypass: super::bypass::Bypass::new(cfg.bypass.clone()),
             accounting: super::accounting::Collector::new(std::time::Instant::now()),
             detach: None,
+            flash: false,
         });
         // Until the table is recorded the device is attached but, being new, has nothing
         // cached; requests are served all the same.

@@ -260,7 +260,11 @@ impl CacheSet {
     /// once (a pause stops new extents, a new rate applies to the next one).
     pub fn set_writeback_config(&mut self, inode: u32, cfg: WritebackConfig) -> Result<()> {
         cfg.validate()?;
-        let wb = &mut self.dev_mut(inode)?.wb;
+        let d = self.dev_mut(inode)?;
+        if d.flash {
+            return Err(super::volume::flash_refuses(inode, "writeback"));
+        }
+        let wb = &mut d.wb;
         // The controller runs again at the next tick, with the new terms.
         wb.next_update = None;
         wb.next_io = None;
@@ -330,7 +334,7 @@ impl CacheSet {
     /// bcache's `__update_writeback_rate`, every `rate_update`.
     fn writeback_update_rate(&mut self, inode: u32, now: Instant) {
         let cache_sectors = self.geo.sb.nbuckets * u64::from(self.geo.sb.bucket_size);
-        let total: u64 = self.devs.iter().flatten().map(|d| d.sectors).sum::<u64>().max(1);
+        let total: u64 = self.devs.iter().flatten().filter(|d| !d.flash).map(|d| d.sectors).sum::<u64>().max(1);
         let dirty = self.index.dirty_sectors(inode);
         let wbs = &mut self.wb_ios;
         let d = self.devs[inode as usize].as_mut().expect("attached");

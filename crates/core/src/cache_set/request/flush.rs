@@ -95,6 +95,10 @@ impl CacheSet {
         let r = self.reqs.get(slot);
         let (inode, offset, len) = (r.inode, r.offset, r.len);
         let dev = self.dev(inode).expect("attached");
+        if dev.flash {
+            // Only the cache holds a flash-only volume's data: dropping it is the discard.
+            return self.maybe_finish(slot);
+        }
         let (backing, off) = (dev.backing, dev.data_offset + offset);
         self.issue(slot, Part::BackingDiscard, |tag| IoRequest::discard(backing, off, len, tag));
     }

@@ -25,8 +25,8 @@ impl CacheSet {
         let (inode, sector, sectors) = (r.inode, r.offset / 512, r.len / 512);
         let bypass = self.bypass_check(inode, false, sector, sectors);
         let dev = self.dev(inode).expect("request for an attached device");
-        let (backing, data_offset) = (dev.backing, dev.data_offset);
-        let fill = !bypass && self.state == super::SetState::Running;
+        let (backing, data_offset, flash) = (dev.backing, dev.data_offset, dev.flash);
+        let fill = !bypass && !flash && self.state == super::SetState::Running;
         // A placeholder covers at most one key's worth of whole blocks.
         let max_miss = KEY_SIZE_MAX / dev.block_sectors * dev.block_sectors;
         // Windows start on sector boundaries of the request, which are block boundaries of
@@ -116,6 +116,11 @@ impl CacheSet {
                         self.issue(slot, part, |tag| IoRequest::read(backing, off, win, tag));
                         s += n;
                     }
+                }
+                _ if flash => {
+                    // A flash-only volume reads zeros where nothing was written.
+                    let mut win = self.reqs.get(slot).buf.window(at, (f.len * 512) as usize, align);
+                    win.fill(0);
                 }
                 _ => {
                     // A hole not to fill, a range another miss is filling, or (failed set)

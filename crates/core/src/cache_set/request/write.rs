@@ -21,7 +21,7 @@
 use super::{split, Buf, CacheSet, Part};
 use crate::alloc::{DataWrite, SectorAlloc};
 use crate::cache_set::CacheMode;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::index::{FragmentKind, Key, KEY_SIZE_MAX};
 use crate::io::{IoCompletion, IoRequest};
 
@@ -64,8 +64,10 @@ impl CacheSet {
     fn write_decide(&mut self, slot: u32, copy: bool) {
         let r = self.reqs.get(slot);
         let (inode, sector, sectors, fua, bypass) = (r.inode, r.offset / 512, r.len / 512, r.fua, r.bypass);
+        let dev = self.dev(inode).expect("request for an attached device");
+        let flash = dev.flash;
         // A bypassed write goes around the cache, whatever the mode.
-        let mode = match self.dev(inode).expect("request for an attached device").mode {
+        let mode = match dev.mode {
             _ if bypass => CacheMode::Writearound,
             m => m,
         };
@@ -75,7 +77,8 @@ impl CacheSet {
             self.req_error(slot, e);
             return self.complete_request(slot);
         }
-        let writeback = mode == CacheMode::Writeback && copy && self.should_writeback(fua);
+        // A flash-only volume's data has nowhere else to go: always to new cache space.
+        let writeback = flash || mode == CacheMode::Writeback && copy && self.should_writeback(fua);
         let mut in_place = Vec::new();
         let mut rest: Vec<(u64, u64)> = Vec::new();
         for f in &frags {
@@ -229,8 +232,20 @@ impl CacheSet {
     /// and it goes the other way (in place over dirty data, writethrough for the rest).
     pub(crate) fn write_retry_space(&mut self, slot: u32) -> bool {
         self.reqs.get(slot).waiting_space = false;
-        let fua = self.reqs.get(slot).fua;
-        if !self.should_writeback(fua) {
+        let (fua, inode) = (self.reqs.get(slot).fua, self.reqs.get(slot).inode);
+        if self.dev(inode).is_ok_and(|d| d.flash) {
+            if self.space.in_use >= crate::cache_set::CUTOFF_CACHE_ADD {
+                // Full of data that cannot be written back: the volume takes no more.
+                let e = Error::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "the cache set is {}% full: flash-only volume {inode} cannot take more data",
+                        self.space.in_use
+                    ),
+                );
+                return self.write_give_up(slot, e);
+            }
+        } else if !self.should_writeback(fua) {
             let ptrs: Vec<_> = std::mem::take(&mut self.reqs.get(slot).pieces).iter().map(|p| p.alloc.ptr).collect();
             let _ = self.alloc.put_ptrs(&ptrs);
             self.write_decide(slot, false);
@@ -242,6 +257,17 @@ impl CacheSet {
         } else {
             false
         }
+    }
+
+    /// Ends a write that waited for space and cannot have it: the space it took goes back.
+    fn write_give_up(&mut self, slot: u32, e: Error) -> bool {
+        let r = self.reqs.get(slot);
+        r.committed = true;
+        let ptrs: Vec<_> = std::mem::take(&mut r.pieces).iter().map(|p| p.alloc.ptr).collect();
+        let _ = self.alloc.put_ptrs(&ptrs);
+        self.req_error(slot, e);
+        self.maybe_finish(slot);
+        true
     }
 
     /// Sends the write's I/O for its `rest`: the cache pieces and, unless writeback, the
