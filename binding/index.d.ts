@@ -86,6 +86,15 @@ export declare class NativeCacheEngine {
    */
   attachPlain(path: string, dataOffset: number, options?: NativeOpenOptions | undefined | null): NativeDevice
   /**
+   * Creates a flash-only volume of `size` bytes named `uuid` (16 bytes) in the set;
+   * returns its handle at once, and `tag` comes back when its UUID-table entry is durable.
+   */
+  createVolume(tag: number, uuid: Uint8Array, label: string | undefined | null, size: number): number
+  /** Attaches the set's flash-only volume `uuid`; returns its handle (`tag` comes back at once). */
+  attachVolume(tag: number, uuid: Uint8Array): number
+  /** The set's flash-only volumes, as its UUID table records them. */
+  volumes(): Array<NativeVolume>
+  /**
    * Lets go of a device (nothing of it may be in flight: `EBUSY`); a cached device's
    * entry and cached data stay in the set for its next attach.
    */
@@ -580,6 +589,16 @@ export interface NativeStatWindow {
   bypassedSectors: number
   /** Whole percent of hits among hits and misses. */
   cacheHitRatio: number
+}
+
+/** A flash-only volume of the set. */
+export interface NativeVolume {
+  /** Its slot in the UUID table. */
+  inode: number
+  uuid: Uint8Array
+  label: string
+  /** Its size in bytes. */
+  size: number
 }
 
 /**

@@ -47,7 +47,7 @@ import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { checkCount, closedError, deviceRequests, InlineQueue, MAX_REQUEST } from './inline'
 import native from './native'
 import { CACHE_MODES, type CacheMode } from './superblock'
-import { uuidToBytes } from './uuid'
+import { newUuid, uuidToBytes, uuidToString } from './uuid'
 
 type NativeCacheEngine = InstanceType<typeof native.NativeCacheEngine>
 
@@ -156,6 +156,16 @@ export interface CachedDeviceInfo {
   writable: boolean
   /** Attached to the cache set (false: served straight, {@link CacheEngine.attachPlain}). */
   cached: boolean
+}
+
+/** A flash-only volume of a cache set, as its UUID table records it. */
+export interface VolumeInfo {
+  /** Its UUID, what it is known by. */
+  uuid: string
+  /** Its label (up to 32 bytes). */
+  label: string
+  /** Its size in bytes (thin: the cache holds only what was written). */
+  size: number
 }
 
 /** Where a cache set stands. */
@@ -751,6 +761,67 @@ export class CacheEngine {
   }
 
   /**
+   * Creates a flash-only volume of `size` bytes in the cache set (bcache's flash-only
+   * device): a thin volume that lives only in the cache, in the set's UUID table, found again
+   * after a restart ({@link CacheEngine.attachVolume}). Reads of what was never written are
+   * zeros; writes stay in the cache (dirty, never written back); a flush makes them durable.
+   * Resolves to its handle once its UUID-table entry is durable.
+   * @param size - bytes, a whole number of the set's blocks; may exceed the cache (thin).
+   * @param options - `uuid` (default: a new random one) and `label` (up to 32 bytes).
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (a bad size, a UUID already in the set, an
+   *   engine without a cache set); `NO_SPACE` (the UUID table is full); the set's failure;
+   *   `CLOSED`.
+   */
+  async createVolume(size: number, options: { uuid?: string; label?: string } = {}): Promise<number> {
+    this.#check()
+    checkCount('size', size)
+    if (size === 0) throw new InvalidArgumentError('a volume of 0 bytes')
+    const uuid = options.uuid ?? newUuid()
+    const bytes = uuidToBytes(uuid)
+    let handle = -1
+    try {
+      return await this.#control((tag) => {
+        handle = this.#native.createVolume(tag, bytes, options.label, size)
+        this.#devices.set(handle, volumeInfo(handle, uuid, size))
+      })
+    } catch (err) {
+      this.#devices.delete(handle)
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * Attaches the set's flash-only volume `uuid` (one created before a restart); resolves to
+   * its handle.
+   * @throws {UbcacheError} `ENOENT` (no such volume in the set), `EBUSY` (attached already),
+   *   `INVALID_ARGUMENT`, `CLOSED`.
+   */
+  async attachVolume(uuid: string): Promise<number> {
+    this.#check()
+    const v = this.volumes().find((x) => x.uuid === uuid.toLowerCase())
+    const bytes = uuidToBytes(uuid)
+    let handle = -1
+    try {
+      return await this.#control((tag) => {
+        handle = this.#native.attachVolume(tag, bytes)
+        this.#devices.set(handle, volumeInfo(handle, uuid, v?.size ?? 0))
+      })
+    } catch (err) {
+      this.#devices.delete(handle)
+      throw asUbcacheError(err)
+    }
+  }
+
+  /** The set's flash-only volumes (empty for an engine without a cache set). */
+  volumes(): VolumeInfo[] {
+    return this.#native.volumes().map((v) => ({
+      uuid: uuidToString(Buffer.from(v.uuid)),
+      label: v.label,
+      size: v.size,
+    }))
+  }
+
+  /**
    * Serves a backing device with no cache set: requests go straight to it, from
    * `dataOffset` (bytes) on. Resolves to its handle.
    * @throws {UbcacheError} `INVALID_ARGUMENT` (a data offset past the device or not a
@@ -1136,4 +1207,9 @@ export class CacheEngine {
     this.#devices.clear()
     if (failure !== undefined) throw asUbcacheError(failure)
   }
+}
+
+/** What {@link CacheEngine} remembers of a flash-only volume's handle. */
+function volumeInfo(handle: number, uuid: string, size: number): CachedDeviceInfo {
+  return { handle, path: `volume:${uuid}`, size, logicalBlockSize: 512, direct: false, isBlockDevice: false, writable: true, cached: true }
 }

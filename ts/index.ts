@@ -19,6 +19,7 @@ export {
   type AttachOptions,
   type BypassConfig,
   type CachedDeviceInfo,
+  type VolumeInfo,
   CacheEngine,
   type CacheEngineOptions,
   type CacheSetOpenReport,
@@ -56,7 +57,7 @@ export {
   makeSet,
   type SetFormatOptions,
 } from './format'
-export { CachedDevice, CacheSet, Registry, type RegistryOptions } from './registry'
+export { CachedDevice, CacheSet, FlashVolume, Registry, type RegistryOptions } from './registry'
 export { formatSuperblock, superblockJson, type SuperblockJson } from './show'
 export { type DeviceDescription, describeDevice, readSuperblock, readSuperblockPage, writeSuperblock } from './super-io'
 export {

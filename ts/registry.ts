@@ -28,6 +28,7 @@ import { isCacheVersion, type Superblock } from './superblock'
 
 export { CacheSet } from './registry/cache-set'
 export { CachedDevice } from './registry/cached-device'
+export { FlashVolume } from './registry/flash-volume'
 
 /**
  * Options of a {@link Registry}: those of the engines it starts (one per cache set, and one
@@ -176,6 +177,7 @@ export class Registry {
     try {
       const engine = await CacheEngine.open(path, this.#engineOptions())
       set = new CacheSet(path, sb, engine)
+      await set._attachVolumes()
     } catch (err) {
       this.#sets.delete(uuid)
       throw asUbcacheError(err, path)

@@ -5,8 +5,10 @@
  */
 import type { Accounting, CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats, CongestionConfig, PriorityStats } from '../cache-engine'
 import { InvalidArgumentError } from '../errors'
+import { newUuid } from '../uuid'
 import type { Superblock } from '../superblock'
 import { CachedDevice } from './cached-device'
+import { FlashVolume } from './flash-volume'
 
 /**
  * A cache set registered with a {@link Registry} (bcache's `cache_set`): its cache device,
@@ -27,6 +29,7 @@ export class CacheSet {
   readonly _engine: CacheEngine
   readonly #sb: Superblock
   readonly #devices = new Set<CachedDevice>()
+  readonly #volumes = new Map<string, FlashVolume>()
   #final: CacheSetStats | undefined
   #closed = false
 
@@ -48,6 +51,40 @@ export class CacheSet {
   /** The cached devices attached to the set, in the order they attached. */
   get devices(): CachedDevice[] {
     return [...this.#devices]
+  }
+
+  /** The set's flash-only volumes: those it had when registered, and those created since. */
+  get volumes(): FlashVolume[] {
+    return [...this.#volumes.values()]
+  }
+
+  /**
+   * Creates a flash-only volume of `size` bytes in the set (bcache's `flash_vol_create`): a
+   * thin volume that lives only in the cache device (see {@link FlashVolume}), recorded in
+   * the set's UUID table, so it is among {@link CacheSet.volumes} when the set is registered
+   * again. Resolves once that record is durable.
+   * @param size - bytes, a whole number of the set's blocks; may exceed the cache.
+   * @param options - `uuid` (default: a new random one), `label` (up to 32 bytes).
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (a bad size or label, a UUID already in the
+   *   set), `NO_SPACE` (the UUID table is full), the set's failure, `CLOSED`.
+   */
+  async createVolume(size: number, options: { uuid?: string; label?: string } = {}): Promise<FlashVolume> {
+    if (typeof size !== 'number' || !Number.isSafeInteger(size) || size <= 0 || size % this.blockSize !== 0) {
+      throw new InvalidArgumentError(`volume size must be a positive whole number of ${this.blockSize}-byte blocks, got ${String(size)}`)
+    }
+    const uuid = (options.uuid ?? newUuid()).toLowerCase()
+    const handle = await this._engine.createVolume(size, { ...options, uuid })
+    const v = new FlashVolume(this, handle, uuid, options.label ?? '', size)
+    this.#volumes.set(v.uuid, v)
+    return v
+  }
+
+  /** @internal Attaches the volumes the set's UUID table records (at registration). */
+  async _attachVolumes(): Promise<void> {
+    for (const info of this._engine.volumes()) {
+      const handle = await this._engine.attachVolume(info.uuid)
+      this.#volumes.set(info.uuid, new FlashVolume(this, handle, info.uuid, info.label, info.size))
+    }
   }
 
   /** Where the set stands: `starting`, `running`, `failed`, `closing` or `closed`. */

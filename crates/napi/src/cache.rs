@@ -115,6 +115,34 @@ pub struct NativeLoadOptions {
     pub data_csum: Option<bool>,
 }
 
+/// A flash-only volume of the set.
+#[napi(object)]
+pub struct NativeVolume {
+    /// Its slot in the UUID table.
+    pub inode: u32,
+    pub uuid: Uint8Array,
+    pub label: String,
+    /// Its size in bytes.
+    pub size: f64,
+}
+
+fn uuid16(env: &Env, uuid: &[u8]) -> Result<[u8; 16]> {
+    match <[u8; 16]>::try_from(uuid) {
+        Ok(u) => Ok(u),
+        Err(_) => invalid(env, format!("uuid must be 16 bytes, got {}", uuid.len())),
+    }
+}
+
+fn label32(env: &Env, label: Option<&str>) -> Result<[u8; 32]> {
+    let mut out = [0u8; 32];
+    let text = label.unwrap_or("").as_bytes();
+    if text.len() > out.len() {
+        return invalid(env, format!("label of {} bytes: at most 32", text.len()));
+    }
+    out[..text.len()].copy_from_slice(text);
+    Ok(out)
+}
+
 /// A cache set read back from its cache device, waiting for an engine to run it.
 pub struct Loaded {
     set: CacheSet,
@@ -524,16 +552,8 @@ impl NativeCacheEngine {
     /// error that kept it from attaching; requests before that fail with `INVALID_ARGUMENT`.
     #[napi]
     pub fn attach(&self, env: &Env, tag: f64, config: NativeAttachConfig) -> Result<NativeDevice> {
-        let uuid: [u8; 16] = match <[u8; 16]>::try_from(&config.uuid[..]) {
-            Ok(u) => u,
-            Err(_) => return invalid(env, format!("uuid must be 16 bytes, got {}", config.uuid.len())),
-        };
-        let mut label = [0u8; 32];
-        let text = config.label.as_deref().unwrap_or("").as_bytes();
-        if text.len() > label.len() {
-            return invalid(env, format!("label of {} bytes: at most 32", text.len()));
-        }
-        label[..text.len()].copy_from_slice(text);
+        let uuid = uuid16(env, &config.uuid)?;
+        let label = label32(env, config.label.as_deref())?;
         let mode = match CacheMode::from_name(config.mode.as_deref().unwrap_or("writethrough")) {
             Ok(m) => m,
             Err(e) => return throw(env, e),
@@ -577,6 +597,53 @@ impl NativeCacheEngine {
         let (device, info) = open_device(env, &path, options)?;
         let handle = self.with(env, |e| e.attach_plain(device, data_offset))?;
         Ok(NativeDevice { id: handle, size: info.size - data_offset as f64, ..info })
+    }
+
+    /// Creates a flash-only volume of `size` bytes named `uuid` (16 bytes) in the set;
+    /// returns its handle at once, and `tag` comes back when its UUID-table entry is durable.
+    #[napi]
+    pub fn create_volume(
+        &self,
+        env: &Env,
+        tag: f64,
+        uuid: Uint8Array,
+        label: Option<String>,
+        size: f64,
+    ) -> Result<u32> {
+        let uuid = uuid16(env, &uuid)?;
+        let label = label32(env, label.as_deref())?;
+        let size = to_u64(env, "size", size)?;
+        if !size.is_multiple_of(512) {
+            return invalid(env, format!("a volume of {size} bytes: not whole sectors"));
+        }
+        self.with(env, |e| e.create_volume(tag as u64, uuid, label, size / 512))
+    }
+
+    /// Attaches the set's flash-only volume `uuid`; returns its handle (`tag` comes back at once).
+    #[napi]
+    pub fn attach_volume(&self, env: &Env, tag: f64, uuid: Uint8Array) -> Result<u32> {
+        let uuid = uuid16(env, &uuid)?;
+        self.with(env, |e| e.attach_volume(tag as u64, uuid))
+    }
+
+    /// The set's flash-only volumes, as its UUID table records them.
+    #[napi]
+    pub fn volumes(&self) -> Vec<NativeVolume> {
+        self.get(|e| {
+            e.set().map(|s| {
+                s.volumes()
+                    .into_iter()
+                    .map(|(inode, u)| NativeVolume {
+                        inode,
+                        uuid: u.uuid.to_vec().into(),
+                        label: String::from_utf8_lossy(&u.label).trim_end_matches('\0').to_string(),
+                        size: (u.sectors * 512) as f64,
+                    })
+                    .collect()
+            })
+        })
+        .flatten()
+        .unwrap_or_default()
     }
 
     /// Lets go of a device (nothing of it may be in flight: `EBUSY`); a cached device's

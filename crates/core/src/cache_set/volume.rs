@@ -107,7 +107,7 @@ impl CacheSet {
         if let Some(e) = self.failed_error() {
             return Err(e);
         }
-        if self.state != SetState::Running {
+        if !matches!(self.state, SetState::Running | SetState::Starting) {
             return Err(Error::new(
                 ErrorKind::Closed,
                 format!("cache set is {:?}: cannot create a volume", self.state),

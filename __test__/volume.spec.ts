@@ -1,0 +1,51 @@
+import test from 'ava'
+import { Registry } from '../ts/index'
+import { error, formatSet, pattern } from './registry-helpers'
+
+test('set.createVolume: a thin flash-only volume that reads zeros where unwritten and is found again after a restart', async (t) => {
+  const f = await formatSet(0)
+  let reg = new Registry()
+  let set = await reg.registerCache(f.cache)
+  t.deepEqual(set.volumes, [])
+  // 1 GiB over a 64 MiB cache: thin.
+  const vol = await set.createVolume(1 << 30, { label: 'scratch' })
+  t.is(vol.size, 1 << 30)
+  t.is(vol.label, 'scratch')
+  t.is(set.volumes.length, 1)
+  t.true((await vol.read(8192, 8192)).equals(Buffer.alloc(8192)), 'never written: zeros')
+  await vol.write(0, pattern(65536, 1))
+  await vol.write((1 << 30) - 4096, pattern(4096, 2))
+  await vol.write(4096, pattern(4096, 3))
+  await vol.discard(8192, 4096)
+  await vol.flush()
+  t.is(vol.cachedBytes(), 65536 - 4096 + 4096)
+  const want = Buffer.concat([pattern(65536, 1)])
+  pattern(4096, 3).copy(want, 4096)
+  want.fill(0, 8192, 12288)
+  t.true((await vol.read(0, 65536)).equals(want))
+  t.is((await error(vol.read(1 << 30, 4096))).code, 'OUT_OF_RANGE')
+  t.is((await error(vol.write(100, Buffer.alloc(4096)))).code, 'MISALIGNED')
+  await reg.close()
+
+  reg = new Registry()
+  set = await reg.registerCache(f.cache)
+  t.is(set.volumes.length, 1)
+  const again = set.volumes[0]
+  t.is(again.uuid, vol.uuid)
+  t.is(again.label, 'scratch')
+  t.is(again.size, 1 << 30)
+  t.true((await again.read(0, 65536)).equals(want))
+  t.true((await again.read((1 << 30) - 4096, 4096)).equals(pattern(4096, 2)))
+  // Bad input names what is wrong.
+  t.regex((await error(set.createVolume(0))).message, /volume size/)
+  t.regex((await error(set.createVolume(1000))).message, /whole number/)
+  t.regex((await error(set.createVolume(1 << 20, { uuid: vol.uuid }))).message, /already in the set's UUID table/)
+  t.regex((await error(set.createVolume(1 << 20, { label: 'x'.repeat(33) }))).message, /label of 33 bytes/)
+  t.is((await error(set.createVolume(1 << 20, { uuid: 'not-a-uuid' }))).code, 'INVALID_ARGUMENT')
+  const second = await set.createVolume(1 << 20)
+  await second.write(0, pattern(4096, 9))
+  t.true((await second.read(0, 4096)).equals(pattern(4096, 9)))
+  t.is(set.volumes.length, 2)
+  await reg.close()
+  t.is((await error(again.read(0, 4096))).code, 'CLOSED')
+})
