@@ -176,7 +176,7 @@ export class Registry {
     let set: CacheSet
     try {
       const engine = await CacheEngine.open(path, this.#engineOptions())
-      set = new CacheSet(path, sb, engine)
+      set = new CacheSet(path, sb, engine, () => this.#stop(set))
       await set._attachVolumes()
     } catch (err) {
       this.#sets.delete(uuid)
@@ -216,6 +216,27 @@ export class Registry {
       this.#devices.delete(uuid)
       throw asUbcacheError(err, path)
     }
+  }
+
+  /**
+   * bcache's cache-set `stop`: the set's cached devices stop taking requests (those in
+   * flight finish; later ones get `CLOSED`), the set closes cleanly (flush, final
+   * checkpoint), their superblocks are brought up to date, and the registry forgets the set
+   * and them, so they can be registered again.
+   */
+  async #stop(set: CacheSet): Promise<void> {
+    const failures: unknown[] = []
+    const note = (p: Promise<unknown>): Promise<unknown> => p.catch((err) => void failures.push(err))
+    const devices = this.devices.filter((d) => d.set === set)
+    await Promise.all(devices.map((d) => note(d._close())))
+    const outcome = await set._close()
+    if (outcome !== undefined) failures.push(outcome)
+    await Promise.all(devices.map((d) => note(d._closeSuper(outcome === undefined))))
+    this.#sets.delete(set.uuid)
+    for (const d of devices) this.#devices.delete(d.superblock.uuid)
+    const gone = new Set([set.path, ...devices.map((d) => d.path)])
+    for (const [key, path] of this.#paths) if (gone.has(path)) this.#paths.delete(key)
+    if (failures.length > 0) throw asUbcacheError(failures[0])
   }
 
   /** The engine serving backing devices without their set, started on first use. */

@@ -32,9 +32,12 @@ export class CacheSet {
   readonly #volumes = new Map<string, FlashVolume>()
   #final: CacheSetStats | undefined
   #closed = false
+  readonly #stopper: () => Promise<void>
+  #stopping: Promise<void> | undefined
 
   /** @internal Sets are made by {@link Registry.register}. */
-  constructor(path: string, sb: Superblock, engine: CacheEngine) {
+  constructor(path: string, sb: Superblock, engine: CacheEngine, stop: () => Promise<void>) {
+    this.#stopper = stop
     this.path = path
     this.uuid = sb.setUuid
     this.blockSize = sb.blockSize * 512
@@ -183,6 +186,20 @@ export class CacheSet {
   /** @internal A device detached. */
   _remove(dev: CachedDevice): void {
     this.#devices.delete(dev)
+  }
+
+  /**
+   * Stops the set, as writing to bcache's sysfs `stop` does: its cached devices and volumes
+   * stop taking requests (those in flight finish, later ones get `CLOSED`), the set closes
+   * cleanly (writes flushed, a final checkpoint, so the next registration finds the cache
+   * warm), the backing superblocks are brought up to date, and the registry forgets the
+   * set and its devices, which may then be registered again. Idempotent; resolves once all
+   * of it is durable.
+   * @throws {UbcacheError} the set's failure, or a superblock write's, after doing the rest.
+   */
+  stop(): Promise<void> {
+    this.#stopping ??= this.#stopper()
+    return this.#stopping
   }
 
   /**
