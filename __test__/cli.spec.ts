@@ -1,6 +1,7 @@
-import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs'
+import { closeSync, openSync, readSync, writeFileSync, writeSync } from 'node:fs'
+import { join } from 'node:path'
 import test from 'ava'
-import { SB_FIELD_OFFSETS } from '../ts/index'
+import { CachedDevice, Registry, SB_FIELD_OFFSETS } from '../ts/index'
 import { cli, sparseFile, tempDir } from './helpers'
 
 const dir = tempDir()
@@ -129,4 +130,38 @@ test('help prints usage', (t) => {
   t.is(r.status, 0)
   t.regex(r.stdout, /ubcache make/)
   t.regex(r.stdout, /--wipe-bcache/)
+})
+
+test('detach writes the dirty data back, detaches the device (state none), prints JSON; bad arguments get one line', async (t) => {
+  const c = sparseFile(dir, 'd-c.img', 64 * MiB)
+  const b = sparseFile(dir, 'd-b.img', 16 * MiB)
+  t.is(cli('make', '-C', c, '-B', b, '--bucket', '64k', '--writeback').status, 0)
+  const reg = new Registry({ writeback: { running: false } })
+  await reg.registerCache(c)
+  const dev = await reg.registerBacking(b)
+  if (!(dev instanceof CachedDevice)) throw new Error('not a cached device')
+  const data = Buffer.alloc(MiB)
+  for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i)
+  await dev.write(0, data)
+  await dev.flush()
+  t.is(dev.dirtySectors(), MiB / 512)
+  const dataOffset = dev.dataOffset
+  await reg.close()
+  const r = cli('detach', c, b, '--json')
+  t.is(r.status, 0, r.stderr)
+  const j = JSON.parse(r.stdout)
+  t.true(j.detached)
+  t.is(j.dirtySectorsBefore, MiB / 512)
+  t.is(j.dirtySectorsLeft, 0)
+  const sb = JSON.parse(cli('show', '--json', b).stdout)
+  t.is(sb.state, 'none')
+  const onDisk = Buffer.alloc(MiB)
+  const fd = openSync(b, 'r')
+  readSync(fd, onDisk, 0, MiB, dataOffset)
+  closeSync(fd)
+  t.true(onDisk.equals(data), 'the dirty data is on the backing device')
+  // Detached already: not attached to the set any more.
+  expectOneLineError(t, ['detach', c, b], /is not attached to the cache set/)
+  expectOneLineError(t, ['detach', c], /detach takes a cache device and a backing device/)
+  expectOneLineError(t, ['detach', c, join(dir, 'missing.img')], /missing\.img/)
 })

@@ -21,6 +21,7 @@ const USAGE = `Usage: ubcache <command> [options]
 Commands:
   make     Format cache (-C) and backing (-B) devices, as make-bcache does
   show     Print a device's superblock, as bcache-super-show does
+  detach   Write a backing device's dirty data back and detach it from its cache set
   example  Format two temporary files as a cache set, write and read through it, restart warm
   help     Print this help
 
@@ -39,6 +40,12 @@ ubcache make [-C <cache>]... [-B <backing>]... [options]
       --json                         print the superblocks written as JSON
 
 ubcache show <path> [--json]
+
+ubcache detach <cache> <backing> [--json]
+  Registers both, writes every dirty extent of <backing> back (a progress bar on a
+  terminal), drops what the set caches of it, frees its slot, and writes state none into
+  its superblock, as writing 1 to bcache's sysfs detach does. SIGINT or SIGTERM cancels
+  the detach (the device stays attached) and stops cleanly; exit 130 or 143 then.
 `
 
 /** A command-line error: printed as one line, exit code 1. */
@@ -211,6 +218,81 @@ async function cmdExample(): Promise<void> {
   }
 }
 
+/** `ubcache detach`: resolves to the exit code. */
+async function cmdDetach(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { json: { type: 'boolean' } } })
+  if (positionals.length !== 2) throw new UsageError('detach takes a cache device and a backing device (ubcache detach <cache> <backing>)')
+  const [cachePath, backingPath] = positionals
+  const abort = new AbortController()
+  let signalled: NodeJS.Signals | undefined
+  const onSignal = (sig: NodeJS.Signals): void => {
+    signalled ??= sig
+    abort.abort()
+  }
+  process.on('SIGINT', onSignal)
+  process.on('SIGTERM', onSignal)
+  const reg = new Registry()
+  const bar = progressBar(process.stderr.isTTY === true && !values.json)
+  let result: Record<string, unknown> | undefined
+  try {
+    const set = await reg.registerCache(cachePath)
+    const dev = await reg.registerBacking(backingPath)
+    if (dev.set !== set) throw new UsageError(`${backingPath} is not attached to the cache set of ${cachePath} (${set.uuid})`)
+    const dirty = dev.dirtySectors() ?? 0
+    const started = performance.now()
+    let left = dirty
+    bar.update(dirty, dirty)
+    let cancelled = false
+    try {
+      await dev.detach({ signal: abort.signal, onProgress: (n) => bar.update(dirty, (left = n)) })
+      left = 0
+    } catch (err) {
+      if (!signalled) throw err
+      cancelled = true
+    }
+    bar.done()
+    result = {
+      device: backingPath,
+      set: set.uuid,
+      detached: !cancelled,
+      dirtySectorsBefore: dirty,
+      dirtySectorsLeft: cancelled ? (dev.dirtySectors() ?? left) : 0,
+      seconds: Number(((performance.now() - started) / 1000).toFixed(3)),
+      ...(signalled ? { signal: signalled } : {}),
+    }
+  } finally {
+    bar.done()
+    // A clean stop, signal or not: flush, final checkpoint, superblocks up to date.
+    await reg.close()
+    process.off('SIGINT', onSignal)
+    process.off('SIGTERM', onSignal)
+  }
+  if (values.json) print(JSON.stringify(result))
+  else if (result.detached) print(`${backingPath}: detached from cache set ${String(result.set)} (${String(result.dirtySectorsBefore)} dirty sectors written back in ${String(result.seconds)} s); state none`)
+  else print(`${backingPath}: detach cancelled by ${String(signalled)}; still attached, ${String(result.dirtySectorsLeft)} dirty sectors left; stopped cleanly`)
+  return signalled === undefined ? 0 : signalled === 'SIGINT' ? 130 : 143
+}
+
+/** A one-line progress bar on stderr (when `on`: stderr is a terminal). */
+function progressBar(on: boolean): { update(total: number, left: number): void; done(): void } {
+  let shown = false
+  return {
+    update(total, left) {
+      if (!on) return
+      const frac = total === 0 ? 1 : (total - left) / total
+      const width = 30
+      const fill = Math.round(frac * width)
+      const mib = ((left * 512) / (1 << 20)).toFixed(1)
+      process.stderr.write(`\rwriting back [${'#'.repeat(fill)}${'.'.repeat(width - fill)}] ${(frac * 100).toFixed(0).padStart(3)}%  ${mib} MiB dirty `)
+      shown = true
+    },
+    done() {
+      if (shown) process.stderr.write('\n')
+      shown = false
+    },
+  }
+}
+
 /** Reads `bytes` bytes of `dev` in `chunk`-byte reads, all in flight at once. */
 async function readAll(dev: CachedDevice, bytes: number, chunk: number): Promise<Buffer> {
   const parts: Promise<Buffer>[] = []
@@ -229,6 +311,8 @@ export async function main(argv: string[]): Promise<number> {
       case 'show':
         await cmdShow(rest)
         return 0
+      case 'detach':
+        return await cmdDetach(rest)
       case 'example':
         await cmdExample()
         return 0
