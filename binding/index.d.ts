@@ -361,6 +361,8 @@ export interface NativeBypassConfig {
   sequentialCutoff?: number
   sequentialCutoffRead?: number
   sequentialCutoffWrite?: number
+  /** bcache's `readahead`, bytes. */
+  readahead?: number
 }
 
 /**
@@ -431,6 +433,7 @@ export interface NativeCacheSetStats {
   cacheIoErrors: number
   rereadFromBacking: number
   csumErrors: number
+  readaheadSectors: number
   writebackSectors: number
   writebackErrors: number
   /** The cache device's I/O errors as `io_error_limit` counts them (decayed). */
@@ -587,6 +590,7 @@ export interface NativeStatWindow {
   cacheBypassMisses: number
   cacheMissCollisions: number
   bypassedSectors: number
+  cacheReadaheads: number
   /** Whole percent of hits among hits and misses. */
   cacheHitRatio: number
 }
@@ -613,6 +617,9 @@ export interface NativeWritebackConfig {
   ratePTermInverse?: number
   rateITermInverse?: number
   rateMinimum?: number
+  /** bcache's `stripe_size`, bytes (0: none). */
+  stripeSize?: number
+  partialStripesExpensive?: boolean
 }
 
 /**

@@ -204,6 +204,19 @@ export interface WritebackConfig {
   rateITermInverse: number
   /** `writeback_rate_minimum` (8), in sectors per second. */
   rateMinimum: number
+  /**
+   * `stripe_size` (0: no stripes), in bytes, a multiple of 4096 up to 1 GiB: the backing
+   * device's full stripe (a RAID's chunk size times its data disks). bcache reads it from
+   * the device; here it is given.
+   */
+  stripeSize: number
+  /**
+   * `partial_stripes_expensive` (false): writes of part of a stripe cost the backing device
+   * a read first (RAID 5/6). Writeback then writes fully dirty stripes back first, and a
+   * write to a stripe already partly dirty goes to the cache even past the writeback cutoff
+   * (up to 70% in use), so that stripes fill in the cache.
+   */
+  partialStripesExpensive: boolean
 }
 
 /** The writeback controller's state (bcache's `writeback_rate_debug`), in 512-byte sectors. */
@@ -233,6 +246,8 @@ export const DEFAULT_WRITEBACK: Readonly<WritebackConfig> = Object.freeze({
   ratePTermInverse: 40,
   rateITermInverse: 10000,
   rateMinimum: 8,
+  stripeSize: 0,
+  partialStripesExpensive: false,
 })
 
 /**
@@ -274,6 +289,8 @@ const WRITEBACK_TUNABLES: Record<keyof WritebackConfig, Tunable> = {
   ratePTermInverse: { name: 'writeback_rate_p_term_inverse', range: [1, 2 ** 31 - 1] },
   rateITermInverse: { name: 'writeback_rate_i_term_inverse', range: [1, 2 ** 31 - 1] },
   rateMinimum: { name: 'writeback_rate_minimum', range: [1, 1e9] },
+  stripeSize: { name: 'stripe_size', range: [0, 2 ** 30], unit: 'bytes' },
+  partialStripesExpensive: { name: 'partial_stripes_expensive' },
 }
 
 /**
@@ -300,6 +317,12 @@ export interface BypassConfig {
   sequentialCutoffRead: number | null
   /** A cutoff for writes of their own, in bytes (null: `sequentialCutoff`). */
   sequentialCutoffWrite: number | null
+  /**
+   * bcache's `readahead` (0: off), in bytes, 0 to 2^32 − 1: a read miss that reaches the
+   * request's end goes on into what the cache does not hold after it, up to this much, read
+   * into the cache (not returned); not once 90% of the cache is in use.
+   */
+  readahead: number
 }
 
 /** bcache's defaults for {@link BypassConfig}. */
@@ -307,12 +330,14 @@ export const DEFAULT_BYPASS: Readonly<BypassConfig> = Object.freeze({
   sequentialCutoff: 4 << 20,
   sequentialCutoffRead: null,
   sequentialCutoffWrite: null,
+  readahead: 0,
 })
 
 const BYPASS_TUNABLES: Record<keyof BypassConfig, Tunable> = {
   sequentialCutoff: { name: 'sequential_cutoff', range: [0, 2 ** 32 - 1], unit: 'bytes' },
   sequentialCutoffRead: { name: 'sequential_cutoff_read', range: [0, 2 ** 32 - 1], unit: 'bytes', nullable: true },
   sequentialCutoffWrite: { name: 'sequential_cutoff_write', range: [0, 2 ** 32 - 1], unit: 'bytes', nullable: true },
+  readahead: { name: 'readahead', range: [0, 2 ** 32 - 1], unit: 'bytes' },
 }
 
 /**
@@ -326,7 +351,12 @@ export function checkBypassChanges(changes: Partial<BypassConfig>): void {
 /** The native form of bypass changes: null (the shared cutoff) travels as -1. */
 function nativeBypass(changes: Partial<BypassConfig>): native.NativeBypassConfig {
   const n = (v: number | null | undefined) => (v === null ? -1 : v)
-  return { sequentialCutoff: changes.sequentialCutoff, sequentialCutoffRead: n(changes.sequentialCutoffRead), sequentialCutoffWrite: n(changes.sequentialCutoffWrite) }
+  return {
+    sequentialCutoff: changes.sequentialCutoff,
+    sequentialCutoffRead: n(changes.sequentialCutoffRead),
+    sequentialCutoffWrite: n(changes.sequentialCutoffWrite),
+    readahead: changes.readahead,
+  }
 }
 
 /**
@@ -375,6 +405,8 @@ export interface StatWindow {
   cacheMissCollisions: number
   /** Sectors of requests that bypassed the cache (bcache's `bypassed`). */
   bypassedSectors: number
+  /** Read misses extended by readahead (bcache's `cache_readaheads`). */
+  cacheReadaheads: number
   /** Hits as a whole percentage of hits and misses (0 with neither). */
   cacheHitRatio: number
 }
@@ -508,6 +540,8 @@ export interface CacheSetStats {
   rereadFromBacking: number
   /** Cache reads (hits, writeback) whose data did not match its checksum ({@link CacheEngineOptions.dataCsum}). */
   csumErrors: number
+  /** Sectors read ahead past read misses into the cache (see {@link BypassConfig.readahead}). */
+  readaheadSectors: number
   /**
    * The longest the engine spent in one call of background work (a GC or checkpoint slice,
    * the allocator's steps, a prio write's encoding), in microseconds: how long background
@@ -1060,7 +1094,12 @@ export class CacheEngine {
   bypassConfig(handle: number): BypassConfig {
     try {
       const c = this.#native.bypassConfig(handle)
-      return { sequentialCutoff: c.sequentialCutoff ?? DEFAULT_BYPASS.sequentialCutoff, sequentialCutoffRead: c.sequentialCutoffRead ?? null, sequentialCutoffWrite: c.sequentialCutoffWrite ?? null }
+      return {
+        sequentialCutoff: c.sequentialCutoff ?? DEFAULT_BYPASS.sequentialCutoff,
+        sequentialCutoffRead: c.sequentialCutoffRead ?? null,
+        sequentialCutoffWrite: c.sequentialCutoffWrite ?? null,
+        readahead: c.readahead ?? DEFAULT_BYPASS.readahead,
+      }
     } catch (err) {
       throw asUbcacheError(err)
     }

@@ -190,3 +190,41 @@ fn each_device_accounts_for_its_own_requests_and_the_set_for_all() {
     assert_eq!(all.day.bypassed_sectors, 128);
     rig.close().unwrap();
 }
+
+#[test]
+fn readahead_fills_what_follows_a_miss_up_to_the_next_cached_data() {
+    let paths = format("readahead", Geo::small());
+    let mut o = opts(CacheMode::Writethrough, 0);
+    o.bypass = Some(BypassConfig { sequential_cutoff: 0, readahead: 32 << 10, ..Default::default() });
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    let readaheads = |rig: &Rig| rig.engine.set().unwrap().device_accounting(inode).unwrap().total.cache_readaheads;
+    // A 4 KiB miss at block 10: blocks 11..19 (32 KiB) are read ahead into the cache.
+    assert_eq!(rig.read(0, 10, 1).unwrap(), blocks(0, 10, 1, 0));
+    rig.settle();
+    assert_eq!(cached(&rig), 9 * BLOCK / 512);
+    assert_eq!(readaheads(&rig), 1);
+    let hits = rig.engine.set().unwrap().stats().cache_hits;
+    assert_eq!(rig.read(0, 11, 8).unwrap(), blocks(0, 11, 8, 0));
+    assert_eq!(rig.engine.set().unwrap().stats().cache_hits, hits + 1, "read ahead: a hit");
+    // It stops at what the cache holds: block 40 is cached, a miss at 36 reads ahead 37..39.
+    rig.write(0, 40, &block_content(0, 40, 1), false).unwrap();
+    assert_eq!(rig.read(0, 36, 1).unwrap(), blocks(0, 36, 1, 0));
+    rig.settle();
+    assert_eq!(cached(&rig), (9 + 1 + 4) * BLOCK / 512);
+    assert_eq!(rig.read(0, 36, 5).unwrap(), [blocks(0, 36, 4, 0), block_content(0, 40, 1)].concat());
+    // A read whose end hits the cache reads nothing ahead; neither past the device's end.
+    assert_eq!(rig.read(0, 39, 2).unwrap(), [blocks(0, 39, 1, 0), block_content(0, 40, 1)].concat());
+    assert_eq!(readaheads(&rig), 2);
+    assert_eq!(rig.read(0, 1022, 2).unwrap(), blocks(0, 1022, 2, 0));
+    rig.settle();
+    assert_eq!(readaheads(&rig), 2, "nothing after the device's last block");
+    // Bad values are refused by name.
+    let e = rig
+        .engine
+        .set_mut()
+        .unwrap()
+        .set_bypass_config(inode, BypassConfig { readahead: 1 << 40, ..Default::default() })
+        .unwrap_err();
+    assert!(e.message().contains("readahead"), "{e}");
+}

@@ -55,6 +55,8 @@ struct Tally {
     moved: u64,
     /// Points run with data checksums.
     csum_points: usize,
+    /// Sectors read ahead past read misses.
+    read_ahead: u64,
 }
 
 /// Runs `n` crash points on one set; `modes` are the devices' cache modes (switched at
@@ -92,8 +94,18 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         // around it or, over dirty data, into it in place).
         o.bypass = match rng.below(4) {
             0 => Some(BypassConfig { sequential_cutoff: 4096 * (1 + rng.below(4)), ..Default::default() }),
+            // Readahead of a few blocks past read misses.
+            1 => Some(BypassConfig { readahead: 4096 * (1 + rng.below(4)), ..Default::default() }),
             _ => None,
         };
+        // A third of the points with expensive partial stripes of a few blocks: full stripes
+        // are written back first, writes to partly dirty stripes stay in the cache.
+        if rng.chance(33) {
+            if let Some(wb) = o.writeback.as_mut() {
+                wb.stripe_size = 4096 * (2 + rng.below(6));
+                wb.partial_stripes_expensive = true;
+            }
+        }
         let mode =
             if rng.chance(50) { CrashMode::TearUnflushed { seed: rng.next() } } else { CrashMode::DropUnflushed };
         // Crash while opening: cut the startup short after a few I/O rounds.
@@ -168,6 +180,7 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         t.written_back += rig.engine.set().map_or(0, |s| s.stats().writeback_sectors);
         t.bypassed += rig.engine.set().map_or(0, |s| s.stats().sequential_bypasses);
         t.moved += rig.engine.set().map_or(0, |s| s.moving_gc_stats().sectors_moved);
+        t.read_ahead += rig.engine.set().map_or(0, |s| s.stats().readahead_sectors);
         if let Some(tag) = detach {
             let mut events = Vec::new();
             rig.engine.take_events(&mut events);
@@ -244,6 +257,7 @@ fn report(name: &str, t: &Tally) {
     assert!(t.bypassed > 0 || points() < 100, "{name}: nothing bypassed the cache");
     assert!(t.detaches > 0 || points() < 100, "{name}: no detach begun");
     assert!(t.moved > 0 || points() < 100, "{name}: moving GC moved nothing");
+    assert!(t.read_ahead > 0 || points() < 100, "{name}: nothing was read ahead");
 }
 
 #[test]

@@ -262,3 +262,83 @@ fn gc_runs_when_triggered_and_after_writeback_cleaned_a_device() {
     wait_runs(&mut rig, before + 1);
     rig.close().unwrap();
 }
+
+#[test]
+fn with_expensive_partial_stripes_full_stripes_go_first_and_partly_dirty_ones_fill_in_the_cache() {
+    let paths = format("wb-stripes", Geo::small());
+    // 64 KiB stripes: 16 blocks.
+    let striped =
+        WritebackConfig { running: false, stripe_size: 64 << 10, partial_stripes_expensive: true, ..full_speed() };
+    let mut rig = Rig::open(&paths, &opts(striped.clone())).unwrap();
+    // Stripe 0 partly dirty, stripe 2 whole, stripe 5 partly: the whole one is written first.
+    let mut blocks: Vec<u64> = (0..4).chain(32..48).chain(80..83).collect();
+    let mut rng = Rng(3);
+    for i in (1..blocks.len()).rev() {
+        blocks.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for &b in &blocks {
+        rig.write(0, b, &block_content(0, b, 2), false).unwrap();
+    }
+    rig.flush(0).unwrap();
+    rig.ctl.start_trace();
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    rig.engine
+        .set_mut()
+        .unwrap()
+        .set_writeback_config(inode, WritebackConfig { running: true, ..striped.clone() })
+        .unwrap();
+    wait_clean(&mut rig, 0);
+    let trace = rig.ctl.take_trace();
+    let writes: Vec<u64> = trace
+        .iter()
+        .filter(|(d, k, _)| *k == OpKind::Write && *d != DevId(0))
+        .map(|&(_, _, off)| (off - DATA_OFFSET) / BLOCK)
+        .collect();
+    assert_eq!(writes.len(), blocks.len(), "{writes:?}");
+    assert_eq!(&writes[..16], &(32..48).collect::<Vec<_>>()[..], "the full stripe first: {writes:?}");
+    assert_eq!(&writes[16..], &[0, 1, 2, 3, 80, 81, 82], "then the rest in LBA order");
+    for &b in &blocks {
+        assert_eq!(on_backing(&paths, 0, b), block_content(0, b, 2));
+    }
+    // A bad stripe size is refused by name.
+    let e = rig
+        .engine
+        .set_mut()
+        .unwrap()
+        .set_writeback_config(inode, WritebackConfig { stripe_size: 1000, ..striped })
+        .unwrap_err();
+    assert!(e.message().contains("stripe_size"), "{e}");
+}
+
+#[test]
+fn past_the_writeback_cutoff_writes_to_a_partly_dirty_stripe_still_go_to_the_cache() {
+    for expensive in [true, false] {
+        let paths = format("wb-stripe-cutoff", Geo::small());
+        let cfg = WritebackConfig {
+            running: false,
+            stripe_size: 64 << 10,
+            partial_stripes_expensive: expensive,
+            ..full_speed()
+        };
+        let mut rig = Rig::open(&paths, &opts(cfg)).unwrap();
+        rig.write(0, 0, &block_content(0, 0, 1), false).unwrap();
+        // Device 1's dirty data takes the cache past bcache's 40% writeback cutoff.
+        for b in 0..1024 {
+            rig.write(1, b, &block_content(1, b, 1), false).unwrap();
+        }
+        rig.engine.set_mut().unwrap().trigger_gc();
+        let until = Instant::now() + Duration::from_secs(10);
+        while rig.engine.set().unwrap().in_use_percent() <= 40 {
+            assert!(Instant::now() < until, "in use: {}%", rig.engine.set().unwrap().in_use_percent());
+            rig.poll(Duration::from_millis(2));
+        }
+        rig.write(0, 5, &block_content(0, 5, 1), false).unwrap();
+        rig.write(0, 40, &block_content(0, 40, 1), false).unwrap();
+        // Block 5 shares stripe 0 with dirty block 0: dirty too when partial stripes are
+        // expensive. Block 40's stripe holds nothing dirty: writethrough either way.
+        let want = if expensive { 2 } else { 1 };
+        assert_eq!(dirty(&rig, 0), want * BLOCK / 512, "partial_stripes_expensive {expensive}");
+        assert_eq!(on_backing(&paths, 0, 40), block_content(0, 40, 1));
+        assert_eq!(rig.read(0, 5, 1).unwrap(), block_content(0, 5, 1));
+    }
+}

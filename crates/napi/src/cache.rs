@@ -348,6 +348,7 @@ pub struct NativeCacheSetStats {
     pub cache_io_errors: f64,
     pub reread_from_backing: f64,
     pub csum_errors: f64,
+    pub readahead_sectors: f64,
     pub writeback_sectors: f64,
     pub writeback_errors: f64,
     /// The cache device's I/O errors as `io_error_limit` counts them (decayed).
@@ -375,6 +376,9 @@ pub struct NativeWritebackConfig {
     pub rate_p_term_inverse: Option<f64>,
     pub rate_i_term_inverse: Option<f64>,
     pub rate_minimum: Option<f64>,
+    /// bcache's `stripe_size`, bytes (0: none).
+    pub stripe_size: Option<f64>,
+    pub partial_stripes_expensive: Option<bool>,
 }
 
 /// Bypass tunables of a cached device, in bytes (see the core's `BypassConfig`). Every
@@ -386,6 +390,8 @@ pub struct NativeBypassConfig {
     pub sequential_cutoff: Option<f64>,
     pub sequential_cutoff_read: Option<f64>,
     pub sequential_cutoff_write: Option<f64>,
+    /// bcache's `readahead`, bytes.
+    pub readahead: Option<f64>,
 }
 
 /// Counts of one accounting window (bcache's stats names).
@@ -397,6 +403,7 @@ pub struct NativeStatWindow {
     pub cache_bypass_misses: f64,
     pub cache_miss_collisions: f64,
     pub bypassed_sectors: f64,
+    pub cache_readaheads: f64,
     /// Whole percent of hits among hits and misses.
     pub cache_hit_ratio: f64,
 }
@@ -418,6 +425,7 @@ fn native_accounting(a: &cache_set::Accounting) -> NativeAccounting {
         cache_bypass_misses: w.cache_bypass_misses as f64,
         cache_miss_collisions: w.cache_miss_collisions as f64,
         bypassed_sectors: w.bypassed_sectors as f64,
+        cache_readaheads: w.cache_readaheads as f64,
         cache_hit_ratio: w.hit_ratio() as f64,
     };
     NativeAccounting { five_minute: w(&a.five_minute), hour: w(&a.hour), day: w(&a.day), total: w(&a.total) }
@@ -686,6 +694,8 @@ impl NativeCacheEngine {
             rate_p_term_inverse: Some(c.p_term_inverse as f64),
             rate_i_term_inverse: Some(c.i_term_inverse as f64),
             rate_minimum: Some(c.rate_minimum as f64),
+            stripe_size: Some(c.stripe_size as f64),
+            partial_stripes_expensive: Some(c.partial_stripes_expensive),
         })
     }
 
@@ -720,6 +730,7 @@ impl NativeCacheEngine {
             sequential_cutoff: Some(c.sequential_cutoff as f64),
             sequential_cutoff_read: c.sequential_cutoff_read.map(|v| v as f64),
             sequential_cutoff_write: c.sequential_cutoff_write.map(|v| v as f64),
+            readahead: Some(c.readahead as f64),
         })
     }
 
@@ -849,6 +860,7 @@ impl NativeCacheEngine {
                 cache_io_errors: st.cache_io_errors as f64,
                 reread_from_backing: st.reread_from_backing as f64,
                 csum_errors: st.csum_errors as f64,
+                readahead_sectors: st.readahead_sectors as f64,
                 writeback_sectors: st.writeback_sectors as f64,
                 writeback_errors: st.writeback_errors as f64,
                 io_errors: st.io_errors_milli as f64 / 1000.0,
@@ -977,6 +989,9 @@ fn apply_bypass(c: &mut cache_set::BypassConfig, n: &NativeBypassConfig) -> Core
     if let Some(v) = n.sequential_cutoff_write {
         c.sequential_cutoff_write = if v < 0.0 { None } else { Some(whole("sequential_cutoff_write", v)?) };
     }
+    if let Some(v) = n.readahead {
+        c.readahead = whole("readahead", v)?;
+    }
     Ok(())
 }
 
@@ -1014,6 +1029,12 @@ fn apply_writeback(c: &mut cache_set::WritebackConfig, n: &NativeWritebackConfig
     }
     if let Some(v) = n.rate_minimum {
         c.rate_minimum = whole("writeback_rate_minimum", v)?;
+    }
+    if let Some(v) = n.stripe_size {
+        c.stripe_size = whole("stripe_size", v)?;
+    }
+    if let Some(v) = n.partial_stripes_expensive {
+        c.partial_stripes_expensive = v;
     }
     Ok(())
 }

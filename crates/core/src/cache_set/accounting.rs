@@ -38,6 +38,8 @@ pub struct StatWindow {
     pub cache_miss_collisions: u64,
     /// Sectors of requests that bypassed the cache (bcache's `bypassed`).
     pub bypassed_sectors: u64,
+    /// Read misses extended by readahead (bcache's `cache_readaheads`).
+    pub cache_readaheads: u64,
 }
 
 impl StatWindow {
@@ -55,6 +57,7 @@ impl StatWindow {
             &mut self.cache_bypass_misses,
             &mut self.cache_miss_collisions,
             &mut self.bypassed_sectors,
+            &mut self.cache_readaheads,
         ] {
             f(v)
         }
@@ -67,6 +70,7 @@ impl StatWindow {
         self.cache_bypass_misses += o.cache_bypass_misses << SHIFT;
         self.cache_miss_collisions += o.cache_miss_collisions << SHIFT;
         self.bypassed_sectors += o.bypassed_sectors << SHIFT;
+        self.cache_readaheads += o.cache_readaheads << SHIFT;
     }
 }
 
@@ -150,6 +154,8 @@ pub(crate) enum Event {
     Collision,
     /// A request of this many sectors bypassed the cache.
     Bypassed(u64),
+    /// A read miss was extended by readahead.
+    Readahead,
 }
 
 impl StatWindow {
@@ -161,6 +167,7 @@ impl StatWindow {
             Event::Read { hit: false, bypass: true } => self.cache_bypass_misses += 1,
             Event::Collision => self.cache_miss_collisions += 1,
             Event::Bypassed(n) => self.bypassed_sectors += n,
+            Event::Readahead => self.cache_readaheads += 1,
         }
     }
 }

@@ -48,11 +48,20 @@ pub struct BypassConfig {
     pub sequential_cutoff_read: Option<u64>,
     /// The cutoff for writes, if not the shared one.
     pub sequential_cutoff_write: Option<u64>,
+    /// `readahead`, bytes (kept here with the other per-device request tunables): a read
+    /// miss that ends where the request ends is extended by up to this much of what the
+    /// cache does not hold after it, read into the cache and not returned. Default 0 (off).
+    pub readahead: u64,
 }
 
 impl Default for BypassConfig {
     fn default() -> Self {
-        BypassConfig { sequential_cutoff: 4 << 20, sequential_cutoff_read: None, sequential_cutoff_write: None }
+        BypassConfig {
+            sequential_cutoff: 4 << 20,
+            sequential_cutoff_read: None,
+            sequential_cutoff_write: None,
+            readahead: 0,
+        }
     }
 }
 
@@ -63,6 +72,7 @@ impl BypassConfig {
             ("sequential_cutoff", Some(self.sequential_cutoff)),
             ("sequential_cutoff_read", self.sequential_cutoff_read),
             ("sequential_cutoff_write", self.sequential_cutoff_write),
+            ("readahead", Some(self.readahead)),
         ] {
             if v.is_some_and(|v| v > u64::from(u32::MAX)) {
                 return Err(Error::new(ErrorKind::InvalidArgument, format!("{what}: must be 0..=4294967295 bytes")));

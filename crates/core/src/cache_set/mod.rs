@@ -224,6 +224,8 @@ pub struct CacheSetStats {
     pub reread_from_backing: u64,
     /// Cache reads (hits, writeback) whose data did not match its key's checksum.
     pub csum_errors: u64,
+    /// Sectors read ahead past read misses (bcache's `readahead`).
+    pub readahead_sectors: u64,
     /// The cache device's I/O error count as `io_error_limit` sees it (decayed by
     /// `io_error_halflife`), times 1000.
     pub io_errors_milli: u64,

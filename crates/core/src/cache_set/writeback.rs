@@ -38,6 +38,8 @@ use crate::io::{AlignedBuf, IoCompletion, IoRequest};
 const MAX_IN_FLIGHT: usize = 64;
 /// Keys a scan hands out at a time.
 const SCAN_KEYS: usize = 16;
+/// Dirty keys the search for fully dirty stripes looks at per call.
+const STRIPE_SCAN_KEYS: usize = 1024;
 /// Written extents flushed together at most.
 const FLUSH_BATCH: usize = 256;
 /// Rate updates without a request before the set counts as idle (bcache: six per device).
@@ -65,6 +67,14 @@ pub struct WritebackConfig {
     pub i_term_inverse: u64,
     /// `writeback_rate_minimum`, sectors per second.
     pub rate_minimum: u64,
+    /// `stripe_size`, bytes (0: the backing device has no stripes): a RAID's full stripe,
+    /// what it writes without reading first.
+    pub stripe_size: u64,
+    /// `partial_stripes_expensive`: the backing device pays for writes of part of a
+    /// stripe (RAID 5/6). Writeback then writes fully dirty stripes back first, and writes
+    /// to a stripe that is partly dirty go to the cache even past the writeback cutoff
+    /// (not past `CUTOFF_WRITEBACK_SYNC`), so that stripes fill in the cache.
+    pub partial_stripes_expensive: bool,
 }
 
 impl Default for WritebackConfig {
@@ -77,6 +87,8 @@ impl Default for WritebackConfig {
             p_term_inverse: 40,
             i_term_inverse: 10_000,
             rate_minimum: 8,
+            stripe_size: 0,
+            partial_stripes_expensive: false,
         }
     }
 }
@@ -103,6 +115,9 @@ impl WritebackConfig {
         }
         if self.rate_minimum == 0 || self.rate_minimum > MAX_RATE {
             return bad("writeback_rate_minimum", "1..=1000000000 sectors per second");
+        }
+        if !self.stripe_size.is_multiple_of(4096) || self.stripe_size > 1 << 30 {
+            return bad("stripe_size", "0 or a multiple of 4096 bytes up to 1 GiB");
         }
         Ok(())
     }
@@ -138,6 +153,8 @@ pub(crate) struct Writeback {
     next_io: Option<Instant>,
     /// The scan continues after this sector.
     cursor: u64,
+    /// The search for fully dirty stripes continues after this sector.
+    stripe_cursor: u64,
     /// A pass over the whole device ended: the next starts after `delay`.
     pass_ended: Option<Instant>,
     /// I/Os in flight, in scan order (backing writes go out in this order).
@@ -158,6 +175,7 @@ impl Writeback {
             next_update: None,
             next_io: None,
             cursor: 0,
+            stripe_cursor: 0,
             pass_ended: None,
             queue: VecDeque::new(),
             written: Vec::new(),
@@ -393,6 +411,10 @@ impl CacheSet {
             wb.pass_ended = None;
         }
         let mut keys = std::mem::take(&mut self.wb_ios.keys);
+        let wb = &self.wb(inode).cfg;
+        if wb.partial_stripes_expensive && wb.stripe_size > 0 {
+            self.writeback_full_stripes(inode, now, &mut keys);
+        }
         loop {
             let wb = self.wb(inode);
             if wb.queue.len() >= MAX_IN_FLIGHT || wb.next_io.is_some_and(|t| now < t) {
@@ -434,6 +456,69 @@ impl CacheSet {
             }
         }
         self.wb_ios.keys = keys;
+    }
+
+    /// bcache's `bcache_dev_stripe_dirty` for a write of `sectors` at `sector`: with
+    /// `partial_stripes_expensive`, whether a stripe it touches holds dirty data (the write
+    /// then goes to the cache, to fill the stripe there), while the cache is at most
+    /// `CUTOFF_WRITEBACK_SYNC` in use.
+    pub(crate) fn stripe_dirty(&self, inode: u32, sector: u64, sectors: u64) -> bool {
+        let Ok(d) = self.dev(inode) else { return false };
+        let stripe = d.wb.cfg.stripe_size / 512;
+        if !d.wb.cfg.partial_stripes_expensive || stripe == 0 || self.space.in_use > super::space::CUTOFF_WRITEBACK_SYNC
+        {
+            return false;
+        }
+        let (start, end) = (sector / stripe * stripe, (sector + sectors).div_ceil(stripe) * stripe);
+        self.index.dirty_sectors_in(inode, start, end) > 0
+    }
+
+    /// bcache's `refill_full_stripes`: starts the extents of stripes that are dirty whole,
+    /// looking at up to `STRIPE_SCAN_KEYS` dirty keys from where the last look ended, so
+    /// that a RAID gets whole stripes first.
+    fn writeback_full_stripes(&mut self, inode: u32, now: Instant, keys: &mut Vec<Key>) {
+        let (stripe, dev_sectors) = {
+            let d = self.dev(inode).expect("attached");
+            (d.wb.cfg.stripe_size / 512, d.sectors)
+        };
+        let mut full: Option<(u64, bool)> = None;
+        let mut looked = 0;
+        while looked < STRIPE_SCAN_KEYS {
+            let wb = self.wb(inode);
+            if wb.queue.len() >= MAX_IN_FLIGHT || wb.next_io.is_some_and(|t| now < t) {
+                return;
+            }
+            let from = ScanPos { inode, offset: wb.stripe_cursor };
+            let next = self.index.scan(from, ScanFilter::Dirty, SCAN_KEYS, &self.alloc, keys);
+            keys.retain(|k| k.inode == inode);
+            if keys.is_empty() {
+                self.wb(inode).stripe_cursor = 0;
+                return;
+            }
+            looked += keys.len();
+            for k in keys.drain(..) {
+                let s = k.start / stripe;
+                let whole = match full {
+                    Some((fs, w)) if fs == s => w,
+                    _ => {
+                        let (start, end) = (s * stripe, ((s + 1) * stripe).min(dev_sectors));
+                        let w = k.end() <= end && self.index.dirty_sectors_in(inode, start, end) == end - start;
+                        full = Some((s, w));
+                        w
+                    }
+                };
+                let end = k.end();
+                // (An extent already on its way is skipped: it overlaps its own order slot.)
+                if whole {
+                    self.writeback_extent(k, now);
+                }
+                self.wb(inode).stripe_cursor = end;
+            }
+            if next.is_none_or(|p| p.inode != inode) {
+                self.wb(inode).stripe_cursor = 0;
+                return;
+            }
+        }
     }
 
     /// Starts one extent: pins its bucket and reads it from the cache. False when it is

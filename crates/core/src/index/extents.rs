@@ -1051,6 +1051,28 @@ impl ExtentIndex {
         Ok(cleaned)
     }
 
+    /// Dirty sectors of `inode` in `start..end` (extents counted for their part inside).
+    pub fn dirty_sectors_in(&self, inode: u32, start: u64, end: u64) -> u64 {
+        let Some(vi) = self.vol_index(inode) else { return 0 };
+        let vol = &self.vols[vi];
+        if vol.dirty_sectors == 0 {
+            return 0;
+        }
+        let tree = &vol.tree;
+        let mut n = 0;
+        let mut c = tree.seek(start);
+        while let Some(e) = tree.get(c) {
+            if e.start() >= end {
+                break;
+            }
+            if word::is_dirty(e.word) {
+                n += e.end.min(end) - e.start().max(start);
+            }
+            tree.advance(&mut c);
+        }
+        n
+    }
+
     /// Drops the data checksum of the extents of `start..start + len` of `inode` that carry
     /// one (their data is about to be rewritten in place); pushes each such extent's key,
     /// now without checksum, onto `out` (what the journal must record first). Returns how

@@ -42,6 +42,9 @@ pub(crate) enum Part {
     CacheReadExtent { bucket: u64, dirty: bool, sector: u64, len: u64, skip: u64, at: usize, check: Check },
     /// A read from the backing device; with a placeholder when the data is to fill the cache.
     BackingRead { ph: Option<Placeholder> },
+    /// Readahead past the end of a read miss: read from the backing device into a buffer
+    /// of its own, only to fill the cache.
+    Readahead { ph: Placeholder },
     /// The write of allocation `piece` to the cache.
     CacheWrite { piece: usize },
     /// A write over dirty data, in place, its bucket pinned.

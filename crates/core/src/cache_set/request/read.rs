@@ -15,6 +15,7 @@
 //! would serve the backing device's older data as if it were current.
 
 use super::{split, Buf, CacheSet, Check, Part};
+use crate::cache_set::accounting::Event;
 use crate::error::{Error, ErrorKind};
 use crate::index::{Fragment, FragmentKind, Key, Ptr, KEY_SIZE_MAX};
 use crate::io::{IoCompletion, IoRequest};
@@ -134,9 +135,40 @@ impl CacheSet {
                 }
             }
         }
+        let tail_missed = fill && matches!(frags.last().map(|f| f.kind), Some(FragmentKind::Hole));
         self.reqs.frags = frags;
+        if tail_missed {
+            self.readahead(slot, inode, sector + sectors);
+        }
         self.count_read(inode, !missed, bypass);
         self.maybe_finish(slot);
+    }
+
+    /// bcache's readahead: a miss that reaches the request's end goes on into what the
+    /// cache does not hold after it, up to the device's `readahead` bytes (and its end), to
+    /// fill the cache; not past `CUTOFF_CACHE_READA` (90% in use).
+    fn readahead(&mut self, slot: u32, inode: u32, from: u64) {
+        let dev = self.dev(inode).expect("attached");
+        let block = dev.block_sectors.max(u64::from(self.geo.sb.block_size));
+        let want = (dev.bypass.cfg.readahead / 512).min(dev.sectors.saturating_sub(from)).min(KEY_SIZE_MAX);
+        let want = want / block * block;
+        if want == 0 || self.space.in_use >= CUTOFF_CACHE_READA {
+            return;
+        }
+        let (backing, data_offset) = (dev.backing, dev.data_offset);
+        let mut frags = std::mem::take(&mut self.reqs.frags);
+        let hole = match self.index.lookup(inode, from, want, &self.alloc, &mut frags) {
+            Ok(()) => frags.first().filter(|f| f.kind == FragmentKind::Hole && f.start == from).map(|f| f.len),
+            Err(_) => None,
+        };
+        self.reqs.frags = frags;
+        let Some(len) = hole else { return };
+        let Ok(ph) = self.index.insert_placeholder(inode, from, len, &self.alloc) else { return };
+        self.account(inode, Event::Readahead);
+        self.stats.readahead_sectors += len;
+        let buf = self.reqs.fill_pool.get((len * 512) as usize);
+        let off = data_offset + from * 512;
+        self.issue(slot, Part::Readahead { ph }, |tag| IoRequest::read(backing, off, buf, tag));
     }
 
     /// With `data_csum`: the checksum of the extent under hit `f` (at `offset` into the
@@ -265,6 +297,13 @@ impl CacheSet {
                     }
                 }
             }
+            Part::Readahead { ph } => {
+                // Only for the cache: a failure costs the request nothing.
+                match result {
+                    Ok(_) => self.fill_start(ph, &buf),
+                    Err(_) => self.fill_finished(&ph, 0),
+                }
+            }
             Part::BackingRead { ph, .. } => {
                 match result {
                     Ok(_) => {
@@ -288,6 +327,10 @@ impl CacheSet {
         self.maybe_finish(slot);
     }
 }
+
+/// Percentage of the cache in use past which reads do no readahead (bcache's
+/// `CUTOFF_CACHE_READA`).
+const CUTOFF_CACHE_READA: u64 = 90;
 
 /// A hit's data did not match its checksum.
 fn csum_error(sector: u64) -> Error {

@@ -78,7 +78,10 @@ impl CacheSet {
             return self.complete_request(slot);
         }
         // A flash-only volume's data has nowhere else to go: always to new cache space.
-        let writeback = flash || mode == CacheMode::Writeback && copy && self.should_writeback(fua);
+        let writeback = flash
+            || mode == CacheMode::Writeback
+                && copy
+                && (self.should_writeback(fua) || self.stripe_dirty(inode, sector, sectors));
         let mut in_place = Vec::new();
         let mut rest: Vec<(u64, u64)> = Vec::new();
         for f in &frags {
@@ -232,7 +235,8 @@ impl CacheSet {
     /// and it goes the other way (in place over dirty data, writethrough for the rest).
     pub(crate) fn write_retry_space(&mut self, slot: u32) -> bool {
         self.reqs.get(slot).waiting_space = false;
-        let (fua, inode) = (self.reqs.get(slot).fua, self.reqs.get(slot).inode);
+        let r = self.reqs.get(slot);
+        let (fua, inode, r_sector, r_sectors) = (r.fua, r.inode, r.offset / 512, r.len / 512);
         if self.dev(inode).is_ok_and(|d| d.flash) {
             if self.space.in_use >= crate::cache_set::CUTOFF_CACHE_ADD {
                 // Full of data that cannot be written back: the volume takes no more.
@@ -245,7 +249,7 @@ impl CacheSet {
                 );
                 return self.write_give_up(slot, e);
             }
-        } else if !self.should_writeback(fua) {
+        } else if !self.should_writeback(fua) && !self.stripe_dirty(inode, r_sector, r_sectors) {
             let ptrs: Vec<_> = std::mem::take(&mut self.reqs.get(slot).pieces).iter().map(|p| p.alloc.ptr).collect();
             let _ = self.alloc.put_ptrs(&ptrs);
             self.write_decide(slot, false);
