@@ -149,3 +149,23 @@ test('moving GC empties mostly empty buckets after a GC pass: dirty data keeps e
   t.regex((await error(bad.registerCache(set.path))).message, /copyGcEnabled must be true or false/)
   await bad.close()
 })
+
+test('the cache device\'s replacement policy and discard change at once, persist in its superblock, and are checked', async (t) => {
+  const { reg, dev } = await open()
+  const set = dev.set
+  if (!set) throw new Error('not attached')
+  t.deepEqual(set.cacheDeviceConfig(), { replacement: 'lru', discard: false })
+  set.configureCacheDevice({ replacement: 'fifo', discard: true })
+  t.deepEqual(set.cacheDeviceConfig(), { replacement: 'fifo', discard: true })
+  t.regex((await error(() => set.configureCacheDevice({ replacement: 'mru' as 'lru' }))).message, /cache_replacement_policy/)
+  t.regex((await error(() => set.configureCacheDevice({ discard: 'no' as unknown as boolean }))).message, /discard must be true or false/)
+  t.regex((await error(() => set.configureCacheDevice({ trim: true } as never))).message, /unknown cache device tunable 'trim'/)
+  await reg.close()
+  const sb = (await readSuperblock(set.path)).sb
+  t.is(sb.replacement, 'fifo')
+  t.true(sb.discard)
+  const reg2 = new Registry()
+  const set2 = await reg2.registerCache(set.path)
+  t.deepEqual(set2.cacheDeviceConfig(), { replacement: 'fifo', discard: true })
+  await reg2.close()
+})

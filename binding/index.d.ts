@@ -85,6 +85,10 @@ export declare class NativeCacheEngine {
    * its handle (in `id`; `size` is what lies past the data offset); usable at once.
    */
   attachPlain(path: string, dataOffset: number, options?: NativeOpenOptions | undefined | null): NativeDevice
+  /** The cache device's replacement policy and discard flag. */
+  cachePolicy(): NativeCachePolicy
+  /** Changes the cache device's replacement policy and discard flag (recorded in its superblock). */
+  setCachePolicy(p: NativeCachePolicy): void
   /**
    * Creates a flash-only volume of `size` bytes named `uuid` (16 bytes) in the set;
    * returns its handle at once, and `tag` comes back when its UUID-table entry is durable.
@@ -363,6 +367,15 @@ export interface NativeBypassConfig {
   sequentialCutoffWrite?: number
   /** bcache's `readahead`, bytes. */
   readahead?: number
+}
+
+/**
+ * The cache device's replacement policy (`lru`, `fifo`, `random`) and discard flag; when
+ * setting, the fields left out keep their value.
+ */
+export interface NativeCachePolicy {
+  replacement?: string
+  discard?: boolean
 }
 
 /**

@@ -46,7 +46,7 @@ import { type EngineChoice, type IoEngineOptions, type IoEngineStats, nativeEngi
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { checkCount, closedError, deviceRequests, InlineQueue, MAX_REQUEST } from './inline'
 import native from './native'
-import { CACHE_MODES, type CacheMode } from './superblock'
+import { CACHE_MODES, type CacheMode, REPLACEMENTS, type Replacement } from './superblock'
 import { newUuid, uuidToBytes, uuidToString } from './uuid'
 
 type NativeCacheEngine = InstanceType<typeof native.NativeCacheEngine>
@@ -156,6 +156,17 @@ export interface CachedDeviceInfo {
   writable: boolean
   /** Attached to the cache set (false: served straight, {@link CacheEngine.attachPlain}). */
   cached: boolean
+}
+
+/**
+ * Tunables of a cache set's cache device (bcache's sysfs `cache_replacement_policy` and
+ * `discard`, which bcache also records in the cache superblock, as ubcache does).
+ */
+export interface CacheDeviceConfig {
+  /** `cache_replacement_policy` (`lru`): which buckets are invalidated first: `lru`, `fifo` or `random`. */
+  replacement: Replacement
+  /** `discard` (false): buckets are discarded (TRIM) before reuse. */
+  discard: boolean
 }
 
 /** A flash-only volume of a cache set, as its UUID table records it. */
@@ -842,6 +853,42 @@ export class CacheEngine {
       })
     } catch (err) {
       this.#devices.delete(handle)
+      throw asUbcacheError(err)
+    }
+  }
+
+  /** The cache device's replacement policy and discard flag. @throws {UbcacheError} `INVALID_ARGUMENT` (no cache set). */
+  cacheDeviceConfig(): CacheDeviceConfig {
+    try {
+      const p = this.#native.cachePolicy()
+      return { replacement: p.replacement as Replacement, discard: p.discard === true }
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
+   * Changes the cache device's replacement policy (from the next batch of buckets
+   * invalidated) and discard flag (from the next bucket reused), and records them in the
+   * cache superblock, as writing bcache's sysfs files does.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (an unknown key or a bad value, naming it; no
+   *   cache set), the set's failure, `CLOSED`.
+   */
+  setCacheDeviceConfig(changes: Partial<CacheDeviceConfig>): void {
+    this.#check()
+    if (typeof changes !== 'object' || changes === null) throw new InvalidArgumentError('cache device changes must be an object')
+    for (const [k, v] of Object.entries(changes)) {
+      if (k === 'replacement') {
+        if (!REPLACEMENTS.includes(v as Replacement)) throw new InvalidArgumentError(`cache_replacement_policy (replacement) must be one of ${REPLACEMENTS.join(', ')}, got ${String(v)}`)
+      } else if (k === 'discard') {
+        if (typeof v !== 'boolean') throw new InvalidArgumentError(`discard must be true or false, got ${String(v)}`)
+      } else {
+        throw new InvalidArgumentError(`unknown cache device tunable '${k}' (known: replacement, discard)`)
+      }
+    }
+    try {
+      this.#native.setCachePolicy({ replacement: changes.replacement, discard: changes.discard })
+    } catch (err) {
       throw asUbcacheError(err)
     }
   }

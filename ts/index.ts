@@ -20,6 +20,7 @@ export {
   type BypassConfig,
   type CachedDeviceInfo,
   type VolumeInfo,
+  type CacheDeviceConfig,
   CacheEngine,
   type CacheEngineOptions,
   type CacheSetOpenReport,

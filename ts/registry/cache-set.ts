@@ -3,7 +3,7 @@
  * backing devices attached to it (see {@link CacheSet}).
  * @module
  */
-import type { Accounting, CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats, CongestionConfig, PriorityStats } from '../cache-engine'
+import type { Accounting, CacheDeviceConfig, CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats, CongestionConfig, PriorityStats } from '../cache-engine'
 import { InvalidArgumentError } from '../errors'
 import { newUuid } from '../uuid'
 import type { Superblock } from '../superblock'
@@ -154,6 +154,25 @@ export class CacheSet {
    */
   configureCongestion(changes: Partial<CongestionConfig>): void {
     this._engine.setCongestionConfig(changes)
+  }
+
+  /**
+   * The cache device's `cache_replacement_policy` and `discard` (bcache's sysfs files of a
+   * cache device).
+   * @throws {UbcacheError} `CLOSED` once the registry closed.
+   */
+  cacheDeviceConfig(): CacheDeviceConfig {
+    return this._engine.cacheDeviceConfig()
+  }
+
+  /**
+   * Changes the replacement policy and discard flag given; they take effect at once and are
+   * recorded in the cache superblock (so they hold after a restart, as in bcache).
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (an unknown tunable or a bad value, naming
+   *   it), the set's failure, `CLOSED`.
+   */
+  configureCacheDevice(changes: Partial<CacheDeviceConfig>): void {
+    this._engine.setCacheDeviceConfig(changes)
   }
 
   /** What opening the set found and did: replayed journal entries, a clean last shutdown... */

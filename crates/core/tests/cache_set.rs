@@ -163,3 +163,25 @@ impl Verify for Rig {
         self.engine.set().unwrap().verify_index().unwrap();
     }
 }
+
+#[test]
+fn the_replacement_policy_and_discard_change_at_once_and_persist_in_the_superblock() {
+    use ubcache_core::alloc::Replacement;
+    let paths = format("policy", Geo::small());
+    let mut rig = Rig::open(&paths, &RigOptions::default()).unwrap();
+    assert_eq!(rig.engine.cache_policy().unwrap(), (Replacement::Lru, false));
+    rig.engine.set_cache_policy(Replacement::Fifo, true).unwrap();
+    // A second change while the first superblock write is in flight.
+    rig.engine.set_cache_policy(Replacement::Random, true).unwrap();
+    assert_eq!(rig.engine.cache_policy().unwrap(), (Replacement::Random, true));
+    // The allocator goes on under the new policy (discards included).
+    for b in 0..600 {
+        rig.write(0, b % 1024, &block_content(0, b % 1024, 1 + b / 1024), false).unwrap();
+    }
+    rig.close().unwrap();
+    let page = std::fs::read(&paths.cache).unwrap()[4096..8192].to_vec();
+    let sb = ubcache_core::cache_set::superblock::parse(&page).unwrap();
+    assert_eq!((sb.replacement(), sb.discard()), (2, true));
+    let rig = Rig::open(&paths, &RigOptions::default()).unwrap();
+    assert_eq!(rig.engine.cache_policy().unwrap(), (Replacement::Random, true));
+}

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
+use ubcache_core::alloc::Replacement;
 use ubcache_core::cache_set::{self, CacheEngine, CacheMode, CacheSet, CacheSetOptions, CachedDevConfig, SetState};
 use ubcache_core::io::{
     open_engine, Device, EngineChoice, EngineOptions, EngineStorage, IoCompletion, IoEngine, IoRequest, OpenOptions,
@@ -115,6 +116,14 @@ pub struct NativeLoadOptions {
     pub data_csum: Option<bool>,
 }
 
+/// The cache device's replacement policy (`lru`, `fifo`, `random`) and discard flag; when
+/// setting, the fields left out keep their value.
+#[napi(object)]
+pub struct NativeCachePolicy {
+    pub replacement: Option<String>,
+    pub discard: Option<bool>,
+}
+
 /// A flash-only volume of the set.
 #[napi(object)]
 pub struct NativeVolume {
@@ -124,6 +133,14 @@ pub struct NativeVolume {
     pub label: String,
     /// Its size in bytes.
     pub size: f64,
+}
+
+fn replacement_name(r: Replacement) -> &'static str {
+    match r {
+        Replacement::Lru => "lru",
+        Replacement::Fifo => "fifo",
+        Replacement::Random => "random",
+    }
 }
 
 fn uuid16(env: &Env, uuid: &[u8]) -> Result<[u8; 16]> {
@@ -605,6 +622,31 @@ impl NativeCacheEngine {
         let (device, info) = open_device(env, &path, options)?;
         let handle = self.with(env, |e| e.attach_plain(device, data_offset))?;
         Ok(NativeDevice { id: handle, size: info.size - data_offset as f64, ..info })
+    }
+
+    /// The cache device's replacement policy and discard flag.
+    #[napi]
+    pub fn cache_policy(&self, env: &Env) -> Result<NativeCachePolicy> {
+        let (r, discard) = self.with(env, |e| e.cache_policy())?;
+        Ok(NativeCachePolicy { replacement: Some(replacement_name(r).to_string()), discard: Some(discard) })
+    }
+
+    /// Changes the cache device's replacement policy and discard flag (recorded in its superblock).
+    #[napi]
+    pub fn set_cache_policy(&self, env: &Env, p: NativeCachePolicy) -> Result<()> {
+        let (mut r, mut discard) = self.with(env, |e| e.cache_policy())?;
+        if let Some(name) = p.replacement.as_deref() {
+            r = match name {
+                "lru" => Replacement::Lru,
+                "fifo" => Replacement::Fifo,
+                "random" => Replacement::Random,
+                _ => return invalid(env, format!("cache_replacement_policy {name:?}: expected lru, fifo or random")),
+            };
+        }
+        if let Some(d) = p.discard {
+            discard = d;
+        }
+        self.with(env, |e| e.set_cache_policy(r, discard))
     }
 
     /// Creates a flash-only volume of `size` bytes named `uuid` (16 bytes) in the set;

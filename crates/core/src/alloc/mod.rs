@@ -387,6 +387,21 @@ impl Allocator {
         Ok(self.cache(dev)?.prio_nr)
     }
 
+    /// A device's replacement policy and whether it discards buckets before reuse.
+    pub fn cache_policy(&self, dev: u8) -> Result<(Replacement, bool)> {
+        let c = self.cache(dev)?;
+        Ok((c.replacement, c.discard))
+    }
+
+    /// Changes a device's replacement policy (from the next invalidation batch on) and
+    /// whether it discards buckets before reuse (from the next bucket on).
+    pub fn set_cache_policy(&mut self, dev: u8, replacement: Replacement, discard: bool) -> Result<()> {
+        let c = self.cache_mut(dev)?;
+        c.replacement = replacement;
+        c.discard = discard;
+        Ok(())
+    }
+
     fn cache(&self, dev: u8) -> Result<&CacheAlloc> {
         self.caches.get(dev as usize).ok_or_else(|| no_cache(dev, self.caches.len()))
     }

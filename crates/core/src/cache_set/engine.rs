@@ -192,6 +192,22 @@ impl CacheEngine {
         self.driver.remove_device(backing)
     }
 
+    /// The set's cache replacement policy and discard flag (see `CacheSet::set_cache_policy`).
+    pub fn cache_policy(&self) -> Result<(crate::alloc::Replacement, bool)> {
+        self.set
+            .as_ref()
+            .map(|s| s.cache_policy())
+            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))
+    }
+
+    /// Changes the set's cache replacement policy and discard flag, recorded in its superblock.
+    pub fn set_cache_policy(&mut self, replacement: crate::alloc::Replacement, discard: bool) -> Result<()> {
+        let set =
+            self.set.as_mut().ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))?;
+        set.set_cache_policy(replacement, discard)?;
+        self.pump_aside()
+    }
+
     /// Creates a flash-only volume of `sectors` named `uuid` in the set (see
     /// `cache_set::volume`). Returns its handle at once; `tag` comes back from
     /// [`CacheEngine::take_events`] when its UUID-table entry is durable.

@@ -10,7 +10,7 @@
 use super::checkpoint::Reason;
 use super::journal::Waiter;
 use super::{CacheSet, SetState, Tag, CKPT_PRIO_HARD};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, IoCompletion, IoRequest};
 use crate::journal::MetaPtr;
 use crate::uuids::{self, UuidEntry};
@@ -58,6 +58,8 @@ pub(crate) struct Meta {
     /// The superblock page as last written.
     pub sb_page: Vec<u8>,
     pub sb_writing: bool,
+    /// The page changed while it was being written: write it again after.
+    pub sb_again: bool,
 }
 
 impl Meta {
@@ -73,6 +75,7 @@ impl Meta {
             release: Vec::new(),
             sb_page,
             sb_writing: false,
+            sb_again: false,
         }
     }
 
@@ -290,6 +293,42 @@ impl CacheSet {
             Ok(sb) => self.geo.sb = sb,
             Err(e) => return self.fail(e),
         }
+        if std::mem::take(&mut self.meta.sb_again) {
+            return self.super_write();
+        }
         self.startup_progress();
+    }
+
+    /// The cache device's replacement policy and whether it discards buckets before reuse
+    /// (bcache's sysfs `cache_replacement_policy` and `discard`).
+    pub fn cache_policy(&self) -> (crate::alloc::Replacement, bool) {
+        self.alloc.cache_policy(0).unwrap_or_default()
+    }
+
+    /// Changes the replacement policy and the discard flag at once, and records them in the
+    /// cache superblock (written in the background, as bcache's `bcache_write_super`).
+    pub fn set_cache_policy(&mut self, replacement: crate::alloc::Replacement, discard: bool) -> Result<()> {
+        if let Some(e) = self.failed_error() {
+            return Err(e);
+        }
+        if matches!(self.state, SetState::Closing | SetState::Closed) {
+            return Err(Error::new(crate::error::ErrorKind::Closed, "the cache set is closed"));
+        }
+        self.alloc.set_cache_policy(0, replacement, discard)?;
+        let bits = match replacement {
+            crate::alloc::Replacement::Lru => 0,
+            crate::alloc::Replacement::Fifo => 1,
+            crate::alloc::Replacement::Random => 2,
+        };
+        let mut page = self.meta.sb_page.clone();
+        let flags = super::superblock::parse(&page)?.flags_with(bits, discard);
+        super::superblock::set_flags(&mut page, flags)?;
+        self.meta.sb_page = page;
+        if self.meta.sb_writing {
+            self.meta.sb_again = true;
+        } else {
+            self.super_write();
+        }
+        Ok(())
     }
 }

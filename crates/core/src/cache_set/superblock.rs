@@ -57,6 +57,11 @@ impl CacheSb {
     pub fn discard(&self) -> bool {
         self.flags & 2 != 0
     }
+
+    /// The flags word with replacement policy bits `replacement` and the discard flag.
+    pub fn flags_with(&self, replacement: u64, discard: bool) -> u64 {
+        (self.flags & !(2 | 7 << 2)) | (replacement & 7) << 2 | u64::from(discard) << 1
+    }
 }
 
 /// bcache's superblock checksum: crc64 over bytes 8 up to the end of `d[keys]`.
@@ -116,7 +121,13 @@ pub fn parse(page: &[u8]) -> Result<CacheSb> {
 /// Sets `CACHE_SYNC`, bumps `seq` and recomputes the checksum of a superblock page in place.
 pub fn mark_sync(page: &mut [u8]) -> Result<CacheSb> {
     let sb = parse(page)?;
-    page[104..112].copy_from_slice(&(sb.flags | CACHE_SYNC).to_le_bytes());
+    set_flags(page, sb.flags)
+}
+
+/// Rewrites the page with `flags` (and `CACHE_SYNC`), the next `seq` and its checksum.
+pub fn set_flags(page: &mut [u8], flags: u64) -> Result<CacheSb> {
+    let sb = parse(page)?;
+    page[104..112].copy_from_slice(&(flags | CACHE_SYNC).to_le_bytes());
     page[112..120].copy_from_slice(&(sb.seq + 1).to_le_bytes());
     let keys = sb.journal_buckets.len();
     let c = sb_csum(page, keys);
