@@ -402,6 +402,7 @@ mod tests {
             sequential_cutoff: 1 << 20,
             sequential_cutoff_read: Some(0),
             sequential_cutoff_write: Some(256 << 10),
+            readahead: 0,
         };
         let mut dev = Bypass::new(cfg);
         let mut c = off();
