@@ -447,6 +447,7 @@ export interface NativeCacheSetStats {
   rereadFromBacking: number
   csumErrors: number
   readaheadSectors: number
+  cacheReadRaces: number
   writebackSectors: number
   writebackErrors: number
   /** The cache device's I/O errors as `io_error_limit` counts them (decayed). */

@@ -554,6 +554,12 @@ export interface CacheSetStats {
   /** Sectors read ahead past read misses into the cache (see {@link BypassConfig.readahead}). */
   readaheadSectors: number
   /**
+   * bcache's `cache_read_races`: hits whose bucket was reused while they were read (read
+   * again from the backing device, or failed if dirty). A hit pins its bucket, so this
+   * stays 0 unless something is wrong.
+   */
+  cacheReadRaces: number
+  /**
    * The longest the engine spent in one call of background work (a GC or checkpoint slice,
    * the allocator's steps, a prio write's encoding), in microseconds: how long background
    * work held up the JavaScript thread at most.

@@ -366,6 +366,7 @@ pub struct NativeCacheSetStats {
     pub reread_from_backing: f64,
     pub csum_errors: f64,
     pub readahead_sectors: f64,
+    pub cache_read_races: f64,
     pub writeback_sectors: f64,
     pub writeback_errors: f64,
     /// The cache device's I/O errors as `io_error_limit` counts them (decayed).
@@ -903,6 +904,7 @@ impl NativeCacheEngine {
                 reread_from_backing: st.reread_from_backing as f64,
                 csum_errors: st.csum_errors as f64,
                 readahead_sectors: st.readahead_sectors as f64,
+                cache_read_races: st.cache_read_races as f64,
                 writeback_sectors: st.writeback_sectors as f64,
                 writeback_errors: st.writeback_errors as f64,
                 io_errors: st.io_errors_milli as f64 / 1000.0,

@@ -226,6 +226,9 @@ pub struct CacheSetStats {
     pub csum_errors: u64,
     /// Sectors read ahead past read misses (bcache's `readahead`).
     pub readahead_sectors: u64,
+    /// Hits whose bucket was reused while they were read (bcache's `cache_read_races`);
+    /// read again from the backing device when clean.
+    pub cache_read_races: u64,
     /// The cache device's I/O error count as `io_error_limit` sees it (decayed by
     /// `io_error_halflife`), times 1000.
     pub io_errors_milli: u64,

@@ -35,7 +35,7 @@ pub(crate) enum Kind {
 pub(crate) enum Part {
     /// A read from the cache of a hit: its bucket is pinned until it completes. With
     /// `check`, the data read is the whole extent, and must match its checksum.
-    CacheRead { bucket: u64, dirty: bool, sector: u64, check: Option<Check> },
+    CacheRead { bucket: u64, gen: u8, dirty: bool, sector: u64, check: Option<Check> },
     /// A hit on part of an extent with a checksum: the whole extent is read into a buffer
     /// of its own and checked, then sectors `skip .. skip + len` of it are copied to byte
     /// `at` of the request's buffer.

@@ -57,7 +57,8 @@ impl CacheSet {
                             unreachable!("a new read has its buffer")
                         };
                         let at = (ptr.offset() + offset) * 512;
-                        let part = Part::CacheRead { bucket, dirty, sector, check: check.map(|c| c.0) };
+                        let gen = ptr.gen();
+                        let part = Part::CacheRead { bucket, gen, dirty, sector, check: check.map(|c| c.0) };
                         let cache = self.cache;
                         self.issue(slot, part, |tag| IoRequest::read(cache, at, buf, tag));
                         return;
@@ -97,7 +98,9 @@ impl CacheSet {
                         check => {
                             let win = self.reqs.get(slot).buf.window(at, (f.len * 512) as usize, align);
                             let dev_at = (ptr.offset() + offset) * 512;
-                            let part = Part::CacheRead { bucket, dirty, sector: f.start, check: check.map(|c| c.0) };
+                            let gen = ptr.gen();
+                            let part =
+                                Part::CacheRead { bucket, gen, dirty, sector: f.start, check: check.map(|c| c.0) };
                             self.issue(slot, part, |tag| IoRequest::read(cache, dev_at, win, tag));
                         }
                     }
@@ -215,11 +218,21 @@ impl CacheSet {
         let r = self.reqs.get(slot);
         let whole = matches!(r.buf, Buf::Away);
         match std::mem::replace(&mut r.parts[part], Part::Journal) {
-            Part::CacheRead { bucket, dirty, sector, check } => {
+            Part::CacheRead { bucket, gen, dirty, sector, check } => {
+                // bcache's `cache_read_races`: the bucket was reused under the read. The pin
+                // taken for the read prevents it; the check stays, as a read of a reused
+                // bucket would return another extent's data.
+                let raced = self.alloc.bucket(0, bucket).is_ok_and(|b| b.gen != gen);
                 let _ = self.alloc.unpin(0, bucket);
+                if raced {
+                    self.stats.cache_read_races += 1;
+                }
                 let started = self.reqs.get(slot).started;
                 self.congestion_sample(false, started);
                 let result = match (result, check) {
+                    (Ok(_), _) if raced => {
+                        Err(Error::new(ErrorKind::Io, "the cache bucket was reused during the read"))
+                    }
                     (Ok(_), Some(c)) if Key::data_crc(&buf) != c.crc => {
                         let inode = self.reqs.get(slot).inode;
                         self.csum_mismatch(inode, &c);
