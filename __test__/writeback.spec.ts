@@ -169,3 +169,18 @@ test('the cache device\'s replacement policy and discard change at once, persist
   t.deepEqual(set2.cacheDeviceConfig(), { replacement: 'fifo', discard: true })
   await reg2.close()
 })
+
+test('dev.dirtyExtents(): the ranges only the cache holds, merged, in order', async (t) => {
+  const { reg, dev } = await open()
+  dev.configureWriteback({ running: false })
+  t.deepEqual(dev.dirtyExtents(), [])
+  for (const b of [3, 4, 5, 10, 20, 21]) await dev.write(b * 4096, pattern(4096, b))
+  t.deepEqual(dev.dirtyExtents(), [
+    { offset: 3 * 4096, length: 3 * 4096 },
+    { offset: 10 * 4096, length: 4096 },
+    { offset: 20 * 4096, length: 2 * 4096 },
+  ])
+  t.deepEqual(dev.dirtyExtents(1), [{ offset: 3 * 4096, length: 3 * 4096 }])
+  await reg.close()
+  t.deepEqual(dev.dirtyExtents(), [])
+})

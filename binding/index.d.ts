@@ -85,6 +85,8 @@ export declare class NativeCacheEngine {
    * its handle (in `id`; `size` is what lies past the data offset); usable at once.
    */
   attachPlain(path: string, dataOffset: number, options?: NativeOpenOptions | undefined | null): NativeDevice
+  /** A cached device's dirty extents, in bytes, adjacent ones merged, at most `max`. */
+  dirtyExtents(handle: number, max: number): Array<NativeExtent>
   /** The cache device's replacement policy and discard flag. */
   cachePolicy(): NativeCachePolicy
   /** Changes the cache device's replacement policy and discard flag (recorded in its superblock). */
@@ -521,6 +523,12 @@ export interface NativeEngineStats {
   /** Inline ring: submissions that polled for a first completion, and how many got one. */
   busyPolls: number
   busyPollHits: number
+}
+
+/** A range of a device, in bytes. */
+export interface NativeExtent {
+  offset: number
+  length: number
 }
 
 /** How to open a cache set. */

@@ -863,6 +863,21 @@ export class CacheEngine {
     }
   }
 
+  /**
+   * The ranges of a cached device whose current data only the cache holds (its dirty
+   * extents, adjacent ones merged, in order; at most `max`), in bytes.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (not a cached device), `CLOSED`.
+   */
+  dirtyExtents(handle: number, max = 1 << 20): { offset: number; length: number }[] {
+    this.#check()
+    checkCount('max', max)
+    try {
+      return this.#native.dirtyExtents(handle, Math.min(max, 2 ** 32 - 1))
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
   /** The cache device's replacement policy and discard flag. @throws {UbcacheError} `INVALID_ARGUMENT` (no cache set). */
   cacheDeviceConfig(): CacheDeviceConfig {
     try {

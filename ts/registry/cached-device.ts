@@ -393,6 +393,18 @@ export class CachedDevice {
     return r?.set ? r.engine.dirtySectors(r.handle) : undefined
   }
 
+  /**
+   * The ranges of the device whose current data only its cache set holds (dirty extents,
+   * adjacent ones merged, in order, at most `max`), in bytes: what would be lost with the
+   * cache device, and what a set out of service (past `ioErrorLimit`) reports so. Empty
+   * when no set serves the device.
+   */
+  dirtyExtents(max?: number): { offset: number; length: number }[] {
+    const r = this.#route
+    if (!r?.set || this.#closed) return []
+    return r.engine.dirtyExtents(r.handle, max)
+  }
+
   /** Sectors of the device the cache set holds, as {@link CachedDevice.dirtySectors}. */
   cachedSectors(): number | undefined {
     if (this.#final) return this.#final.cached

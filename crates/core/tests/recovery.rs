@@ -607,3 +607,28 @@ fn cache_io_errors_past_the_limit_take_the_set_out_of_service() {
     assert!(matches!(rig.state(), SetState::Running), "the first error has faded: {:?}", rig.state());
     rig.close().unwrap();
 }
+
+/// Rule: a set out of service reports, per device, the extents only its cache holds (dirty
+/// data), and still serves them from the cache while it can read it.
+#[test]
+fn a_set_out_of_service_reports_its_dirty_extents() {
+    let paths = format("lost", Geo::small());
+    let set = CacheSetOptions { io_error_limit: 1, ..wb().set };
+    let o = RigOptions { set, ..wb() };
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    for b in [3u64, 4, 5, 10, 20, 21, 22, 23] {
+        rig.write(0, b, &data(0, b, 1), false).unwrap();
+    }
+    rig.flush(0).unwrap();
+    let h = rig.handles[0];
+    let want = vec![(24, 24), (80, 8), (160, 32)];
+    assert_eq!(rig.engine.dirty_extents(h, 100).unwrap(), want);
+    assert_eq!(rig.engine.dirty_extents(h, 2).unwrap(), want[..2]);
+    // One failed cache write takes the set out of service (limit 1).
+    rig.ctl.add_rule(FaultRule::eio().op(OpKind::Write).dev(DevId(0)).times(1));
+    assert!(rig.write(0, 40, &data(0, 40, 1), false).is_err());
+    assert!(matches!(rig.state(), SetState::Failed(_)), "{:?}", rig.state());
+    assert_eq!(rig.engine.dirty_extents(h, 100).unwrap(), want);
+    assert_eq!(rig.read(0, 20, 4).unwrap(), (20..24).flat_map(|b| data(0, b, 1)).collect::<Vec<_>>());
+    rig.crash(CrashMode::DropUnflushed);
+}

@@ -124,6 +124,13 @@ pub struct NativeCachePolicy {
     pub discard: Option<bool>,
 }
 
+/// A range of a device, in bytes.
+#[napi(object)]
+pub struct NativeExtent {
+    pub offset: f64,
+    pub length: f64,
+}
+
 /// A flash-only volume of the set.
 #[napi(object)]
 pub struct NativeVolume {
@@ -623,6 +630,13 @@ impl NativeCacheEngine {
         let (device, info) = open_device(env, &path, options)?;
         let handle = self.with(env, |e| e.attach_plain(device, data_offset))?;
         Ok(NativeDevice { id: handle, size: info.size - data_offset as f64, ..info })
+    }
+
+    /// A cached device's dirty extents, in bytes, adjacent ones merged, at most `max`.
+    #[napi]
+    pub fn dirty_extents(&self, env: &Env, handle: u32, max: u32) -> Result<Vec<NativeExtent>> {
+        let v = self.with(env, |e| e.dirty_extents(handle, max as usize))?;
+        Ok(v.into_iter().map(|(s, l)| NativeExtent { offset: (s * 512) as f64, length: (l * 512) as f64 }).collect())
     }
 
     /// The cache device's replacement policy and discard flag.

@@ -192,6 +192,12 @@ impl CacheEngine {
         self.driver.remove_device(backing)
     }
 
+    /// The handle's dirty extents (see [`CacheSet::dirty_extents`]).
+    pub fn dirty_extents(&mut self, handle: u32, max: usize) -> Result<Vec<(u64, u64)>> {
+        let (set, inode) = self.cached_mut(handle)?;
+        Ok(set.dirty_extents(inode, max))
+    }
+
     /// The set's cache replacement policy and discard flag (see `CacheSet::set_cache_policy`).
     pub fn cache_policy(&self) -> Result<(crate::alloc::Replacement, bool)> {
         self.set

@@ -79,10 +79,11 @@ impl CacheSet {
         self.gc.wanted = true;
     }
 
-    /// Asks for a GC pass now (bcache's `trigger_gc`); it runs in slices between requests.
-    /// Does nothing while one runs.
+    /// Asks for a GC pass now (bcache's `trigger_gc`); it runs in slices between requests
+    /// (while the set starts too: a pass asked for then is not lost). Does nothing while
+    /// one runs.
     pub fn trigger_gc(&mut self) {
-        if !self.gc.running && matches!(self.state, SetState::Running) {
+        if !self.gc.running && matches!(self.state, SetState::Running | SetState::Starting) {
             self.gc.wanted = true;
         }
     }

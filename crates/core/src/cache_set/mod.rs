@@ -467,6 +467,31 @@ impl CacheSet {
         self.index.dirty_sectors(inode)
     }
 
+    /// The ranges of a cached device whose current data only the cache holds (its dirty
+    /// extents, adjacent ones merged), as `(sector, sectors)` in order, at most `max` of
+    /// them: what a set out of service reports lost should its cache device be lost too.
+    pub fn dirty_extents(&mut self, inode: u32, max: usize) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut keys = Vec::new();
+        let mut pos = crate::index::ScanPos { inode, offset: 0 };
+        loop {
+            let next = self.index.scan(pos, crate::index::ScanFilter::Dirty, 1024, &self.alloc, &mut keys);
+            for k in keys.iter().filter(|k| k.inode == inode) {
+                if let Some(last) = out.last_mut().filter(|(s, l)| *s + *l == k.start) {
+                    last.1 += k.size;
+                } else if out.len() == max {
+                    return out;
+                } else {
+                    out.push((k.start, k.size));
+                }
+            }
+            match next {
+                Some(p) if p.inode == inode => pos = p,
+                _ => return out,
+            }
+        }
+    }
+
     /// Sectors of a cached device the cache holds.
     pub fn cached_sectors(&self, inode: u32) -> u64 {
         self.index.sectors(inode)
