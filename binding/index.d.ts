@@ -85,6 +85,8 @@ export declare class NativeCacheEngine {
    * its handle (in `id`; `size` is what lies past the data offset); usable at once.
    */
   attachPlain(path: string, dataOffset: number, options?: NativeOpenOptions | undefined | null): NativeDevice
+  /** bcache's `clear_stats`: a cached device's accounting windows, or (no handle) the set's and all. */
+  clearStats(handle?: number | undefined | null): void
   /** A cached device's dirty extents, in bytes, adjacent ones merged, at most `max`. */
   dirtyExtents(handle: number, max: number): Array<NativeExtent>
   /** The cache device's replacement policy and discard flag. */
@@ -367,6 +369,7 @@ export interface NativeBypassConfig {
   sequentialCutoff?: number
   sequentialCutoffRead?: number
   sequentialCutoffWrite?: number
+  sequentialMerge?: boolean
   /** bcache's `readahead`, bytes. */
   readahead?: number
 }

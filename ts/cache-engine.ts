@@ -329,6 +329,11 @@ export interface BypassConfig {
   /** A cutoff for writes of their own, in bytes (null: `sequentialCutoff`). */
   sequentialCutoffWrite: number | null
   /**
+   * `sequential_merge` (true): a request that starts where a recent stream ended continues
+   * it; false counts each request alone (only a request as long as the cutoff bypasses).
+   */
+  sequentialMerge: boolean
+  /**
    * bcache's `readahead` (0: off), in bytes, 0 to 2^32 − 1: a read miss that reaches the
    * request's end goes on into what the cache does not hold after it, up to this much, read
    * into the cache (not returned); not once 90% of the cache is in use.
@@ -341,6 +346,7 @@ export const DEFAULT_BYPASS: Readonly<BypassConfig> = Object.freeze({
   sequentialCutoff: 4 << 20,
   sequentialCutoffRead: null,
   sequentialCutoffWrite: null,
+  sequentialMerge: true,
   readahead: 0,
 })
 
@@ -348,6 +354,7 @@ const BYPASS_TUNABLES: Record<keyof BypassConfig, Tunable> = {
   sequentialCutoff: { name: 'sequential_cutoff', range: [0, 2 ** 32 - 1], unit: 'bytes' },
   sequentialCutoffRead: { name: 'sequential_cutoff_read', range: [0, 2 ** 32 - 1], unit: 'bytes', nullable: true },
   sequentialCutoffWrite: { name: 'sequential_cutoff_write', range: [0, 2 ** 32 - 1], unit: 'bytes', nullable: true },
+  sequentialMerge: { name: 'sequential_merge' },
   readahead: { name: 'readahead', range: [0, 2 ** 32 - 1], unit: 'bytes' },
 }
 
@@ -366,6 +373,7 @@ function nativeBypass(changes: Partial<BypassConfig>): native.NativeBypassConfig
     sequentialCutoff: changes.sequentialCutoff,
     sequentialCutoffRead: n(changes.sequentialCutoffRead),
     sequentialCutoffWrite: n(changes.sequentialCutoffWrite),
+    sequentialMerge: changes.sequentialMerge,
     readahead: changes.readahead,
   }
 }
@@ -864,6 +872,20 @@ export class CacheEngine {
   }
 
   /**
+   * bcache's `clear_stats`: empties the accounting windows of the cached device `handle`,
+   * or, without one, of the set and every device.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (not a cached device, no cache set), `CLOSED`.
+   */
+  clearStats(handle?: number): void {
+    this.#check()
+    try {
+      this.#native.clearStats(handle)
+    } catch (err) {
+      throw asUbcacheError(err)
+    }
+  }
+
+  /**
    * The ranges of a cached device whose current data only the cache holds (its dirty
    * extents, adjacent ones merged, in order; at most `max`), in bytes.
    * @throws {UbcacheError} `INVALID_ARGUMENT` (not a cached device), `CLOSED`.
@@ -1166,6 +1188,7 @@ export class CacheEngine {
         sequentialCutoff: c.sequentialCutoff ?? DEFAULT_BYPASS.sequentialCutoff,
         sequentialCutoffRead: c.sequentialCutoffRead ?? null,
         sequentialCutoffWrite: c.sequentialCutoffWrite ?? null,
+        sequentialMerge: c.sequentialMerge ?? DEFAULT_BYPASS.sequentialMerge,
         readahead: c.readahead ?? DEFAULT_BYPASS.readahead,
       }
     } catch (err) {

@@ -128,6 +128,15 @@ export class CacheSet {
   }
 
   /**
+   * bcache's `clear_stats` of a cache set: empties the accounting windows of the set and of
+   * every device attached to it.
+   * @throws {UbcacheError} `CLOSED` once the registry closed.
+   */
+  clearStats(): void {
+    this._engine.clearStats()
+  }
+
+  /**
    * Asks for a GC pass now, as writing to bcache's sysfs `trigger_gc` does; it runs in
    * slices between requests (`stats().gcRuns` counts it once done).
    * @throws {UbcacheError} `CLOSED` once the registry closed.

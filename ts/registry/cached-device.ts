@@ -394,6 +394,17 @@ export class CachedDevice {
   }
 
   /**
+   * bcache's `clear_stats`: empties the device's accounting windows ({@link CachedDevice.accounting}).
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (no set serves the device), `CLOSED`.
+   */
+  clearStats(): void {
+    const r = this.#route
+    if (this.#closed) throw this.#closedError()
+    if (!r?.set) throw new InvalidArgumentError(`${this.path}: not attached to a cache set`)
+    r.engine.clearStats(r.handle)
+  }
+
+  /**
    * The ranges of the device whose current data only its cache set holds (dirty extents,
    * adjacent ones merged, in order, at most `max`), in bytes: what would be lost with the
    * cache device, and what a set out of service (past `ioErrorLimit`) reports so. Empty

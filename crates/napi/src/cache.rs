@@ -415,6 +415,7 @@ pub struct NativeBypassConfig {
     pub sequential_cutoff: Option<f64>,
     pub sequential_cutoff_read: Option<f64>,
     pub sequential_cutoff_write: Option<f64>,
+    pub sequential_merge: Option<bool>,
     /// bcache's `readahead`, bytes.
     pub readahead: Option<f64>,
 }
@@ -632,6 +633,12 @@ impl NativeCacheEngine {
         Ok(NativeDevice { id: handle, size: info.size - data_offset as f64, ..info })
     }
 
+    /// bcache's `clear_stats`: a cached device's accounting windows, or (no handle) the set's and all.
+    #[napi]
+    pub fn clear_stats(&self, env: &Env, handle: Option<u32>) -> Result<()> {
+        self.with(env, |e| e.clear_accounting(handle))
+    }
+
     /// A cached device's dirty extents, in bytes, adjacent ones merged, at most `max`.
     #[napi]
     pub fn dirty_extents(&self, env: &Env, handle: u32, max: u32) -> Result<Vec<NativeExtent>> {
@@ -787,6 +794,7 @@ impl NativeCacheEngine {
             sequential_cutoff: Some(c.sequential_cutoff as f64),
             sequential_cutoff_read: c.sequential_cutoff_read.map(|v| v as f64),
             sequential_cutoff_write: c.sequential_cutoff_write.map(|v| v as f64),
+            sequential_merge: Some(c.sequential_merge),
             readahead: Some(c.readahead as f64),
         })
     }
@@ -1049,6 +1057,9 @@ fn apply_bypass(c: &mut cache_set::BypassConfig, n: &NativeBypassConfig) -> Core
     }
     if let Some(v) = n.readahead {
         c.readahead = whole("readahead", v)?;
+    }
+    if let Some(v) = n.sequential_merge {
+        c.sequential_merge = v;
     }
     Ok(())
 }

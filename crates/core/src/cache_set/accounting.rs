@@ -193,6 +193,22 @@ impl super::CacheSet {
     pub fn device_accounting(&self, inode: u32) -> crate::error::Result<Accounting> {
         Ok(self.dev(inode)?.accounting.view(Instant::now()))
     }
+
+    /// bcache's `clear_stats`: empties the windows of device `inode`, or (None) of the set
+    /// and every device, as writing the set's `clear_stats` does.
+    pub fn clear_accounting(&mut self, inode: Option<u32>) -> crate::error::Result<()> {
+        let now = Instant::now();
+        match inode {
+            Some(i) => self.dev_mut(i)?.accounting = Collector::new(now),
+            None => {
+                self.accounting = Collector::new(now);
+                for d in self.devs.iter_mut().flatten() {
+                    d.accounting = Collector::new(now);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,10 @@ pub struct BypassConfig {
     pub sequential_cutoff_read: Option<u64>,
     /// The cutoff for writes, if not the shared one.
     pub sequential_cutoff_write: Option<u64>,
+    /// `sequential_merge` (default true): a request that starts where a recent stream ended
+    /// continues it; false counts each request alone (only a request itself as long as the
+    /// cutoff bypasses).
+    pub sequential_merge: bool,
     /// `readahead`, bytes (kept here with the other per-device request tunables): a read
     /// miss that ends where the request ends is extended by up to this much of what the
     /// cache does not hold after it, read into the cache and not returned. Default 0 (off).
@@ -60,6 +64,7 @@ impl Default for BypassConfig {
             sequential_cutoff: 4 << 20,
             sequential_cutoff_read: None,
             sequential_cutoff_write: None,
+            sequential_merge: true,
             readahead: 0,
         }
     }
@@ -292,7 +297,8 @@ pub(crate) fn decide(
     if congested == 0 && cutoff == 0 {
         return None;
     }
-    let sectors = dev.streams.track(a.sector, a.bytes, now) / 512;
+    let bytes = if dev.cfg.sequential_merge { dev.streams.track(a.sector, a.bytes, now) } else { a.bytes };
+    let sectors = bytes / 512;
     if cutoff != 0 && sectors >= cutoff / 512 {
         return Some(Reason::Sequential);
     }
@@ -370,6 +376,23 @@ mod tests {
     }
 
     #[test]
+    fn without_sequential_merge_only_a_request_as_long_as_the_cutoff_bypasses() {
+        let cfg = BypassConfig { sequential_cutoff: 1 << 20, sequential_merge: false, ..Default::default() };
+        let mut dev = Bypass::new(cfg);
+        let mut c = off();
+        let now = Instant::now();
+        // 64 KiB requests one after another: a stream of 4 MiB, never merged.
+        for i in 0..64u64 {
+            assert_eq!(decide(&mut dev, &mut c, &ask(false, i * 128, 64), || now), None, "request {i}");
+        }
+        assert_eq!(decide(&mut dev, &mut c, &ask(false, 1 << 20, 1024), || now), Some(Reason::Sequential));
+        // Merged (the default), the same stream bypasses from its 16th request on.
+        let mut dev = Bypass::new(BypassConfig { sequential_cutoff: 1 << 20, ..Default::default() });
+        let first = (0..64u64).position(|i| decide(&mut dev, &mut c, &ask(false, i * 128, 64), || now).is_some());
+        assert_eq!(first, Some(15));
+    }
+
+    #[test]
     fn interleaved_streams_each_reach_the_cutoff_and_random_io_between_them_never_does() {
         let mut dev = Bypass::new(BypassConfig { sequential_cutoff: 1 << 20, ..Default::default() });
         let mut c = off();
@@ -402,6 +425,7 @@ mod tests {
             sequential_cutoff: 1 << 20,
             sequential_cutoff_read: Some(0),
             sequential_cutoff_write: Some(256 << 10),
+            sequential_merge: true,
             readahead: 0,
         };
         let mut dev = Bypass::new(cfg);

@@ -192,6 +192,21 @@ impl CacheEngine {
         self.driver.remove_device(backing)
     }
 
+    /// bcache's `clear_stats`: the handle's accounting windows, or (None) the set's and all.
+    pub fn clear_accounting(&mut self, handle: Option<u32>) -> Result<()> {
+        match handle {
+            Some(h) => {
+                let (set, inode) = self.cached_mut(h)?;
+                set.clear_accounting(Some(inode))
+            }
+            None => self
+                .set
+                .as_mut()
+                .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))?
+                .clear_accounting(None),
+        }
+    }
+
     /// The handle's dirty extents (see [`CacheSet::dirty_extents`]).
     pub fn dirty_extents(&mut self, handle: u32, max: usize) -> Result<Vec<(u64, u64)>> {
         let (set, inode) = self.cached_mut(handle)?;
