@@ -184,3 +184,14 @@ test('dev.dirtyExtents(): the ranges only the cache holds, merged, in order', as
   await reg.close()
   t.deepEqual(dev.dirtyExtents(), [])
 })
+
+test('promoteHits is checked, and counted in the stats', async (t) => {
+  const f = await formatSet(1)
+  const reg = new Registry({ promoteHits: true })
+  const set = await reg.registerCache(f.cache)
+  t.is(set.stats().movingGcPromotions, 0)
+  await reg.close()
+  const bad = new Registry({ promoteHits: 'yes' as unknown as boolean })
+  t.regex((await error(bad.registerCache(f.cache))).message, /promoteHits must be true or false/)
+  await bad.close()
+})

@@ -432,6 +432,7 @@ export interface NativeCacheSetStats {
   movingGcDropped: number
   movingGcLastSectors: number
   movingGcLastMs: number
+  movingGcPromotions: number
   hitSectors: number
   missSectors: number
   cacheHits: number
@@ -560,6 +561,8 @@ export interface NativeLoadOptions {
   copyGcEnabled?: boolean
   /** Data checksums in keys, checked on hits (default false). */
   dataCsum?: boolean
+  /** Hits in old buckets move their extent to a fresh one (default false). */
+  promoteHits?: boolean
 }
 
 /** How to open a device. */

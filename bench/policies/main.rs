@@ -41,6 +41,11 @@ const BUCKET_SECTORS: u16 = 128;
 /// The sequential device: 1 GiB.
 const SEQ_BYTES: u64 = 1 << 30;
 
+/// `UBCACHE_BENCH_PROMOTE=1`: the sets run with `promote_hits`.
+fn promote() -> bool {
+    std::env::var("UBCACHE_BENCH_PROMOTE").is_ok_and(|v| v != "0")
+}
+
 fn quick() -> bool {
     std::env::var("UBCACHE_BENCH_QUICK").is_ok_and(|v| v != "0")
 }
@@ -90,7 +95,7 @@ fn slow_disk() -> Latency {
 fn open(paths: &Paths, modes: Vec<CacheMode>, cutoff: u64) -> Rig {
     let o = RigOptions {
         modes,
-        set: CacheSetOptions::default(),
+        set: CacheSetOptions { promote_hits: promote(), ..Default::default() },
         volatile: false,
         bypass: Some(BypassConfig { sequential_cutoff: cutoff, ..Default::default() }),
         writeback: Some(WritebackConfig { running: false, ..Default::default() }),

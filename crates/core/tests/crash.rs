@@ -57,6 +57,8 @@ struct Tally {
     csum_points: usize,
     /// Sectors read ahead past read misses.
     read_ahead: u64,
+    /// Hits that moved their extent to a fresh bucket (`promote_hits`).
+    promoted: u64,
 }
 
 /// Runs `n` crash points on one set; `modes` are the devices' cache modes (switched at
@@ -80,6 +82,8 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         // Data checksums on a third of the points: a crash must leave no extent whose data
         // fails its checksum (a torn write in place, a fill recorded before its data).
         o.set.data_csum = rng.chance(33);
+        // A quarter with hits in old buckets moving their extent to fresh ones.
+        o.set.promote_hits = rng.chance(25);
         // Writeback: at full speed with a short or no wait between passes, paused, or as
         // bcache paces it (which in a run this short writes little back).
         o.writeback = match rng.below(4) {
@@ -181,6 +185,7 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         t.bypassed += rig.engine.set().map_or(0, |s| s.stats().sequential_bypasses);
         t.moved += rig.engine.set().map_or(0, |s| s.moving_gc_stats().sectors_moved);
         t.read_ahead += rig.engine.set().map_or(0, |s| s.stats().readahead_sectors);
+        t.promoted += rig.engine.set().map_or(0, |s| s.moving_gc_stats().promotions);
         if let Some(tag) = detach {
             let mut events = Vec::new();
             rig.engine.take_events(&mut events);

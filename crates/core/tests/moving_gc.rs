@@ -206,3 +206,46 @@ fn moving_gc_can_be_turned_off() {
     assert_eq!(stats(&rig), MovingGcStats::default());
     check_kept(&mut rig, |_| 1);
 }
+
+/// Where block `b` of device 0 is cached (the pointer of its key at the block).
+fn cached_ptr(rig: &mut Rig, b: u64) -> u64 {
+    let s = b * BLOCK / 512;
+    let inode = rig.engine.inode(rig.handles[0]).unwrap();
+    let k = rig.engine.set_mut().unwrap().keys().into_iter().find(|k| k.inode == inode && k.start <= s && s < k.end());
+    let k = k.expect("cached");
+    k.ptrs()[0].offset() + (s - k.start)
+}
+
+#[test]
+fn with_promote_hits_a_hit_in_an_old_bucket_moves_its_extent_to_a_fresh_one() {
+    let paths = format("mgc-promote", geo());
+    let mut o = opts(CacheMode::Writethrough);
+    o.set.promote_hits = true;
+    o.bypass = Some(ubcache_core::cache_set::BypassConfig { sequential_cutoff: 0, ..Default::default() });
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    // 6 MiB written: the first buckets age (a prio step per 16 KiB written).
+    for b in 0..1536 {
+        rig.write(0, b, &block_content(0, b, 1), false).unwrap();
+    }
+    let old: Vec<u64> = (0..64).step_by(4).map(|b| cached_ptr(&mut rig, b)).collect();
+    let young = cached_ptr(&mut rig, 1530);
+    for b in (0..64).step_by(4) {
+        assert_eq!(rig.read(0, b, 1).unwrap(), block_content(0, b, 1), "block {b}");
+    }
+    assert_eq!(rig.read(0, 1530, 1).unwrap(), block_content(0, 1530, 1));
+    rig.settle();
+    let s = stats(&rig);
+    assert_eq!(s.promotions, 16, "{s:?}");
+    let now: Vec<u64> = (0..64).step_by(4).map(|b| cached_ptr(&mut rig, b)).collect();
+    assert!(old.iter().zip(&now).all(|(a, b)| a != b), "moved: {old:?} -> {now:?}");
+    assert_eq!(cached_ptr(&mut rig, 1530), young, "a hit in a young bucket stays");
+    for b in (0..64).step_by(4) {
+        assert_eq!(rig.read(0, b, 1).unwrap(), block_content(0, b, 1), "block {b} after its move");
+    }
+    rig.flush(0).unwrap();
+    rig.crash(CrashMode::DropUnflushed);
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    for b in 0..1536 {
+        assert_eq!(rig.read(0, b, 1).unwrap(), block_content(0, b, 1), "block {b} after a crash");
+    }
+}

@@ -114,6 +114,8 @@ pub struct NativeLoadOptions {
     pub copy_gc_enabled: Option<bool>,
     /// Data checksums in keys, checked on hits (default false).
     pub data_csum: Option<bool>,
+    /// Hits in old buckets move their extent to a fresh one (default false).
+    pub promote_hits: Option<bool>,
 }
 
 /// The cache device's replacement policy (`lru`, `fifo`, `random`) and discard flag; when
@@ -275,6 +277,7 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
         gc_after_writeback: None,
         copy_gc_enabled: None,
         data_csum: None,
+        promote_hits: None,
     });
     let choice = engine_choice(env, o.engine.as_deref())?;
     let open = open_options(
@@ -294,6 +297,7 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
         gc_after_writeback: o.gc_after_writeback.unwrap_or(d.gc_after_writeback),
         copy_gc_enabled: o.copy_gc_enabled.unwrap_or(d.copy_gc_enabled),
         data_csum: o.data_csum.unwrap_or(d.data_csum),
+        promote_hits: o.promote_hits.unwrap_or(d.promote_hits),
         ..d
     };
     Ok(AsyncTask::new(LoadTask { path, open, choice, opts }))
@@ -353,6 +357,7 @@ pub struct NativeCacheSetStats {
     pub moving_gc_dropped: f64,
     pub moving_gc_last_sectors: f64,
     pub moving_gc_last_ms: f64,
+    pub moving_gc_promotions: f64,
     pub hit_sectors: f64,
     pub miss_sectors: f64,
     pub cache_hits: f64,
@@ -906,6 +911,7 @@ impl NativeCacheEngine {
                 moving_gc_dropped: mgc.moves_dropped as f64,
                 moving_gc_last_sectors: mgc.last_sectors as f64,
                 moving_gc_last_ms: mgc.last_duration.as_secs_f64() * 1e3,
+                moving_gc_promotions: mgc.promotions as f64,
                 hit_sectors: st.hit_sectors as f64,
                 miss_sectors: st.miss_sectors as f64,
                 cache_hits: st.cache_hits as f64,

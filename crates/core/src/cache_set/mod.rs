@@ -141,6 +141,12 @@ pub struct CacheSetOptions {
     /// the field and leaves it unused); a hit whose data does not match is a cache read
     /// error. Default false.
     pub data_csum: bool,
+    /// A hit on an extent in a bucket past the middle of its life (prio below halfway from
+    /// the oldest to a fresh bucket's) copies the extent into a fresh bucket, as moving GC
+    /// does, instead of making the old bucket young again: hot blocks gather in young
+    /// buckets and LRU evicts buckets of cold ones (bcache's LRU keeps a whole bucket for
+    /// one hot block in it). Default false.
+    pub promote_hits: bool,
 }
 
 impl Default for CacheSetOptions {
@@ -156,6 +162,7 @@ impl Default for CacheSetOptions {
             gc_after_writeback: false,
             copy_gc_enabled: true,
             data_csum: false,
+            promote_hits: false,
         }
     }
 }

@@ -96,6 +96,8 @@ pub struct MovingGcStats {
     pub last_sectors: u64,
     /// See `last_sectors`.
     pub last_duration: Duration,
+    /// Hits that moved their extent into a fresh bucket (`promote_hits`).
+    pub promotions: u64,
 }
 
 impl MovingGc {
@@ -179,7 +181,7 @@ impl CacheSet {
                     stopped = Some(ScanPos { inode: k.inode, offset: k.start });
                     break;
                 }
-                self.move_start(k.clone(), src);
+                let _ = self.move_start(k.clone(), src);
             }
             match stopped.or(next) {
                 Some(p) => self.moving.pos = p,
@@ -205,15 +207,42 @@ impl CacheSet {
         })
     }
 
+    /// With `promote_hits`: a hit at `sector` of `inode`, on the extent that starts at
+    /// `ptr` (`offset` sectors before `sector`), in a bucket past the middle of its life,
+    /// starts a move of that extent into a fresh bucket. True when it did (the old bucket
+    /// is then left to age instead of being touched).
+    pub(crate) fn promote_hit(&mut self, inode: u32, sector: u64, ptr: Ptr, offset: u64) -> bool {
+        if !self.opts.promote_hits || self.state != SetState::Running || self.moving.in_flight >= MAX_IN_FLIGHT {
+            return false;
+        }
+        let Ok(b) = self.alloc.bucket(ptr.dev(), ptr.bucket(self.geo.bucket_bits)) else { return false };
+        let min = self.alloc.min_prio();
+        // Past the middle of the prio range (halfway tried best in bench/policies' Zipf
+        // reads: 87.5% hits, against 86.7% from an eighth and 86.5% at the oldest only).
+        if b.prio == crate::alloc::BTREE_PRIO || b.prio > min + crate::alloc::INITIAL_PRIO.saturating_sub(min) / 2 {
+            return false;
+        }
+        let Some(key) = self.index.key_at(inode, sector, &self.alloc) else { return false };
+        if key.start + offset != sector || !key.ptrs().contains(&ptr) {
+            return false;
+        }
+        if self.move_start(key, ptr) {
+            self.moving.stats.promotions += 1;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Pins the source bucket and reads the extent; a key under a request in flight is
-    /// left for the next pass.
-    fn move_start(&mut self, key: Key, src: Ptr) {
+    /// left for the next pass. False when it did not start.
+    fn move_start(&mut self, key: Key, src: Ptr) -> bool {
         if self.reqs.order.overlaps_any(key.inode, key.start, key.end()) {
-            return;
+            return false;
         }
         let bucket = src.bucket(self.geo.bucket_bits);
         if self.alloc.pin(src.dev(), bucket).is_err() {
-            return;
+            return false;
         }
         let (inode, start, end, sectors) = (key.inode, key.start, key.end(), key.size);
         let n = self.moving.insert(Move {
@@ -230,6 +259,7 @@ impl CacheSet {
         self.reqs.order.add(inode, start, end, seqno, ORDER_SLOT_BASE + n, true);
         let buf = self.reqs.fill_pool.get((sectors * 512) as usize);
         self.push_io(IoRequest::read(self.cache, src.offset() * 512, buf, Tag::MoveRead { io: n }.encode()));
+        true
     }
 
     /// The extent was read: takes space for it and writes it there.

@@ -48,7 +48,9 @@ impl CacheSet {
                 if whole && (failed.is_none() || dirty) {
                     let bucket = ptr.bucket(self.geo.bucket_bits);
                     if self.alloc.pin(ptr.dev(), bucket).is_ok() {
-                        let _ = self.alloc.touch(ptr);
+                        if !self.promote_hit(inode, f.start, ptr, offset) {
+                            let _ = self.alloc.touch(ptr);
+                        }
                         self.reqs.frags = frags;
                         self.stats.hit_sectors += sectors;
                         self.count_read(inode, true, bypass);
@@ -76,7 +78,9 @@ impl CacheSet {
                         self.req_error(slot, e);
                         continue;
                     }
-                    let _ = self.alloc.touch(ptr);
+                    if !self.promote_hit(inode, f.start, ptr, offset) {
+                        let _ = self.alloc.touch(ptr);
+                    }
                     self.stats.hit_sectors += f.len;
                     let cache = self.cache;
                     match self.hit_check(inode, f, ptr, offset) {
