@@ -7,8 +7,9 @@
 //! cache: bypass does not apply), reads of what was never written (or was discarded) are
 //! zeros, a flush makes the journal durable, a discard drops the range. Writeback never
 //! runs for it and its mode cannot change. Space is thin: nothing is reserved; a write
-//! that finds the set past `CUTOFF_CACHE_ADD` (95% of the buckets in use) after waiting
-//! for space fails with `NoSpace`. Its dirty data counts towards bcache's writeback
+//! that waits for space asks for a GC pass, and fails with `NoSpace` once a pass that
+//! ended since it began waiting finds the set past `CUTOFF_CACHE_ADD` (95% of the buckets
+//! in use; discards since the last pass may have freed space). Its dirty data counts towards bcache's writeback
 //! cutoffs, as bcache counts flash-only dirty data.
 
 use super::device::{CacheMode, CachedDev};

@@ -144,6 +144,9 @@ pub(crate) struct Req {
     pub committed: bool,
     /// Waiting for cache space: not finished whatever its parts did.
     pub waiting_space: bool,
+    /// A flash-only volume's write waiting for space: the GC passes finished when it began
+    /// to wait (it gives up only once a later pass still finds the set full).
+    pub gc_runs_at_wait: Option<u64>,
     /// The request bypasses the cache (see `bypass`): reads do not fill, writes go around.
     pub bypass: bool,
     /// When it started, if the cache device's latency is timed (for congestion).
@@ -334,6 +337,7 @@ impl CacheSet {
             ordering,
             committed: false,
             waiting_space: false,
+            gc_runs_at_wait: None,
             bypass: false,
             started: None,
         };

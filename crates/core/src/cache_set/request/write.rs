@@ -220,7 +220,15 @@ impl CacheSet {
                     if wait {
                         self.stats.space_waits += 1;
                         self.space.waiters.push_back(slot);
-                        self.reqs.get(slot).waiting_space = true;
+                        let (runs, flash) = (self.stats.gc_runs, self.dev(inode).is_ok_and(|d| d.flash));
+                        let r = self.reqs.get(slot);
+                        r.waiting_space = true;
+                        if flash && r.gc_runs_at_wait.is_none() {
+                            // Whether the set is full is known after a GC pass (discards
+                            // since the last one may have freed space).
+                            self.reqs.get(slot).gc_runs_at_wait = Some(runs);
+                            self.gc_wanted();
+                        }
                     }
                     return false;
                 }
@@ -238,7 +246,8 @@ impl CacheSet {
         let r = self.reqs.get(slot);
         let (fua, inode, r_sector, r_sectors) = (r.fua, r.inode, r.offset / 512, r.len / 512);
         if self.dev(inode).is_ok_and(|d| d.flash) {
-            if self.space.in_use >= crate::cache_set::CUTOFF_CACHE_ADD {
+            let counted = self.reqs.get(slot).gc_runs_at_wait.is_some_and(|g| self.stats.gc_runs > g);
+            if counted && self.space.in_use >= crate::cache_set::CUTOFF_CACHE_ADD {
                 // Full of data that cannot be written back: the volume takes no more.
                 let e = Error::new(
                     ErrorKind::NoSpace,
