@@ -151,7 +151,8 @@ test('detach writes the dirty data back, detaches the device (state none), print
   t.is(r.status, 0, r.stderr)
   const j = JSON.parse(r.stdout)
   t.true(j.detached)
-  t.is(j.dirtySectorsBefore, MiB / 512)
+  // Writeback may have started on an extent while the registry registered the devices.
+  t.true(j.dirtySectorsBefore > 0 && j.dirtySectorsBefore <= MiB / 512, String(j.dirtySectorsBefore))
   t.is(j.dirtySectorsLeft, 0)
   const sb = JSON.parse(cli('show', '--json', b).stdout)
   t.is(sb.state, 'none')
