@@ -848,16 +848,7 @@ export class CacheEngine {
     if (size === 0) throw new InvalidArgumentError('a volume of 0 bytes')
     const uuid = options.uuid ?? newUuid()
     const bytes = uuidToBytes(uuid)
-    let handle = -1
-    try {
-      return await this.#control((tag) => {
-        handle = this.#native.createVolume(tag, bytes, options.label, size)
-        this.#devices.set(handle, volumeInfo(handle, uuid, size))
-      })
-    } catch (err) {
-      this.#devices.delete(handle)
-      throw asUbcacheError(err)
-    }
+    return this.#volume(uuid, size, (tag) => this.#native.createVolume(tag, bytes, options.label, size))
   }
 
   /**
@@ -870,11 +861,16 @@ export class CacheEngine {
     this.#check()
     const v = this.volumes().find((x) => x.uuid === uuid.toLowerCase())
     const bytes = uuidToBytes(uuid)
+    return this.#volume(uuid, v?.size ?? 0, (tag) => this.#native.attachVolume(tag, bytes))
+  }
+
+  /** A volume's control operation: `start` returns its handle at once; resolves with it once done. */
+  async #volume(uuid: string, size: number, start: (tag: number) => number): Promise<number> {
     let handle = -1
     try {
       return await this.#control((tag) => {
-        handle = this.#native.attachVolume(tag, bytes)
-        this.#devices.set(handle, volumeInfo(handle, uuid, v?.size ?? 0))
+        handle = start(tag)
+        this.#devices.set(handle, volumeInfo(handle, uuid, size))
       })
     } catch (err) {
       this.#devices.delete(handle)

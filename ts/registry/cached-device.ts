@@ -320,7 +320,15 @@ export class CachedDevice {
     await r.engine.detachFromSet(r.handle, options)
     // Passed straight through the set's engine now: over to the set-less one, with requests
     // held at the gate meanwhile.
-    await new Promise<void>((resolve, reject) => {
+    await this.#atGate(() => this.#leave(set))
+  }
+
+  /**
+   * Runs `work` once the requests made before have completed, holding later ones at the
+   * gate until it is done; settles as `work` does (the requests' outcome is theirs).
+   */
+  #atGate(work: () => Promise<void>): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
       let started = false
       this.#control({
         kind: 'control',
@@ -329,7 +337,7 @@ export class CachedDevice {
         needs: () => {
           if (started) return undefined
           started = true
-          return () => this.#leave(set).then(resolve, reject)
+          return () => work().then(resolve, reject)
         },
         go: () => RESOLVED,
         resolve: noop,
@@ -742,23 +750,7 @@ export class CachedDevice {
     } catch (err) {
       return Promise.reject(err)
     }
-    let started = false
-    const done = new Promise<void>((resolve, reject) => {
-      this.#control({
-        kind: 'control',
-        start: 0,
-        end: 0,
-        needs: () => {
-          if (started) return undefined
-          started = true
-          // The gate's work never fails: the outcome is the attach's, not the requests'.
-          return () => this.#moveTo(set).then(resolve, reject)
-        },
-        go: () => RESOLVED,
-        resolve: noop,
-        reject: noop,
-      })
-    })
+    const done = this.#atGate(() => this.#moveTo(set))
     this.#attaching.set(set, done)
     const forget = (): void => void this.#attaching.delete(set)
     done.then(forget, forget)

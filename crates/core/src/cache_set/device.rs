@@ -114,6 +114,35 @@ pub(crate) enum FlushWaiter {
 }
 
 impl CachedDev {
+    /// A device just attached: bcache's default writeback and bypass tunables, nothing in
+    /// flight, no detach, empty accounting.
+    pub fn new(
+        inode: u32,
+        backing: DevId,
+        data_offset: u64,
+        sectors: u64,
+        block_sectors: u64,
+        mode: CacheMode,
+    ) -> CachedDev {
+        CachedDev {
+            inode,
+            backing,
+            data_offset,
+            sectors,
+            block_sectors,
+            mode,
+            backing_unflushed: false,
+            flush_next: 0,
+            flushes_in_flight: Vec::new(),
+            flush_waiters: Vec::new(),
+            wb: super::writeback::Writeback::new(Default::default()),
+            bypass: super::bypass::Bypass::new(Default::default()),
+            detach: None,
+            accounting: super::accounting::Collector::new(std::time::Instant::now()),
+            flash: false,
+        }
+    }
+
     /// Checks a request's range: whole blocks, inside the device, not empty.
     pub fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<()> {
         let block = self.block_sectors * 512;

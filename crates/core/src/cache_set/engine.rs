@@ -141,7 +141,7 @@ impl CacheEngine {
     /// is durable).
     pub fn attach(&mut self, tag: u64, cfg: CachedDevConfig) -> Result<u32> {
         if self.set.is_none() {
-            return Err(Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"));
+            return Err(no_set());
         }
         let backing = self.driver.add_device(cfg.device.clone())?;
         let handle = self.new_handle(Route::Plain { backing, data_offset: 0, size: 0, block: 1 });
@@ -199,11 +199,7 @@ impl CacheEngine {
                 let (set, inode) = self.cached_mut(h)?;
                 set.clear_accounting(Some(inode))
             }
-            None => self
-                .set
-                .as_mut()
-                .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))?
-                .clear_accounting(None),
+            None => self.set.as_mut().ok_or_else(no_set)?.clear_accounting(None),
         }
     }
 
@@ -215,16 +211,12 @@ impl CacheEngine {
 
     /// The set's cache replacement policy and discard flag (see `CacheSet::set_cache_policy`).
     pub fn cache_policy(&self) -> Result<(crate::alloc::Replacement, bool)> {
-        self.set
-            .as_ref()
-            .map(|s| s.cache_policy())
-            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))
+        self.set.as_ref().map(|s| s.cache_policy()).ok_or_else(no_set)
     }
 
     /// Changes the set's cache replacement policy and discard flag, recorded in its superblock.
     pub fn set_cache_policy(&mut self, replacement: crate::alloc::Replacement, discard: bool) -> Result<()> {
-        let set =
-            self.set.as_mut().ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))?;
+        let set = self.set.as_mut().ok_or_else(no_set)?;
         set.set_cache_policy(replacement, discard)?;
         self.pump_aside()
     }
@@ -233,8 +225,7 @@ impl CacheEngine {
     /// `cache_set::volume`). Returns its handle at once; `tag` comes back from
     /// [`CacheEngine::take_events`] when its UUID-table entry is durable.
     pub fn create_volume(&mut self, tag: u64, uuid: [u8; 16], label: [u8; 32], sectors: u64) -> Result<u32> {
-        let set =
-            self.set.as_mut().ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))?;
+        let set = self.set.as_mut().ok_or_else(no_set)?;
         set.create_volume(tag, uuid, label, sectors);
         self.volume_handle(tag)
     }
@@ -242,8 +233,7 @@ impl CacheEngine {
     /// Attaches the set's flash-only volume `uuid` (one created before a restart). Returns
     /// its handle; `tag` comes back from [`CacheEngine::take_events`] at once.
     pub fn attach_volume(&mut self, tag: u64, uuid: [u8; 16]) -> Result<u32> {
-        let set =
-            self.set.as_mut().ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set"))?;
+        let set = self.set.as_mut().ok_or_else(no_set)?;
         set.attach_volume(tag, uuid);
         self.volume_handle(tag)
     }
@@ -638,6 +628,10 @@ impl CacheEngine {
             _ => None,
         }
     }
+}
+
+fn no_set() -> Error {
+    Error::new(ErrorKind::InvalidArgument, "this engine runs no cache set")
 }
 
 fn bad_handle(h: u32) -> Error {

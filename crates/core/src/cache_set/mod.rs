@@ -64,6 +64,7 @@ mod meta;
 mod moving_gc;
 mod open;
 mod request;
+mod slots;
 mod space;
 pub mod superblock;
 mod tag;
@@ -566,8 +567,8 @@ impl CacheSet {
             "state {:?}; {} requests and {} fills in flight, {} waiting for space; {}; {}; gc running {} wanted {}; \
              checkpoint running {} wanted {:?}; {} I/O queued; available buckets {}, in use {}%",
             self.state,
-            self.reqs.in_flight() - self.reqs.fills_live,
-            self.reqs.fills_live,
+            self.reqs.in_flight() - self.reqs.fills.len(),
+            self.reqs.fills.len(),
             self.space.waiters.len(),
             self.journal_describe(),
             self.meta.describe(),

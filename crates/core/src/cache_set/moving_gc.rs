@@ -30,6 +30,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::request::fill::piece_writes;
+use super::slots::Slots;
 use super::{CacheSet, SetState, Tag};
 use crate::alloc::{DataWrite, SectorAlloc};
 use crate::index::{Key, Ptr, ScanFilter, ScanPos};
@@ -68,9 +70,7 @@ pub(crate) struct MovingGc {
     /// Buckets being emptied (device 0), in order.
     targets: Vec<u64>,
     pos: ScanPos,
-    moves: Vec<Option<Move>>,
-    free: Vec<u32>,
-    in_flight: usize,
+    moves: Slots<Move>,
     /// Moves read but short of space, oldest first.
     waiting: VecDeque<u32>,
     keys: Vec<Key>,
@@ -103,31 +103,11 @@ pub struct MovingGcStats {
 impl MovingGc {
     /// A pass is under way (scanning, or moves in flight).
     pub fn running(&self) -> bool {
-        self.scanning || self.in_flight > 0
-    }
-
-    fn insert(&mut self, m: Move) -> u32 {
-        self.in_flight += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.moves[i as usize] = Some(m);
-                i
-            }
-            None => {
-                self.moves.push(Some(m));
-                (self.moves.len() - 1) as u32
-            }
-        }
-    }
-
-    fn remove(&mut self, i: u32) -> Move {
-        self.in_flight -= 1;
-        self.free.push(i);
-        self.moves[i as usize].take().expect("a live move")
+        self.scanning || self.moves.len() > 0
     }
 
     fn get(&mut self, i: u32) -> &mut Move {
-        self.moves[i as usize].as_mut().expect("a live move")
+        self.moves.get_mut(i).expect("a live move")
     }
 }
 
@@ -165,7 +145,7 @@ impl CacheSet {
 
     /// The scan can go on now.
     pub(crate) fn moving_gc_pending(&self) -> bool {
-        self.moving.scanning && self.moving.in_flight < MAX_IN_FLIGHT && self.state == SetState::Running
+        self.moving.scanning && self.moving.moves.len() < MAX_IN_FLIGHT && self.state == SetState::Running
     }
 
     /// Scans for keys in the chosen buckets and starts moves until `deadline`, the end of
@@ -177,7 +157,7 @@ impl CacheSet {
             let mut stopped = None;
             for k in &keys {
                 let Some(src) = self.move_source(k) else { continue };
-                if self.moving.in_flight >= MAX_IN_FLIGHT {
+                if self.moving.moves.len() >= MAX_IN_FLIGHT {
                     stopped = Some(ScanPos { inode: k.inode, offset: k.start });
                     break;
                 }
@@ -212,7 +192,7 @@ impl CacheSet {
     /// starts a move of that extent into a fresh bucket. True when it did (the old bucket
     /// is then left to age instead of being touched).
     pub(crate) fn promote_hit(&mut self, inode: u32, sector: u64, ptr: Ptr, offset: u64) -> bool {
-        if !self.opts.promote_hits || self.state != SetState::Running || self.moving.in_flight >= MAX_IN_FLIGHT {
+        if !self.opts.promote_hits || self.state != SetState::Running || self.moving.moves.len() >= MAX_IN_FLIGHT {
             return false;
         }
         let Ok(b) = self.alloc.bucket(ptr.dev(), ptr.bucket(self.geo.bucket_bits)) else { return false };
@@ -245,7 +225,7 @@ impl CacheSet {
             return false;
         }
         let (inode, start, end, sectors) = (key.inode, key.start, key.end(), key.size);
-        let n = self.moving.insert(Move {
+        let n = self.moving.moves.insert(Move {
             key,
             src,
             pinned: (src.dev(), bucket),
@@ -314,17 +294,7 @@ impl CacheSet {
         }
         let m = self.moving.get(n);
         let (slab, _, _) = m.read.take().expect("the data read").into_slab();
-        let mut reqs = Vec::with_capacity(m.pieces.len());
-        let mut at = 0usize;
-        for (i, a) in m.pieces.iter().enumerate() {
-            let len = a.sectors as usize * 512;
-            // SAFETY: the pieces are disjoint windows of the data read, which only these
-            // writes use.
-            let win = unsafe { AlignedBuf::in_slab_aligned(&slab, at, len, 512) }.expect("window inside the data");
-            let tag = Tag::MoveWrite { io: n, piece: i as u32 }.encode();
-            reqs.push(IoRequest::write(self.cache, a.ptr.offset() * 512, win, tag));
-            at += len;
-        }
+        let reqs = piece_writes(self.cache, &slab, &m.pieces, |piece| Tag::MoveWrite { io: n, piece }.encode());
         m.ok = vec![false; m.pieces.len()];
         m.left = m.pieces.len() as u32;
         m.data = Some(slab);
@@ -356,7 +326,7 @@ impl CacheSet {
         if self.moving.get(n).left > 0 {
             return;
         }
-        let m = self.moving.remove(n);
+        let m = self.moving.moves.remove(n);
         self.reqs.order.remove(ORDER_SLOT_BASE + n);
         let mut moved_sectors = 0;
         if self.state == SetState::Running && m.ok.iter().all(|&ok| ok) {
@@ -394,7 +364,7 @@ impl CacheSet {
 
     /// Gives up move `n`: the data stays where it was.
     fn move_drop(&mut self, n: u32) {
-        let m = self.moving.remove(n);
+        let m = self.moving.moves.remove(n);
         let ptrs: Vec<_> = m.pieces.iter().map(|a| a.ptr).collect();
         let _ = self.alloc.put_ptrs(&ptrs);
         self.reqs.order.remove(ORDER_SLOT_BASE + n);

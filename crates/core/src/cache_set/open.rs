@@ -461,22 +461,11 @@ impl CacheSet {
             let e = Error::new(ErrorKind::Busy, format!("cached device {inode} is already attached"));
             return self.events.push((tag, Err(e)));
         }
+        let d = super::device::CachedDev::new(inode as u32, backing, cfg.data_offset, sectors, block, cfg.mode);
         self.devs[inode] = Some(super::device::CachedDev {
-            inode: inode as u32,
-            backing,
-            data_offset: cfg.data_offset,
-            sectors,
-            block_sectors: block,
-            mode: cfg.mode,
-            backing_unflushed: false,
-            flush_next: 0,
-            flushes_in_flight: Vec::new(),
-            flush_waiters: Vec::new(),
             wb: super::writeback::Writeback::new(cfg.writeback.clone()),
             bypass: super::bypass::Bypass::new(cfg.bypass.clone()),
-            accounting: super::accounting::Collector::new(std::time::Instant::now()),
-            detach: None,
-            flash: false,
+            ..d
         });
         // Until the table is recorded the device is attached but, being new, has nothing
         // cached; requests are served all the same.

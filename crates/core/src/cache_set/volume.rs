@@ -136,22 +136,7 @@ impl CacheSet {
             self.devs.resize_with(i + 1, || None);
         }
         let wb = super::writeback::WritebackConfig { running: false, ..Default::default() };
-        self.devs[i] = Some(CachedDev {
-            inode,
-            backing: NO_BACKING,
-            data_offset: 0,
-            sectors,
-            block_sectors: u64::from(self.geo.sb.block_size),
-            mode: CacheMode::Writeback,
-            backing_unflushed: false,
-            flush_next: 0,
-            flushes_in_flight: Vec::new(),
-            flush_waiters: Vec::new(),
-            wb: super::writeback::Writeback::new(wb),
-            bypass: super::bypass::Bypass::new(Default::default()),
-            detach: None,
-            accounting: super::accounting::Collector::new(std::time::Instant::now()),
-            flash: true,
-        });
+        let d = CachedDev::new(inode, NO_BACKING, 0, sectors, u64::from(self.geo.sb.block_size), CacheMode::Writeback);
+        self.devs[i] = Some(CachedDev { wb: super::writeback::Writeback::new(wb), flash: true, ..d });
     }
 }

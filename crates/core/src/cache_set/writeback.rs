@@ -29,6 +29,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::device::FlushWaiter;
+use super::slots::Slots;
 use super::{CacheSet, SetState, Tag};
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::{Key, ScanFilter, ScanPos};
@@ -227,8 +228,7 @@ pub(crate) struct WbIo {
 /// Writeback I/Os of the set, by number (their tag).
 #[derive(Default)]
 pub(crate) struct WbIos {
-    slots: Vec<Option<WbIo>>,
-    free: Vec<u32>,
+    ios: Slots<WbIo>,
     /// Requests submitted since the last rate update (for idle detection).
     pub requests_seen: u64,
     requests_at_update: u64,
@@ -239,26 +239,8 @@ pub(crate) struct WbIos {
 }
 
 impl WbIos {
-    fn insert(&mut self, io: WbIo) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = Some(io);
-                i
-            }
-            None => {
-                self.slots.push(Some(io));
-                (self.slots.len() - 1) as u32
-            }
-        }
-    }
-
-    fn remove(&mut self, i: u32) -> WbIo {
-        self.free.push(i);
-        self.slots[i as usize].take().expect("a live writeback I/O")
-    }
-
     fn get(&mut self, i: u32) -> &mut WbIo {
-        self.slots[i as usize].as_mut().expect("a live writeback I/O")
+        self.ios.get_mut(i).expect("a live writeback I/O")
     }
 }
 
@@ -538,7 +520,7 @@ impl CacheSet {
         }
         let inode = key.inode;
         let sectors = key.size;
-        let n = self.wb_ios.insert(WbIo {
+        let n = self.wb_ios.ios.insert(WbIo {
             inode,
             key,
             pinned: (ptr.dev(), bucket),
@@ -613,7 +595,7 @@ impl CacheSet {
             }
             Err(_) => {
                 self.stats.writeback_errors += 1;
-                self.wb_ios.remove(n);
+                self.wb_ios.ios.remove(n);
                 self.reqs.order.remove(ORDER_SLOT_BASE + n);
             }
         }
@@ -630,14 +612,12 @@ impl CacheSet {
         };
         loop {
             let wb = &self.dev(inode).expect("attached").wb;
-            let Some(&n) =
-                wb.queue.iter().find(|&&q| !self.wb_ios.slots[q as usize].as_ref().is_some_and(|io| io.writing))
-            else {
+            let Some(&n) = wb.queue.iter().find(|&&q| !self.wb_ios.ios.get(q).is_some_and(|io| io.writing)) else {
                 break;
             };
             let io = self.wb_ios.get(n);
             if io.failed {
-                self.wb_ios.remove(n);
+                self.wb_ios.ios.remove(n);
                 self.reqs.order.remove(ORDER_SLOT_BASE + n);
                 self.wb(inode).queue.retain(|&q| q != n);
                 continue;
@@ -685,7 +665,7 @@ impl CacheSet {
         let mut sectors = 0;
         let mut failure = None;
         for n in ios {
-            let io = self.wb_ios.remove(n);
+            let io = self.wb_ios.ios.remove(n);
             self.reqs.order.remove(ORDER_SLOT_BASE + n);
             if !ok || failure.is_some() {
                 continue;

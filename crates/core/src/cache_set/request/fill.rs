@@ -10,7 +10,7 @@ use super::CacheSet;
 use crate::alloc::{DataWrite, SectorAlloc};
 use crate::cache_set::Tag;
 use crate::index::{Key, Placeholder};
-use crate::io::{AlignedBuf, IoCompletion, IoRequest, Slab};
+use crate::io::{AlignedBuf, DevId, IoCompletion, IoRequest, Slab};
 use std::sync::Arc;
 
 /// A fill in flight.
@@ -83,25 +83,16 @@ impl CacheSet {
         let (slab, _, _) = copy.into_slab();
         let n = pieces.len();
         let slot =
-            self.reqs.insert_fill(Fill { ph, pieces, crcs, ok: vec![false; n], left: n as u32, _data: slab.clone() });
-        let f = self.reqs.fills[slot as usize].as_ref().expect("just inserted");
-        let mut reqs = Vec::with_capacity(n);
-        let mut at = 0usize;
-        for (i, a) in f.pieces.iter().enumerate() {
-            let len = a.sectors as usize * 512;
-            // SAFETY: the pieces are disjoint windows of the copy, which only these writes read.
-            let win = unsafe { AlignedBuf::in_slab_aligned(&slab, at, len, 512) }.expect("window inside the copy");
-            let tag = Tag::Fill { fill: slot, piece: i as u32 }.encode();
-            reqs.push(IoRequest::write(self.cache, a.ptr.offset() * 512, win, tag));
-            at += len;
-        }
+            self.reqs.fills.insert(Fill { ph, pieces, crcs, ok: vec![false; n], left: n as u32, _data: slab.clone() });
+        let f = self.reqs.fills.get(slot).expect("just inserted");
+        let reqs = piece_writes(self.cache, &slab, &f.pieces, |piece| Tag::Fill { fill: slot, piece }.encode());
         for r in reqs {
             self.push_io(r);
         }
     }
 
     pub(crate) fn fill_done(&mut self, slot: u32, piece: u32, c: IoCompletion) {
-        let Some(Some(f)) = self.reqs.fills.get_mut(slot as usize) else {
+        let Some(f) = self.reqs.fills.get_mut(slot) else {
             debug_assert!(false, "completion for fill {slot}, which is not in flight");
             return;
         };
@@ -111,10 +102,10 @@ impl CacheSet {
             Err(_) => self.stats.cache_io_errors += 1,
         }
         self.cache_unflushed = true;
-        if self.reqs.fills[slot as usize].as_ref().is_some_and(|f| f.left > 0) {
+        if self.reqs.fills.get(slot).is_some_and(|f| f.left > 0) {
             return;
         }
-        let f = self.reqs.remove_fill(slot);
+        let f = self.reqs.fills.remove(slot);
         let running = self.state == super::SetState::Running;
         let mut filled = 0;
         let mut runs = Vec::new();
@@ -150,4 +141,24 @@ impl CacheSet {
         self.stats.fill_sectors += filled;
         self.close_progress();
     }
+}
+
+/// The cache writes of `data` at `pieces`: piece `i` takes the next window of the slab, and
+/// the tag `tag(i)`.
+pub(crate) fn piece_writes(
+    cache: DevId,
+    data: &Arc<Slab>,
+    pieces: &[SectorAlloc],
+    tag: impl Fn(u32) -> u64,
+) -> Vec<IoRequest> {
+    let mut at = 0usize;
+    let mut reqs = Vec::with_capacity(pieces.len());
+    for (i, a) in pieces.iter().enumerate() {
+        let len = a.sectors as usize * 512;
+        // SAFETY: the pieces are disjoint windows of the data, which only these writes read.
+        let win = unsafe { AlignedBuf::in_slab_aligned(data, at, len, 512) }.expect("window inside the data");
+        reqs.push(IoRequest::write(cache, a.ptr.offset() * 512, win, tag(i as u32)));
+        at += len;
+    }
+    reqs
 }

@@ -3,7 +3,7 @@
 //! The state machine of each kind is in its own file: `read`, `write`, `flush` (flushes
 //! and discards); `fill` inserts read misses into the cache.
 
-mod fill;
+pub(crate) mod fill;
 mod flush;
 mod order;
 mod read;
@@ -12,6 +12,7 @@ mod write;
 use std::sync::Arc;
 
 use super::journal::Waiter;
+use super::slots::Slots;
 use super::{CacheSet, SetState, Tag};
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::{Fragment, Placeholder};
@@ -161,9 +162,7 @@ pub(crate) struct Requests {
     live: usize,
     next_seqno: u64,
     pub order: Order,
-    pub fills: Vec<Option<Fill>>,
-    fills_free: Vec<u32>,
-    pub fills_live: usize,
+    pub fills: Slots<Fill>,
     /// Scratch for lookups.
     pub frags: Vec<Fragment>,
     /// Part lists of finished requests, kept for the next ones (no allocation per request).
@@ -177,7 +176,7 @@ pub(crate) struct Requests {
 impl Requests {
     /// Requests and fills in flight.
     pub fn in_flight(&self) -> usize {
-        self.live + self.fills_live
+        self.live + self.fills.len()
     }
 
     /// The next submission number (writeback takes one for each extent, to order the user
@@ -222,35 +221,15 @@ impl Requests {
         self.spare_parts.pop().unwrap_or_default()
     }
 
-    pub fn insert_fill(&mut self, f: Fill) -> u32 {
-        self.fills_live += 1;
-        match self.fills_free.pop() {
-            Some(s) => {
-                self.fills[s as usize] = Some(f);
-                s
-            }
-            None => {
-                self.fills.push(Some(f));
-                (self.fills.len() - 1) as u32
-            }
-        }
-    }
-
-    pub fn remove_fill(&mut self, slot: u32) -> Fill {
-        self.fills_live -= 1;
-        self.fills_free.push(slot);
-        self.fills[slot as usize].take().expect("a live fill slot")
-    }
-
     /// True when a write or fill of `inode` is in flight (either may still add keys).
     pub fn writes_or_fills_for(&self, inode: u32) -> bool {
         self.slots.iter().flatten().any(|r| r.inode == inode && r.kind == Kind::Write)
-            || self.fills.iter().flatten().any(|f| f.inode() == inode)
+            || self.fills.iter().any(|f| f.inode() == inode)
     }
 
     /// True when a request or fill of `inode` is in flight.
     pub fn in_flight_for(&self, inode: u32) -> bool {
-        self.slots.iter().flatten().any(|r| r.inode == inode) || self.fills.iter().flatten().any(|f| f.inode() == inode)
+        self.slots.iter().flatten().any(|r| r.inode == inode) || self.fills.iter().any(|f| f.inode() == inode)
     }
 }
 

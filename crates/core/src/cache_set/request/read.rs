@@ -18,7 +18,7 @@ use super::{split, Buf, CacheSet, Check, Part};
 use crate::cache_set::accounting::Event;
 use crate::error::{Error, ErrorKind};
 use crate::index::{Fragment, FragmentKind, Key, Ptr, KEY_SIZE_MAX};
-use crate::io::{IoCompletion, IoRequest};
+use crate::io::{AlignedBuf, IoCompletion, IoRequest};
 
 impl CacheSet {
     pub(crate) fn read_start(&mut self, slot: u32) {
@@ -193,6 +193,26 @@ impl CacheSet {
         Some((Check { crc, ptr, start, size: k.size }, f.start == k.start && f.len == k.size))
     }
 
+    /// A hit's cache read failed (or its data failed its checksum): dirty data fails the
+    /// request (the cache held the only copy); clean data is read again from the backing
+    /// device into `buf` (the request's whole buffer when `whole`, else a window of it),
+    /// which travels with the new read and comes back with it.
+    fn hit_failed(&mut self, slot: u32, dirty: bool, sector: u64, e: Error, buf: AlignedBuf, whole: bool) {
+        if dirty {
+            if whole {
+                self.reqs.get(slot).buf = Buf::Whole(buf);
+            }
+            let e =
+                Error::new(ErrorKind::Io, format!("reading dirty data from the cache device failed: {}", e.message()));
+            return self.req_error(slot, e);
+        }
+        self.stats.reread_from_backing += 1;
+        let inode = self.reqs.get(slot).inode;
+        let dev = self.dev(inode).expect("attached");
+        let (off, backing) = (dev.data_offset + sector * 512, dev.backing);
+        self.issue(slot, Part::BackingRead { ph: None }, |tag| IoRequest::read(backing, off, buf, tag));
+    }
+
     /// A hit's data did not match its checksum: counted, and a clean extent still in the
     /// index as it was read is dropped (the backing device has its data).
     fn csum_mismatch(&mut self, inode: u32, check: &Check) {
@@ -250,27 +270,9 @@ impl CacheSet {
                             self.reqs.get(slot).buf = Buf::Whole(buf);
                         }
                     }
-                    Err(e) if dirty => {
+                    Err(e) => {
                         self.stats.cache_io_errors += 1;
-                        if whole {
-                            self.reqs.get(slot).buf = Buf::Whole(buf);
-                        }
-                        let e = Error::new(
-                            ErrorKind::Io,
-                            format!("reading dirty data from the cache device failed: {}", e.message()),
-                        );
-                        self.req_error(slot, e);
-                    }
-                    Err(_) => {
-                        // Clean: the backing device has the same data. The buffer (whole or
-                        // a window) travels with the new read and comes back with it.
-                        self.stats.cache_io_errors += 1;
-                        self.stats.reread_from_backing += 1;
-                        let inode = self.reqs.get(slot).inode;
-                        let dev = self.dev(inode).expect("attached");
-                        let (off, backing) = (dev.data_offset + sector * 512, dev.backing);
-                        let part = Part::BackingRead { ph: None };
-                        self.issue(slot, part, |tag| IoRequest::read(backing, off, buf, tag));
+                        self.hit_failed(slot, dirty, sector, e, buf, whole);
                     }
                 }
             }
@@ -298,20 +300,7 @@ impl CacheSet {
                         let from = (skip * 512) as usize;
                         win.copy_from_slice(&buf[from..from + n]);
                     }
-                    Some(e) if dirty => {
-                        let e = Error::new(
-                            ErrorKind::Io,
-                            format!("reading dirty data from the cache device failed: {}", e.message()),
-                        );
-                        self.req_error(slot, e);
-                    }
-                    Some(_) => {
-                        self.stats.reread_from_backing += 1;
-                        let dev = self.dev(inode).expect("attached");
-                        let (off, backing) = (dev.data_offset + sector * 512, dev.backing);
-                        let part = Part::BackingRead { ph: None };
-                        self.issue(slot, part, |tag| IoRequest::read(backing, off, win, tag));
-                    }
+                    Some(e) => self.hit_failed(slot, dirty, sector, e, win, false),
                 }
             }
             Part::Readahead { ph } => {
