@@ -301,6 +301,9 @@ pub struct CacheSet {
     pub(crate) cache: DevId,
     /// Data or metadata reached the cache device since the last flush of it was sent.
     pub(crate) cache_unflushed: bool,
+    /// Checksums the index dropped by cuts, and the journal entry recording the newest
+    /// (writes in place wait for it: see `request::write`).
+    pub(crate) crc_cuts: CrcCuts,
     pub(crate) stats: CacheSetStats,
     pub(crate) report: OpenReport,
     /// I/O to submit.
@@ -309,6 +312,13 @@ pub struct CacheSet {
     pub(crate) done: Vec<IoCompletion>,
     /// Control operations finished (attach, close, ...): their tag and result.
     pub(crate) events: Vec<(u64, Result<u32>)>,
+}
+
+/// See `CacheSet::crc_cuts`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CrcCuts {
+    pub seen: u64,
+    pub seq: u64,
 }
 
 /// Errors count `1 << IO_ERROR_SHIFT` each, so decay keeps fractions (bcache's scale).

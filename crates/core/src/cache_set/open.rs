@@ -182,6 +182,7 @@ pub fn load(st: &mut dyn Storage, opts: CacheSetOptions) -> Result<CacheSet> {
         closing: Default::default(),
         cache: DevId(u32::MAX),
         cache_unflushed: false,
+        crc_cuts: Default::default(),
         stats: CacheSetStats::default(),
         report: OpenReport { journal_read_time, ..Default::default() },
         io_out: Vec::new(),

@@ -245,9 +245,11 @@ impl<B: BucketGens + BucketAccounting + ?Sized> Trim for Trimmer<'_, B> {
             Word::Placeholder(_) => e.word,
             Word::Direct(p) => word::direct(p.advance(skip), dirty),
             Word::Indirect(slot) => {
-                let side = self.side.get_mut(slot);
                 // The checksum covered the extent as written, not a piece of it.
-                side.crc = None;
+                if self.side.get_mut(slot).crc.take().is_some() {
+                    self.side.crcs_dropped += 1;
+                }
+                let side = self.side.get_mut(slot);
                 if split {
                     let mut piece = side.clone();
                     piece.advance(skip);
@@ -566,6 +568,13 @@ impl ExtentIndex {
     /// Counters.
     pub fn stats(&self) -> IndexStats {
         self.stats
+    }
+
+    /// How many data checksums the index has dropped because a write, discard or move cut
+    /// the extent they covered (the count only grows). Until the entry recording that cut is
+    /// durable, the journal still holds the extent whole with its checksum.
+    pub fn crcs_dropped(&self) -> u64 {
+        self.side.crcs_dropped
     }
 
     /// Heap bytes held by the index's own structures (an estimate from capacities; the

@@ -48,6 +48,8 @@ impl SideEntry {
 pub(crate) struct SideTable {
     slots: Vec<Option<SideEntry>>,
     free: Vec<u32>,
+    /// Checksums dropped because the extent they covered was cut.
+    pub crcs_dropped: u64,
 }
 
 impl SideTable {

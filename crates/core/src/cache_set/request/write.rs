@@ -20,7 +20,7 @@
 
 use super::{split, Buf, CacheSet, Part};
 use crate::alloc::{DataWrite, SectorAlloc};
-use crate::cache_set::CacheMode;
+use crate::cache_set::{CacheMode, CrcCuts};
 use crate::error::{Error, ErrorKind};
 use crate::index::{FragmentKind, Key, KEY_SIZE_MAX};
 use crate::io::{IoCompletion, IoRequest};
@@ -125,6 +125,16 @@ impl CacheSet {
             for k in keys {
                 gate = self.journal_add(k);
             }
+            // An extent whose checksum a cut dropped (the rest of it after a write, a
+            // discard or a move over part of it) still has it in the journal until the
+            // entry recording the cut is durable: that entry too, before writing in place.
+            // The cut's key went into the journal right after the cut, so the entries open
+            // when a new drop is first seen cover it.
+            let dropped = self.index.crcs_dropped();
+            if dropped != self.crc_cuts.seen {
+                self.crc_cuts = CrcCuts { seen: dropped, seq: self.journal_covering() };
+            }
+            gate = gate.max(self.crc_cuts.seq);
         }
         if gate > self.journal.durable {
             self.reqs.get(slot).in_place_gated = in_place;
