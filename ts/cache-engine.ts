@@ -273,7 +273,7 @@ export const DEFAULT_WRITEBACK: Readonly<WritebackConfig> = Object.freeze({
  * How a tunable is checked: bcache's name, and either a boolean (no `range`) or a whole
  * number in `range` (of `unit`), null allowed where `nullable`.
  */
-interface Tunable {
+export interface Tunable {
   name: string
   range?: [number, number]
   unit?: string
@@ -300,7 +300,7 @@ function checkTunables(group: string, table: Record<string, Tunable>, changes: o
 }
 
 /** Each writeback tunable: bcache's name and, for numbers, the whole numbers allowed. */
-const WRITEBACK_TUNABLES: Record<keyof WritebackConfig, Tunable> = {
+export const WRITEBACK_TUNABLES: Record<keyof WritebackConfig, Tunable> = {
   running: { name: 'writeback_running' },
   percent: { name: 'writeback_percent', range: [0, 40] },
   delaySeconds: { name: 'writeback_delay', range: [0, 2 ** 32 - 1] },
@@ -358,7 +358,7 @@ export const DEFAULT_BYPASS: Readonly<BypassConfig> = Object.freeze({
   readahead: 0,
 })
 
-const BYPASS_TUNABLES: Record<keyof BypassConfig, Tunable> = {
+export const BYPASS_TUNABLES: Record<keyof BypassConfig, Tunable> = {
   sequentialCutoff: { name: 'sequential_cutoff', range: [0, 2 ** 32 - 1], unit: 'bytes' },
   sequentialCutoffRead: { name: 'sequential_cutoff_read', range: [0, 2 ** 32 - 1], unit: 'bytes', nullable: true },
   sequentialCutoffWrite: { name: 'sequential_cutoff_write', range: [0, 2 ** 32 - 1], unit: 'bytes', nullable: true },
@@ -408,7 +408,7 @@ export interface CongestionConfig {
  */
 export const DEFAULT_CONGESTION: Readonly<CongestionConfig> = Object.freeze({ readThresholdUs: 0, writeThresholdUs: 0 })
 
-const CONGESTION_TUNABLES: Record<keyof CongestionConfig, Tunable> = {
+export const CONGESTION_TUNABLES: Record<keyof CongestionConfig, Tunable> = {
   readThresholdUs: { name: 'congested_read_threshold_us', range: [0, 2 ** 32 - 1], unit: 'microseconds' },
   writeThresholdUs: { name: 'congested_write_threshold_us', range: [0, 2 ** 32 - 1], unit: 'microseconds' },
 }

@@ -9,6 +9,8 @@ import { access, mkdtemp, rm, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
+import { print, progressBar, UsageError } from './cli-common'
+import { cmdServe, cmdVerb, DAEMON_USAGE } from './daemon/verbs'
 import { InvalidArgumentError, UbcacheError } from './errors'
 import { makeSet } from './format'
 import { type CachedDevice, Registry } from './registry'
@@ -22,6 +24,8 @@ Commands:
   make     Format cache (-C) and backing (-B) devices, as make-bcache does
   show     Print a device's superblock, as bcache-super-show does
   detach   Write a backing device's dirty data back and detach it from its cache set
+  serve    Run the daemon: register devices, export them over NBD, take the verbs below
+  register, list, attach, set, stats, stop, detach <backing>: verbs to a running daemon
   example  Format two temporary files as a cache set, write and read through it, restart warm
   help     Print this help
 
@@ -41,19 +45,13 @@ ubcache make [-C <cache>]... [-B <backing>]... [options]
 
 ubcache show <path> [--json]
 
-ubcache detach <cache> <backing> [--json]
+ubcache detach <cache> <backing> [--json]   (without a daemon; with one: detach <backing>)
   Registers both, writes every dirty extent of <backing> back (a progress bar on a
   terminal), drops what the set caches of it, frees its slot, and writes state none into
   its superblock, as writing 1 to bcache's sysfs detach does. SIGINT or SIGTERM cancels
   the detach (the device stays attached) and stops cleanly; exit 130 or 143 then.
-`
 
-/** A command-line error: printed as one line, exit code 1. */
-class UsageError extends Error {}
-
-function print(line: string) {
-  process.stdout.write(line + '\n')
-}
+${DAEMON_USAGE}`
 
 async function cmdMake(argv: string[]): Promise<void> {
   const { values, positionals } = parseArgs({
@@ -273,26 +271,6 @@ async function cmdDetach(argv: string[]): Promise<number> {
   return signalled === undefined ? 0 : signalled === 'SIGINT' ? 130 : 143
 }
 
-/** A one-line progress bar on stderr (when `on`: stderr is a terminal). */
-function progressBar(on: boolean): { update(total: number, left: number): void; done(): void } {
-  let shown = false
-  return {
-    update(total, left) {
-      if (!on) return
-      const frac = total === 0 ? 1 : (total - left) / total
-      const width = 30
-      const fill = Math.round(frac * width)
-      const mib = ((left * 512) / (1 << 20)).toFixed(1)
-      process.stderr.write(`\rwriting back [${'#'.repeat(fill)}${'.'.repeat(width - fill)}] ${(frac * 100).toFixed(0).padStart(3)}%  ${mib} MiB dirty `)
-      shown = true
-    },
-    done() {
-      if (shown) process.stderr.write('\n')
-      shown = false
-    },
-  }
-}
-
 /** Reads `bytes` bytes of `dev` in `chunk`-byte reads, all in flight at once. */
 async function readAll(dev: CachedDevice, bytes: number, chunk: number): Promise<Buffer> {
   const parts: Promise<Buffer>[] = []
@@ -312,7 +290,17 @@ export async function main(argv: string[]): Promise<number> {
         await cmdShow(rest)
         return 0
       case 'detach':
-        return await cmdDetach(rest)
+        // One device: the daemon's verb; a cache and a backing device: standalone.
+        return rest.filter((a, i) => !a.startsWith('-') && rest[i - 1] !== '--control').length === 1 ? await cmdVerb('detach', rest) : await cmdDetach(rest)
+      case 'serve':
+        return await cmdServe(rest)
+      case 'register':
+      case 'list':
+      case 'attach':
+      case 'set':
+      case 'stats':
+      case 'stop':
+        return await cmdVerb(command, rest)
       case 'example':
         await cmdExample()
         return 0
