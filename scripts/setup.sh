@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Fresh-machine set-up in one command: the system tools the tests use (bcache-tools, fio),
+# Fresh-machine set-up in one command: the system tools the tests use (bcache-tools, fio,
+# the NBD clients and servers),
 # npm dependencies, the native addon and TypeScript build, then the built-in example
 # (formats two temporary files as a cache set and shows their superblocks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
 
-packages=(bcache-tools fio)
+# nbdkit, libnbd-bin (nbdinfo, nbdcopy, nbdfuse), qemu-utils, e2fsprogs, fuse3: the NBD tests' clients.
+packages=(bcache-tools fio nbdkit libnbd-bin qemu-utils e2fsprogs fuse3 openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
