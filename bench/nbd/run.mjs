@@ -11,6 +11,9 @@
 // UBCACHE_BENCH_ROUNDS rounds (default 3), the three servers in turn each round; figures
 // are medians, ratios are against the faster of nbdkit and qemu-nbd in the same round.
 //
+// `nbdkit null` (no data) is run too, for 4 KiB random reads: the ceiling of this client on
+// this machine, whatever the server (`client_ceiling_randread_qd32_iops`).
+//
 // Figures: 4 KiB random reads at QD32; 4 KiB random writes at QD32 (writeback: into the
 // cache); 1 MiB sequential reads at QD8 (bandwidth). Targets (issue 17): randread ≥ 1.2,
 // randwrite ≥ 1.0, seqread ≥ 1.0. Progress goes to stderr; the last stdout line is one JSON
@@ -121,6 +124,7 @@ async function main() {
   fs.truncateSync(raw, mib * 2 ** 20)
   const kitSock = join(shm, 'nbdkit.sock')
   const qSock = join(shm, 'qemu.sock')
+  const nullSock = join(shm, 'null.sock')
   const kit = start('nbdkit', ['-f', '-U', kitSock, 'file', raw])
   await waitFor(kitSock)
   const kitUri = 'nbd+unix:///?socket=' + kitSock
@@ -131,6 +135,8 @@ async function main() {
     ubcache: { uri: ub, start: null },
     nbdkit: { uri: kitUri, start: () => start('nbdkit', ['-f', '-U', kitSock, 'file', raw]), sock: kitSock },
     qemu_nbd: { uri: `nbd+unix:///raw?socket=${qSock}`, start: () => start('qemu-nbd', ['-f', 'raw', '-k', qSock, '-x', 'raw', '-t', '--cache=writeback', raw]), sock: qSock },
+    // No data at all: what this client can drive on this machine, whatever the server.
+    nbdkit_null: { uri: `nbd+unix:///?socket=${nullSock}`, start: () => start('nbdkit', ['-f', '-U', nullSock, 'null', `${mib}M`]), sock: nullSock, only: ['randread'] },
   }
   const tests = [
     { key: 'randread', rw: 'randread', bs: '4k', depth: 32, metric: (j) => j.read.iops },
@@ -147,6 +153,7 @@ async function main() {
         await waitFor(s.sock)
       }
       for (const t of tests) {
+        if (s.only && !s.only.includes(t.key)) continue
         const v = t.metric(timed(s.uri, t.rw, t.bs, t.depth))
         ;((results[name] ??= {})[t.key] ??= []).push(v)
         log(`round ${r}/${rounds} ${name} ${t.key}: ${t.key === 'seqread' ? `${(v / (1 << 20)).toFixed(0)} MiB/s` : `${(v / 1000).toFixed(1)}k IOPS`}`)
@@ -175,6 +182,7 @@ async function main() {
     ubcache_seqread_mib_s: Math.round(median(results.ubcache.seqread) / (1 << 20)),
     nbdkit_seqread_mib_s: Math.round(median(results.nbdkit.seqread) / (1 << 20)),
     qemu_nbd_seqread_mib_s: Math.round(median(results.qemu_nbd.seqread) / (1 << 20)),
+    client_ceiling_randread_qd32_iops: Math.round(median(results.nbdkit_null.randread)),
     ubcache_hit_ratio_pct: hits?.cacheHitRatio ?? null,
     seconds: secs,
     rounds,
