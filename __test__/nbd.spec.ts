@@ -145,6 +145,7 @@ async function rawClient(socket: string, name: string): Promise<{ request(type: 
       want = { n, resolve }
       pump()
     })
+  c.on('error', () => {})
   await new Promise((r) => c.once('connect', r))
   await read(18)
   c.write(Buffer.from([0, 0, 0, 3]))
@@ -362,5 +363,35 @@ test('serve refuses a second daemon on the same sockets and a bad config with on
   t.is(bad.status, 1)
   t.regex(bad.stderr, /unknown key 'sockett'/)
   t.is(bad.stderr.trim().split('\n').length, 1, bad.stderr)
+  t.is(await s.stop(), 0)
+})
+
+test('a stop answers the requests in flight and ends connected clients; the data is there after a restart', async (t) => {
+  const d = makeDevices({ name: 'stop', backingMiB: 8 })
+  let s = await serve(d.dir, [d.cache, d.backing])
+  t.teardown(() => s.kill())
+  t.is(s.verb('set', 'stop', 'cache_mode', 'writeback').status, 0)
+  const idle = await rawClient(s.socket, 'stop')
+  const busy = await rawClient(s.socket, 'stop')
+  const data = Buffer.alloc(256 * 1024, 0x6d)
+  const first = await busy.request(1, 0, data.length, data)
+  t.is(first.error, 0)
+  const writes = [1, 2, 3].map((i) => busy.request(1, i * data.length, data.length, data))
+  const stopped = s.stop()
+  // Each write is answered: done, or ESHUTDOWN if it arrived after the stop began.
+  const answers = await Promise.all(writes)
+  for (const r of answers) t.true(r.error === 0 || r.error === 108, String(r.error))
+  t.is(await stopped, 0)
+  idle.close()
+  busy.close()
+  s = await serve(d.dir, [d.cache, d.backing])
+  const c = await rawClient(s.socket, 'stop')
+  const back = await c.request(0, 0, 4 * data.length)
+  t.is(back.error, 0)
+  t.true(back.data.subarray(0, data.length).equals(data))
+  for (const [i, r] of answers.entries()) {
+    if (r.error === 0) t.true(back.data.subarray((i + 1) * data.length, (i + 2) * data.length).equals(data), `write ${i + 1} answered but not there`)
+  }
+  c.close()
   t.is(await s.stop(), 0)
 })

@@ -202,13 +202,15 @@ export class NbdServer {
   /** Stops listening and ends every connection once its requests in flight are answered. */
   async close(): Promise<void> {
     this.#stopping = true
-    await Promise.all(this.#servers.map((s) => new Promise<void>((r) => s.close(() => r()))))
+    // A server's close completes only once its connections have ended: end them meanwhile.
+    const closed = Promise.all(this.#servers.map((s) => new Promise<void>((r) => s.close(() => r()))))
     const ends: Promise<void>[] = []
     for (const c of this.#clients) {
       if (c.transmission) ends.push(c.transmission.stop('the server is stopping'))
       else c.socket.destroy()
     }
     await Promise.all(ends)
+    await closed
     for (const path of this.#sockets) await unlink(path).catch(() => {})
   }
 }

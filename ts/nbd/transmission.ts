@@ -37,6 +37,8 @@ const ALLOWED_FLAGS: Record<number, number> = {
 const MAX_IN_FLIGHT = 256
 /** Replies of one tick up to this many bytes in all are copied into one write. */
 const COALESCE_BYTES = 256 << 10
+/** After a stop, how long a client has to see `ESHUTDOWN` and disconnect before it is ended. */
+const SHUTDOWN_GRACE_MS = 200
 /** Reply bytes queued on the socket past which reading stops until they drain. */
 const MAX_QUEUED = 64 << 20
 
@@ -92,6 +94,8 @@ export class Transmission {
   #outBytes = 0
   /** No more requests are read: a `DISC`, a framing error, a stop; the reason if not `DISC`. */
   #ending = false
+  /** Set by {@link Transmission.stop}: new requests are answered with `ESHUTDOWN`. */
+  #shutdown: string | undefined
   #reason: string | undefined
   #closed = false
   #idle: (() => void)[] = []
@@ -116,9 +120,21 @@ export class Transmission {
 
   /** Stops reading requests; resolves once those in flight are answered and the connection closed. */
   stop(reason: string): Promise<void> {
-    this.#end(reason)
     if (this.#closed) return Promise.resolve()
-    return new Promise((r) => this.#stream.once('close', () => r()))
+    const closed = new Promise<void>((r) => this.#stream.once('close', () => r()))
+    if (this.#ending || this.#shutdown !== undefined) return closed
+    // Requests that arrive from now on get ESHUTDOWN (the client should then disconnect);
+    // once those in flight are answered and the client has had a moment, the connection ends.
+    this.#shutdown = reason
+    const tryEnd = (): void => {
+      if (this.#inFlight > 0) {
+        setTimeout(tryEnd, 10).unref()
+        return
+      }
+      this.#end(reason)
+    }
+    setTimeout(tryEnd, SHUTDOWN_GRACE_MS).unref()
+    return closed
   }
 
   readonly #onData = (chunk: Buffer): void => {
@@ -192,6 +208,7 @@ export class Transmission {
 
   /** Why a request is refused before it starts, if it is. */
   #refusal(type: number, flags: number, offset: number, length: number): NbdRequestError | undefined {
+    if (this.#shutdown !== undefined && type !== CMD.DISC) return new NbdRequestError(ERR.ESHUTDOWN, `the server is stopping (${this.#shutdown})`)
     const allowed = ALLOWED_FLAGS[type]
     if (allowed === undefined) return new NbdRequestError(ERR.EINVAL, `unknown command ${type}`)
     if (flags & ~allowed) return new NbdRequestError(ERR.EINVAL, `flags 0x${flags.toString(16)} are not valid on ${commandName(type)}`)
