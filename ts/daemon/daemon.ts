@@ -159,12 +159,22 @@ export class Daemon {
     }
   }
 
-  /** The NBD URI of an export. */
+  /** The NBD URI of an export: on the Unix socket if there is one, else on TCP. */
   uri(name: string): string {
-    const n = encodeURIComponent(name)
-    const tls = this.config.tls === 'require' || this.config.tls === 'on'
-    if (this.#nbdSocket !== undefined) return `nbd${tls ? 's' : ''}+unix:///${n}?socket=${this.#nbdSocket}`
-    return `nbd${tls ? 's' : ''}://${this.#tcp}/${n}`
+    return this.#nbdSocket !== undefined ? this.#unixUri(name) : (this.tcpUri(name) as string)
+  }
+
+  #unixUri(name: string): string {
+    return `nbd${this.#tlsScheme()}+unix:///${encodeURIComponent(name)}?socket=${this.#nbdSocket}`
+  }
+
+  /** The NBD URI of an export on TCP, when the daemon listens there. */
+  tcpUri(name: string): string | undefined {
+    return this.#tcp === undefined ? undefined : `nbd${this.#tlsScheme()}://${this.#tcp}/${encodeURIComponent(name)}`
+  }
+
+  #tlsScheme(): string {
+    return this.config.tls === 'require' || this.config.tls === 'on' ? 's' : ''
   }
 
   /** Makes exports match the registry: one per cached device and flash volume. */
@@ -338,6 +348,7 @@ export class Daemon {
         blockSize: e.blockSize,
         readOnly: e.readOnly,
         uri: this.uri(e.name),
+        ...(this.#tcp !== undefined && this.#nbdSocket !== undefined ? { tcpUri: this.tcpUri(e.name) } : {}),
       })),
       connections: this.nbd.connections(),
     }
