@@ -59,6 +59,11 @@ export {
   type SetFormatOptions,
 } from './format'
 export { CachedDevice, CacheSet, FlashVolume, Registry, type RegistryOptions } from './registry'
+export { type BlockTarget, type ExportInit, NbdExport, NbdRequestError } from './nbd/export'
+export { type Listen, NbdServer, type NbdServerOptions, type TlsOptions } from './nbd/server'
+export { Daemon, type DaemonConfig, type ExportConfig } from './daemon/daemon'
+export { controlRequest, defaultControlSocket, defaultNbdSocket, runtimeDir } from './daemon/control'
+export { type LogFormat, Logger } from './daemon/log'
 export { formatSuperblock, superblockJson, type SuperblockJson } from './show'
 export { type DeviceDescription, describeDevice, readSuperblock, readSuperblockPage, writeSuperblock } from './super-io'
 export {
