@@ -4,7 +4,7 @@
  * @module
  */
 import type { WriteOptions } from '../cache-engine'
-import { UbcacheError } from '../errors'
+import type { UbcacheError } from '../errors'
 import { ERR } from './protocol'
 
 /**
@@ -111,12 +111,15 @@ export class NbdExport {
     return offset % this.blockSize === 0 && length % this.blockSize === 0
   }
 
-  /** Checks a request's range: past the end is `EINVAL` (`ENOSPC` for writes), as the spec says. */
-  check(offset: number, length: number, write: boolean): void {
+  /**
+   * Checks a request's range: past the end is `ENOSPC` for writes and zeroing, `EINVAL` for
+   * reads and trims, as the spec says; writes and trims of a read-only export are `EPERM`.
+   */
+  check(offset: number, length: number, kind: 'read' | 'write' | 'trim'): void {
     if (offset + length > this.size || offset > this.size) {
-      throw new NbdRequestError(write ? ERR.ENOSPC : ERR.EINVAL, `${length} bytes at ${offset} pass the end of export '${this.name}' (${this.size} bytes)`)
+      throw new NbdRequestError(kind === 'write' ? ERR.ENOSPC : ERR.EINVAL, `${length} bytes at ${offset} pass the end of export '${this.name}' (${this.size} bytes)`)
     }
-    if (write && this.readOnly) throw new NbdRequestError(ERR.EPERM, `export '${this.name}' is read-only`)
+    if (kind !== 'read' && this.readOnly) throw new NbdRequestError(ERR.EPERM, `export '${this.name}' is read-only`)
   }
 
   /** Reads `length` bytes at `offset`. */
@@ -237,8 +240,3 @@ export class NbdExport {
 }
 
 const FUA: WriteOptions = { fua: true }
-
-/** A `UbcacheError` for a request refused before it reached the target. */
-export function refused(message: string): UbcacheError {
-  return new UbcacheError('INVALID_ARGUMENT', message)
-}

@@ -220,6 +220,8 @@ export async function handshake(socket: Duplex, host: HandshakeHost): Promise<Ag
           stream = await startTls(socket, host.tls)
           reader = new Reader(stream)
           tls = true
+          // Nothing negotiated before TLS carries over (the spec).
+          structured = false
           break
         }
         case OPT.EXPORT_NAME: {

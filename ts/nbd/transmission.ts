@@ -22,14 +22,14 @@ import {
   STRUCTURED_REPLY_MAGIC,
 } from './protocol'
 
-/** Flags each command may carry; any other is `EINVAL`. */
+/** Flags each command may carry; any other is `EINVAL`. FUA is valid on every command (the spec). */
 const ALLOWED_FLAGS: Record<number, number> = {
-  [CMD.READ]: 0,
+  [CMD.READ]: CMD_FLAG.FUA,
   [CMD.WRITE]: CMD_FLAG.FUA,
-  [CMD.DISC]: 0,
-  [CMD.FLUSH]: 0,
+  [CMD.DISC]: CMD_FLAG.FUA,
+  [CMD.FLUSH]: CMD_FLAG.FUA,
   [CMD.TRIM]: CMD_FLAG.FUA,
-  [CMD.CACHE]: 0,
+  [CMD.CACHE]: CMD_FLAG.FUA,
   [CMD.WRITE_ZEROES]: CMD_FLAG.FUA | CMD_FLAG.NO_HOLE,
 }
 
@@ -161,12 +161,16 @@ export class Transmission {
         const take = Math.min(need, len - pos)
         this.#head = Buffer.concat([this.#head, chunk.subarray(pos, pos + take)])
         pos += take
-        if (this.#head.byteLength < REQUEST_BYTES) break
+        if (this.#head.byteLength < REQUEST_BYTES) {
+          this.#checkPartial()
+          break
+        }
         head = this.#head
         at = 0
         this.#head = undefined
       } else if (len - pos < REQUEST_BYTES) {
         this.#head = Buffer.from(chunk.subarray(pos))
+        this.#checkPartial()
         break
       } else {
         head = chunk
@@ -204,6 +208,17 @@ export class Transmission {
     }
   }
 
+  /**
+   * A header still arriving whose magic is already wrong (an option sent after `GO`, say)
+   * ends the connection now: the client may be waiting for an answer to it.
+   */
+  #checkPartial(): void {
+    const h = this.#head
+    if (h === undefined || h.byteLength < 4 || h.readUInt32BE(0) === REQUEST_MAGIC) return
+    this.#head = undefined
+    this.#end(`a request with magic 0x${h.readUInt32BE(0).toString(16)} (not 0x${REQUEST_MAGIC.toString(16)})`)
+  }
+
   readonly #onDrain = (): void => this.#maybeResume()
 
   /** Why a request is refused before it starts, if it is. */
@@ -220,18 +235,25 @@ export class Transmission {
           return new NbdRequestError(this.#structured ? ERR.EOVERFLOW : ERR.EINVAL, `a read of ${length} bytes is over the maximum payload (${MAX_PAYLOAD})`)
         }
         if (length === 0) return new NbdRequestError(ERR.EINVAL, `${commandName(type)} of 0 bytes`)
-        return guard(() => e.check(offset, length, false))
-      case CMD.WRITE:
+        return guard(() => e.check(offset, length, 'read'))
       case CMD.TRIM:
+        if (length === 0) return new NbdRequestError(ERR.EINVAL, `${commandName(type)} of 0 bytes`)
+        return guard(() => e.check(offset, length, 'trim'))
+      case CMD.WRITE:
       case CMD.WRITE_ZEROES:
         if (length === 0) return new NbdRequestError(ERR.EINVAL, `${commandName(type)} of 0 bytes`)
-        return guard(() => e.check(offset, length, true))
+        return guard(() => e.check(offset, length, 'write'))
       default:
         return undefined
     }
   }
 
   #start(hi: number, lo: number, type: number, flags: number, offset: number, length: number): void {
+    if (type === CMD.DISC) {
+      // No reply, whatever its flags: the client is going.
+      this.#end(undefined)
+      return
+    }
     const refuse = this.#refusal(type, flags, offset, length)
     if (refuse !== undefined) {
       this.counts.errors++
@@ -249,9 +271,6 @@ export class Transmission {
           length,
           e.read(offset, length),
         )
-        return
-      case CMD.DISC:
-        this.#end(undefined)
         return
       case CMD.FLUSH:
         this.#track(hi, lo, type, offset, length, e.flush())
