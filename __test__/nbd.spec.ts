@@ -1,7 +1,7 @@
 // `ubcache serve` with real NBD clients: nbdinfo, nbdcopy, qemu-io, qemu-img, fio's nbd
 // engine; TLS; read-modify-write under concurrent unaligned writes (a raw client); the CLI
 // verbs against a running daemon and without one.
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
@@ -426,4 +426,49 @@ test('a config file names exports and makes them read-only; --listen serves TCP 
   t.is((await c.request(0, 0, 4096)).error, 0)
   c.close()
   t.is(await s.stop(), 0)
+})
+
+test('SIGTERM and SIGINT stop the daemon cleanly; stats --watch prints a line per interval', async (t) => {
+  const d = makeDevices({ name: 'sig' })
+  for (const sig of ['SIGTERM', 'SIGINT'] as const) {
+    const s = await serve(d.dir, [d.cache, d.backing])
+    t.teardown(() => s.kill())
+    if (sig === 'SIGTERM') {
+      const watch = spawn('node', [CLI, 'stats', 'sig', '--watch', '--interval', '0.2'], { env: { ...process.env, UBCACHE_RUNTIME_DIR: s.run } })
+      let out = ''
+      watch.stdout.on('data', (b) => (out += b))
+      await new Promise((r) => setTimeout(r, 1500))
+      watch.kill()
+      t.true(out.trim().split('\n').length >= 3, out)
+      t.regex(out, /dirty/)
+    }
+    s.proc.kill(sig)
+    t.is(await s.exited, 0, s.log())
+    t.regex(s.log(), new RegExp(`"event":"stopping","reason":"${sig}"[^\\n]*\\n[^]*"event":"stopped"`))
+  }
+})
+
+test('CAN_MULTI_CONN holds: a flush on one connection makes the writes answered on another durable (SIGKILL after it)', async (t) => {
+  const d = makeDevices({ name: 'multi', backingMiB: 16 })
+  for (const mode of ['writeback', 'writethrough']) {
+    let s = await serve(d.dir, [d.cache, d.backing])
+    t.teardown(() => s.kill())
+    t.is(s.verb('set', 'multi', 'cache_mode', mode).status, 0)
+    const a = await rawClient(s.socket, 'multi')
+    const b = await rawClient(s.socket, 'multi')
+    const blocks = Array.from({ length: 32 }, (_, i) => Buffer.alloc(64 * 1024, (i * 7 + (mode === 'writeback' ? 1 : 2)) & 0xff))
+    const written = await Promise.all(blocks.map((data, i) => (i % 2 ? a : b).request(1, i * data.length, data.length, data)))
+    for (const r of written) t.is(r.error, 0)
+    t.is((await b.request(3, 0, 0)).error, 0, 'flush on one connection')
+    await s.kill()
+    a.close()
+    b.close()
+    s = await serve(d.dir, [d.cache, d.backing])
+    const c = await rawClient(s.socket, 'multi')
+    const back = await c.request(0, 0, 32 * 64 * 1024)
+    t.is(back.error, 0)
+    t.true(back.data.equals(Buffer.concat(blocks)), `${mode}: every write answered before the flush is there after SIGKILL`)
+    c.close()
+    t.is(await s.stop(), 0)
+  }
 })
