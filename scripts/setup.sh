@@ -24,6 +24,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# libCacheSim, the independent cache simulator the simulators are checked against (PyPI).
+if ! python3 -c 'import libcachesim' 2>/dev/null; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+    fi
+  fi
+  echo "setup: installing libcachesim (pip)"
+  python3 -m pip install -q --break-system-packages libcachesim 2>/dev/null || python3 -m pip install -q libcachesim || echo "setup: please pip install libcachesim (the simulator cross-check needs it)" >&2
+fi
+
 npm ci --no-audit --no-fund
 npm run build
 node dist/cli.js example

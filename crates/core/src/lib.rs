@@ -12,6 +12,7 @@ pub mod index;
 pub mod io;
 pub mod journal;
 mod le;
+pub mod sim;
 pub mod uuids;
 
 pub use error::{Error, ErrorKind, Result};

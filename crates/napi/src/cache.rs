@@ -237,7 +237,7 @@ impl Task for LoadTask {
 }
 
 /// A rejection carrying a JavaScript `Error` whose `code` is the core error's code.
-fn js_error(env: &Env, e: &CoreError) -> napi::Error {
+pub(crate) fn js_error(env: &Env, e: &CoreError) -> napi::Error {
     let raw = env.raw();
     let (mut code, mut msg, mut err) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
     // SAFETY: napi calls on the JavaScript thread (a task's resolve) with values of this env.

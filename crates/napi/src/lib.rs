@@ -8,9 +8,11 @@ mod cache;
 mod inline;
 mod io;
 mod ring;
+mod sim;
 
 // Reached from JavaScript only (napi registers it at load time).
 pub use cache::load_cache_set;
+pub use sim::simulate_cache;
 
 /// Throws `err` as a JavaScript `Error` whose `code` is the core error's code, and returns
 /// the marker error that tells napi-rs an exception is already pending.
