@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { print, progressBar, UsageError } from './cli-common'
+import { BENCH_USAGE, cmdBench } from './bench/cli'
 import { cmdServe, cmdVerb, DAEMON_USAGE } from './daemon/verbs'
 import { InvalidArgumentError, UbcacheError } from './errors'
 import { makeSet } from './format'
@@ -25,6 +26,7 @@ Commands:
   show     Print a device's superblock, as bcache-super-show does
   detach   Write a backing device's dirty data back and detach it from its cache set
   serve    Run the daemon: register devices, export them over NBD, take the verbs below
+  bench    Run a fio job file (ioengine=sim: hit ratios of simulated caches beside OPT)
   register, list, attach, set, stats, stop, detach <backing>: verbs to a running daemon
   example  Format two temporary files as a cache set, write and read through it, restart warm
   help     Print this help
@@ -51,7 +53,9 @@ ubcache detach <cache> <backing> [--json]   (without a daemon; with one: detach 
   its superblock, as writing 1 to bcache's sysfs detach does. SIGINT or SIGTERM cancels
   the detach (the device stays attached) and stops cleanly; exit 130 or 143 then.
 
-${DAEMON_USAGE}`
+${DAEMON_USAGE}
+${BENCH_USAGE}
+`
 
 async function cmdMake(argv: string[]): Promise<void> {
   const { values, positionals } = parseArgs({
@@ -294,6 +298,8 @@ export async function main(argv: string[]): Promise<number> {
         return rest.filter((a, i) => !a.startsWith('-') && rest[i - 1] !== '--control').length === 1 ? await cmdVerb('detach', rest) : await cmdDetach(rest)
       case 'serve':
         return await cmdServe(rest)
+      case 'bench':
+        return await cmdBench(rest)
       case 'register':
       case 'list':
       case 'attach':

@@ -1,0 +1,83 @@
+// The bench harness's workloads and `ioengine=sim`, and `ubcache bench` on the command line.
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import test from 'ava'
+import { parseJobFile } from '../ts/bench/jobfile'
+import { runSimJob } from '../ts/bench/sim-run'
+import { jobIos, jobRegion } from '../ts/bench/workload'
+import { cli, tempDir } from './helpers'
+
+const dir = tempDir()
+const job = (text: string) => parseJobFile(`[j]\nioengine=sim\n${text}`)[0]
+
+test('sequential jobs walk the region in order and wrap; io_size and loops set the amount', (t) => {
+  const j = job('rw=read\nbs=4k\noffset=8k\nsize=16k\nio_size=24k\nloops=2\ncache_size=4k\n')
+  const region = jobRegion(j, undefined)
+  t.deepEqual(region, { start: 8192, bytes: 16384 })
+  const offs = [...jobIos(j, region)].map((io) => io.offset / 4096)
+  t.deepEqual(offs, [2, 3, 4, 5, 2, 3, 2, 3, 4, 5, 2, 3])
+})
+
+test('random jobs visit every block once per pass (fio random map) unless norandommap', (t) => {
+  const j = job('rw=randread\nbs=4k\nsize=400k\nloops=3\nrandom_distribution=zipf:1.2\ncache_size=4k\n')
+  const ios = [...jobIos(j, jobRegion(j, undefined))]
+  t.is(ios.length, 300)
+  for (let pass = 0; pass < 3; pass++) {
+    const seen = new Set(ios.slice(pass * 100, pass * 100 + 100).map((io) => io.offset))
+    t.is(seen.size, 100, `pass ${pass}`)
+  }
+  const free = job('rw=randread\nbs=4k\nsize=400k\nrandom_distribution=zipf:1.2\nnorandommap\ncache_size=4k\n')
+  const again = [...jobIos(free, jobRegion(free, undefined))]
+  t.true(new Set(again.map((io) => io.offset)).size < 80, 'zipf without a map repeats hot blocks')
+})
+
+test('rwmixread, bssplit and percentages of a device', (t) => {
+  const j = job('rw=randrw\nrwmixread=70\nbssplit=4k/75:16k/25\nsize=64M\nio_size=40M\ncache_size=4k\n')
+  const ios = [...jobIos(j, jobRegion(j, undefined))]
+  const reads = ios.filter((io) => io.op === 'read').length / ios.length
+  t.true(Math.abs(reads - 0.7) < 0.02, `reads ${reads}`)
+  const small = ios.filter((io) => io.length === 4096).length / ios.length
+  t.true(Math.abs(small - 0.75) < 0.02, `4k share ${small}`)
+  for (const io of ios) t.true(io.offset % 4096 === 0 && io.offset + io.length <= 64 << 20)
+  const p = parseJobFile('[p]\nioengine=sim\noffset=25%\nsize=50%\ncache_size=4k\n')[0]
+  t.deepEqual(jobRegion(p, 1 << 20), { start: 1 << 18, bytes: 1 << 19 })
+  t.throws(() => jobRegion(p, undefined), { message: /percentage needs a device/ })
+})
+
+test('ioengine=sim: a loop one block larger than the cache defeats LRU and FIFO, not OPT', async (t) => {
+  const j = job('rw=read\nbs=4k\nsize=16k\nloops=10\ncache_size=12k\n')
+  const r = await runSimJob(j)
+  t.is(r.requests, 40)
+  t.is(r.cacheBlocks, 3)
+  const by = Object.fromEntries(r.policies.map((p) => [p.policy, p.hits]))
+  t.is(by.lru, 0)
+  t.is(by.fifo, 0)
+  t.true(by.opt >= 20)
+  t.true(by.belady >= 20)
+  await t.throwsAsync(runSimJob(job('size=16k\n')), { message: /needs cache_size=/ })
+  await t.throwsAsync(runSimJob(job('size=16k\ncache_size=4k\ntime_based\nruntime=1\n')), { message: /needs rate_iops=/ })
+})
+
+test('ubcache bench runs a sim job: fio-like text, fio JSON shape with a ubcache object; bad job files get one line', (t) => {
+  const f = join(dir, 'z.fio')
+  writeFileSync(f, '[global]\nioengine=sim\nbs=4k\nsize=1Gi\ncache_size=2M\n[zipf]\nrw=randread\nrandom_distribution=zipf:1.2\nnorandommap\nio_size=256M\n')
+  const text = cli('bench', f)
+  t.is(text.status, 0, text.stderr)
+  t.regex(text.stdout, /^zipf: \(groupid=0, jobs=1\): ioengine=sim, rw=randread, bs=4KiB, distribution=zipf:1.2/)
+  t.regex(text.stdout, /hit ratio: opt \d+\.\d\d%  belady .* lru .* sieve \d+\.\d\d%/)
+  const json = cli('bench', f, '--output-format', 'json')
+  t.is(json.status, 0, json.stderr)
+  const out = JSON.parse(json.stdout)
+  t.is(out.jobs[0].jobname, 'zipf')
+  t.is(out.jobs[0].read.total_ios, 65536)
+  const hr = out.jobs[0].ubcache.hit_ratio
+  for (const p of ['lru', 'fifo', 'arc', 's3fifo', 'sieve', 'belady']) t.true(hr.opt >= hr[p], p)
+  t.true(hr.lru > 0.2 && hr.lru < hr.opt)
+  writeFileSync(f, '[j]\nioengine=sim\nsize=1M\ncache_size=4k\nblock_size=4k\n')
+  const bad = cli('bench', f)
+  t.is(bad.status, 1)
+  t.regex(bad.stderr, /^ubcache: .*z\.fio:5: \[j\] block_size=4k: unknown key 'block_size'\n$/)
+  const missing = cli('bench', join(dir, 'none.fio'))
+  t.is(missing.status, 1)
+  t.regex(missing.stderr, /none\.fio: ENOENT/)
+})

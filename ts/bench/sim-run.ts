@@ -1,0 +1,98 @@
+/**
+ * `ioengine=sim`: a job's access stream through simulated caches, no device (see
+ * {@link runSimJob}).
+ * @module
+ */
+import { SIM_POLICIES, type SimPolicy, simulateCache } from '../sim'
+import type { Job } from './jobfile'
+import { JobFileError } from './jobfile'
+import { jobIos, jobRegion, minBlock } from './workload'
+
+/** Hit ratios of every simulated policy for one job. */
+export interface SimReport {
+  job: string
+  rw: string
+  numjobs: number
+  /** Requests made (all instances), and how many were reads. */
+  requests: number
+  reads: number
+  writes: number
+  /** Cache blocks accessed (a request touches every block it covers). */
+  accesses: number
+  blockSize: number
+  /** The simulated cache, in blocks, and the address space, in blocks. */
+  cacheBlocks: number
+  spaceBlocks: number
+  /** One per policy of {@link SIM_POLICIES}, in that order. */
+  policies: { policy: SimPolicy; hits: number; misses: number; hitRatio: number }[]
+}
+
+/** The most requests a simulated job may make (the trace is held in memory). */
+const MAX_REQUESTS = 50_000_000
+
+/**
+ * Runs a job with `ioengine=sim`: its requests (every instance of `numjobs`, interleaved)
+ * become a stream of cache-block accesses (blocks of the job's smallest block size), which
+ * each policy of {@link SIM_POLICIES} and the two optima serve with a cache of
+ * `cache_size`. Reads and writes both go through the cache (as in writeback); trims are
+ * not accesses. A `time_based` job makes `runtime` × `rate_iops` requests.
+ */
+export async function runSimJob(job: Job): Promise<SimReport> {
+  if (job.cacheSize === undefined) throw new JobFileError(`[${job.name}] ioengine=sim needs cache_size= (the simulated cache)`)
+  const region = jobRegion(job, undefined)
+  const unit = minBlock(job)
+  const cacheBlocks = Math.floor(job.cacheSize / unit)
+  if (cacheBlocks < 1) throw new JobFileError(`[${job.name}] cache_size=${job.cacheSize} holds no block of ${unit} bytes`)
+  let limit = Number.POSITIVE_INFINITY
+  if (job.timeBased) {
+    if (job.rateIops === undefined) throw new JobFileError(`[${job.name}] a time_based job with ioengine=sim needs rate_iops= (simulated time has no device to set the pace)`)
+    limit = Math.round(job.runtime * job.rateIops) * job.numjobs
+  }
+  const streams = Array.from({ length: job.numjobs }, (_, i) => (job.timeBased ? endless(job, region, i) : jobIos(job, region, i)))
+  const trace: number[] = []
+  let requests = 0
+  let reads = 0
+  let writes = 0
+  for (let live = streams.length; live > 0 && requests < limit; ) {
+    live = 0
+    for (const s of streams) {
+      if (requests >= limit) break
+      const r = s.next()
+      if (r.done) continue
+      live++
+      requests++
+      if (requests > MAX_REQUESTS) throw new JobFileError(`[${job.name}] over ${MAX_REQUESTS} requests: too many to simulate in memory (lower io_size, loops or runtime)`)
+      const io = r.value
+      if (io.op === 'trim') continue
+      if (io.op === 'read') reads++
+      else writes++
+      const first = Math.floor(io.offset / unit)
+      const last = Math.floor((io.offset + io.length - 1) / unit)
+      for (let b = first; b <= last; b++) trace.push(b)
+    }
+  }
+  const blocks = Float64Array.from(trace)
+  const policies: SimReport['policies'] = []
+  for (const p of SIM_POLICIES) {
+    const [r] = await simulateCache(p, blocks, [cacheBlocks])
+    policies.push({ policy: p, hits: r.hits, misses: r.misses, hitRatio: r.hitRatio })
+  }
+  return {
+    job: job.name,
+    rw: job.rw,
+    numjobs: job.numjobs,
+    requests,
+    reads,
+    writes,
+    accesses: blocks.length,
+    blockSize: unit,
+    cacheBlocks,
+    spaceBlocks: Math.floor(region.bytes / unit),
+    policies,
+  }
+}
+
+/** A job's requests over and over (`time_based`: the runtime, not the size, ends it). */
+function* endless(job: Job, region: { start: number; bytes: number }, instance: number): Generator<import('./workload').Io> {
+  for (let pass = 0; ; pass++) yield* jobIos({ ...job, randseed: job.randseed + pass * 104729 }, region, instance)
+}
