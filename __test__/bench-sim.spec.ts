@@ -1,5 +1,5 @@
 // The bench harness's workloads and `ioengine=sim`, and `ubcache bench` on the command line.
-import { writeFileSync } from 'node:fs'
+import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs'
 import { join } from 'node:path'
 import test from 'ava'
 import { parseJobFile } from '../ts/bench/jobfile'
@@ -80,4 +80,48 @@ test('ubcache bench runs a sim job: fio-like text, fio JSON shape with a ubcache
   const missing = cli('bench', join(dir, 'none.fio'))
   t.is(missing.status, 1)
   t.regex(missing.stderr, /none\.fio: ENOENT/)
+})
+
+test('ioengine=raw: verify=crc32c writes checkable blocks; verify_only catches a corrupted one (exit 1)', (t) => {
+  const img = join(dir, 'raw.img')
+  const f = join(dir, 'v.fio')
+  const body = `[global]\nioengine=raw\nfilename=${img}\nbs=4k\nsize=4M\niodepth=8\nrw=randwrite\nverify=crc32c\n`
+  writeFileSync(f, `${body}[w]\n`)
+  const w = cli('bench', f)
+  t.is(w.status, 0, w.stdout + w.stderr)
+  t.regex(w.stdout, /^w: \(groupid=0, jobs=1\): err= 0: ioengine=raw/)
+  t.regex(w.stdout, /write: IOPS=\S+, BW=/)
+  writeFileSync(f, `${body}[check]\nverify_only\n`)
+  t.is(cli('bench', f).status, 0)
+  const fd = openSync(img, 'r+')
+  writeSync(fd, Buffer.alloc(16, 0xee), 0, 16, 5 * 4096 + 100)
+  closeSync(fd)
+  const bad = cli('bench', f)
+  t.is(bad.status, 1)
+  t.regex(bad.stdout, /verify: crc32c mismatch at offset 20480/)
+  t.regex(bad.stdout, /err=84/)
+})
+
+test('ioengine=ubcache makes and formats missing files, reports the cache; runtime and rate_iops hold; JSON in fio shape', (t) => {
+  const f = join(dir, 'u.fio')
+  writeFileSync(
+    f,
+    `[global]\nioengine=ubcache\ncache=${join(dir, 'c.img')}\nbacking=${join(dir, 'b.img')}\ncache_size=64M\nsize=16M\nbs=4k\n[fill]\nrw=write\ncache_mode=writeback\n[paced]\nstonewall\nrw=randread\nruntime=2\ntime_based\nrate_iops=250\n`,
+  )
+  const r = cli('bench', f, '--output-format', 'json')
+  t.is(r.status, 0, r.stderr)
+  const out = JSON.parse(r.stdout)
+  const [fill, paced] = out.jobs
+  t.is(fill.jobname, 'fill')
+  t.is(fill.write.total_ios, 4096)
+  t.is(fill.write.io_bytes, 16 << 20)
+  t.true(fill.write.clat_ns.percentile['99.000000'] >= fill.write.clat_ns.percentile['50.000000'])
+  t.is(paced.jobname, 'paced')
+  // 2 s at 250 IOPS: the pace and the runtime both hold (a loose bound: timers are coarse).
+  t.true(paced.read.total_ios >= 400 && paced.read.total_ios <= 520, String(paced.read.total_ios))
+  t.true(paced.read.runtime >= 1900 && paced.read.runtime <= 2600, String(paced.read.runtime))
+  t.true(paced.ubcache.cache.hits > 0, JSON.stringify(paced.ubcache))
+  const text = cli('bench', f)
+  t.regex(text.stdout, /cache: hits=\d+, misses=\d+, bypassed=\d+ \(\d+ sectors\), hit ratio=\d+\.\d\d%/)
+  t.regex(text.stdout, /paced: \(groupid=1,/)
 })

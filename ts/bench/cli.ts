@@ -5,15 +5,21 @@
 import { readFile } from 'node:fs/promises'
 import { parseArgs } from 'node:util'
 import { print, UsageError } from '../cli-common'
+import { type IoReport, runIoJob, type DirStats } from './io-run'
 import { type Job, JobFileError, parseJobFile } from './jobfile'
 import { runSimJob, type SimReport } from './sim-run'
+import { FIO_PERCENTILES } from './stats'
 
 export const BENCH_USAGE = `ubcache bench <job file> [--output-format normal|json]
-  Runs the jobs of a fio job file ([global] and job sections, fio's keys and units).
-  ioengine=sim: the job's access stream through simulated caches of cache_size (no device),
-  reporting the hit ratio of OPT, Belady's MIN, LRU, FIFO, ARC, S3-FIFO and SIEVE.
-  (ioengine=raw and ioengine=ubcache, fio-style latency output and the HTML report are not
-  in this version yet.)`
+  Runs the jobs of a fio job file ([global] and job sections, fio's keys and units): jobs
+  run together, a stonewall job starts after the ones before it have finished.
+  ioengine=ubcache: through a cached device (cache=, backing=, cache_mode=; files that do
+  not exist are made and formatted, the cache of cache_size); ioengine=raw: the raw-device
+  API on filename=; ioengine=sim: the job's access stream through simulated caches of
+  cache_size (no device), with the hit ratio of OPT, Belady's MIN, LRU, FIFO, ARC, S3-FIFO
+  and SIEVE. Output as fio's (IOPS, bandwidth, slat/clat/lat and percentiles) plus the
+  cache's lines; --output-format=json in fio's JSON shape with a ubcache object.
+  (Trace replay, backing_latency emulation and the HTML report are not in this version.)`
 
 /** `ubcache bench`: resolves to the exit code. */
 export async function cmdBench(argv: string[]): Promise<number> {
@@ -30,16 +36,83 @@ export async function cmdBench(argv: string[]): Promise<number> {
   }
   const jobs = parseJobFile(text, file)
   for (const j of jobs) {
-    if (j.ioengine !== 'sim') throw new JobFileError(`${file}: [${j.name}] ioengine=${j.ioengine}: this version of ubcache bench runs ioengine=sim jobs only`)
+    if (j.backingLatency !== undefined) throw new JobFileError(`${file}: [${j.name}] backing_latency= is not emulated in this version of ubcache bench`)
   }
-  const reports: SimReport[] = []
+  // Groups: jobs run together until a stonewall job, which waits for the ones before it.
+  const groups: Job[][] = []
   for (const j of jobs) {
-    const r = await runSimJob(j)
-    reports.push(r)
-    if (format === 'normal') printSim(j, r)
+    if (groups.length === 0 || j.stonewall) groups.push([])
+    groups[groups.length - 1].push(j)
   }
-  if (format === 'json') print(JSON.stringify(jsonOutput(reports)))
-  return 0
+  const tty = process.stdout.isTTY === true && format === 'normal'
+  const sims: SimReport[] = []
+  const ios: IoReport[] = []
+  let failed = false
+  for (const [gid, group] of groups.entries()) {
+    const status = new Map<string, string>()
+    const show = (): void => {
+      if (tty) process.stdout.write(`\rJobs: ${[...status.values()].join(' ')}\u001b[K`)
+    }
+    const results = await Promise.all(
+      group.map(async (j) => {
+        if (j.ioengine === 'sim') return { j, sim: await runSimJob(j) }
+        const io = await runIoJob(j, (p) => {
+          status.set(j.name, `[${j.name}: ${p.ios} ios${p.etaS !== undefined ? `, eta ${eta(p.etaS)}` : ''}]`)
+          show()
+        })
+        return { j, io }
+      }),
+    )
+    if (tty && status.size) process.stdout.write('\r\u001b[K')
+    for (const r of results) {
+      if (r.sim) {
+        sims.push(r.sim)
+        if (format === 'normal') printSim(r.j, r.sim, gid)
+      } else if (r.io) {
+        ios.push(r.io)
+        if (format === 'normal') printIo(r.j, r.io, gid)
+        if (r.io.verifyErrors.length) failed = true
+      }
+    }
+  }
+  if (format === 'json') print(JSON.stringify(jsonOutput(sims, ios)))
+  return failed ? 1 : 0
+}
+
+function eta(s: number): string {
+  const m = Math.floor(s / 60)
+  return `${String(m).padStart(2, '0')}m:${String(Math.round(s % 60)).padStart(2, '0')}s`
+}
+
+/** fio's number style: 12.3k, 1234. */
+function si(n: number): string {
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)}M`
+  if (n >= 1e4) return `${(n / 1e3).toFixed(1)}k`
+  return `${Math.round(n)}`
+}
+
+function printIo(job: Job, r: IoReport, gid: number): void {
+  const err = r.verifyErrors.length ? 84 : 0
+  print(`${r.job}: (groupid=${gid}, jobs=${r.numjobs}): err=${String(err).padStart(2)}: ioengine=${r.engine}, rw=${job.rw}, bs=${bytes(job.bs.read)}-${bytes(job.bs.write)}, iodepth=${r.iodepth}`)
+  for (const [name, d] of [['read', r.read], ['write', r.write], ['trim', r.trim]] as [string, DirStats][]) {
+    if (d.ios === 0) continue
+    const secs = r.runtimeMs / 1000
+    const bw = d.bytes / secs
+    print(`  ${name}: IOPS=${si(d.ios / secs)}, BW=${(bw / 2 ** 20).toFixed(1)}MiB/s (${(bw / 1e6).toFixed(1)}MB/s)(${(d.bytes / 2 ** 20).toFixed(1)}MiB/${Math.round(r.runtimeMs)}msec)`)
+    for (const [lname, l] of [['slat', d.slat], ['clat', d.clat], ['lat', d.lat]] as const) {
+      print(`    ${lname} (usec): min=${(l.min / 1e3).toFixed(1)}, max=${(l.max / 1e3).toFixed(1)}, avg=${(l.mean / 1e3).toFixed(2)}, stdev=${(l.stdev / 1e3).toFixed(2)}`)
+    }
+    print('    clat percentiles (usec):')
+    const cells = FIO_PERCENTILES.map((p) => `${p.toFixed(2).padStart(5)}th=[${Math.round(d.clat.percentile(p) / 1e3)}]`)
+    for (let i = 0; i < cells.length; i += 4) print(`     | ${cells.slice(i, i + 4).join(', ')}${i + 4 < cells.length ? ',' : ''}`)
+  }
+  if (r.flushes) print(`  flushes: ${r.flushes}`)
+  if (r.cache) {
+    const c = r.cache
+    print(`  cache: hits=${c.hits}, misses=${c.misses}, bypassed=${c.bypassHits + c.bypassMisses} (${c.bypassedSectors} sectors), hit ratio=${pct(c.hitRatio)}`)
+    print(`  cache: dirty=${((c.dirtySectors * 512) / 2 ** 20).toFixed(1)}MiB, writeback rate=${((c.writebackRate * 512) / 2 ** 20).toFixed(2)}MiB/s`)
+  }
+  for (const e of r.verifyErrors) print(`  verify: ${e}`)
 }
 
 function pct(x: number): string {
@@ -56,8 +129,8 @@ function bytes(n: number): string {
   return `${n}${units[i]}`
 }
 
-function printSim(job: Job, r: SimReport): void {
-  print(`${r.job}: (groupid=0, jobs=${r.numjobs}): ioengine=sim, rw=${r.rw}, bs=${bytes(r.blockSize)}, distribution=${describe(job)}`)
+function printSim(job: Job, r: SimReport, gid: number): void {
+  print(`${r.job}: (groupid=${gid}, jobs=${r.numjobs}): ioengine=sim, rw=${r.rw}, bs=${bytes(r.blockSize)}, distribution=${describe(job)}`)
   print(`  requests: ${r.requests} (read ${r.reads}, write ${r.writes}); block accesses: ${r.accesses}`)
   print(`  cache: ${r.cacheBlocks} blocks (${bytes(r.cacheBlocks * r.blockSize)}) over ${r.spaceBlocks} blocks (${bytes(r.spaceBlocks * r.blockSize)}), ${pct(r.cacheBlocks / r.spaceBlocks)} of the space`)
   print(`  hit ratio: ${r.policies.map((p) => `${p.policy} ${pct(p.hitRatio)}`).join('  ')}`)
@@ -79,26 +152,53 @@ function describe(job: Job): string {
   }
 }
 
-/** fio's JSON shape (`jobs[]` with `jobname`), ubcache's figures under `ubcache`. */
-function jsonOutput(reports: SimReport[]): unknown {
+function dirJson(d: DirStats, runtimeMs: number): Record<string, unknown> {
+  const secs = runtimeMs / 1000
+  return {
+    io_bytes: d.bytes,
+    io_kbytes: Math.round(d.bytes / 1024),
+    bw_bytes: Math.round(d.bytes / secs),
+    bw: Math.round(d.bytes / 1024 / secs),
+    iops: d.ios / secs,
+    runtime: Math.round(runtimeMs),
+    total_ios: d.ios,
+    slat_ns: d.slat.json(),
+    clat_ns: d.clat.json(),
+    lat_ns: d.lat.json(),
+  }
+}
+
+/** fio's JSON shape (`jobs[]` with `jobname`, `read`, `write`), ubcache's figures under `ubcache`. */
+function jsonOutput(sims: SimReport[], ios: IoReport[]): unknown {
   return {
     'fio version': 'ubcache-bench',
     timestamp: Math.floor(Date.now() / 1000),
-    jobs: reports.map((r) => ({
-      jobname: r.job,
-      groupid: 0,
-      job_options: { rw: r.rw, ioengine: 'sim', numjobs: String(r.numjobs) },
-      read: { total_ios: r.reads },
-      write: { total_ios: r.writes },
-      ubcache: {
-        engine: 'sim',
-        block_accesses: r.accesses,
-        block_size: r.blockSize,
-        cache_blocks: r.cacheBlocks,
-        space_blocks: r.spaceBlocks,
-        hit_ratio: Object.fromEntries(r.policies.map((p) => [p.policy, p.hitRatio])),
-        hits: Object.fromEntries(r.policies.map((p) => [p.policy, p.hits])),
-      },
-    })),
+    jobs: [
+      ...ios.map((r) => ({
+        jobname: r.job,
+        error: r.verifyErrors.length ? 84 : 0,
+        job_options: { ioengine: r.engine, numjobs: String(r.numjobs), iodepth: String(r.iodepth) },
+        read: dirJson(r.read, r.runtimeMs),
+        write: dirJson(r.write, r.runtimeMs),
+        trim: dirJson(r.trim, r.runtimeMs),
+        ubcache: { engine: r.engine, flushes: r.flushes, verify_errors: r.verifyErrors, ...(r.cache ? { cache: r.cache } : {}) },
+      })),
+      ...sims.map((r) => ({
+        jobname: r.job,
+        groupid: 0,
+        job_options: { rw: r.rw, ioengine: 'sim', numjobs: String(r.numjobs) },
+        read: { total_ios: r.reads },
+        write: { total_ios: r.writes },
+        ubcache: {
+          engine: 'sim',
+          block_accesses: r.accesses,
+          block_size: r.blockSize,
+          cache_blocks: r.cacheBlocks,
+          space_blocks: r.spaceBlocks,
+          hit_ratio: Object.fromEntries(r.policies.map((p) => [p.policy, p.hitRatio])),
+          hits: Object.fromEntries(r.policies.map((p) => [p.policy, p.hits])),
+        },
+      })),
+    ],
   }
 }

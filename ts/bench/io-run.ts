@@ -1,0 +1,357 @@
+/**
+ * Jobs with `ioengine=raw` (the raw-device API) and `ioengine=ubcache` (through a cached
+ * device): requests kept in flight at `iodepth`, timed, counted as fio counts them (see
+ * {@link runIoJob}).
+ * @module
+ */
+import { createHash } from 'node:crypto'
+import { existsSync, writeFileSync, truncateSync } from 'node:fs'
+import { openDevice, type RawDevice } from '../device'
+import { makeBacking, makeCache } from '../format'
+import { Registry } from '../registry'
+import type { CachedDevice } from '../registry/cached-device'
+import { crc32c } from './crc32c'
+import type { Job } from './jobfile'
+import { JobFileError } from './jobfile'
+import { LatencyStats } from './stats'
+import { type Io, jobIos, jobRegion, minBlock, type Region } from './workload'
+
+/** What one direction of a job did. */
+export interface DirStats {
+  ios: number
+  bytes: number
+  slat: LatencyStats
+  clat: LatencyStats
+  lat: LatencyStats
+}
+
+/** The cache's counters over a job (`ioengine=ubcache`). */
+export interface CacheCounts {
+  hits: number
+  misses: number
+  bypassHits: number
+  bypassMisses: number
+  bypassedSectors: number
+  hitRatio: number
+  dirtySectors: number
+  writebackRate: number
+}
+
+/** What a job did. */
+export interface IoReport {
+  job: string
+  engine: 'raw' | 'ubcache'
+  numjobs: number
+  iodepth: number
+  /** Milliseconds measured (after the ramp). */
+  runtimeMs: number
+  read: DirStats
+  write: DirStats
+  trim: DirStats
+  flushes: number
+  verifyErrors: string[]
+  cache?: CacheCounts
+}
+
+/** A device to run a job on. */
+interface Target {
+  size: number
+  /** Requests must be multiples of this (O_DIRECT). */
+  align: number
+  read(offset: number, length: number): Promise<unknown>
+  write(offset: number, data: Uint8Array): Promise<void>
+  flush(): Promise<void>
+  discard(offset: number, length: number): Promise<void>
+  readBack(offset: number, length: number): Promise<Buffer>
+  counts?: () => Omit<CacheCounts, 'hitRatio'>
+  close(): Promise<void>
+}
+
+const now = (): number => Number(process.hrtime.bigint())
+
+function newDir(): DirStats {
+  return { ios: 0, bytes: 0, slat: new LatencyStats(), clat: new LatencyStats(), lat: new LatencyStats() }
+}
+
+async function rawTarget(job: Job): Promise<Target> {
+  if (job.filename === undefined) throw new JobFileError(`[${job.name}] ioengine=raw needs filename=`)
+  let dev: RawDevice
+  const createSize = job.size && 'bytes' in job.size ? job.size.bytes + ('bytes' in job.offset ? job.offset.bytes : 0) : undefined
+  try {
+    dev = await openDevice(job.filename, { direct: job.direct ? 'auto' : 'off', exclusive: false, ...(createSize ? { createSize } : {}) })
+  } catch (err) {
+    throw new JobFileError(`[${job.name}] filename=${job.filename}: ${(err as Error).message}`)
+  }
+  return {
+    size: dev.size,
+    align: dev.direct ? dev.logicalBlockSize : 1,
+    read: (o, l) => dev.read(o, l),
+    write: (o, d) => dev.write(o, d),
+    flush: () => dev.flush(),
+    discard: (o, l) => dev.discard(o, l),
+    readBack: (o, l) => dev.read(o, l),
+    close: () => dev.close(),
+  }
+}
+
+/**
+ * The cached device of `cache=` and `backing=`: registered as they are, or, where a file
+ * does not exist yet, made (the cache of `cache_size`, the backing of the job's size) and
+ * formatted as one set first. Existing files without a bcache superblock are refused, not
+ * formatted: they may hold data.
+ */
+async function ubcacheTarget(job: Job): Promise<Target> {
+  const cache = job.cache
+  const backing = job.backing ?? job.filename
+  if (cache === undefined || backing === undefined) throw new JobFileError(`[${job.name}] ioengine=ubcache needs cache= and backing=`)
+  const dataOffset = 8192
+  if (!existsSync(cache)) {
+    if (job.cacheSize === undefined) throw new JobFileError(`[${job.name}] cache=${cache} does not exist: give cache_size= to make it`)
+    writeFileSync(cache, '')
+    truncateSync(cache, job.cacheSize)
+    const set = await makeCache(cache, {})
+    if (!existsSync(backing)) {
+      const bytes = job.size && 'bytes' in job.size ? job.size.bytes + ('bytes' in job.offset ? job.offset.bytes : 0) : undefined
+      if (bytes === undefined) throw new JobFileError(`[${job.name}] backing=${backing} does not exist: give size= in bytes to make it`)
+      writeFileSync(backing, '')
+      truncateSync(backing, bytes + dataOffset)
+      await makeBacking(backing, { setUuid: set.setUuid, dataOffset: dataOffset / 512 })
+    }
+  }
+  const reg = new Registry()
+  let dev: CachedDevice
+  try {
+    await reg.registerCache(cache)
+    dev = await reg.registerBacking(backing)
+  } catch (err) {
+    await reg.close()
+    throw new JobFileError(`[${job.name}] ioengine=ubcache cache=${cache} backing=${backing}: ${(err as Error).message}`)
+  }
+  if (job.cacheMode) dev.cacheMode = job.cacheMode
+  const d = dev
+  return {
+    size: d.size,
+    align: d.blockSize,
+    read: (o, l) => d.read(o, l),
+    write: (o, data) => d.write(o, data),
+    flush: () => d.flush(),
+    discard: (o, l) => d.discard(o, l),
+    readBack: (o, l) => d.read(o, l),
+    counts: () => {
+      const t = d.accounting()?.total
+      return {
+        hits: t?.cacheHits ?? 0,
+        misses: t?.cacheMisses ?? 0,
+        bypassHits: t?.cacheBypassHits ?? 0,
+        bypassMisses: t?.cacheBypassMisses ?? 0,
+        bypassedSectors: t?.bypassedSectors ?? 0,
+        dirtySectors: d.dirtySectors() ?? 0,
+        writebackRate: d.writebackRate()?.rate ?? 0,
+      }
+    },
+    close: () => reg.close(),
+  }
+}
+
+/** A block's verify header: magic, offset, length, then the checksum of the rest. */
+const VERIFY_MAGIC = 0x75626376 // "ubcv"
+
+/** Fills `b` (a write to `offset`) with data fio-style verify can check again later. */
+function fillVerify(job: Job, b: Buffer, offset: number, seed: number): void {
+  if (job.verify === 'pattern') {
+    const p = job.verifyPattern as Buffer
+    for (let i = 0; i < b.length; i += p.length) p.copy(b, i, 0, Math.min(p.length, b.length - i))
+    return
+  }
+  let x = (offset / 512 + seed * 2654435761) >>> 0 || 1
+  for (let i = 32; i + 4 <= b.length; i += 4) {
+    x ^= x << 13
+    x >>>= 0
+    x ^= x >>> 17
+    x ^= x << 5
+    x >>>= 0
+    b.writeUInt32LE(x, i)
+  }
+  b.writeUInt32LE(VERIFY_MAGIC, 0)
+  b.writeUInt32LE(b.length, 4)
+  b.writeDoubleLE(offset, 8)
+  const sum = job.verify === 'md5' ? createHash('md5').update(b.subarray(32)).digest() : crc32cBuf(b.subarray(32))
+  sum.copy(b, 16)
+}
+
+function crc32cBuf(b: Uint8Array): Buffer {
+  const out = Buffer.alloc(4)
+  out.writeUInt32LE(crc32c(b), 0)
+  return out
+}
+
+/** What is wrong with block data read back at `offset`, or undefined. */
+function checkVerify(job: Job, b: Buffer, offset: number): string | undefined {
+  if (job.verify === 'pattern') {
+    const p = job.verifyPattern as Buffer
+    for (let i = 0; i < b.length; i++) if (b[i] !== p[i % p.length]) return `pattern mismatch at byte ${offset + i}`
+    return undefined
+  }
+  if (b.readUInt32LE(0) !== VERIFY_MAGIC) return `bad magic header at offset ${offset}`
+  if (b.readDoubleLE(8) !== offset || b.readUInt32LE(4) !== b.length) return `header of offset ${b.readDoubleLE(8)} (${b.readUInt32LE(4)} bytes) found at offset ${offset}`
+  const sum = job.verify === 'md5' ? createHash('md5').update(b.subarray(32)).digest() : crc32cBuf(b.subarray(32))
+  if (!sum.equals(b.subarray(16, 16 + sum.length))) return `${job.verify} mismatch at offset ${offset}`
+  return undefined
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
+
+/**
+ * Runs a job on its device: `numjobs` instances, each with `iodepth` requests in flight,
+ * for its size (`io_size`, `loops`) or, `time_based`, its `runtime`; statistics after
+ * `ramp_time`. `rate_iops` paces each instance, `thinktime` waits after each request,
+ * `fsync`/`fdatasync` flush every so many writes. With `verify`, written blocks carry a
+ * header and checksum (or the pattern) and are read back and checked after the writes
+ * (`verify_only`: only checked). `progress` is called about once a second.
+ */
+export async function runIoJob(job: Job, progress?: (p: { ios: number; elapsedS: number; etaS: number | undefined }) => void): Promise<IoReport> {
+  if (job.replay !== undefined) throw new JobFileError(`[${job.name}] replay= runs with ioengine=sim in this version`)
+  const target = job.ioengine === 'raw' ? await rawTarget(job) : await ubcacheTarget(job)
+  try {
+    return await run(job, target, progress)
+  } finally {
+    await target.close()
+  }
+}
+
+async function run(job: Job, target: Target, progress?: (p: { ios: number; elapsedS: number; etaS: number | undefined }) => void): Promise<IoReport> {
+  const region: Region = jobRegion(job, target.size)
+  const unit = minBlock(job)
+  if (unit % target.align !== 0 || region.start % target.align !== 0) {
+    throw new JobFileError(`[${job.name}] block size ${unit} and offset ${region.start} must be multiples of the device's ${target.align}-byte blocks`)
+  }
+  if (job.startdelay > 0) await sleep(job.startdelay * 1000)
+  const report: IoReport = { job: job.name, engine: job.ioengine as 'raw' | 'ubcache', numjobs: job.numjobs, iodepth: job.iodepth, runtimeMs: 0, read: newDir(), write: newDir(), trim: newDir(), flushes: 0, verifyErrors: [] }
+  const before = target.counts?.()
+  const started = now()
+  const rampEnd = started + job.rampTime * 1e9
+  const deadline = job.runtime > 0 ? started + (job.runtime + job.rampTime) * 1e9 : Number.POSITIVE_INFINITY
+  let measuredFrom = job.rampTime > 0 ? Number.NaN : started
+  let total = 0
+  const expected = job.timeBased ? undefined : estimateIos(job, region)
+  const ticker = progress
+    ? setInterval(() => {
+        const el = (now() - started) / 1e9
+        const eta = job.runtime > 0 ? Math.max(0, job.runtime + job.rampTime - el) : expected ? (el / Math.max(1, total)) * (expected - total) : undefined
+        progress({ ios: total, elapsedS: el, etaS: eta })
+      }, 1000)
+    : undefined
+  const writeData = new Map<number, Buffer>()
+  const dataFor = (len: number, offset: number): Buffer => {
+    if (job.verify) {
+      const b = Buffer.alloc(len)
+      fillVerify(job, b, offset, job.randseed)
+      return b
+    }
+    let b = writeData.get(len)
+    if (!b) {
+      b = Buffer.alloc(len)
+      for (let i = 0; i < len; i += 4) b.writeUInt32LE((Math.imul(i + 1, 2654435761) ^ len) >>> 0, i)
+      writeData.set(len, b)
+    }
+    return b
+  }
+  const verifyPass = job.verify !== undefined
+  const writePhase = !job.verifyOnly
+  const instances = Array.from({ length: job.numjobs }, (_, i) => i)
+  const doIo = async (io: Io, checking: boolean): Promise<void> => {
+    const t0 = now()
+    let p: Promise<unknown>
+    if (checking) p = target.readBack(io.offset, io.length)
+    else if (io.op === 'read') p = target.read(io.offset, io.length)
+    else if (io.op === 'write') p = target.write(io.offset, dataFor(io.length, io.offset))
+    else p = target.discard(io.offset, io.length)
+    const t1 = now()
+    const got = await p
+    const t2 = now()
+    total++
+    if (checking) {
+      const bad = checkVerify(job, got as Buffer, io.offset)
+      if (bad && report.verifyErrors.length < 20) report.verifyErrors.push(bad)
+    }
+    if (t0 < rampEnd) return
+    if (Number.isNaN(measuredFrom)) measuredFrom = t0
+    const d = checking || io.op === 'read' ? report.read : io.op === 'write' ? report.write : report.trim
+    d.ios++
+    d.bytes += io.length
+    d.slat.add(t1 - t0)
+    d.clat.add(t2 - t1)
+    d.lat.add(t2 - t0)
+  }
+  const runPass = async (checking: boolean): Promise<void> => {
+    await Promise.all(
+      instances.map(async (inst) => {
+        const gen = job.timeBased && !checking ? endless(job, region, inst) : jobIos(job, region, inst)
+        let writes = 0
+        let nextAt = now()
+        const gap = job.rateIops ? 1e9 / job.rateIops : 0
+        const worker = async (): Promise<void> => {
+          for (;;) {
+            if (now() >= deadline) return
+            const r = gen.next()
+            if (r.done) return
+            const io = r.value
+            if (checking && io.op !== 'write') continue
+            if (!checking && job.verifyOnly) continue
+            if (gap) {
+              const wait = nextAt - now()
+              nextAt = Math.max(nextAt, now()) + gap
+              if (wait > 0) await sleep(wait / 1e6)
+            }
+            await doIo(io, checking)
+            if (!checking && io.op === 'write') {
+              writes++
+              const every = job.fsync || job.fdatasync
+              if (every && writes % every === 0) {
+                await target.flush()
+                report.flushes++
+              }
+            }
+            if (job.thinktime > 0) await sleep(job.thinktime / 1000)
+          }
+        }
+        await Promise.all(Array.from({ length: job.iodepth }, worker))
+      }),
+    )
+  }
+  try {
+    if (writePhase) await runPass(false)
+    if (verifyPass && job.rw !== 'read' && job.rw !== 'randread') {
+      if (writePhase) await target.flush()
+      await runPass(true)
+    }
+  } finally {
+    if (ticker) clearInterval(ticker)
+  }
+  report.runtimeMs = Math.max(1, (now() - (Number.isNaN(measuredFrom) ? started : measuredFrom)) / 1e6)
+  const after = target.counts?.()
+  if (before && after) {
+    const hits = after.hits - before.hits
+    const misses = after.misses - before.misses
+    report.cache = {
+      hits,
+      misses,
+      bypassHits: after.bypassHits - before.bypassHits,
+      bypassMisses: after.bypassMisses - before.bypassMisses,
+      bypassedSectors: after.bypassedSectors - before.bypassedSectors,
+      hitRatio: hits + misses === 0 ? 0 : hits / (hits + misses),
+      dirtySectors: after.dirtySectors,
+      writebackRate: after.writebackRate,
+    }
+  }
+  return report
+}
+
+function estimateIos(job: Job, region: Region): number {
+  const perLoop = job.ioSize ?? region.bytes
+  return Math.ceil((perLoop / Math.max(job.bs.read, job.bs.write)) * job.loops * job.numjobs)
+}
+
+function* endless(job: Job, region: Region, instance: number): Generator<Io> {
+  for (let pass = 0; ; pass++) yield* jobIos({ ...job, randseed: job.randseed + pass * 104729 }, region, instance)
+}
