@@ -4,6 +4,7 @@ import { join } from 'node:path'
 import test from 'ava'
 import { parseJobFile } from '../ts/bench/jobfile'
 import { runSimJob } from '../ts/bench/sim-run'
+import { readTrace } from '../ts/bench/trace'
 import { jobIos, jobRegion } from '../ts/bench/workload'
 import { cli, tempDir } from './helpers'
 
@@ -124,4 +125,49 @@ test('ioengine=ubcache makes and formats missing files, reports the cache; runti
   const text = cli('bench', f)
   t.regex(text.stdout, /cache: hits=\d+, misses=\d+, bypassed=\d+ \(\d+ sectors\), hit ratio=\d+\.\d\d%/)
   t.regex(text.stdout, /paced: \(groupid=1,/)
+})
+
+test('traces: blkparse, SPC, MSR Cambridge and ARC .lis are read with their units; bad lines are named', (t) => {
+  const blk = readTrace('b.txt', 4096, [
+    '  8,0    3        1     0.000000000   697  Q   R 223490 + 8 [kjournald]',
+    '  8,0    3        2     0.000012000   697  D   R 223490 + 8 [kjournald]',
+    '  8,0    3        3     0.500000000   697  Q  WS 1000 + 16 [fio]',
+    '  8,0    3        4     0.600000000   697  Q   D 2048 + 2048 [fstrim]',
+    'CPU3 (8,0):',
+  ].join('\n'))
+  t.deepEqual(blk, [
+    { time: 0, op: 'read', offset: 223490 * 512, length: 4096 },
+    { time: 0.5, op: 'write', offset: 1000 * 512, length: 8192 },
+    { time: 0.6, op: 'trim', offset: 2048 * 512, length: 2048 * 512 },
+  ])
+  const spc = readTrace('s.spc', 4096, '0,20941264,8192,W,0.551706\n1,3436288,4096,r,0.554041\n')
+  t.deepEqual(spc, [
+    { time: 0, op: 'write', offset: 20941264 * 512, length: 8192 },
+    { time: 0.554041 - 0.551706, op: 'read', offset: 2 ** 44 + 3436288 * 512, length: 4096 },
+  ])
+  const msr = readTrace('m.csv', 4096, '128166372003061629,hm,0,Read,7014609920,24576,41286\n128166372016382155,hm,1,Write,1317441536,8192,1963\n')
+  t.is(msr.length, 2)
+  t.deepEqual({ ...msr[0], time: 0 }, { time: 0, op: 'read', offset: 7014609920, length: 24576 })
+  t.is(msr[1].op, 'write')
+  t.is(msr[1].offset, 2 ** 44 + 1317441536)
+  t.true(Math.abs(msr[1].time - (128166372016382155 - 128166372003061629) / 1e7) < 1e-3)
+  const lis = readTrace('a.lis', 4096, '100 4 0 1\n7 1 0 2\n')
+  t.deepEqual(lis, [
+    { time: 0, op: 'read', offset: 409600, length: 16384 },
+    { time: 1, op: 'read', offset: 28672, length: 4096 },
+  ])
+  t.throws(() => readTrace('x.txt', 4096, 'hello world\n'), { message: /^x\.txt:1: not a trace line of a known format/ })
+  t.throws(() => readTrace('a.lis', 4096, '1 2 0 3\n1 2 x 3\n'), { message: /^a\.lis:2: not a lis line/ })
+})
+
+test('replay= through ioengine=sim: an ARC .lis loop one block over the cache', async (t) => {
+  const lisFile = join(dir, 'loop.lis')
+  writeFileSync(lisFile, Array.from({ length: 40 }, (_, i) => `${i % 4} 1 0 ${i}`).join('\n'))
+  const j = parseJobFile(`[r]\nioengine=sim\nbs=4k\ncache_size=12k\nreplay=${lisFile}\n`)[0]
+  const r = await runSimJob(j)
+  t.is(r.requests, 40)
+  t.is(r.spaceBlocks, 4)
+  const by = Object.fromEntries(r.policies.map((p) => [p.policy, p.hits]))
+  t.is(by.lru, 0)
+  t.true(by.opt >= 20)
 })

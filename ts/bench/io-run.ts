@@ -14,6 +14,7 @@ import { crc32c } from './crc32c'
 import type { Job } from './jobfile'
 import { JobFileError } from './jobfile'
 import { LatencyStats } from './stats'
+import { readTrace } from './trace'
 import { type Io, jobIos, jobRegion, minBlock, type Region } from './workload'
 
 /** What one direction of a job did. */
@@ -210,7 +211,6 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
  * (`verify_only`: only checked). `progress` is called about once a second.
  */
 export async function runIoJob(job: Job, progress?: (p: { ios: number; elapsedS: number; etaS: number | undefined }) => void): Promise<IoReport> {
-  if (job.replay !== undefined) throw new JobFileError(`[${job.name}] replay= runs with ioengine=sim in this version`)
   const target = job.ioengine === 'raw' ? await rawTarget(job) : await ubcacheTarget(job)
   try {
     return await run(job, target, progress)
@@ -286,7 +286,7 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
   const runPass = async (checking: boolean): Promise<void> => {
     await Promise.all(
       instances.map(async (inst) => {
-        const gen = job.timeBased && !checking ? endless(job, region, inst) : jobIos(job, region, inst)
+        const gen = job.replay !== undefined ? replayed(job, region, target.align, inst) : job.timeBased && !checking ? endless(job, region, inst) : jobIos(job, region, inst)
         let writes = 0
         let nextAt = now()
         const gap = job.rateIops ? 1e9 / job.rateIops : 0
@@ -298,6 +298,11 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
             const io = r.value
             if (checking && io.op !== 'write') continue
             if (!checking && job.verifyOnly) continue
+            const due = (io as Io & { due?: number }).due
+            if (due !== undefined) {
+              const wait = started + due - now()
+              if (wait > 1e6) await sleep(wait / 1e6)
+            }
             if (gap) {
               const wait = nextAt - now()
               nextAt = Math.max(nextAt, now()) + gap
@@ -350,6 +355,21 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
 function estimateIos(job: Job, region: Region): number {
   const perLoop = job.ioSize ?? region.bytes
   return Math.ceil((perLoop / Math.max(job.bs.read, job.bs.write)) * job.loops * job.numjobs)
+}
+
+/**
+ * A trace's requests (instance 0 only), mapped into the job's region (offsets wrap around
+ * it, aligned down to the device's blocks; lengths rounded up, clipped at its end), each
+ * due at its time over `replay_speed`, in nanoseconds from the start.
+ */
+function* replayed(job: Job, region: Region, align: number, instance: number): Generator<Io & { due: number }> {
+  if (instance > 0) return
+  for (const t of readTrace(job.replay as string, minBlock(job))) {
+    const at = t.offset % region.bytes
+    const offset = at - (at % align)
+    const length = Math.min(Math.ceil((t.length + (at - offset)) / align) * align, region.bytes - offset)
+    yield { op: t.op, offset: region.start + offset, length, due: (t.time / job.replaySpeed) * 1e9 }
+  }
 }
 
 function* endless(job: Job, region: Region, instance: number): Generator<Io> {

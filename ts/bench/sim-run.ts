@@ -6,7 +6,8 @@
 import { SIM_POLICIES, type SimPolicy, simulateCache } from '../sim'
 import type { Job } from './jobfile'
 import { JobFileError } from './jobfile'
-import { jobIos, jobRegion, minBlock } from './workload'
+import { readTrace } from './trace'
+import { type Io, jobIos, jobRegion, minBlock } from './workload'
 
 /** Hit ratios of every simulated policy for one job. */
 export interface SimReport {
@@ -35,12 +36,13 @@ const MAX_REQUESTS = 50_000_000
  * become a stream of cache-block accesses (blocks of the job's smallest block size), which
  * each policy of {@link SIM_POLICIES} and the two optima serve with a cache of
  * `cache_size`. Reads and writes both go through the cache (as in writeback); trims are
- * not accesses. A `time_based` job makes `runtime` × `rate_iops` requests.
+ * not accesses. A `time_based` job makes `runtime` × `rate_iops` requests; a `replay=` job
+ * makes the trace's (see {@link readTrace}).
  */
 export async function runSimJob(job: Job): Promise<SimReport> {
   if (job.cacheSize === undefined) throw new JobFileError(`[${job.name}] ioengine=sim needs cache_size= (the simulated cache)`)
-  const region = jobRegion(job, undefined)
   const unit = minBlock(job)
+  const region = job.replay !== undefined ? undefined : jobRegion(job, undefined)
   const cacheBlocks = Math.floor(job.cacheSize / unit)
   if (cacheBlocks < 1) throw new JobFileError(`[${job.name}] cache_size=${job.cacheSize} holds no block of ${unit} bytes`)
   let limit = Number.POSITIVE_INFINITY
@@ -48,7 +50,10 @@ export async function runSimJob(job: Job): Promise<SimReport> {
     if (job.rateIops === undefined) throw new JobFileError(`[${job.name}] a time_based job with ioengine=sim needs rate_iops= (simulated time has no device to set the pace)`)
     limit = Math.round(job.runtime * job.rateIops) * job.numjobs
   }
-  const streams = Array.from({ length: job.numjobs }, (_, i) => (job.timeBased ? endless(job, region, i) : jobIos(job, region, i)))
+  const streams: Iterator<Io>[] =
+    region === undefined
+      ? [(readTrace(job.replay as string, unit) as Io[])[Symbol.iterator]()]
+      : Array.from({ length: job.numjobs }, (_, i) => (job.timeBased ? endless(job, region, i) : jobIos(job, region, i)))
   const trace: number[] = []
   let requests = 0
   let reads = 0
@@ -72,6 +77,8 @@ export async function runSimJob(job: Job): Promise<SimReport> {
     }
   }
   const blocks = Float64Array.from(trace)
+  let top = 0
+  for (const b of trace) if (b > top) top = b
   const policies: SimReport['policies'] = []
   for (const p of SIM_POLICIES) {
     const [r] = await simulateCache(p, blocks, [cacheBlocks])
@@ -87,7 +94,7 @@ export async function runSimJob(job: Job): Promise<SimReport> {
     accesses: blocks.length,
     blockSize: unit,
     cacheBlocks,
-    spaceBlocks: Math.floor(region.bytes / unit),
+    spaceBlocks: region === undefined ? top + 1 : Math.floor(region.bytes / unit),
     policies,
   }
 }
