@@ -171,3 +171,26 @@ test('replay= through ioengine=sim: an ARC .lis loop one block over the cache', 
   t.is(by.lru, 0)
   t.true(by.opt >= 20)
 })
+
+test('shipped examples: --list-examples, example:NAME, --sweep; an unknown example or unset variable is one line', (t) => {
+  const list = cli('bench', '--list-examples')
+  t.is(list.status, 0)
+  for (const name of ['trace-replay', 'zipf-db', 'zipf-read', 'zipf-sim']) t.regex(list.stdout, new RegExp(`^example:${name} `, 'm'))
+  const r = cli('bench', 'example:trace-replay', '--sweep', '--output-format', 'json')
+  t.is(r.status, 0, r.stderr)
+  const job = JSON.parse(r.stdout).jobs[0]
+  t.is(job.read.total_ios, 30000)
+  const sweep = job.ubcache.sweep as { cache_blocks: number; hit_ratio: Record<string, number> }[]
+  t.is(sweep.length, 10)
+  for (let i = 1; i < sweep.length; i++) t.true(sweep[i].hit_ratio.lru >= sweep[i - 1].hit_ratio.lru)
+  // The scans hurt LRU: the scan-resistant policies do better at a small cache.
+  t.true(sweep[3].hit_ratio.s3fifo > sweep[3].hit_ratio.lru + 0.05)
+  const none = cli('bench', 'example:nope')
+  t.is(none.status, 1)
+  t.regex(none.stderr, /^ubcache: bench: no example 'nope'/)
+  const f = join(dir, 'env.fio')
+  writeFileSync(f, '[j]\nioengine=sim\nsize=1M\ncache_size=${UBCACHE_NOT_SET_ANYWHERE}\n')
+  const env = cli('bench', f)
+  t.is(env.status, 1)
+  t.regex(env.stderr, /env\.fio:4: environment variable UBCACHE_NOT_SET_ANYWHERE is not set/)
+})

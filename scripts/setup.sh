@@ -38,3 +38,7 @@ fi
 npm ci --no-audit --no-fund
 npm run build
 node dist/cli.js example
+# The bench harness's main example, briefly: 60 s of simulated Zipf reads over 100 GiB.
+echo
+echo '$ ubcache bench example:zipf-sim'
+node dist/cli.js bench example:zipf-sim

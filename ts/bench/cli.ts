@@ -2,7 +2,9 @@
  * `ubcache bench`: runs a fio job file (see {@link cmdBench}).
  * @module
  */
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
+import { join, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
 import { print, UsageError } from '../cli-common'
 import { type IoReport, runIoJob, type DirStats } from './io-run'
@@ -10,24 +12,66 @@ import { type Job, JobFileError, parseJobFile } from './jobfile'
 import { runSimJob, type SimReport } from './sim-run'
 import { FIO_PERCENTILES } from './stats'
 
-export const BENCH_USAGE = `ubcache bench <job file> [--output-format normal|json]
+/** Where the shipped example jobs are (`bench/jobs` of the package). */
+export const EXAMPLES_DIR = resolve(__dirname, '..', '..', 'bench', 'jobs')
+
+/** The shipped examples: name and the first comment line of each. */
+export function listExamples(): { name: string; about: string }[] {
+  return readdirSync(EXAMPLES_DIR)
+    .filter((f) => f.endsWith('.fio'))
+    .sort()
+    .map((f) => {
+      const lines = readFileSync(join(EXAMPLES_DIR, f), 'utf8').split('\n')
+      const about = lines.filter((l) => l.startsWith(';')).map((l) => l.slice(1).trim()).join(' ')
+      return { name: f.slice(0, -4), about: about.split('. ')[0] }
+    })
+}
+
+export const BENCH_USAGE = `ubcache bench <job file | example:NAME> [--output-format normal|json] [--sweep]
+ubcache bench --list-examples
   Runs the jobs of a fio job file ([global] and job sections, fio's keys and units): jobs
   run together, a stonewall job starts after the ones before it have finished.
   ioengine=ubcache: through a cached device (cache=, backing=, cache_mode=; files that do
   not exist are made and formatted, the cache of cache_size); ioengine=raw: the raw-device
   API on filename=; ioengine=sim: the job's access stream through simulated caches of
   cache_size (no device), with the hit ratio of OPT, Belady's MIN, LRU, FIFO, ARC, S3-FIFO
-  and SIEVE. Output as fio's (IOPS, bandwidth, slat/clat/lat and percentiles) plus the
+  and SIEVE (--sweep: at cache sizes from 0.5% to 100% of the blocks accessed). Output as fio's (IOPS, bandwidth, slat/clat/lat and percentiles) plus the
   cache's lines; --output-format=json in fio's JSON shape with a ubcache object.
   (Trace replay, backing_latency emulation and the HTML report are not in this version.)`
 
 /** `ubcache bench`: resolves to the exit code. */
 export async function cmdBench(argv: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { 'output-format': { type: 'string' } } })
+  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { 'output-format': { type: 'string' }, sweep: { type: 'boolean' }, 'list-examples': { type: 'boolean' } } })
+  if (values['list-examples']) {
+    for (const e of listExamples()) print(`example:${e.name.padEnd(16)} ${e.about}`)
+    return 0
+  }
   const format = values['output-format'] ?? 'normal'
   if (format !== 'normal' && format !== 'json') throw new UsageError(`bench: --output-format must be normal or json, not '${format}'`)
   if (positionals.length !== 1) throw new UsageError('bench takes one job file (ubcache bench <job file>)')
-  const file = positionals[0]
+  let file = positionals[0]
+  let made: string | undefined
+  if (file.startsWith('example:')) {
+    const name = file.slice('example:'.length)
+    if (!listExamples().some((e) => e.name === name)) throw new UsageError(`bench: no example '${name}' (ubcache bench --list-examples lists them)`)
+    file = join(EXAMPLES_DIR, `${name}.fio`)
+    // Examples that make devices make them in a fresh directory, removed afterwards.
+    if (process.env.UBCACHE_BENCH_DIR === undefined) {
+      made = mkdtempSync('/var/tmp/ubcache-bench-')
+      process.env.UBCACHE_BENCH_DIR = made
+    }
+  }
+  try {
+    return await runFile(file, format, values.sweep === true)
+  } finally {
+    if (made) {
+      rmSync(made, { recursive: true, force: true })
+      delete process.env.UBCACHE_BENCH_DIR
+    }
+  }
+}
+
+async function runFile(file: string, format: string, sweep: boolean): Promise<number> {
   let text: string
   try {
     text = await readFile(file, 'utf8')
@@ -55,7 +99,7 @@ export async function cmdBench(argv: string[]): Promise<number> {
     }
     const results = await Promise.all(
       group.map(async (j) => {
-        if (j.ioengine === 'sim') return { j, sim: await runSimJob(j) }
+        if (j.ioengine === 'sim') return { j, sim: await runSimJob(j, { sweep }) }
         const io = await runIoJob(j, (p) => {
           status.set(j.name, `[${j.name}: ${p.ios} ios${p.etaS !== undefined ? `, eta ${eta(p.etaS)}` : ''}]`)
           show()
@@ -110,7 +154,11 @@ function printIo(job: Job, r: IoReport, gid: number): void {
   if (r.cache) {
     const c = r.cache
     print(`  cache: hits=${c.hits}, misses=${c.misses}, bypassed=${c.bypassHits + c.bypassMisses} (${c.bypassedSectors} sectors), hit ratio=${pct(c.hitRatio)}`)
-    print(`  cache: dirty=${((c.dirtySectors * 512) / 2 ** 20).toFixed(1)}MiB, writeback rate=${((c.writebackRate * 512) / 2 ** 20).toFixed(2)}MiB/s`)
+    print(`  cache: per block hit ratio=${pct(c.blockHitRatio)} (${c.hitSectors} sectors hit, ${c.missSectors} missed), dirty=${((c.dirtySectors * 512) / 2 ** 20).toFixed(1)}MiB, writeback rate=${((c.writebackRate * 512) / 2 ** 20).toFixed(2)}MiB/s`)
+    if (c.simulated) {
+      const s = c.simulated
+      print(`  simulated, same reads, ${s.cacheBlocks} blocks of ${bytes(s.blockSize)}: ubcache ${pct(c.blockHitRatio)}  ${Object.entries(s.hitRatio).map(([p, r]) => `${p} ${pct(r)}`).join('  ')}`)
+    }
   }
   for (const e of r.verifyErrors) print(`  verify: ${e}`)
 }
@@ -134,6 +182,13 @@ function printSim(job: Job, r: SimReport, gid: number): void {
   print(`  requests: ${r.requests} (read ${r.reads}, write ${r.writes}); block accesses: ${r.accesses}`)
   print(`  cache: ${r.cacheBlocks} blocks (${bytes(r.cacheBlocks * r.blockSize)}) over ${r.spaceBlocks} blocks (${bytes(r.spaceBlocks * r.blockSize)}), ${pct(r.cacheBlocks / r.spaceBlocks)} of the space`)
   print(`  hit ratio: ${r.policies.map((p) => `${p.policy} ${pct(p.hitRatio)}`).join('  ')}`)
+  if (r.sweep) {
+    print(`  sweep (cache size in blocks of ${bytes(r.blockSize)}, share of the ${r.footprint} blocks accessed):`)
+    print(`    ${'blocks'.padStart(10)} ${'share'.padStart(7)} ${r.policies.map((p) => p.policy.padStart(7)).join(' ')}`)
+    for (const row of r.sweep) {
+      print(`    ${String(row.cacheBlocks).padStart(10)} ${pct(row.cacheBlocks / r.footprint).padStart(7)} ${r.policies.map((p) => pct(row.hitRatio[p.policy]).padStart(7)).join(' ')}`)
+    }
+  }
 }
 
 function describe(job: Job): string {
@@ -197,6 +252,8 @@ function jsonOutput(sims: SimReport[], ios: IoReport[]): unknown {
           space_blocks: r.spaceBlocks,
           hit_ratio: Object.fromEntries(r.policies.map((p) => [p.policy, p.hitRatio])),
           hits: Object.fromEntries(r.policies.map((p) => [p.policy, p.hits])),
+          footprint_blocks: r.footprint,
+          ...(r.sweep ? { sweep: r.sweep.map((x) => ({ cache_blocks: x.cacheBlocks, hit_ratio: x.hitRatio })) } : {}),
         },
       })),
     ],

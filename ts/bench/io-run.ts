@@ -10,6 +10,7 @@ import { openDevice, type RawDevice } from '../device'
 import { makeBacking, makeCache } from '../format'
 import { Registry } from '../registry'
 import type { CachedDevice } from '../registry/cached-device'
+import { SIM_POLICIES, simulateCache } from '../sim'
 import { crc32c } from './crc32c'
 import type { Job } from './jobfile'
 import { JobFileError } from './jobfile'
@@ -36,6 +37,15 @@ export interface CacheCounts {
   hitRatio: number
   dirtySectors: number
   writebackRate: number
+  /** Sectors read from the cache over sectors read (per block, as the simulators count). */
+  hitSectors: number
+  missSectors: number
+  blockHitRatio: number
+  /**
+   * The same reads' block accesses through simulated caches of the cache's size: the
+   * optimum, Belady's MIN, LRU, FIFO, ARC, S3-FIFO and SIEVE (read workloads only).
+   */
+  simulated?: { cacheBlocks: number; blockSize: number; accesses: number; hitRatio: Record<string, number> }
 }
 
 /** What a job did. */
@@ -64,11 +74,16 @@ interface Target {
   flush(): Promise<void>
   discard(offset: number, length: number): Promise<void>
   readBack(offset: number, length: number): Promise<Buffer>
-  counts?: () => Omit<CacheCounts, 'hitRatio'>
+  counts?: () => Omit<CacheCounts, 'hitRatio' | 'blockHitRatio' | 'simulated'>
+  /** ubcache: the cache's size in its blocks, and its block size. */
+  cacheBlocks?: number
+  cacheBlockSize?: number
   close(): Promise<void>
 }
 
 const now = (): number => Number(process.hrtime.bigint())
+/** Block accesses recorded for the simulators at most (memory). */
+const MAX_RECORDED = 20_000_000
 
 function newDir(): DirStats {
   return { ios: 0, bytes: 0, slat: new LatencyStats(), clat: new LatencyStats(), lat: new LatencyStats() }
@@ -110,7 +125,8 @@ async function ubcacheTarget(job: Job): Promise<Target> {
     if (job.cacheSize === undefined) throw new JobFileError(`[${job.name}] cache=${cache} does not exist: give cache_size= to make it`)
     writeFileSync(cache, '')
     truncateSync(cache, job.cacheSize)
-    const set = await makeCache(cache, {})
+    // Small caches get smaller buckets (a set needs 128 of them).
+    const set = await makeCache(cache, job.cacheSize < 256 << 20 ? { bucketSize: '64k' } : {})
     if (!existsSync(backing)) {
       const bytes = job.size && 'bytes' in job.size ? job.size.bytes + ('bytes' in job.offset ? job.offset.bytes : 0) : undefined
       if (bytes === undefined) throw new JobFileError(`[${job.name}] backing=${backing} does not exist: give size= in bytes to make it`)
@@ -121,8 +137,9 @@ async function ubcacheTarget(job: Job): Promise<Target> {
   }
   const reg = new Registry()
   let dev: CachedDevice
+  let set
   try {
-    await reg.registerCache(cache)
+    set = await reg.registerCache(cache)
     dev = await reg.registerBacking(backing)
   } catch (err) {
     await reg.close()
@@ -138,9 +155,14 @@ async function ubcacheTarget(job: Job): Promise<Target> {
     flush: () => d.flush(),
     discard: (o, l) => d.discard(o, l),
     readBack: (o, l) => d.read(o, l),
+    cacheBlocks: Math.floor(((set.superblock.nbuckets - set.superblock.firstBucket) * set.bucketSize) / set.blockSize),
+    cacheBlockSize: set.blockSize,
     counts: () => {
       const t = d.accounting()?.total
+      const st = set.stats()
       return {
+        hitSectors: st.hitSectors,
+        missSectors: st.missSectors,
         hits: t?.cacheHits ?? 0,
         misses: t?.cacheMisses ?? 0,
         bypassHits: t?.cacheBypassHits ?? 0,
@@ -256,6 +278,11 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
     }
     return b
   }
+  // The block accesses of a read workload, for the simulators (ubcache only; with writes in
+  // the mix the cache also fills from them, which a read stream cannot show).
+  const recording = target.cacheBlocks !== undefined && (job.rw === 'read' || job.rw === 'randread') && job.replay === undefined
+  const cbs = target.cacheBlockSize ?? 4096
+  const recorded: number[] = []
   const verifyPass = job.verify !== undefined
   const writePhase = !job.verifyOnly
   const instances = Array.from({ length: job.numjobs }, (_, i) => i)
@@ -270,6 +297,9 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
     const got = await p
     const t2 = now()
     total++
+    if (recording && !checking && io.op === 'read' && recorded.length < MAX_RECORDED) {
+      for (let b = Math.floor(io.offset / cbs); b <= Math.floor((io.offset + io.length - 1) / cbs); b++) recorded.push(b)
+    }
     if (checking) {
       const bad = checkVerify(job, got as Buffer, io.offset)
       if (bad && report.verifyErrors.length < 20) report.verifyErrors.push(bad)
@@ -338,7 +368,20 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
   if (before && after) {
     const hits = after.hits - before.hits
     const misses = after.misses - before.misses
+    const hitSectors = after.hitSectors - before.hitSectors
+    const missSectors = after.missSectors - before.missSectors
+    let simulated: CacheCounts['simulated']
+    if (recording && recorded.length > 0 && target.cacheBlocks) {
+      const trace = Float64Array.from(recorded)
+      const hitRatio: Record<string, number> = {}
+      for (const p of SIM_POLICIES) hitRatio[p] = (await simulateCache(p, trace, [target.cacheBlocks]))[0].hitRatio
+      simulated = { cacheBlocks: target.cacheBlocks, blockSize: cbs, accesses: recorded.length, hitRatio }
+    }
     report.cache = {
+      hitSectors,
+      missSectors,
+      blockHitRatio: hitSectors + missSectors === 0 ? 0 : hitSectors / (hitSectors + missSectors),
+      ...(simulated ? { simulated } : {}),
       hits,
       misses,
       bypassHits: after.bypassHits - before.bypassHits,

@@ -247,6 +247,16 @@ interface RawSection {
   entries: { key: string; value: string | undefined; at: Origin }[]
 }
 
+/** fio's `${VAR}` (and `$VAR`) in values: the environment variable, which must be set. */
+function expandEnv(v: string, at: Origin): string {
+  return v.replace(/\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)/g, (_, a: string | undefined, b: string | undefined) => {
+    const name = (a ?? b) as string
+    const val = process.env[name]
+    if (val === undefined) throw new JobFileError(`${at.file}:${at.line}: environment variable ${name} is not set`)
+    return val
+  })
+}
+
 /** Reads the sections of a job file, following `include` lines. */
 function readSections(text: string, file: string, depth: number, out: RawSection[], read: (p: string) => string): void {
   if (depth > 16) throw new JobFileError(`${file}: include nested more than 16 deep`)
@@ -277,7 +287,7 @@ function readSections(text: string, file: string, depth: number, out: RawSection
     if (current === undefined) throw new JobFileError(`${file}:${at.line}: '${line}' is outside any section (start with [global] or [jobname])`)
     const eq = line.indexOf('=')
     const key = (eq < 0 ? line : line.slice(0, eq)).trim().toLowerCase()
-    const value = eq < 0 ? undefined : line.slice(eq + 1).trim()
+    const value = eq < 0 ? undefined : expandEnv(line.slice(eq + 1).trim(), at)
     current.entries.push({ key, value, at })
   }
 }
@@ -489,6 +499,7 @@ export function parseJobFile(text: string, file = '<job file>', read: (path: str
       throw new JobFileError(`${where}: ioengine=ubcache needs cache= and backing= (or filename=)`)
     }
     if (job.ioengine === 'raw' && job.filename === undefined) throw new JobFileError(`${where}: ioengine=raw needs filename=`)
+    if (job.replay !== undefined && file !== '<job file>') job.replay = resolve(dirname(file), job.replay)
     if (job.ioengine === 'sim' && job.size === undefined && job.replay === undefined) throw new JobFileError(`${where}: ioengine=sim needs size= (the address space) or replay=`)
     jobs.push(job)
   }

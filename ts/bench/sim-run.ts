@@ -26,7 +26,14 @@ export interface SimReport {
   spaceBlocks: number
   /** One per policy of {@link SIM_POLICIES}, in that order. */
   policies: { policy: SimPolicy; hits: number; misses: number; hitRatio: number }[]
+  /** Blocks accessed at least once. */
+  footprint: number
+  /** With `sweep`: hit ratios at cache sizes from 0.5% to 100% of the footprint. */
+  sweep?: { cacheBlocks: number; hitRatio: Record<SimPolicy, number> }[]
 }
+
+/** Cache sizes of a sweep, as shares of the footprint. */
+export const SWEEP_SHARES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1]
 
 /** The most requests a simulated job may make (the trace is held in memory). */
 const MAX_REQUESTS = 50_000_000
@@ -39,7 +46,7 @@ const MAX_REQUESTS = 50_000_000
  * not accesses. A `time_based` job makes `runtime` × `rate_iops` requests; a `replay=` job
  * makes the trace's (see {@link readTrace}).
  */
-export async function runSimJob(job: Job): Promise<SimReport> {
+export async function runSimJob(job: Job, options: { sweep?: boolean } = {}): Promise<SimReport> {
   if (job.cacheSize === undefined) throw new JobFileError(`[${job.name}] ioengine=sim needs cache_size= (the simulated cache)`)
   const unit = minBlock(job)
   const region = job.replay !== undefined ? undefined : jobRegion(job, undefined)
@@ -84,7 +91,20 @@ export async function runSimJob(job: Job): Promise<SimReport> {
     const [r] = await simulateCache(p, blocks, [cacheBlocks])
     policies.push({ policy: p, hits: r.hits, misses: r.misses, hitRatio: r.hitRatio })
   }
+  const footprint = new Set(trace).size
+  let sweep: SimReport['sweep']
+  if (options.sweep) {
+    const sizes = [...new Set(SWEEP_SHARES.map((f) => Math.max(1, Math.round(f * footprint))))]
+    const rows = sizes.map((cacheBlocks) => ({ cacheBlocks, hitRatio: {} as Record<SimPolicy, number> }))
+    for (const p of SIM_POLICIES) {
+      const rs = await simulateCache(p, blocks, sizes)
+      rs.forEach((r, i) => (rows[i].hitRatio[p] = r.hitRatio))
+    }
+    sweep = rows
+  }
   return {
+    footprint,
+    ...(sweep ? { sweep } : {}),
     job: job.name,
     rw: job.rw,
     numjobs: job.numjobs,
