@@ -3,12 +3,13 @@
  * @module
  */
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs'
-import { readFile } from 'node:fs/promises'
-import { join, resolve } from 'node:path'
+import { readFile, writeFile } from 'node:fs/promises'
+import { basename, join, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
 import { print, UsageError } from '../cli-common'
 import { type IoReport, runIoJob, type DirStats } from './io-run'
 import { type Job, JobFileError, parseJobFile } from './jobfile'
+import { htmlReport } from './report'
 import { runSimJob, type SimReport } from './sim-run'
 import { FIO_PERCENTILES } from './stats'
 
@@ -28,6 +29,7 @@ export function listExamples(): { name: string; about: string }[] {
 }
 
 export const BENCH_USAGE = `ubcache bench <job file | example:NAME> [--output-format normal|json] [--sweep]
+ubcache bench ... --report out.html   also write a self-contained HTML report (charts)
 ubcache bench --list-examples
   Runs the jobs of a fio job file ([global] and job sections, fio's keys and units): jobs
   run together, a stonewall job starts after the ones before it have finished.
@@ -41,7 +43,7 @@ ubcache bench --list-examples
 
 /** `ubcache bench`: resolves to the exit code. */
 export async function cmdBench(argv: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { 'output-format': { type: 'string' }, sweep: { type: 'boolean' }, 'list-examples': { type: 'boolean' } } })
+  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { 'output-format': { type: 'string' }, sweep: { type: 'boolean' }, 'list-examples': { type: 'boolean' }, report: { type: 'string' } } })
   if (values['list-examples']) {
     for (const e of listExamples()) print(`example:${e.name.padEnd(16)} ${e.about}`)
     return 0
@@ -53,7 +55,8 @@ export async function cmdBench(argv: string[]): Promise<number> {
   let made: string | undefined
   if (file.startsWith('example:')) {
     const name = file.slice('example:'.length)
-    if (!listExamples().some((e) => e.name === name)) throw new UsageError(`bench: no example '${name}' (ubcache bench --list-examples lists them)`)
+    if (!listExamples().some((e) => e.name === name)) throw new UsageError(`bench: no example '${name}' (ubcache bench ... --report out.html   also write a self-contained HTML report (charts)
+ubcache bench --list-examples lists them)`)
     file = join(EXAMPLES_DIR, `${name}.fio`)
     // Examples that make devices make them in a fresh directory, removed afterwards.
     if (process.env.UBCACHE_BENCH_DIR === undefined) {
@@ -62,7 +65,7 @@ export async function cmdBench(argv: string[]): Promise<number> {
     }
   }
   try {
-    return await runFile(file, format, values.sweep === true)
+    return await runFile(file, format, values.sweep === true, values.report)
   } finally {
     if (made) {
       rmSync(made, { recursive: true, force: true })
@@ -71,7 +74,7 @@ export async function cmdBench(argv: string[]): Promise<number> {
   }
 }
 
-async function runFile(file: string, format: string, sweep: boolean): Promise<number> {
+async function runFile(file: string, format: string, sweep: boolean, report: string | undefined): Promise<number> {
   let text: string
   try {
     text = await readFile(file, 'utf8')
@@ -120,6 +123,10 @@ async function runFile(file: string, format: string, sweep: boolean): Promise<nu
     }
   }
   if (format === 'json') print(JSON.stringify(jsonOutput(sims, ios)))
+  if (report !== undefined) {
+    await writeFile(report, htmlReport(`ubcache bench: ${basename(file)}`, text, ios, sims))
+    if (format === 'normal') print(`report: ${report}`)
+  }
   return failed ? 1 : 0
 }
 

@@ -62,6 +62,8 @@ export interface IoReport {
   flushes: number
   verifyErrors: string[]
   cache?: CacheCounts
+  /** One sample a second: IOPS each way, mean latency, the cache's hit ratio over the second. */
+  timeline: { t: number; readIops: number; writeIops: number; meanLatUs: number; hitRatio: number | null }[]
 }
 
 /** A device to run a job on. */
@@ -248,7 +250,7 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
     throw new JobFileError(`[${job.name}] block size ${unit} and offset ${region.start} must be multiples of the device's ${target.align}-byte blocks`)
   }
   if (job.startdelay > 0) await sleep(job.startdelay * 1000)
-  const report: IoReport = { job: job.name, engine: job.ioengine as 'raw' | 'ubcache', numjobs: job.numjobs, iodepth: job.iodepth, runtimeMs: 0, read: newDir(), write: newDir(), trim: newDir(), flushes: 0, verifyErrors: [] }
+  const report: IoReport = { job: job.name, engine: job.ioengine as 'raw' | 'ubcache', numjobs: job.numjobs, iodepth: job.iodepth, runtimeMs: 0, read: newDir(), write: newDir(), trim: newDir(), flushes: 0, verifyErrors: [], timeline: [] }
   const before = target.counts?.()
   const started = now()
   const rampEnd = started + job.rampTime * 1e9
@@ -263,6 +265,25 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
         progress({ ios: total, elapsedS: el, etaS: eta })
       }, 1000)
     : undefined
+  // The timeline: counters since the last sample.
+  let tick = { reads: 0, writes: 0, latNs: 0, n: 0 }
+  let lastCounts = before
+  let lastSample = started
+  const sampler = setInterval(() => {
+    const t = now()
+    const secs = (t - lastSample) / 1e9
+    const c = target.counts?.()
+    let hitRatio: number | null = null
+    if (c && lastCounts) {
+      const h = c.hits - lastCounts.hits
+      const m = c.misses - lastCounts.misses
+      hitRatio = h + m > 0 ? h / (h + m) : null
+    }
+    report.timeline.push({ t: (t - started) / 1e9, readIops: tick.reads / secs, writeIops: tick.writes / secs, meanLatUs: tick.n ? tick.latNs / tick.n / 1e3 : 0, hitRatio })
+    tick = { reads: 0, writes: 0, latNs: 0, n: 0 }
+    lastCounts = c
+    lastSample = t
+  }, 1000)
   const writeData = new Map<number, Buffer>()
   const dataFor = (len: number, offset: number): Buffer => {
     if (job.verify) {
@@ -297,6 +318,10 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
     const got = await p
     const t2 = now()
     total++
+    if (checking || io.op === 'read') tick.reads++
+    else if (io.op === 'write') tick.writes++
+    tick.latNs += t2 - t0
+    tick.n++
     if (recording && !checking && io.op === 'read' && recorded.length < MAX_RECORDED) {
       for (let b = Math.floor(io.offset / cbs); b <= Math.floor((io.offset + io.length - 1) / cbs); b++) recorded.push(b)
     }
@@ -362,6 +387,7 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
     }
   } finally {
     if (ticker) clearInterval(ticker)
+    clearInterval(sampler)
   }
   report.runtimeMs = Math.max(1, (now() - (Number.isNaN(measuredFrom) ? started : measuredFrom)) / 1e6)
   const after = target.counts?.()

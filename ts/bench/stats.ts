@@ -60,6 +60,21 @@ export class LatencyStats {
     return this.max
   }
 
+  /** Counts per power of two of nanoseconds (`[2^e, 2^(e+1))`), from the first non-empty to the last. */
+  histogram(): { fromNs: number; count: number }[] {
+    const out: { fromNs: number; count: number }[] = []
+    for (let e = 0; e < 64; e++) {
+      let c = 0
+      for (let m = 0; m < SUB; m++) c += this.#hist[e * SUB + m]
+      out.push({ fromNs: 2 ** e, count: c })
+    }
+    const first = out.findIndex((x) => x.count > 0)
+    if (first < 0) return []
+    let last = out.length - 1
+    while (out[last].count === 0) last--
+    return out.slice(first, last + 1)
+  }
+
   /** fio's JSON shape of a latency (`clat_ns`, ...). */
   json(): Record<string, unknown> {
     const percentile: Record<string, number> = {}
