@@ -76,6 +76,9 @@ interface Target {
   flush(): Promise<void>
   discard(offset: number, length: number): Promise<void>
   readBack(offset: number, length: number): Promise<Buffer>
+  /** Reads into `buffer` (from {@link Target.allocBuffer}: no copy) where the device can. */
+  readInto?(buffer: Buffer, offset: number): Promise<unknown>
+  allocBuffer?(size: number): Buffer
   counts?: () => Omit<CacheCounts, 'hitRatio' | 'blockHitRatio' | 'simulated'>
   /** ubcache: the cache's size in its blocks, and its block size. */
   cacheBlocks?: number
@@ -83,7 +86,8 @@ interface Target {
   close(): Promise<void>
 }
 
-const now = (): number => Number(process.hrtime.bigint())
+/** Nanoseconds, from the monotonic clock (cheaper than `hrtime.bigint()` per request). */
+const now = (): number => performance.now() * 1e6
 /** Block accesses recorded for the simulators at most (memory). */
 const MAX_RECORDED = 20_000_000
 
@@ -108,6 +112,8 @@ async function rawTarget(job: Job): Promise<Target> {
     flush: () => dev.flush(),
     discard: (o, l) => dev.discard(o, l),
     readBack: (o, l) => dev.read(o, l),
+    readInto: (b, o) => dev.readInto(b, o),
+    allocBuffer: (n) => dev.allocBuffer(n),
     close: () => dev.close(),
   }
 }
@@ -307,11 +313,16 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
   const verifyPass = job.verify !== undefined
   const writePhase = !job.verifyOnly
   const instances = Array.from({ length: job.numjobs }, (_, i) => i)
-  const doIo = async (io: Io, checking: boolean): Promise<void> => {
+  const doIo = async (io: Io, checking: boolean, bufs: Map<number, Buffer>): Promise<number> => {
     const t0 = now()
     let p: Promise<unknown>
     if (checking) p = target.readBack(io.offset, io.length)
-    else if (io.op === 'read') p = target.read(io.offset, io.length)
+    else if (io.op === 'read' && target.readInto) {
+      // One buffer per length per worker, read into again and again (as fio reuses its buffers).
+      let b = bufs.get(io.length)
+      if (b === undefined) bufs.set(io.length, (b = target.allocBuffer?.(io.length) ?? Buffer.alloc(io.length)))
+      p = target.readInto(b, io.offset)
+    } else if (io.op === 'read') p = target.read(io.offset, io.length)
     else if (io.op === 'write') p = target.write(io.offset, dataFor(io.length, io.offset))
     else p = target.discard(io.offset, io.length)
     const t1 = now()
@@ -329,7 +340,7 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
       const bad = checkVerify(job, got as Buffer, io.offset)
       if (bad && report.verifyErrors.length < 20) report.verifyErrors.push(bad)
     }
-    if (t0 < rampEnd) return
+    if (t0 < rampEnd) return t2
     if (Number.isNaN(measuredFrom)) measuredFrom = t0
     const d = checking || io.op === 'read' ? report.read : io.op === 'write' ? report.write : report.trim
     d.ios++
@@ -337,6 +348,7 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
     d.slat.add(t1 - t0)
     d.clat.add(t2 - t1)
     d.lat.add(t2 - t0)
+    return t2
   }
   const runPass = async (checking: boolean): Promise<void> => {
     await Promise.all(
@@ -346,8 +358,10 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
         let nextAt = now()
         const gap = job.rateIops ? 1e9 / job.rateIops : 0
         const worker = async (): Promise<void> => {
+          const bufs = new Map<number, Buffer>()
+          let clock = now()
           for (;;) {
-            if (now() >= deadline) return
+            if (clock >= deadline) return
             const r = gen.next()
             if (r.done) return
             const io = r.value
@@ -357,13 +371,17 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
             if (due !== undefined) {
               const wait = started + due - now()
               if (wait > 1e6) await sleep(wait / 1e6)
+              clock = now()
+              if (clock >= deadline) return
             }
             if (gap) {
               const wait = nextAt - now()
               nextAt = Math.max(nextAt, now()) + gap
               if (wait > 0) await sleep(wait / 1e6)
+              clock = now()
+              if (clock >= deadline) return
             }
-            await doIo(io, checking)
+            clock = await doIo(io, checking, bufs)
             if (!checking && io.op === 'write') {
               writes++
               const every = job.fsync || job.fdatasync
@@ -372,7 +390,10 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
                 report.flushes++
               }
             }
-            if (job.thinktime > 0) await sleep(job.thinktime / 1000)
+            if (job.thinktime > 0) {
+              await sleep(job.thinktime / 1000)
+              clock = now()
+            }
           }
         }
         await Promise.all(Array.from({ length: job.iodepth }, worker))

@@ -28,8 +28,10 @@ export class LatencyStats {
     if (v > this.max) this.max = v
     this.#sum += v
     this.#sumsq += v * v
-    const e = Math.floor(Math.log2(v))
-    const m = Math.min(SUB - 1, Math.floor((v / 2 ** e - 1) * SUB))
+    // The power of two: from the leading zeros while it fits 32 bits (4.3 s), else a log.
+    const e = v < 4294967296 ? 31 - Math.clz32(v) : Math.floor(Math.log2(v))
+    const p = 2 ** e
+    const m = Math.min(SUB - 1, Math.floor(((v - p) * SUB) / p))
     this.#hist[e * SUB + m]++
   }
 
