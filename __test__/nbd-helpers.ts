@@ -71,7 +71,8 @@ export async function serve(dir: string, args: string[], env: Record<string, str
   let log = ''
   proc.stderr?.on('data', (d) => (log += d))
   proc.stdout?.on('data', (d) => (log += d))
-  const exited = new Promise<number | null>((r) => proc.on('exit', (code) => r(code)))
+  // 'close', not 'exit': by then everything the daemon wrote to its pipes has been read.
+  const exited = new Promise<number | null>((r) => proc.on('close', (code) => r(code)))
   const ready = new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`ubcache serve not ready in 30 s:\n${log}`)), 30_000)
     const check = (): void => {
