@@ -194,3 +194,23 @@ test('shipped examples: --list-examples, example:NAME, --sweep; an unknown examp
   t.is(env.status, 1)
   t.regex(env.stderr, /env\.fio:4: environment variable UBCACHE_NOT_SET_ANYWHERE is not set/)
 })
+
+test('ubcache keys: sequential_cutoff, writeback tunables, filesize, and drain writes every dirty sector back', (t) => {
+  const f = join(dir, 'drain.fio')
+  writeFileSync(
+    f,
+    `[burst]\nioengine=ubcache\ncache=${join(dir, 'dc.img')}\nbacking=${join(dir, 'db.img')}\ncache_size=64M\nfilesize=64M\ncache_mode=writeback\nwriteback_running=0\nsequential_cutoff=0\nsize=16M\nbs=4k\nrw=randwrite\nio_size=8M\niodepth=16\ndrain=1\n`,
+  )
+  const r = cli('bench', f, '--output-format', 'json')
+  t.is(r.status, 0, r.stderr)
+  const u = JSON.parse(r.stdout).jobs[0].ubcache
+  t.is(u.drained.sectors, 16384, 'every write was dirty in the cache (cutoff 0, writeback paused)')
+  t.true(u.drained.seconds > 0)
+  t.is(u.cache.dirtySectors, 16384)
+  const text = cli('bench', f)
+  t.regex(text.stdout, /drain: 8\.0MiB of dirty data written back in \d+\.\d\ds/)
+  t.regex(text.stdout, /Run status group 0 \(all jobs\):\n\s+WRITE: bw=/)
+  const bad = join(dir, 'bad-drain.fio')
+  writeFileSync(bad, '[j]\nioengine=sim\nsize=1M\ncache_size=4k\ndrain=1\n')
+  t.regex(cli('bench', bad).stderr, /drain applies to ioengine=ubcache/)
+})

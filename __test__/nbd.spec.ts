@@ -437,7 +437,8 @@ test('SIGTERM and SIGINT stop the daemon cleanly; stats --watch prints a line pe
       const watch = spawn('node', [CLI, 'stats', 'sig', '--watch', '--interval', '0.2'], { env: { ...process.env, UBCACHE_RUNTIME_DIR: s.run } })
       let out = ''
       watch.stdout.on('data', (b) => (out += b))
-      await new Promise((r) => setTimeout(r, 1500))
+      // Three lines, however slowly a loaded machine starts the CLI (at most 30 s).
+      for (let waited = 0; out.trim().split('\n').length < 3 && waited < 30_000; waited += 100) await new Promise((r) => setTimeout(r, 100))
       watch.kill()
       t.true(out.trim().split('\n').length >= 3, out)
       t.regex(out, /dirty/)

@@ -111,7 +111,9 @@ async function runFile(file: string, format: string, sweep: boolean, report: str
       }),
     )
     if (tty && status.size) process.stdout.write('\r\u001b[K')
+    const groupIos: IoReport[] = []
     for (const r of results) {
+      if (r.io) groupIos.push(r.io)
       if (r.sim) {
         sims.push(r.sim)
         if (format === 'normal') printSim(r.j, r.sim, gid)
@@ -121,6 +123,7 @@ async function runFile(file: string, format: string, sweep: boolean, report: str
         if (r.io.verifyErrors.length) failed = true
       }
     }
+    if (format === 'normal' && groupIos.length) printGroup(gid, groupIos)
   }
   if (format === 'json') print(JSON.stringify(jsonOutput(sims, ios)))
   if (report !== undefined) {
@@ -140,6 +143,22 @@ function si(n: number): string {
   if (n >= 1e6) return `${(n / 1e6).toFixed(1)}M`
   if (n >= 1e4) return `${(n / 1e3).toFixed(1)}k`
   return `${Math.round(n)}`
+}
+
+/** fio's `Run status group` lines: bandwidth over the group, the range across its jobs, I/O, run times. */
+function printGroup(gid: number, rs: IoReport[]): void {
+  print(`\nRun status group ${gid} (all jobs):`)
+  for (const [name, pick] of [['READ', (r: IoReport) => r.read], ['WRITE', (r: IoReport) => r.write], ['TRIM', (r: IoReport) => r.trim]] as const) {
+    const with_ = rs.filter((r) => pick(r).ios > 0)
+    if (with_.length === 0) continue
+    const bytes = with_.reduce((s, r) => s + pick(r).bytes, 0)
+    const runs = with_.map((r) => r.runtimeMs)
+    const bws = with_.map((r) => pick(r).bytes / (r.runtimeMs / 1000))
+    const total = bytes / (Math.max(...runs) / 1000)
+    const mib = (b: number): string => `${(b / 2 ** 20).toFixed(1)}MiB/s`
+    print(`  ${name.padStart(5)}: bw=${mib(total)} (${(total / 1e6).toFixed(1)}MB/s), ${mib(Math.min(...bws))}-${mib(Math.max(...bws))}, io=${(bytes / 2 ** 20).toFixed(1)}MiB, run=${Math.round(Math.min(...runs))}-${Math.round(Math.max(...runs))}msec`)
+  }
+  print('')
 }
 
 function printIo(job: Job, r: IoReport, gid: number): void {
@@ -166,6 +185,10 @@ function printIo(job: Job, r: IoReport, gid: number): void {
       const s = c.simulated
       print(`  simulated, same reads, ${s.cacheBlocks} blocks of ${bytes(s.blockSize)}: ubcache ${pct(c.blockHitRatio)}  ${Object.entries(s.hitRatio).map(([p, r]) => `${p} ${pct(r)}`).join('  ')}`)
     }
+  }
+  if (r.drained) {
+    const mib = (r.drained.sectors * 512) / 2 ** 20
+    print(`  drain: ${mib.toFixed(1)}MiB of dirty data written back in ${r.drained.seconds.toFixed(2)}s (${(mib / Math.max(r.drained.seconds, 1e-9)).toFixed(1)}MiB/s)`)
   }
   for (const e of r.verifyErrors) print(`  verify: ${e}`)
 }
@@ -243,7 +266,7 @@ function jsonOutput(sims: SimReport[], ios: IoReport[]): unknown {
         read: dirJson(r.read, r.runtimeMs),
         write: dirJson(r.write, r.runtimeMs),
         trim: dirJson(r.trim, r.runtimeMs),
-        ubcache: { engine: r.engine, flushes: r.flushes, verify_errors: r.verifyErrors, ...(r.cache ? { cache: r.cache } : {}) },
+        ubcache: { engine: r.engine, flushes: r.flushes, verify_errors: r.verifyErrors, ...(r.cache ? { cache: r.cache } : {}), ...(r.drained ? { drained: r.drained } : {}) },
       })),
       ...sims.map((r) => ({
         jobname: r.job,

@@ -61,6 +61,8 @@ export interface IoReport {
   trim: DirStats
   flushes: number
   verifyErrors: string[]
+  /** `drain`: sectors written back after the job's I/O, and the seconds it took. */
+  drained?: { sectors: number; seconds: number }
   cache?: CacheCounts
   /** One sample a second: IOPS each way, mean latency, the cache's hit ratio over the second. */
   timeline: { t: number; readIops: number; writeIops: number; meanLatUs: number; hitRatio: number | null }[]
@@ -79,6 +81,8 @@ interface Target {
   /** Reads into `buffer` (from {@link Target.allocBuffer}: no copy) where the device can. */
   readInto?(buffer: Buffer, offset: number): Promise<unknown>
   allocBuffer?(size: number): Buffer
+  /** ubcache: writes back every dirty sector, reporting how many are left as it goes. */
+  drain?(progress: (dirtySectors: number) => void): Promise<void>
   counts?: () => Omit<CacheCounts, 'hitRatio' | 'blockHitRatio' | 'simulated'>
   /** ubcache: the cache's size in its blocks, and its block size. */
   cacheBlocks?: number
@@ -98,7 +102,7 @@ function newDir(): DirStats {
 async function rawTarget(job: Job): Promise<Target> {
   if (job.filename === undefined) throw new JobFileError(`[${job.name}] ioengine=raw needs filename=`)
   let dev: RawDevice
-  const createSize = job.size && 'bytes' in job.size ? job.size.bytes + ('bytes' in job.offset ? job.offset.bytes : 0) : undefined
+  const createSize = job.filesize ?? (job.size && 'bytes' in job.size ? job.size.bytes + ('bytes' in job.offset ? job.offset.bytes : 0) : undefined)
   try {
     dev = await openDevice(job.filename, { direct: job.direct ? 'auto' : 'off', exclusive: false, ...(createSize ? { createSize } : {}) })
   } catch (err) {
@@ -136,8 +140,8 @@ async function ubcacheTarget(job: Job): Promise<Target> {
     // Small caches get smaller buckets (a set needs 128 of them).
     const set = await makeCache(cache, job.cacheSize < 256 << 20 ? { bucketSize: '64k' } : {})
     if (!existsSync(backing)) {
-      const bytes = job.size && 'bytes' in job.size ? job.size.bytes + ('bytes' in job.offset ? job.offset.bytes : 0) : undefined
-      if (bytes === undefined) throw new JobFileError(`[${job.name}] backing=${backing} does not exist: give size= in bytes to make it`)
+      const bytes = job.filesize ?? (job.size && 'bytes' in job.size ? job.size.bytes + ('bytes' in job.offset ? job.offset.bytes : 0) : undefined)
+      if (bytes === undefined) throw new JobFileError(`[${job.name}] backing=${backing} does not exist: give filesize= (or size= in bytes) to make it`)
       writeFileSync(backing, '')
       truncateSync(backing, bytes + dataOffset)
       await makeBacking(backing, { setUuid: set.setUuid, dataOffset: dataOffset / 512 })
@@ -154,6 +158,11 @@ async function ubcacheTarget(job: Job): Promise<Target> {
     throw new JobFileError(`[${job.name}] ioengine=ubcache cache=${cache} backing=${backing}: ${(err as Error).message}`)
   }
   if (job.cacheMode) dev.cacheMode = job.cacheMode
+  if (job.sequentialCutoff !== undefined) dev.configureBypass({ sequentialCutoff: job.sequentialCutoff })
+  const wb: { percent?: number; running?: boolean } = {}
+  if (job.writebackPercent !== undefined) wb.percent = job.writebackPercent
+  if (job.writebackRunning !== undefined) wb.running = job.writebackRunning
+  if (Object.keys(wb).length) dev.configureWriteback(wb)
   const d = dev
   return {
     size: d.size,
@@ -165,6 +174,14 @@ async function ubcacheTarget(job: Job): Promise<Target> {
     readBack: (o, l) => d.read(o, l),
     cacheBlocks: Math.floor(((set.superblock.nbuckets - set.superblock.firstBucket) * set.bucketSize) / set.blockSize),
     cacheBlockSize: set.blockSize,
+    drain: async (progress) => {
+      // Writeback at full speed until nothing is dirty.
+      d.configureWriteback({ running: true, percent: 0, delaySeconds: 0 })
+      while ((d.dirtySectors() ?? 0) > 0) {
+        progress(d.dirtySectors() ?? 0)
+        await new Promise((r) => setTimeout(r, 50))
+      }
+    },
     counts: () => {
       const t = d.accounting()?.total
       const st = set.stats()
@@ -412,6 +429,12 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
   }
   report.runtimeMs = Math.max(1, (now() - (Number.isNaN(measuredFrom) ? started : measuredFrom)) / 1e6)
   const after = target.counts?.()
+  if (job.drain && target.drain) {
+    const dirty = after?.dirtySectors ?? 0
+    const t0 = now()
+    await target.drain((left) => progress?.({ ios: dirty - left, elapsedS: (now() - started) / 1e9, etaS: undefined }))
+    report.drained = { sectors: dirty, seconds: (now() - t0) / 1e9 }
+  }
   if (before && after) {
     const hits = after.hits - before.hits
     const misses = after.misses - before.misses

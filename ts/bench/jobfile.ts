@@ -70,6 +70,15 @@ export interface Job {
   backing?: string
   cacheMode?: 'writethrough' | 'writeback' | 'writearound' | 'none'
   cacheSize?: number
+  /** Bytes of a file the job makes (fio's `filesize`; default the job's region). */
+  filesize?: number
+  /** ubcache: bcache's `sequential_cutoff` for the cached device (bytes; 0 caches every stream). */
+  sequentialCutoff?: number
+  /** ubcache: bcache's `writeback_percent` and `writeback_running`. */
+  writebackPercent?: number
+  writebackRunning?: boolean
+  /** ubcache: after its I/O, writeback runs at full speed until nothing is dirty (the drain is timed). */
+  drain: boolean
   /** The emulated slow backing device (see {@link parseLatency}). */
   backingLatency?: BackingLatency
   replay?: string
@@ -141,6 +150,11 @@ const KEYS: Record<string, KeySpec> = {
   backing: { t: 'str' },
   cache_mode: { t: 'enum', values: ['writethrough', 'writeback', 'writearound', 'none'] },
   cache_size: { t: 'size' },
+  filesize: { t: 'size' },
+  sequential_cutoff: { t: 'size' },
+  writeback_percent: { t: 'int', min: 0, max: 40 },
+  writeback_running: { t: 'bool' },
+  drain: { t: 'bool' },
   backing_latency: { t: 'special' },
   replay: { t: 'str' },
   replay_speed: { t: 'float', min: 0 },
@@ -319,6 +333,7 @@ function defaults(name: string): Job {
     groupReporting: false,
     ioengine: 'ubcache',
     replaySpeed: 1,
+    drain: false,
   }
 }
 
@@ -464,7 +479,7 @@ function apply(job: Job, section: string, key: string, value: string | undefined
 
 /** `io_size` → `ioSize`; a few keys are named differently on {@link Job}. */
 function camel(key: string): string {
-  const renamed: Record<string, string> = { time_based: 'timeBased', ramp_time: 'rampTime', verify_only: 'verifyOnly', group_reporting: 'groupReporting', cache_mode: 'cacheMode', cache_size: 'cacheSize', replay_speed: 'replaySpeed', rate_iops: 'rateIops', io_size: 'ioSize' }
+  const renamed: Record<string, string> = { time_based: 'timeBased', ramp_time: 'rampTime', verify_only: 'verifyOnly', group_reporting: 'groupReporting', cache_mode: 'cacheMode', cache_size: 'cacheSize', sequential_cutoff: 'sequentialCutoff', writeback_percent: 'writebackPercent', writeback_running: 'writebackRunning', replay_speed: 'replaySpeed', rate_iops: 'rateIops', io_size: 'ioSize' }
   return renamed[key] ?? key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase())
 }
 
@@ -498,6 +513,7 @@ export function parseJobFile(text: string, file = '<job file>', read: (path: str
     if (job.ioengine === 'ubcache' && job.cache === undefined && job.backing === undefined && job.filename === undefined) {
       throw new JobFileError(`${where}: ioengine=ubcache needs cache= and backing= (or filename=)`)
     }
+    if (job.drain && job.ioengine !== 'ubcache') throw new JobFileError(`${where}: drain applies to ioengine=ubcache`)
     if (job.ioengine === 'raw' && job.filename === undefined) throw new JobFileError(`${where}: ioengine=raw needs filename=`)
     if (job.replay !== undefined && file !== '<job file>') job.replay = resolve(dirname(file), job.replay)
     if (job.ioengine === 'sim' && job.size === undefined && job.replay === undefined) throw new JobFileError(`${where}: ioengine=sim needs size= (the address space) or replay=`)
