@@ -610,6 +610,12 @@ export interface NativePriorityStats {
   quantiles: Array<number>
 }
 
+/** Hits and misses of a simulated cache. */
+export interface NativeSimResult {
+  hits: number
+  misses: number
+}
+
 /** Counts of one accounting window (bcache's stats names). */
 export interface NativeStatWindow {
   cacheHits: number
@@ -669,3 +675,11 @@ export interface NativeWritebackRate {
  * @internal
  */
 export declare function parseCacheSuperblock(page: Uint8Array): NativeCacheSb
+
+/**
+ * Runs `trace` (block numbers, whole and below 2^53) through the policy `policy` (`opt`,
+ * `belady`, `lru`, `fifo`, `arc`, `s3fifo`, `sieve`) once per cache size in `capacities` (blocks);
+ * resolves to one result per size. Rejects with `INVALID_ARGUMENT` for an unknown policy, a
+ * size of 0 or a block number that is not a whole number.
+ */
+export declare function simulateCache(policy: string, trace: Float64Array, capacities: Array<number>): Promise<NativeSimResult[]>

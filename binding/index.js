@@ -847,3 +847,4 @@ module.exports.formatCacheSuperblock = nativeBinding.formatCacheSuperblock
 module.exports.loadCacheSet = nativeBinding.loadCacheSet
 module.exports.markCacheSuperblockSync = nativeBinding.markCacheSuperblockSync
 module.exports.parseCacheSuperblock = nativeBinding.parseCacheSuperblock
+module.exports.simulateCache = nativeBinding.simulateCache
