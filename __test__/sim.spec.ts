@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process'
 import { writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import test from 'ava'
-import { SIM_POLICIES, simulateCache } from '../ts/index'
+import { BUCKET_MIN, SIM_POLICIES, simulateCache } from '../ts/index'
 import { mustHaveTools, tempDir } from './helpers'
 
 const dir = tempDir()
@@ -94,4 +94,19 @@ test('simulateCache refuses bad input with INVALID_ARGUMENT', async (t) => {
   await t.throwsAsync(simulateCache('opt', [1, 2.5], [4]), { code: 'INVALID_ARGUMENT', message: /trace\[1\] = 2.5/ })
   const [r] = await simulateCache('lru', [], [4])
   t.deepEqual(r, { policy: 'lru', capacity: 4, hits: 0, misses: 0, hitRatio: 0 })
+})
+
+test('bucket-min: Belady by whole buckets; one block per bucket is MIN, larger buckets hit no more', async (t) => {
+  const [, trace] = TRACES[0]
+  const caps = [64, 256]
+  const min = (await simulateCache('belady', trace, caps)).map((r) => r.hits)
+  t.deepEqual((await simulateCache(BUCKET_MIN, trace, caps, { bucketBlocks: 1 })).map((r) => r.hits), min)
+  let prev = min
+  for (const b of [4, 16, 64]) {
+    const hits = (await simulateCache(BUCKET_MIN, trace, caps, { bucketBlocks: b })).map((r) => r.hits)
+    hits.forEach((h, i) => t.true(h <= min[i], `bucket ${b}`))
+    prev = hits
+  }
+  t.true(prev[0] > 0)
+  await t.throwsAsync(simulateCache(BUCKET_MIN, trace, caps), { code: 'INVALID_ARGUMENT', message: /needs bucketBlocks/ })
 })

@@ -37,7 +37,7 @@ export {
   type WritebackRate,
 } from './cache-engine'
 export { Crc64, crc64, crc64Implementation } from './crc64'
-export { SIM_POLICIES, type SimPolicy, type SimResult, simulateCache } from './sim'
+export { BUCKET_MIN, SIM_POLICIES, type SimPolicy, type SimResult, simulateCache } from './sim'
 export {
   type EngineChoice,
   IoEngine,

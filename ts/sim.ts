@@ -15,9 +15,16 @@ export const SIM_POLICIES = ['opt', 'belady', 'lru', 'fifo', 'arc', 's3fifo', 's
 /** One of {@link SIM_POLICIES}. */
 export type SimPolicy = (typeof SIM_POLICIES)[number]
 
+/**
+ * Belady's rule at bucket granularity: a cache that, like bcache, fills one bucket at a time
+ * and evicts whole buckets, the one whose next needed block is furthest ahead (a reference,
+ * not a proven optimum); needs `bucketBlocks`.
+ */
+export const BUCKET_MIN = 'bucket-min'
+
 /** What a simulated cache did with a trace. */
 export interface SimResult {
-  policy: SimPolicy
+  policy: SimPolicy | typeof BUCKET_MIN
   /** Cache size in blocks. */
   capacity: number
   hits: number
@@ -30,18 +37,22 @@ export interface SimResult {
  * Runs `trace` (block numbers: whole, non-negative, below 2^53) through a cache of each size
  * in `capacities` (blocks, every block the same size) under `policy`, natively on a worker
  * thread; resolves to one result per size, in order. Hit ratios are per block, so they
- * compare with published results.
+ * compare with published results. `bucket-min` takes `options.bucketBlocks`.
  * @throws {UbcacheError} `INVALID_ARGUMENT`: an unknown policy, a size below 1, a block
  *   number that is not whole.
  */
-export async function simulateCache(policy: SimPolicy, trace: ArrayLike<number>, capacities: number[]): Promise<SimResult[]> {
-  if (!SIM_POLICIES.includes(policy)) throw new InvalidArgumentError(`unknown policy '${String(policy)}' (known: ${SIM_POLICIES.join(', ')})`)
+export async function simulateCache(policy: SimPolicy | typeof BUCKET_MIN, trace: ArrayLike<number>, capacities: number[], options: { bucketBlocks?: number } = {}): Promise<SimResult[]> {
+  if (policy !== BUCKET_MIN && !SIM_POLICIES.includes(policy)) throw new InvalidArgumentError(`unknown policy '${String(policy)}' (known: ${SIM_POLICIES.join(', ')}, ${BUCKET_MIN})`)
+  const b = options.bucketBlocks
+  if (policy === BUCKET_MIN && (b === undefined || !Number.isInteger(b) || b < 1 || b > 2 ** 32 - 1)) {
+    throw new InvalidArgumentError(`${BUCKET_MIN} needs bucketBlocks, a whole number of blocks from 1, got ${String(b)}`)
+  }
   for (const c of capacities) {
     if (!Number.isInteger(c) || c < 1 || c > 2 ** 32 - 1) throw new InvalidArgumentError(`cache size must be a whole number of blocks from 1, got ${c}`)
   }
   const t = trace instanceof Float64Array ? trace : Float64Array.from(trace)
   try {
-    const rs = await native.simulateCache(policy, t, capacities)
+    const rs = await native.simulateCache(policy, t, capacities, policy === BUCKET_MIN ? b : undefined)
     return rs.map((r, i) => ({ policy, capacity: capacities[i], hits: r.hits, misses: r.misses, hitRatio: r.hits + r.misses === 0 ? 0 : r.hits / (r.hits + r.misses) }))
   } catch (err) {
     throw asUbcacheError(err)

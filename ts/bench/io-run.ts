@@ -10,7 +10,7 @@ import { openDevice, type RawDevice } from '../device'
 import { makeBacking, makeCache } from '../format'
 import { Registry } from '../registry'
 import type { CachedDevice } from '../registry/cached-device'
-import { SIM_POLICIES, simulateCache } from '../sim'
+import { BUCKET_MIN, SIM_POLICIES, simulateCache } from '../sim'
 import { crc32c } from './crc32c'
 import type { Job } from './jobfile'
 import { JobFileError } from './jobfile'
@@ -87,6 +87,8 @@ interface Target {
   /** ubcache: the cache's size in its blocks, and its block size. */
   cacheBlocks?: number
   cacheBlockSize?: number
+  /** ubcache: blocks per bucket. */
+  bucketBlocks?: number
   close(): Promise<void>
 }
 
@@ -174,6 +176,7 @@ async function ubcacheTarget(job: Job): Promise<Target> {
     readBack: (o, l) => d.read(o, l),
     cacheBlocks: Math.floor(((set.superblock.nbuckets - set.superblock.firstBucket) * set.bucketSize) / set.blockSize),
     cacheBlockSize: set.blockSize,
+    bucketBlocks: set.bucketSize / set.blockSize,
     drain: async (progress) => {
       // Writeback at full speed until nothing is dirty.
       d.configureWriteback({ running: true, percent: 0, delaySeconds: 0 })
@@ -445,6 +448,8 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
       const trace = Float64Array.from(recorded)
       const hitRatio: Record<string, number> = {}
       for (const p of SIM_POLICIES) hitRatio[p] = (await simulateCache(p, trace, [target.cacheBlocks]))[0].hitRatio
+      // Whole buckets, as the cache must evict them.
+      if (target.bucketBlocks) hitRatio[BUCKET_MIN] = (await simulateCache(BUCKET_MIN, trace, [target.cacheBlocks], { bucketBlocks: target.bucketBlocks }))[0].hitRatio
       simulated = { cacheBlocks: target.cacheBlocks, blockSize: cbs, accesses: recorded.length, hitRatio }
     }
     report.cache = {

@@ -18,6 +18,7 @@ pub struct SimTask {
     policy: String,
     trace: Vec<u64>,
     capacities: Vec<usize>,
+    bucket: Option<usize>,
 }
 
 impl Task for SimTask {
@@ -25,7 +26,17 @@ impl Task for SimTask {
     type JsValue = Vec<NativeSimResult>;
 
     fn compute(&mut self) -> Result<Self::Output> {
-        Ok(self.capacities.iter().map(|&c| sim::simulate(&self.policy, &self.trace, c)).collect())
+        Ok(self
+            .capacities
+            .iter()
+            .map(|&c| match (self.policy.as_str(), self.bucket) {
+                ("bucket-min", Some(b)) => sim::simulate_bucket_min(&self.trace, c, b),
+                ("bucket-min", None) => {
+                    Err(CoreError::new(ErrorKind::InvalidArgument, "bucket-min needs a bucket size"))
+                }
+                _ => sim::simulate(&self.policy, &self.trace, c),
+            })
+            .collect())
     }
 
     fn resolve(&mut self, env: Env, output: Self::Output) -> Result<Self::JsValue> {
@@ -39,7 +50,8 @@ impl Task for SimTask {
 }
 
 /// Runs `trace` (block numbers, whole and below 2^53) through the policy `policy` (`opt`,
-/// `belady`, `lru`, `fifo`, `arc`, `s3fifo`, `sieve`) once per cache size in `capacities` (blocks);
+/// `belady`, `bucket-min` (with `bucket_blocks`), `lru`, `fifo`, `arc`, `s3fifo`, `sieve`)
+/// once per cache size in `capacities` (blocks);
 /// resolves to one result per size. Rejects with `INVALID_ARGUMENT` for an unknown policy, a
 /// size of 0 or a block number that is not a whole number.
 #[napi(ts_return_type = "Promise<NativeSimResult[]>")]
@@ -48,6 +60,7 @@ pub fn simulate_cache(
     policy: String,
     trace: Float64Array,
     capacities: Vec<u32>,
+    bucket_blocks: Option<u32>,
 ) -> Result<AsyncTask<SimTask>> {
     let mut blocks = Vec::with_capacity(trace.len());
     for (i, &b) in trace.iter().enumerate() {
@@ -62,5 +75,6 @@ pub fn simulate_cache(
         policy,
         trace: blocks,
         capacities: capacities.into_iter().map(|c| c as usize).collect(),
+        bucket: bucket_blocks.map(|b| b as usize),
     }))
 }

@@ -12,7 +12,7 @@ mod sieve;
 mod simple;
 
 pub use arc::Arc;
-pub use opt::{belady_admit_all_hits, opt_hits};
+pub use opt::{belady_admit_all_hits, bucket_min_hits, opt_hits};
 pub use s3fifo::S3Fifo;
 pub use sieve::Sieve;
 pub use simple::{Fifo, Lru};
@@ -71,6 +71,19 @@ pub fn policy(name: &str, capacity: usize) -> Result<Box<dyn Policy>> {
             ))
         }
     })
+}
+
+/// Runs `trace` through Belady's rule at bucket granularity ([`bucket_min_hits`]): a cache of
+/// `capacity` blocks that fills and evicts whole buckets of `bucket` blocks.
+pub fn simulate_bucket_min(trace: &[u64], capacity: usize, bucket: usize) -> Result<SimResult> {
+    if capacity == 0 || bucket == 0 {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "a simulated cache needs a capacity and a bucket size of at least one block",
+        ));
+    }
+    let hits = bucket_min_hits(trace, capacity, bucket);
+    Ok(SimResult { hits, misses: trace.len() as u64 - hits })
 }
 
 /// Runs `trace` through the policy `name` (or the offline optima: `opt`, which may leave a

@@ -38,6 +38,18 @@ fn hand_checked_traces() {
 }
 
 #[test]
+fn bucket_granular_min_evicts_whole_buckets() {
+    // Two buckets of two blocks. 1 and 2 fill the first, 3 and 4 the second; 5 needs a bucket:
+    // the first's soonest block (1, at 6) comes later than the second's (3, at 5), so the
+    // first goes, 1 and 2 with it: 3 hits, then 1 and 2 miss. MIN evicts only 4 (never used
+    // again) and hits 3, 1 and 2.
+    let t = [1, 2, 3, 4, 5, 3, 1, 2];
+    assert_eq!(bucket_min_hits(&t, 4, 2), 1);
+    assert_eq!(belady_admit_all_hits(&t, 4), 3);
+    assert_eq!(bucket_min_hits(&t, 4, 1), 3);
+}
+
+#[test]
 fn bad_input() {
     assert!(simulate("lru", &[1], 0).is_err());
     assert!(simulate("opt", &[1], 0).is_err());
@@ -96,6 +108,11 @@ proptest! {
                 pol.access(b);
                 prop_assert!(pol.len() <= cap, "{} holds {} > {}", p, pol.len(), cap);
             }
+        }
+        // Belady's rule by whole buckets: one block per bucket is MIN; larger buckets hit no more.
+        prop_assert_eq!(bucket_min_hits(&t, cap, 1), belady);
+        for b in [2usize, 4, 8] {
+            prop_assert!(bucket_min_hits(&t, cap, b) <= belady);
         }
         // LRU's stack property: a larger cache never hits less.
         prop_assert!(hits("lru", &t, cap + 1) >= hits("lru", &t, cap));
