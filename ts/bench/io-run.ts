@@ -16,7 +16,7 @@ import type { Job } from './jobfile'
 import { JobFileError } from './jobfile'
 import { LatencyStats } from './stats'
 import { readTrace } from './trace'
-import { type Io, jobIos, jobRegion, minBlock, type Region } from './workload'
+import { type Io, jobIos, jobIosForever, jobRegion, minBlock, type Region } from './workload'
 
 /** What one direction of a job did. */
 export interface DirStats {
@@ -373,7 +373,7 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
   const runPass = async (checking: boolean): Promise<void> => {
     await Promise.all(
       instances.map(async (inst) => {
-        const gen = job.replay !== undefined ? replayed(job, region, target.align, inst) : job.timeBased && !checking ? endless(job, region, inst) : jobIos(job, region, inst)
+        const gen = job.replay !== undefined ? replayed(job, region, target.align, inst) : job.timeBased && !checking ? jobIosForever(job, region, inst) : jobIos(job, region, inst)
         let writes = 0
         let nextAt = now()
         const gap = job.rateIops ? 1e9 / job.rateIops : 0
@@ -488,8 +488,4 @@ function* replayed(job: Job, region: Region, align: number, instance: number): G
     const length = Math.min(Math.ceil((t.length + (at - offset)) / align) * align, region.bytes - offset)
     yield { op: t.op, offset: region.start + offset, length, due: (t.time / job.replaySpeed) * 1e9 }
   }
-}
-
-function* endless(job: Job, region: Region, instance: number): Generator<Io> {
-  for (let pass = 0; ; pass++) yield* jobIos({ ...job, randseed: job.randseed + pass * 104729 }, region, instance)
 }

@@ -7,7 +7,7 @@ import { SIM_POLICIES, type SimPolicy, simulateCache } from '../sim'
 import type { Job } from './jobfile'
 import { JobFileError } from './jobfile'
 import { readTrace } from './trace'
-import { type Io, jobIos, jobRegion, minBlock } from './workload'
+import { type Io, jobIos, jobIosForever, jobRegion, minBlock } from './workload'
 
 /** Hit ratios of every simulated policy for one job. */
 export interface SimReport {
@@ -60,7 +60,7 @@ export async function runSimJob(job: Job, options: { sweep?: boolean } = {}): Pr
   const streams: Iterator<Io>[] =
     region === undefined
       ? [(readTrace(job.replay as string, unit) as Io[])[Symbol.iterator]()]
-      : Array.from({ length: job.numjobs }, (_, i) => (job.timeBased ? endless(job, region, i) : jobIos(job, region, i)))
+      : Array.from({ length: job.numjobs }, (_, i) => (job.timeBased ? jobIosForever(job, region, i) : jobIos(job, region, i)))
   const trace: number[] = []
   let requests = 0
   let reads = 0
@@ -117,9 +117,4 @@ export async function runSimJob(job: Job, options: { sweep?: boolean } = {}): Pr
     spaceBlocks: region === undefined ? top + 1 : Math.floor(region.bytes / unit),
     policies,
   }
-}
-
-/** A job's requests over and over (`time_based`: the runtime, not the size, ends it). */
-function* endless(job: Job, region: { start: number; bytes: number }, instance: number): Generator<import('./workload').Io> {
-  for (let pass = 0; ; pass++) yield* jobIos({ ...job, randseed: job.randseed + pass * 104729 }, region, instance)
 }

@@ -113,3 +113,8 @@ export function* jobIos(job: Job, region: Region, instance = 0): Generator<Io> {
     }
   }
 }
+
+/** A job's requests over and over, a new seed each pass (`time_based`: the runtime ends it). */
+export function* jobIosForever(job: Job, region: Region, instance: number): Generator<Io> {
+  for (let pass = 0; ; pass++) yield* jobIos({ ...job, randseed: job.randseed + pass * 104729 }, region, instance)
+}

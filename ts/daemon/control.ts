@@ -8,11 +8,12 @@
  * connection ends.
  * @module
  */
-import { chmod, lstat, mkdir, unlink } from 'node:fs/promises'
+import { mkdir, unlink } from 'node:fs/promises'
 import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { asUbcacheError, UbcacheError } from '../errors'
+import { listenUnix } from '../unix-socket'
 
 /**
  * Where the daemon keeps its sockets: `$UBCACHE_RUNTIME_DIR`, else `/run/ubcache` for root,
@@ -61,30 +62,7 @@ export class ControlServer {
   /** Listens on the Unix socket `path` (mode 0600; a stale socket file is replaced). */
   async listen(path: string): Promise<void> {
     await socketDir(path)
-    const st = await lstat(path).catch(() => undefined)
-    if (st !== undefined) {
-      if (!st.isSocket()) throw new UbcacheError('EEXIST', `${path} exists and is not a socket`)
-      const live = await new Promise<boolean>((r) => {
-        const c = net.connect(path)
-        c.once('connect', () => (c.destroy(), r(true)))
-        c.once('error', () => r(false))
-      })
-      if (live) throw new UbcacheError('EADDRINUSE', `${path}: a daemon is already running there`)
-      await unlink(path)
-    }
-    const old = process.umask(0o177)
-    try {
-      await new Promise<void>((resolve, reject) => {
-        this.#server.once('error', reject)
-        this.#server.listen(path, () => {
-          this.#server.off('error', reject)
-          resolve()
-        })
-      })
-    } finally {
-      process.umask(old)
-    }
-    await chmod(path, 0o600)
+    await listenUnix(this.#server, path, 'a daemon is already running there')
     this.#path = path
   }
 

@@ -145,8 +145,9 @@ export class Daemon {
         this.#nbdSocket = await this.nbd.listen({ socket })
       }
       if (c.listen !== undefined) {
-        await this.nbd.listen(parseHostPort(c.listen, '--listen'))
-        const { host } = parseHostPort(c.listen, '--listen')
+        const at = parseHostPort(c.listen, '--listen')
+        await this.nbd.listen(at)
+        const { host } = at
         this.#tcp = `${host === '0.0.0.0' || host === '::' ? 'localhost' : host}:${this.nbd.tcpPort()}`
       }
       if (this.#nbdSocket === undefined && this.#tcp === undefined) throw new InvalidArgumentError('nowhere to serve NBD: give a socket or --listen')

@@ -112,14 +112,16 @@ export class NbdExport {
   }
 
   /**
-   * Checks a request's range: past the end is `ENOSPC` for writes and zeroing, `EINVAL` for
-   * reads and trims, as the spec says; writes and trims of a read-only export are `EPERM`.
+   * What is wrong with a request's range, if anything: past the end is `ENOSPC` for writes
+   * and zeroing, `EINVAL` for reads and trims, as the spec says; writes and trims of a
+   * read-only export are `EPERM`.
    */
-  check(offset: number, length: number, kind: 'read' | 'write' | 'trim'): void {
+  check(offset: number, length: number, kind: 'read' | 'write' | 'trim'): NbdRequestError | undefined {
     if (offset + length > this.size || offset > this.size) {
-      throw new NbdRequestError(kind === 'write' ? ERR.ENOSPC : ERR.EINVAL, `${length} bytes at ${offset} pass the end of export '${this.name}' (${this.size} bytes)`)
+      return new NbdRequestError(kind === 'write' ? ERR.ENOSPC : ERR.EINVAL, `${length} bytes at ${offset} pass the end of export '${this.name}' (${this.size} bytes)`)
     }
-    if (kind !== 'read' && this.readOnly) throw new NbdRequestError(ERR.EPERM, `export '${this.name}' is read-only`)
+    if (kind !== 'read' && this.readOnly) return new NbdRequestError(ERR.EPERM, `export '${this.name}' is read-only`)
+    return undefined
   }
 
   /** Reads `length` bytes at `offset`. */
@@ -134,11 +136,7 @@ export class NbdExport {
   /** Writes `data` at `offset`. */
   write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
     const options = fua ? FUA : undefined
-    if (this.#aligned(offset, data.byteLength)) {
-      const wait = this.#held.length ? this.#waitFor(offset, offset + data.byteLength) : undefined
-      if (wait === undefined) return this.target.write(offset, data, options)
-      return wait.then(() => this.target.write(offset, data, options))
-    }
+    if (this.#aligned(offset, data.byteLength)) return this.#unheld(offset, offset + data.byteLength, () => this.target.write(offset, data, options))
     return this.#merge(offset, data, options)
   }
 
@@ -204,9 +202,13 @@ export class NbdExport {
   }
 
   #discardWhole(start: number, end: number): Promise<void> {
+    return this.#unheld(start, end, () => this.target.discard(start, end - start))
+  }
+
+  /** Runs `go` now, or once no held range overlaps [start, end). */
+  #unheld(start: number, end: number, go: () => Promise<void>): Promise<void> {
     const wait = this.#held.length ? this.#waitFor(start, end) : undefined
-    if (wait === undefined) return this.target.discard(start, end - start)
-    return wait.then(() => this.target.discard(start, end - start))
+    return wait === undefined ? go() : wait.then(go)
   }
 
   /** Reads the range into the cache, the data dropped (`NBD_CMD_CACHE`). */

@@ -2,11 +2,12 @@
  * An NBD server over a set of exports (see {@link NbdServer}).
  * @module
  */
-import { chmod, lstat, unlink } from 'node:fs/promises'
+import { unlink } from 'node:fs/promises'
 import net from 'node:net'
 import type { Duplex } from 'node:stream'
 import { createSecureContext } from 'node:tls'
-import { InvalidArgumentError, UbcacheError } from '../errors'
+import { InvalidArgumentError } from '../errors'
+import { listenOn, listenUnix } from '../unix-socket'
 import type { NbdExport } from './export'
 import { handshake, HandshakeClosed, type TlsSetup } from './handshake'
 import { Transmission } from './transmission'
@@ -122,19 +123,7 @@ export class NbdServer {
   async listen(where: Listen): Promise<string> {
     const server = net.createServer({ allowHalfOpen: true }, (s) => this.#accept(s))
     if ('socket' in where) {
-      const st = await lstat(where.socket).catch(() => undefined)
-      if (st !== undefined) {
-        if (!st.isSocket()) throw new UbcacheError('EEXIST', `${where.socket} exists and is not a socket`)
-        if (await isLive(where.socket)) throw new UbcacheError('EADDRINUSE', `${where.socket}: another server is listening there`)
-        await unlink(where.socket)
-      }
-      const old = process.umask(0o177)
-      try {
-        await listenOn(server, where.socket)
-      } finally {
-        process.umask(old)
-      }
-      await chmod(where.socket, 0o600)
+      await listenUnix(server, where.socket, 'another server is listening there')
       this.#sockets.push(where.socket)
       this.#servers.push(server)
       return where.socket
@@ -213,28 +202,4 @@ export class NbdServer {
     await closed
     for (const path of this.#sockets) await unlink(path).catch(() => {})
   }
-}
-
-function listenOn(server: net.Server, port: number | string, host?: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once('error', reject)
-    const done = (): void => {
-      server.off('error', reject)
-      resolve()
-    }
-    if (typeof port === 'string') server.listen(port, done)
-    else server.listen(port, host, done)
-  })
-}
-
-/** Whether something accepts connections on the Unix socket `path`. */
-function isLive(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(path)
-    s.once('connect', () => {
-      s.destroy()
-      resolve(true)
-    })
-    s.once('error', () => resolve(false))
-  })
 }

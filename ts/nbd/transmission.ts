@@ -73,7 +73,7 @@ interface Pending {
 /**
  * One connection in transmission. Requests are read as they arrive and started at once;
  * replies go out as requests complete, in whatever order that is, several per system call
- * (the socket is corked for the rest of the tick). `NBD_CMD_DISC` stops reading, and the
+ * (those of one tick are written together). `NBD_CMD_DISC` stops reading, and the
  * connection ends once every request in flight has been answered; so does
  * {@link Transmission.stop}. A request that breaks the framing (bad magic, a write over the
  * maximum payload) is answered where it can be and ends the connection the same way; no
@@ -98,7 +98,6 @@ export class Transmission {
   #shutdown: string | undefined
   #reason: string | undefined
   #closed = false
-  #idle: (() => void)[] = []
 
   constructor(stream: Duplex, exp: NbdExport, structured: boolean, rest: Buffer, hooks: TransmissionHooks) {
     this.#stream = stream
@@ -235,14 +234,14 @@ export class Transmission {
           return new NbdRequestError(this.#structured ? ERR.EOVERFLOW : ERR.EINVAL, `a read of ${length} bytes is over the maximum payload (${MAX_PAYLOAD})`)
         }
         if (length === 0) return new NbdRequestError(ERR.EINVAL, `${commandName(type)} of 0 bytes`)
-        return guard(() => e.check(offset, length, 'read'))
+        return e.check(offset, length, 'read')
       case CMD.TRIM:
         if (length === 0) return new NbdRequestError(ERR.EINVAL, `${commandName(type)} of 0 bytes`)
-        return guard(() => e.check(offset, length, 'trim'))
+        return e.check(offset, length, 'trim')
       case CMD.WRITE:
       case CMD.WRITE_ZEROES:
         if (length === 0) return new NbdRequestError(ERR.EINVAL, `${commandName(type)} of 0 bytes`)
-        return guard(() => e.check(offset, length, 'write'))
+        return e.check(offset, length, 'write')
       default:
         return undefined
     }
@@ -256,21 +255,13 @@ export class Transmission {
     }
     const refuse = this.#refusal(type, flags, offset, length)
     if (refuse !== undefined) {
-      this.counts.errors++
-      this.#reply(hi, lo, refuse.errno, refuse.message)
+      this.#refuse(hi, lo, refuse)
       return
     }
     const e = this.export
     switch (type) {
       case CMD.READ:
-        this.#track(
-          hi,
-          lo,
-          type,
-          offset,
-          length,
-          e.read(offset, length),
-        )
+        this.#track(hi, lo, type, offset, length, e.read(offset, length))
         return
       case CMD.FLUSH:
         this.#track(hi, lo, type, offset, length, e.flush())
@@ -296,8 +287,7 @@ export class Transmission {
 
   #startWrite(hi: number, lo: number, flags: number, offset: number, data: Buffer, refuse: NbdRequestError | undefined): void {
     if (refuse !== undefined) {
-      this.counts.errors++
-      this.#reply(hi, lo, refuse.errno, refuse.message)
+      this.#refuse(hi, lo, refuse)
       return
     }
     const length = data.byteLength
@@ -305,6 +295,12 @@ export class Transmission {
       this.counts.writtenBytes += length
     })
     this.#track(hi, lo, CMD.WRITE, offset, length, done)
+  }
+
+  /** Answers a request refused before it started. */
+  #refuse(hi: number, lo: number, err: NbdRequestError): void {
+    this.counts.errors++
+    this.#reply(hi, lo, err.errno, err.message)
   }
 
   /** Answers `work` when it settles. */
@@ -450,16 +446,5 @@ export class Transmission {
     this.#ending = true
     this.#reason ??= reason
     this.#hooks.onClose(this.#reason)
-    for (const r of this.#idle.splice(0)) r()
-  }
-}
-
-function guard(check: () => void): NbdRequestError | undefined {
-  try {
-    check()
-    return undefined
-  } catch (err) {
-    if (err instanceof NbdRequestError) return err
-    throw err
   }
 }

@@ -97,3 +97,47 @@ impl Nodes {
         self.prev[i as usize]
     }
 }
+
+/// The blocks of a single-queue policy (LRU, FIFO, SIEVE): a map from block to node and one
+/// queue, newest at the head.
+#[derive(Debug, Default)]
+pub struct Resident {
+    map: std::collections::HashMap<u64, u32>,
+    pub nodes: Nodes,
+    pub q: Queue,
+}
+
+impl Resident {
+    pub fn with_capacity(n: usize) -> Self {
+        Resident {
+            map: std::collections::HashMap::with_capacity(n),
+            nodes: Nodes::with_capacity(n),
+            q: Queue::default(),
+        }
+    }
+
+    /// The node of `block`, if cached.
+    pub fn find(&self, block: u64) -> Option<u32> {
+        self.map.get(&block).copied()
+    }
+
+    /// Caches `block` at the head.
+    pub fn admit(&mut self, block: u64) {
+        let i = self.nodes.alloc(block);
+        self.nodes.push_head(&mut self.q, i);
+        self.map.insert(block, i);
+    }
+
+    /// Drops node `i` from the cache.
+    pub fn evict(&mut self, i: u32) {
+        self.nodes.unlink(&mut self.q, i);
+        self.map.remove(&self.nodes.block[i as usize]);
+        self.nodes.release(i);
+    }
+
+    /// Moves node `i` to the head.
+    pub fn touch(&mut self, i: u32) {
+        self.nodes.unlink(&mut self.q, i);
+        self.nodes.push_head(&mut self.q, i);
+    }
+}

@@ -18,12 +18,9 @@ pub fn belady_admit_all_hits(trace: &[u64], capacity: usize) -> u64 {
     min_hits(trace, capacity, false)
 }
 
-fn min_hits(trace: &[u64], capacity: usize, may_bypass: bool) -> u64 {
+/// For each access, the index of the next access to its block, or the trace's length for never.
+fn next_uses(trace: &[u64]) -> Vec<u64> {
     let n = trace.len();
-    if n == 0 || capacity == 0 {
-        return 0;
-    }
-    // next[i]: the index of the next access to trace[i]'s block after i, or n for never.
     let mut next = vec![n as u64; n];
     let mut last: HashMap<u64, usize> = HashMap::with_capacity(n.min(1 << 24));
     for i in (0..n).rev() {
@@ -31,7 +28,15 @@ fn min_hits(trace: &[u64], capacity: usize, may_bypass: bool) -> u64 {
             next[i] = j as u64;
         }
     }
-    drop(last);
+    next
+}
+
+fn min_hits(trace: &[u64], capacity: usize, may_bypass: bool) -> u64 {
+    let n = trace.len();
+    if n == 0 || capacity == 0 {
+        return 0;
+    }
+    let next = next_uses(trace);
     // Cached blocks with the index of their next use; the heap holds (next use, block), some stale.
     let mut cached: HashMap<u64, u64> = HashMap::with_capacity(capacity);
     let mut heap: BinaryHeap<(u64, u64)> = BinaryHeap::with_capacity(capacity * 2);
@@ -89,14 +94,7 @@ pub fn bucket_min_hits(trace: &[u64], capacity: usize, bucket: usize) -> u64 {
     // A bucket larger than the cache is the whole cache.
     let bucket = bucket.clamp(1, capacity);
     let slots = capacity / bucket;
-    let mut next = vec![n as u64; n];
-    let mut last: HashMap<u64, usize> = HashMap::with_capacity(n.min(1 << 24));
-    for i in (0..n).rev() {
-        if let Some(j) = last.insert(trace[i], i) {
-            next[i] = j as u64;
-        }
-    }
-    drop(last);
+    let next = next_uses(trace);
     // Cached blocks: their bucket and next use. Buckets: their blocks (a slot table).
     let mut cached: HashMap<u64, (usize, u64)> = HashMap::with_capacity(capacity);
     let mut buckets: Vec<Vec<u64>> = Vec::with_capacity(slots);
