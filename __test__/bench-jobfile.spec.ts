@@ -87,6 +87,7 @@ backing_latency=fixed=5ms,mibps=200,seek=8ms
   t.true(db.groupReporting)
   t.is(db.cacheSize, 64 * 2 ** 20)
   t.is(Math.round(db.backingLatency?.fixedUs ?? 0), 4167)
+  t.true(db.backingLatency?.serial)
   t.is(scan.name, 'scan')
   t.deepEqual(scan.bs, { read: 2 ** 20, write: 65536 })
   t.deepEqual(scan.bssplit, [
@@ -107,7 +108,7 @@ backing_latency=fixed=5ms,mibps=200,seek=8ms
   t.true(scan.verifyOnly)
   t.is(scan.filename, '/dev/null')
   t.is(scan.replaySpeed, 2.5)
-  t.deepEqual(scan.backingLatency, { fixedUs: 5000, perMiBUs: 5000, seekUs: 8000 })
+  t.deepEqual(scan.backingLatency, { fixedUs: 5000, mibps: 200, fullStrokeUs: 8000 })
   // fio's defaults where a job is silent.
   const [d] = parseJobFile('[only]\nioengine=sim\nsize=1M\n')
   t.is(d.rw, 'read')

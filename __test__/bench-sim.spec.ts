@@ -187,7 +187,7 @@ test('shipped examples: --list-examples, example:NAME, --sweep; an unknown examp
   t.true(sweep[3].hit_ratio.s3fifo > sweep[3].hit_ratio.lru + 0.05)
   const none = cli('bench', 'example:nope')
   t.is(none.status, 1)
-  t.regex(none.stderr, /^ubcache: bench: no example 'nope'/)
+  t.is(none.stderr, "ubcache: bench: no example 'nope' (ubcache bench --list-examples lists them)\n")
   const f = join(dir, 'env.fio')
   writeFileSync(f, '[j]\nioengine=sim\nsize=1M\ncache_size=${UBCACHE_NOT_SET_ANYWHERE}\n')
   const env = cli('bench', f)
@@ -213,4 +213,32 @@ test('ubcache keys: sequential_cutoff, writeback tunables, filesize, and drain w
   const bad = join(dir, 'bad-drain.fio')
   writeFileSync(bad, '[j]\nioengine=sim\nsize=1M\ncache_size=4k\ndrain=1\n')
   t.regex(cli('bench', bad).stderr, /drain applies to ioengine=ubcache/)
+})
+
+test('backing_latency: the raw engine waits out the emulated disk; a cached device serves its hits at cache speed', (t) => {
+  const f = join(dir, 'lat.fio')
+  writeFileSync(
+    f,
+    `[global]\nbs=4k\nsize=256k\nrw=randread\niodepth=4\nruntime=1\ntime_based\nbacking_latency=fixed=20ms\n` +
+      `[disk]\nioengine=raw\nfilename=${join(dir, 'slow.img')}\n` +
+      `[cached]\nstonewall\nioengine=ubcache\ncache=${join(dir, 'lc.img')}\nbacking=${join(dir, 'lb.img')}\ncache_size=16M\n`,
+  )
+  const r = cli('bench', f, '--output-format', 'json')
+  t.is(r.status, 0, r.stderr)
+  const [disk, cached] = JSON.parse(r.stdout).jobs
+  // Four at a time, 20 ms each, in parallel: at most 200 in a second, none faster than 20 ms.
+  t.true(disk.read.clat_ns.min >= 20e6, String(disk.read.clat_ns.min))
+  t.true(disk.read.total_ios <= 220, String(disk.read.total_ios))
+  // The 64 blocks are read from the slow disk (in about 0.3 s); after that every read is a hit.
+  t.true(cached.read.total_ios > 2000, String(cached.read.total_ios))
+  t.true(cached.read.clat_ns.max >= 20e6, 'the first reads missed')
+  t.true(cached.read.clat_ns.min < 20e6, 'hits do not wait for the disk')
+  const serial = join(dir, 'serial.fio')
+  writeFileSync(serial, `[d]\nioengine=raw\nfilename=${join(dir, 'slow.img')}\nbs=4k\nsize=256k\nrw=randread\niodepth=4\nruntime=1\ntime_based\nbacking_latency=fixed=20ms,serial\n`)
+  const sr = cli('bench', serial, '--output-format', 'json')
+  t.is(sr.status, 0, sr.stderr)
+  const s = JSON.parse(sr.stdout).jobs[0]
+  // One at a time: four in flight wait for each other.
+  t.true(s.read.total_ios <= 55, String(s.read.total_ios))
+  t.true(s.read.clat_ns.mean >= 60e6, String(s.read.clat_ns.mean))
 })

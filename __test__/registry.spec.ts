@@ -507,3 +507,41 @@ test("set.stop() (bcache's stop): its devices and volumes refuse requests, every
   t.true((await set2.volumes[0].read(0, 4096)).equals(pattern(4096, 6)))
   await reg.close()
 })
+
+test('an emulated slow backing device: misses wait out its latency, hits do not; the cache device is never slowed; bad models are refused', async (t) => {
+  const f = await formatSet(1)
+  const reg = new Registry({ latency: { fixedUs: 400_000 } })
+  try {
+    await reg.register(f.cache)
+    const dev = await reg.register(f.backings[0])
+    if (!(dev instanceof CachedDevice)) throw new Error('expected a cached device')
+    dev.cacheMode = 'writeback'
+    const timed = async (f: () => Promise<unknown>): Promise<number> => {
+      const t0 = performance.now()
+      await f()
+      return performance.now() - t0
+    }
+    const miss = await timed(() => dev.read(0, 4096))
+    t.true(miss >= 400, `a miss took ${miss.toFixed(1)} ms`)
+    // Writeback writes land on the cache device only, and their hits are read from it.
+    const write = await timed(() => dev.write(65536, pattern(4096, 3)))
+    t.true(write < 400, `a writeback write took ${write.toFixed(1)} ms`)
+    let data: Buffer | undefined
+    const hit = await timed(async () => {
+      data = await dev.read(65536, 4096)
+    })
+    t.true(hit < 400, `a hit took ${hit.toFixed(1)} ms`)
+    t.deepEqual(data, pattern(4096, 3))
+  } finally {
+    await reg.close()
+  }
+  for (const [latency, re] of [
+    [{ fixedUs: -1 }, /latency.fixedUs must be a number of microseconds/],
+    [{ mibps: 0 }, /latency.mibps must be a positive number/],
+    [{ fixed: 5 }, /latency: unknown key fixed/],
+  ] as const) {
+    const bad = new Registry({ latency: latency as never })
+    t.regex((await error(() => bad.register(f.cache))).message, re)
+    await bad.close()
+  }
+})

@@ -218,8 +218,13 @@ export declare class NativeIoEngine {
 export declare class NativeLoadedSet {
   /** The cache device's path. */
   get path(): string
-  /** False once an engine took the set over. */
+  /** False once an engine took the set over (or it was released). */
   get available(): boolean
+  /**
+   * Lets go of a set no engine took over: closes its cache device now rather than when
+   * this object is collected.
+   */
+  release(): void
 }
 
 /** An engine driven by the JavaScript thread (see the module docs). */
@@ -512,6 +517,11 @@ export interface NativeEngineOptions {
    * takes precedence over `spin_micros`.
    */
   spinAuto?: boolean
+  /**
+   * Emulate a slow device: every request waits this long before it completes (a cache
+   * engine: requests to backing devices only).
+   */
+  latency?: NativeLatency
 }
 
 /** Counters of an engine thread. */
@@ -533,6 +543,21 @@ export interface NativeEngineStats {
 export interface NativeExtent {
   offset: number
   length: number
+}
+
+/** The cost model of an emulated slow device (the fault engine's latency). */
+export interface NativeLatency {
+  /** Microseconds any request costs. */
+  fixedUs: number
+  /** Transfer rate in bytes per second (0: transfers are free). */
+  bytesPerSec: number
+  /**
+   * Microseconds of a seek across the whole device (0: no seeks); the shortest seek
+   * costs a tenth of it, longer ones grow with the square root of the distance.
+   */
+  fullStrokeUs: number
+  /** One request at a time, as a disk arm serves them (default false: all in parallel). */
+  serial?: boolean
 }
 
 /** How to open a cache set. */

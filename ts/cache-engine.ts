@@ -648,13 +648,14 @@ export class CacheEngine {
   readonly #hasCacheSet: boolean
   #closing: Promise<void> | undefined
 
-  private constructor(options: CacheEngineOptions, set: native.NativeLoadedSet | undefined) {
-    const nativeOptions = nativeEngineOptions(options, true)
+  private constructor(nativeOptions: native.NativeEngineOptions, set: native.NativeLoadedSet | undefined) {
     try {
       this.#queue = new InlineQueue((onComplete) => new native.NativeCacheEngine(nativeOptions, set, onComplete, this.#event), {
         holdWhileBusy: true,
       })
     } catch (err) {
+      // The set read back is let go now, not when it is collected: its device can be opened again.
+      set?.release()
       throw asUbcacheError(err)
     }
     this.#native = this.#queue.native
@@ -685,6 +686,7 @@ export class CacheEngine {
       const v = options[k]
       if (v !== undefined && (checkCount(k, v), v > 0xffffffff)) throw new InvalidArgumentError(`${k} must be at most ${0xffffffff}, got ${v}`)
     }
+    const nativeOptions = nativeEngineOptions(options, true)
     let set: native.NativeLoadedSet | undefined
     if (cachePath !== undefined) {
       if (typeof cachePath !== 'string' || cachePath === '') throw new InvalidArgumentError('cachePath must be a non-empty string')
@@ -708,7 +710,7 @@ export class CacheEngine {
         throw asUbcacheError(err, cachePath)
       }
     }
-    return new CacheEngine(options, set)
+    return new CacheEngine(nativeOptions, set)
   }
 
   /** The I/O engine underneath: `io_uring` or `psync`. */

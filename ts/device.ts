@@ -90,6 +90,52 @@ export interface IoEngineOptions {
    * event loop run every 16 calls. {@link IoEngine.stats} counts the polls.
    */
   spinMicros?: number | 'auto'
+  /**
+   * Emulate a slow device, for benchmarks and tests: every request completes no sooner
+   * than the model says (the data still comes from the real device). In a cache engine
+   * (a registry's) only backing devices are slowed, never the cache device.
+   */
+  latency?: LatencyModel
+}
+
+/**
+ * The cost of each request on an emulated slow device ({@link IoEngineOptions.latency}):
+ * `fixedUs`, plus the transfer at `mibps`, plus a seek when the request does not start
+ * where the last one ended (a tenth of `fullStrokeUs` for the shortest, growing with the
+ * square root of the distance to all of it across the whole device).
+ */
+export interface LatencyModel {
+  /** Microseconds every request costs (default 0): a rotation, or a network round trip. */
+  fixedUs?: number
+  /** Transfer rate in MiB/s (default: transfers cost nothing). */
+  mibps?: number
+  /** Microseconds of a seek across the whole device (default 0: no seeks). */
+  fullStrokeUs?: number
+  /** One request at a time, as a disk arm serves them (default false: all at once). */
+  serial?: boolean
+}
+
+/** The native form of `m`, checked. */
+function nativeLatency(m: LatencyModel): native.NativeLatency {
+  const us = (what: string, v: number | undefined): number => {
+    if (v === undefined) return 0
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0 || v > 3.6e9) {
+      throw new InvalidArgumentError(`latency.${what} must be a number of microseconds from 0 to 3600000000, got ${String(v)}`)
+    }
+    return Math.round(v)
+  }
+  if (m.mibps !== undefined && (typeof m.mibps !== 'number' || !(m.mibps > 0) || !Number.isFinite(m.mibps))) {
+    throw new InvalidArgumentError(`latency.mibps must be a positive number of MiB/s, got ${String(m.mibps)}`)
+  }
+  for (const k of Object.keys(m)) {
+    if (!['fixedUs', 'mibps', 'fullStrokeUs', 'serial'].includes(k)) throw new InvalidArgumentError(`latency: unknown key ${k}`)
+  }
+  return {
+    fixedUs: us('fixedUs', m.fixedUs),
+    bytesPerSec: m.mibps === undefined ? 0 : Math.max(1, Math.round(m.mibps * 1048576)),
+    fullStrokeUs: us('fullStrokeUs', m.fullStrokeUs),
+    serial: m.serial === true,
+  }
 }
 
 /** Options of {@link IoEngine.open} and {@link openDevice}. */
@@ -153,6 +199,7 @@ export function nativeEngineOptions(options: Omit<IoEngineOptions, 'mode'>, inli
     psyncThreads: options.psyncThreads,
     spinMicros: spin === 'auto' ? undefined : spin,
     spinAuto: spin === 'auto' && inline,
+    latency: options.latency === undefined ? undefined : nativeLatency(options.latency),
   }
 }
 

@@ -44,6 +44,7 @@ export {
   type EngineMode,
   type IoEngineOptions,
   type IoEngineStats,
+  type LatencyModel,
   openDevice,
   type OpenDeviceOptions,
   RawDevice,

@@ -37,9 +37,12 @@ ubcache bench --list-examples
   not exist are made and formatted, the cache of cache_size); ioengine=raw: the raw-device
   API on filename=; ioengine=sim: the job's access stream through simulated caches of
   cache_size (no device), with the hit ratio of OPT, Belady's MIN, LRU, FIFO, ARC, S3-FIFO
-  and SIEVE (--sweep: at cache sizes from 0.5% to 100% of the blocks accessed). Output as fio's (IOPS, bandwidth, slat/clat/lat and percentiles) plus the
-  cache's lines; --output-format=json in fio's JSON shape with a ubcache object.
-  (Trace replay, backing_latency emulation and the HTML report are not in this version.)`
+  and SIEVE (--sweep: at cache sizes from 0.5% to 100% of the blocks accessed).
+  backing_latency=7200rpm (or fixed=5ms,mibps=200,seek=8ms,serial) emulates a slow
+  backing device: ioengine=ubcache slows the backing device only, ioengine=raw its file.
+  replay= replays a block trace (blkparse, SPC, MSR CSV, ARC .lis). Output as fio's (IOPS,
+  bandwidth, slat/clat/lat and percentiles) plus the cache's lines; --output-format=json in
+  fio's JSON shape with a ubcache object; --report out.html writes an HTML report.`
 
 /** `ubcache bench`: resolves to the exit code. */
 export async function cmdBench(argv: string[]): Promise<number> {
@@ -55,8 +58,7 @@ export async function cmdBench(argv: string[]): Promise<number> {
   let made: string | undefined
   if (file.startsWith('example:')) {
     const name = file.slice('example:'.length)
-    if (!listExamples().some((e) => e.name === name)) throw new UsageError(`bench: no example '${name}' (ubcache bench ... --report out.html   also write a self-contained HTML report (charts)
-ubcache bench --list-examples lists them)`)
+    if (!listExamples().some((e) => e.name === name)) throw new UsageError(`bench: no example '${name}' (ubcache bench --list-examples lists them)`)
     file = join(EXAMPLES_DIR, `${name}.fio`)
     // Examples that make devices make them in a fresh directory, removed afterwards.
     if (process.env.UBCACHE_BENCH_DIR === undefined) {
@@ -82,9 +84,6 @@ async function runFile(file: string, format: string, sweep: boolean, report: str
     throw new JobFileError(`${file}: ${(err as Error).message}`)
   }
   const jobs = parseJobFile(text, file)
-  for (const j of jobs) {
-    if (j.backingLatency !== undefined) throw new JobFileError(`${file}: [${j.name}] backing_latency= is not emulated in this version of ubcache bench`)
-  }
   // Groups: jobs run together until a stonewall job, which waits for the ones before it.
   const groups: Job[][] = []
   for (const j of jobs) {

@@ -106,7 +106,12 @@ async function rawTarget(job: Job): Promise<Target> {
   let dev: RawDevice
   const createSize = job.filesize ?? (job.size && 'bytes' in job.size ? job.size.bytes + ('bytes' in job.offset ? job.offset.bytes : 0) : undefined)
   try {
-    dev = await openDevice(job.filename, { direct: job.direct ? 'auto' : 'off', exclusive: false, ...(createSize ? { createSize } : {}) })
+    dev = await openDevice(job.filename, {
+      direct: job.direct ? 'auto' : 'off',
+      exclusive: false,
+      ...(createSize ? { createSize } : {}),
+      ...(job.backingLatency ? { latency: job.backingLatency } : {}),
+    })
   } catch (err) {
     throw new JobFileError(`[${job.name}] filename=${job.filename}: ${(err as Error).message}`)
   }
@@ -149,7 +154,8 @@ async function ubcacheTarget(job: Job): Promise<Target> {
       await makeBacking(backing, { setUuid: set.setUuid, dataOffset: dataOffset / 512 })
     }
   }
-  const reg = new Registry()
+  // backing_latency slows the backing device only, as a disk behind an SSD cache.
+  const reg = new Registry(job.backingLatency ? { latency: job.backingLatency } : {})
   let dev: CachedDevice
   let set
   try {

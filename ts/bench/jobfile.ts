@@ -5,6 +5,7 @@
  */
 import { readFileSync } from 'node:fs'
 import { dirname, resolve } from 'node:path'
+import type { LatencyModel } from '../device'
 import { UbcacheError } from '../errors'
 
 /** A job file that cannot be run: `where` names the file and line, section, key and value. */
@@ -85,15 +86,8 @@ export interface Job {
   replaySpeed: number
 }
 
-/** An emulated backing device's cost model (`backing_latency=`). */
-export interface BackingLatency {
-  /** Fixed microseconds per request. */
-  fixedUs: number
-  /** Microseconds per MiB moved. */
-  perMiBUs: number
-  /** A seek model: microseconds for a full-stroke seek, scaled by distance (0: none). */
-  seekUs: number
-}
+/** An emulated backing device's cost model (`backing_latency=`): the engine's latency model. */
+export type BackingLatency = LatencyModel
 
 /** How each key is read: its type, and for enums the values. */
 type KeySpec =
@@ -187,28 +181,36 @@ export function parseFioTime(v: string, unit: 's' | 'us'): number | undefined {
   return mult === undefined ? undefined : n * mult
 }
 
-/** Reads the emulated backing device: `7200rpm`, or `fixed=5ms,mibps=200,seek=8ms`. */
+/**
+ * Reads the emulated backing device: `7200rpm` (half a rotation per request, a 16 ms
+ * full-stroke seek, 150 MiB/s, one request at a time), or `fixed=5ms,mibps=200,seek=8ms`
+ * with any of the three and `serial` for one request at a time (`seek` is the full stroke).
+ */
 export function parseLatency(v: string): BackingLatency | undefined {
   if (/^\s*\d+\s*rpm\s*$/i.test(v)) {
     const rpm = Number(/\d+/.exec(v)?.[0])
     if (!(rpm > 0)) return undefined
-    // Half a rotation on average, a full-stroke seek of about 16 ms, 150 MiB/s of transfer.
-    return { fixedUs: (60e6 / rpm) / 2, perMiBUs: 1e6 / 150, seekUs: 16_000 }
+    // Half a rotation on average, a full-stroke seek of 16 ms, 150 MiB/s, one arm.
+    return { fixedUs: 60e6 / rpm / 2, mibps: 150, fullStrokeUs: 16_000, serial: true }
   }
-  const out: BackingLatency = { fixedUs: 0, perMiBUs: 0, seekUs: 0 }
+  const out: BackingLatency = {}
   for (const part of v.split(',')) {
     const [k, val] = part.split('=').map((x) => x.trim())
+    if (k === 'serial' && val === undefined) {
+      out.serial = true
+      continue
+    }
     if (val === undefined) return undefined
     if (k === 'mibps') {
       const n = Number(val)
-      if (!(n > 0)) return undefined
-      out.perMiBUs = 1e6 / n
+      if (!(n > 0) || !Number.isFinite(n)) return undefined
+      out.mibps = n
       continue
     }
     const t = parseFioTime(val, 'us')
     if (t === undefined) return undefined
     if (k === 'fixed') out.fixedUs = t * 1e6
-    else if (k === 'seek') out.seekUs = t * 1e6
+    else if (k === 'seek') out.fullStrokeUs = t * 1e6
     else return undefined
   }
   return out
@@ -415,7 +417,7 @@ function apply(job: Job, section: string, key: string, value: string | undefined
     }
     case 'backing_latency': {
       const l = parseLatency(v)
-      if (l === undefined) bad('must be NNNNrpm, or fixed=TIME,mibps=N,seek=TIME (e.g. fixed=5ms,mibps=200,seek=8ms)')
+      if (l === undefined) bad('must be NNNNrpm, or fixed=TIME,mibps=N,seek=TIME[,serial] (e.g. fixed=5ms,mibps=200,seek=8ms)')
       job.backingLatency = l
       return
     }

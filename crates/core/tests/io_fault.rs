@@ -276,3 +276,53 @@ fn tearing_keeps_some_sectors_and_reverts_others() {
     let kept = data.chunks(512).filter(|c| c.iter().all(|&b| b == 5)).count() as u64;
     assert_eq!(kept, r.sectors_kept);
 }
+
+/// Waits until `fd` is readable, up to `ms`; true if it became readable.
+fn readable(fd: std::os::fd::RawFd, ms: i32) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+#[test]
+fn an_event_loop_is_woken_when_held_back_completions_fall_due() {
+    use ubcache_core::io::RingDriver;
+    for choice in ENGINES {
+        let s = Scratch::new("lat-fd");
+        let p = s.file("f", SIZE, 1);
+        let slow = s.file("slow", SIZE, 2);
+        let e = fault_engine(choice);
+        let ctl = e.control();
+        ctl.set_latency(Some(Latency { fixed: Duration::from_millis(40), ..Default::default() }));
+        ctl.add_latency_path(&slow);
+        let mut d = RingDriver::new(Box::new(e)).unwrap();
+        let fast = d.add_device(open(&p)).unwrap();
+        let slow_id = d.add_device(open(&slow)).unwrap();
+        let t = Instant::now();
+        let mut got = d.submit_batch([IoRequest::read(slow_id, 0, AlignedBuf::new(4096), 1)]).unwrap();
+        got.extend(d.submit_batch([IoRequest::read(fast, 0, AlignedBuf::new(4096), 2)]).unwrap());
+        // The fast device's read completes at once; the slow one's only once its 40 ms are up,
+        // and the descriptor says so without anyone polling the engine meanwhile.
+        while !got.iter().any(|c| c.user_data == 2) {
+            assert!(readable(d.fd(), 5000), "{choice:?}: no wakeup for the fast read");
+            got.extend(d.reap().unwrap());
+        }
+        assert!(t.elapsed() < Duration::from_millis(40), "{choice:?}: the fast device was slowed");
+        while !got.iter().any(|c| c.user_data == 1) {
+            assert!(readable(d.fd(), 5000), "{choice:?}: no wakeup for the held-back read");
+            got.extend(d.reap().unwrap());
+        }
+        assert!(t.elapsed() >= Duration::from_millis(40), "{choice:?}: {:?}", t.elapsed());
+        assert!(got.iter().all(|c| c.result.is_ok()));
+        // Idle again: the descriptor stays quiet.
+        assert!(!readable(d.fd(), 60), "{choice:?}: a spurious wakeup with nothing in flight");
+        // An injected error completes at submission and wakes the loop too.
+        ctl.add_rule(FaultRule::eio().times(1));
+        let mut got = d.submit_batch([IoRequest::read(fast, 0, AlignedBuf::new(4096), 3)]).unwrap();
+        while got.is_empty() {
+            assert!(readable(d.fd(), 5000), "{choice:?}: no wakeup for the injected error");
+            got.extend(d.reap().unwrap());
+        }
+        assert!(got[0].result.is_err());
+    }
+}

@@ -36,6 +36,7 @@ use crate::io::{
     NativeEngineStats, NativeOpenOptions,
 };
 use crate::ring::driver_of;
+use ubcache_core::io::fault::FaultControl;
 
 /// The cache engine as the glue drives it; `None` once shut down (its devices released).
 pub(crate) struct Served(Option<CacheEngine>);
@@ -191,10 +192,17 @@ impl NativeLoadedSet {
         self.path.clone()
     }
 
-    /// False once an engine took the set over.
+    /// False once an engine took the set over (or it was released).
     #[napi(getter)]
     pub fn available(&self) -> bool {
         self.loaded.borrow().is_some()
+    }
+
+    /// Lets go of a set no engine took over: closes its cache device now rather than when
+    /// this object is collected.
+    #[napi]
+    pub fn release(&self) {
+        self.loaded.borrow_mut().take();
     }
 }
 
@@ -521,6 +529,8 @@ pub struct NativeOpenReport {
 #[napi]
 pub struct NativeCacheEngine {
     glue: Box<Glue<Served>>,
+    /// With an emulated slow backing device: where its backing devices' paths go.
+    slow_backing: Option<FaultControl>,
 }
 
 inline_methods!(NativeCacheEngine);
@@ -557,7 +567,11 @@ impl NativeCacheEngine {
         // bench:cache, 2-core VM, two alternating runs of 3 rounds: hits QD32 0.80 and 0.80
         // of fio against 0.73 and 0.72 in pairs (the default for an event loop); writethrough
         // QD32 0.80 and 0.83 against 0.87 and 0.81, at 17 us CPU/write against 22.
-        let (driver, pool) = driver_of(env, &options, Some(0))?;
+        let (driver, pool, slow_backing) = driver_of(env, &options, Some(0))?;
+        if let Some(c) = &slow_backing {
+            // Only backing devices are slow; each joins the list as it is attached.
+            c.set_latency_only(Some(Vec::new()));
+        }
         let engine = match loaded {
             Some(l) => match CacheEngine::with_set(driver, l.set, l.cache) {
                 Ok(e) => e,
@@ -566,7 +580,7 @@ impl NativeCacheEngine {
             None => CacheEngine::new(driver),
         };
         let cbs = Callbacks { on_complete, on_event: Some(on_event), name: c"ubcache:cache" };
-        Ok(NativeCacheEngine { glue: Glue::new(env, Served(Some(engine)), pool, cbs)? })
+        Ok(NativeCacheEngine { glue: Glue::new(env, Served(Some(engine)), pool, cbs)?, slow_backing })
     }
 
     /// Runs `f` on the engine (CLOSED once shut down), throws its error, and settles the
@@ -605,6 +619,9 @@ impl NativeCacheEngine {
             create_size: None,
         };
         let (device, info) = open_device(env, &config.path, Some(open))?;
+        if let Some(c) = &self.slow_backing {
+            c.add_latency_path(device.path());
+        }
         let mut writeback = cache_set::WritebackConfig::default();
         if let Some(w) = &config.writeback {
             if let Err(e) = apply_writeback(&mut writeback, w) {
@@ -634,6 +651,9 @@ impl NativeCacheEngine {
     ) -> Result<NativeDevice> {
         let data_offset = to_u64(env, "dataOffset", data_offset)?;
         let (device, info) = open_device(env, &path, options)?;
+        if let Some(c) = &self.slow_backing {
+            c.add_latency_path(device.path());
+        }
         let handle = self.with(env, |e| e.attach_plain(device, data_offset))?;
         Ok(NativeDevice { id: handle, size: info.size - data_offset as f64, ..info })
     }

@@ -10,10 +10,12 @@
 //! `undefined` for other ops, or `[code, message]` on error.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
+use ubcache_core::io::fault::{FaultControl, FaultEngine, Latency, SeekModel};
 use ubcache_core::io::{
     open_engine, BufPool, BufPoolConfig, DevId, Device, DirectIo, EngineChoice, EngineOptions, IoCompletion, IoEngine,
     IoOp, IoRequest, IoThread, IoThreadOptions, OpenOptions,
@@ -53,14 +55,19 @@ pub(crate) fn engine_choice(env: &Env, name: Option<&str>) -> Result<EngineChoic
     }
 }
 
-/// Builds the engine `options` ask for, with the buffer pool its reads take memory from;
+/// Builds the engine `options` ask for, with the buffer pool its reads take memory from, and
+/// with an emulated slow device's latency the control that steers it;
 /// `submit_batch` overrides [`EngineOptions::submit_batch`].
 pub(crate) fn engine_of(
     env: &Env,
     options: &NativeEngineOptions,
     event_loop: bool,
     submit_batch: Option<usize>,
-) -> Result<(Box<dyn IoEngine>, BufPool)> {
+) -> Result<(Box<dyn IoEngine>, BufPool, Option<FaultControl>)> {
+    let latency = match options.latency.as_ref().map(NativeLatency::to_core).transpose() {
+        Ok(l) => l,
+        Err(e) => return throw(env, e),
+    };
     let choice = engine_choice(env, options.engine.as_deref())?;
     let pool = BufPool::new(BufPoolConfig {
         arena_bytes: options.arena_bytes.unwrap_or(16 << 20) as usize,
@@ -80,7 +87,15 @@ pub(crate) fn engine_of(
         ..defaults
     };
     match open_engine(&opts) {
-        Ok(e) => Ok((e, pool)),
+        Ok(e) => match latency {
+            None => Ok((e, pool, None)),
+            Some(l) => {
+                let slow = FaultEngine::new(e);
+                let ctl = slow.control();
+                ctl.set_latency(Some(l));
+                Ok((Box::new(slow), pool, Some(ctl)))
+            }
+        },
         Err(e) => throw(env, e),
     }
 }
@@ -207,6 +222,37 @@ pub struct NativeEngineOptions {
     /// Inline ring: poll adaptively instead (`BusyPoll::Adaptive` with its default cap);
     /// takes precedence over `spin_micros`.
     pub spin_auto: Option<bool>,
+    /// Emulate a slow device: every request waits this long before it completes (a cache
+    /// engine: requests to backing devices only).
+    pub latency: Option<NativeLatency>,
+}
+
+/// The cost model of an emulated slow device (the fault engine's latency).
+#[napi(object)]
+pub struct NativeLatency {
+    /// Microseconds any request costs.
+    pub fixed_us: f64,
+    /// Transfer rate in bytes per second (0: transfers are free).
+    pub bytes_per_sec: f64,
+    /// Microseconds of a seek across the whole device (0: no seeks); the shortest seek
+    /// costs a tenth of it, longer ones grow with the square root of the distance.
+    pub full_stroke_us: f64,
+    /// One request at a time, as a disk arm serves them (default false: all in parallel).
+    pub serial: Option<bool>,
+}
+
+impl NativeLatency {
+    fn to_core(&self) -> std::result::Result<Latency, CoreError> {
+        let us = |v: f64, what: &str| whole(v, what).map(Duration::from_micros);
+        let full_stroke = us(self.full_stroke_us, "latency.fullStrokeUs")?;
+        Ok(Latency {
+            fixed: us(self.fixed_us, "latency.fixedUs")?,
+            bytes_per_sec: whole(self.bytes_per_sec, "latency.bytesPerSec")?,
+            seek: (!full_stroke.is_zero()).then(|| SeekModel { track_to_track: full_stroke / 10, full_stroke }),
+            serial: self.serial.unwrap_or(false),
+            ..Default::default()
+        })
+    }
 }
 
 /// How to open a device.
@@ -284,7 +330,7 @@ impl NativeIoEngine {
         ts_args_type = "options: NativeEngineOptions, onComplete: (batch: Array<number | Buffer | [string, string] | undefined>) => void"
     )]
     pub fn new(env: &Env, options: NativeEngineOptions, on_complete: Function<'_, (), ()>) -> Result<Self> {
-        let (engine, pool) = engine_of(env, &options, false, None)?;
+        let (engine, pool, _) = engine_of(env, &options, false, None)?;
         let tsfn: CompletionFn = on_complete
             .build_threadsafe_function::<Vec<IoCompletion>>()
             .weak::<true>()

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
+use ubcache_core::io::fault::FaultControl;
 use ubcache_core::io::{BusyPoll, DevId, RingDriver, ADAPTIVE_POLL_CAP};
 
 use crate::inline::{inline_methods, Callbacks, Glue};
@@ -22,8 +23,8 @@ pub(crate) fn driver_of(
     env: &Env,
     options: &NativeEngineOptions,
     submit_batch: Option<usize>,
-) -> Result<(RingDriver, ubcache_core::io::BufPool)> {
-    let (engine, pool) = engine_of(env, options, true, submit_batch)?;
+) -> Result<(RingDriver, ubcache_core::io::BufPool, Option<FaultControl>)> {
+    let (engine, pool, slow) = engine_of(env, options, true, submit_batch)?;
     let mut driver = match RingDriver::new(engine) {
         Ok(d) => d,
         Err(e) => return throw(env, e),
@@ -33,7 +34,7 @@ pub(crate) fn driver_of(
         (_, Some(us)) if us > 0 => BusyPoll::Fixed(Duration::from_micros(us as u64)),
         _ => BusyPoll::Off,
     });
-    Ok((driver, pool))
+    Ok((driver, pool, slow))
 }
 
 /// An engine driven by the JavaScript thread (see the module docs).
@@ -56,7 +57,7 @@ impl NativeRing {
         ts_args_type = "options: NativeEngineOptions, onComplete: (count: number, fatal?: [string, string]) => void"
     )]
     pub fn new(env: &Env, options: NativeEngineOptions, on_complete: Function<'_, (), ()>) -> Result<Self> {
-        let (driver, pool) = driver_of(env, &options, None)?;
+        let (driver, pool, _) = driver_of(env, &options, None)?;
         let cbs = Callbacks { on_complete, on_event: None, name: c"ubcache:io" };
         Ok(NativeRing { glue: Glue::new(env, driver, pool, cbs)? })
     }

@@ -20,9 +20,14 @@
 //!   write ([`IoRequest::fua`]) is durable once it completes; in flight it may tear.
 //!
 //! Removing a device from the engine forgets its volatile writes (a clean close).
+//!
+//! An event loop can drive a fault engine too ([`IoEngine::completion_fd`]): its descriptor
+//! is an epoll set over the inner engine's descriptor and a timer armed for the next held-back
+//! completion, so a benchmark can put an emulated slow disk under the real cache engine.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -249,6 +254,12 @@ impl FaultControl {
         self.shared.lock().latency_only = paths;
     }
 
+    /// Adds `path` to the devices the latency model applies to (starting the list if the
+    /// model applied to every device), for a backing device attached after the engine started.
+    pub fn add_latency_path(&self, path: &std::path::Path) {
+        self.shared.lock().latency_only.get_or_insert_with(Vec::new).push(path.to_path_buf());
+    }
+
     /// Turns volatile-write tracking on or off (off forgets what was tracked).
     pub fn set_volatile(&self, on: bool) {
         let mut st = self.shared.lock();
@@ -412,6 +423,53 @@ pub struct FaultEngine<E: IoEngine> {
     ready: Vec<IoCompletion>,
     heads: HashMap<DevId, Head>,
     in_flight: usize,
+    /// The descriptor an event loop watches, once asked for.
+    notifier: Option<Notifier>,
+}
+
+/// An epoll set over the inner engine's completion descriptor and a timerfd: readable when
+/// the inner engine has completions or a held-back one is due.
+struct Notifier {
+    epoll: OwnedFd,
+    timer: OwnedFd,
+}
+
+impl Notifier {
+    fn new(inner_fd: RawFd) -> Result<Notifier> {
+        let sys = |what: &str| Error::io(format!("fault engine: {what}"), std::io::Error::last_os_error());
+        // SAFETY: plain system calls; each descriptor is owned as soon as it is made.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(sys("epoll_create1"));
+        }
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let timer = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        if timer < 0 {
+            return Err(sys("timerfd_create"));
+        }
+        let timer = unsafe { OwnedFd::from_raw_fd(timer) };
+        for fd in [inner_fd, timer.as_raw_fd()] {
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+            // SAFETY: both descriptors are open; `ev` outlives the call.
+            if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+                return Err(sys("epoll_ctl"));
+            }
+        }
+        Ok(Notifier { epoll, timer })
+    }
+
+    /// Fires the timer after `after` (None: disarms it). Setting it also clears a past expiry.
+    fn arm(&self, after: Option<Duration>) {
+        let after = after.map(|d| d.max(Duration::from_nanos(1)));
+        let value = after.map_or(libc::timespec { tv_sec: 0, tv_nsec: 0 }, |d| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
+        let spec = libc::itimerspec { it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 }, it_value: value };
+        // SAFETY: the timer is open; failure leaves it as it was, which only delays a wakeup
+        // until the next call into the engine.
+        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    }
 }
 
 impl<E: IoEngine> FaultEngine<E> {
@@ -426,6 +484,18 @@ impl<E: IoEngine> FaultEngine<E> {
             ready: Vec::new(),
             heads: HashMap::new(),
             in_flight: 0,
+            notifier: None,
+        }
+    }
+
+    /// Points the event loop's timer at what is due next: now if completions are ready,
+    /// else the first held-back one.
+    fn rearm(&self) {
+        let Some(n) = &self.notifier else { return };
+        if !self.ready.is_empty() {
+            n.arm(Some(Duration::ZERO));
+        } else {
+            n.arm(self.delayed.peek().map(|d| d.0.due.saturating_duration_since(Instant::now())));
         }
     }
 
@@ -556,6 +626,7 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
         if st.powered_off {
             drop(st);
             self.ready.push(IoCompletion::of(req, Err(Self::power_off_error())));
+            self.rearm();
             return;
         }
         if let Some(t) = st.trace.as_mut() {
@@ -588,6 +659,7 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
                 drop(st);
                 let what = format!("injected fault on {:?} at offset {}", req.op.kind(), req.offset);
                 self.ready.push(IoCompletion::of(req, Err(Error::io(what, std::io::Error::from_raw_os_error(errno)))));
+                self.rearm();
                 return;
             }
         }
@@ -629,6 +701,7 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
                             e,
                         );
                         self.ready.push(IoCompletion::of(req, Err(err)));
+                        self.rearm();
                         return;
                     }
                     let id = st.next_undo;
@@ -671,6 +744,7 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
         let n = self.ready.len();
         out.append(&mut self.ready);
         self.in_flight -= n;
+        self.rearm();
         Ok(n)
     }
 
@@ -680,5 +754,19 @@ impl<E: IoEngine> IoEngine for FaultEngine<E> {
 
     fn set_waker(&mut self, waker: Arc<EventFd>) -> Result<()> {
         self.inner.set_waker(waker)
+    }
+
+    fn completion_fd(&mut self) -> Result<RawFd> {
+        if self.notifier.is_none() {
+            let inner = self.inner.completion_fd()?;
+            self.notifier = Some(Notifier::new(inner)?);
+            self.rearm();
+        }
+        Ok(self.notifier.as_ref().expect("just set").epoll.as_raw_fd())
+    }
+
+    fn spurious_wakeup(&mut self) {
+        self.inner.spurious_wakeup();
+        self.rearm();
     }
 }
