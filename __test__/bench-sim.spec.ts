@@ -239,6 +239,6 @@ test('backing_latency: the raw engine waits out the emulated disk; a cached devi
   t.is(sr.status, 0, sr.stderr)
   const s = JSON.parse(sr.stdout).jobs[0]
   // One at a time: four in flight wait for each other.
-  t.true(s.read.total_ios <= 55, String(s.read.total_ios))
+  t.true(s.read.total_ios <= 60, String(s.read.total_ios))
   t.true(s.read.clat_ns.mean >= 60e6, String(s.read.clat_ns.mean))
 })

@@ -339,21 +339,23 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
   const verifyPass = job.verify !== undefined
   const writePhase = !job.verifyOnly
   const instances = Array.from({ length: job.numjobs }, (_, i) => i)
-  const doIo = async (io: Io, checking: boolean, bufs: Map<number, Buffer>): Promise<number> => {
-    const t0 = now()
-    let p: Promise<unknown>
-    if (checking) p = target.readBack(io.offset, io.length)
-    else if (io.op === 'read' && target.readInto) {
+  // A request's start and its accounting are apart so that the worker awaits the device's
+  // promise itself: each async layer between them costs microtask turns, and requests made
+  // later in a turn miss the batch that goes to the kernel (at QD32 on a RAM disk, 0.66 of
+  // fio's IOPS with one more layer).
+  const startIo = (io: Io, checking: boolean, bufs: Map<number, Buffer>): Promise<unknown> => {
+    if (checking) return target.readBack(io.offset, io.length)
+    if (io.op === 'read' && target.readInto) {
       // One buffer per length per worker, read into again and again (as fio reuses its buffers).
       let b = bufs.get(io.length)
       if (b === undefined) bufs.set(io.length, (b = target.allocBuffer?.(io.length) ?? Buffer.alloc(io.length)))
-      p = target.readInto(b, io.offset)
-    } else if (io.op === 'read') p = target.read(io.offset, io.length)
-    else if (io.op === 'write') p = target.write(io.offset, dataFor(io.length, io.offset))
-    else p = target.discard(io.offset, io.length)
-    const t1 = now()
-    const got = await p
-    const t2 = now()
+      return target.readInto(b, io.offset)
+    }
+    if (io.op === 'read') return target.read(io.offset, io.length)
+    if (io.op === 'write') return target.write(io.offset, dataFor(io.length, io.offset))
+    return target.discard(io.offset, io.length)
+  }
+  const finishIo = (io: Io, checking: boolean, got: unknown, t0: number, t1: number, t2: number): void => {
     total++
     if (checking || io.op === 'read') tick.reads++
     else if (io.op === 'write') tick.writes++
@@ -366,7 +368,7 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
       const bad = checkVerify(job, got as Buffer, io.offset)
       if (bad && report.verifyErrors.length < 20) report.verifyErrors.push(bad)
     }
-    if (t0 < rampEnd) return t2
+    if (t0 < rampEnd) return
     if (Number.isNaN(measuredFrom)) measuredFrom = t0
     const d = checking || io.op === 'read' ? report.read : io.op === 'write' ? report.write : report.trim
     d.ios++
@@ -374,7 +376,6 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
     d.slat.add(t1 - t0)
     d.clat.add(t2 - t1)
     d.lat.add(t2 - t0)
-    return t2
   }
   const runPass = async (checking: boolean): Promise<void> => {
     await Promise.all(
@@ -407,7 +408,12 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
               clock = now()
               if (clock >= deadline) return
             }
-            clock = await doIo(io, checking, bufs)
+            const t0 = now()
+            const p = startIo(io, checking, bufs)
+            const t1 = now()
+            const got = await p
+            clock = now()
+            finishIo(io, checking, got, t0, t1, clock)
             if (!checking && io.op === 'write') {
               writes++
               const every = job.fsync || job.fdatasync
