@@ -33,6 +33,11 @@ pub enum ErrorKind {
     Corrupt,
     /// The device or engine was closed before or while the request was made.
     Closed,
+    /// A remote device (an NBD server) broke the protocol: a wrong magic, a reply to a
+    /// request never made, a reply longer or shorter than the request.
+    Protocol,
+    /// A remote device did not answer in time.
+    TimedOut,
 }
 
 impl ErrorKind {
@@ -52,6 +57,8 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => "INVALID_ARGUMENT",
             ErrorKind::Corrupt => "CORRUPT",
             ErrorKind::Closed => "CLOSED",
+            ErrorKind::Protocol => "PROTOCOL",
+            ErrorKind::TimedOut => "ETIMEDOUT",
         }
     }
 }

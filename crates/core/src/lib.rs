@@ -12,6 +12,7 @@ pub mod index;
 pub mod io;
 pub mod journal;
 mod le;
+pub mod nbd;
 pub mod sim;
 pub mod uuids;
 

@@ -23,7 +23,10 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{warn_once, IoOp, IoRequest};
+use std::sync::Arc;
+
+use crate::io::{warn_once, AlignedBuf, IoOp, IoRequest};
+use crate::nbd::{is_nbd_uri, NbdClient, NbdOptions, NbdUri};
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 // _IO(0x12, 119), _IOR(0x12, 114, size_t) and _IO(0x12, 104) from <linux/fs.h>.
@@ -66,11 +69,15 @@ impl Default for OpenOptions {
     }
 }
 
-/// An open file or block device with its geometry. Shared by the engines through `Arc`;
-/// the descriptor (and the exclusive lock) is released when the last reference goes.
+/// An open file, block device or remote device (an NBD export) with its geometry. Shared
+/// by the engines through `Arc`; the descriptor (and the exclusive lock) or the remote's
+/// connection is released when the last reference goes.
 #[derive(Debug)]
 pub struct Device {
-    file: File,
+    /// None for a remote device.
+    file: Option<File>,
+    /// The client of a remote device.
+    remote: Option<Arc<NbdClient>>,
     path: PathBuf,
     size: u64,
     logical_block_size: u32,
@@ -81,9 +88,13 @@ pub struct Device {
 }
 
 impl Device {
-    /// Opens the regular file or block device at `path`.
+    /// Opens the regular file or block device at `path`, or the remote device an NBD URI
+    /// names (`nbd://host/export`, `nbd+unix:///export?socket=PATH`).
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Device> {
         let path = path.as_ref();
+        if let Some(uri) = path.to_str().filter(|p| is_nbd_uri(p)) {
+            return Device::open_remote(&NbdUri::parse(uri)?, opts, NbdOptions::default());
+        }
         let shown = path.display();
         let meta = match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && opts.create_size.is_some() => {
@@ -119,7 +130,8 @@ impl Device {
             Err(e) => return Err(open_error(path, e)),
         };
         let mut dev = Device {
-            file,
+            file: Some(file),
+            remote: None,
             path: path.to_path_buf(),
             size: 0,
             logical_block_size: 512,
@@ -159,7 +171,7 @@ impl Device {
                         let exclusive = OpenOptions { exclusive: false, ..opts.clone() };
                         // The flock taken above belongs to the old descriptor: take it again.
                         let file = open_file(path, &exclusive, false, false).map_err(|e| open_error(path, e))?;
-                        let old = std::mem::replace(&mut dev.file, file);
+                        let old = dev.file.replace(file);
                         drop(old);
                         dev.direct = false;
                         if opts.exclusive {
@@ -177,6 +189,36 @@ impl Device {
             warn_once("buffered-io", &format!("{shown}: O_DIRECT is not supported; using buffered I/O"));
         }
         Ok(dev)
+    }
+
+    /// Connects to the export `uri` names. Its block size is the server's minimum (at least
+    /// 512 bytes); it cannot be locked against other clients, so `exclusive` has no effect.
+    pub fn open_remote(uri: &NbdUri, opts: &OpenOptions, nbd: NbdOptions) -> Result<Device> {
+        let client = NbdClient::connect(uri, nbd)?;
+        let info = client.info();
+        if opts.write && !info.writable() {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!("{}: the export is read-only (open it read-only)", uri.text),
+            ));
+        }
+        let lbs = info.min_block.max(512);
+        Ok(Device {
+            file: None,
+            remote: Some(Arc::new(client)),
+            path: PathBuf::from(&uri.text),
+            size: info.size,
+            logical_block_size: lbs,
+            mem_align: 1,
+            direct: false,
+            writable: opts.write,
+            is_block_device: false,
+        })
+    }
+
+    /// The NBD client of a remote device.
+    pub fn remote(&self) -> Option<&Arc<NbdClient>> {
+        self.remote.as_ref()
     }
 
     /// The path this device was opened from.
@@ -211,7 +253,7 @@ impl Device {
 
     /// Alignment required of offsets and lengths (1 when buffered).
     pub fn alignment(&self) -> u32 {
-        if self.direct {
+        if self.direct || self.remote.is_some() {
             self.logical_block_size
         } else {
             1
@@ -227,9 +269,18 @@ impl Device {
         }
     }
 
-    /// The raw descriptor, for the engines.
+    /// The raw descriptor, for the engines (-1 for a remote device, which they never touch).
     pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.file.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+    }
+
+    /// Runs `op` on a remote device and waits for it.
+    fn remote_io(&self, client: &NbdClient, op: IoOp, offset: u64, fua: bool) -> std::io::Result<IoOp> {
+        let c = client.execute(IoRequest { dev: crate::io::DevId(0), offset, op, user_data: 0, fua });
+        match c.result {
+            Ok(_) => Ok(c.op),
+            Err(e) => Err(std::io::Error::other(e.message().to_string())),
+        }
     }
 
     /// Checks a request against this device: range, alignment, permissions. Every engine
@@ -324,12 +375,29 @@ impl Device {
 
     /// Reads exactly `buf.len()` bytes at `offset`, completing short reads.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        match (&self.file, &self.remote) {
+            (Some(f), _) => f.read_exact_at(buf, offset),
+            (None, Some(c)) => {
+                if let IoOp::Read { buf: got } =
+                    self.remote_io(c, IoOp::Read { buf: AlignedBuf::new(buf.len()) }, offset, false)?
+                {
+                    buf.copy_from_slice(&got);
+                }
+                Ok(())
+            }
+            (None, None) => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        }
     }
 
     /// Writes all of `buf` at `offset`, completing short writes.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        match (&self.file, &self.remote) {
+            (Some(f), _) => f.write_all_at(buf, offset),
+            (None, Some(c)) => {
+                self.remote_io(c, IoOp::Write { buf: AlignedBuf::from_slice(buf) }, offset, false).map(|_| ())
+            }
+            (None, None) => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        }
     }
 
     /// Vectored read of exactly the buffers' total length at `offset`.
@@ -383,8 +451,14 @@ impl Device {
 
     /// fdatasync: everything written so far is durable when this returns.
     pub fn sync_data(&self) -> std::io::Result<()> {
+        let Some(file) = &self.file else {
+            return match &self.remote {
+                Some(c) => self.remote_io(c, IoOp::Flush, 0, false).map(|_| ()),
+                None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+            };
+        };
         loop {
-            match self.file.sync_data() {
+            match file.sync_data() {
                 Err(e) if retryable(&e) => continue,
                 r => return r,
             }
@@ -395,6 +469,9 @@ impl Device {
     /// a punched hole (size kept) in a file. Reads of the range return zeros on files and
     /// unspecified data on devices.
     pub fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if let Some(c) = &self.remote {
+            return self.remote_io(c, IoOp::Discard { len }, offset, false).map(|_| ());
+        }
         if self.is_block_device {
             let range = [offset, len];
             // SAFETY: BLKDISCARD reads two u64 through the pointer, which lives for the call.
@@ -427,6 +504,14 @@ impl Device {
     /// workers and the fault backend use this). Returns the bytes transferred.
     pub fn execute(&self, req: &mut IoRequest) -> Result<u64> {
         self.check(req)?;
+        if let Some(c) = &self.remote {
+            // The client owns a request while it is in flight: lend it the op, take it back.
+            let op = std::mem::replace(&mut req.op, IoOp::Flush);
+            let done =
+                c.execute(IoRequest { dev: req.dev, offset: req.offset, op, user_data: req.user_data, fua: req.fua });
+            req.op = done.op;
+            return done.result;
+        }
         let shown = self.path.display();
         let off = req.offset;
         let ctx = |what: &str| format!("{shown}: {what} at offset {off}");

@@ -538,11 +538,4 @@ mod tests {
         assert_eq!(d.in_flight(), 0);
         std::fs::remove_dir_all(p.parent().unwrap()).unwrap();
     }
-
-    #[test]
-    fn engines_without_a_descriptor_are_refused() {
-        let inner = open_engine(&EngineOptions { choice: EngineChoice::Psync, ..Default::default() }).unwrap();
-        let fault = crate::io::fault::FaultEngine::new(inner);
-        assert!(RingDriver::new(Box::new(fault)).is_err());
-    }
 }

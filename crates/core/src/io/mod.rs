@@ -22,6 +22,7 @@ pub mod device;
 pub mod driver;
 pub mod fault;
 pub mod psync;
+pub mod remote;
 pub mod storage;
 pub mod thread;
 pub mod uring;
@@ -361,6 +362,12 @@ impl Default for EngineOptions {
 /// with EPERM, ENOSYS or EINVAL (seccomp, `io_uring_disabled`, old kernels) selects the
 /// portable engine and warns once; other setup errors are returned.
 pub fn open_engine(opts: &EngineOptions) -> Result<Box<dyn IoEngine>> {
+    // Remote devices (NBD) may be added to any engine.
+    let local = open_local_engine(opts)?;
+    Ok(Box::new(remote::RemoteEngine::new(local)))
+}
+
+fn open_local_engine(opts: &EngineOptions) -> Result<Box<dyn IoEngine>> {
     match opts.choice {
         EngineChoice::Psync => Ok(Box::new(psync::PsyncEngine::new(opts.psync_threads)?)),
         EngineChoice::Uring => Ok(Box::new(uring::UringEngine::new(opts)?)),

@@ -1,0 +1,429 @@
+//! The NBD client against real servers (Debian's nbdkit) and a hostile one: requests of
+//! every kind through the engines, a server killed and restarted under a write workload
+//! with flushes, timeouts while it is away, injected errors, and protocol violations.
+
+mod io_common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_common::*;
+use ubcache_core::io::{
+    open_engine, AlignedBuf, Device, EngineChoice, EngineOptions, IoCompletion, IoEngine, IoRequest, OpenOptions,
+    RingDriver,
+};
+use ubcache_core::nbd::{NbdOptions, NbdUri};
+use ubcache_core::ErrorKind;
+
+/// True when nbdkit is installed; under CI its absence is a failure, not a skip.
+fn have_nbdkit() -> bool {
+    let ok = Command::new("nbdkit").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !ok && std::env::var_os("CI").is_some() {
+        panic!("nbdkit is not installed (apt-get install nbdkit)");
+    }
+    if !ok {
+        eprintln!("skipped: nbdkit is not installed");
+    }
+    ok
+}
+
+/// An nbdkit serving on a Unix socket, killed on drop.
+struct Server {
+    child: Child,
+    sock: PathBuf,
+    args: Vec<String>,
+}
+
+impl Server {
+    fn start(sock: &Path, args: &[&str]) -> Server {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let child = spawn(sock, &args);
+        Server { child, sock: sock.to_path_buf(), args }
+    }
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+    fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(&self.sock, &self.args);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(sock: &Path, args: &[String]) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(sock)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nbdkit");
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "nbdkit did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+fn engine(choice: EngineChoice) -> Box<dyn IoEngine> {
+    open_engine(&EngineOptions { choice, ..Default::default() }).unwrap()
+}
+
+/// Submits all, drives the engine until every one completed; completions in tag order.
+fn run_all(e: &mut dyn IoEngine, reqs: Vec<IoRequest>) -> Vec<IoCompletion> {
+    let n = reqs.len();
+    for r in reqs {
+        e.submit(r);
+    }
+    let mut out = Vec::new();
+    while out.len() < n {
+        e.poll(&mut out, Some(Duration::from_secs(1))).unwrap();
+    }
+    out.sort_by_key(|c| c.user_data);
+    out
+}
+
+fn remote(uri: &str, nbd: NbdOptions) -> Arc<Device> {
+    Arc::new(Device::open_remote(&NbdUri::parse(uri).unwrap(), &OpenOptions::default(), nbd).unwrap())
+}
+
+#[test]
+fn reads_writes_flushes_and_trims_through_every_engine() {
+    if !have_nbdkit() {
+        return;
+    }
+    let s = Scratch::new("nbd-rw");
+    let srv = Server::start(&s.0.join("sock"), &["memory", "16M"]);
+    for choice in ENGINES {
+        let mut e = engine(choice);
+        let dev = Arc::new(Device::open(srv.uri(), &OpenOptions::default()).unwrap());
+        assert_eq!(dev.size(), 16 << 20);
+        assert!(dev.remote().is_some());
+        let id = e.add_device(dev.clone()).unwrap();
+        // 64 writes in flight at once, of different sizes, then read back in one batch.
+        let mut rng = Rng(7);
+        let mut model = vec![0u8; 16 << 20];
+        let writes: Vec<IoRequest> = (0..64u64)
+            .map(|i| {
+                let len = 4096 * (1 + rng.below(16) as usize);
+                let off = i * (128 << 10);
+                let data = pattern(len, i as u8 + choice as u8);
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+                IoRequest { fua: i % 8 == 0, ..IoRequest::write(id, off, AlignedBuf::from_slice(&data), i) }
+            })
+            .collect();
+        assert!(run_all(e.as_mut(), writes).iter().all(|c| c.result.is_ok()));
+        assert!(run_all(e.as_mut(), vec![IoRequest::flush(id, 0)])[0].result.is_ok());
+        let reads: Vec<IoRequest> =
+            (0..64u64).map(|i| IoRequest::read(id, i * (128 << 10), AlignedBuf::new(128 << 10), i)).collect();
+        for c in run_all(e.as_mut(), reads) {
+            let off = c.offset as usize;
+            assert_eq!(&c.into_buf().unwrap()[..], &model[off..off + (128 << 10)], "{choice:?}");
+        }
+        // A trim reads back as zeros (nbdkit memory), a readv lands in its buffers in order.
+        assert!(run_all(e.as_mut(), vec![IoRequest::discard(id, 0, 128 << 10, 0)])[0].result.is_ok());
+        let v = run_all(
+            e.as_mut(),
+            vec![IoRequest {
+                dev: id,
+                offset: 0,
+                op: ubcache_core::io::IoOp::Readv { bufs: vec![AlignedBuf::new(4096), AlignedBuf::new(8192)] },
+                user_data: 1,
+                fua: false,
+            }],
+        );
+        assert!(v[0].result.is_ok());
+        // Bad input is refused before it reaches the server.
+        let bad = run_all(e.as_mut(), vec![IoRequest::read(id, 16 << 20, AlignedBuf::new(4096), 2)]);
+        assert_eq!(bad[0].result.as_ref().unwrap_err().kind(), ErrorKind::OutOfRange);
+        let bad = run_all(e.as_mut(), vec![IoRequest::read(id, 100, AlignedBuf::new(4096), 3)]);
+        assert_eq!(bad[0].result.as_ref().unwrap_err().kind(), ErrorKind::Misaligned);
+        assert_eq!(e.in_flight(), 0);
+        // The synchronous path (superblock reads, tools) goes through the same client.
+        let mut b = vec![0u8; 4096];
+        dev.read_at(&mut b, 128 << 10).unwrap();
+        assert_eq!(&b[..], &model[128 << 10..(128 << 10) + 4096]);
+        e.remove_device(id).unwrap();
+    }
+}
+
+#[test]
+fn an_event_loop_hears_of_remote_completions() {
+    if !have_nbdkit() {
+        return;
+    }
+    let s = Scratch::new("nbd-loop");
+    let srv = Server::start(&s.0.join("sock"), &["--filter=delay", "memory", "8M", "delay-read=30ms"]);
+    let mut d = RingDriver::new(engine(EngineChoice::Auto)).unwrap();
+    let local = d.add_device(open(&s.file("f", 1 << 20, 1))).unwrap();
+    let id = d.add_device(remote(&srv.uri(), NbdOptions::default())).unwrap();
+    let mut got = d.submit_batch([IoRequest::read(id, 0, AlignedBuf::new(4096), 1)]).unwrap();
+    got.extend(d.submit_batch([IoRequest::read(local, 0, AlignedBuf::new(4096), 2)]).unwrap());
+    let t = Instant::now();
+    while got.len() < 2 {
+        let mut p = libc::pollfd { fd: d.fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        assert!(unsafe { libc::poll(&mut p, 1, 5000) } > 0, "no wakeup");
+        got.extend(d.reap().unwrap());
+    }
+    assert!(got.iter().all(|c| c.result.is_ok()));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(d.in_flight(), 0);
+}
+
+#[test]
+fn a_killed_server_is_reconnected_and_nothing_acknowledged_is_lost() {
+    if !have_nbdkit() {
+        return;
+    }
+    let s = Scratch::new("nbd-kill");
+    let img = s.file("img", 8 << 20, 0);
+    let mut srv = Server::start(&s.0.join("sock"), &["file", img.to_str().unwrap()]);
+    let dev = remote(&srv.uri(), NbdOptions { request_timeout: Duration::from_secs(20), ..Default::default() });
+    let client = dev.remote().unwrap().clone();
+    let mut e = engine(EngineChoice::Auto);
+    let id = e.add_device(dev).unwrap();
+    let mut model = std::fs::read(&img).unwrap();
+    let mut rng = Rng(99);
+    let mut tag = 0u64;
+    for round in 0..6 {
+        // Writes and a flush in flight when the server dies: they complete once it is back.
+        let mut reqs = Vec::new();
+        for _ in 0..32 {
+            let off = rng.below(2048) * 4096;
+            let data = pattern(4096, rng.next() as u8);
+            model[off as usize..off as usize + 4096].copy_from_slice(&data);
+            tag += 1;
+            reqs.push(IoRequest::write(id, off, AlignedBuf::from_slice(&data), tag));
+        }
+        tag += 1;
+        reqs.push(IoRequest::flush(id, tag));
+        for r in reqs {
+            e.submit(r);
+        }
+        if round % 2 == 1 {
+            srv.kill();
+            std::thread::sleep(Duration::from_millis(200));
+            srv.restart();
+        }
+        let mut out = Vec::new();
+        while out.len() < 33 {
+            e.poll(&mut out, Some(Duration::from_secs(1))).unwrap();
+        }
+        for c in &out {
+            assert!(c.result.is_ok(), "round {round}: {:?}", c.result);
+        }
+    }
+    assert!(client.stats().reconnects >= 3, "{:?}", client.stats());
+    // Every acknowledged write reads back, through the client and in the file itself.
+    let reads: Vec<IoRequest> = (0..8u64).map(|i| IoRequest::read(id, i << 20, AlignedBuf::new(1 << 20), i)).collect();
+    for c in run_all(e.as_mut(), reads) {
+        let off = c.offset as usize;
+        assert!(c.into_buf().unwrap()[..] == model[off..off + (1 << 20)]);
+    }
+    assert!(std::fs::read(&img).unwrap() == model);
+}
+
+#[test]
+fn while_the_server_is_away_requests_wait_then_fail_with_a_timeout_naming_it() {
+    if !have_nbdkit() {
+        return;
+    }
+    let s = Scratch::new("nbd-away");
+    let mut srv = Server::start(&s.0.join("sock"), &["memory", "8M"]);
+    let uri = srv.uri();
+    let dev = remote(&uri, NbdOptions { request_timeout: Duration::from_millis(600), ..Default::default() });
+    let mut e = engine(EngineChoice::Auto);
+    let id = e.add_device(dev).unwrap();
+    srv.kill();
+    let t = Instant::now();
+    let c = run_all(e.as_mut(), vec![IoRequest::read(id, 0, AlignedBuf::new(4096), 1)]);
+    let err = c[0].result.as_ref().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut);
+    assert!(err.message().starts_with(&uri) && err.message().contains("unreachable"), "{}", err.message());
+    assert!(t.elapsed() >= Duration::from_millis(500) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Back again: the next request is served.
+    srv.restart();
+    let c = run_all(e.as_mut(), vec![IoRequest::read(id, 0, AlignedBuf::new(4096), 2)]);
+    assert!(c[0].result.is_ok(), "{:?}", c[0].result);
+    // An unreachable server at open time is an error at once.
+    drop(srv);
+    let err = Device::open(&uri, &OpenOptions::default()).unwrap_err();
+    assert!(err.message().starts_with(&uri), "{}", err.message());
+}
+
+#[test]
+fn errors_from_the_server_reach_the_caller() {
+    if !have_nbdkit() {
+        return;
+    }
+    let s = Scratch::new("nbd-eio");
+    let srv = Server::start(
+        &s.0.join("sock"),
+        &[
+            "--filter=error",
+            "memory",
+            "8M",
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+            "error-pwrite=ENOSPC",
+            "error-pwrite-rate=100%",
+        ],
+    );
+    let mut e = engine(EngineChoice::Auto);
+    let id = e.add_device(remote(&srv.uri(), NbdOptions::default())).unwrap();
+    let c = run_all(
+        e.as_mut(),
+        vec![IoRequest::read(id, 0, AlignedBuf::new(4096), 1), IoRequest::write(id, 0, AlignedBuf::new(4096), 2)],
+    );
+    let r = c[0].result.as_ref().unwrap_err();
+    assert_eq!((r.kind(), r.code()), (ErrorKind::Io, "EIO"), "{}", r.message());
+    assert!(r.message().contains(&srv.uri()));
+    assert_eq!(c[1].result.as_ref().unwrap_err().kind(), ErrorKind::NoSpace);
+    // A missing export is refused by name; a read-only export refuses an open for writing.
+    let err = Device::open(format!("nbd+unix:///nope?socket={}", srv.sock.display()), &OpenOptions::default());
+    // nbdkit serves one export under any name unless told otherwise: this one opens.
+    assert!(err.is_ok());
+    let ro = Server::start(&s.0.join("ro"), &["-r", "memory", "1M"]);
+    let err = Device::open(ro.uri(), &OpenOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+    assert!(Device::open(ro.uri(), &OpenOptions { write: false, ..Default::default() }).is_ok());
+}
+
+/// How a hostile server answers a request, given its header.
+type Reply = fn(&[u8; 28]) -> Vec<u8>;
+
+/// A server that handshakes properly, then answers each request with `reply(header)`.
+fn hostile(sock: &Path, reply: Reply) -> std::thread::JoinHandle<()> {
+    let l = UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(4) {
+            let Ok(mut c) = conn else { return };
+            let mut greet = Vec::new();
+            greet.extend_from_slice(&0x4e42_444d_4147_4943u64.to_be_bytes());
+            greet.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
+            greet.extend_from_slice(&3u16.to_be_bytes());
+            if c.write_all(&greet).is_err() {
+                continue;
+            }
+            let mut flags = [0u8; 4];
+            if c.read_exact(&mut flags).is_err() {
+                continue;
+            }
+            // Options: refuse STRUCTURED_REPLY, answer GO with the export's size.
+            loop {
+                let mut h = [0u8; 16];
+                if c.read_exact(&mut h).is_err() {
+                    break;
+                }
+                let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                let mut data = vec![0u8; len as usize];
+                let _ = c.read_exact(&mut data);
+                let rep = |ty: u32, d: &[u8]| {
+                    let mut r = Vec::new();
+                    r.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
+                    r.extend_from_slice(&opt.to_be_bytes());
+                    r.extend_from_slice(&ty.to_be_bytes());
+                    r.extend_from_slice(&(d.len() as u32).to_be_bytes());
+                    r.extend_from_slice(d);
+                    r
+                };
+                if opt == 8 {
+                    let _ = c.write_all(&rep((1 << 31) + 1, &[]));
+                } else if opt == 7 {
+                    let mut info = vec![0u8, 0];
+                    info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                    info.extend_from_slice(&1u16.to_be_bytes());
+                    let _ = c.write_all(&rep(3, &info));
+                    let _ = c.write_all(&rep(1, &[]));
+                    break;
+                }
+            }
+            let mut req = [0u8; 28];
+            while c.read_exact(&mut req).is_ok() {
+                if c.write_all(&reply(&req)).is_err() {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn a_hostile_server_gets_clear_errors_and_never_a_crash() {
+    let s = Scratch::new("nbd-hostile");
+    let cases: [(&str, Reply); 4] = [
+        ("reply magic", |_| vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        ("which has no request in flight", |r| {
+            let mut v = 0x6744_6698u32.to_be_bytes().to_vec();
+            v.extend_from_slice(&0u32.to_be_bytes());
+            v.extend_from_slice(&(u64::from_be_bytes(r[8..16].try_into().unwrap()) + 1000).to_be_bytes());
+            v
+        }),
+        ("a reply stalled part-way through", |r| {
+            // A read's reply cut short: the header and half the data.
+            let mut v = 0x6744_6698u32.to_be_bytes().to_vec();
+            v.extend_from_slice(&0u32.to_be_bytes());
+            v.extend_from_slice(&r[8..16]);
+            v.extend_from_slice(&[0u8; 2048]);
+            v
+        }),
+        ("broke the protocol", |r| {
+            // A structured chunk that was never negotiated.
+            let mut v = 0x668e_33efu32.to_be_bytes().to_vec();
+            v.extend_from_slice(&[0, 1, 0, 0]);
+            v.extend_from_slice(&r[8..16]);
+            v.extend_from_slice(&0u32.to_be_bytes());
+            v
+        }),
+    ];
+    for (i, (why, reply)) in cases.into_iter().enumerate() {
+        let sock = s.0.join(format!("h{i}"));
+        let server = hostile(&sock, reply);
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let dev = remote(&uri, NbdOptions { request_timeout: Duration::from_millis(800), ..Default::default() });
+        let mut e = engine(EngineChoice::Auto);
+        let id = e.add_device(dev).unwrap();
+        let c = run_all(e.as_mut(), vec![IoRequest::read(id, 0, AlignedBuf::new(4096), 1)]);
+        let err = c[0].result.as_ref().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{why}: {}", err.message());
+        assert!(err.message().starts_with(&uri), "{why}: {}", err.message());
+        assert!(
+            err.message().contains(why) || err.message().contains("broke the protocol"),
+            "{why}: {}",
+            err.message()
+        );
+        drop(e);
+        let _ = std::os::unix::net::UnixStream::connect(&sock);
+        drop(server);
+    }
+    // Not an NBD server at all: refused at open, by name.
+    let sock = s.0.join("junk");
+    let l = UnixListener::bind(&sock).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    let err = Device::open(format!("nbd+unix:///?socket={}", sock.display()), &OpenOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Protocol, "{}", err.message());
+    assert!(err.message().contains("greeting magic"), "{}", err.message());
+    t.join().unwrap();
+}
