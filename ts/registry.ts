@@ -23,7 +23,7 @@ import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { closedError } from './inline'
 import { CacheSet } from './registry/cache-set'
 import { CachedDevice } from './registry/cached-device'
-import { describeDevice, readSuperblock } from './super-io'
+import { describeDevice, isNbdUri, readSuperblock } from './super-io'
 import { isCacheVersion, type Superblock } from './superblock'
 
 export { CacheSet } from './registry/cache-set'
@@ -300,6 +300,8 @@ export class Registry {
 
 /** What the device at `path` is, whatever path names it: its device number for a block device, else device and inode. */
 async function identity(path: string): Promise<string> {
+  // A remote device is known by its URI (two URIs may name one export: the server decides).
+  if (isNbdUri(path)) return `u:${path}`
   try {
     const st = await stat(path, { bigint: true })
     return st.isBlockDevice() ? `b:${st.rdev}` : `f:${st.dev}:${st.ino}`

@@ -3,6 +3,7 @@
  * @module
  */
 import { open } from 'node:fs/promises'
+import { openDevice } from './device'
 import { asUbcacheError, SuperblockError, UbcacheError } from './errors'
 import native from './native'
 import { type DeviceGeometry, type ParsedSuperblock, parseSuperblock, SB_OFFSET, SB_SIZE, serializeSuperblock, type Superblock } from './superblock'
@@ -33,8 +34,25 @@ export function describeDevice(path: string): DeviceDescription {
   }
 }
 
+/**
+ * True when `path` is an NBD URI (`nbd://host/export`, `nbd+unix:///export?socket=PATH`,
+ * `nbds://`...): a remote device, read and written through ubcache's NBD client.
+ */
+export function isNbdUri(path: string): boolean {
+  return /^nbds?(\+unix)?:\/\//.test(path)
+}
+
 /** Reads the raw superblock page (4096 bytes at byte 4096); shorter if the device is. */
 export async function readSuperblockPage(path: string): Promise<Buffer> {
+  if (isNbdUri(path)) {
+    const dev = await openDevice(path, { readOnly: true, exclusive: false, direct: 'off' })
+    try {
+      const n = Math.max(0, Math.min(SB_SIZE, dev.size - SB_OFFSET))
+      return n === 0 ? Buffer.alloc(0) : Buffer.from(await dev.read(SB_OFFSET, n))
+    } finally {
+      await dev.close()
+    }
+  }
   const fh = await open(path, 'r').catch((err) => {
     throw asUbcacheError(err, path)
   })
@@ -65,6 +83,18 @@ export async function readSuperblock(path: string): Promise<ParsedSuperblock> {
 /** Writes `sb` at byte 4096 of `path` and waits until it is durable. */
 export async function writeSuperblock(path: string, sb: Superblock): Promise<void> {
   const page = serializeSuperblock(sb)
+  if (isNbdUri(path)) {
+    const dev = await openDevice(path, { exclusive: false, direct: 'off' })
+    try {
+      await dev.write(SB_OFFSET, page)
+      await dev.flush()
+    } catch (err) {
+      throw asUbcacheError(err, path)
+    } finally {
+      await dev.close()
+    }
+    return
+  }
   const fh = await open(path, 'r+').catch((err) => {
     throw asUbcacheError(err, path)
   })

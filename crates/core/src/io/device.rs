@@ -710,8 +710,14 @@ pub struct DeviceInfo {
     pub is_block_device: bool,
 }
 
-/// Describes the regular file or block device at `path`.
+/// Describes the regular file or block device at `path`, or the export an NBD URI names
+/// (connecting to ask; its block size is the server's minimum, at least 512).
 pub fn device_info(path: &Path) -> Result<DeviceInfo> {
+    if let Some(uri) = path.to_str().filter(|p| is_nbd_uri(p)) {
+        let c = NbdClient::connect(&NbdUri::parse(uri)?, NbdOptions::default())?;
+        let i = c.info();
+        return Ok(DeviceInfo { size_bytes: i.size, logical_block_size: i.min_block.max(512), is_block_device: false });
+    }
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| Error::io(format!("{shown}"), e))?;
     let ft = meta.file_type();
