@@ -5,7 +5,7 @@
  */
 import { readFile } from 'node:fs/promises'
 import http from 'node:http'
-import { basename, resolve } from 'node:path'
+import { basename, resolve as resolvePath } from 'node:path'
 import { InvalidArgumentError, UbcacheError } from '../errors'
 import { type BlockTarget, NbdExport } from '../nbd/export'
 import { NbdServer, type TlsOptions } from '../nbd/server'
@@ -17,6 +17,10 @@ import { ControlServer, defaultControlSocket, defaultNbdSocket, socketDir } from
 import { type LogFormat, Logger } from './log'
 import { prometheusText } from './metrics'
 import { readTunables, setTunable } from './tunables'
+import { isNbdUri } from '../super-io'
+
+/** An absolute path, or an NBD URI as it is. */
+const resolve = (p: string): string => (isNbdUri(p) ? p : resolvePath(p))
 
 /** An export's settings in a config file. */
 export interface ExportConfig {
@@ -205,7 +209,8 @@ export class Daemon {
       isDevice ? resolve(x.device) === resolve(dev.path) || x.device === dev.uuid : x.device === dev.uuid || (dev.label !== '' && x.device === dev.label),
     )
     const taken = (n: string): boolean => this.nbd.exports.some((e) => e.name === n)
-    let name = cfg?.name ?? (dev.label || (isDevice ? basename(dev.path) : dev.uuid))
+    // A remote backing device has no file name: its label or UUID names its export.
+    let name = cfg?.name ?? (dev.label || (isDevice && !isNbdUri(dev.path) ? basename(dev.path) : dev.uuid))
     if (taken(name)) {
       if (cfg?.name !== undefined) this.log.event('export name taken', { name, device: isDevice ? dev.path : dev.uuid, using: dev.uuid })
       name = dev.uuid
