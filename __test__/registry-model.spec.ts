@@ -12,9 +12,12 @@
 // block, what the newest write made before it wrote; a write or discard made after the read
 // (while it is in flight) may be seen too. After a discard a block is undefined until
 // written again.
-import test from 'ava'
+import { spawn } from 'node:child_process'
+import { existsSync, rmSync } from 'node:fs'
+import test, { type ExecutionContext } from 'ava'
 import { readSuperblock, Registry, type CacheMode, type CachedDevice, type CacheSet } from '../ts/index'
 import { BLOCK, blocks, describe, writer } from './block-format'
+import { haveTools } from './nbd-helpers'
 import { formatSet, rng, writeFileBytes } from './registry-helpers'
 
 const modes: CacheMode[] = ['writethrough', 'writeback', 'writearound', 'none']
@@ -33,12 +36,23 @@ interface WriteRecord {
 }
 
 test(`model: ${ROUNDS} rounds of ${OPS} random requests through CachedDevice, every mode, restarts between rounds`, async (t) => {
+  await model(t, ROUNDS, false)
+})
+
+test(`model with remote backing devices (NBD exports of nbdkit): ${Math.ceil(ROUNDS / 2)} rounds of ${OPS} random requests, every mode`, async (t) => {
+  if (!haveTools('nbdkit')) return t.pass()
+  await model(t, Math.ceil(ROUNDS / 2), true)
+})
+
+/** The model run; `remote`: each backing file is served by nbdkit and registered by its NBD URI. */
+async function model(t: ExecutionContext, ROUNDS: number, remote: boolean): Promise<void> {
   t.timeout(600_000)
   const seed = Number(process.env.UBCACHE_MODEL_SEED ?? Date.now() % 1_000_000)
   t.log(`seed ${seed} (UBCACHE_MODEL_SEED to repeat)`)
   const rand = rng(seed)
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]
   const f = await formatSet(2, { backingBytes: 8 << 20 })
+  const paths = remote ? await Promise.all(f.backings.map((p, i) => serveFile(t, p, i))) : f.backings
   const nblocks = ((8 << 20) - 8192) / BLOCK
   const models: Model[] = f.backings.map(() => ({ last: new Int32Array(nblocks) }))
   // The initial content, written at the data offset before any registration.
@@ -127,7 +141,7 @@ test(`model: ${ROUNDS} rounds of ${OPS} random requests through CachedDevice, ev
       console.error(report)
     }, 5_000)
     if (order === 'cache-first') set = await reg.registerCache(f.cache)
-    for (const p of f.backings) devs.push(await reg.registerBacking(p))
+    for (const p of paths) devs.push(await reg.registerBacking(p))
     if (order === 'backing-first') set = await reg.registerCache(f.cache)
     devs.forEach((dev, d) => (dev.cacheMode = modes[(round + d) % modes.length]))
 
@@ -249,4 +263,17 @@ test(`model: ${ROUNDS} rounds of ${OPS} random requests through CachedDevice, ev
   t.log(JSON.stringify(totals))
   t.is(failures, 0, `${failures} reads did not match the model`)
   t.true(totals.plainOps > 0 || ROUNDS < 4)
-})
+}
+
+/** Serves `file` with `nbdkit file` on a Unix socket until the test ends; resolves to its URI. */
+async function serveFile(t: ExecutionContext, file: string, i: number): Promise<string> {
+  const sock = `${file}.${i}.sock`
+  rmSync(sock, { force: true })
+  const child = spawn('nbdkit', ['-f', '-U', sock, 'file', file], { stdio: 'ignore' })
+  t.teardown(() => {
+    child.kill('SIGKILL')
+  })
+  for (let k = 0; k < 500 && !existsSync(sock); k++) await new Promise((r) => setTimeout(r, 10))
+  if (!existsSync(sock)) throw new Error('nbdkit did not start')
+  return `nbd+unix:///?socket=${sock}`
+}

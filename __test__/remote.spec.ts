@@ -76,7 +76,7 @@ test('a cached device on an NBD export: made and shown by URI, hits served and w
   const shown = cli('show', srv.uri)
   t.regex(shown.stdout, /sb\.csum\s+\S+ \[match\]/)
   t.regex(shown.stdout, new RegExp(`cset\\.uuid\\s+${set.setUuid}`))
-  const reg = new Registry()
+  const reg = new Registry({ remoteTimeoutMs: 800 })
   try {
     const s = await reg.register(cache)
     const dev = await reg.register(srv.uri)
@@ -90,6 +90,11 @@ test('a cached device on an NBD export: made and shown by URI, hits served and w
     // The server goes away: what the cache holds is still served, writes still absorbed.
     await srv.kill()
     t.deepEqual(Buffer.from(await dev.read(0, 65536)), a)
+    // A miss waits for the server up to remoteTimeoutMs, then fails naming it.
+    const t0 = performance.now()
+    const miss = await t.throwsAsync(() => dev.read(8 << 20, 4096), { code: 'ETIMEDOUT' })
+    t.true(miss?.message.includes(srv.uri), miss?.message)
+    t.true(performance.now() - t0 >= 700, `${performance.now() - t0} ms`)
     const b = Buffer.alloc(65536, 0xb2)
     await dev.write(1 << 20, b)
     await dev.flush()

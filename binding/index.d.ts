@@ -358,6 +358,8 @@ export interface NativeAttachConfig {
   direct?: string
   /** Exclusive open (default true). */
   exclusive?: boolean
+  /** A remote (NBD) backing device: milliseconds a request waits for its reply. */
+  remoteTimeoutMs?: number
   /** Writeback tunables to start with (the rest: bcache's defaults). */
   writeback?: NativeWritebackConfig
   /** Bypass tunables to start with (the rest: bcache's defaults). */
@@ -600,6 +602,11 @@ export interface NativeOpenOptions {
   exclusive?: boolean
   /** Create a regular file of this many bytes if the path does not exist. */
   createSize?: number
+  /**
+   * A remote (NBD) device: milliseconds a request waits for its reply before it fails
+   * with `ETIMEDOUT` (default 30000).
+   */
+  remoteTimeoutMs?: number
 }
 
 /** What opening the set found and did (times in milliseconds). */

@@ -42,7 +42,7 @@
  * whose attach has not finished, is `INVALID_ARGUMENT`; a closed engine is `CLOSED`.
  * @module
  */
-import { type EngineChoice, type IoEngineOptions, type IoEngineStats, nativeEngineOptions, type OpenDeviceOptions } from './device'
+import { type EngineChoice, type IoEngineOptions, type IoEngineStats, checkRemoteTimeout, nativeEngineOptions, type OpenDeviceOptions } from './device'
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { checkCount, closedError, deviceRequests, InlineQueue, MAX_REQUEST } from './inline'
 import native from './native'
@@ -131,6 +131,8 @@ export interface AttachOptions {
   direct?: 'auto' | 'require' | 'off'
   /** Refuse a device already open elsewhere (default true). */
   exclusive?: boolean
+  /** A remote backing device: see {@link OpenDeviceOptions.remoteTimeoutMs}. */
+  remoteTimeoutMs?: number
   /**
    * Writeback tunables to start with, in place of bcache's defaults: set before the set
    * can start writing anything back ({@link CacheEngine.setWritebackConfig} later).
@@ -809,6 +811,7 @@ export class CacheEngine {
     }
     if (o.writeback !== undefined) checkWritebackChanges(o.writeback)
     if (o.bypass !== undefined) checkBypassChanges(o.bypass)
+    checkRemoteTimeout(o.remoteTimeoutMs)
     let handle = -1
     try {
       return await this.#control((tag) => {
@@ -821,6 +824,7 @@ export class CacheEngine {
           readOnly: o.readOnly,
           direct: o.direct,
           exclusive: o.exclusive,
+          remoteTimeoutMs: o.remoteTimeoutMs,
           writeback: o.writeback,
           bypass: o.bypass === undefined ? undefined : nativeBypass(o.bypass),
         })
@@ -964,11 +968,13 @@ export class CacheEngine {
     this.#check()
     if (typeof path !== 'string' || path === '') throw new InvalidArgumentError('path must be a non-empty string')
     checkCount('dataOffset', dataOffset)
+    checkRemoteTimeout(options.remoteTimeoutMs)
     try {
       const info = this.#native.attachPlain(path, dataOffset, {
         write: !options.readOnly,
         direct: options.direct,
         exclusive: options.exclusive,
+        remoteTimeoutMs: options.remoteTimeoutMs,
       })
       return this.#remember(path, info, false).handle
     } catch (err) {

@@ -115,6 +115,13 @@ export interface LatencyModel {
   serial?: boolean
 }
 
+/** @internal Checks {@link OpenDeviceOptions.remoteTimeoutMs}. */
+export function checkRemoteTimeout(ms: number | undefined): void {
+  if (ms !== undefined && (typeof ms !== 'number' || !Number.isInteger(ms) || ms < 1 || ms > 0xffffffff)) {
+    throw new InvalidArgumentError(`remoteTimeoutMs must be a whole number of milliseconds from 1 to ${0xffffffff}, got ${String(ms)}`)
+  }
+}
+
 /** The native form of `m`, checked. */
 function nativeLatency(m: LatencyModel): native.NativeLatency {
   const us = (what: string, v: number | undefined): number => {
@@ -152,6 +159,12 @@ export interface OpenDeviceOptions {
   exclusive?: boolean
   /** If the path does not exist, create a regular file of this many bytes. */
   createSize?: number
+  /**
+   * A remote device (an NBD URI): milliseconds a request waits for its reply before it fails
+   * with `ETIMEDOUT` naming the remote (default 30000). A lost connection is made again
+   * meanwhile and the request sent again, so this is also how long an outage is ridden out.
+   */
+  remoteTimeoutMs?: number
 }
 
 /** Counters of an {@link IoEngine} since it was made (see {@link IoEngine.stats}). */
@@ -307,6 +320,7 @@ export class IoEngine {
   async open(path: string, options: OpenDeviceOptions = {}): Promise<RawDevice> {
     if (this.closed) throw closedError('the I/O engine')
     if (options.createSize !== undefined) checkCount('createSize', options.createSize)
+    checkRemoteTimeout(options.remoteTimeoutMs)
     let info: NativeDeviceInfo
     try {
       info = this.#native.openDevice(path, {
@@ -314,6 +328,7 @@ export class IoEngine {
         direct: options.direct,
         exclusive: options.exclusive,
         createSize: options.createSize,
+        remoteTimeoutMs: options.remoteTimeoutMs,
       })
     } catch (err) {
       throw asUbcacheError(err)

@@ -22,6 +22,7 @@ import { type BypassConfig, CacheEngine, type CacheEngineOptions, checkBypassCha
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { closedError } from './inline'
 import { CacheSet } from './registry/cache-set'
+import { checkRemoteTimeout } from './device'
 import { CachedDevice } from './registry/cached-device'
 import { describeDevice, isNbdUri, readSuperblock } from './super-io'
 import { isCacheVersion, type Superblock } from './superblock'
@@ -47,6 +48,12 @@ export interface RegistryOptions extends CacheEngineOptions {
    * `{ sequentialCutoff: 0 }`, say, caches long sequential streams too.
    */
   bypass?: Partial<BypassConfig>
+  /**
+   * Remote backing devices (NBD URIs): how long a request waits for the server, an outage
+   * included, before it fails with `ETIMEDOUT` naming it (default 30000 ms). Hits and
+   * writeback writes do not wait for the server at all.
+   */
+  remoteTimeoutMs?: number
 }
 
 /**
@@ -77,12 +84,13 @@ export class Registry {
   constructor(options: RegistryOptions = {}) {
     if (options.writeback !== undefined) checkWritebackChanges(options.writeback)
     if (options.bypass !== undefined) checkBypassChanges(options.bypass)
+    checkRemoteTimeout(options.remoteTimeoutMs)
     this.#options = { ...options }
   }
 
   /** The options for the engines (the registry's own taken out). */
   #engineOptions(): CacheEngineOptions {
-    const { writeback: _w, bypass: _b, ...engine } = this.#options
+    const { writeback: _w, bypass: _b, remoteTimeoutMs: _r, ...engine } = this.#options
     return engine
   }
 
@@ -203,7 +211,7 @@ export class Registry {
     this.#devices.set(uuid, undefined)
     try {
       const size = describeDevice(path).bytes - sb.dataOffset * 512
-      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive }, writeback: this.#options.writeback, bypass: this.#options.bypass, plainEngine: () => this.#plainEngine() })
+      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive, remoteTimeoutMs: this.#options.remoteTimeoutMs }, writeback: this.#options.writeback, bypass: this.#options.bypass, plainEngine: () => this.#plainEngine() })
       const set = this.#sets.get(sb.setUuid)
       if (set) await dev._start(set)
       else await dev._startPlain(await this.#plainEngine())

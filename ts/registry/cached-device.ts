@@ -53,7 +53,7 @@ export interface CachedDeviceInit {
   /** Bytes of data past the data offset. */
   size: number
   /** Options for the engines' opens. */
-  open: Pick<AttachOptions, 'direct' | 'exclusive'>
+  open: Pick<AttachOptions, 'direct' | 'exclusive' | 'remoteTimeoutMs'>
   /** Writeback tunables to start with, in place of bcache's defaults. */
   writeback?: Partial<WritebackConfig>
   /** Bypass tunables to start with, in place of bcache's defaults. */
@@ -118,7 +118,7 @@ export class CachedDevice {
 
   readonly #super: BackingSuper
   readonly #plainEngine: () => Promise<CacheEngine>
-  readonly #open: Pick<AttachOptions, 'direct' | 'exclusive'>
+  readonly #open: Pick<AttachOptions, 'direct' | 'exclusive' | 'remoteTimeoutMs'>
   /** Where requests go now: undefined while waiting for its set, and when it cannot be served. */
   #route: Route | undefined
   /** The set-less engine's handle of a device not served until its set comes (state `dirty`). */

@@ -16,6 +16,8 @@
  * @module
  */
 import { open } from 'node:fs/promises'
+import { openDevice } from '../device'
+import { isNbdUri } from '../super-io'
 import type { CacheEngine } from '../cache-engine'
 import { asUbcacheError } from '../errors'
 import type { CacheMode } from '../superblock'
@@ -46,9 +48,7 @@ export async function purgeCached(t: PurgeTarget, ranges: [number, number][] | u
   const todo = whole ? [[0, t.size] as [number, number]] : merge(ranges)
   let rewritten = 0
   t.engine.setCacheMode(t.handle, 'writearound')
-  const fh = await open(t.path, 'r').catch((err) => {
-    throw asUbcacheError(err, t.path)
-  })
+  const source = await openSource(t.path)
   try {
     for (const [start, end] of todo) {
       for (let at = start; at < end; at += CHUNK) {
@@ -56,19 +56,37 @@ export async function purgeCached(t: PurgeTarget, ranges: [number, number][] | u
         // it must be overwritten wherever it is).
         if (whole && t.engine.cachedSectors(t.handle) === 0) break
         const len = Math.min(CHUNK, end - at)
-        const buf = Buffer.alloc(len)
-        const { bytesRead } = await fh.read(buf, 0, len, t.dataOffset + at)
-        if (bytesRead !== len) throw asUbcacheError(new Error(`short read of ${bytesRead} bytes at ${t.dataOffset + at}`), t.path)
+        const buf = await source.read(t.dataOffset + at, len)
         await t.engine.write(t.handle, at, buf)
         rewritten += len
       }
     }
     await t.engine.flush(t.handle)
   } finally {
-    await fh.close()
+    await source.close()
     t.engine.setCacheMode(t.handle, t.mode)
   }
   return rewritten
+}
+
+/** Reads of the backing device beside the engine's: a file, or a remote device through its own client. */
+async function openSource(path: string): Promise<{ read(at: number, len: number): Promise<Buffer>; close(): Promise<void> }> {
+  if (isNbdUri(path)) {
+    const dev = await openDevice(path, { readOnly: true, exclusive: false, direct: 'off' })
+    return { read: async (at, len) => Buffer.from(await dev.read(at, len)), close: () => dev.close() }
+  }
+  const fh = await open(path, 'r').catch((err) => {
+    throw asUbcacheError(err, path)
+  })
+  return {
+    read: async (at, len) => {
+      const buf = Buffer.alloc(len)
+      const { bytesRead } = await fh.read(buf, 0, len, at)
+      if (bytesRead !== len) throw asUbcacheError(new Error(`short read of ${bytesRead} bytes at ${at}`), path)
+      return buf
+    },
+    close: () => fh.close(),
+  }
 }
 
 /** Sorted, merged copies of byte ranges. */

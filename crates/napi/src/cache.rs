@@ -290,7 +290,13 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
     let choice = engine_choice(env, o.engine.as_deref())?;
     let open = open_options(
         env,
-        Some(NativeOpenOptions { write: None, direct: o.direct, exclusive: o.exclusive, create_size: None }),
+        Some(NativeOpenOptions {
+            write: None,
+            direct: o.direct,
+            exclusive: o.exclusive,
+            create_size: None,
+            remote_timeout_ms: None,
+        }),
     )?;
     let d = CacheSetOptions::default();
     let opts = CacheSetOptions {
@@ -330,6 +336,8 @@ pub struct NativeAttachConfig {
     pub direct: Option<String>,
     /// Exclusive open (default true).
     pub exclusive: Option<bool>,
+    /// A remote (NBD) backing device: milliseconds a request waits for its reply.
+    pub remote_timeout_ms: Option<u32>,
     /// Writeback tunables to start with (the rest: bcache's defaults).
     pub writeback: Option<NativeWritebackConfig>,
     /// Bypass tunables to start with (the rest: bcache's defaults).
@@ -617,6 +625,7 @@ impl NativeCacheEngine {
             direct: config.direct,
             exclusive: config.exclusive,
             create_size: None,
+            remote_timeout_ms: config.remote_timeout_ms,
         };
         let (device, info) = open_device(env, &config.path, Some(open))?;
         if let Some(c) = &self.slow_backing {

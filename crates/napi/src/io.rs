@@ -103,7 +103,7 @@ pub(crate) fn engine_of(
 /// How to open a device, as `options` ask (default: for writing, O_DIRECT where supported,
 /// exclusively).
 pub(crate) fn open_options(env: &Env, options: Option<NativeOpenOptions>) -> Result<OpenOptions> {
-    let o = options.unwrap_or(NativeOpenOptions { write: None, direct: None, exclusive: None, create_size: None });
+    let o = options.unwrap_or(NativeOpenOptions { write: None, direct: None, exclusive: None, create_size: None, remote_timeout_ms: None });
     let direct = match o.direct.as_deref() {
         None | Some("auto") => DirectIo::Auto,
         Some("require") => DirectIo::Require,
@@ -114,7 +114,13 @@ pub(crate) fn open_options(env: &Env, options: Option<NativeOpenOptions>) -> Res
         Some(v) => Some(to_u64(env, "createSize", v)?),
         None => None,
     };
-    Ok(OpenOptions { write: o.write.unwrap_or(true), direct, exclusive: o.exclusive.unwrap_or(true), create_size })
+    Ok(OpenOptions {
+        write: o.write.unwrap_or(true),
+        direct,
+        exclusive: o.exclusive.unwrap_or(true),
+        create_size,
+        remote_timeout: o.remote_timeout_ms.map(|ms| Duration::from_millis(u64::from(ms.max(1)))),
+    })
 }
 
 /// Describes an open device for JavaScript (its `id` still 0).
@@ -266,6 +272,9 @@ pub struct NativeOpenOptions {
     pub exclusive: Option<bool>,
     /// Create a regular file of this many bytes if the path does not exist.
     pub create_size: Option<f64>,
+    /// A remote (NBD) device: milliseconds a request waits for its reply before it fails
+    /// with `ETIMEDOUT` (default 30000).
+    pub remote_timeout_ms: Option<u32>,
 }
 
 /// A device opened in an engine.

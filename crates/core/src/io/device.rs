@@ -61,11 +61,14 @@ pub struct OpenOptions {
     pub exclusive: bool,
     /// If the path does not exist, create a regular file of this many bytes.
     pub create_size: Option<u64>,
+    /// A remote device: how long a request waits for its reply, the server's return
+    /// included, before it fails with `ETIMEDOUT` (default 30 s).
+    pub remote_timeout: Option<std::time::Duration>,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { write: true, direct: DirectIo::Auto, exclusive: true, create_size: None }
+        OpenOptions { write: true, direct: DirectIo::Auto, exclusive: true, create_size: None, remote_timeout: None }
     }
 }
 
@@ -93,7 +96,11 @@ impl Device {
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Device> {
         let path = path.as_ref();
         if let Some(uri) = path.to_str().filter(|p| is_nbd_uri(p)) {
-            return Device::open_remote(&NbdUri::parse(uri)?, opts, NbdOptions::default());
+            let mut nbd = NbdOptions::default();
+            if let Some(t) = opts.remote_timeout {
+                nbd.request_timeout = t;
+            }
+            return Device::open_remote(&NbdUri::parse(uri)?, opts, nbd);
         }
         let shown = path.display();
         let meta = match std::fs::metadata(path) {
