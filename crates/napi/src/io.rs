@@ -103,7 +103,13 @@ pub(crate) fn engine_of(
 /// How to open a device, as `options` ask (default: for writing, O_DIRECT where supported,
 /// exclusively).
 pub(crate) fn open_options(env: &Env, options: Option<NativeOpenOptions>) -> Result<OpenOptions> {
-    let o = options.unwrap_or(NativeOpenOptions { write: None, direct: None, exclusive: None, create_size: None, remote_timeout_ms: None });
+    let o = options.unwrap_or(NativeOpenOptions {
+        write: None,
+        direct: None,
+        exclusive: None,
+        create_size: None,
+        remote_timeout_ms: None,
+    });
     let direct = match o.direct.as_deref() {
         None | Some("auto") => DirectIo::Auto,
         Some("require") => DirectIo::Require,
