@@ -1,7 +1,7 @@
 // Remote backing devices: an NBD export (Debian's nbdkit) as the backing device of a cached
 // device, formatted, registered and attached by its URI; the server killed and restarted
 // under the cache.
-import { type ChildProcess, spawn } from 'node:child_process'
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import test, { type ExecutionContext } from 'ava'
@@ -111,4 +111,84 @@ test('a cached device on an NBD export: made and shown by URI, hits served and w
   } finally {
     await reg.close()
   }
+})
+
+test('errors from the remote: a failed read reaches the caller, failed writeback keeps the data dirty until the remote takes it', async (t) => {
+  if (!have) return t.pass()
+  const img = join(dir, 'eio.img')
+  writeFileSync(img, '')
+  truncateSync(img, 32 << 20)
+  const inject = join(dir, 'inject-eio')
+  const srv = await nbdkit(t, 'eio', ['--filter=error', 'file', img, 'error=EIO', 'error-rate=100%', `error-file=${inject}`])
+  const cache = join(dir, 'eio-cache.img')
+  writeFileSync(cache, '')
+  truncateSync(cache, 16 << 20)
+  const set = await makeCache(cache, { bucketSize: '64k' })
+  await makeBacking(srv.uri, { setUuid: set.setUuid, cacheMode: 'writeback' })
+  const reg = new Registry({ writeback: { running: false } })
+  try {
+    await reg.register(cache)
+    const dev = await reg.register(srv.uri)
+    if (!(dev instanceof CachedDevice)) throw new Error('expected a cached device')
+    const data = Buffer.alloc(65536, 0x3c)
+    await dev.write(0, data)
+    await dev.flush()
+    writeFileSync(inject, '')
+    // A miss fails with the server's EIO; a hit does not notice.
+    const err = await t.throwsAsync(() => dev.read(4 << 20, 4096), { code: 'EIO' })
+    t.true(err?.message.includes(srv.uri), err?.message)
+    t.deepEqual(Buffer.from(await dev.read(0, 65536)), data)
+    // Writeback against a failing remote: the data stays dirty.
+    dev.configureWriteback({ running: true, percent: 0, delaySeconds: 0 })
+    await new Promise((r) => setTimeout(r, 1500))
+    t.is(dev.dirtySectors(), 128)
+    // The remote recovers: writeback takes the data there.
+    rmSync(inject)
+    for (let i = 0; i < 600 && dev.dirtySectors()! > 0; i++) await new Promise((r) => setTimeout(r, 50))
+    t.is(dev.dirtySectors(), 0)
+    const off = dev.dataOffset
+    t.deepEqual(readFileSync(img).subarray(off, off + 65536), data)
+  } finally {
+    await reg.close()
+  }
+})
+
+test('qemu-nbd serving a qcow2 image is a backing device too', async (t) => {
+  if (!haveTools('qemu-nbd', 'qemu-img', 'qemu-io')) return t.pass()
+  const qcow = join(dir, 'disk.qcow2')
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '64M'])
+  const sock = join(dir, 'qemu.sock')
+  const child = spawn('qemu-nbd', ['--socket', sock, '--format', 'qcow2', '--persistent', '--shared=8', '--cache=writeback', qcow], { stdio: 'ignore' })
+  t.teardown(() => {
+    child.kill('SIGKILL')
+  })
+  for (let i = 0; i < 500 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 10))
+  const uri = `nbd+unix:///?socket=${sock}`
+  const cache = join(dir, 'qcache.img')
+  writeFileSync(cache, '')
+  truncateSync(cache, 16 << 20)
+  const set = await makeCache(cache, { bucketSize: '64k' })
+  await makeBacking(uri, { setUuid: set.setUuid })
+  const reg = new Registry()
+  const data = Buffer.alloc(1 << 20, 0x77)
+  let off = 0
+  try {
+    await reg.register(cache)
+    const dev = await reg.register(uri)
+    if (!(dev instanceof CachedDevice)) throw new Error('expected a cached device')
+    off = dev.dataOffset
+    await dev.write(2 << 20, data)
+    await dev.flush()
+    t.deepEqual(Buffer.from(await dev.read(2 << 20, 1 << 20)), data)
+  } finally {
+    await reg.close()
+  }
+  // Writethrough: the image holds the data, as qemu-io reads it.
+  await new Promise<void>((r) => {
+    child.once('exit', () => r())
+    child.kill('SIGTERM')
+  })
+  const out = execFileSync('qemu-io', ['-f', 'qcow2', '-c', `read -P 0x77 ${off + (2 << 20)} 1M`, qcow], { encoding: 'utf8' })
+  t.regex(out, /read 1048576\/1048576 bytes/)
+  t.notRegex(out, /Pattern verification failed/)
 })

@@ -97,7 +97,15 @@ pub(crate) fn protocol(who: &str, what: impl std::fmt::Display) -> Error {
 }
 
 fn read_exact(s: &mut impl Read, buf: &mut [u8], who: &str) -> Result<()> {
-    s.read_exact(buf).map_err(|e| Error::io(format!("{who}: handshake"), e))
+    s.read_exact(buf).map_err(|e| match e.kind() {
+        // The socket's timeout ran out: a server busy with other clients (qemu-nbd takes one
+        // at a time unless started with --shared) or not an NBD server at all.
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::new(
+            ErrorKind::TimedOut,
+            format!("{who}: the server did not answer the handshake in time (does it take more than one client at a time? qemu-nbd needs --shared)"),
+        ),
+        _ => Error::io(format!("{who}: handshake"), e),
+    })
 }
 
 fn u16_of(b: &[u8]) -> u16 {
