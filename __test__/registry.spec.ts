@@ -509,13 +509,14 @@ test("set.stop() (bcache's stop): its devices and volumes refuse requests, every
 })
 
 test('an emulated slow backing device: misses wait out its latency, hits do not; the cache device is never slowed; bad models are refused', async (t) => {
-  const f = await formatSet(1)
-  const reg = new Registry({ latency: { fixedUs: 400_000 } })
+  const f = await formatSet(1, { backing: { cacheMode: 'writeback' } })
+  // Writeback paused: its backing writes would be slow too, and a read may wait for the
+  // writeback of the extent it reads.
+  const reg = new Registry({ latency: { fixedUs: 400_000 }, writeback: { running: false } })
   try {
     await reg.register(f.cache)
     const dev = await reg.register(f.backings[0])
     if (!(dev instanceof CachedDevice)) throw new Error('expected a cached device')
-    dev.cacheMode = 'writeback'
     const timed = async (f: () => Promise<unknown>): Promise<number> => {
       const t0 = performance.now()
       await f()
@@ -523,9 +524,11 @@ test('an emulated slow backing device: misses wait out its latency, hits do not;
     }
     const miss = await timed(() => dev.read(0, 4096))
     t.true(miss >= 400, `a miss took ${miss.toFixed(1)} ms`)
-    // Writeback writes land on the cache device only, and their hits are read from it. (The
-    // first one marks the backing superblock dirty first, on the slow device: not timed.)
+    // The first dirty data marks the backing superblock dirty, on the slow device: untimed.
     await dev.write(131072, pattern(4096, 4))
+    for (let i = 0; i < 500 && dev.state !== 'dirty'; i++) await new Promise((r) => setTimeout(r, 10))
+    t.is(dev.state, 'dirty')
+    // Writeback writes land on the cache device only, and their hits are read from it.
     const write = await timed(() => dev.write(65536, pattern(4096, 3)))
     t.true(write < 400, `a writeback write took ${write.toFixed(1)} ms`)
     let data: Buffer | undefined
