@@ -242,3 +242,24 @@ test('backing_latency: the raw engine waits out the emulated disk; a cached devi
   t.true(s.read.total_ios <= 60, String(s.read.total_ios))
   t.true(s.read.clat_ns.mean >= 60e6, String(s.read.clat_ns.mean))
 })
+
+test('JSON lists the jobs in the order they were written, each with its group', (t) => {
+  const f = join(dir, 'order.fio')
+  writeFileSync(
+    f,
+    `[sim-first]\nioengine=sim\nrw=randread\nsize=4M\ncache_size=1M\nio_size=1M\n` +
+      `[raw-second]\nstonewall\nioengine=raw\nfilename=${join(dir, 'order.img')}\nrw=read\nsize=1M\n` +
+      `[sim-third]\nioengine=sim\nrw=randread\nsize=4M\ncache_size=1M\nio_size=1M\n`,
+  )
+  const r = cli('bench', f, '--output-format', 'json')
+  t.is(r.status, 0, r.stderr)
+  const jobs = JSON.parse(r.stdout).jobs as { jobname: string; groupid: number }[]
+  t.deepEqual(
+    jobs.map((j) => [j.jobname, j.groupid]),
+    [
+      ['sim-first', 0],
+      ['raw-second', 1],
+      ['sim-third', 1],
+    ],
+  )
+})

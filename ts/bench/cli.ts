@@ -93,6 +93,8 @@ async function runFile(file: string, format: string, sweep: boolean, report: str
   const tty = process.stdout.isTTY === true && format === 'normal'
   const sims: SimReport[] = []
   const ios: IoReport[] = []
+  /** Every job's report in the order the jobs were written, with its group. */
+  const ordered: Ran[] = []
   let failed = false
   for (const [gid, group] of groups.entries()) {
     const status = new Map<string, string>()
@@ -113,6 +115,7 @@ async function runFile(file: string, format: string, sweep: boolean, report: str
     const groupIos: IoReport[] = []
     for (const r of results) {
       if (r.io) groupIos.push(r.io)
+      ordered.push(r.sim ? { sim: r.sim, gid } : { io: r.io as IoReport, gid })
       if (r.sim) {
         sims.push(r.sim)
         if (format === 'normal') printSim(r.j, r.sim, gid)
@@ -124,7 +127,7 @@ async function runFile(file: string, format: string, sweep: boolean, report: str
     }
     if (format === 'normal' && groupIos.length) printGroup(gid, groupIos)
   }
-  if (format === 'json') print(JSON.stringify(jsonOutput(sims, ios)))
+  if (format === 'json') print(JSON.stringify(jsonOutput(ordered)))
   if (report !== undefined) {
     await writeFile(report, htmlReport(`ubcache bench: ${basename(file)}`, text, ios, sims))
     if (format === 'normal') print(`report: ${report}`)
@@ -253,38 +256,48 @@ function dirJson(d: DirStats, runtimeMs: number): Record<string, unknown> {
 }
 
 /** fio's JSON shape (`jobs[]` with `jobname`, `read`, `write`), ubcache's figures under `ubcache`. */
-function jsonOutput(sims: SimReport[], ios: IoReport[]): unknown {
+/** A job that ran: its report and its group. */
+type Ran = { io: IoReport; sim?: undefined; gid: number } | { sim: SimReport; io?: undefined; gid: number }
+
+/** fio's JSON shape: the jobs in the order they were written. */
+function jsonOutput(ran: Ran[]): unknown {
   return {
     'fio version': 'ubcache-bench',
     timestamp: Math.floor(Date.now() / 1000),
-    jobs: [
-      ...ios.map((r) => ({
-        jobname: r.job,
-        error: r.verifyErrors.length ? 84 : 0,
-        job_options: { ioengine: r.engine, numjobs: String(r.numjobs), iodepth: String(r.iodepth) },
-        read: dirJson(r.read, r.runtimeMs),
-        write: dirJson(r.write, r.runtimeMs),
-        trim: dirJson(r.trim, r.runtimeMs),
-        ubcache: { engine: r.engine, flushes: r.flushes, verify_errors: r.verifyErrors, ...(r.cache ? { cache: r.cache } : {}), ...(r.drained ? { drained: r.drained } : {}) },
-      })),
-      ...sims.map((r) => ({
-        jobname: r.job,
-        groupid: 0,
-        job_options: { rw: r.rw, ioengine: 'sim', numjobs: String(r.numjobs) },
-        read: { total_ios: r.reads },
-        write: { total_ios: r.writes },
-        ubcache: {
-          engine: 'sim',
-          block_accesses: r.accesses,
-          block_size: r.blockSize,
-          cache_blocks: r.cacheBlocks,
-          space_blocks: r.spaceBlocks,
-          hit_ratio: Object.fromEntries(r.policies.map((p) => [p.policy, p.hitRatio])),
-          hits: Object.fromEntries(r.policies.map((p) => [p.policy, p.hits])),
-          footprint_blocks: r.footprint,
-          ...(r.sweep ? { sweep: r.sweep.map((x) => ({ cache_blocks: x.cacheBlocks, hit_ratio: x.hitRatio })) } : {}),
-        },
-      })),
-    ],
+    jobs: ran.map((x) => (x.io ? ioJson(x.io, x.gid) : simJson(x.sim, x.gid))),
+  }
+}
+
+function ioJson(r: IoReport, gid: number): unknown {
+  return {
+    jobname: r.job,
+    groupid: gid,
+    error: r.verifyErrors.length ? 84 : 0,
+    job_options: { ioengine: r.engine, numjobs: String(r.numjobs), iodepth: String(r.iodepth) },
+    read: dirJson(r.read, r.runtimeMs),
+    write: dirJson(r.write, r.runtimeMs),
+    trim: dirJson(r.trim, r.runtimeMs),
+    ubcache: { engine: r.engine, flushes: r.flushes, verify_errors: r.verifyErrors, ...(r.cache ? { cache: r.cache } : {}), ...(r.drained ? { drained: r.drained } : {}) },
+  }
+}
+
+function simJson(r: SimReport, gid: number): unknown {
+  return {
+    jobname: r.job,
+    groupid: gid,
+    job_options: { rw: r.rw, ioengine: 'sim', numjobs: String(r.numjobs) },
+    read: { total_ios: r.reads },
+    write: { total_ios: r.writes },
+    ubcache: {
+      engine: 'sim',
+      block_accesses: r.accesses,
+      block_size: r.blockSize,
+      cache_blocks: r.cacheBlocks,
+      space_blocks: r.spaceBlocks,
+      hit_ratio: Object.fromEntries(r.policies.map((p) => [p.policy, p.hitRatio])),
+      hits: Object.fromEntries(r.policies.map((p) => [p.policy, p.hits])),
+      footprint_blocks: r.footprint,
+      ...(r.sweep ? { sweep: r.sweep.map((x) => ({ cache_blocks: x.cacheBlocks, hit_ratio: x.hitRatio })) } : {}),
+    },
   }
 }
