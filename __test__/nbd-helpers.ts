@@ -1,8 +1,9 @@
 // Shared by the NBD and daemon tests: formatted devices, a daemon run as a child process
 // (`ubcache serve`), the real NBD clients.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process'
-import { existsSync, mkdirSync } from 'node:fs'
+import { existsSync, mkdirSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
+import type { ExecutionContext } from 'ava'
 import { CLI, have, mustHaveTools, sparseFile, tempDir } from './helpers'
 
 export const MiB = 1 << 20
@@ -124,4 +125,33 @@ export function must(cmd: string, args: string[], opts: { input?: string | Buffe
 /** Whether the process may use FUSE and loop devices (root, /dev/fuse, losetup). */
 export function canMountFuse(): boolean {
   return process.getuid?.() === 0 && existsSync('/dev/fuse') && have('nbdfuse') && have('losetup')
+}
+
+/** An nbdkit serving on a Unix socket (see {@link nbdkit}). */
+export interface Nbdkit {
+  uri: string
+  kill(): Promise<void>
+  restart(): Promise<void>
+}
+
+/** nbdkit on a fresh Unix socket `sock`, killed when the test ends; `restart` brings it back on the same one. */
+export async function nbdkit(t: ExecutionContext, sock: string, args: string[]): Promise<Nbdkit> {
+  let child: ChildProcess | undefined
+  const start = async (): Promise<void> => {
+    rmSync(sock, { force: true })
+    child = spawn('nbdkit', ['-f', '-U', sock, ...args], { stdio: 'ignore' })
+    for (let i = 0; i < 500 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 10))
+    if (!existsSync(sock)) throw new Error('nbdkit did not start')
+  }
+  const kill = async (): Promise<void> => {
+    const c = child
+    if (!c || c.exitCode !== null || c.signalCode !== null) return
+    await new Promise<void>((r) => {
+      c.once('exit', () => r())
+      c.kill('SIGKILL')
+    })
+  }
+  t.teardown(kill)
+  await start()
+  return { uri: `nbd+unix:///?socket=${sock}`, kill, restart: async () => (await kill(), await start()) }
 }

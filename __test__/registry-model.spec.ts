@@ -12,12 +12,10 @@
 // block, what the newest write made before it wrote; a write or discard made after the read
 // (while it is in flight) may be seen too. After a discard a block is undefined until
 // written again.
-import { spawn } from 'node:child_process'
-import { existsSync, rmSync } from 'node:fs'
 import test, { type ExecutionContext } from 'ava'
 import { readSuperblock, Registry, type CacheMode, type CachedDevice, type CacheSet } from '../ts/index'
 import { BLOCK, blocks, describe, writer } from './block-format'
-import { haveTools } from './nbd-helpers'
+import { haveTools, nbdkit } from './nbd-helpers'
 import { formatSet, rng, writeFileBytes } from './registry-helpers'
 
 const modes: CacheMode[] = ['writethrough', 'writeback', 'writearound', 'none']
@@ -52,7 +50,7 @@ async function model(t: ExecutionContext, ROUNDS: number, remote: boolean): Prom
   const rand = rng(seed)
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]
   const f = await formatSet(2, { backingBytes: 8 << 20 })
-  const paths = remote ? await Promise.all(f.backings.map((p, i) => serveFile(t, p, i))) : f.backings
+  const paths = remote ? await Promise.all(f.backings.map(async (p, i) => (await nbdkit(t, `${p}.${i}.sock`, ['file', p])).uri)) : f.backings
   const nblocks = ((8 << 20) - 8192) / BLOCK
   const models: Model[] = f.backings.map(() => ({ last: new Int32Array(nblocks) }))
   // The initial content, written at the data offset before any registration.
@@ -263,17 +261,4 @@ async function model(t: ExecutionContext, ROUNDS: number, remote: boolean): Prom
   t.log(JSON.stringify(totals))
   t.is(failures, 0, `${failures} reads did not match the model`)
   t.true(totals.plainOps > 0 || ROUNDS < 4)
-}
-
-/** Serves `file` with `nbdkit file` on a Unix socket until the test ends; resolves to its URI. */
-async function serveFile(t: ExecutionContext, file: string, i: number): Promise<string> {
-  const sock = `${file}.${i}.sock`
-  rmSync(sock, { force: true })
-  const child = spawn('nbdkit', ['-f', '-U', sock, 'file', file], { stdio: 'ignore' })
-  t.teardown(() => {
-    child.kill('SIGKILL')
-  })
-  for (let k = 0; k < 500 && !existsSync(sock); k++) await new Promise((r) => setTimeout(r, 10))
-  if (!existsSync(sock)) throw new Error('nbdkit did not start')
-  return `nbd+unix:///?socket=${sock}`
 }

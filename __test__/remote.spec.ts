@@ -1,49 +1,20 @@
 // Remote backing devices: an NBD export (Debian's nbdkit) as the backing device of a cached
 // device, formatted, registered and attached by its URI; the server killed and restarted
 // under the cache.
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import test, { type ExecutionContext } from 'ava'
+import test from 'ava'
 import { CachedDevice, CacheSet, makeBacking, makeCache, openDevice, Registry } from '../ts/index'
 import { cli, tempDir } from './helpers'
-import { haveTools } from './nbd-helpers'
+import { haveTools, nbdkit } from './nbd-helpers'
 
 const dir = tempDir('ubcache-remote-')
 const have = haveTools('nbdkit')
 
-interface Nbdkit {
-  uri: string
-  kill(): Promise<void>
-  restart(): Promise<void>
-}
-
-/** nbdkit on a fresh Unix socket, killed when the test ends; `restart` brings it back on the same one. */
-async function nbdkit(t: ExecutionContext, name: string, args: string[]): Promise<Nbdkit> {
-  const sock = join(dir, `${name}.sock`)
-  let child: ChildProcess | undefined
-  const start = async (): Promise<void> => {
-    rmSync(sock, { force: true })
-    child = spawn('nbdkit', ['-f', '-U', sock, ...args], { stdio: 'ignore' })
-    for (let i = 0; i < 500 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 10))
-    if (!existsSync(sock)) throw new Error('nbdkit did not start')
-  }
-  const kill = async (): Promise<void> => {
-    const c = child
-    if (!c || c.exitCode !== null || c.signalCode !== null) return
-    await new Promise<void>((r) => {
-      c.once('exit', () => r())
-      c.kill('SIGKILL')
-    })
-  }
-  t.teardown(kill)
-  await start()
-  return { uri: `nbd+unix:///?socket=${sock}`, kill, restart: async () => (await kill(), await start()) }
-}
-
 test('the raw-device API reads and writes an NBD export by its URI', async (t) => {
   if (!have) return t.pass()
-  const srv = await nbdkit(t, 'raw', ['memory', '32M'])
+  const srv = await nbdkit(t, join(dir, 'raw.sock'), ['memory', '32M'])
   const dev = await openDevice(srv.uri)
   t.is(dev.size, 32 << 20)
   const data = Buffer.alloc(65536, 0x5a)
@@ -65,7 +36,7 @@ test('a cached device on an NBD export: made and shown by URI, hits served and w
   const img = join(dir, 'remote.img')
   writeFileSync(img, '')
   truncateSync(img, 64 << 20)
-  const srv = await nbdkit(t, 'cached', ['file', img])
+  const srv = await nbdkit(t, join(dir, 'cached.sock'), ['file', img])
   const cache = join(dir, 'cache.img')
   writeFileSync(cache, '')
   truncateSync(cache, 64 << 20)
@@ -119,7 +90,7 @@ test('errors from the remote: a failed read reaches the caller, failed writeback
   writeFileSync(img, '')
   truncateSync(img, 32 << 20)
   const inject = join(dir, 'inject-eio')
-  const srv = await nbdkit(t, 'eio', ['--filter=error', 'file', img, 'error=EIO', 'error-rate=100%', `error-file=${inject}`])
+  const srv = await nbdkit(t, join(dir, 'eio.sock'), ['--filter=error', 'file', img, 'error=EIO', 'error-rate=100%', `error-file=${inject}`])
   const cache = join(dir, 'eio-cache.img')
   writeFileSync(cache, '')
   truncateSync(cache, 16 << 20)

@@ -39,9 +39,12 @@ const sock = join(dir, 'nbd.sock')
 const uri = `nbd+unix:///?socket=${sock}`
 log(`bench:remote: a ${WORKING >> 20} MiB export behind nbdkit --filter=delay (${delay} per request)`)
 execFileSync('fio', ['--name=fill', `--filename=${img}`, '--rw=write', '--bs=1M', `--size=${WORKING}`, '--ioengine=psync', '--refill_buffers'], { stdio: 'ignore' })
+const waitFor = (p) => {
+  for (let i = 0; i < 1000 && !fs.existsSync(p); i++) execFileSync('sleep', ['0.01'])
+}
 const server = spawn('nbdkit', ['-f', '-U', sock, '--filter=delay', 'file', img, `delay-read=${delay}`, `delay-write=${delay}`], { stdio: 'ignore' })
 process.on('exit', () => server.kill('SIGKILL'))
-for (let i = 0; i < 500 && !fs.existsSync(sock); i++) execFileSync('sleep', ['0.01'])
+waitFor(sock)
 
 // The cache: a tenth of the working set; the export formatted as its backing device.
 fs.writeFileSync(cache, '')
@@ -50,11 +53,13 @@ const set = JSON.parse(execFileSync('node', [cli, 'make', '-C', cache, '--bucket
 const setUuid = set[0].setUuid
 execFileSync('node', [cli, 'make', '-B', uri, '--cset-uuid', setUuid], { stdio: 'ignore' })
 
-const fio = (args) => {
-  // fio's nbd engine says "connected to NBD server" on stdout before the JSON.
-  const text = execFileSync('fio', ['--name=ref', '--ioengine=nbd', `--uri=${uri}`, '--output-format=json', ...args], { encoding: 'utf8' })
+/** fio's nbd engine on the export `u`: its one job's JSON. */
+const fioAt = (u, args) => {
+  // The nbd engine says "connected to NBD server" on stdout before the JSON.
+  const text = execFileSync('fio', ['--name=ref', '--ioengine=nbd', `--uri=${u}`, '--output-format=json', ...args], { encoding: 'utf8' })
   return JSON.parse(text.slice(text.indexOf('{'))).jobs[0]
 }
+const fio = (args) => fioAt(uri, args)
 const bench = (name, body) => {
   const f = join(dir, `${name}.fio`)
   fs.writeFileSync(f, `[${name}]\nioengine=ubcache\ncache=${cache}\nbacking=${uri}\n${body}`)
@@ -90,13 +95,6 @@ const slow = process.env.UBCACHE_REMOTE_CACHE_DELAY ?? '5ms'
 log(`against nbdkit --filter=cache (${slow} per request to the file, the same cache size)`)
 const cacheBytes = fs.statSync(cache).size
 const zipfFio = ['--rw=randread', '--bs=4k', '--random_distribution=zipf:1.2', '--norandommap', '--iodepth=32', `--size=${size}`, `--runtime=${secs}`, '--time_based']
-const fioAt = (u, args) => {
-  const text = execFileSync('fio', ['--name=cmp', '--ioengine=nbd', `--uri=${u}`, '--output-format=json', ...args], { encoding: 'utf8' })
-  return JSON.parse(text.slice(text.indexOf('{'))).jobs[0]
-}
-const waitFor = (p) => {
-  for (let i = 0; i < 1000 && !fs.existsSync(p); i++) execFileSync('sleep', ['0.01'])
-}
 const kitSock = join(dir, 'kit.sock')
 const kitImg = join(dir, 'kit.img')
 fs.copyFileSync(img, kitImg)

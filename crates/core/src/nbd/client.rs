@@ -213,12 +213,18 @@ impl Shared {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hands completions over; the engine's doorbells ring once for the lot.
+    /// Completes request `cookie` with `result`.
     fn deliver(&self, st: &mut St, cookie: u64, result: Result<u64>) {
         let Some(mut e) = st.entries.remove(&cookie) else { return };
         let Some(req) = e.req.take() else { return };
-        let c = IoCompletion::of(req, result);
-        match e.sink {
+        self.hand_over(st, e.sink, IoCompletion::of(req, result));
+    }
+
+    /// Gives `c` to the caller waiting for it, or queues it for the engine and rings its
+    /// doorbells. Called with the lock held (`st`), so the eventfd is set exactly while
+    /// `done` holds completions, and an idle poll need not read it.
+    fn hand_over(&self, st: &mut St, sink: Sink, c: IoCompletion) {
+        match sink {
             Sink::Caller(tx) => {
                 let _ = tx.send(c);
             }
@@ -315,19 +321,7 @@ impl Shared {
                 let req = e.req.take().expect("listed with its request");
                 e.abandoned = true;
                 let sink = std::mem::replace(&mut e.sink, Sink::Engine);
-                let c2 = IoCompletion::of(req, Err(err));
-                match sink {
-                    Sink::Caller(tx) => {
-                        let _ = tx.send(c2);
-                    }
-                    Sink::Engine => {
-                        st.done.push(c2);
-                        self.notify.notify();
-                        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                            w.notify();
-                        }
-                    }
-                }
+                self.hand_over(st, sink, IoCompletion::of(req, Err(err)));
             } else {
                 st.queue.retain(|&q| q != c);
                 self.deliver(st, c, Err(err));
@@ -420,10 +414,13 @@ impl NbdClient {
 
     /// Moves finished completions to `out`; returns how many.
     pub fn take_completions(&self, out: &mut Vec<IoCompletion>) -> usize {
-        self.shared.notify.drain();
         let mut st = self.shared.lock();
         let n = st.done.len();
-        out.append(&mut st.done);
+        if n > 0 {
+            // Set only while `done` holds completions (see `Shared::hand_over`).
+            self.shared.notify.drain();
+            out.append(&mut st.done);
+        }
         n
     }
 
@@ -437,18 +434,9 @@ impl NbdClient {
     fn enqueue(&self, req: IoRequest, sink: Sink) {
         let mut st = self.shared.lock();
         if st.closing {
-            drop(st);
             let c =
                 IoCompletion::of(req, Err(Error::new(ErrorKind::Closed, format!("{}: closed", self.shared.uri.text))));
-            match sink {
-                Sink::Caller(tx) => {
-                    let _ = tx.send(c);
-                }
-                Sink::Engine => {
-                    self.shared.lock().done.push(c);
-                    self.shared.notify.notify();
-                }
-            }
+            self.shared.hand_over(&mut st, sink, c);
             return;
         }
         let cookie = st.next_cookie;
