@@ -34,16 +34,36 @@ interface WriteRecord {
 }
 
 test(`model: ${ROUNDS} rounds of ${OPS} random requests through CachedDevice, every mode, restarts between rounds`, async (t) => {
-  await model(t, ROUNDS, false)
+  await model(t, ROUNDS, 'local')
 })
 
 test(`model with remote backing devices (NBD exports of nbdkit): ${Math.ceil(ROUNDS / 2)} rounds of ${OPS} random requests, every mode`, async (t) => {
   if (!haveTools('nbdkit')) return t.pass()
-  await model(t, Math.ceil(ROUNDS / 2), true)
+  await model(t, Math.ceil(ROUNDS / 2), 'remote')
 })
 
-/** The model run; `remote`: each backing file is served by nbdkit and registered by its NBD URI. */
-async function model(t: ExecutionContext, ROUNDS: number, remote: boolean): Promise<void> {
+test(`model with existing devices (no superblock, cached as they are): ${Math.ceil(ROUNDS / 2)} rounds of ${OPS} random requests, every mode`, async (t) => {
+  await model(t, Math.ceil(ROUNDS / 2), 'existing')
+})
+
+/**
+ * The model run. `remote`: each backing file is served by nbdkit and registered by its NBD
+ * URI; `existing`: the backing files lose their superblocks, hold data from offset 0, and
+ * are attached as existing devices (by the UUIDs they got, after the first round).
+ */
+async function model(t: ExecutionContext, ROUNDS: number, kind: 'local' | 'remote' | 'existing'): Promise<void> {
+  const watchdogs: NodeJS.Timeout[] = []
+  try {
+    await rounds(t, ROUNDS, kind, watchdogs)
+  } finally {
+    // A round that threw leaves its watchdog running: it would keep the worker alive.
+    for (const w of watchdogs) clearInterval(w)
+  }
+}
+
+async function rounds(t: ExecutionContext, ROUNDS: number, kind: 'local' | 'remote' | 'existing', watchdogs: NodeJS.Timeout[]): Promise<void> {
+  const remote = kind === 'remote'
+  const existing = kind === 'existing'
   t.timeout(600_000)
   const seed = Number(process.env.UBCACHE_MODEL_SEED ?? Date.now() % 1_000_000)
   t.log(`seed ${seed} (UBCACHE_MODEL_SEED to repeat)`)
@@ -51,10 +71,12 @@ async function model(t: ExecutionContext, ROUNDS: number, remote: boolean): Prom
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]
   const f = await formatSet(2, { backingBytes: 8 << 20 })
   const paths = remote ? await Promise.all(f.backings.map(async (p, i) => (await nbdkit(t, `${p}.${i}.sock`, ['file', p])).uri)) : f.backings
-  const nblocks = ((8 << 20) - 8192) / BLOCK
+  const nblocks = ((8 << 20) - (existing ? 0 : 8192)) / BLOCK
+  const uuids: (string | undefined)[] = f.backings.map(() => undefined)
   const models: Model[] = f.backings.map(() => ({ last: new Int32Array(nblocks) }))
   // The initial content, written at the data offset before any registration.
-  f.backings.forEach((p, d) => writeFileBytes(p, f.sbs[d].dataOffset * 512, blocks(0, d, 0, nblocks)))
+  // (Over the superblock, for existing devices.)
+  f.backings.forEach((p, d) => writeFileBytes(p, existing ? 0 : f.sbs[d].dataOffset * 512, blocks(0, d, 0, nblocks)))
   const writes = new Map<number, WriteRecord>()
   /** Every write and discard, for the account of a read that did not match. */
   const history: { id: number; kind: string; dev: number; start: number; end: number; where: string; done: boolean }[] = []
@@ -65,6 +87,7 @@ async function model(t: ExecutionContext, ROUNDS: number, remote: boolean): Prom
     if (failures <= 10) t.log(msg)
   }
   let cachedAtClose: number[] | undefined
+  let closedModes: CacheMode[] | undefined
   const totals = { reads: 0, writes: 0, fua: 0, flushes: 0, discards: 0, switches: 0, hits: 0, plainOps: 0, cleaned: 0 }
 
   /** Checks `data`, read from `dev` at block `start` when the newest write was `maxId`, against what the model expected. */
@@ -108,7 +131,8 @@ async function model(t: ExecutionContext, ROUNDS: number, remote: boolean): Prom
   for (let round = 0; round < ROUNDS; round++) {
     const reg = new Registry()
     // Round 1 always registers the set mid-stream, so every run serves requests without it.
-    const order = round === 0 ? 'cache-first' : round === 1 ? 'mid-stream' : pick(['cache-first', 'backing-first', 'mid-stream'] as const)
+    // Existing devices are attached to a registered set only.
+    const order = round === 0 || existing ? 'cache-first' : round === 1 ? 'mid-stream' : pick(['cache-first', 'backing-first', 'mid-stream'] as const)
     let set: CacheSet | undefined
     let registering: Promise<CacheSet> | undefined
     const devs: CachedDevice[] = []
@@ -138,8 +162,26 @@ async function model(t: ExecutionContext, ROUNDS: number, remote: boolean): Prom
       t.log(report)
       console.error(report)
     }, 5_000)
+    watchdogs.push(watchdog)
     if (order === 'cache-first') set = await reg.registerCache(f.cache)
-    for (const p of paths) devs.push(await reg.registerBacking(p))
+    if (existing) {
+      const s = set as CacheSet
+      // What the UUID table recorded at the last close, before the attaches look at it.
+      const entries = s.existingDevices()
+      for (const [d, p] of paths.entries()) devs.push(await reg.attachExisting(p, s, uuids[d] ? { uuid: uuids[d] } : {}))
+      if (closedModes) {
+        uuids.forEach((u, d) => {
+          const e = entries.find((x) => x.uuid === u)
+          // Dirty data found again was recorded so (a state of dirty with none found is the safe side).
+          if ((devs[d].dirtySectors() ?? 0) > 0) t.is(e?.state, 'dirty', `round ${round}: device ${d} state in the UUID table`)
+          else t.true(e?.state === 'clean' || e?.state === 'dirty', `round ${round}: device ${d} state in the UUID table: ${e?.state}`)
+          t.is(e?.mode, closedModes?.[d], `round ${round}: device ${d} mode in the UUID table`)
+        })
+      }
+      devs.forEach((dev, d) => (uuids[d] = dev.uuid))
+    } else {
+      for (const p of paths) devs.push(await reg.registerBacking(p))
+    }
     if (order === 'backing-first') set = await reg.registerCache(f.cache)
     devs.forEach((dev, d) => (dev.cacheMode = modes[(round + d) % modes.length]))
 
@@ -247,18 +289,25 @@ async function model(t: ExecutionContext, ROUNDS: number, remote: boolean): Prom
       totals.cleaned++
     }
     await verifyAll(devs, `round ${round} end`)
-    const dirty = devs.map((d) => d.dirtySectors() ?? 0)
-    cachedAtClose = devs.map((d) => d.cachedSectors() ?? 0)
-    const closedModes = devs.map((d) => d.cacheMode)
+    closedModes = devs.map((d) => d.cacheMode)
     await reg.close()
+    // The counts at the close (read-miss fills land after their reads resolve).
+    cachedAtClose = devs.map((d) => d.cachedSectors() ?? 0)
+    const dirty = devs.map((d) => d.dirtySectors() ?? 0)
     clearInterval(watchdog)
     for (let d = 0; d < devs.length; d++) {
+      if (existing) {
+        // Nothing but data was written: no superblock appeared.
+        const err = await readSuperblock(f.backings[d]).then(() => undefined, (e: { code?: string }) => e)
+        t.is(err?.code, 'NOT_BCACHE', `round ${round}: device ${d} still has no superblock`)
+        continue
+      }
       const sb = (await readSuperblock(f.backings[d])).sb
       t.is(sb.state, dirty[d] > 0 ? 'dirty' : 'clean', `round ${round}: device ${d} state`)
-      t.is(sb.cacheMode, closedModes[d], `round ${round}: device ${d} mode`)
+      t.is(sb.cacheMode, closedModes?.[d], `round ${round}: device ${d} mode`)
     }
   }
   t.log(JSON.stringify(totals))
   t.is(failures, 0, `${failures} reads did not match the model`)
-  t.true(totals.plainOps > 0 || ROUNDS < 4)
+  t.true(totals.plainOps > 0 || ROUNDS < 4 || existing)
 }

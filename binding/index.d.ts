@@ -102,6 +102,13 @@ export declare class NativeCacheEngine {
   attachVolume(tag: number, uuid: Uint8Array): number
   /** The set's flash-only volumes, as its UUID table records them. */
   volumes(): Array<NativeVolume>
+  /** The backing devices the set caches without a superblock, attached or not. */
+  existingDevices(): Array<NativeExistingDevice>
+  /**
+   * Records the cache mode and state (0..=3) of a cached device with no superblock in
+   * its UUID-table entry; `tag` comes back through `onEvent` once that is durable.
+   */
+  recordEntry(tag: number, handle: number, mode: string, state: number): void
   /**
    * Lets go of a device (nothing of it may be in flight: `EBUSY`); a cached device's
    * entry and cached data stay in the set for its next attach.
@@ -364,6 +371,11 @@ export interface NativeAttachConfig {
   writeback?: NativeWritebackConfig
   /** Bypass tunables to start with (the rest: bcache's defaults). */
   bypass?: NativeBypassConfig
+  /**
+   * Cached as it is, with no bcache superblock (`dataOffset` 0): its UUID-table entry
+   * records its size, cache mode and state.
+   */
+  noSuperblock?: boolean
 }
 
 /**
@@ -539,6 +551,20 @@ export interface NativeEngineStats {
   /** Inline ring: submissions that polled for a first completion, and how many got one. */
   busyPolls: number
   busyPollHits: number
+}
+
+/** A backing device the set caches without a superblock, as its UUID table records it. */
+export interface NativeExistingDevice {
+  /** Its slot in the UUID table. */
+  inode: number
+  uuid: Uint8Array
+  label: string
+  /** Its size in bytes. */
+  size: number
+  /** `writethrough`, `writeback`, `writearound` or `none`. */
+  mode: string
+  /** bcache's backing state number: 0 none, 1 clean, 2 dirty, 3 stale. */
+  state: number
 }
 
 /** A range of a device, in bytes. */

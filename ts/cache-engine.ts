@@ -46,7 +46,7 @@ import { type EngineChoice, type IoEngineOptions, type IoEngineStats, checkRemot
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { checkCount, closedError, deviceRequests, InlineQueue, MAX_REQUEST } from './inline'
 import native from './native'
-import { CACHE_MODES, type CacheMode, REPLACEMENTS, type Replacement } from './superblock'
+import { BACKING_STATES, type BackingState, CACHE_MODES, type CacheMode, REPLACEMENTS, type Replacement } from './superblock'
 import { newUuid, uuidToBytes, uuidToString } from './uuid'
 
 type NativeCacheEngine = InstanceType<typeof native.NativeCacheEngine>
@@ -140,6 +140,12 @@ export interface AttachOptions {
   writeback?: Partial<WritebackConfig>
   /** Bypass tunables to start with, in place of bcache's defaults. */
   bypass?: Partial<BypassConfig>
+  /**
+   * Cached as it is, with no bcache superblock (`dataOffset` must be 0): the set's UUID
+   * table records its size, cache mode and state ({@link CacheEngine.recordEntry}), and it
+   * must be the size recorded when it attaches again (default false).
+   */
+  noSuperblock?: boolean
 }
 
 /** Options of a write ({@link CacheEngine.write}). */
@@ -187,6 +193,20 @@ export interface VolumeInfo {
   label: string
   /** Its size in bytes (thin: the cache holds only what was written). */
   size: number
+}
+
+/** A backing device the cache set caches without a superblock ({@link CacheEngine.existingDevices}). */
+export interface ExistingDeviceInfo {
+  /** Its UUID, what the set knows it by. */
+  uuid: string
+  /** Its label (up to 32 bytes). */
+  label: string
+  /** Its size in bytes when it was first attached. */
+  size: number
+  /** Its cache mode, as last recorded. */
+  mode: CacheMode
+  /** Its state as last recorded: `clean`, or `dirty` while the set may hold data it lacks. */
+  state: BackingState
 }
 
 /** Where a cache set stands. */
@@ -812,6 +832,7 @@ export class CacheEngine {
     if (o.writeback !== undefined) checkWritebackChanges(o.writeback)
     if (o.bypass !== undefined) checkBypassChanges(o.bypass)
     checkRemoteTimeout(o.remoteTimeoutMs)
+    if (o.noSuperblock !== undefined && typeof o.noSuperblock !== 'boolean') throw new InvalidArgumentError(`noSuperblock must be true or false, got ${String(o.noSuperblock)}`)
     let handle = -1
     try {
       return await this.#control((tag) => {
@@ -827,6 +848,7 @@ export class CacheEngine {
           remoteTimeoutMs: o.remoteTimeoutMs,
           writeback: o.writeback,
           bypass: o.bypass === undefined ? undefined : nativeBypass(o.bypass),
+          noSuperblock: o.noSuperblock,
         })
         handle = this.#remember(o.path, info, true).handle
       })
@@ -947,6 +969,32 @@ export class CacheEngine {
     } catch (err) {
       throw asUbcacheError(err)
     }
+  }
+
+  /** The backing devices the set caches without a superblock, attached or not (empty for an engine without a cache set). */
+  existingDevices(): ExistingDeviceInfo[] {
+    return this.#native.existingDevices().map((d) => ({
+      uuid: uuidToString(Buffer.from(d.uuid)),
+      label: d.label,
+      size: d.size,
+      mode: d.mode as CacheMode,
+      state: BACKING_STATES[d.state] ?? 'none',
+    }))
+  }
+
+  /**
+   * Records the cache mode and state of the cached device `handle`, one attached with
+   * `noSuperblock` (which has no superblock to hold them), in its UUID-table entry;
+   * resolves once that is durable.
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (not such a device, a bad mode or state), the
+   *   set's failure, `CLOSED`.
+   */
+  async recordEntry(handle: number, mode: CacheMode, state: BackingState): Promise<void> {
+    this.#check()
+    if (!CACHE_MODES.includes(mode)) throw new InvalidArgumentError(`cache mode '${String(mode)}' is not one of ${CACHE_MODES.join(', ')}`)
+    const n = BACKING_STATES.indexOf(state)
+    if (n < 0) throw new InvalidArgumentError(`backing state '${String(state)}' is not one of ${BACKING_STATES.join(', ')}`)
+    await this.#control((tag) => this.#native.recordEntry(tag, handle, mode, n))
   }
 
   /** The set's flash-only volumes (empty for an engine without a cache set). */

@@ -20,6 +20,7 @@ export {
   type BypassConfig,
   type CachedDeviceInfo,
   type VolumeInfo,
+  type ExistingDeviceInfo,
   type CacheDeviceConfig,
   CacheEngine,
   type CacheEngineOptions,
@@ -60,7 +61,7 @@ export {
   makeSet,
   type SetFormatOptions,
 } from './format'
-export { CachedDevice, CacheSet, FlashVolume, Registry, type RegistryOptions } from './registry'
+export { CachedDevice, CacheSet, type ExistingDeviceOptions, FlashVolume, Registry, type RegistryOptions } from './registry'
 export { type BlockTarget, type ExportInit, NbdExport, NbdRequestError } from './nbd/export'
 export { type Listen, NbdServer, type NbdServerOptions, type TlsOptions } from './nbd/server'
 export { Daemon, type DaemonConfig, type ExportConfig } from './daemon/daemon'

@@ -25,7 +25,8 @@ import { CacheSet } from './registry/cache-set'
 import { checkRemoteTimeout } from './device'
 import { CachedDevice } from './registry/cached-device'
 import { describeDevice, isNbdUri, readSuperblock } from './super-io'
-import { isCacheVersion, type Superblock } from './superblock'
+import { type BackingState, CACHE_MODES, type CacheMode, isCacheVersion, NULL_UUID, type Superblock } from './superblock'
+import { newUuid } from './uuid'
 
 export { CacheSet } from './registry/cache-set'
 export { CachedDevice } from './registry/cached-device'
@@ -227,6 +228,94 @@ export class Registry {
   }
 
   /**
+   * Caches the device at `path` as it is, with no bcache superblock and nothing written to
+   * it but its own data (as Open CAS caches a "core" device): a disk, a partition, a file
+   * or an NBD export that already holds data, its data at offset 0, attached to the
+   * registered cache set `set` (the set or its UUID). Its identity lives in the set's UUID
+   * table: UUID, label, size, cache mode and state ({@link CacheSet.existingDevices}).
+   *
+   * The first attach records a new entry (`options.uuid`, or a random UUID; `label`, or
+   * the path's last 32 bytes). After a restart, register the set, then attach the device
+   * again with the UUID it got (`dev.uuid`): its cached data (dirty data included) is found
+   * again. The device must then be the size recorded. An attach without a UUID is refused
+   * while the set has an entry not attached now with the same label or size, which may be
+   * this device (its UUID is named in the error). Nothing on the device says it is
+   * cached: while its set holds dirty data of it (`state` `dirty`), only this registry
+   * may use it, and another program opening it meanwhile sees stale data.
+   * {@link CachedDevice.detach} writes its dirty data back and forgets it.
+   * @param options - `uuid` of an entry to attach again (or of a new one); `label` of a new
+   *   one; `cacheMode` to switch to (default: the entry's, or `writethrough`).
+   * @throws {UbcacheError} `INVALID_ARGUMENT` (a device with a bcache superblock: register it
+   *   instead; an unregistered set; a size other than the one recorded; no UUID given while
+   *   an entry may be this device; bad options), `EBUSY` (registered already, or
+   *   open elsewhere), `NO_SPACE` (the UUID table is full), `ENOENT`, `EACCES`, `CLOSED`.
+   */
+  attachExisting(path: string, set: CacheSet | string, options: ExistingDeviceOptions = {}): Promise<CachedDevice> {
+    if (this.#closing) return Promise.reject(closedError('the registry'))
+    if (typeof path !== 'string' || path === '') return Promise.reject(new InvalidArgumentError('path must be a non-empty string'))
+    const p = this.#attachExisting(path, set, options)
+    this.#registering.add(p)
+    const forget = (): void => void this.#registering.delete(p)
+    p.then(forget, forget)
+    return p
+  }
+
+  async #attachExisting(path: string, target: CacheSet | string, options: ExistingDeviceOptions): Promise<CachedDevice> {
+    checkExistingOptions(options)
+    const setUuid = typeof target === 'string' ? target.toLowerCase() : target?.uuid
+    const set = this.#sets.get(setUuid)
+    if (set === undefined || (typeof target !== 'string' && target !== set)) {
+      throw new InvalidArgumentError(`cache set ${String(setUuid)} is not registered here: register its cache device first`)
+    }
+    const key = await identity(path)
+    const already = this.#paths.get(key)
+    if (already !== undefined) {
+      throw new UbcacheError('EBUSY', `${path}: already registered${already === path ? '' : ` (as ${already})`}`)
+    }
+    this.#paths.set(key, path)
+    let uuid: string | undefined
+    try {
+      await refuseBcache(path)
+      const entries = set._engine.existingDevices()
+      const label = options.label ?? defaultLabel(path)
+      let entry = options.uuid === undefined ? undefined : entries.find((e) => e.uuid === options.uuid?.toLowerCase())
+      if (options.uuid === undefined) {
+        // After a restart, a device attached without its UUID would get a new entry and
+        // miss what the old one holds (dirty data above all): one that may be it is named.
+        const size = describeDevice(path).bytes
+        const same = entries.find((e) => !this.#devices.has(e.uuid) && (e.label === label || e.size === size))
+        if (same) {
+          throw new InvalidArgumentError(
+            `${path}: cache set ${set.uuid} caches a device not attached now that may be this one (UUID ${same.uuid}, label '${same.label}', ${same.size} bytes, ${same.state}): pass { uuid: '${same.uuid}' } to attach it again, or a new UUID to cache this one beside it`,
+          )
+        }
+      }
+      uuid = entry?.uuid ?? options.uuid?.toLowerCase() ?? newUuid()
+      const other = this.#devices.get(uuid)
+      if (this.#devices.has(uuid)) {
+        throw new UbcacheError('EBUSY', `${path}: a device with UUID ${uuid} is already registered${other ? ` (${other.path})` : ''}`)
+      }
+      this.#devices.set(uuid, undefined)
+      const info = describeDevice(path)
+      if (entry && entry.size !== info.bytes) {
+        throw new InvalidArgumentError(`${path}: ${info.bytes} bytes, but cache set ${set.uuid} recorded ${entry.size} bytes for UUID ${uuid}: not the device it caches (detach a device before resizing it)`)
+      }
+      const blockSize = Math.max(set.blockSize, info.logicalBlockSize, 512)
+      const sb = existingSuperblock({ uuid, setUuid: entry ? set.uuid : NULL_UUID, label: entry?.label ?? label, blockSize, mode: entry?.mode ?? options.cacheMode ?? 'writethrough', state: entry?.state ?? 'none' })
+      const dev = new CachedDevice({ path, sb, size: info.bytes, open: { direct: this.#options.direct, exclusive: this.#options.exclusive, remoteTimeoutMs: this.#options.remoteTimeoutMs }, writeback: this.#options.writeback, bypass: this.#options.bypass, plainEngine: () => this.#plainEngine(), noSuperblock: true })
+      await dev._start(set)
+      this.#devices.set(uuid, dev)
+      if (options.cacheMode !== undefined) dev.cacheMode = options.cacheMode
+      entry = undefined
+      return dev
+    } catch (err) {
+      if (uuid !== undefined && this.#devices.get(uuid) === undefined) this.#devices.delete(uuid)
+      this.#paths.delete(key)
+      throw asUbcacheError(err, path)
+    }
+  }
+
+  /**
    * bcache's cache-set `stop`: the set's cached devices stop taking requests (those in
    * flight finish; later ones get `CLOSED`), the set closes cleanly (flush, final
    * checkpoint), their superblocks are brought up to date, and the registry forgets the set
@@ -303,6 +392,81 @@ export class Registry {
     }
     this.#paths.clear()
     if (failures.length > 0) throw asUbcacheError(failures[0])
+  }
+}
+
+/** Options of {@link Registry.attachExisting}. */
+export interface ExistingDeviceOptions {
+  /** The UUID the set knows the device by: one it got before, to attach it again (default: a new one). */
+  uuid?: string
+  /** A new device's label, at most 32 bytes of UTF-8 (default: the path's last 32 bytes). */
+  label?: string
+  /** The cache mode to switch to (default: the one recorded, or `writethrough` for a new device). */
+  cacheMode?: CacheMode
+}
+
+function checkExistingOptions(o: ExistingDeviceOptions): void {
+  if (typeof o !== 'object' || o === null) throw new InvalidArgumentError('options must be an object')
+  for (const k of Object.keys(o)) {
+    if (!['uuid', 'label', 'cacheMode'].includes(k)) throw new InvalidArgumentError(`unknown option '${k}' (known: uuid, label, cacheMode)`)
+  }
+  if (o.uuid !== undefined && (typeof o.uuid !== 'string' || !UUID_RE.test(o.uuid) || o.uuid === NULL_UUID)) {
+    throw new InvalidArgumentError(`uuid must be a non-zero UUID such as 0f3c…-…, got ${String(o.uuid)}`)
+  }
+  if (o.label !== undefined && (typeof o.label !== 'string' || Buffer.byteLength(o.label) > 32)) {
+    throw new InvalidArgumentError(`label must be a string of at most 32 bytes, got ${String(o.label)}`)
+  }
+  if (o.cacheMode !== undefined && !CACHE_MODES.includes(o.cacheMode)) {
+    throw new InvalidArgumentError(`cache mode '${String(o.cacheMode)}' is not one of ${CACHE_MODES.join(', ')}`)
+  }
+}
+
+const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+
+/** The last 32 bytes of `path` (whole characters). */
+function defaultLabel(path: string): string {
+  let label = path
+  while (Buffer.byteLength(label) > 32) label = label.slice(1)
+  return label
+}
+
+/** A device that holds a bcache superblock is registered, never cached as it is (its superblock would read as data). */
+async function refuseBcache(path: string): Promise<void> {
+  try {
+    await readSuperblock(path)
+  } catch (err) {
+    if (asUbcacheError(err).code === 'NOT_BCACHE') return
+    throw err
+  }
+  throw new InvalidArgumentError(`${path}: holds a bcache superblock: register it (Registry.register) instead of attaching it as an existing device`)
+}
+
+/** The superblock a device with none is given in memory (what its UUID-table entry does not hold is bcache's default). */
+function existingSuperblock(o: { uuid: string; setUuid: string; label: string; blockSize: number; mode: CacheMode; state: BackingState }): Superblock {
+  return {
+    version: 1,
+    uuid: o.uuid,
+    setUuid: o.setUuid,
+    label: o.label,
+    flags: 0n,
+    seq: 0n,
+    featureCompat: 0n,
+    featureIncompat: 0n,
+    featureRoCompat: 0n,
+    blockSize: o.blockSize / 512,
+    bucketSize: 0,
+    nbuckets: 0,
+    nrInSet: 0,
+    nrThisDev: 0,
+    dataOffset: 0,
+    lastMount: 0,
+    firstBucket: 0,
+    journalBuckets: [],
+    cacheSync: false,
+    discard: false,
+    replacement: 'lru',
+    cacheMode: o.mode,
+    state: o.state,
   }
 }
 

@@ -68,6 +68,9 @@ export type BackingState = 'none' | 'clean' | 'dirty' | 'stale'
 
 export const REPLACEMENTS: readonly Replacement[] = ['lru', 'fifo', 'random']
 export const CACHE_MODES: readonly CacheMode[] = ['writethrough', 'writeback', 'writearound', 'none']
+/** The all-zero UUID: a backing device attached to no set records it as its set UUID. */
+export const NULL_UUID = '00000000-0000-0000-0000-000000000000'
+
 export const BACKING_STATES: readonly BackingState[] = ['none', 'clean', 'dirty', 'stale']
 
 // Field offsets within struct cache_sb (little endian).

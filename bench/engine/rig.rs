@@ -189,6 +189,7 @@ impl Rig {
             writeback: Default::default(),
             // The cache path is what is measured: sequential streams must not bypass it.
             bypass: ubcache_core::cache_set::BypassConfig { sequential_cutoff: 0, ..Default::default() },
+            no_superblock: false,
         };
         rig.handle = rig.ce.attach(tag, dev).expect("attach");
         let mut events = Vec::new();

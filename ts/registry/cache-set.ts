@@ -3,7 +3,7 @@
  * backing devices attached to it (see {@link CacheSet}).
  * @module
  */
-import type { Accounting, CacheDeviceConfig, CacheEngine, CacheSetOpenReport, CacheSetState, CacheSetStats, CongestionConfig, PriorityStats } from '../cache-engine'
+import type { Accounting, CacheDeviceConfig, CacheEngine, CacheSetOpenReport, ExistingDeviceInfo, CacheSetState, CacheSetStats, CongestionConfig, PriorityStats } from '../cache-engine'
 import { InvalidArgumentError } from '../errors'
 import { newUuid } from '../uuid'
 import type { Superblock } from '../superblock'
@@ -80,6 +80,16 @@ export class CacheSet {
     const v = new FlashVolume(this, handle, uuid, options.label ?? '', size)
     this.#volumes.set(v.uuid, v)
     return v
+  }
+
+  /**
+   * The devices the set caches as they are, with no superblock ({@link Registry.attachExisting}),
+   * attached now or not: UUID, label, size, cache mode and state, as its UUID table records
+   * them. One whose state is `dirty` has data only this set holds: attach it again (by its
+   * UUID) before using it anywhere else.
+   */
+  existingDevices(): ExistingDeviceInfo[] {
+    return this._engine.existingDevices()
   }
 
   /** @internal Attaches the volumes the set's UUID table records (at registration). */

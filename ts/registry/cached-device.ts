@@ -6,14 +6,11 @@
 import { type Accounting, type AttachOptions, type BypassConfig, type CacheEngine, checkBypassChanges, checkWritebackChanges, DEFAULT_BYPASS, DEFAULT_WRITEBACK, type WriteOptions, type WritebackConfig, type WritebackRate } from '../cache-engine'
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from '../errors'
 import { closedError } from '../inline'
-import { CACHE_MODES, type BackingState, type CacheMode, type Superblock } from '../superblock'
-import { BackingSuper } from './backing-super'
+import { CACHE_MODES, type BackingState, type CacheMode, NULL_UUID, type Superblock } from '../superblock'
+import { BackingSuper, type SuperblockStore, TableSuper } from './backing-super'
 import type { CacheSet } from './cache-set'
 import { Overlaps } from './overlaps'
 import { merge, purgeCached } from './purge'
-
-/** The set UUID of a backing device attached to no set. */
-const NULL_UUID = '00000000-0000-0000-0000-000000000000'
 
 /** Where a cached device's requests go. */
 interface Route {
@@ -60,6 +57,8 @@ export interface CachedDeviceInit {
   bypass?: Partial<BypassConfig>
   /** The registry's set-less engine, which serves the device once it detaches from its set. */
   plainEngine: () => Promise<CacheEngine>
+  /** Cached as it is, with no superblock: `sb` is made up, its set's UUID table keeps the rest. */
+  noSuperblock?: boolean
 }
 
 /** The dirty and cached sector counts of a device when its set closed. */
@@ -115,8 +114,14 @@ export class CachedDevice {
   readonly blockSize: number
   /** Byte offset of the data on the backing device (the superblock's `dataOffset` × 512). */
   readonly dataOffset: number
+  /**
+   * False for a device cached as it is ({@link Registry.attachExisting}): it has no bcache
+   * superblock, its data starts at offset 0, and its cache mode and state live in its
+   * entry of the set's UUID table ({@link CachedDevice.superblock} is then made up).
+   */
+  readonly hasSuperblock: boolean
 
-  readonly #super: BackingSuper
+  readonly #super: SuperblockStore
   readonly #plainEngine: () => Promise<CacheEngine>
   readonly #open: Pick<AttachOptions, 'direct' | 'exclusive' | 'remoteTimeoutMs'>
   /** Where requests go now: undefined while waiting for its set, and when it cannot be served. */
@@ -167,7 +172,8 @@ export class CachedDevice {
     this.size = init.size
     this.blockSize = sb.blockSize * 512
     this.dataOffset = sb.dataOffset * 512
-    this.#super = new BackingSuper(init.path, sb)
+    this.hasSuperblock = init.noSuperblock !== true
+    this.#super = this.hasSuperblock ? new BackingSuper(init.path, sb) : new TableSuper(init.path, sb)
     this.#open = init.open
     this.#mode = sb.cacheMode
     this.#engineMode = sb.cacheMode
@@ -364,6 +370,7 @@ export class CachedDevice {
         }
       }
       this.#route = undefined
+      this.#super.attached(undefined)
       set._remove(this)
       await this.#update((s) => {
         s.setUuid = NULL_UUID
@@ -816,7 +823,8 @@ export class CachedDevice {
    */
   async #attachTo(set: CacheSet): Promise<void> {
     const engine = set._engine
-    const handle = await engine.attach({ path: this.path, uuid: this.uuid, label: this.label, dataOffset: this.dataOffset, mode: this.#engineMode, writeback: this.#writeback, bypass: this.#bypass, ...this.#open })
+    const handle = await engine.attach({ path: this.path, uuid: this.uuid, label: this.label, dataOffset: this.dataOffset, mode: this.#engineMode, writeback: this.#writeback, bypass: this.#bypass, noSuperblock: !this.hasSuperblock, ...this.#open })
+    this.#super.attached(engine, handle)
     try {
       const sb = this.#super.sb
       const foreign = sb.state === 'none' || sb.state === 'stale' || sb.setUuid !== set.uuid
@@ -833,6 +841,7 @@ export class CachedDevice {
         })
       }
     } catch (err) {
+      this.#super.attached(undefined)
       engine.detach(handle)
       throw err
     }
@@ -857,6 +866,8 @@ export class CachedDevice {
     await this.#overlaps.idle()
     const r = this.#route
     if (r && r.set === null) await r.engine.flush(r.handle)
+    // A device with no superblock records its cache mode in its set: while the set runs.
+    if (!this.#super.onDevice) await this.#super.idle()
   }
 
   /** @internal Where the device's requests are, for reports of a stall in tests. */
@@ -890,7 +901,9 @@ export class CachedDevice {
     const r = this.#route
     const sb = this.#super.sb
     const clean = r?.set && cleanly && sb.state === 'dirty' && this.#final?.dirty === 0
-    // A cache mode whose write failed (and was reported) is written again.
+    // A cache mode whose write failed (and was reported) is written again. A device with no
+    // superblock: its set recorded the state at the close; this updates the copy in memory.
+    if (!this.#super.onDevice) this.#super.attached(undefined)
     if (clean || sb.cacheMode !== this.#mode) {
       await this.#update((s) => void (clean && (s.state = 'clean'))).catch((err) => this.#failed(err))
     }

@@ -16,6 +16,9 @@ pub const UUID_TABLE_VERSION: u32 = 1;
 pub const UUID_ENTRY_BYTES: usize = 128;
 /// `flags` bit of a flash-only volume.
 pub const UUID_FLASH_ONLY: u32 = 1;
+/// `flags` bit of a backing device cached as it is, with no bcache superblock: its data
+/// starts at offset 0, and its size, cache mode and state live in this entry alone.
+pub const UUID_NO_SUPERBLOCK: u32 = 2;
 
 /// One slot of the table (bcache's `uuid_entry`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,14 +35,24 @@ pub struct UuidEntry {
     pub invalidated: u32,
     /// Flags; [`UUID_FLASH_ONLY`].
     pub flags: u32,
-    /// Size of a flash-only volume in sectors.
+    /// Size in sectors of a flash-only volume, or of a device with no superblock.
     pub sectors: u64,
+    /// A device with no superblock: its cache mode (bcache's `BDEV_CACHE_MODE` values, in
+    /// what is padding to bcache).
+    pub mode: u8,
+    /// A device with no superblock: its state (bcache's `BDEV_STATE` values).
+    pub state: u8,
 }
 
 impl UuidEntry {
     /// True for a flash-only volume.
     pub fn flash_only(&self) -> bool {
         self.flags & UUID_FLASH_ONLY != 0
+    }
+
+    /// True for a backing device cached without a superblock.
+    pub fn no_superblock(&self) -> bool {
+        self.flags & UUID_NO_SUPERBLOCK != 0
     }
 
     fn encode(&self, out: &mut [u8]) {
@@ -51,6 +64,8 @@ impl UuidEntry {
         out[56..60].copy_from_slice(&self.invalidated.to_le_bytes());
         out[60..64].copy_from_slice(&self.flags.to_le_bytes());
         out[64..72].copy_from_slice(&self.sectors.to_le_bytes());
+        out[72] = self.mode;
+        out[73] = self.state;
     }
 
     fn decode(b: &[u8]) -> UuidEntry {
@@ -62,6 +77,8 @@ impl UuidEntry {
         e.invalidated = u32_at(b, 56);
         e.flags = u32_at(b, 60);
         e.sectors = u64_at(b, 64);
+        e.mode = b[72];
+        e.state = b[73];
         e
     }
 }
@@ -148,7 +165,15 @@ mod tests {
         let mut e =
             UuidEntry { uuid: [9; 16], first_reg: 5, flags: UUID_FLASH_ONLY, sectors: 1 << 30, ..Default::default() };
         e.label[..4].copy_from_slice(b"vol0");
-        let t = vec![UuidEntry::default(), e.clone()];
+        let existing = UuidEntry {
+            uuid: [7; 16],
+            flags: UUID_NO_SUPERBLOCK,
+            sectors: 99,
+            mode: 1,
+            state: 2,
+            ..Default::default()
+        };
+        let t = vec![UuidEntry::default(), e.clone(), existing];
         let buf = encode(&t, 77, 3, 8192, 4096).unwrap();
         assert_eq!(buf.len(), 4096);
         assert_eq!(&buf[256..272], &[9; 16], "entry 1 after the header and entry 0");
@@ -157,6 +182,8 @@ mod tests {
         let d = decode(&buf, 77, 3, 1).unwrap();
         assert_eq!(d, t);
         assert!(d[1].flash_only());
+        assert!(d[2].no_superblock() && !d[2].flash_only());
+        assert_eq!((buf[384 + 60], buf[384 + 72], buf[384 + 73]), (2, 1, 2), "flags, mode, state");
         assert!(decode(&buf, 77, 4, 1).is_err(), "older table");
         let mut b = buf.clone();
         b[300] ^= 1;

@@ -459,6 +459,7 @@ fn requests_finishing_during_an_attach_are_handed_out_later() {
         mode: CacheMode::Writeback,
         writeback: Default::default(),
         bypass: Default::default(),
+        no_superblock: false,
     };
     let tag = rig.tag();
     rig.handles[1] = rig.engine.attach(tag, cfg).unwrap();

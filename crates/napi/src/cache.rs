@@ -145,6 +145,21 @@ pub struct NativeVolume {
     pub size: f64,
 }
 
+/// A backing device the set caches without a superblock, as its UUID table records it.
+#[napi(object)]
+pub struct NativeExistingDevice {
+    /// Its slot in the UUID table.
+    pub inode: u32,
+    pub uuid: Uint8Array,
+    pub label: String,
+    /// Its size in bytes.
+    pub size: f64,
+    /// `writethrough`, `writeback`, `writearound` or `none`.
+    pub mode: String,
+    /// bcache's backing state number: 0 none, 1 clean, 2 dirty, 3 stale.
+    pub state: u32,
+}
+
 fn replacement_name(r: Replacement) -> &'static str {
     match r {
         Replacement::Lru => "lru",
@@ -342,6 +357,9 @@ pub struct NativeAttachConfig {
     pub writeback: Option<NativeWritebackConfig>,
     /// Bypass tunables to start with (the rest: bcache's defaults).
     pub bypass: Option<NativeBypassConfig>,
+    /// Cached as it is, with no bcache superblock (`dataOffset` 0): its UUID-table entry
+    /// records its size, cache mode and state.
+    pub no_superblock: Option<bool>,
 }
 
 /// Counters of a cache set, and where it stands.
@@ -643,7 +661,8 @@ impl NativeCacheEngine {
                 return throw(env, e);
             }
         }
-        let cfg = CachedDevConfig { uuid, label, device, data_offset, mode, writeback, bypass };
+        let no_superblock = config.no_superblock.unwrap_or(false);
+        let cfg = CachedDevConfig { uuid, label, device, data_offset, mode, writeback, bypass, no_superblock };
         let handle = self.with(env, |e| e.attach(tag as u64, cfg))?;
         Ok(NativeDevice { id: handle, size: (info.size - data_offset as f64).max(0.0), ..info })
     }
@@ -750,6 +769,42 @@ impl NativeCacheEngine {
         })
         .flatten()
         .unwrap_or_default()
+    }
+
+    /// The backing devices the set caches without a superblock, attached or not.
+    #[napi]
+    pub fn existing_devices(&self) -> Vec<NativeExistingDevice> {
+        self.get(|e| {
+            e.set().map(|s| {
+                s.existing_devices()
+                    .into_iter()
+                    .map(|(inode, u)| NativeExistingDevice {
+                        inode,
+                        uuid: u.uuid.to_vec().into(),
+                        label: String::from_utf8_lossy(&u.label).trim_end_matches('\0').to_string(),
+                        size: (u.sectors * 512) as f64,
+                        mode: CacheMode::from_number(u.mode).name().to_string(),
+                        state: u32::from(u.state),
+                    })
+                    .collect()
+            })
+        })
+        .flatten()
+        .unwrap_or_default()
+    }
+
+    /// Records the cache mode and state (0..=3) of a cached device with no superblock in
+    /// its UUID-table entry; `tag` comes back through `onEvent` once that is durable.
+    #[napi]
+    pub fn record_entry(&self, env: &Env, tag: f64, handle: u32, mode: String, state: u32) -> Result<()> {
+        let mode = match CacheMode::from_name(&mode) {
+            Ok(m) => m,
+            Err(e) => return throw(env, e),
+        };
+        let Ok(state) = u8::try_from(state) else {
+            return invalid(env, format!("backing state {state}: expected 0..=3"));
+        };
+        self.with(env, |e| e.record_entry(tag as u64, handle, mode, state))
     }
 
     /// Lets go of a device (nothing of it may be in flight: `EBUSY`); a cached device's

@@ -33,6 +33,27 @@ impl CacheMode {
         }
     }
 
+    /// bcache's number for the mode (`BDEV_CACHE_MODE`).
+    pub fn number(self) -> u8 {
+        match self {
+            CacheMode::Writethrough => 0,
+            CacheMode::Writeback => 1,
+            CacheMode::Writearound => 2,
+            CacheMode::None => 3,
+        }
+    }
+
+    /// The mode bcache numbers `n` (anything past `none` reads as writethrough, as bcache's
+    /// four values fill the field).
+    pub fn from_number(n: u8) -> CacheMode {
+        match n {
+            1 => CacheMode::Writeback,
+            2 => CacheMode::Writearound,
+            3 => CacheMode::None,
+            _ => CacheMode::Writethrough,
+        }
+    }
+
     /// The mode named `s` (bcache's names).
     pub fn from_name(s: &str) -> Result<CacheMode> {
         Ok(match s {
@@ -67,6 +88,9 @@ pub struct CachedDevConfig {
     pub writeback: super::writeback::WritebackConfig,
     /// Its bypass tunables (bcache's defaults: `Default::default()`).
     pub bypass: super::bypass::BypassConfig,
+    /// Cached as it is, with no bcache superblock (`data_offset` 0): its size, cache mode and
+    /// state live in its UUID-table entry alone (see `cache_set::existing`).
+    pub no_superblock: bool,
 }
 
 /// A cached device attached to the running set.

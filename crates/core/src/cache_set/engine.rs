@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{CacheSet, CachedDevConfig, SetState};
+use super::{CacheMode, CacheSet, CachedDevConfig, SetState};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{DevId, Device, IoCompletion, IoOp, IoRequest, RingDriver};
 
@@ -244,6 +244,15 @@ impl CacheEngine {
         self.attaching.push((tag, handle));
         self.pump_aside()?;
         Ok(handle)
+    }
+
+    /// Records the cache mode and state of the handle's cached device, one with no
+    /// superblock to hold them (see `cache_set::existing`); `tag` comes back from
+    /// [`CacheEngine::take_events`] once that is durable.
+    pub fn record_entry(&mut self, tag: u64, handle: u32, mode: CacheMode, state: u8) -> Result<()> {
+        let (set, inode) = self.cached_mut(handle)?;
+        set.record_entry(tag, inode, mode, state);
+        self.pump_aside()
     }
 
     /// Begins detaching the handle's cached device for good (see `cache_set::detach`): its

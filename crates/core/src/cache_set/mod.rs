@@ -58,6 +58,7 @@ mod checkpoint;
 mod detach;
 mod device;
 pub mod engine;
+mod existing;
 mod gc;
 mod journal;
 mod meta;
@@ -335,6 +336,8 @@ pub(crate) struct IoErrors {
 /// How far a clean close has come.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Closing {
+    /// The states of devices with no superblock were recorded (see `existing`).
+    entries_recorded: bool,
     started: bool,
     pub checkpoint_done: bool,
     flushes_sent: bool,
@@ -686,6 +689,13 @@ impl CacheSet {
         }
         if self.reqs.in_flight() > 0 || self.meta.busy() || self.writeback_busy() || self.moving.running() {
             return;
+        }
+        if !self.closing.entries_recorded {
+            self.closing.entries_recorded = true;
+            // Nothing of any device moves from now on: its dirty count is final.
+            if self.record_final_states() {
+                return;
+            }
         }
         let c = &mut self.closing;
         if !c.started {

@@ -434,6 +434,9 @@ impl CacheSet {
             );
             return self.events.push((tag, Err(e)));
         }
+        if let Err(e) = super::existing::check_attach(slot.map(|i| &table[i]), &cfg, sectors) {
+            return self.events.push((tag, Err(e)));
+        }
         let inode = match slot {
             Some(i) => {
                 table[i].last_reg = now;
@@ -441,8 +444,11 @@ impl CacheSet {
             }
             None => {
                 let free = table.iter().position(|u| u.uuid == [0; 16]).unwrap_or(table.len());
-                let e =
-                    UuidEntry { uuid: cfg.uuid, label: cfg.label, first_reg: now, last_reg: now, ..Default::default() };
+                let e = if cfg.no_superblock {
+                    super::existing::new_entry(&cfg, sectors, now)
+                } else {
+                    UuidEntry { uuid: cfg.uuid, label: cfg.label, first_reg: now, last_reg: now, ..Default::default() }
+                };
                 if free == table.len() {
                     if table.len() >= uuids::capacity(self.geo.bucket_bytes).min(crate::index::KEY_INODE_MAX as usize) {
                         let e = Error::new(ErrorKind::NoSpace, "the UUID table is full");

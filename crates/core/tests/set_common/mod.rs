@@ -283,6 +283,7 @@ impl Rig {
                 mode: o.modes[i % o.modes.len()],
                 writeback: o.writeback.clone().unwrap_or_default(),
                 bypass: o.bypass.clone().unwrap_or_default(),
+                no_superblock: false,
             };
             let tag = rig.tag();
             rig.handles.push(rig.engine.attach(tag, cfg)?);
