@@ -345,6 +345,48 @@ test('CLI verbs against a running daemon: register, list, attach, set, stats, me
   t.regex(s.log(), /"event":"stopped"/)
 })
 
+test('an existing device (no superblock) through the daemon: attach --existing, exported, dirty across a restart from a config file, detached', async (t) => {
+  if (!tools) return t.pass('tools missing')
+  const d = makeDevices({ name: 'unused' })
+  const data = join(d.dir, 'data.img')
+  writeFileSync(data, Buffer.alloc(16 * MiB, 0x5a))
+  let s = await serve(d.dir, [d.cache])
+  t.teardown(() => s.kill())
+  const set = JSON.parse(s.verb('list', '--json').stdout).sets[0].uuid as string
+  let r = s.verb('attach', '--existing', data, set, '--label', 'data', '--cache-mode', 'writeback')
+  t.is(r.status, 0, r.stderr)
+  const uuid = /as UUID ([0-9a-f-]{36})/.exec(r.stdout)?.[1] as string
+  t.truthy(uuid, r.stdout)
+  t.regex(r.stdout, /exported as 'data'/)
+  t.is(s.verb('set', 'data', 'writeback_running', '0').status, 0)
+  must('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5a 0 16M', '-c', 'write -P 0x3c 1M 2M', '-c', 'flush', s.uri('data')])
+  // A second attach of a registered device is refused with one line.
+  r = s.verb('attach', '--existing', data, set)
+  t.is(r.status, 1)
+  t.regex(r.stderr, /already registered/)
+  t.is(r.stderr.trim().split('\n').length, 1)
+  t.is(s.verb('attach', data, set, '--uuid', uuid).status, 1, 'a --uuid without --existing')
+  t.is(await s.stop(), 0)
+  t.true(readFileSync(data).equals(Buffer.alloc(16 * MiB, 0x5a)), 'dirty data stays in the cache; nothing else written')
+  // The config file names it with its UUID: the dirty data is found again.
+  const cfg = join(d.dir, 'existing.json')
+  writeFileSync(cfg, JSON.stringify({ devices: [d.cache], existing: [{ path: data, set, uuid }] }))
+  s = await serve(d.dir, ['--config', cfg])
+  must('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5a 0 1M', '-c', 'read -P 0x3c 1M 2M', '-c', 'read -P 0x5a 3M 13M', s.uri('data')])
+  r = s.verb('detach', 'data', '--json')
+  t.is(r.status, 0, r.stderr)
+  t.true(JSON.parse(r.stdout).dirtySectorsBefore >= 4096)
+  t.is(await s.stop(), 0)
+  const after = readFileSync(data)
+  t.true(after.subarray(MiB, 3 * MiB).equals(Buffer.alloc(2 * MiB, 0x3c)), 'written back')
+  t.true(after.subarray(0, MiB).equals(Buffer.alloc(MiB, 0x5a)))
+  // A bad entry in the config is named.
+  writeFileSync(cfg, JSON.stringify({ devices: [d.cache], existing: [{ path: data, set, mode: 'writeback' }] }))
+  const bad = spawnSync('node', [CLI, 'serve', '--config', cfg], { encoding: 'utf8', env: { ...process.env, UBCACHE_RUNTIME_DIR: join(d.dir, 'other') }, timeout: 30_000 })
+  t.is(bad.status, 1)
+  t.regex(bad.stderr, /existing\[0\]: unknown key 'mode'/)
+})
+
 test('CLI verbs without a daemon: one line, exit 1', (t) => {
   const env = { ...process.env, UBCACHE_RUNTIME_DIR: join(makeDevices().dir, 'nothing') }
   for (const args of [['list'], ['list', '--json'], ['register', '/dev/null'], ['attach', 'a', 'b'], ['detach', 'a'], ['set', 'a', 'cache_mode', 'none'], ['stats', 'a'], ['stop']]) {

@@ -9,7 +9,8 @@ import { basename, resolve as resolvePath } from 'node:path'
 import { InvalidArgumentError, UbcacheError } from '../errors'
 import { type BlockTarget, NbdExport } from '../nbd/export'
 import { NbdServer, type TlsOptions } from '../nbd/server'
-import { Registry, type RegistryOptions } from '../registry'
+import { type ExistingDeviceOptions, Registry, type RegistryOptions } from '../registry'
+import type { CacheMode } from '../superblock'
 import { CachedDevice } from '../registry/cached-device'
 import type { CacheSet } from '../registry/cache-set'
 import type { FlashVolume } from '../registry/flash-volume'
@@ -31,10 +32,26 @@ export interface ExportConfig {
   readOnly?: boolean
 }
 
+/** A device cached as it is, with no superblock ({@link Registry.attachExisting}), in a config file. */
+export interface ExistingConfig {
+  /** Its path or NBD URI. */
+  path: string
+  /** The cache set (its UUID, or its cache device's path), registered through `devices`. */
+  set: string
+  /** The UUID the set knows it by: the one it got at its first attach (default: a new one). */
+  uuid?: string
+  /** A new device's label. */
+  label?: string
+  /** Cache mode to switch it to. */
+  cacheMode?: CacheMode
+}
+
 /** What `ubcache serve` runs: the command line's options, or a `--config` JSON file's. */
 export interface DaemonConfig {
   /** Devices to register at start, cache and backing, in any order. */
   devices?: string[]
+  /** Devices with no superblock to cache as they are, once `devices` are registered. */
+  existing?: ExistingConfig[]
   /** Names and read-only flags of exports. */
   exports?: ExportConfig[]
   /** The NBD Unix socket (default: `<runtime dir>/nbd.sock`); null for none (TCP only). */
@@ -57,7 +74,7 @@ export interface DaemonConfig {
   registry?: RegistryOptions
 }
 
-const CONFIG_KEYS = ['devices', 'exports', 'socket', 'listen', 'tls', 'tlsCert', 'tlsKey', 'tlsPsk', 'control', 'metrics', 'logFormat', 'registry']
+const CONFIG_KEYS = ['devices', 'existing', 'exports', 'socket', 'listen', 'tls', 'tlsCert', 'tlsKey', 'tlsPsk', 'control', 'metrics', 'logFormat', 'registry']
 
 /** Reads and checks a `--config` file: unknown keys and wrong types are named. */
 export async function readConfig(path: string): Promise<DaemonConfig> {
@@ -75,6 +92,16 @@ export async function readConfig(path: string): Promise<DaemonConfig> {
   }
   for (const k of ['socket', 'listen', 'tls', 'tlsCert', 'tlsKey', 'tlsPsk', 'control', 'metrics', 'logFormat']) strings(k)
   if (c.devices !== undefined && (!Array.isArray(c.devices) || c.devices.some((d) => typeof d !== 'string'))) throw new InvalidArgumentError(`${path}: 'devices' must be a list of paths`)
+  if (c.existing !== undefined) {
+    if (!Array.isArray(c.existing)) throw new InvalidArgumentError(`${path}: 'existing' must be a list`)
+    for (const [i, e] of (c.existing as Record<string, unknown>[]).entries()) {
+      if (typeof e !== 'object' || e === null || typeof e.path !== 'string' || typeof e.set !== 'string') throw new InvalidArgumentError(`${path}: existing[${i}] needs a 'path' and a 'set'`)
+      for (const k of Object.keys(e)) {
+        if (!['path', 'set', 'uuid', 'label', 'cacheMode'].includes(k)) throw new InvalidArgumentError(`${path}: existing[${i}]: unknown key '${k}' (known: path, set, uuid, label, cacheMode)`)
+        if (typeof e[k] !== 'string') throw new InvalidArgumentError(`${path}: existing[${i}]: '${k}' must be a string`)
+      }
+    }
+  }
   if (c.exports !== undefined) {
     if (!Array.isArray(c.exports)) throw new InvalidArgumentError(`${path}: 'exports' must be a list`)
     for (const [i, e] of (c.exports as Record<string, unknown>[]).entries()) {
@@ -127,7 +154,10 @@ export class Daemon {
     this.#control = new ControlServer({
       register: (a) => this.#register(str(a.path, 'path')),
       list: async () => this.list(),
-      attach: (a) => this.#attach(str(a.backing, 'backing'), str(a.set, 'set')),
+      attach: (a) =>
+        a.existing === true
+          ? this.#attachExisting(str(a.backing, 'backing'), str(a.set, 'set'), { uuid: opt(a.uuid, 'uuid'), label: opt(a.label, 'label'), cacheMode: opt(a.cacheMode, 'cacheMode') as CacheMode | undefined })
+          : this.#attach(str(a.backing, 'backing'), str(a.set, 'set')),
       detach: (a, progress, signal) => this.#detach(str(a.backing, 'backing'), progress, signal),
       set: async (a) => this.#set(str(a.device, 'device'), str(a.tunable, 'tunable'), str(a.value, 'value')),
       stats: async (a) => this.stats(str(a.device, 'device')),
@@ -156,6 +186,7 @@ export class Daemon {
       }
       if (this.#nbdSocket === undefined && this.#tcp === undefined) throw new InvalidArgumentError('nowhere to serve NBD: give a socket or --listen')
       for (const path of c.devices ?? []) await this.#register(path)
+      for (const e of c.existing ?? []) await this.#attachExisting(e.path, e.set, { uuid: e.uuid, label: e.label, cacheMode: e.cacheMode })
       if (c.metrics !== undefined) await this.#serveMetrics(parseHostPort(c.metrics, '--metrics'))
       this.log.event('ready', { control: this.#controlPath, ...(this.#nbdSocket ? { socket: this.#nbdSocket } : {}), ...(this.#tcp ? { listen: this.#tcp } : {}), exports: this.nbd.exports.map((e) => e.name) })
     } catch (err) {
@@ -267,6 +298,18 @@ export class Daemon {
     this.log.event('attached', { device: dev.path, set: f.set.uuid })
     this.#sync()
     return { device: dev.path, set: f.set.uuid, state: dev.state }
+  }
+
+  /** Caches `given` as it is in the set `setRef` (its UUID or cache device's path). */
+  async #attachExisting(given: string, setRef: string, options: ExistingDeviceOptions): Promise<unknown> {
+    const path = resolve(given)
+    const f = this.#find(setRef)
+    if (f.set === undefined) throw new InvalidArgumentError(`'${setRef}' is not a registered cache set`)
+    const defined = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as ExistingDeviceOptions
+    const dev = await this.registry.attachExisting(path, f.set, defined)
+    this.log.event('attached', { device: dev.path, set: f.set.uuid, existing: true, uuid: dev.uuid, cacheMode: dev.cacheMode })
+    this.#sync()
+    return { device: dev.path, set: f.set.uuid, uuid: dev.uuid, state: dev.state, export: this.#exports.get(dev)?.name }
   }
 
   async #detach(backing: string, progress: (p: unknown) => void, signal: AbortSignal): Promise<unknown> {
@@ -419,6 +462,11 @@ export class Daemon {
     }
     await this.registry.close()
   }
+}
+
+/** An optional string argument of a management request. */
+function opt(v: unknown, what: string): string | undefined {
+  return v === undefined || v === null ? undefined : str(v, what)
 }
 
 function str(v: unknown, what: string): string {

@@ -30,6 +30,9 @@ Verbs (to a running daemon; --control <path> or $UBCACHE_CONTROL names its socke
   ubcache register <path>                 register a cache or backing device
   ubcache list [--json]                   sets, devices and exports with their NBD URIs
   ubcache attach <backing> <set>          attach a backing device to a cache set
+  ubcache attach --existing <path> <set> [--uuid U] [--label L] [--cache-mode M]
+                                          cache a device that holds data as it is (no
+                                          superblock written); --uuid to attach it again
   ubcache detach <backing>                write its dirty data back and detach it
   ubcache set <device> <tunable> <value>  a bcache tunable (cache_mode, writeback_percent,
                                           sequential_cutoff, ...) of a device or set
@@ -107,7 +110,16 @@ export async function cmdVerb(verb: string, argv: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
-    options: { json: { type: 'boolean' }, control: { type: 'string' }, watch: { type: 'boolean' }, interval: { type: 'string' } },
+    options: {
+      json: { type: 'boolean' },
+      control: { type: 'string' },
+      watch: { type: 'boolean' },
+      interval: { type: 'string' },
+      existing: { type: 'boolean' },
+      uuid: { type: 'string' },
+      label: { type: 'string' },
+      'cache-mode': { type: 'string' },
+    },
   })
   const control = values.control ?? defaultControlSocket()
   const need = (n: number, usage: string): void => {
@@ -136,6 +148,13 @@ export async function cmdVerb(verb: string, argv: string[]): Promise<number> {
       return 0
     }
     case 'attach': {
+      if (values.existing) {
+        need(2, '--existing <path> <set>')
+        const r = (await ask({ backing: positionals[0], set: positionals[1], existing: true, uuid: values.uuid, label: values.label, cacheMode: values['cache-mode'] })) as Record<string, unknown>
+        out(r, `${String(r.device)}: cached as it is in cache set ${String(r.set)} as UUID ${String(r.uuid)} (give --uuid ${String(r.uuid)} to attach it again), exported as '${String(r.export)}'`)
+        return 0
+      }
+      if (values.uuid !== undefined || values.label !== undefined || values['cache-mode'] !== undefined) throw new UsageError('attach: --uuid, --label and --cache-mode go with --existing')
       need(2, '<backing> <set>')
       const r = (await ask({ backing: positionals[0], set: positionals[1] })) as Record<string, unknown>
       out(r, `${String(r.device)}: attached to cache set ${String(r.set)}`)
