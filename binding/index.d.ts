@@ -464,6 +464,8 @@ export interface NativeCacheSetStats {
   cacheAddCutoffs: number
   cacheMissCollisions: number
   fillSectors: number
+  returningMisses: number
+  admissionBypasses: number
   writebackCutoffs: number
   dirtyOverlaps: number
   spaceWaits: number

@@ -571,6 +571,14 @@ export interface CacheSetStats {
   cacheMissCollisions: number
   /** Sectors of read misses inserted into the cache. */
   fillSectors: number
+  /**
+   * Read misses on data the cache held and evicted since (found by its stale keys, until GC
+   * drops them): the replacement policy's ghost record. With `s3fifo` they fill buckets of
+   * its main queue.
+   */
+  returningMisses: number
+  /** Read misses `tinylfu`'s admission kept out of the cache: their data missed for the first time in its window. */
+  admissionBypasses: number
   /** Writeback-mode writes sent through instead, because too much of the cache was dirty. */
   writebackCutoffs: number
   /** The cache device's I/O errors as `ioErrorLimit` counts them (decayed by `ioErrorHalflife`). */

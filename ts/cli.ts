@@ -40,7 +40,7 @@ ubcache make [-C <cache>]... [-B <backing>]... [options]
       --cset-uuid <uuid>             cache set UUID (default random)
       --writeback                    backing devices start in writeback mode
       --discard                      cache devices discard buckets before reuse
-      --cache_replacement_policy <p> lru, fifo or random (default lru)
+      --cache_replacement_policy <p> lru, fifo, random, s3fifo or tinylfu (default lru)
       --label <text>                 device label (at most 32 bytes)
       --wipe-bcache                  overwrite an existing bcache superblock
       --json                         print the superblocks written as JSON

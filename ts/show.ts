@@ -3,7 +3,7 @@
  * wording, then ubcache's extra lines) and its `--json` form.
  * @module
  */
-import { isCacheVersion, type ParsedSuperblock } from './superblock'
+import { isCacheVersion, type ParsedSuperblock, REPLACEMENTS } from './superblock'
 
 /** The `--json` form of `ubcache show`. Sizes are in 512-byte sectors. */
 export interface SuperblockJson {
@@ -113,7 +113,7 @@ export function formatSuperblock(parsed: ParsedSuperblock): string {
   ]
   const modeIndex = ['writethrough', 'writeback', 'writearound', 'none'].indexOf(sb.cacheMode)
   const stateIndex = ['none', 'clean', 'dirty', 'stale'].indexOf(sb.state)
-  const replIndex = ['lru', 'fifo', 'random'].indexOf(sb.replacement)
+  const replIndex = REPLACEMENTS.indexOf(sb.replacement)
   if (cache) {
     lines.push(
       ['dev.cache.first_sector', `${sb.firstBucket * sb.bucketSize}`],

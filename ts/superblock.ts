@@ -59,14 +59,17 @@ export const FEATURE_COMPAT_SUPP = 0n
 /** Read-only-compatible features this implementation understands (none are defined). */
 export const FEATURE_RO_COMPAT_SUPP = 0n
 
-/** Cache replacement policy of a cache device (flags bits 2..4). */
-export type Replacement = 'lru' | 'fifo' | 'random'
+/**
+ * Cache replacement policy of a cache device (flags bits 2..4): bcache's `lru`, `fifo` and
+ * `random` (0, 1, 2), and ubcache's `s3fifo` and `tinylfu` (3 and 4: bcache does not know them).
+ */
+export type Replacement = 'lru' | 'fifo' | 'random' | 's3fifo' | 'tinylfu'
 /** Cache mode of a backing device (flags bits 0..3). */
 export type CacheMode = 'writethrough' | 'writeback' | 'writearound' | 'none'
 /** State of a backing device (flags bits 61..62). */
 export type BackingState = 'none' | 'clean' | 'dirty' | 'stale'
 
-export const REPLACEMENTS: readonly Replacement[] = ['lru', 'fifo', 'random']
+export const REPLACEMENTS: readonly Replacement[] = ['lru', 'fifo', 'random', 's3fifo', 'tinylfu']
 export const CACHE_MODES: readonly CacheMode[] = ['writethrough', 'writeback', 'writearound', 'none']
 /** The all-zero UUID: a backing device attached to no set records it as its set UUID. */
 export const NULL_UUID = '00000000-0000-0000-0000-000000000000'

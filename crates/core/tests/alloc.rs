@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
 use ubcache_core::alloc::{
-    lru_weight, prio, Allocator, CacheConfig, DataWrite, GcMark, PrioWrite, Ptr, PtrKind, Replacement, Reserve,
+    lru_weight, prio, s3fifo, Allocator, CacheConfig, DataWrite, GcMark, PrioWrite, Ptr, PtrKind, Replacement, Reserve,
     SetConfig, Step, BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO, MAX_GC_SECTORS_USED,
 };
 use ubcache_core::index::{BucketAccounting, BucketGens, ExtentIndex, Key};
@@ -316,7 +316,12 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
                         info.mark,
                         if kind == PtrKind::Metadata { GcMark::Metadata } else { GcMark::Reclaimable }
                     );
-                    assert_eq!(info.prio, if kind == PtrKind::Metadata { BTREE_PRIO } else { INITIAL_PRIO });
+                    if replacement == Replacement::S3Fifo && kind != PtrKind::Metadata {
+                        // New data joins S3-FIFO's small queue, unread.
+                        assert!(!s3fifo::in_main(info.prio) && s3fifo::freq(info.prio) == 0, "prio {:#x}", info.prio);
+                    } else {
+                        assert_eq!(info.prio, if kind == PtrKind::Metadata { BTREE_PRIO } else { INITIAL_PRIO });
+                    }
                     m.pin((dev, b));
                     let ptr = s.a.bucket_ptr(dev, b).unwrap();
                     m.live.push(Live { ptr, sectors: bucket_size, kind, seen_stale: false });
@@ -363,8 +368,16 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
                             }
                             Op::Writeback(_) => l.kind = PtrKind::Clean,
                             _ => {
+                                let before = s.a.bucket(l.ptr.dev(), bucket_of(&s.a, l.ptr)).unwrap().prio;
                                 s.a.touch(l.ptr).unwrap();
-                                assert_eq!(s.a.bucket(l.ptr.dev(), bucket_of(&s.a, l.ptr)).unwrap().prio, INITIAL_PRIO);
+                                let after = s.a.bucket(l.ptr.dev(), bucket_of(&s.a, l.ptr)).unwrap().prio;
+                                if replacement == Replacement::S3Fifo {
+                                    // One read more, in the same queue and epoch.
+                                    assert_eq!(s3fifo::freq(after), (s3fifo::freq(before) + 1).min(s3fifo::FREQ_MAX));
+                                    assert_eq!(after & !(3 << 13), before & !(3 << 13));
+                                } else {
+                                    assert_eq!(after, INITIAL_PRIO);
+                                }
                             }
                         }
                     }
@@ -375,7 +388,8 @@ fn run(devs: usize, replacement: Replacement, discard: bool, ops: Vec<Op>) {
                     Some(&end) if continues => end,
                     _ => (write_point + if flash { 100 } else { 0 }, (dev_hint % 1000) as u64 * 64),
                 };
-                let w = DataWrite { inode, offset, sectors, write_point, flash_only: flash, moving_gc: false };
+                let w =
+                    DataWrite { inode, offset, sectors, write_point, flash_only: flash, moving_gc: false, hot: false };
                 if let Ok(got) = s.a.alloc_sectors(&w) {
                     assert!(got.sectors >= 1 && got.sectors <= sectors);
                     assert!(s.a.ptr_valid(got.ptr), "fresh allocation {got:?} is not valid");
@@ -436,6 +450,11 @@ proptest! {
     #[test]
     fn random_sequences_random_with_discard(ops in prop::collection::vec(op(), 1..400)) {
         run(1, Replacement::Random, true, ops);
+    }
+
+    #[test]
+    fn random_sequences_s3fifo(ops in prop::collection::vec(op(), 1..400)) {
+        run(1, Replacement::S3Fifo, false, ops);
     }
 }
 
@@ -1086,7 +1105,7 @@ fn alloc_set_spreads_over_devices_all_or_nothing() {
 }
 
 fn write(inode: u64, offset: u64, sectors: u32, write_point: u64, flash_only: bool) -> DataWrite {
-    DataWrite { inode, offset, sectors, write_point, flash_only, moving_gc: false }
+    DataWrite { inode, offset, sectors, write_point, flash_only, moving_gc: false, hot: false }
 }
 
 #[test]
@@ -1325,4 +1344,151 @@ fn priority_stats_add_up() {
     let empty = Sim::new(&config(1, 1024, Replacement::Lru, false));
     let st = empty.a.priority_stats(0).unwrap();
     assert_eq!((st.unused_percent, st.average, st.quantiles), (99, 0, [0; 31]));
+}
+
+/// S3-FIFO's model: every data bucket with the time of its (re)insertion (one tick per data
+/// bucket allocated, as the allocator's epoch on a cache this small), its queue and reads.
+struct S3Model {
+    now: u64,
+    resident: HashMap<u64, (u64, bool, u16)>,
+    /// Buckets holding dirty data: in their queue, never evicted or moved.
+    dirty: HashSet<u64>,
+}
+
+impl S3Model {
+    /// Evicts `n` buckets as S3-FIFO does: from the small queue while it holds more than a
+    /// tenth of the data buckets (a read bucket moves to the main queue's tail instead),
+    /// else from the main queue (a read bucket goes back to its tail with one read fewer).
+    /// Queues are in (time, bucket) order. Returns the buckets evicted.
+    fn evict(&mut self, n: usize) -> HashSet<u64> {
+        let target = self.resident.len() as u64 * 10 / 100;
+        let mut out = HashSet::new();
+        while out.len() < n {
+            let small = self.resident.iter().filter(|(_, e)| !e.1).count() as u64;
+            let head = |main: bool| {
+                self.resident
+                    .iter()
+                    .filter(|(b, e)| e.1 == main && !self.dirty.contains(b))
+                    .map(|(&b, e)| (e.0, b))
+                    .min()
+            };
+            let (from_small, (_, b)) = match (head(false), head(true)) {
+                (Some(s), _) if small > target => (true, s),
+                (_, Some(m)) => (false, m),
+                (Some(s), None) => (true, s),
+                (None, None) => break,
+            };
+            let e = self.resident.get_mut(&b).unwrap();
+            if e.2 > 0 {
+                *e = (self.now, true, if from_small { 0 } else { e.2 - 1 });
+            } else {
+                self.resident.remove(&b);
+                out.insert(b);
+            }
+        }
+        out
+    }
+}
+
+/// S3-FIFO against its queue model: buckets allocated one after another, random reads of
+/// resident buckets, and at every batch the buckets evicted are exactly the model's (buckets
+/// with nothing live go first, then the queues). Then a restart from the prio chain keeps the
+/// queues: the next batch still follows the model.
+#[test]
+fn s3fifo_follows_its_queue_model() {
+    for seed in 1..=6u64 {
+        let cfg = config(1, 700, Replacement::S3Fifo, false);
+        let mut s = Sim::new(&cfg);
+        let mut m = S3Model { now: 0, resident: HashMap::new(), dirty: HashSet::new() };
+        let mut rng = (seed * 0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut batches = 0;
+        let mut restarted = false;
+        let mut evicted = 0;
+        while batches < 60 {
+            match s.a.bucket_alloc(0, Reserve::None) {
+                Ok(b) => {
+                    s.a.unpin(0, b).unwrap();
+                    m.now += 1;
+                    m.resident.insert(b, (m.now, false, 0));
+                    // Now and then a bucket takes dirty data: it must stay whatever its queue says.
+                    if next() % 40 == 0 {
+                        s.a.mark_dirty(s.a.bucket_ptr(0, b).unwrap()).unwrap();
+                        m.dirty.insert(b);
+                    }
+                    // Reads of resident buckets, hot ones (low numbers) more often.
+                    for _ in 0..(next() % 3) {
+                        let keys: Vec<u64> = m.resident.keys().copied().collect();
+                        let pick = keys[(next() % keys.len() as u64) as usize];
+                        let hot = keys.iter().copied().filter(|&k| k % 7 == 0).collect::<Vec<_>>();
+                        let k = if next() % 2 == 0 && !hot.is_empty() {
+                            hot[(next() % hot.len() as u64) as usize]
+                        } else {
+                            pick
+                        };
+                        s.a.touch(s.a.bucket_ptr(0, k).unwrap()).unwrap();
+                        let e = m.resident.get_mut(&k).unwrap();
+                        e.2 = (e.2 + 1).min(3);
+                    }
+                }
+                Err(_) => {
+                    let step = s.a.poll(0).unwrap();
+                    let picked: HashSet<u64> = s.a.free_inc(0).unwrap().into_iter().collect();
+                    if step == Step::WritePrios && !picked.is_empty() {
+                        let data: HashSet<u64> =
+                            picked.iter().copied().filter(|b| m.resident.contains_key(b)).collect();
+                        if !data.is_empty() {
+                            // Nothing with no live data was passed over for a data bucket.
+                            for b in 3..700 {
+                                let i = s.a.bucket(0, b).unwrap();
+                                assert!(!(i.mark == GcMark::Unused && i.pin == 0 && i.gen.wrapping_sub(i.last_gc) < BUCKET_GC_GEN_MAX && !m.resident.contains_key(&b)), "seed {seed}: unused bucket {b} left while data was evicted: {i:?}, picked {picked:?}, chain {:?}", s.a.prio_chain(0));
+                            }
+                        }
+                        let main_before = m.resident.values().filter(|e| e.1).count();
+                        let want = m.evict(data.len());
+                        assert_eq!(data, want, "seed {seed} batch {batches}: evicted buckets");
+                        assert!(data.is_disjoint(&m.dirty), "seed {seed}: a dirty bucket was evicted");
+                        evicted += data.len();
+                        if batches == 59 {
+                            assert!(main_before > 0, "seed {seed}: buckets read again reached the main queue");
+                        }
+                        batches += 1;
+                        s.write_prios(0);
+                        if batches == 40 && !restarted {
+                            // A restart: a new allocator reads the prio chain back.
+                            restarted = true;
+                            let head = s.head[0].unwrap();
+                            let disk = s.disk[0].clone();
+                            let mut a = Allocator::new(&cfg).unwrap();
+                            a.read_prios(0, head, |b, out| {
+                                out.copy_from_slice(&disk[&b]);
+                                Ok(())
+                            })
+                            .unwrap();
+                            for (&b, e) in &m.resident {
+                                let before = s.a.bucket(0, b).unwrap();
+                                let after = a.bucket(0, b).unwrap();
+                                assert_eq!(
+                                    after.prio, before.prio,
+                                    "seed {seed}: bucket {b} prio after a restart ({e:?})"
+                                );
+                            }
+                        }
+                    } else if step != Step::WritePrios {
+                        s.drive();
+                    }
+                }
+            }
+        }
+        assert!(evicted > 200, "seed {seed}: {evicted} data buckets evicted");
+        assert!(
+            !m.dirty.is_empty() && m.dirty.iter().all(|b| m.resident.contains_key(b)),
+            "seed {seed}: dirty buckets stayed"
+        );
+    }
 }

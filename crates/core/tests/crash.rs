@@ -13,7 +13,7 @@ mod set_common;
 use std::time::Duration;
 
 use set_common::*;
-use ubcache_core::alloc::GcMark;
+use ubcache_core::alloc::{GcMark, Replacement};
 use ubcache_core::cache_set::{BypassConfig, CacheMode, CacheSetOptions, SetState, WritebackConfig};
 use ubcache_core::io::fault::{CrashMode, FaultRule};
 use ubcache_core::io::OpKind;
@@ -35,6 +35,8 @@ fn geo() -> Geo {
 #[derive(Default, Debug)]
 struct Tally {
     points: usize,
+    /// Points run with S3-FIFO's queues (s3fifo or tinylfu) selected.
+    fifo_queue_points: usize,
     during_startup: usize,
     during_close: usize,
     with_errors: usize,
@@ -129,6 +131,18 @@ fn campaign(name: &str, seed: u64, modes: Vec<CacheMode>, n: usize) -> Tally {
         }
         let mut rig = Rig::open(&paths, &o).unwrap_or_else(|e| panic!("point {}: open: {e}", t.points));
         t.csum_points += usize::from(o.set.data_csum);
+        // The replacement policy: switched now and then (the switch rewrites every data
+        // bucket's prio, and the superblock may or may not record it before the crash),
+        // so that S3-FIFO's queues, ghost record and admission meet crashes and restarts.
+        if rng.chance(40) {
+            let r = [Replacement::Lru, Replacement::S3Fifo, Replacement::TinyLfu][rng.below(3) as usize];
+            if let Some(set) = rig.engine.set_mut() {
+                let _ = set.set_cache_policy(r, false);
+            }
+        }
+        if rig.engine.set().is_some_and(|s| s.cache_policy().0.fifo_queues()) {
+            t.fifo_queue_points += 1;
+        }
         let mut w = Workload::new(rng.next());
         w.depth = 1 + rng.below(24) as usize;
         w.span = 64 + rng.below(512);
@@ -263,6 +277,7 @@ fn report(name: &str, t: &Tally) {
     assert!(t.detaches > 0 || points() < 100, "{name}: no detach begun");
     assert!(t.moved > 0 || points() < 100, "{name}: moving GC moved nothing");
     assert!(t.read_ahead > 0 || points() < 100, "{name}: nothing was read ahead");
+    assert!(t.fifo_queue_points > 0 || points() < 100, "{name}: no point ran s3fifo or tinylfu");
 }
 
 #[test]

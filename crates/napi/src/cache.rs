@@ -165,6 +165,8 @@ fn replacement_name(r: Replacement) -> &'static str {
         Replacement::Lru => "lru",
         Replacement::Fifo => "fifo",
         Replacement::Random => "random",
+        Replacement::S3Fifo => "s3fifo",
+        Replacement::TinyLfu => "tinylfu",
     }
 }
 
@@ -404,6 +406,8 @@ pub struct NativeCacheSetStats {
     pub cache_add_cutoffs: f64,
     pub cache_miss_collisions: f64,
     pub fill_sectors: f64,
+    pub returning_misses: f64,
+    pub admission_bypasses: f64,
     pub writeback_cutoffs: f64,
     pub dirty_overlaps: f64,
     pub space_waits: f64,
@@ -715,7 +719,14 @@ impl NativeCacheEngine {
                 "lru" => Replacement::Lru,
                 "fifo" => Replacement::Fifo,
                 "random" => Replacement::Random,
-                _ => return invalid(env, format!("cache_replacement_policy {name:?}: expected lru, fifo or random")),
+                "s3fifo" => Replacement::S3Fifo,
+                "tinylfu" => Replacement::TinyLfu,
+                _ => {
+                    return invalid(
+                        env,
+                        format!("cache_replacement_policy {name:?}: expected lru, fifo, random, s3fifo or tinylfu"),
+                    )
+                }
             };
         }
         if let Some(d) = p.discard {
@@ -1008,6 +1019,8 @@ impl NativeCacheEngine {
                 cache_add_cutoffs: st.cache_add_cutoffs as f64,
                 cache_miss_collisions: st.cache_miss_collisions as f64,
                 fill_sectors: st.fill_sectors as f64,
+                returning_misses: st.returning_misses as f64,
+                admission_bypasses: st.admission_bypasses as f64,
                 writeback_cutoffs: st.writeback_cutoffs as f64,
                 dirty_overlaps: st.dirty_overlaps as f64,
                 space_waits: st.space_waits as f64,

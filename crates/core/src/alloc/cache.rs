@@ -52,6 +52,8 @@ pub(crate) struct CacheAlloc {
     /// change so that a prio write copies it instead of re-reading the whole bucket array.
     /// Empty until the first prio write builds it.
     pub image: Vec<u8>,
+    /// S3-FIFO's clock (see `alloc::s3fifo`).
+    pub(crate) s3: super::s3fifo::Clock,
 }
 
 impl CacheAlloc {
@@ -100,6 +102,7 @@ impl CacheAlloc {
             sectors_written: 0,
             meta_sectors_written: 0,
             image: Vec::new(),
+            s3: Default::default(),
         }
     }
 
@@ -170,7 +173,7 @@ impl CacheAlloc {
         self.note(idx);
     }
 
-    fn invalidate_to_free_inc(&mut self, idx: usize, need_gc: &mut u8) {
+    pub(crate) fn invalidate_to_free_inc(&mut self, idx: usize, need_gc: &mut u8) {
         self.invalidate_one(idx, need_gc);
         self.free_inc.push(idx as u32);
     }
@@ -182,6 +185,7 @@ impl CacheAlloc {
             Replacement::Lru => self.invalidate_lru(min_prio, need_gc),
             Replacement::Fifo => self.invalidate_fifo(need_gc),
             Replacement::Random => self.invalidate_random(need_gc),
+            Replacement::S3Fifo | Replacement::TinyLfu => self.invalidate_s3fifo(need_gc),
         }
     }
 

@@ -83,6 +83,7 @@ mod fifo;
 mod gc;
 mod open_bucket;
 pub mod prio;
+pub mod s3fifo;
 mod stats;
 
 pub use bucket::{gen_after, BucketInfo, GcMark, BTREE_PRIO, BUCKET_GC_GEN_MAX, INITIAL_PRIO, MAX_GC_SECTORS_USED};
@@ -136,6 +137,21 @@ pub enum Replacement {
     Fifo,
     /// Uniformly at random.
     Random,
+    /// S3-FIFO at bucket granularity (see `alloc::s3fifo`): a small FIFO for new buckets,
+    /// a main one with reinsertion for buckets read again. Not one of bcache's.
+    S3Fifo,
+    /// S3-FIFO behind TinyLFU's doorkeeper (see `cache_set::admission`): a read miss fills
+    /// the cache only the second time its data misses within a window, or when it returns
+    /// after an eviction. Not one of bcache's.
+    TinyLfu,
+}
+
+impl Replacement {
+    /// True for the policies that evict by S3-FIFO's queues (their prios are queues and
+    /// epochs, not ages).
+    pub fn fifo_queues(self) -> bool {
+        matches!(self, Replacement::S3Fifo | Replacement::TinyLfu)
+    }
 }
 
 /// One cache device of the set.
@@ -397,6 +413,20 @@ impl Allocator {
     /// whether it discards buckets before reuse (from the next bucket on).
     pub fn set_cache_policy(&mut self, dev: u8, replacement: Replacement, discard: bool) -> Result<()> {
         let c = self.cache_mut(dev)?;
+        if c.replacement != replacement {
+            // The prios meant something else under the old policy: every data bucket starts over.
+            if replacement.fifo_queues() && !c.replacement.fifo_queues() {
+                c.replacement = replacement;
+                c.s3fifo_reset();
+            } else if c.replacement.fifo_queues() && !replacement.fifo_queues() {
+                for i in c.first_bucket as usize..c.buckets.len() {
+                    if c.buckets[i].prio != BTREE_PRIO {
+                        c.buckets[i].prio = INITIAL_PRIO;
+                        c.note(i);
+                    }
+                }
+            }
+        }
         c.replacement = replacement;
         c.discard = discard;
         Ok(())
@@ -459,15 +489,17 @@ impl Allocator {
         let b = &mut c.buckets[r as usize];
         debug_assert_eq!(b.pin, 1, "bucket {r} on a free list must carry exactly the allocator's pin");
         // Metadata fills its bucket; data sectors are accounted as their keys are indexed.
-        let prio = if matches!(reserve, Reserve::Btree | Reserve::Prio) {
-            b.set_mark(GcMark::Metadata);
-            b.set_sectors_used(bucket_size);
+        let meta = matches!(reserve, Reserve::Btree | Reserve::Prio);
+        b.set_mark(if meta { GcMark::Metadata } else { GcMark::Reclaimable });
+        b.set_sectors_used(if meta { bucket_size } else { 0 });
+        let prio = if meta {
             BTREE_PRIO
+        } else if c.replacement.fifo_queues() {
+            c.s3fifo_new_prio(false)
         } else {
-            b.set_mark(GcMark::Reclaimable);
-            b.set_sectors_used(0);
             INITIAL_PRIO
         };
+        let b = &mut c.buckets[r as usize];
         // Invalidation already set INITIAL_PRIO: only metadata changes the prio file here.
         if b.prio != prio {
             b.prio = prio;
@@ -562,12 +594,40 @@ impl Allocator {
     pub fn touch(&mut self, ptr: Ptr) -> Result<()> {
         let bucket = self.ptr_bucket(ptr)?;
         let c = &mut self.caches[ptr.dev() as usize];
+        if c.replacement.fifo_queues() {
+            if c.buckets[bucket as usize].gen == ptr.gen() {
+                c.s3fifo_touch(bucket as usize);
+            }
+            return Ok(());
+        }
         let b = &mut c.buckets[bucket as usize];
         if b.prio != BTREE_PRIO && b.prio != INITIAL_PRIO && b.gen == ptr.gen() {
             b.prio = INITIAL_PRIO;
             c.note(bucket as usize);
         }
         Ok(())
+    }
+
+    /// True when the policy found the data at `ptr` hot: with S3-FIFO, a bucket of the main
+    /// queue or read since it was written (false for a stale pointer and other policies).
+    pub fn ptr_hot(&self, ptr: Ptr) -> bool {
+        let Ok(bucket) = self.ptr_bucket(ptr) else { return false };
+        let c = &self.caches[ptr.dev() as usize];
+        let b = &c.buckets[bucket as usize];
+        c.replacement.fifo_queues()
+            && b.gen == ptr.gen()
+            && b.prio != BTREE_PRIO
+            && (s3fifo::in_main(b.prio) || s3fifo::freq(b.prio) > 0)
+    }
+
+    /// Writeback read the data back (not a user's read): LRU keeps the bucket young, as
+    /// bcache does; S3-FIFO counts user reads only.
+    pub fn touch_for_writeback(&mut self, ptr: Ptr) -> Result<()> {
+        self.ptr_bucket(ptr)?;
+        if self.caches[ptr.dev() as usize].replacement.fifo_queues() {
+            return Ok(());
+        }
+        self.touch(ptr)
     }
 
     /// A write with dirty data went into this pointer's bucket: it must not be invalidated
@@ -594,6 +654,10 @@ impl Allocator {
         self.rescale += self.rescale_step;
         let mut min = u16::MAX;
         for c in &mut self.caches {
+            // S3-FIFO's prios are queues and epochs, not ages.
+            if c.replacement.fifo_queues() {
+                continue;
+            }
             let first = c.first_bucket as usize;
             let (buckets, image) = (&mut c.buckets, &mut c.image);
             // The image follows in the same pass, while each bucket is at hand.
@@ -911,6 +975,9 @@ impl Allocator {
         c.prio_buckets = chain;
         c.prio_seq = seq.unwrap_or(0);
         c.drop_image();
+        if c.replacement.fifo_queues() {
+            c.s3fifo_restore_clock();
+        }
         Ok(())
     }
 

@@ -24,6 +24,9 @@ pub struct DataWrite {
     pub flash_only: bool,
     /// Moving GC is rewriting it: draw from the moving-GC reserve.
     pub moving_gc: bool,
+    /// Data known to be read again (it returned after its eviction, or moving GC found it
+    /// hot): written with hot data only, and with S3-FIFO its bucket joins the main queue.
+    pub hot: bool,
 }
 
 /// Space handed out by [`Allocator::alloc_sectors`].
@@ -41,6 +44,7 @@ struct OpenBucket {
     inode: u64,
     offset: u64,
     flash_only: bool,
+    hot: bool,
     write_point: u64,
     /// Next free sector.
     ptr: Ptr,
@@ -50,7 +54,15 @@ struct OpenBucket {
 impl Default for OpenBucket {
     fn default() -> OpenBucket {
         // The pointer of a closed slot (no sectors free) is never used.
-        OpenBucket { inode: 0, offset: 0, flash_only: false, write_point: 0, ptr: Ptr::from_bits(0), sectors_free: 0 }
+        OpenBucket {
+            inode: 0,
+            offset: 0,
+            flash_only: false,
+            hot: false,
+            write_point: 0,
+            ptr: Ptr::from_bits(0),
+            sectors_free: 0,
+        }
     }
 }
 
@@ -76,7 +88,7 @@ impl OpenBuckets {
         let mut same_writer = None;
         for (pos, &s) in self.lru.iter().enumerate().rev() {
             let ob = &self.slots[s as usize];
-            if ob.flash_only != w.flash_only {
+            if ob.flash_only != w.flash_only || ob.hot != w.hot {
                 continue;
             }
             if ob.inode == w.inode && ob.offset == w.offset {
@@ -91,7 +103,7 @@ impl OpenBuckets {
                 .iter()
                 .position(|&s| {
                     let ob = &self.slots[s as usize];
-                    ob.sectors_free == 0 || ob.flash_only == w.flash_only
+                    ob.sectors_free == 0 || (ob.flash_only == w.flash_only && ob.hot == w.hot)
                 })
                 .unwrap_or(0)
         })
@@ -111,8 +123,8 @@ impl Allocator {
         let pos = self.open.pick(w);
         let slot = self.open.lru[pos] as usize;
         let ob = self.open.slots[slot];
-        if ob.sectors_free > 0 && ob.flash_only != w.flash_only {
-            // Every slot holds the other kind of data: give up the rest of the oldest.
+        if ob.sectors_free > 0 && (ob.flash_only != w.flash_only || ob.hot != w.hot) {
+            // Every slot holds another kind of data: give up the rest of the oldest.
             let b = self.ptr_bucket(ob.ptr)?;
             self.unpin(ob.ptr.dev(), b)?;
             self.open.slots[slot].sectors_free = 0;
@@ -120,6 +132,10 @@ impl Allocator {
         if self.open.slots[slot].sectors_free == 0 {
             let reserve = if w.moving_gc { Reserve::MovingGc } else { Reserve::None };
             let p = self.alloc_set(reserve, 1)?[0];
+            if w.hot {
+                let b = self.ptr_bucket(p)?;
+                self.caches[p.dev() as usize].s3fifo_join_main(b as usize);
+            }
             let ob = &mut self.open.slots[slot];
             ob.ptr = p;
             ob.sectors_free = self.bucket_size;
@@ -140,6 +156,7 @@ impl Allocator {
         ob.inode = w.inode;
         ob.offset = w.offset + u64::from(sectors);
         ob.flash_only = w.flash_only;
+        ob.hot = w.hot;
         ob.write_point = w.write_point;
         if left > 0 {
             // Still inside the bucket, whose every sector a pointer can name (checked by

@@ -299,6 +299,16 @@ impl CacheSet {
         self.startup_progress();
     }
 
+    /// The state the replacement policy keeps beside the allocator's: S3-FIFO's ghost record
+    /// of as many extents as the cache holds blocks (at most 2^20, 32 MiB of memory), and
+    /// `tinylfu`'s doorkeeper; other policies neither.
+    pub(crate) fn policy_state_follow(&mut self) {
+        let r = self.cache_policy().0;
+        let blocks = self.alloc.nbuckets(0).unwrap_or(0) as usize * (self.geo.bucket_bytes / self.geo.block_bytes);
+        self.index.set_ghost_capacity(if r.fifo_queues() { blocks.clamp(1, 1 << 20) } else { 0 });
+        self.admission.resize(if r == crate::alloc::Replacement::TinyLfu { blocks as u64 } else { 0 });
+    }
+
     /// The cache device's replacement policy and whether it discards buckets before reuse
     /// (bcache's sysfs `cache_replacement_policy` and `discard`).
     pub fn cache_policy(&self) -> (crate::alloc::Replacement, bool) {
@@ -315,10 +325,14 @@ impl CacheSet {
             return Err(Error::new(crate::error::ErrorKind::Closed, "the cache set is closed"));
         }
         self.alloc.set_cache_policy(0, replacement, discard)?;
+        self.policy_state_follow();
         let bits = match replacement {
             crate::alloc::Replacement::Lru => 0,
             crate::alloc::Replacement::Fifo => 1,
             crate::alloc::Replacement::Random => 2,
+            // Not one of bcache's: bcache-tools shows the number (see docs/format.md).
+            crate::alloc::Replacement::S3Fifo => 3,
+            crate::alloc::Replacement::TinyLfu => 4,
         };
         let mut page = self.meta.sb_page.clone();
         let flags = super::superblock::parse(&page)?.flags_with(bits, discard);

@@ -53,6 +53,7 @@
 //!   (a read or write waits for earlier overlapping writes and discards).
 
 mod accounting;
+mod admission;
 mod bypass;
 mod checkpoint;
 mod detach;
@@ -218,6 +219,12 @@ pub struct CacheSetStats {
     pub cache_miss_collisions: u64,
     /// Sectors of read misses inserted into the cache.
     pub fill_sectors: u64,
+    /// Read misses on data the cache held and evicted (the replacement policy's ghost
+    /// record): with S3-FIFO they fill buckets of its main queue.
+    pub returning_misses: u64,
+    /// Read misses `tinylfu`'s admission kept out of the cache (their data missed for the
+    /// first time in the window).
+    pub admission_bypasses: u64,
     /// Writes in writeback mode sent through instead, because too much of the cache was dirty
     /// (bcache's `CUTOFF_WRITEBACK` and `CUTOFF_WRITEBACK_SYNC`).
     pub writeback_cutoffs: u64,
@@ -306,6 +313,8 @@ pub struct CacheSet {
     /// (writes in place wait for it: see `request::write`).
     pub(crate) crc_cuts: CrcCuts,
     pub(crate) stats: CacheSetStats,
+    /// `tinylfu`'s doorkeeper (off for other policies).
+    pub(crate) admission: admission::Doorkeeper,
     pub(crate) report: OpenReport,
     /// I/O to submit.
     pub(crate) io_out: Vec<IoRequest>,

@@ -192,7 +192,13 @@ impl CacheSet {
     /// starts a move of that extent into a fresh bucket. True when it did (the old bucket
     /// is then left to age instead of being touched).
     pub(crate) fn promote_hit(&mut self, inode: u32, sector: u64, ptr: Ptr, offset: u64) -> bool {
-        if !self.opts.promote_hits || self.state != SetState::Running || self.moving.moves.len() >= MAX_IN_FLIGHT {
+        // Its test of a bucket's age reads LRU prios (S3-FIFO's are queues and epochs).
+        let lru = self.alloc.cache_policy(0).is_ok_and(|(r, _)| !r.fifo_queues());
+        if !self.opts.promote_hits
+            || !lru
+            || self.state != SetState::Running
+            || self.moving.moves.len() >= MAX_IN_FLIGHT
+        {
             return false;
         }
         let Ok(b) = self.alloc.bucket(ptr.dev(), ptr.bucket(self.geo.bucket_bits)) else { return false };
@@ -270,6 +276,8 @@ impl CacheSet {
             (m.key.inode, m.key.start, m.key.size)
         };
         let mut done: u64 = self.moving.get(n).pieces.iter().map(|a| u64::from(a.sectors)).sum();
+        // Data of a bucket its policy found hot moves in with hot data.
+        let hot = self.alloc.ptr_hot(self.moving.get(n).src);
         while done < size {
             let w = DataWrite {
                 inode: u64::from(inode),
@@ -278,6 +286,7 @@ impl CacheSet {
                 write_point: WRITE_POINT,
                 flash_only: false,
                 moving_gc: true,
+                hot,
             };
             match self.alloc_sectors(&w) {
                 Ok(a) => {

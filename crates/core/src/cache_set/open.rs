@@ -123,6 +123,8 @@ pub fn load(st: &mut dyn Storage, opts: CacheSetOptions) -> Result<CacheSet> {
     let replacement = match sb.replacement() {
         1 => Replacement::Fifo,
         2 => Replacement::Random,
+        3 => Replacement::S3Fifo,
+        4 => Replacement::TinyLfu,
         _ => Replacement::Lru,
     };
     let alloc = Allocator::new(&SetConfig {
@@ -184,12 +186,14 @@ pub fn load(st: &mut dyn Storage, opts: CacheSetOptions) -> Result<CacheSet> {
         cache_unflushed: false,
         crc_cuts: Default::default(),
         stats: CacheSetStats::default(),
+        admission: Default::default(),
         report: OpenReport { journal_read_time, ..Default::default() },
         io_out: Vec::new(),
         done: Vec::new(),
         events: Vec::new(),
         opts,
     };
+    cs.policy_state_follow();
     if sb.sync() {
         cs.recover(st, found)?;
     } else {

@@ -546,7 +546,7 @@ impl CacheSet {
         let buf = self.reqs.fill_pool.get((sectors * 512) as usize);
         let tag = Tag::Writeback { io: n, write: false }.encode();
         self.push_io(IoRequest::read(self.cache, ptr.offset() * 512, buf, tag));
-        let _ = self.alloc.touch(ptr);
+        let _ = self.alloc.touch_for_writeback(ptr);
         true
     }
 

@@ -192,6 +192,10 @@ pub struct ExtentIndex {
     stale: Vec<(usize, u64, u64)>,
     /// Scratch: fragments for placeholder insertion.
     frags: Vec<Fragment>,
+    /// The last [`ExtentIndex::lookup`] met stale extents: data the cache held and evicted.
+    met_stale: bool,
+    /// Where stale extents dropped started (off until given a capacity).
+    ghost: super::ghost::Ghost,
 }
 
 impl Default for ExtentIndex {
@@ -533,6 +537,8 @@ impl ExtentIndex {
             stats: IndexStats::default(),
             stale: Vec::new(),
             frags: Vec::new(),
+            met_stale: false,
+            ghost: Default::default(),
         }
     }
 
@@ -601,6 +607,7 @@ impl ExtentIndex {
         out: &mut Vec<Fragment>,
     ) -> Result<()> {
         out.clear();
+        self.met_stale = false;
         if len == 0 {
             return Ok(());
         }
@@ -654,8 +661,28 @@ impl ExtentIndex {
         let tree = &vols[vi].tree;
         fragments(tree, side, stale, vi, c, start, end, gens, out);
         if !self.stale.is_empty() {
+            self.met_stale = true;
             self.drop_stale(gens);
         }
+    }
+
+    /// True when the last [`ExtentIndex::lookup`] met extents whose pointers went stale
+    /// (and dropped them): the range held data the cache evicted since, and is read again.
+    pub fn lookup_met_stale(&self) -> bool {
+        self.met_stale
+    }
+
+    /// Keeps a ghost record of up to `extents` evicted extents (0: none): where the stale
+    /// extents dropped (by lookups and GC) started. See [`ExtentIndex::returning`].
+    pub fn set_ghost_capacity(&mut self, extents: usize) {
+        self.ghost.set_capacity(extents);
+    }
+
+    /// True when a miss at `start` of `inode` reads data the cache evicted not long ago: the
+    /// last lookup met its stale extent, or the ghost record holds where it started (then
+    /// forgets it).
+    pub fn returning(&mut self, inode: u32, start: u64) -> bool {
+        self.met_stale || self.ghost.take(inode, start)
     }
 
     /// [`lookup`](Self::lookup) for a batch of ranges: the same fragments, request after
@@ -747,11 +774,12 @@ impl ExtentIndex {
     /// Removes the stale extents recorded in `self.stale`.
     fn drop_stale<G: BucketGens + ?Sized>(&mut self, gens: &G) {
         let mut g = GensOnly(gens);
-        let ExtentIndex { vols, side, stale, stats, .. } = self;
+        let ExtentIndex { vols, side, stale, stats, ghost, .. } = self;
         // A batch of lookups may have met the same stale extent more than once.
         stale.sort_unstable();
         stale.dedup();
         for (vi, s, e) in stale.drain(..) {
+            ghost.record(vols[vi].inode, s);
             let Volume { tree, sectors, dirty_sectors, .. } = &mut vols[vi];
             let mut t = Trimmer { b: &mut g, side: &mut *side, sectors, dirty_sectors, released: 0 };
             tree.replace(s, e, None, &mut t);

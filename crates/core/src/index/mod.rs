@@ -31,6 +31,7 @@ pub mod bkey;
 mod btree;
 pub mod buckets;
 pub mod extents;
+mod ghost;
 pub mod key;
 mod side;
 mod word;

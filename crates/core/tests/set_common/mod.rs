@@ -468,6 +468,9 @@ pub struct ReadCheck {
     /// Per block: the versions it may see as of its submission, and the model event then
     /// (writes submitted later may be seen too).
     allowed: Vec<Vec<u64>>,
+    /// Per block: discarded as of its submission (a FUA write completing before the read
+    /// does clears the model's flag, but the read may have been served before it landed).
+    discarded: Vec<bool>,
     at: u64,
 }
 
@@ -612,7 +615,8 @@ impl Model {
                 vs[from..].iter().map(|w| w.version).collect()
             })
             .collect();
-        ReadCheck { dev, block, blocks, allowed, at }
+        let discarded = (block..block + blocks).map(|b| self.discarded[dev][b as usize].is_some()).collect();
+        ReadCheck { dev, block, blocks, allowed, discarded, at }
     }
 
     /// Checks what a read returned.
@@ -622,7 +626,7 @@ impl Model {
             let mut allowed = r.allowed[i as usize].clone();
             allowed.extend(self.blocks[r.dev][b as usize].iter().filter(|w| w.submitted > r.at).map(|w| w.version));
             let blk = &data[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
-            self.check_block(r.dev, b, blk, &allowed, false)?;
+            self.check_block(r.dev, b, blk, &allowed, false, r.discarded[i as usize])?;
         }
         Ok(())
     }
@@ -636,8 +640,9 @@ impl Model {
         data: &[u8],
         allowed: &[u64],
         mixed: bool,
+        discarded_then: bool,
     ) -> std::result::Result<(), String> {
-        let discarded = self.discarded[dev][b as usize].is_some();
+        let discarded = discarded_then || self.discarded[dev][b as usize].is_some();
         if allowed.iter().any(|v| *v >= ADOPTED && self.adopted.get(v).is_some_and(|d| d[..] == data[..])) {
             return Ok(());
         }
@@ -686,7 +691,7 @@ impl Model {
             let b = block + i;
             let blk = &data[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
             let allowed: Vec<u64> = self.blocks[dev][b as usize].iter().map(|w| w.version).collect();
-            if let Err(e) = self.check_block(dev, b, blk, &allowed, true) {
+            if let Err(e) = self.check_block(dev, b, blk, &allowed, true, false) {
                 return Err(format!("{e}\n  {}", self.history(dev, b)));
             }
             for v in &allowed {

@@ -39,8 +39,9 @@ impl CacheSet {
         }
     }
 
-    /// Starts filling miss `ph` with `data` (the backing device's contents of its range).
-    pub(crate) fn fill_start(&mut self, ph: Placeholder, data: &[u8]) {
+    /// Starts filling miss `ph` with `data` (the backing device's contents of its range);
+    /// `hot`: data the cache held before, written with hot data.
+    pub(crate) fn fill_start(&mut self, ph: Placeholder, data: &[u8], hot: bool) {
         if self.state != super::SetState::Running {
             self.fill_finished(&ph, 0);
             return;
@@ -57,6 +58,7 @@ impl CacheSet {
                 write_point: u64::from(ph.inode),
                 flash_only: false,
                 moving_gc: false,
+                hot,
             };
             match self.alloc_sectors(&w) {
                 Ok(a) => {

@@ -41,8 +41,9 @@ pub(crate) enum Part {
     /// of its own and checked, then sectors `skip .. skip + len` of it are copied to byte
     /// `at` of the request's buffer.
     CacheReadExtent { bucket: u64, dirty: bool, sector: u64, len: u64, skip: u64, at: usize, check: Check },
-    /// A read from the backing device; with a placeholder when the data is to fill the cache.
-    BackingRead { ph: Option<Placeholder> },
+    /// A read from the backing device; with a placeholder when the data is to fill the
+    /// cache, `hot` when the cache held it before (it fills a bucket of hot data).
+    BackingRead { ph: Option<Placeholder>, hot: bool },
     /// Readahead past the end of a read miss: read from the backing device into a buffer
     /// of its own, only to fill the cache.
     Readahead { ph: Placeholder },

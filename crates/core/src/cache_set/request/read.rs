@@ -39,6 +39,15 @@ impl CacheSet {
             self.req_error(slot, e);
             return self.complete_request(slot);
         }
+        // Data the cache held and evicted, read again: it was worth keeping (the
+        // replacement policy's ghost record).
+        let hole = frags.iter().find(|f| f.kind == FragmentKind::Hole).map(|f| f.start);
+        let returning = fill && hole.is_some_and(|s| self.index.returning(inode, s));
+        if returning {
+            self.stats.returning_misses += 1;
+        }
+        // Admission: a miss may be kept out of the cache (tinylfu).
+        let fill = fill && hole.is_none_or(|s| self.admit(inode, s, returning));
         let failed = self.failed_error();
         // One hit covering the whole read: the buffer goes out whole, no windows.
         if let [f] = frags.as_slice() {
@@ -120,7 +129,7 @@ impl CacheSet {
                         let a = ((s - sector) * 512) as usize;
                         let win = self.reqs.get(slot).buf.window(a, (n * 512) as usize, align);
                         let off = data_offset + s * 512;
-                        let part = Part::BackingRead { ph };
+                        let part = Part::BackingRead { ph, hot: returning };
                         self.issue(slot, part, |tag| IoRequest::read(backing, off, win, tag));
                         s += n;
                     }
@@ -137,7 +146,7 @@ impl CacheSet {
                     self.stats.miss_sectors += f.len;
                     let win = self.reqs.get(slot).buf.window(at, (f.len * 512) as usize, align);
                     let off = data_offset + f.start * 512;
-                    let part = Part::BackingRead { ph: None };
+                    let part = Part::BackingRead { ph: None, hot: false };
                     self.issue(slot, part, |tag| IoRequest::read(backing, off, win, tag));
                 }
             }
@@ -210,7 +219,7 @@ impl CacheSet {
         let inode = self.reqs.get(slot).inode;
         let dev = self.dev(inode).expect("attached");
         let (off, backing) = (dev.data_offset + sector * 512, dev.backing);
-        self.issue(slot, Part::BackingRead { ph: None }, |tag| IoRequest::read(backing, off, buf, tag));
+        self.issue(slot, Part::BackingRead { ph: None, hot: false }, |tag| IoRequest::read(backing, off, buf, tag));
     }
 
     /// A hit's data did not match its checksum: counted, and a clean extent still in the
@@ -306,15 +315,15 @@ impl CacheSet {
             Part::Readahead { ph } => {
                 // Only for the cache: a failure costs the request nothing.
                 match result {
-                    Ok(_) => self.fill_start(ph, &buf),
+                    Ok(_) => self.fill_start(ph, &buf, false),
                     Err(_) => self.fill_finished(&ph, 0),
                 }
             }
-            Part::BackingRead { ph, .. } => {
+            Part::BackingRead { ph, hot } => {
                 match result {
                     Ok(_) => {
                         if let Some(ph) = ph {
-                            self.fill_start(ph, &buf);
+                            self.fill_start(ph, &buf, hot);
                         }
                     }
                     Err(e) => {

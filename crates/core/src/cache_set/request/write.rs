@@ -218,6 +218,7 @@ impl CacheSet {
                 write_point: u64::from(inode),
                 flash_only: false,
                 moving_gc: false,
+                hot: false,
             };
             match self.alloc_sectors(&w) {
                 Ok(a) => {
