@@ -117,6 +117,8 @@ backing_latency=fixed=5ms,mibps=200,seek=8ms
   t.is(d.rwmixread, 50)
   t.deepEqual(d.randomDistribution, { kind: 'random' })
   t.is(d.loops, 1)
+  t.is(d.cacheReplacementPolicy, undefined)
+  t.is(parseJobFile('[p]\nioengine=ubcache\ncache=c.img\nbacking=b.img\ncache_replacement_policy=tinylfu\n')[0].cacheReplacementPolicy, 'tinylfu')
 })
 
 test('fio units', (t) => {
@@ -169,6 +171,7 @@ test('bad input: one line naming the file, line, section, key and value', (t) =>
   bad('[j]\ntime_based=maybe\n', /must be 0 or 1/)
   bad('[j]\nverify=sha9\n', /verify=sha9: must be crc32c, md5 or pattern/)
   bad('[j]\nbacking_latency=fast\n', /backing_latency=fast: must be NNNNrpm/)
+  bad('[j]\ncache_replacement_policy=clock\n', /cache_replacement_policy=clock: must be one of lru, fifo, random, s3fifo, tinylfu$/)
   bad('[global]\nsize=lots\n[j]\n', /^x\.fio:2: \[global\] size=lots/)
   bad('rw=read\n', /outside any section/)
   bad('[global]\nsize=1M\n', /no jobs/)

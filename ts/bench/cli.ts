@@ -33,7 +33,8 @@ ubcache bench ... --report out.html   also write a self-contained HTML report (c
 ubcache bench --list-examples
   Runs the jobs of a fio job file ([global] and job sections, fio's keys and units): jobs
   run together, a stonewall job starts after the ones before it have finished.
-  ioengine=ubcache: through a cached device (cache=, backing=, cache_mode=; files that do
+  ioengine=ubcache: through a cached device (cache=, backing=, cache_mode=,
+  cache_replacement_policy=; files that do
   not exist are made and formatted, the cache of cache_size); ioengine=raw: the raw-device
   API on filename=; ioengine=sim: the job's access stream through simulated caches of
   cache_size (no device), with the hit ratio of OPT, Belady's MIN, LRU, FIFO, ARC, S3-FIFO

@@ -166,6 +166,7 @@ async function ubcacheTarget(job: Job): Promise<Target> {
     throw new JobFileError(`[${job.name}] ioengine=ubcache cache=${cache} backing=${backing}: ${(err as Error).message}`)
   }
   if (job.cacheMode) dev.cacheMode = job.cacheMode
+  if (job.cacheReplacementPolicy) set.configureCacheDevice({ replacement: job.cacheReplacementPolicy })
   if (job.sequentialCutoff !== undefined) dev.configureBypass({ sequentialCutoff: job.sequentialCutoff })
   const wb: { percent?: number; running?: boolean } = {}
   if (job.writebackPercent !== undefined) wb.percent = job.writebackPercent

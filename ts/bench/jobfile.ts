@@ -70,6 +70,8 @@ export interface Job {
   cache?: string
   backing?: string
   cacheMode?: 'writethrough' | 'writeback' | 'writearound' | 'none'
+  /** ubcache: the cache device's replacement policy (bcache's `cache_replacement_policy`). */
+  cacheReplacementPolicy?: 'lru' | 'fifo' | 'random' | 's3fifo' | 'tinylfu'
   cacheSize?: number
   /** Bytes of a file the job makes (fio's `filesize`; default the job's region). */
   filesize?: number
@@ -143,6 +145,7 @@ const KEYS: Record<string, KeySpec> = {
   cache: { t: 'str' },
   backing: { t: 'str' },
   cache_mode: { t: 'enum', values: ['writethrough', 'writeback', 'writearound', 'none'] },
+  cache_replacement_policy: { t: 'enum', values: ['lru', 'fifo', 'random', 's3fifo', 'tinylfu'] },
   cache_size: { t: 'size' },
   filesize: { t: 'size' },
   sequential_cutoff: { t: 'size' },
@@ -481,7 +484,7 @@ function apply(job: Job, section: string, key: string, value: string | undefined
 
 /** `io_size` → `ioSize`; a few keys are named differently on {@link Job}. */
 function camel(key: string): string {
-  const renamed: Record<string, string> = { time_based: 'timeBased', ramp_time: 'rampTime', verify_only: 'verifyOnly', group_reporting: 'groupReporting', cache_mode: 'cacheMode', cache_size: 'cacheSize', sequential_cutoff: 'sequentialCutoff', writeback_percent: 'writebackPercent', writeback_running: 'writebackRunning', replay_speed: 'replaySpeed', rate_iops: 'rateIops', io_size: 'ioSize' }
+  const renamed: Record<string, string> = { time_based: 'timeBased', ramp_time: 'rampTime', verify_only: 'verifyOnly', group_reporting: 'groupReporting', cache_mode: 'cacheMode', cache_replacement_policy: 'cacheReplacementPolicy', cache_size: 'cacheSize', sequential_cutoff: 'sequentialCutoff', writeback_percent: 'writebackPercent', writeback_running: 'writebackRunning', replay_speed: 'replaySpeed', rate_iops: 'rateIops', io_size: 'ioSize' }
   return renamed[key] ?? key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase())
 }
 
