@@ -370,8 +370,10 @@ test('an existing device (no superblock) through the daemon: attach --existing, 
   t.true(readFileSync(data).equals(Buffer.alloc(16 * MiB, 0x5a)), 'dirty data stays in the cache; nothing else written')
   // The config file names it with its UUID: the dirty data is found again.
   const cfg = join(d.dir, 'existing.json')
-  writeFileSync(cfg, JSON.stringify({ devices: [d.cache], existing: [{ path: data, set, uuid }] }))
+  // (Writeback tunables are not persisted, as bcache's are not: paused again by the config.)
+  writeFileSync(cfg, JSON.stringify({ devices: [d.cache], existing: [{ path: data, set, uuid }], registry: { writeback: { running: false } } }))
   s = await serve(d.dir, ['--config', cfg])
+  t.true(JSON.parse(s.verb('stats', 'data', '--json').stdout).dirtySectors >= 4096, 'the dirty data found again')
   must('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5a 0 1M', '-c', 'read -P 0x3c 1M 2M', '-c', 'read -P 0x5a 3M 13M', s.uri('data')])
   r = s.verb('detach', 'data', '--json')
   t.is(r.status, 0, r.stderr)

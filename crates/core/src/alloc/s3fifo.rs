@@ -71,6 +71,11 @@ impl CacheAlloc {
         (self.s3.now + EPOCHS - e % EPOCHS) % EPOCHS
     }
 
+    /// Epochs since the bucket of prio `p` was last (re)inserted into its queue.
+    pub(crate) fn s3fifo_age(&self, p: u16) -> u16 {
+        self.s3_age(epoch(p))
+    }
+
     /// The prio of a data bucket being allocated: the small queue, or the main one for
     /// data known to be hot (`main`); unread; now. Moves the clock on.
     pub(crate) fn s3fifo_new_prio(&mut self, main: bool) -> u16 {

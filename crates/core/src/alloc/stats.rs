@@ -15,11 +15,12 @@ pub struct PriorityStats {
     pub dirty_percent: u64,
     /// Share of metadata buckets, in percent.
     pub metadata_percent: u64,
-    /// Mean age (INITIAL_PRIO - prio) of data buckets with a non-zero prio.
+    /// Mean age (INITIAL_PRIO - prio) of data buckets with a non-zero prio; under `s3fifo`
+    /// and `tinylfu`, epochs since each bucket's last insertion into its queue.
     pub average: u64,
     /// Sectors each quantile stands for.
     pub sectors_per_quantile: u64,
-    /// 31 quantiles of age (INITIAL_PRIO - prio), youngest first.
+    /// 31 quantiles of age (as `average`), youngest first.
     pub quantiles: [u16; 31],
 }
 
@@ -41,17 +42,18 @@ impl Allocator {
                 GcMark::Unused => {}
             }
         }
-        // Highest prio first; drop never-used (prio 0) buckets and metadata (BTREE_PRIO).
-        let mut prios: Vec<u16> =
-            c.buckets[first..].iter().map(|b| b.prio).filter(|&p| p != 0 && p != BTREE_PRIO).collect();
-        prios.sort_unstable_by(|a, b| b.cmp(a));
-        let n = prios.len();
-        let age = |p: u16| INITIAL_PRIO.saturating_sub(p);
-        let average = if n == 0 { 0 } else { prios.iter().map(|&p| u64::from(age(p))).sum::<u64>() / n as u64 };
+        // Drop never-used (prio 0) buckets and metadata (BTREE_PRIO); youngest first.
+        let fifo = c.replacement.fifo_queues();
+        let age = |p: u16| if fifo { c.s3fifo_age(p) } else { INITIAL_PRIO.saturating_sub(p) };
+        let mut ages: Vec<u16> =
+            c.buckets[first..].iter().map(|b| b.prio).filter(|&p| p != 0 && p != BTREE_PRIO).map(age).collect();
+        ages.sort_unstable();
+        let n = ages.len();
+        let average = if n == 0 { 0 } else { ages.iter().map(|&a| u64::from(a)).sum::<u64>() / n as u64 };
         let mut quantiles = [0u16; 31];
         if n > 0 {
             for (i, q) in quantiles.iter_mut().enumerate() {
-                *q = age(prios[n * (i + 1) / 32]);
+                *q = ages[n * (i + 1) / 32];
             }
         }
         Ok(PriorityStats {
