@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process'
 import { writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import test from 'ava'
-import { BUCKET_MIN, SIM_POLICIES, simulateCache } from '../ts/index'
+import { BUCKET_MIN, BUCKET_POLICIES, SIM_POLICIES, simulateCache } from '../ts/index'
 import { mustHaveTools, tempDir } from './helpers'
 
 const dir = tempDir()
@@ -109,4 +109,34 @@ test('bucket-min: Belady by whole buckets; one block per bucket is MIN, larger b
   }
   t.true(prev[0] > 0)
   await t.throwsAsync(simulateCache(BUCKET_MIN, trace, caps), { code: 'INVALID_ARGUMENT', message: /needs bucketBlocks/ })
+})
+
+test('bucket-granular lru, s3fifo and tinylfu: one block per bucket, lru is block LRU; never above bucket-min; scans hurt lru most', async (t) => {
+  const [, trace] = TRACES[0]
+  const caps = [64, 256]
+  // With one block per bucket, bucket LRU is LRU exactly.
+  t.deepEqual(
+    (await simulateCache('bucket-lru', trace, caps, { bucketBlocks: 1 })).map((r) => r.hits),
+    (await simulateCache('lru', trace, caps)).map((r) => r.hits),
+  )
+  const opt = (await simulateCache('opt', trace, caps)).map((r) => r.hits)
+  for (const p of BUCKET_POLICIES) {
+    const rs = await simulateCache(p, trace, caps, { bucketBlocks: 4 })
+    rs.forEach((r, i) => {
+      t.is(r.hits + r.misses, trace.length)
+      t.true(r.hits <= opt[i], `${p} at ${caps[i]}: ${r.hits} hits, OPT ${opt[i]}`)
+      t.true(r.hits > 0, p)
+    })
+  }
+  // A hot set read again and again, with one-time scans between: S3-FIFO keeps the hot set.
+  const mixed: number[] = []
+  for (let round = 0; round < 200; round++) {
+    for (let h = 0; h < 32; h++) mixed.push(h)
+    for (let s = 0; s < 64; s++) mixed.push(1_000_000 + round * 64 + s)
+  }
+  const [lru] = await simulateCache('bucket-lru', mixed, [64], { bucketBlocks: 4 })
+  const [s3] = await simulateCache('bucket-s3fifo', mixed, [64], { bucketBlocks: 4 })
+  t.true(s3.hitRatio > lru.hitRatio + 0.1, `s3fifo ${s3.hitRatio}, lru ${lru.hitRatio}`)
+  await t.throwsAsync(simulateCache('bucket-s3fifo', trace, caps), { code: 'INVALID_ARGUMENT', message: /bucket-s3fifo needs bucketBlocks/ })
+  await t.throwsAsync(simulateCache('bucket-lru', trace, [4], { bucketBlocks: 4 }), { code: 'INVALID_ARGUMENT', message: /fewer than two buckets/ })
 })

@@ -738,7 +738,8 @@ export declare function parseCacheSuperblock(page: Uint8Array): NativeCacheSb
 
 /**
  * Runs `trace` (block numbers, whole and below 2^53) through the policy `policy` (`opt`,
- * `belady`, `bucket-min` (with `bucket_blocks`), `lru`, `fifo`, `arc`, `s3fifo`, `sieve`)
+ * `belady`, `bucket-min`, `bucket-lru`, `bucket-s3fifo`, `bucket-tinylfu` (the `bucket-`
+ * ones with `bucket_blocks`), `lru`, `fifo`, `arc`, `s3fifo`, `sieve`)
  * once per cache size in `capacities` (blocks);
  * resolves to one result per size. Rejects with `INVALID_ARGUMENT` for an unknown policy, a
  * size of 0 or a block number that is not a whole number.

@@ -38,7 +38,7 @@ export {
   type WritebackRate,
 } from './cache-engine'
 export { Crc64, crc64, crc64Implementation } from './crc64'
-export { BUCKET_MIN, SIM_POLICIES, type SimPolicy, type SimResult, simulateCache } from './sim'
+export { BUCKET_MIN, BUCKET_POLICIES, type BucketPolicy, SIM_POLICIES, type SimPolicy, type SimResult, simulateCache } from './sim'
 export {
   type EngineChoice,
   IoEngine,
@@ -64,7 +64,7 @@ export {
 export { CachedDevice, CacheSet, type ExistingDeviceOptions, FlashVolume, Registry, type RegistryOptions } from './registry'
 export { type BlockTarget, type ExportInit, NbdExport, NbdRequestError } from './nbd/export'
 export { type Listen, NbdServer, type NbdServerOptions, type TlsOptions } from './nbd/server'
-export { Daemon, type DaemonConfig, type ExportConfig } from './daemon/daemon'
+export { Daemon, type DaemonConfig, type ExistingConfig, type ExportConfig } from './daemon/daemon'
 export { controlRequest, defaultControlSocket, defaultNbdSocket, runtimeDir } from './daemon/control'
 export { type LogFormat, Logger } from './daemon/log'
 export { formatSuperblock, superblockJson, type SuperblockJson } from './show'

@@ -1,7 +1,8 @@
 // `npm run bench:replacement`: hit ratios of the replacement policies through the real
 // engine (a cache set on a file, an existing device attached to it, 4 KiB reads at QD 8),
 // beside block-granular simulations of OPT, LRU, ARC, S3-FIFO and SIEVE on the same reads
-// with the cache's size (the blocks the engine held at the end of its run).
+// with the cache's size (the blocks the engine held at the end of its run), and the
+// bucket-granular simulations of lru, s3fifo and tinylfu (64 KiB buckets).
 //
 // Workloads over a working set of UBCACHE_REPL_BLOCKS 4 KiB blocks (default 262144, 1 GiB),
 // UBCACHE_REPL_REQUESTS reads each (default 400000), seeds fixed:
@@ -33,6 +34,8 @@ const SIZES = [0.01, 0.05, 0.1]
 const POLICIES = ['lru', 's3fifo', 'tinylfu']
 const NEW = ['s3fifo', 'tinylfu']
 const SIMS = ['opt', 'lru', 'arc', 's3fifo', 'sieve']
+// The same policies at bucket granularity (64 KiB buckets: 16 blocks), as the engine evicts.
+const BUCKET_SIMS = ['bucket-lru', 'bucket-s3fifo', 'bucket-tinylfu']
 const QD = 8
 const log = (s) => process.stderr.write(s + '\n')
 
@@ -167,15 +170,19 @@ for (const [name, make] of Object.entries(WORKLOADS)) {
       const [r] = await lib.simulateCache(p, trace, [blocks])
       row.sim[p] = r.hitRatio
     }
-    log(`bench:replacement: ${name} ${share * 100}% sims at ${blocks} blocks: ${SIMS.map((p) => `${p} ${row.sim[p].toFixed(4)}`).join(', ')}`)
+    for (const p of BUCKET_SIMS) {
+      const [r] = await lib.simulateCache(p, trace, [blocks], { bucketBlocks: 16 })
+      row.sim[p] = r.hitRatio
+    }
+    log(`bench:replacement: ${name} ${share * 100}% sims at ${blocks} blocks: ${[...SIMS, ...BUCKET_SIMS].map((p) => `${p} ${row.sim[p].toFixed(4)}`).join(', ')}`)
     rows.push(row)
   }
 }
 
 const pct = (x) => (x * 100).toFixed(1).padStart(6)
-console.log(`workload    cache  ${POLICIES.map((p) => `eng:${p}`.padStart(12)).join('')}${SIMS.map((p) => `sim:${p}`.padStart(11)).join('')}`)
+console.log(`workload    cache  ${POLICIES.map((p) => `eng:${p}`.padStart(12)).join('')}${SIMS.map((p) => `sim:${p}`.padStart(11)).join('')}${BUCKET_SIMS.map((p) => p.replace('bucket-', 'b:').padStart(11)).join('')}`)
 for (const r of rows) {
-  console.log(`${r.workload.padEnd(11)} ${String(r.share * 100).padStart(4)}%  ${POLICIES.map((p) => pct(r.engine[p]).padStart(12)).join('')}${SIMS.map((p) => pct(r.sim[p]).padStart(11)).join('')}`)
+  console.log(`${r.workload.padEnd(11)} ${String(r.share * 100).padStart(4)}%  ${POLICIES.map((p) => pct(r.engine[p]).padStart(12)).join('')}${SIMS.map((p) => pct(r.sim[p]).padStart(11)).join('')}${BUCKET_SIMS.map((p) => pct(r.sim[p]).padStart(11)).join('')}`)
 }
 function summarize(best) {
   const gains = rows.map((r) => (r.engine[best] - r.engine.lru) * 100)

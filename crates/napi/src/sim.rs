@@ -34,6 +34,10 @@ impl Task for SimTask {
                 ("bucket-min", None) => {
                     Err(CoreError::new(ErrorKind::InvalidArgument, "bucket-min needs a bucket size"))
                 }
+                (p, Some(b)) if sim::BUCKET_POLICIES.contains(&p) => sim::simulate_buckets(p, &self.trace, c, b),
+                (p, None) if sim::BUCKET_POLICIES.contains(&p) => {
+                    Err(CoreError::new(ErrorKind::InvalidArgument, format!("{p} needs a bucket size")))
+                }
                 _ => sim::simulate(&self.policy, &self.trace, c),
             })
             .collect())
@@ -50,7 +54,8 @@ impl Task for SimTask {
 }
 
 /// Runs `trace` (block numbers, whole and below 2^53) through the policy `policy` (`opt`,
-/// `belady`, `bucket-min` (with `bucket_blocks`), `lru`, `fifo`, `arc`, `s3fifo`, `sieve`)
+/// `belady`, `bucket-min`, `bucket-lru`, `bucket-s3fifo`, `bucket-tinylfu` (the `bucket-`
+/// ones with `bucket_blocks`), `lru`, `fifo`, `arc`, `s3fifo`, `sieve`)
 /// once per cache size in `capacities` (blocks);
 /// resolves to one result per size. Rejects with `INVALID_ARGUMENT` for an unknown policy, a
 /// size of 0 or a block number that is not a whole number.

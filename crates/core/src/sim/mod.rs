@@ -5,6 +5,7 @@
 //! hit ratio beside them.
 
 mod arc;
+mod buckets;
 mod nodes;
 mod opt;
 mod s3fifo;
@@ -12,6 +13,7 @@ mod sieve;
 mod simple;
 
 pub use arc::Arc;
+pub use buckets::{simulate_buckets, BucketSim, BUCKET_POLICIES};
 pub use opt::{belady_admit_all_hits, bucket_min_hits, opt_hits};
 pub use s3fifo::S3Fifo;
 pub use sieve::Sieve;
