@@ -8,6 +8,7 @@ import { join } from 'node:path'
 import test from 'ava'
 import { makeBacking, readSuperblock, Registry } from '../ts/index'
 import { have, mustHaveTools } from './helpers'
+import { haveTools, nbdkit } from './nbd-helpers'
 import { code, dir, error, formatSet, pattern, sparse } from './registry-helpers'
 
 const MiB = 1 << 20
@@ -159,4 +160,24 @@ test('existing devices: bad attaches get clear errors and leave nothing behind',
   // The entry of a device with a superblock (not registered now) cannot be taken over.
   t.regex((await error(reg2.attachExisting(small, set2, { uuid: f.sbs[0].uuid }))).message, /names a device this set caches with a superblock/)
   await reg2.close()
+})
+
+test('an NBD export that holds data, cached as it is by its URI: written back to the export on detach', async (t) => {
+  if (!haveTools('nbdkit')) return t.pass()
+  const f = await formatSet(0)
+  const disk = sparse('export', 16 * MiB)
+  writeFileSync(disk, pattern(16 * MiB, 5))
+  const server = await nbdkit(t, `${disk}.sock`, ['file', disk])
+  const reg = new Registry({ writeback: { running: false } })
+  t.teardown(() => reg.close())
+  const set = await reg.registerCache(f.cache)
+  const dev = await reg.attachExisting(server.uri, set, { cacheMode: 'writeback', label: 'remote' })
+  t.is(dev.size, 16 * MiB)
+  t.deepEqual(await dev.read(MiB, MiB), pattern(16 * MiB, 5).subarray(MiB, 2 * MiB))
+  await dev.write(0, pattern(MiB, 6))
+  t.is(dev.dirtySectors(), MiB / 512)
+  t.deepEqual(readFileSync(disk).subarray(0, MiB), pattern(16 * MiB, 5).subarray(0, MiB), 'not written back yet')
+  await dev.detach()
+  t.deepEqual(readFileSync(disk).subarray(0, MiB), pattern(MiB, 6), 'written back on detach')
+  t.is(await code(readSuperblock(server.uri)), 'NOT_BCACHE')
 })
