@@ -5,34 +5,14 @@
 import test from 'ava'
 import { makeCache, readSuperblock, Registry, type Replacement } from '../ts/index'
 import { cli } from './helpers'
-import { pattern, rng, sparse } from './registry-helpers'
+import { pattern, sparse } from './registry-helpers'
+import { blockChooser, seededRandom } from '../ts/bench/distributions'
 
 const MiB = 1 << 20
 const BLOCKS = 16384 // a 64 MiB working set of 4 KiB blocks
 
-/** A Zipf (θ 0.9) sampler over BLOCKS blocks, shuffled, from `seed`. */
-function zipf(seed: number): () => number {
-  const rand = rng(seed)
-  const cdf = new Float64Array(BLOCKS)
-  let sum = 0
-  for (let i = 0; i < BLOCKS; i++) cdf[i] = sum += 1 / (i + 1) ** 0.9
-  const perm = Array.from({ length: BLOCKS }, (_, i) => i)
-  for (let i = BLOCKS - 1; i > 0; i--) {
-    const j = Math.floor(rand() * (i + 1))
-    ;[perm[i], perm[j]] = [perm[j], perm[i]]
-  }
-  return () => {
-    const u = rand() * sum
-    let lo = 0
-    let hi = BLOCKS - 1
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1
-      if (cdf[mid] < u) lo = mid + 1
-      else hi = mid
-    }
-    return perm[lo]
-  }
-}
+/** Zipf (θ 0.9) block numbers over BLOCKS blocks, as the bench harness draws them, from `seed`. */
+const zipf = (seed: number): (() => number) => blockChooser({ kind: 'zipf', theta: 0.9 }, BLOCKS, seededRandom(seed))
 
 for (const policy of ['s3fifo', 'tinylfu'] as Replacement[]) {
   test(`${policy}: dirty data stays, a restart keeps the hit ratio, the policy is recorded`, async (t) => {

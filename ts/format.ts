@@ -135,7 +135,8 @@ async function refuseExisting(path: string, wipe: boolean | undefined): Promise<
   }
 }
 
-function blankSuperblock(version: number, uuid: string, setUuid: string, label: string, g: Geometry): Superblock {
+/** A superblock with bcache's defaults in every field but those given. @internal */
+export function blankSuperblock(version: number, uuid: string, setUuid: string, label: string, g: Geometry): Superblock {
   return {
     version,
     uuid,

@@ -23,9 +23,10 @@ import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { closedError } from './inline'
 import { CacheSet } from './registry/cache-set'
 import { checkRemoteTimeout } from './device'
-import { CachedDevice } from './registry/cached-device'
+import { CachedDevice, type CachedDeviceInit } from './registry/cached-device'
 import { describeDevice, isNbdUri, readSuperblock } from './super-io'
-import { type BackingState, CACHE_MODES, type CacheMode, isCacheVersion, NULL_UUID, type Superblock } from './superblock'
+import { blankSuperblock } from './format'
+import { CACHE_MODES, type CacheMode, isCacheVersion, NULL_UUID, type Superblock } from './superblock'
 import { newUuid } from './uuid'
 
 export { CacheSet } from './registry/cache-set'
@@ -122,7 +123,7 @@ export class Registry {
    *   set's; a set the engine cannot run), `ENOENT`, `EACCES`, `CORRUPT`, `EIO`, `CLOSED`.
    */
   register(path: string): Promise<CacheSet | CachedDevice> {
-    return this.#guard(path, undefined)
+    return this.#track(path, () => this.#register(path, undefined))
   }
 
   /**
@@ -130,7 +131,7 @@ export class Registry {
    * @throws {UbcacheError} as {@link Registry.register}; `INVALID_ARGUMENT` for a backing device.
    */
   async registerCache(path: string): Promise<CacheSet> {
-    const r = await this.#guard(path, 'cache')
+    const r = await this.#track(path, () => this.#register(path, 'cache'))
     return r as CacheSet
   }
 
@@ -139,27 +140,34 @@ export class Registry {
    * @throws {UbcacheError} as {@link Registry.register}; `INVALID_ARGUMENT` for a cache device.
    */
   async registerBacking(path: string): Promise<CachedDevice> {
-    const r = await this.#guard(path, 'backing')
+    const r = await this.#track(path, () => this.#register(path, 'backing'))
     return r as CachedDevice
   }
 
-  #guard(path: string, kind: 'cache' | 'backing' | undefined): Promise<CacheSet | CachedDevice> {
+  /** Runs `start` as a registration of `path`: refused once closing, awaited by the close. */
+  #track<T>(path: string, start: () => Promise<T>): Promise<T> {
     if (this.#closing) return Promise.reject(closedError('the registry'))
     if (typeof path !== 'string' || path === '') return Promise.reject(new InvalidArgumentError('path must be a non-empty string'))
-    const p = this.#register(path, kind)
+    const p = start()
     this.#registering.add(p)
     const forget = (): void => void this.#registering.delete(p)
     p.then(forget, forget)
     return p
   }
 
-  async #register(path: string, kind: 'cache' | 'backing' | undefined): Promise<CacheSet | CachedDevice> {
+  /** Claims `path` for a registration (`EBUSY` if already registered here); resolves to its identity key. */
+  async #claim(path: string): Promise<string> {
     const key = await identity(path)
     const already = this.#paths.get(key)
     if (already !== undefined) {
       throw new UbcacheError('EBUSY', `${path}: already registered${already === path ? '' : ` (as ${already})`}`)
     }
     this.#paths.set(key, path)
+    return key
+  }
+
+  async #register(path: string, kind: 'cache' | 'backing' | undefined): Promise<CacheSet | CachedDevice> {
+    const key = await this.#claim(path)
     try {
       const { sb } = await readSuperblock(path)
       const isCache = isCacheVersion(sb.version)
@@ -212,7 +220,7 @@ export class Registry {
     this.#devices.set(uuid, undefined)
     try {
       const size = describeDevice(path).bytes - sb.dataOffset * 512
-      const dev = new CachedDevice({ path, sb, size, open: { direct: this.#options.direct, exclusive: this.#options.exclusive, remoteTimeoutMs: this.#options.remoteTimeoutMs }, writeback: this.#options.writeback, bypass: this.#options.bypass, plainEngine: () => this.#plainEngine() })
+      const dev = new CachedDevice({ path, sb, size, open: this.#openOptions(), writeback: this.#options.writeback, bypass: this.#options.bypass, plainEngine: () => this.#plainEngine() })
       const set = this.#sets.get(sb.setUuid)
       if (set) await dev._start(set)
       else await dev._startPlain(await this.#plainEngine())
@@ -251,13 +259,7 @@ export class Registry {
    *   open elsewhere), `NO_SPACE` (the UUID table is full), `ENOENT`, `EACCES`, `CLOSED`.
    */
   attachExisting(path: string, set: CacheSet | string, options: ExistingDeviceOptions = {}): Promise<CachedDevice> {
-    if (this.#closing) return Promise.reject(closedError('the registry'))
-    if (typeof path !== 'string' || path === '') return Promise.reject(new InvalidArgumentError('path must be a non-empty string'))
-    const p = this.#attachExisting(path, set, options)
-    this.#registering.add(p)
-    const forget = (): void => void this.#registering.delete(p)
-    p.then(forget, forget)
-    return p
+    return this.#track(path, () => this.#attachExisting(path, set, options))
   }
 
   async #attachExisting(path: string, target: CacheSet | string, options: ExistingDeviceOptions): Promise<CachedDevice> {
@@ -267,23 +269,18 @@ export class Registry {
     if (set === undefined || (typeof target !== 'string' && target !== set)) {
       throw new InvalidArgumentError(`cache set ${String(setUuid)} is not registered here: register its cache device first`)
     }
-    const key = await identity(path)
-    const already = this.#paths.get(key)
-    if (already !== undefined) {
-      throw new UbcacheError('EBUSY', `${path}: already registered${already === path ? '' : ` (as ${already})`}`)
-    }
-    this.#paths.set(key, path)
+    const key = await this.#claim(path)
     let uuid: string | undefined
     try {
       await refuseBcache(path)
+      const info = describeDevice(path)
       const entries = set._engine.existingDevices()
       const label = options.label ?? defaultLabel(path)
-      let entry = options.uuid === undefined ? undefined : entries.find((e) => e.uuid === options.uuid?.toLowerCase())
+      const entry = options.uuid === undefined ? undefined : entries.find((e) => e.uuid === options.uuid?.toLowerCase())
       if (options.uuid === undefined) {
         // After a restart, a device attached without its UUID would get a new entry and
         // miss what the old one holds (dirty data above all): one that may be it is named.
-        const size = describeDevice(path).bytes
-        const same = entries.find((e) => !this.#devices.has(e.uuid) && (e.label === label || e.size === size))
+        const same = entries.find((e) => !this.#devices.has(e.uuid) && (e.label === label || e.size === info.bytes))
         if (same) {
           throw new InvalidArgumentError(
             `${path}: cache set ${set.uuid} caches a device not attached now that may be this one (UUID ${same.uuid}, label '${same.label}', ${same.size} bytes, ${same.state}): pass { uuid: '${same.uuid}' } to attach it again, or a new UUID to cache this one beside it`,
@@ -296,17 +293,20 @@ export class Registry {
         throw new UbcacheError('EBUSY', `${path}: a device with UUID ${uuid} is already registered${other ? ` (${other.path})` : ''}`)
       }
       this.#devices.set(uuid, undefined)
-      const info = describeDevice(path)
       if (entry && entry.size !== info.bytes) {
         throw new InvalidArgumentError(`${path}: ${info.bytes} bytes, but cache set ${set.uuid} recorded ${entry.size} bytes for UUID ${uuid}: not the device it caches (detach a device before resizing it)`)
       }
       const blockSize = Math.max(set.blockSize, info.logicalBlockSize, 512)
-      const sb = existingSuperblock({ uuid, setUuid: entry ? set.uuid : NULL_UUID, label: entry?.label ?? label, blockSize, mode: entry?.mode ?? options.cacheMode ?? 'writethrough', state: entry?.state ?? 'none' })
-      const dev = new CachedDevice({ path, sb, size: info.bytes, open: { direct: this.#options.direct, exclusive: this.#options.exclusive, remoteTimeoutMs: this.#options.remoteTimeoutMs }, writeback: this.#options.writeback, bypass: this.#options.bypass, plainEngine: () => this.#plainEngine(), noSuperblock: true })
+      // What the entry does not hold is bcache's default.
+      const sb: Superblock = {
+        ...blankSuperblock(1, uuid, entry ? set.uuid : NULL_UUID, entry?.label ?? label, { blockSize: blockSize / 512, bucketSize: 0 }),
+        cacheMode: entry?.mode ?? options.cacheMode ?? 'writethrough',
+        state: entry?.state ?? 'none',
+      }
+      const dev = new CachedDevice({ path, sb, size: info.bytes, open: this.#openOptions(), writeback: this.#options.writeback, bypass: this.#options.bypass, plainEngine: () => this.#plainEngine(), noSuperblock: true })
       await dev._start(set)
       this.#devices.set(uuid, dev)
       if (options.cacheMode !== undefined) dev.cacheMode = options.cacheMode
-      entry = undefined
       return dev
     } catch (err) {
       if (uuid !== undefined && this.#devices.get(uuid) === undefined) this.#devices.delete(uuid)
@@ -334,6 +334,11 @@ export class Registry {
     const gone = new Set([set.path, ...devices.map((d) => d.path)])
     for (const [key, path] of this.#paths) if (gone.has(path)) this.#paths.delete(key)
     if (failures.length > 0) throw asUbcacheError(failures[0])
+  }
+
+  /** The options of the opens of cached devices. */
+  #openOptions(): CachedDeviceInit['open'] {
+    return { direct: this.#options.direct, exclusive: this.#options.exclusive, remoteTimeoutMs: this.#options.remoteTimeoutMs }
   }
 
   /** The engine serving backing devices without their set, started on first use. */
@@ -439,35 +444,6 @@ async function refuseBcache(path: string): Promise<void> {
     throw err
   }
   throw new InvalidArgumentError(`${path}: holds a bcache superblock: register it (Registry.register) instead of attaching it as an existing device`)
-}
-
-/** The superblock a device with none is given in memory (what its UUID-table entry does not hold is bcache's default). */
-function existingSuperblock(o: { uuid: string; setUuid: string; label: string; blockSize: number; mode: CacheMode; state: BackingState }): Superblock {
-  return {
-    version: 1,
-    uuid: o.uuid,
-    setUuid: o.setUuid,
-    label: o.label,
-    flags: 0n,
-    seq: 0n,
-    featureCompat: 0n,
-    featureIncompat: 0n,
-    featureRoCompat: 0n,
-    blockSize: o.blockSize / 512,
-    bucketSize: 0,
-    nbuckets: 0,
-    nrInSet: 0,
-    nrThisDev: 0,
-    dataOffset: 0,
-    lastMount: 0,
-    firstBucket: 0,
-    journalBuckets: [],
-    cacheSync: false,
-    discard: false,
-    replacement: 'lru',
-    cacheMode: o.mode,
-    state: o.state,
-  }
 }
 
 /** What the device at `path` is, whatever path names it: its device number for a block device, else device and inode. */

@@ -39,45 +39,13 @@ const BUCKET_SIMS = ['bucket-lru', 'bucket-s3fifo', 'bucket-tinylfu']
 const QD = 8
 const log = (s) => process.stderr.write(s + '\n')
 
-function rng(seed) {
-  let x = BigInt(seed) | 1n
-  return () => {
-    x ^= x << 13n
-    x &= 0xffffffffffffffffn
-    x ^= x >> 7n
-    x ^= x << 17n
-    x &= 0xffffffffffffffffn
-    return Number(x >> 11n) / 2 ** 53
-  }
-}
-
-/** Ranks 0..n-1 drawn with Zipf's law (θ), mapped to blocks by a fixed shuffle. */
-function zipf(n, theta, rand) {
-  const cdf = new Float64Array(n)
-  let sum = 0
-  for (let i = 0; i < n; i++) cdf[i] = sum += 1 / (i + 1) ** theta
-  for (let i = 0; i < n; i++) cdf[i] /= sum
-  const perm = Uint32Array.from({ length: n }, (_, i) => i)
-  for (let i = n - 1; i > 0; i--) {
-    const j = Math.floor(rand() * (i + 1))
-    ;[perm[i], perm[j]] = [perm[j], perm[i]]
-  }
-  return () => {
-    const u = rand()
-    let lo = 0
-    let hi = n - 1
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1
-      if (cdf[mid] < u) lo = mid + 1
-      else hi = mid
-    }
-    return perm[lo]
-  }
-}
+// The harness's own generators: a seeded uniform source and Zipf ranks scattered over the blocks.
+const { blockChooser, seededRandom } = require(join(root, 'dist', 'bench', 'distributions.js'))
+const zipf = (n, theta, rand) => blockChooser({ kind: 'zipf', theta }, n, rand)
 
 const WORKLOADS = {
   'zipf-scan': () => {
-    const rand = rng(11)
+    const rand = seededRandom(11)
     const hot = zipf(W / 2, 0.9, rand)
     const t = new Uint32Array(N)
     let cursor = W / 2
@@ -93,7 +61,7 @@ const WORKLOADS = {
     return t
   },
   loop: () => {
-    const rand = rng(12)
+    const rand = seededRandom(12)
     const hot = zipf(W, 0.9, rand)
     const loopLen = Math.floor(W * 0.12)
     const t = new Uint32Array(N)
@@ -107,7 +75,7 @@ const WORKLOADS = {
     return t
   },
   shifting: () => {
-    const rand = rng(13)
+    const rand = seededRandom(13)
     const hot = zipf(W, 1.0, rand)
     const t = new Uint32Array(N)
     for (let i = 0; i < N; i++) t[i] = (hot() + Math.floor((i * 4) / N) * (W / 4)) % W

@@ -50,6 +50,11 @@ impl UuidEntry {
         self.flags & UUID_FLASH_ONLY != 0
     }
 
+    /// The label as text (NUL padding dropped, bytes that are not UTF-8 replaced).
+    pub fn label_text(&self) -> String {
+        String::from_utf8_lossy(&self.label).trim_end_matches('\0').to_string()
+    }
+
     /// True for a backing device cached without a superblock.
     pub fn no_superblock(&self) -> bool {
         self.flags & UUID_NO_SUPERBLOCK != 0

@@ -772,7 +772,7 @@ impl NativeCacheEngine {
                     .map(|(inode, u)| NativeVolume {
                         inode,
                         uuid: u.uuid.to_vec().into(),
-                        label: String::from_utf8_lossy(&u.label).trim_end_matches('\0').to_string(),
+                        label: u.label_text(),
                         size: (u.sectors * 512) as f64,
                     })
                     .collect()
@@ -792,7 +792,7 @@ impl NativeCacheEngine {
                     .map(|(inode, u)| NativeExistingDevice {
                         inode,
                         uuid: u.uuid.to_vec().into(),
-                        label: String::from_utf8_lossy(&u.label).trim_end_matches('\0').to_string(),
+                        label: u.label_text(),
                         size: (u.sectors * 512) as f64,
                         mode: CacheMode::from_number(u.mode).name().to_string(),
                         state: u32::from(u.state),

@@ -623,8 +623,7 @@ impl Allocator {
     /// Writeback read the data back (not a user's read): LRU keeps the bucket young, as
     /// bcache does; S3-FIFO counts user reads only.
     pub fn touch_for_writeback(&mut self, ptr: Ptr) -> Result<()> {
-        self.ptr_bucket(ptr)?;
-        if self.caches[ptr.dev() as usize].replacement.fifo_queues() {
+        if self.cache(ptr.dev())?.replacement.fifo_queues() {
             return Ok(());
         }
         self.touch(ptr)

@@ -4,7 +4,7 @@
 //! device's UUID-table entry instead, flagged [`UUID_NO_SUPERBLOCK`]. See docs/format.md,
 //! "UUID table".
 
-use super::{CacheMode, CacheSet, CachedDevConfig, SetState};
+use super::{CacheMode, CacheSet, CachedDevConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::uuids::{self, UuidEntry, UUID_NO_SUPERBLOCK};
 
@@ -123,15 +123,7 @@ impl CacheSet {
 
     /// Whether the entry of `inode` can take a record (false: being freed by a detach).
     fn record_entry_checks(&self, inode: u32, state: u8) -> Result<bool> {
-        if let Some(e) = self.failed_error() {
-            return Err(e);
-        }
-        if !matches!(self.state, SetState::Running | SetState::Starting) {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                format!("cache set is {:?}: cannot record a device's state", self.state),
-            ));
-        }
+        self.check_open("record a device's state")?;
         if state > STATE_MAX {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,

@@ -634,6 +634,18 @@ impl CacheSet {
         self.close_progress();
     }
 
+    /// Whether a control operation may change the set's metadata now: the set's failure, or
+    /// `Closed` saying what it cannot `do` once the set is closing.
+    pub(crate) fn check_open(&self, doing: &str) -> Result<()> {
+        if let Some(e) = self.failed_error() {
+            return Err(e);
+        }
+        if !matches!(self.state, SetState::Running | SetState::Starting) {
+            return Err(Error::new(ErrorKind::Closed, format!("cache set is {:?}: cannot {doing}", self.state)));
+        }
+        Ok(())
+    }
+
     /// The error requests get while the set is failed.
     pub(crate) fn failed_error(&self) -> Option<Error> {
         match &self.state {

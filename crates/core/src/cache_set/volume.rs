@@ -13,7 +13,7 @@
 //! cutoffs, as bcache counts flash-only dirty data.
 
 use super::device::{CacheMode, CachedDev};
-use super::{CacheSet, SetState};
+use super::CacheSet;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::DevId;
 use crate::uuids::{self, UuidEntry, UUID_FLASH_ONLY};
@@ -105,15 +105,7 @@ impl CacheSet {
     }
 
     fn volume_checks(&self, uuid: [u8; 16], sectors: u64) -> Result<()> {
-        if let Some(e) = self.failed_error() {
-            return Err(e);
-        }
-        if !matches!(self.state, SetState::Running | SetState::Starting) {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                format!("cache set is {:?}: cannot create a volume", self.state),
-            ));
-        }
+        self.check_open("create a volume")?;
         if uuid == [0; 16] {
             return Err(Error::new(ErrorKind::InvalidArgument, "a volume's UUID cannot be all zeros"));
         }

@@ -666,12 +666,6 @@ impl ExtentIndex {
         }
     }
 
-    /// True when the last [`ExtentIndex::lookup`] met extents whose pointers went stale
-    /// (and dropped them): the range held data the cache evicted since, and is read again.
-    pub fn lookup_met_stale(&self) -> bool {
-        self.met_stale
-    }
-
     /// Keeps a ghost record of up to `extents` evicted extents (0: none): where the stale
     /// extents dropped (by lookups and GC) started. See [`ExtentIndex::returning`].
     pub fn set_ghost_capacity(&mut self, extents: usize) {
@@ -679,8 +673,8 @@ impl ExtentIndex {
     }
 
     /// True when a miss at `start` of `inode` reads data the cache evicted not long ago: the
-    /// last lookup met its stale extent, or the ghost record holds where it started (then
-    /// forgets it).
+    /// last lookup met (and dropped) a stale extent in its range, or the ghost record holds
+    /// where it started (then forgets it).
     pub fn returning(&mut self, inode: u32, start: u64) -> bool {
         self.met_stale || self.ghost.take(inode, start)
     }

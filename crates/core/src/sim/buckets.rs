@@ -205,16 +205,7 @@ impl Policy for BucketSim {
 /// Runs `trace` through the bucket-granular policy `name` with `capacity` blocks in buckets
 /// of `bucket` blocks.
 pub fn simulate_buckets(name: &str, trace: &[u64], capacity: usize, bucket: usize) -> Result<SimResult> {
-    let mut p = BucketSim::new(name, capacity, bucket)?;
-    let mut r = SimResult::default();
-    for &b in trace {
-        if p.access(b) {
-            r.hits += 1;
-        } else {
-            r.misses += 1;
-        }
-    }
-    Ok(r)
+    Ok(super::run(&mut BucketSim::new(name, capacity, bucket)?, trace))
 }
 
 #[cfg(test)]

@@ -102,6 +102,11 @@ pub fn simulate(name: &str, trace: &[u64], capacity: usize) -> Result<SimResult>
         return Ok(SimResult { hits, misses: trace.len() as u64 - hits });
     }
     let mut p = policy(name, capacity)?;
+    Ok(run(p.as_mut(), trace))
+}
+
+/// Counts the hits and misses of `trace` through the online policy `p`.
+pub(crate) fn run(p: &mut dyn Policy, trace: &[u64]) -> SimResult {
     let mut r = SimResult::default();
     for &b in trace {
         if p.access(b) {
@@ -110,7 +115,7 @@ pub fn simulate(name: &str, trace: &[u64], capacity: usize) -> Result<SimResult>
             r.misses += 1;
         }
     }
-    Ok(r)
+    r
 }
 
 #[cfg(test)]
