@@ -1,13 +1,14 @@
 // Remote backing devices: an NBD export (Debian's nbdkit) as the backing device of a cached
 // device, formatted, registered and attached by its URI; the server killed and restarted
 // under the cache.
+import { randomBytes } from 'node:crypto'
 import { execFileSync, spawn } from 'node:child_process'
 import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import test from 'ava'
 import { CachedDevice, CacheSet, makeBacking, makeCache, openDevice, Registry } from '../ts/index'
 import { cli, tempDir } from './helpers'
-import { haveTools, nbdkit } from './nbd-helpers'
+import { haveTools, makeDevices, nbdkit, serve } from './nbd-helpers'
 
 const dir = tempDir('ubcache-remote-')
 const have = haveTools('nbdkit')
@@ -162,4 +163,61 @@ test('qemu-nbd serving a qcow2 image is a backing device too', async (t) => {
   const out = execFileSync('qemu-io', ['-f', 'qcow2', '-c', `read -P 0x77 ${off + (2 << 20)} 1M`, qcow], { encoding: 'utf8' })
   t.regex(out, /read 1048576\/1048576 bytes/)
   t.notRegex(out, /Pattern verification failed/)
+})
+
+test('TLS (nbds://): an export behind nbdkit --tls=require cached with a pre-shared key, written back over TLS; ubcache serve as the remote; a wrong key refused with code TLS', async (t) => {
+  if (!have) return t.pass()
+  const img = join(dir, 'tls.img')
+  writeFileSync(img, randomBytes(8 << 20))
+  const original = readFileSync(img)
+  const psk = join(dir, 'tls.psk')
+  writeFileSync(psk, `alice:${randomBytes(32).toString('hex')}\n`, { mode: 0o600 })
+  const sock = join(dir, 'tls.sock')
+  await nbdkit(t, sock, ['--tls=require', `--tls-psk=${psk}`, 'file', img])
+  const uri = `nbds+unix://alice@/?socket=${sock}&tls-psk-file=${psk}`
+  const cache = join(dir, 'tlscache.img')
+  writeFileSync(cache, '')
+  truncateSync(cache, 32 << 20)
+  await makeCache(cache, { bucketSize: '64k' })
+  const reg = new Registry()
+  const data = randomBytes(256 << 10)
+  try {
+    const set = await reg.register(cache)
+    if (!(set instanceof CacheSet)) throw new Error('expected a set')
+    const dev = await reg.attachExisting(uri, set, { cacheMode: 'writeback', label: 'tls' })
+    dev.configureWriteback({ running: false })
+    // A miss comes over TLS; the same read again is a hit.
+    t.deepEqual(Buffer.from(await dev.read(4 << 20, 65536)), original.subarray(4 << 20, (4 << 20) + 65536))
+    await dev.write(1 << 20, data)
+    await dev.flush()
+    t.true(readFileSync(img).equals(original), 'writeback holds the write in the cache')
+    await dev.detach()
+  } finally {
+    await reg.close()
+  }
+  const want = Buffer.from(original)
+  data.copy(want, 1 << 20)
+  t.true(readFileSync(img).equals(want), 'detach wrote the dirty data back over TLS')
+  // The wrong key: one error with code TLS, naming the URI.
+  const wrong = join(dir, 'wrong.psk')
+  writeFileSync(wrong, `alice:${randomBytes(32).toString('hex')}\n`, { mode: 0o600 })
+  const bad = `nbds+unix://alice@/?socket=${sock}&tls-psk-file=${wrong}`
+  const err = await t.throwsAsync(() => openDevice(bad), { code: 'TLS' })
+  t.true(err?.message.startsWith(bad) && /handshake failed/.test(err.message), err?.message)
+  // A plain URI to a server that requires TLS names what to do.
+  await t.throwsAsync(() => openDevice(`nbd+unix:///?socket=${sock}`), { code: 'EACCES', message: /requires TLS \(use nbds:\/\/\)/ })
+
+  // ubcache's own server as the remote, with TLS required: client and server agree.
+  const d = makeDevices({ name: 'tlsdisk' })
+  const dpsk = join(d.dir, 'keys.psk')
+  writeFileSync(dpsk, `bob:${randomBytes(32).toString('hex')}\n`, { mode: 0o600 })
+  const s = await serve(d.dir, [d.cache, d.backing, '--tls', 'require', '--tls-psk', dpsk])
+  t.teardown(() => s.kill())
+  const remote = await openDevice(`nbds+unix://bob@/tlsdisk?socket=${s.socket}&tls-psk-file=${dpsk}`)
+  const block = randomBytes(1 << 20)
+  await remote.write(3 << 20, block)
+  await remote.flush()
+  t.deepEqual(Buffer.from(await remote.read(3 << 20, 1 << 20)), block)
+  await remote.close()
+  t.is(await s.stop(), 0)
 })

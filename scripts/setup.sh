@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
 
+# libssl-dev and pkg-config: the build links OpenSSL (TLS to nbds:// remotes);
 # nbdkit, libnbd-bin (nbdinfo, nbdcopy, nbdfuse), qemu-utils, e2fsprogs, fuse3: the NBD tests' clients;
 # chromium renders the bench harness's HTML report in its test.
-packages=(bcache-tools fio nbdkit libnbd-bin qemu-utils e2fsprogs fuse3 openssl chromium)
+packages=(libssl-dev pkg-config bcache-tools fio nbdkit libnbd-bin qemu-utils e2fsprogs fuse3 openssl chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

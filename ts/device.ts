@@ -313,9 +313,13 @@ export class IoEngine {
   }
 
   /**
-   * Opens a regular file or block device in this engine.
-   * @throws {UbcacheError} `ENOENT`, `NOT_A_DEVICE`, `EBUSY` (open elsewhere), `EACCES`,
-   *   `INVALID_ARGUMENT` (e.g. `direct: 'require'` where O_DIRECT is unsupported), `CLOSED`.
+   * Opens a regular file, a block device or an NBD export (`nbd://`, `nbd+unix://`, and
+   * `nbds://`/`nbds+unix://` for TLS, with libnbd's `tls-psk-file=`, `tls-certificates=`
+   * parameters) in this engine.
+   * @throws {UbcacheError} `ENOENT`, `NOT_A_DEVICE`, `EBUSY` (open elsewhere), `EACCES`
+   *   (also: the server requires TLS), `INVALID_ARGUMENT` (e.g. `direct: 'require'` where
+   *   O_DIRECT is unsupported, or a bad URI), `TLS` (the server offers none, a wrong key, an
+   *   untrusted certificate), `ETIMEDOUT`, `PROTOCOL`, `CLOSED`.
    */
   async open(path: string, options: OpenDeviceOptions = {}): Promise<RawDevice> {
     if (this.closed) throw closedError('the I/O engine')

@@ -38,6 +38,10 @@ pub enum ErrorKind {
     Protocol,
     /// A remote device did not answer in time.
     TimedOut,
+    /// TLS to a remote device could not be set up: the server offers none, the keys or
+    /// certificates could not be read, or the TLS handshake failed (a wrong key, a
+    /// certificate not trusted).
+    Tls,
 }
 
 impl ErrorKind {
@@ -59,6 +63,7 @@ impl ErrorKind {
             ErrorKind::Closed => "CLOSED",
             ErrorKind::Protocol => "PROTOCOL",
             ErrorKind::TimedOut => "ETIMEDOUT",
+            ErrorKind::Tls => "TLS",
         }
     }
 }

@@ -427,3 +427,161 @@ fn a_hostile_server_gets_clear_errors_and_never_a_crash() {
     assert!(err.message().contains("greeting magic"), "{}", err.message());
     t.join().unwrap();
 }
+
+/// Runs `openssl` (the command-line tool) in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let st = Command::new("openssl").current_dir(dir).args(args).stderr(Stdio::null()).status().expect("run openssl");
+    assert!(st.success(), "openssl {args:?}");
+}
+
+/// A CA in `dir`, and a server certificate it signed for localhost (nbdkit's file names).
+fn certificates(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-subj", "/CN=ubcache test CA", "-days", "2"],
+        ]
+        .concat(),
+    );
+    openssl(
+        dir,
+        &[&["req"][..], &ec, &["-keyout", "server-key.pem", "-out", "server.csr", "-subj", "/CN=localhost"]].concat(),
+    );
+    std::fs::write(dir.join("san.cnf"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            "server-cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+        ],
+    );
+}
+
+#[test]
+fn tls_with_a_pre_shared_key_rides_out_a_restart_and_wrong_keys_are_refused() {
+    if !have_nbdkit() {
+        return;
+    }
+    let s = Scratch::new("nbd-tls-psk");
+    let img = s.file("img", 4 << 20, 3);
+    let psk = s.0.join("keys.psk");
+    std::fs::write(&psk, "alice:0123456789abcdef0123456789abcdef\n").unwrap();
+    let sock = s.0.join("sock");
+    let mut srv = Server::start(
+        &sock,
+        &["--tls=require", &format!("--tls-psk={}", psk.display()), "file", img.to_str().unwrap()],
+    );
+    let uri = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", sock.display(), psk.display());
+    let dev = remote(&uri, NbdOptions { request_timeout: Duration::from_secs(20), ..Default::default() });
+    let client = dev.remote().unwrap().clone();
+    let mut e = engine(EngineChoice::Auto);
+    let id = e.add_device(dev).unwrap();
+    let mut model = std::fs::read(&img).unwrap();
+    let mut rng = Rng(7);
+    let mut tag = 0;
+    for round in 0..3 {
+        let mut reqs = Vec::new();
+        for _ in 0..32 {
+            let off = rng.below(1024) * 4096;
+            let data = pattern(4096, rng.next() as u8);
+            model[off as usize..off as usize + 4096].copy_from_slice(&data);
+            tag += 1;
+            reqs.push(IoRequest::write(id, off, AlignedBuf::from_slice(&data), tag));
+        }
+        tag += 1;
+        reqs.push(IoRequest::flush(id, tag));
+        for r in reqs {
+            e.submit(r);
+        }
+        if round == 1 {
+            srv.restart();
+        }
+        let mut out = Vec::new();
+        while out.len() < 33 {
+            e.poll(&mut out, Some(Duration::from_secs(1))).unwrap();
+        }
+        assert!(out.iter().all(|c| c.result.is_ok()), "round {round}: {:?}", out.iter().find(|c| c.result.is_err()));
+    }
+    assert!(client.stats().reconnects >= 1, "{:?}", client.stats());
+    // Large reads come back whole through the relay, and the file holds every write.
+    let reads: Vec<IoRequest> = (0..4u64).map(|i| IoRequest::read(id, i << 20, AlignedBuf::new(1 << 20), i)).collect();
+    for c in run_all(e.as_mut(), reads) {
+        let off = c.offset as usize;
+        assert!(c.into_buf().unwrap()[..] == model[off..off + (1 << 20)]);
+    }
+    assert!(std::fs::read(&img).unwrap() == model);
+
+    let refused = |uri: &str| Device::open(uri, &OpenOptions::default()).unwrap_err();
+    // A plain client is refused by a server that requires TLS.
+    let err = refused(&format!("nbd+unix:///?socket={}", sock.display()));
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+    assert!(err.message().contains("requires TLS"), "{}", err.message());
+    // The wrong key, or no key for the user: the TLS handshake fails, naming the URI.
+    let wrong = s.0.join("wrong.psk");
+    std::fs::write(&wrong, "alice:ffffffffffffffffffffffffffffffff\n").unwrap();
+    let u = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", sock.display(), wrong.display());
+    let err = refused(&u);
+    assert_eq!(err.kind(), ErrorKind::Tls, "{}", err.message());
+    assert!(err.message().starts_with(&u) && err.message().contains("handshake failed"), "{}", err.message());
+    let u = format!("nbds+unix://bob@/?socket={}&tls-psk-file={}", sock.display(), psk.display());
+    let err = refused(&u);
+    assert_eq!(err.kind(), ErrorKind::Tls);
+    assert!(err.message().contains("no key for \"bob\""), "{}", err.message());
+    let u = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", sock.display(), s.0.join("none").display());
+    assert!(refused(&u).message().contains("cannot read the PSK file"));
+    // A server without TLS: an nbds URI is refused rather than sent in the clear.
+    let plain = Server::start(&s.0.join("plain"), &["--tls=off", "memory", "1M"]);
+    let u = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", plain.sock.display(), psk.display());
+    let err = refused(&u);
+    assert_eq!(err.kind(), ErrorKind::Tls, "{}", err.message());
+    assert!(err.message().contains("does not offer TLS"), "{}", err.message());
+}
+
+#[test]
+fn tls_with_certificates_checks_the_server_against_the_ca() {
+    if !have_nbdkit() {
+        return;
+    }
+    let s = Scratch::new("nbd-tls-x509");
+    let (certs, other) = (s.0.join("certs"), s.0.join("other"));
+    certificates(&certs);
+    certificates(&other);
+    let sock = s.0.join("sock");
+    let _srv =
+        Server::start(&sock, &["--tls=require", &format!("--tls-certificates={}", certs.display()), "memory", "4M"]);
+    let uri = |dir: &Path, extra: &str| {
+        format!("nbds+unix:///?socket={}&tls-certificates={}{extra}", sock.display(), dir.display())
+    };
+    let mut e = engine(EngineChoice::Auto);
+    let id = e.add_device(remote(&uri(&certs, ""), NbdOptions::default())).unwrap();
+    let data = pattern(65536, 9);
+    let c = run_all(e.as_mut(), vec![IoRequest::write(id, 8192, AlignedBuf::from_slice(&data), 1)]);
+    assert!(c[0].result.is_ok(), "{:?}", c[0].result);
+    let c = run_all(e.as_mut(), vec![IoRequest::read(id, 8192, AlignedBuf::new(65536), 2)]);
+    assert!(c.into_iter().next().unwrap().into_buf().unwrap()[..] == data[..]);
+    // A CA that did not sign the server's certificate: refused, unless the check is off.
+    let err = Device::open(uri(&other, ""), &OpenOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Tls, "{}", err.message());
+    assert!(err.message().contains("certificate"), "{}", err.message());
+    assert!(Device::open(uri(&other, "&tls-verify-peer=false"), &OpenOptions::default()).is_ok());
+    // The certificate is for localhost: another expected name is refused.
+    let err = Device::open(uri(&certs, "&tls-hostname=elsewhere"), &OpenOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Tls, "{}", err.message());
+}

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{AlignedBuf, EventFd, IoCompletion, IoOp, IoRequest};
 use crate::nbd::proto::{self, protocol, ExportInfo, ReplyHeader};
+use crate::nbd::tls;
 use crate::nbd::uri::{NbdAddress, NbdUri};
 
 /// How a client behaves when the remote is slow or gone.
@@ -119,15 +120,9 @@ impl Write for Sock {
     }
 }
 
-/// Connects to `uri` and runs the handshake, within `timeout`.
+/// Connects to `uri` and runs the handshake (with TLS for `nbds`), within `timeout`.
 fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Sock, ExportInfo)> {
     let who = uri.text.as_str();
-    if uri.tls {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            format!("{who}: TLS (nbds://) is not supported by this version of ubcache's NBD client"),
-        ));
-    }
     let mut sock = match &uri.address {
         NbdAddress::Unix(p) => {
             Sock::Unix(UnixStream::connect(p).map_err(|e| Error::io(format!("{who}: connect to {}", p.display()), e))?)
@@ -155,7 +150,17 @@ fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Sock, ExportInfo)> {
         }
     };
     sock.set_timeouts(Some(timeout)).map_err(|e| Error::io(format!("{who}: socket"), e))?;
-    let info = proto::handshake(&mut sock, &uri.export, who)?;
+    let no_zeroes = proto::greet(&mut sock, who)?;
+    if uri.tls.is_some() {
+        proto::starttls(&mut sock, who)?;
+        // From here the client speaks to the TLS relay (see `tls`).
+        sock = Sock::Unix(match sock {
+            Sock::Tcp(s) => tls::start(s, uri, timeout)?,
+            Sock::Unix(s) => tls::start(s, uri, timeout)?,
+        });
+        sock.set_timeouts(Some(timeout)).map_err(|e| Error::io(format!("{who}: socket"), e))?;
+    }
+    let info = proto::negotiate(&mut sock, &uri.export, no_zeroes, who)?;
     sock.set_timeouts(None).map_err(|e| Error::io(format!("{who}: socket"), e))?;
     Ok((sock, info))
 }

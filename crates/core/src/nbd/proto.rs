@@ -23,6 +23,7 @@ pub const FLAG_NO_ZEROES: u16 = 2;
 
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 
@@ -161,6 +162,13 @@ fn option_error(who: &str, export: &str, ty: u32, data: &[u8]) -> Error {
 /// Runs the fixed-newstyle handshake for `export` on a fresh connection; `who` names the
 /// remote in errors. Returns what the server said about the export.
 pub fn handshake(s: &mut (impl Read + Write), export: &str, who: &str) -> Result<ExportInfo> {
+    let no_zeroes = greet(s, who)?;
+    negotiate(s, export, no_zeroes, who)
+}
+
+/// The greeting: the server's magic and flags, the client's flags. Returns whether the
+/// server left out the 124 zero bytes after `EXPORT_NAME`'s reply.
+pub fn greet(s: &mut (impl Read + Write), who: &str) -> Result<bool> {
     let mut h = [0u8; 18];
     read_exact(s, &mut h, who)?;
     if u64_of(&h) != NBDMAGIC {
@@ -176,7 +184,33 @@ pub fn handshake(s: &mut (impl Read + Write), export: &str, who: &str) -> Result
     let no_zeroes = server & FLAG_NO_ZEROES != 0;
     let client = u32::from(FLAG_FIXED_NEWSTYLE) | if no_zeroes { u32::from(FLAG_NO_ZEROES) } else { 0 };
     s.write_all(&client.to_be_bytes()).map_err(|e| Error::io(format!("{who}: handshake"), e))?;
+    Ok(no_zeroes)
+}
 
+/// `NBD_OPT_STARTTLS`: once the server acknowledges it, the TLS handshake follows on the
+/// same connection, and every option after it goes over TLS.
+pub fn starttls(s: &mut (impl Read + Write), who: &str) -> Result<()> {
+    send_option(s, OPT_STARTTLS, &[], who)?;
+    let (ty, data) = read_option_reply(s, OPT_STARTTLS, who)?;
+    match ty {
+        REP_ACK if data.is_empty() => Ok(()),
+        // nbdkit --tls=off answers ERR_POLICY, servers without TLS ERR_UNSUP.
+        t if t & REP_ERR != 0 => {
+            let msg = String::from_utf8_lossy(&data);
+            Err(Error::new(
+                ErrorKind::Tls,
+                format!(
+                    "{who}: the server does not offer TLS (it refused NBD_OPT_STARTTLS with error {t:#x}{}); use nbd:// for a plain connection",
+                    if msg.is_empty() { String::new() } else { format!(": {msg}") }
+                ),
+            ))
+        }
+        t => Err(protocol(who, format_args!("reply type {t} ({} bytes) to STARTTLS", data.len()))),
+    }
+}
+
+/// The options after the greeting (and TLS): structured replies, then `GO` for `export`.
+pub fn negotiate(s: &mut (impl Read + Write), export: &str, no_zeroes: bool, who: &str) -> Result<ExportInfo> {
     send_option(s, OPT_STRUCTURED_REPLY, &[], who)?;
     let (ty, data) = read_option_reply(s, OPT_STRUCTURED_REPLY, who)?;
     let structured = match ty {

@@ -2,7 +2,11 @@
 //!
 //! - `nbd://host[:port]/export`: TCP, port 10809 by default;
 //! - `nbd+unix:///export?socket=/path/to.sock`: a Unix socket;
-//! - `nbds://` and `nbds+unix://`: the same over TLS.
+//! - `nbds://` and `nbds+unix://`: the same over TLS (`NBD_OPT_STARTTLS`), with libnbd's
+//!   query parameters: `tls-psk-file=PATH` (a pre-shared key, for the user named before
+//!   an `@` in the authority or by `tls-username=`), `tls-certificates=DIR` (`ca-cert.pem`,
+//!   and `client-cert.pem`/`client-key.pem` when the server asks for one),
+//!   `tls-verify-peer=false`, `tls-hostname=NAME`.
 //!
 //! The export name is the path after the first `/`, percent-decoded (empty: the server's
 //! default export).
@@ -28,10 +32,27 @@ pub struct NbdUri {
     pub address: NbdAddress,
     /// The export's name.
     pub export: String,
-    /// `nbds`: TLS required.
-    pub tls: bool,
+    /// `nbds`: TLS required, with these settings.
+    pub tls: Option<TlsSettings>,
     /// The URI as given, for messages.
     pub text: String,
+}
+
+/// How an `nbds` URI asks for TLS (libnbd's query parameters).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsSettings {
+    /// `user@` or `tls-username=`: the PSK identity (default: the login name).
+    pub username: Option<String>,
+    /// `tls-psk-file=`: `identity:hexkey` lines (nbdkit's and GnuTLS's `psktool` format).
+    pub psk_file: Option<std::path::PathBuf>,
+    /// `tls-certificates=`: a directory with `ca-cert.pem`, and `client-cert.pem` and
+    /// `client-key.pem` for a server that asks for a client certificate.
+    pub certificates: Option<std::path::PathBuf>,
+    /// `tls-verify-peer=false` turns off the server certificate's check (default on).
+    pub verify_peer: bool,
+    /// `tls-hostname=`: the name the certificate must carry (default: the URI's host,
+    /// `localhost` for a Unix socket).
+    pub hostname: Option<String>,
 }
 
 /// True when `s` names a remote device (an NBD URI) rather than a path.
@@ -80,13 +101,31 @@ impl NbdUri {
             None => (rest, ""),
         };
         let export = percent_decode(uri, path)?;
+        // userinfo: the TLS user name (libnbd's `nbds://alice@host/`).
+        let (user, authority) = match authority.rsplit_once('@') {
+            Some((u, a)) => (Some(percent_decode(uri, u)?), a),
+            None => (None, authority),
+        };
+        let mut settings = TlsSettings { username: user, verify_peer: true, ..TlsSettings::default() };
         let mut socket = None;
         for kv in query.into_iter().flat_map(|q| q.split('&')).filter(|kv| !kv.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             match k {
                 "socket" if unix => socket = Some(percent_decode(uri, v)?),
-                // Client certificates and PSK files are given as options, not in the URI.
-                "tls-certificates" | "tls-psk-file" | "tls-hostname" | "tls-verify-peer" if tls => {}
+                "tls-psk-file" if tls => settings.psk_file = Some(percent_decode(uri, v)?.into()),
+                "tls-certificates" if tls => settings.certificates = Some(percent_decode(uri, v)?.into()),
+                "tls-username" if tls => settings.username = Some(percent_decode(uri, v)?),
+                "tls-hostname" if tls => settings.hostname = Some(percent_decode(uri, v)?),
+                "tls-verify-peer" if tls => {
+                    settings.verify_peer = match v {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => return Err(bad(uri, &format!("tls-verify-peer={v} is not true or false"))),
+                    }
+                }
+                k if k.starts_with("tls-") && !tls => {
+                    return Err(bad(uri, &format!("{k} is given, but the scheme has no TLS (nbds:// or nbds+unix://)")))
+                }
                 _ => return Err(bad(uri, &format!("unknown query parameter {k:?}"))),
             }
         }
@@ -121,7 +160,13 @@ impl NbdUri {
             };
             NbdAddress::Tcp { host, port }
         };
-        Ok(NbdUri { address, export, tls, text: uri.to_string() })
+        if settings.psk_file.is_some() && settings.certificates.is_some() {
+            return Err(bad(uri, "tls-psk-file and tls-certificates are both given; pick one"));
+        }
+        if !tls && settings.username.is_some() {
+            return Err(bad(uri, "a user name is given, but the scheme has no TLS"));
+        }
+        Ok(NbdUri { address, export, tls: tls.then_some(settings), text: uri.to_string() })
     }
 }
 
@@ -134,11 +179,19 @@ mod tests {
         let u = NbdUri::parse("nbd://example.com/disk").unwrap();
         assert_eq!(u.address, NbdAddress::Tcp { host: "example.com".into(), port: 10809 });
         assert_eq!(u.export, "disk");
-        assert!(!u.tls);
+        assert!(u.tls.is_none());
         let u = NbdUri::parse("nbds://[::1]:1234/a%20b").unwrap();
         assert_eq!(u.address, NbdAddress::Tcp { host: "::1".into(), port: 1234 });
         assert_eq!(u.export, "a b");
-        assert!(u.tls);
+        assert_eq!(u.tls, Some(TlsSettings { verify_peer: true, ..TlsSettings::default() }));
+        let u = NbdUri::parse("nbds+unix://alice@/x?socket=/s&tls-psk-file=/k%20s.psk").unwrap();
+        assert_eq!(u.address, NbdAddress::Unix("/s".into()));
+        let t = u.tls.unwrap();
+        assert_eq!((t.username.as_deref(), t.psk_file), (Some("alice"), Some("/k s.psk".into())));
+        let u = NbdUri::parse("nbds://bob@h:5/x?tls-certificates=/c&tls-verify-peer=false&tls-hostname=n").unwrap();
+        assert_eq!(u.address, NbdAddress::Tcp { host: "h".into(), port: 5 });
+        let t = u.tls.unwrap();
+        assert_eq!((t.certificates, t.verify_peer, t.hostname.as_deref()), (Some("/c".into()), false, Some("n")));
         let u = NbdUri::parse("nbd+unix:///?socket=/run/x.sock").unwrap();
         assert_eq!(u.address, NbdAddress::Unix("/run/x.sock".into()));
         assert_eq!(u.export, "");
@@ -153,6 +206,10 @@ mod tests {
             ("nbd+unix://h/x?socket=/s", "no host"),
             ("nbd://h/x?socket=/s", "unknown query parameter"),
             ("nbd://h/%zz", "not hex"),
+            ("nbd://h/x?tls-psk-file=/k", "no TLS"),
+            ("nbd://alice@h/x", "no TLS"),
+            ("nbds://h/x?tls-verify-peer=maybe", "not true or false"),
+            ("nbds://h/x?tls-psk-file=/k&tls-certificates=/c", "pick one"),
             ("nbd", "no scheme"),
         ] {
             let e = NbdUri::parse(s).unwrap_err();
