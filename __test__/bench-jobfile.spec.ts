@@ -171,6 +171,7 @@ test('bad input: one line naming the file, line, section, key and value', (t) =>
   bad('[j]\ntime_based=maybe\n', /must be 0 or 1/)
   bad('[j]\nverify=sha9\n', /verify=sha9: must be crc32c, md5 or pattern/)
   bad('[j]\nbacking_latency=fast\n', /backing_latency=fast: must be NNNNrpm/)
+  bad('[j]\nremote_connections=17\n', /remote_connections=17: must be a whole number from 1 to 16/)
   bad('[j]\ncache_replacement_policy=clock\n', /cache_replacement_policy=clock: must be one of lru, fifo, random, s3fifo, tinylfu$/)
   bad('[global]\nsize=lots\n[j]\n', /^x\.fio:2: \[global\] size=lots/)
   bad('rw=read\n', /outside any section/)

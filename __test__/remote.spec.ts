@@ -30,6 +30,14 @@ test('the raw-device API reads and writes an NBD export by its URI', async (t) =
   t.true(err?.message.startsWith(none), err?.message)
   const bad = await t.throwsAsync(() => openDevice('nbd+unix:///x'))
   t.regex(bad?.message ?? '', /socket= is missing/)
+  // Connections to a multi-conn server: 1 to 16.
+  for (const n of [0, 17, 1.5]) {
+    await t.throwsAsync(() => openDevice(srv.uri, { remoteConnections: n }), { code: 'INVALID_ARGUMENT', message: /remoteConnections must be a whole number from 1 to 16/ })
+    t.throws(() => new Registry({ remoteConnections: n }), { code: 'INVALID_ARGUMENT' })
+  }
+  const two = await openDevice(srv.uri, { remoteConnections: 2 })
+  t.deepEqual(Buffer.from(await two.read(1 << 20, 65536)), data)
+  await two.close()
 })
 
 test('a cached device on an NBD export: made and shown by URI, hits served and writes absorbed while the server is down, writeback drains once it is back', async (t) => {

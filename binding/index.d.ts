@@ -367,6 +367,8 @@ export interface NativeAttachConfig {
   exclusive?: boolean
   /** A remote (NBD) backing device: milliseconds a request waits for its reply. */
   remoteTimeoutMs?: number
+  /** A remote (NBD) backing device: connections when its server allows multi-conn. */
+  remoteConnections?: number
   /** Writeback tunables to start with (the rest: bcache's defaults). */
   writeback?: NativeWritebackConfig
   /** Bypass tunables to start with (the rest: bcache's defaults). */
@@ -635,6 +637,8 @@ export interface NativeOpenOptions {
    * with `ETIMEDOUT` (default 30000).
    */
   remoteTimeoutMs?: number
+  /** A remote (NBD) device whose server allows multi-conn: connections (1-16, default 4). */
+  remoteConnections?: number
 }
 
 /** What opening the set found and did (times in milliseconds). */

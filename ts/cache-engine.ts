@@ -42,7 +42,7 @@
  * whose attach has not finished, is `INVALID_ARGUMENT`; a closed engine is `CLOSED`.
  * @module
  */
-import { type EngineChoice, type IoEngineOptions, type IoEngineStats, checkRemoteTimeout, nativeEngineOptions, type OpenDeviceOptions } from './device'
+import { type EngineChoice, type IoEngineOptions, type IoEngineStats, checkRemoteOptions, nativeEngineOptions, type OpenDeviceOptions } from './device'
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { checkCount, closedError, deviceRequests, InlineQueue, MAX_REQUEST } from './inline'
 import native from './native'
@@ -133,6 +133,8 @@ export interface AttachOptions {
   exclusive?: boolean
   /** A remote backing device: see {@link OpenDeviceOptions.remoteTimeoutMs}. */
   remoteTimeoutMs?: number
+  /** A remote backing device: see {@link OpenDeviceOptions.remoteConnections}. */
+  remoteConnections?: number
   /**
    * Writeback tunables to start with, in place of bcache's defaults: set before the set
    * can start writing anything back ({@link CacheEngine.setWritebackConfig} later).
@@ -839,7 +841,7 @@ export class CacheEngine {
     }
     if (o.writeback !== undefined) checkWritebackChanges(o.writeback)
     if (o.bypass !== undefined) checkBypassChanges(o.bypass)
-    checkRemoteTimeout(o.remoteTimeoutMs)
+    checkRemoteOptions(o)
     if (o.noSuperblock !== undefined && typeof o.noSuperblock !== 'boolean') throw new InvalidArgumentError(`noSuperblock must be true or false, got ${String(o.noSuperblock)}`)
     let handle = -1
     try {
@@ -854,6 +856,7 @@ export class CacheEngine {
           direct: o.direct,
           exclusive: o.exclusive,
           remoteTimeoutMs: o.remoteTimeoutMs,
+          remoteConnections: o.remoteConnections,
           writeback: o.writeback,
           bypass: o.bypass === undefined ? undefined : nativeBypass(o.bypass),
           noSuperblock: o.noSuperblock,
@@ -1024,13 +1027,14 @@ export class CacheEngine {
     this.#check()
     if (typeof path !== 'string' || path === '') throw new InvalidArgumentError('path must be a non-empty string')
     checkCount('dataOffset', dataOffset)
-    checkRemoteTimeout(options.remoteTimeoutMs)
+    checkRemoteOptions(options)
     try {
       const info = this.#native.attachPlain(path, dataOffset, {
         write: !options.readOnly,
         direct: options.direct,
         exclusive: options.exclusive,
         remoteTimeoutMs: options.remoteTimeoutMs,
+        remoteConnections: options.remoteConnections,
       })
       return this.#remember(path, info, false).handle
     } catch (err) {

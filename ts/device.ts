@@ -115,10 +115,15 @@ export interface LatencyModel {
   serial?: boolean
 }
 
-/** @internal Checks {@link OpenDeviceOptions.remoteTimeoutMs}. */
-export function checkRemoteTimeout(ms: number | undefined): void {
+/** @internal Checks {@link OpenDeviceOptions.remoteTimeoutMs} and {@link OpenDeviceOptions.remoteConnections}. */
+export function checkRemoteOptions(o: { remoteTimeoutMs?: number; remoteConnections?: number }): void {
+  const ms = o.remoteTimeoutMs
   if (ms !== undefined && (typeof ms !== 'number' || !Number.isInteger(ms) || ms < 1 || ms > 0xffffffff)) {
     throw new InvalidArgumentError(`remoteTimeoutMs must be a whole number of milliseconds from 1 to ${0xffffffff}, got ${String(ms)}`)
+  }
+  const n = o.remoteConnections
+  if (n !== undefined && (typeof n !== 'number' || !Number.isInteger(n) || n < 1 || n > 16)) {
+    throw new InvalidArgumentError(`remoteConnections must be a whole number from 1 to 16, got ${String(n)}`)
   }
 }
 
@@ -165,6 +170,12 @@ export interface OpenDeviceOptions {
    * meanwhile and the request sent again, so this is also how long an outage is ridden out.
    */
   remoteTimeoutMs?: number
+  /**
+   * A remote device whose server advertises `NBD_FLAG_CAN_MULTI_CONN` (a flush on one
+   * connection covers writes answered on all): connections to open, 1 to 16 (default 4,
+   * as nbdcopy opens). Requests go out on whichever is free. Servers without it get one.
+   */
+  remoteConnections?: number
 }
 
 /** Counters of an {@link IoEngine} since it was made (see {@link IoEngine.stats}). */
@@ -324,7 +335,7 @@ export class IoEngine {
   async open(path: string, options: OpenDeviceOptions = {}): Promise<RawDevice> {
     if (this.closed) throw closedError('the I/O engine')
     if (options.createSize !== undefined) checkCount('createSize', options.createSize)
-    checkRemoteTimeout(options.remoteTimeoutMs)
+    checkRemoteOptions(options)
     let info: NativeDeviceInfo
     try {
       info = this.#native.openDevice(path, {
@@ -333,6 +344,7 @@ export class IoEngine {
         exclusive: options.exclusive,
         createSize: options.createSize,
         remoteTimeoutMs: options.remoteTimeoutMs,
+        remoteConnections: options.remoteConnections,
       })
     } catch (err) {
       throw asUbcacheError(err)

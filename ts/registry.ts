@@ -22,7 +22,7 @@ import { type BypassConfig, CacheEngine, type CacheEngineOptions, checkBypassCha
 import { asUbcacheError, InvalidArgumentError, UbcacheError } from './errors'
 import { closedError } from './inline'
 import { CacheSet } from './registry/cache-set'
-import { checkRemoteTimeout } from './device'
+import { checkRemoteOptions } from './device'
 import { CachedDevice, type CachedDeviceInit } from './registry/cached-device'
 import { describeDevice, isNbdUri, readSuperblock } from './super-io'
 import { blankSuperblock } from './format'
@@ -56,6 +56,8 @@ export interface RegistryOptions extends CacheEngineOptions {
    * writeback writes do not wait for the server at all.
    */
   remoteTimeoutMs?: number
+  /** Remote backing devices: see {@link OpenDeviceOptions.remoteConnections} (default 4). */
+  remoteConnections?: number
 }
 
 /**
@@ -86,13 +88,13 @@ export class Registry {
   constructor(options: RegistryOptions = {}) {
     if (options.writeback !== undefined) checkWritebackChanges(options.writeback)
     if (options.bypass !== undefined) checkBypassChanges(options.bypass)
-    checkRemoteTimeout(options.remoteTimeoutMs)
+    checkRemoteOptions(options)
     this.#options = { ...options }
   }
 
   /** The options for the engines (the registry's own taken out). */
   #engineOptions(): CacheEngineOptions {
-    const { writeback: _w, bypass: _b, remoteTimeoutMs: _r, ...engine } = this.#options
+    const { writeback: _w, bypass: _b, remoteTimeoutMs: _r, remoteConnections: _c, ...engine } = this.#options
     return engine
   }
 
@@ -338,7 +340,8 @@ export class Registry {
 
   /** The options of the opens of cached devices. */
   #openOptions(): CachedDeviceInit['open'] {
-    return { direct: this.#options.direct, exclusive: this.#options.exclusive, remoteTimeoutMs: this.#options.remoteTimeoutMs }
+    const { direct, exclusive, remoteTimeoutMs, remoteConnections } = this.#options
+    return { direct, exclusive, remoteTimeoutMs, remoteConnections }
   }
 
   /** The engine serving backing devices without their set, started on first use. */

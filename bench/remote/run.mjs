@@ -12,6 +12,7 @@
 // - vs_nbdkit_cache_zipf_iops_ratio: the Zipf reads at QD32, warm, through fio's nbd engine:
 //   `ubcache serve` with a remote backing device (nbdkit file under a 5 ms delay) over
 //   `nbdkit --filter=cache --filter=delay file` with the same delay and cache size.
+// UBCACHE_REMOTE_CONNECTIONS: connections of the client to the export (default 4).
 // UBCACHE_BENCH_SECONDS per measured run (default 8). Progress on stderr; the last stdout
 // line is one JSON object.
 
@@ -60,9 +61,12 @@ const fioAt = (u, args) => {
   return JSON.parse(text.slice(text.indexOf('{'))).jobs[0]
 }
 const fio = (args) => fioAt(uri, args)
+// Connections to the export (nbdkit file allows multi-conn); UBCACHE_REMOTE_CONNECTIONS,
+// default the client's own (4).
+const conns = process.env.UBCACHE_REMOTE_CONNECTIONS ? `remote_connections=${process.env.UBCACHE_REMOTE_CONNECTIONS}\n` : ''
 const bench = (name, body) => {
   const f = join(dir, `${name}.fio`)
-  fs.writeFileSync(f, `[${name}]\nioengine=ubcache\ncache=${cache}\nbacking=${uri}\n${body}`)
+  fs.writeFileSync(f, `[${name}]\nioengine=ubcache\ncache=${cache}\nbacking=${uri}\n${conns}${body}`)
   return JSON.parse(execFileSync('node', [cli, 'bench', f, '--output-format', 'json'], { encoding: 'utf8', maxBuffer: 64 << 20 })).jobs[0]
 }
 const size = WORKING - (1 << 20)

@@ -41,6 +41,8 @@ ubcache bench --list-examples
   and SIEVE (--sweep: at cache sizes from 0.5% to 100% of the blocks accessed).
   backing_latency=7200rpm (or fixed=5ms,mibps=200,seek=8ms,serial) emulates a slow
   backing device: ioengine=ubcache slows the backing device only, ioengine=raw its file.
+  remote_connections=N: connections to an NBD backing (or raw) device's server when it
+  allows multi-conn (default 4).
   replay= replays a block trace (blkparse, SPC, MSR CSV, ARC .lis). Output as fio's (IOPS,
   bandwidth, slat/clat/lat and percentiles) plus the cache's lines; --output-format=json in
   fio's JSON shape with a ubcache object; --report out.html writes an HTML report.`

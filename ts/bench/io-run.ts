@@ -111,6 +111,7 @@ async function rawTarget(job: Job): Promise<Target> {
       exclusive: false,
       ...(createSize ? { createSize } : {}),
       ...(job.backingLatency ? { latency: job.backingLatency } : {}),
+      ...(job.remoteConnections ? { remoteConnections: job.remoteConnections } : {}),
     })
   } catch (err) {
     throw new JobFileError(`[${job.name}] filename=${job.filename}: ${(err as Error).message}`)
@@ -155,7 +156,10 @@ async function ubcacheTarget(job: Job): Promise<Target> {
     }
   }
   // backing_latency slows the backing device only, as a disk behind an SSD cache.
-  const reg = new Registry(job.backingLatency ? { latency: job.backingLatency } : {})
+  const reg = new Registry({
+    ...(job.backingLatency ? { latency: job.backingLatency } : {}),
+    ...(job.remoteConnections ? { remoteConnections: job.remoteConnections } : {}),
+  })
   let dev: CachedDevice
   let set
   try {

@@ -84,6 +84,8 @@ export interface Job {
   drain: boolean
   /** The emulated slow backing device (see {@link parseLatency}). */
   backingLatency?: BackingLatency
+  /** ubcache and raw, a remote (NBD URI) device: connections to a multi-conn server. */
+  remoteConnections?: number
   replay?: string
   replaySpeed: number
 }
@@ -153,6 +155,7 @@ const KEYS: Record<string, KeySpec> = {
   writeback_running: { t: 'bool' },
   drain: { t: 'bool' },
   backing_latency: { t: 'special' },
+  remote_connections: { t: 'int', min: 1, max: 16 },
   replay: { t: 'str' },
   replay_speed: { t: 'float', min: 0 },
 }

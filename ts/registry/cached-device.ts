@@ -50,7 +50,7 @@ export interface CachedDeviceInit {
   /** Bytes of data past the data offset. */
   size: number
   /** Options for the engines' opens. */
-  open: Pick<AttachOptions, 'direct' | 'exclusive' | 'remoteTimeoutMs'>
+  open: Pick<AttachOptions, 'direct' | 'exclusive' | 'remoteTimeoutMs' | 'remoteConnections'>
   /** Writeback tunables to start with, in place of bcache's defaults. */
   writeback?: Partial<WritebackConfig>
   /** Bypass tunables to start with, in place of bcache's defaults. */
@@ -123,7 +123,7 @@ export class CachedDevice {
 
   readonly #super: SuperblockStore
   readonly #plainEngine: () => Promise<CacheEngine>
-  readonly #open: Pick<AttachOptions, 'direct' | 'exclusive' | 'remoteTimeoutMs'>
+  readonly #open: Pick<AttachOptions, 'direct' | 'exclusive' | 'remoteTimeoutMs' | 'remoteConnections'>
   /** Where requests go now: undefined while waiting for its set, and when it cannot be served. */
   #route: Route | undefined
   /** The set-less engine's handle of a device not served until its set comes (state `dirty`). */

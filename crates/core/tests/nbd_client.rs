@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use io_common::*;
 use ubcache_core::io::{
-    open_engine, AlignedBuf, Device, EngineChoice, EngineOptions, IoCompletion, IoEngine, IoRequest, OpenOptions,
-    RingDriver,
+    open_engine, AlignedBuf, DevId, Device, EngineChoice, EngineOptions, IoCompletion, IoEngine, IoRequest,
+    OpenOptions, RingDriver,
 };
 use ubcache_core::nbd::{NbdOptions, NbdUri};
 use ubcache_core::ErrorKind;
@@ -102,6 +102,25 @@ fn run_all(e: &mut dyn IoEngine, reqs: Vec<IoRequest>) -> Vec<IoCompletion> {
 
 fn remote(uri: &str, nbd: NbdOptions) -> Arc<Device> {
     Arc::new(Device::open_remote(&NbdUri::parse(uri).unwrap(), &OpenOptions::default(), nbd).unwrap())
+}
+
+/// `n` writes of 4 KiB to distinct blocks below `blocks`, applied to `model`; tags from
+/// `tag`. (Writes in flight together to one block may land in any order, on one
+/// connection as on several.)
+fn distinct_writes(rng: &mut Rng, n: usize, blocks: u64, id: DevId, model: &mut [u8], tag: &mut u64) -> Vec<IoRequest> {
+    let mut seen = std::collections::HashSet::new();
+    let mut reqs = Vec::new();
+    while reqs.len() < n {
+        let off = rng.below(blocks) * 4096;
+        if !seen.insert(off) {
+            continue;
+        }
+        let data = pattern(4096, rng.next() as u8);
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        *tag += 1;
+        reqs.push(IoRequest::write(id, off, AlignedBuf::from_slice(&data), *tag));
+    }
+    reqs
 }
 
 #[test]
@@ -205,14 +224,7 @@ fn a_killed_server_is_reconnected_and_nothing_acknowledged_is_lost() {
     let mut tag = 0u64;
     for round in 0..6 {
         // Writes and a flush in flight when the server dies: they complete once it is back.
-        let mut reqs = Vec::new();
-        for _ in 0..32 {
-            let off = rng.below(2048) * 4096;
-            let data = pattern(4096, rng.next() as u8);
-            model[off as usize..off as usize + 4096].copy_from_slice(&data);
-            tag += 1;
-            reqs.push(IoRequest::write(id, off, AlignedBuf::from_slice(&data), tag));
-        }
+        let mut reqs = distinct_writes(&mut rng, 32, 2048, id, &mut model, &mut tag);
         tag += 1;
         reqs.push(IoRequest::flush(id, tag));
         for r in reqs {
@@ -497,14 +509,7 @@ fn tls_with_a_pre_shared_key_rides_out_a_restart_and_wrong_keys_are_refused() {
     let mut rng = Rng(7);
     let mut tag = 0;
     for round in 0..3 {
-        let mut reqs = Vec::new();
-        for _ in 0..32 {
-            let off = rng.below(1024) * 4096;
-            let data = pattern(4096, rng.next() as u8);
-            model[off as usize..off as usize + 4096].copy_from_slice(&data);
-            tag += 1;
-            reqs.push(IoRequest::write(id, off, AlignedBuf::from_slice(&data), tag));
-        }
+        let mut reqs = distinct_writes(&mut rng, 32, 1024, id, &mut model, &mut tag);
         tag += 1;
         reqs.push(IoRequest::flush(id, tag));
         for r in reqs {
@@ -584,4 +589,69 @@ fn tls_with_certificates_checks_the_server_against_the_ca() {
     // The certificate is for localhost: another expected name is refused.
     let err = Device::open(uri(&certs, "&tls-hostname=elsewhere"), &OpenOptions::default()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Tls, "{}", err.message());
+}
+
+#[test]
+fn several_connections_when_the_server_allows_multi_conn_one_otherwise() {
+    if !have_nbdkit() {
+        return;
+    }
+    let s = Scratch::new("nbd-multi");
+    let img = s.file("img", 8 << 20, 5);
+    let mut srv = Server::start(&s.0.join("sock"), &["file", img.to_str().unwrap()]);
+    let opts = NbdOptions { request_timeout: Duration::from_secs(20), connections: 3, ..Default::default() };
+    let dev = remote(&srv.uri(), opts);
+    let client = dev.remote().unwrap().clone();
+    let wait_for = |n: u32| {
+        let t = Instant::now();
+        while client.stats().connections != n {
+            assert!(t.elapsed() < Duration::from_secs(10), "{:?}", client.stats());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for(3);
+    let mut e = engine(EngineChoice::Auto);
+    let id = e.add_device(dev).unwrap();
+    let mut model = std::fs::read(&img).unwrap();
+    let mut rng = Rng(31);
+    let mut tag = 0;
+    for round in 0..4 {
+        // Writes spread over the connections, then a flush once they are answered: the
+        // server's multi-conn promise makes it cover every one of them.
+        let mut reqs = distinct_writes(&mut rng, 96, 2048, id, &mut model, &mut tag);
+        if round == 2 {
+            // The server restarts with these in flight: they are sent again.
+            for r in reqs.drain(..) {
+                e.submit(r);
+            }
+            srv.restart();
+            let mut out = Vec::new();
+            while out.len() < 96 {
+                e.poll(&mut out, Some(Duration::from_secs(1))).unwrap();
+            }
+            assert!(out.iter().all(|c| c.result.is_ok()));
+        }
+        assert!(run_all(e.as_mut(), reqs).iter().all(|c| c.result.is_ok()));
+        tag += 1;
+        assert!(run_all(e.as_mut(), vec![IoRequest::flush(id, tag)])[0].result.is_ok());
+    }
+    let reads: Vec<IoRequest> = (0..8u64).map(|i| IoRequest::read(id, i << 20, AlignedBuf::new(1 << 20), i)).collect();
+    for c in run_all(e.as_mut(), reads) {
+        let off = c.offset as usize;
+        assert!(c.into_buf().unwrap()[..] == model[off..off + (1 << 20)]);
+    }
+    assert!(std::fs::read(&img).unwrap() == model);
+    // Every connection came back after the restart.
+    wait_for(3);
+    assert!(client.stats().reconnects >= 3, "{:?}", client.stats());
+    drop(e);
+
+    // A server that does not promise multi-conn gets one connection, whatever is asked.
+    let one = Server::start(
+        &s.0.join("one"),
+        &["--filter=multi-conn", "file", img.to_str().unwrap(), "multi-conn-mode=disable"],
+    );
+    let dev = remote(&one.uri(), opts);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(dev.remote().unwrap().stats().connections, 1);
 }

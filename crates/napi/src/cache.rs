@@ -313,6 +313,7 @@ pub fn load_cache_set(env: &Env, path: String, options: Option<NativeLoadOptions
             exclusive: o.exclusive,
             create_size: None,
             remote_timeout_ms: None,
+            remote_connections: None,
         }),
     )?;
     let d = CacheSetOptions::default();
@@ -355,6 +356,8 @@ pub struct NativeAttachConfig {
     pub exclusive: Option<bool>,
     /// A remote (NBD) backing device: milliseconds a request waits for its reply.
     pub remote_timeout_ms: Option<u32>,
+    /// A remote (NBD) backing device: connections when its server allows multi-conn.
+    pub remote_connections: Option<u32>,
     /// Writeback tunables to start with (the rest: bcache's defaults).
     pub writeback: Option<NativeWritebackConfig>,
     /// Bypass tunables to start with (the rest: bcache's defaults).
@@ -648,6 +651,7 @@ impl NativeCacheEngine {
             exclusive: config.exclusive,
             create_size: None,
             remote_timeout_ms: config.remote_timeout_ms,
+            remote_connections: config.remote_connections,
         };
         let (device, info) = open_device(env, &config.path, Some(open))?;
         if let Some(c) = &self.slow_backing {

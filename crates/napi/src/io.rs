@@ -109,6 +109,7 @@ pub(crate) fn open_options(env: &Env, options: Option<NativeOpenOptions>) -> Res
         exclusive: None,
         create_size: None,
         remote_timeout_ms: None,
+        remote_connections: None,
     });
     let direct = match o.direct.as_deref() {
         None | Some("auto") => DirectIo::Auto,
@@ -126,6 +127,7 @@ pub(crate) fn open_options(env: &Env, options: Option<NativeOpenOptions>) -> Res
         exclusive: o.exclusive.unwrap_or(true),
         create_size,
         remote_timeout: o.remote_timeout_ms.map(|ms| Duration::from_millis(u64::from(ms.max(1)))),
+        remote_connections: o.remote_connections,
     })
 }
 
@@ -281,6 +283,8 @@ pub struct NativeOpenOptions {
     /// A remote (NBD) device: milliseconds a request waits for its reply before it fails
     /// with `ETIMEDOUT` (default 30000).
     pub remote_timeout_ms: Option<u32>,
+    /// A remote (NBD) device whose server allows multi-conn: connections (1-16, default 4).
+    pub remote_connections: Option<u32>,
 }
 
 /// A device opened in an engine.

@@ -64,11 +64,20 @@ pub struct OpenOptions {
     /// A remote device: how long a request waits for its reply, the server's return
     /// included, before it fails with `ETIMEDOUT` (default 30 s).
     pub remote_timeout: Option<std::time::Duration>,
+    /// A remote device whose server advertises multi-conn: connections to open (default 4).
+    pub remote_connections: Option<u32>,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { write: true, direct: DirectIo::Auto, exclusive: true, create_size: None, remote_timeout: None }
+        OpenOptions {
+            write: true,
+            direct: DirectIo::Auto,
+            exclusive: true,
+            create_size: None,
+            remote_timeout: None,
+            remote_connections: None,
+        }
     }
 }
 
@@ -99,6 +108,9 @@ impl Device {
             let mut nbd = NbdOptions::default();
             if let Some(t) = opts.remote_timeout {
                 nbd.request_timeout = t;
+            }
+            if let Some(n) = opts.remote_connections {
+                nbd.connections = n;
             }
             return Device::open_remote(&NbdUri::parse(uri)?, opts, nbd);
         }

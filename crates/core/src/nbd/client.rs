@@ -40,6 +40,9 @@ pub struct NbdOptions {
     pub connect_timeout: Duration,
     /// Reconnection waits start at 50 ms and double up to this (default 2 s).
     pub max_backoff: Duration,
+    /// Connections to a server that advertises `NBD_FLAG_CAN_MULTI_CONN` (default 4, as
+    /// nbdcopy opens); requests go out on whichever is free. One for other servers.
+    pub connections: u32,
 }
 
 impl Default for NbdOptions {
@@ -48,6 +51,7 @@ impl Default for NbdOptions {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(2),
+            connections: 4,
         }
     }
 }
@@ -65,6 +69,8 @@ pub struct NbdStats {
     pub protocol_errors: u64,
     /// True while connected.
     pub connected: bool,
+    /// Connections open now.
+    pub connections: u32,
 }
 
 enum Sock {
@@ -175,7 +181,8 @@ struct Entry {
     /// The request; taken out while the reader fills its buffers.
     req: Option<IoRequest>,
     sink: Sink,
-    /// Connection generation it was sent on (None: waiting to be sent).
+    /// The connection (its generation, unique across connections) it was sent on (None:
+    /// waiting to be sent).
     sent_on: Option<u64>,
     deadline: Instant,
     /// A structured reply's error chunk, reported when the reply is done.
@@ -191,9 +198,10 @@ struct St {
     queue: VecDeque<u64>,
     entries: HashMap<u64, Entry>,
     done: Vec<IoCompletion>,
-    /// Generation of the live connection, and its socket (for shutdown).
+    /// The last generation given to a connection.
     gen: u64,
-    sock: Option<Sock>,
+    /// The live connections by generation, their sockets (for shutdown).
+    socks: HashMap<u64, Sock>,
     closing: bool,
     last_error: Option<String>,
     /// Why this client last dropped a connection itself (a protocol violation, a stalled
@@ -207,8 +215,10 @@ struct Shared {
     info: ExportInfo,
     opts: NbdOptions,
     st: Mutex<St>,
-    /// The sender waits here for requests, a lost connection, or closing.
+    /// Senders wait here for requests, a lost connection, or closing.
     work: Condvar,
+    /// Senders wait out their reconnection backoff here (woken by closing).
+    backoff: Condvar,
     notify: EventFd,
     waker: Mutex<Option<Arc<EventFd>>>,
 }
@@ -246,13 +256,10 @@ impl Shared {
     /// The connection of generation `gen` is gone: requests sent on it go out again, first.
     fn lost(&self, gen: u64, why: Option<Error>) {
         let mut st = self.lock();
-        if st.gen != gen || st.sock.is_none() {
-            return;
-        }
-        if let Some(s) = st.sock.take() {
-            s.shutdown();
-        }
-        st.stats.connected = false;
+        let Some(s) = st.socks.remove(&gen) else { return };
+        s.shutdown();
+        st.stats.connections = st.socks.len() as u32;
+        st.stats.connected = !st.socks.is_empty();
         if let Some(e) = &why {
             if e.kind() == ErrorKind::Protocol {
                 st.stats.protocol_errors += 1;
@@ -292,8 +299,14 @@ impl Shared {
         let now = Instant::now();
         // A reply stalled half-way holds its request in the reader: only dropping the
         // connection frees it (it is then failed below on the next pass, or sent again).
-        if st.entries.values().any(|e| !e.abandoned && e.req.is_none() && e.deadline <= now) {
-            if let Some(s) = &st.sock {
+        let stalled: Vec<u64> = st
+            .entries
+            .values()
+            .filter(|e| !e.abandoned && e.req.is_none() && e.deadline <= now)
+            .filter_map(|e| e.sent_on)
+            .collect();
+        for g in stalled {
+            if let Some(s) = st.socks.get(&g) {
                 s.shutdown();
                 st.dropped_because = Some("a reply stalled part-way through".to_string());
             }
@@ -307,10 +320,10 @@ impl Shared {
         if late.is_empty() {
             return;
         }
-        let mut why = match (&st.sock, &st.last_error) {
-            (Some(_), _) => "the server did not answer".to_string(),
-            (None, Some(e)) => format!("the server is unreachable ({e})"),
-            (None, None) => "the server is unreachable".to_string(),
+        let mut why = match (st.socks.is_empty(), &st.last_error) {
+            (false, _) => "the server did not answer".to_string(),
+            (true, Some(e)) => format!("the server is unreachable ({e})"),
+            (true, None) => "the server is unreachable".to_string(),
         };
         if let Some(p) = &st.dropped_because {
             why = format!("{why}; a connection was dropped because {p}");
@@ -319,7 +332,7 @@ impl Shared {
             st.stats.timed_out += 1;
             let t = self.opts.request_timeout;
             let err = Error::new(ErrorKind::TimedOut, format!("{}: no reply within {t:?}: {why}", self.uri.text));
-            let sent = st.entries.get(&c).and_then(|e| e.sent_on).is_some_and(|g| g == st.gen && st.sock.is_some());
+            let sent = st.entries.get(&c).and_then(|e| e.sent_on).is_some_and(|g| st.socks.contains_key(&g));
             if sent {
                 // The reply may still come: keep a tombstone so that it is read and dropped.
                 let e = st.entries.get_mut(&c).expect("listed");
@@ -338,7 +351,8 @@ impl Shared {
 /// A connection to one export (see the module docs).
 pub struct NbdClient {
     shared: Arc<Shared>,
-    sender: Mutex<Option<JoinHandle<()>>>,
+    /// One sender thread per connection.
+    senders: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -362,22 +376,31 @@ impl NbdClient {
                 entries: HashMap::new(),
                 done: Vec::new(),
                 gen: 0,
-                sock: None,
+                socks: HashMap::new(),
                 closing: false,
                 last_error: None,
                 dropped_because: None,
                 stats: NbdStats::default(),
             }),
             work: Condvar::new(),
+            backoff: Condvar::new(),
             notify: EventFd::new()?,
             waker: Mutex::new(None),
         });
-        let s2 = shared.clone();
-        let sender = std::thread::Builder::new()
-            .name("ubcache-nbd".into())
-            .spawn(move || sender_loop(s2, sock))
-            .map_err(|e| Error::io("spawn the NBD client thread", e))?;
-        Ok(NbdClient { shared, sender: Mutex::new(Some(sender)) })
+        // The first connection is made now; the others connect on their own threads, so a
+        // server that takes fewer clients than asked for delays nothing.
+        let lanes = if info.has(proto::FLAG_CAN_MULTI_CONN) { opts.connections.clamp(1, 16) } else { 1 };
+        let mut senders = Vec::new();
+        let mut first = Some(sock);
+        for lane in 0..lanes {
+            let (s2, sock) = (shared.clone(), first.take());
+            match std::thread::Builder::new().name(format!("ubcache-nbd-{lane}")).spawn(move || sender_loop(s2, sock)) {
+                Ok(h) => senders.push(h),
+                Err(e) if lane == 0 => return Err(Error::io("spawn the NBD client thread", e)),
+                Err(_) => break,
+            }
+        }
+        Ok(NbdClient { shared, senders: Mutex::new(senders) })
     }
 
     /// What the server said about the export at the first connection.
@@ -460,8 +483,14 @@ impl NbdClient {
             },
         );
         st.queue.push_back(cookie);
+        let unconnected = st.socks.is_empty();
         drop(st);
-        self.shared.work.notify_all();
+        // One sender wakes; it wakes another if it leaves requests queued. With no
+        // connection, a new request cuts the reconnection backoff short.
+        self.shared.work.notify_one();
+        if unconnected {
+            self.shared.backoff.notify_all();
+        }
     }
 }
 
@@ -470,13 +499,21 @@ impl Drop for NbdClient {
         {
             let mut st = self.shared.lock();
             st.closing = true;
-            if let Some(s) = st.sock.take() {
+            for (_, s) in st.socks.drain() {
                 s.shutdown();
             }
         }
         self.shared.work.notify_all();
-        if let Some(h) = self.sender.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        self.shared.backoff.notify_all();
+        for h in self.senders.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             let _ = h.join();
+        }
+        // Closing: nothing more will be answered.
+        let mut st = self.shared.lock();
+        let left: Vec<u64> = st.entries.keys().copied().collect();
+        for c in left {
+            let e = Error::new(ErrorKind::Closed, format!("{}: closed", self.shared.uri.text));
+            self.shared.deliver(&mut st, c, Err(e));
         }
     }
 }
@@ -558,16 +595,19 @@ fn reconnect(shared: &Shared) -> Option<Sock> {
         if st.closing {
             return None;
         }
-        let _ = shared.work.wait_timeout(st, backoff);
+        let _ = shared.backoff.wait_timeout(st, backoff);
         backoff = (backoff * 2).min(shared.opts.max_backoff);
     }
 }
 
-fn sender_loop(shared: Arc<Shared>, first: Sock) {
+/// One connection's sender: (re)connects it, starts its reader, and writes its share of
+/// the queue until the client closes. `first` is the connection made by `connect`, if this
+/// is the first sender.
+fn sender_loop(shared: Arc<Shared>, first: Option<Sock>) {
     let who = shared.uri.text.clone();
-    let mut sock = Some(first);
-    let mut reader: Option<JoinHandle<()>> = None;
     let mut first_conn = true;
+    let mut sock = first;
+    let mut reader: Option<JoinHandle<()>> = None;
     loop {
         // (Re)connected: start the reader of this generation.
         let mut out = match sock.take() {
@@ -589,13 +629,25 @@ fn sender_loop(shared: Arc<Shared>, first: Sock) {
                 break;
             }
             st.gen += 1;
+            let gen = st.gen;
             if !first_conn {
                 st.stats.reconnects += 1;
             }
             first_conn = false;
+            match out.try_clone() {
+                Ok(s) => {
+                    st.socks.insert(gen, s);
+                }
+                Err(_) => {
+                    drop(st);
+                    out.shutdown();
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            }
+            st.stats.connections = st.socks.len() as u32;
             st.stats.connected = true;
-            st.sock = out.try_clone().ok();
-            st.gen
+            gen
         };
         if let Some(h) = reader.take() {
             let _ = h.join();
@@ -606,14 +658,18 @@ fn sender_loop(shared: Arc<Shared>, first: Sock) {
         loop {
             let mut st = shared.lock();
             let batch = loop {
-                if st.closing || st.gen != gen || st.sock.is_none() {
+                if st.closing || !st.socks.contains_key(&gen) {
                     break None;
                 }
                 shared.expire(&mut st);
                 if !st.queue.is_empty() {
-                    // Everything queued goes out in one write.
+                    // This connection's share of the queue goes out in one write; the other
+                    // connections, woken too, take the rest.
+                    let share = st.queue.len().div_ceil(st.socks.len().max(1));
                     let mut bytes = Vec::new();
-                    while let Some(c) = st.queue.pop_front() {
+                    let mut taken = 0;
+                    while let Some(c) = (taken < share).then(|| st.queue.pop_front()).flatten() {
+                        taken += 1;
                         let Some(e) = st.entries.get_mut(&c) else { continue };
                         let Some(req) = e.req.as_ref() else { continue };
                         match encode(req, c, &shared.info, &who) {
@@ -626,6 +682,9 @@ fn sender_loop(shared: Arc<Shared>, first: Sock) {
                         if bytes.len() >= 4 << 20 {
                             break;
                         }
+                    }
+                    if !st.queue.is_empty() {
+                        shared.work.notify_one();
                     }
                     break Some(bytes);
                 }
@@ -648,12 +707,6 @@ fn sender_loop(shared: Arc<Shared>, first: Sock) {
     }
     if let Some(h) = reader.take() {
         let _ = h.join();
-    }
-    // Closing: nothing more will be answered.
-    let mut st = shared.lock();
-    let left: Vec<u64> = st.entries.keys().copied().collect();
-    for c in left {
-        shared.deliver(&mut st, c, Err(Error::new(ErrorKind::Closed, format!("{who}: closed"))));
     }
 }
 
