@@ -97,6 +97,44 @@ const now = (): number => performance.now() * 1e6
 /** Block accesses recorded for the simulators at most (memory). */
 const MAX_RECORDED = 20_000_000
 
+/**
+ * The block accesses of a run, kept as runs of consecutive blocks (a 1 MiB read is one
+ * entry, not 256) in typed arrays that double as they fill: recording costs the measured
+ * run a store per request and no garbage.
+ */
+class BlockRecorder {
+  #starts = new Float64Array(4096)
+  #counts = new Uint32Array(4096)
+  #runs = 0
+  /** Blocks recorded. */
+  blocks = 0
+
+  /** Records blocks `first` to `last`, as far as {@link MAX_RECORDED} allows. */
+  add(first: number, last: number): void {
+    const n = Math.min(last - first + 1, MAX_RECORDED - this.blocks)
+    if (n <= 0) return
+    if (this.#runs === this.#starts.length) {
+      const starts = new Float64Array(this.#runs * 2)
+      starts.set(this.#starts)
+      const counts = new Uint32Array(this.#runs * 2)
+      counts.set(this.#counts)
+      this.#starts = starts
+      this.#counts = counts
+    }
+    this.#starts[this.#runs] = first
+    this.#counts[this.#runs++] = n
+    this.blocks += n
+  }
+
+  /** Every block accessed, in order. */
+  trace(): Float64Array {
+    const out = new Float64Array(this.blocks)
+    let k = 0
+    for (let r = 0; r < this.#runs; r++) for (let i = 0; i < this.#counts[r]; i++) out[k++] = this.#starts[r] + i
+    return out
+  }
+}
+
 function newDir(): DirStats {
   return { ios: 0, bytes: 0, slat: new LatencyStats(), clat: new LatencyStats(), lat: new LatencyStats() }
 }
@@ -185,6 +223,8 @@ async function ubcacheTarget(job: Job): Promise<Target> {
     flush: () => d.flush(),
     discard: (o, l) => d.discard(o, l),
     readBack: (o, l) => d.read(o, l),
+    readInto: (b, o) => d.readInto(b, o),
+    allocBuffer: (n) => d.allocBuffer(n),
     cacheBlocks: Math.floor(((set.superblock.nbuckets - set.superblock.firstBucket) * set.bucketSize) / set.blockSize),
     cacheBlockSize: set.blockSize,
     bucketBlocks: set.bucketSize / set.blockSize,
@@ -340,7 +380,7 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
   // the mix the cache also fills from them, which a read stream cannot show).
   const recording = target.cacheBlocks !== undefined && (job.rw === 'read' || job.rw === 'randread') && job.replay === undefined
   const cbs = target.cacheBlockSize ?? 4096
-  const recorded: number[] = []
+  const recorded = new BlockRecorder()
   const verifyPass = job.verify !== undefined
   const writePhase = !job.verifyOnly
   const instances = Array.from({ length: job.numjobs }, (_, i) => i)
@@ -366,9 +406,7 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
     else if (io.op === 'write') tick.writes++
     tick.latNs += t2 - t0
     tick.n++
-    if (recording && !checking && io.op === 'read' && recorded.length < MAX_RECORDED) {
-      for (let b = Math.floor(io.offset / cbs); b <= Math.floor((io.offset + io.length - 1) / cbs); b++) recorded.push(b)
-    }
+    if (recording && !checking && io.op === 'read') recorded.add(Math.floor(io.offset / cbs), Math.floor((io.offset + io.length - 1) / cbs))
     if (checking) {
       const bad = checkVerify(job, got as Buffer, io.offset)
       if (bad && report.verifyErrors.length < 20) report.verifyErrors.push(bad)
@@ -461,13 +499,13 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
     const hitSectors = after.hitSectors - before.hitSectors
     const missSectors = after.missSectors - before.missSectors
     let simulated: CacheCounts['simulated']
-    if (recording && recorded.length > 0 && target.cacheBlocks) {
-      const trace = Float64Array.from(recorded)
+    if (recording && recorded.blocks > 0 && target.cacheBlocks) {
+      const trace = recorded.trace()
       const hitRatio: Record<string, number> = {}
       for (const p of SIM_POLICIES) hitRatio[p] = (await simulateCache(p, trace, [target.cacheBlocks]))[0].hitRatio
       // Whole buckets, as the cache must evict them.
       if (target.bucketBlocks) hitRatio[BUCKET_MIN] = (await simulateCache(BUCKET_MIN, trace, [target.cacheBlocks], { bucketBlocks: target.bucketBlocks }))[0].hitRatio
-      simulated = { cacheBlocks: target.cacheBlocks, blockSize: cbs, accesses: recorded.length, hitRatio }
+      simulated = { cacheBlocks: target.cacheBlocks, blockSize: cbs, accesses: recorded.blocks, hitRatio }
     }
     report.cache = {
       hitSectors,
