@@ -185,3 +185,33 @@ fn the_replacement_policy_and_discard_change_at_once_and_persist_in_the_superblo
     let rig = Rig::open(&paths, &RigOptions::default()).unwrap();
     assert_eq!(rig.engine.cache_policy().unwrap(), (Replacement::Random, true));
 }
+
+/// Writes that start where an earlier write into a bucket now full ended (hot blocks beside
+/// each other, rewritten) once opened a new bucket in that closed slot each time, beside
+/// the writer's open one: open buckets piled up to 128, each pinned, and a small cache sat
+/// past the writeback cutoff with almost nothing in it.
+#[test]
+fn rewriting_neighbouring_blocks_keeps_few_buckets_open() {
+    let geo = Geo { nbuckets: 204, bucket_sectors: 512, backing_blocks: vec![32768], journal_buckets: None };
+    let paths = format("open-buckets", geo);
+    let o = RigOptions { modes: vec![CacheMode::Writethrough], ..Default::default() };
+    let mut rig = Rig::open(&paths, &o).unwrap();
+    let h = rig.handles[0];
+    let mut rng = Rng(11);
+    let data = vec![0x5au8; BLOCK as usize];
+    for _ in 0..6000 {
+        // Half the writes go to 128 hot pairs of neighbouring blocks, the rest anywhere.
+        let b = if rng.chance(50) { (rng.below(128) * 256) + rng.below(2) } else { rng.below(32768) };
+        let tag = rig.tag();
+        let c = rig.run(IoRequest::write(DevId(h), b * BLOCK, AlignedBuf::from_slice(&data), tag));
+        assert!(c.result.is_ok(), "{:?}", c.result);
+    }
+    rig.drain();
+    let s = rig.engine.set().unwrap();
+    let open = s.allocator().open_buckets_in_use();
+    // A sixteenth of 203 buckets at most.
+    assert!(open <= 12, "{open} buckets open");
+    let pinned = (0..204).filter(|&b| s.allocator().bucket(0, b).unwrap().pin > 0).count();
+    assert!(pinned <= 40, "{pinned} buckets pinned (free lists, open buckets)");
+    assert!(s.in_use_percent() < 40, "{}% in use with nothing dirty", s.in_use_percent());
+}

@@ -311,7 +311,7 @@ impl Allocator {
             started: false,
             avail_nbuckets: 0,
             nbuckets: total,
-            open: OpenBuckets::new(),
+            open: OpenBuckets::new(open_bucket::open_limit(total)),
         })
     }
 

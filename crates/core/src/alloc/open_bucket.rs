@@ -70,11 +70,25 @@ pub(crate) struct OpenBuckets {
     slots: Vec<OpenBucket>,
     /// Slot numbers, least recently used first.
     lru: Vec<u8>,
+    /// Buckets open at most at once: a sixteenth of the cache, at most bcache's 128.
+    limit: usize,
+}
+
+/// Open buckets a cache of `buckets` buckets may have at once. Each holds a pin, and a
+/// pinned bucket counts as in use: bcache's 128 are nothing beside the thousands of
+/// buckets it requires, but they would be most of a cache of a couple of hundred, which
+/// then sits past the writeback cutoff with almost nothing dirty.
+pub(crate) fn open_limit(buckets: u64) -> usize {
+    ((buckets / 16) as usize).clamp(2, MAX_OPEN_BUCKETS)
 }
 
 impl OpenBuckets {
-    pub fn new() -> OpenBuckets {
-        OpenBuckets { slots: vec![OpenBucket::default(); MAX_OPEN_BUCKETS], lru: (0..MAX_OPEN_BUCKETS as u8).collect() }
+    pub fn new(limit: usize) -> OpenBuckets {
+        OpenBuckets {
+            slots: vec![OpenBucket::default(); MAX_OPEN_BUCKETS],
+            lru: (0..MAX_OPEN_BUCKETS as u8).collect(),
+            limit: limit.clamp(1, MAX_OPEN_BUCKETS),
+        }
     }
 
     /// bcache's `pick_data_bucket`: the bucket this write continues, else the one the same
@@ -85,28 +99,41 @@ impl OpenBuckets {
     /// one bucket, as its comment ("preserve locality") intends, and lets the block layer
     /// merge the cache-device writes made together into one request.
     fn pick(&self, w: &DataWrite) -> usize {
+        let same_kind = |ob: &OpenBucket| ob.flash_only == w.flash_only && ob.hot == w.hot;
         let mut same_writer = None;
         for (pos, &s) in self.lru.iter().enumerate().rev() {
             let ob = &self.slots[s as usize];
-            if ob.flash_only != w.flash_only || ob.hot != w.hot {
+            if !same_kind(ob) {
                 continue;
             }
-            if ob.inode == w.inode && ob.offset == w.offset {
+            // A closed slot has nothing to continue: opening a bucket in it would leave the
+            // writer's open one open beside it.
+            if ob.sectors_free > 0 && ob.inode == w.inode && ob.offset == w.offset {
                 return pos;
             }
             if same_writer.is_none() && ob.write_point == w.write_point {
                 same_writer = Some(pos);
             }
         }
-        same_writer.unwrap_or_else(|| {
+        let chosen = same_writer.unwrap_or_else(|| {
             self.lru
                 .iter()
-                .position(|&s| {
-                    let ob = &self.slots[s as usize];
-                    ob.sectors_free == 0 || (ob.flash_only == w.flash_only && ob.hot == w.hot)
-                })
+                .position(|&s| self.slots[s as usize].sectors_free == 0 || same_kind(&self.slots[s as usize]))
                 .unwrap_or(0)
-        })
+        });
+        let open = self.slots.iter().filter(|o| o.sectors_free > 0).count();
+        if self.slots[self.lru[chosen] as usize].sectors_free == 0 && open >= self.limit {
+            // No bucket more: share the least recently used open one of this kind, or close
+            // the least recently used open one (`alloc_sectors` gives up its rest).
+            let open_pos = |kind: bool| {
+                self.lru.iter().position(|&s| {
+                    let ob = &self.slots[s as usize];
+                    ob.sectors_free > 0 && (!kind || same_kind(ob))
+                })
+            };
+            return open_pos(true).or_else(|| open_pos(false)).unwrap_or(chosen);
+        }
+        chosen
     }
 }
 
