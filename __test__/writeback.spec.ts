@@ -77,6 +77,11 @@ test('bad writeback tunables are refused naming the tunable, and change nothing'
     [{ running: 'yes' }, /writeback_running/],
     [{ turbo: true }, /unknown writeback tunable 'turbo'/],
     [{ percent: 5, delaySeconds: -1 }, /writeback_delay/],
+    [{ considerFragment: 1 }, /writeback_consider_fragment/],
+    // The fragment weights must rise low < mid < high (checked by the core, together).
+    [{ rateFpTermLow: 10 }, /writeback_rate_fp_term_low/],
+    [{ rateFpTermMid: 1000 }, /writeback_rate_fp_term_mid/],
+    [{ rateFpTermHigh: 0 }, /writeback_rate_fp_term_high/],
   ]
   for (const [changes, msg] of cases) {
     const e = await error(() => dev.configureWriteback(changes))

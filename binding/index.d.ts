@@ -718,6 +718,10 @@ export interface NativeWritebackConfig {
   /** bcache's `stripe_size`, bytes (0: none). */
   stripeSize?: number
   partialStripesExpensive?: boolean
+  considerFragment?: boolean
+  rateFpTermLow?: number
+  rateFpTermMid?: number
+  rateFpTermHigh?: number
 }
 
 /**

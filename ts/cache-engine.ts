@@ -260,6 +260,20 @@ export interface WritebackConfig {
    * (up to 70% in use), so that stripes fill in the cache.
    */
   partialStripesExpensive: boolean
+  /**
+   * `writeback_consider_fragment` (true): past 50% of the cache in use, dirty data spread
+   * thin over many buckets (more than three buckets' room per bucket's worth of dirty
+   * data) raises the rate to the dirty sectors per bucket times a weight, so that such a
+   * cache does not stay past the writeback cutoff (writes going writethrough) while its
+   * dirty data is under `percent` and the rate at its minimum.
+   */
+  considerFragment: boolean
+  /** `writeback_rate_fp_term_low` (1): the weight per point in use from 50% to 57%; below `rateFpTermMid`. */
+  rateFpTermLow: number
+  /** `writeback_rate_fp_term_mid` (10): the weight per point in use from 57% to 64%; below `rateFpTermHigh`. */
+  rateFpTermMid: number
+  /** `writeback_rate_fp_term_high` (1000): the weight per point in use past 64%. */
+  rateFpTermHigh: number
 }
 
 /** The writeback controller's state (bcache's `writeback_rate_debug`), in 512-byte sectors. */
@@ -291,6 +305,10 @@ export const DEFAULT_WRITEBACK: Readonly<WritebackConfig> = Object.freeze({
   rateMinimum: 8,
   stripeSize: 0,
   partialStripesExpensive: false,
+  considerFragment: true,
+  rateFpTermLow: 1,
+  rateFpTermMid: 10,
+  rateFpTermHigh: 1000,
 })
 
 /**
@@ -334,6 +352,10 @@ export const WRITEBACK_TUNABLES: Record<keyof WritebackConfig, Tunable> = {
   rateMinimum: { name: 'writeback_rate_minimum', range: [1, 1e9] },
   stripeSize: { name: 'stripe_size', range: [0, 2 ** 30], unit: 'bytes' },
   partialStripesExpensive: { name: 'partial_stripes_expensive' },
+  considerFragment: { name: 'writeback_consider_fragment' },
+  rateFpTermLow: { name: 'writeback_rate_fp_term_low', range: [1, 2 ** 32 - 1] },
+  rateFpTermMid: { name: 'writeback_rate_fp_term_mid', range: [1, 2 ** 32 - 1] },
+  rateFpTermHigh: { name: 'writeback_rate_fp_term_high', range: [1, 2 ** 32 - 1] },
 }
 
 /**

@@ -180,6 +180,58 @@ fn the_rate_follows_bcaches_controller() {
     assert!(!r.full_speed);
 }
 
+/// bcache's fragment term: a cache past 50% in use whose dirty data is spread thin (one
+/// dirty block in each of many buckets) writes back fast although its dirty data is under
+/// the target, instead of sitting past the writeback cutoff at the minimum rate.
+#[test]
+fn dirty_data_spread_thin_over_a_cache_past_half_full_raises_the_rate() {
+    for consider in [true, false] {
+        let geo = Geo { nbuckets: 256, bucket_sectors: 64, backing_blocks: vec![4096], journal_buckets: None };
+        let paths = format("wb-fragment", geo);
+        let cfg = WritebackConfig { running: false, consider_fragment: consider, ..Default::default() };
+        let mut rig = Rig::open(&paths, &opts(cfg.clone())).unwrap();
+        let h = rig.handles[0];
+        // Buckets of dirty data (FUA writes stay in writeback up to 70% in use, the rest go
+        // writethrough) ...
+        for batch in 0..20u64 {
+            for b in batch * 64..batch * 64 + 64 {
+                let tag = rig.tag();
+                let buf = ubcache_core::io::AlignedBuf::from_slice(&block_content(0, b, 1));
+                rig.submit(ubcache_core::io::IoRequest::write_fua(DevId(h), b * BLOCK, buf, tag));
+            }
+            rig.drain();
+        }
+        // ... then seven blocks of every eight discarded: one dirty block per bucket.
+        for b in (0..1280u64).filter(|b| b % 8 != 0) {
+            let tag = rig.tag();
+            rig.submit(ubcache_core::io::IoRequest::discard(DevId(h), b * BLOCK, BLOCK, tag));
+        }
+        rig.drain();
+        assert!(rig.done.iter().all(|c| c.result.is_ok()));
+        let inode = rig.engine.inode(h).unwrap();
+        let set = rig.engine.set_mut().unwrap();
+        set.trigger_gc();
+        rig.settle();
+        for _ in 0..50 {
+            rig.poll(Duration::from_millis(5));
+        }
+        let set = rig.engine.set_mut().unwrap();
+        let in_use = set.in_use_percent();
+        assert!(in_use > 57, "{in_use}% in use");
+        set.set_writeback_config(inode, cfg.clone()).unwrap();
+        set.tick(Instant::now());
+        let r = set.writeback_rate(inode).unwrap();
+        assert!(r.dirty >= 100 * 8, "{r:?}");
+        assert!(r.dirty < r.target, "{r:?}");
+        if consider {
+            // Dirty sectors per bucket in use × 10 × (in_use − 57): above the minimum.
+            assert!(r.proportional > 8 && r.rate == r.proportional as u64, "{r:?}");
+        } else {
+            assert_eq!(r.rate, 8, "{r:?}");
+        }
+    }
+}
+
 #[test]
 fn bad_tunables_are_refused_by_name() {
     let paths = format("wb-bad", Geo::small());
@@ -191,6 +243,9 @@ fn bad_tunables_are_refused_by_name() {
         (WritebackConfig { rate_minimum: 0, ..Default::default() }, "writeback_rate_minimum"),
         (WritebackConfig { p_term_inverse: 0, ..Default::default() }, "writeback_rate_p_term_inverse"),
         (WritebackConfig { rate_update: Duration::ZERO, ..Default::default() }, "writeback_rate_update_seconds"),
+        (WritebackConfig { fp_term_low: 10, ..Default::default() }, "writeback_rate_fp_term_low"),
+        (WritebackConfig { fp_term_mid: 1000, ..Default::default() }, "writeback_rate_fp_term_mid"),
+        (WritebackConfig { fp_term_high: 1 << 32, ..Default::default() }, "writeback_rate_fp_term_high"),
     ] {
         let e = set.set_writeback_config(inode, cfg).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
@@ -322,13 +377,15 @@ fn past_the_writeback_cutoff_writes_to_a_partly_dirty_stripe_still_go_to_the_cac
         };
         let mut rig = Rig::open(&paths, &opts(cfg)).unwrap();
         rig.write(0, 0, &block_content(0, 0, 1), false).unwrap();
-        // Device 1's dirty data takes the cache past bcache's 40% writeback cutoff.
+        // Device 1's dirty data takes the cache well past bcache's 40% writeback cutoff (FUA
+        // writes stay in writeback up to 70%: ordinary ones would stop at about 40%, and a
+        // later GC pass could find the cache just under the cutoff again).
         for b in 0..1024 {
-            rig.write(1, b, &block_content(1, b, 1), false).unwrap();
+            rig.write(1, b, &block_content(1, b, 1), true).unwrap();
         }
         rig.engine.set_mut().unwrap().trigger_gc();
         let until = Instant::now() + Duration::from_secs(10);
-        while rig.engine.set().unwrap().in_use_percent() <= 40 {
+        while rig.engine.set().unwrap().in_use_percent() <= 45 {
             assert!(Instant::now() < until, "in use: {}%", rig.engine.set().unwrap().in_use_percent());
             rig.poll(Duration::from_millis(2));
         }

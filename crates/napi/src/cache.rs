@@ -450,6 +450,10 @@ pub struct NativeWritebackConfig {
     /// bcache's `stripe_size`, bytes (0: none).
     pub stripe_size: Option<f64>,
     pub partial_stripes_expensive: Option<bool>,
+    pub consider_fragment: Option<bool>,
+    pub rate_fp_term_low: Option<f64>,
+    pub rate_fp_term_mid: Option<f64>,
+    pub rate_fp_term_high: Option<f64>,
 }
 
 /// Bypass tunables of a cached device, in bytes (see the core's `BypassConfig`). Every
@@ -864,6 +868,10 @@ impl NativeCacheEngine {
             rate_minimum: Some(c.rate_minimum as f64),
             stripe_size: Some(c.stripe_size as f64),
             partial_stripes_expensive: Some(c.partial_stripes_expensive),
+            consider_fragment: Some(c.consider_fragment),
+            rate_fp_term_low: Some(c.fp_term_low as f64),
+            rate_fp_term_mid: Some(c.fp_term_mid as f64),
+            rate_fp_term_high: Some(c.fp_term_high as f64),
         })
     }
 
@@ -1211,6 +1219,18 @@ fn apply_writeback(c: &mut cache_set::WritebackConfig, n: &NativeWritebackConfig
     }
     if let Some(v) = n.partial_stripes_expensive {
         c.partial_stripes_expensive = v;
+    }
+    if let Some(v) = n.consider_fragment {
+        c.consider_fragment = v;
+    }
+    if let Some(v) = n.rate_fp_term_low {
+        c.fp_term_low = whole("writeback_rate_fp_term_low", v)?;
+    }
+    if let Some(v) = n.rate_fp_term_mid {
+        c.fp_term_mid = whole("writeback_rate_fp_term_mid", v)?;
+    }
+    if let Some(v) = n.rate_fp_term_high {
+        c.fp_term_high = whole("writeback_rate_fp_term_high", v)?;
     }
     Ok(())
 }

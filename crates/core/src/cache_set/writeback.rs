@@ -76,7 +76,22 @@ pub struct WritebackConfig {
     /// to a stripe that is partly dirty go to the cache even past the writeback cutoff
     /// (not past `CUTOFF_WRITEBACK_SYNC`), so that stripes fill in the cache.
     pub partial_stripes_expensive: bool,
+    /// `writeback_consider_fragment`: past 50% of the cache in use, a few dirty sectors
+    /// spread over many buckets raise the rate (bcache's fragment term), so that a cache
+    /// whose buckets each hold a little dirty data does not sit past the writeback cutoff
+    /// with writeback at its minimum rate because the dirty data is below its target.
+    pub consider_fragment: bool,
+    /// `writeback_rate_fp_term_low`, `_mid`, `_high`: the fragment term's weights from
+    /// 50%, 57% and 64% of the cache in use (1, 10, 1000; each below the next).
+    pub fp_term_low: u64,
+    pub fp_term_mid: u64,
+    pub fp_term_high: u64,
 }
+
+/// bcache's `BCH_WRITEBACK_FRAGMENT_THRESHOLD_{LOW,MID,HIGH}`, percent of buckets in use.
+const FRAGMENT_LOW: u64 = 50;
+const FRAGMENT_MID: u64 = 57;
+const FRAGMENT_HIGH: u64 = 64;
 
 impl Default for WritebackConfig {
     fn default() -> Self {
@@ -90,6 +105,10 @@ impl Default for WritebackConfig {
             rate_minimum: 8,
             stripe_size: 0,
             partial_stripes_expensive: false,
+            consider_fragment: true,
+            fp_term_low: 1,
+            fp_term_mid: 10,
+            fp_term_high: 1000,
         }
     }
 }
@@ -116,6 +135,15 @@ impl WritebackConfig {
         }
         if self.rate_minimum == 0 || self.rate_minimum > MAX_RATE {
             return bad("writeback_rate_minimum", "1..=1000000000 sectors per second");
+        }
+        if self.fp_term_low == 0 || self.fp_term_low >= self.fp_term_mid {
+            return bad("writeback_rate_fp_term_low", "1..writeback_rate_fp_term_mid");
+        }
+        if self.fp_term_mid >= self.fp_term_high {
+            return bad("writeback_rate_fp_term_mid", "writeback_rate_fp_term_low + 1..writeback_rate_fp_term_high");
+        }
+        if self.fp_term_high > u64::from(u32::MAX) {
+            return bad("writeback_rate_fp_term_high", "writeback_rate_fp_term_mid + 1..=2^32 - 1");
         }
         if !self.stripe_size.is_multiple_of(4096) || self.stripe_size > 1 << 30 {
             return bad("stripe_size", "0 or a multiple of 4096 bytes up to 1 GiB");
@@ -336,6 +364,10 @@ impl CacheSet {
         let cache_sectors = self.geo.sb.nbuckets * u64::from(self.geo.sb.bucket_size);
         let total: u64 = self.devs.iter().flatten().filter(|d| !d.flash).map(|d| d.sectors).sum::<u64>().max(1);
         let dirty = self.index.dirty_sectors(inode);
+        let in_use = self.space.in_use;
+        let buckets = self.geo.sb.nbuckets - self.geo.sb.first_bucket;
+        let unavailable = buckets.saturating_sub(self.alloc.available_buckets()).max(1);
+        let bucket_sectors = u64::from(self.geo.sb.bucket_size);
         let wbs = &mut self.wb_ios;
         let d = self.devs[inode as usize].as_mut().expect("attached");
         let wb = &mut d.wb;
@@ -356,7 +388,25 @@ impl CacheSet {
         }
         let target = (cache_sectors * u64::from(wb.cfg.percent) / 100).saturating_mul(d.sectors) / total;
         let error = dirty as i64 - target as i64;
-        let proportional = error / wb.cfg.p_term_inverse as i64;
+        let mut proportional = error / wb.cfg.p_term_inverse as i64;
+        // bcache's fragment term: past 50% in use, buckets that each hold a little dirty
+        // data (on average more than three buckets' room per dirty bucket's worth) set the
+        // rate from the dirty sectors per bucket, weighted by how far past the threshold the
+        // cache is, when that beats the proportional term.
+        if wb.cfg.consider_fragment && in_use > FRAGMENT_LOW && dirty > 0 {
+            let fragment = unavailable * bucket_sectors / dirty;
+            let fp_term = if in_use <= FRAGMENT_MID {
+                wb.cfg.fp_term_low * (in_use - FRAGMENT_LOW)
+            } else if in_use <= FRAGMENT_HIGH {
+                wb.cfg.fp_term_mid * (in_use - FRAGMENT_MID)
+            } else {
+                wb.cfg.fp_term_high * (in_use - FRAGMENT_HIGH)
+            };
+            let fps = (dirty / unavailable).saturating_mul(fp_term) as i64;
+            if fragment > 3 && fps > proportional {
+                proportional = fps;
+            }
+        }
         // The integral only grows while writeback keeps up with the rate it has (or shrinks
         // while below target), so it cannot wind up while the device is the bottleneck.
         let behind = wb.next_io.is_some_and(|n| n + Duration::from_millis(1) < now);
