@@ -39,15 +39,6 @@ struct PlainReq {
     offset: u64,
 }
 
-/// A control operation of the engine (for bindings that queue them with requests).
-#[derive(Debug)]
-pub enum EngineRequest {
-    /// Attach a cached device; completes with its handle.
-    Attach(CachedDevConfig),
-    /// Close the set cleanly.
-    Close,
-}
-
 /// See the module docs.
 pub struct CacheEngine {
     driver: RingDriver,
