@@ -122,6 +122,11 @@ test('ioengine=ubcache makes and formats missing files, reports the cache; runti
   t.true(paced.read.total_ios >= 400 && paced.read.total_ios <= 520, String(paced.read.total_ios))
   t.true(paced.read.runtime >= 1900 && paced.read.runtime <= 2600, String(paced.read.runtime))
   t.true(paced.ubcache.cache.hits > 0, JSON.stringify(paced.ubcache))
+  // The same reads through the simulators: block-granular, and whole buckets as the engine
+  // evicts (Belady's rule on buckets, and bcache's lru, s3fifo and tinylfu).
+  const sim = paced.ubcache.cache.simulated
+  t.deepEqual(Object.keys(sim.hitRatio), ['opt', 'belady', 'lru', 'fifo', 'arc', 's3fifo', 'sieve', 'bucket-min', 'bucket-lru', 'bucket-s3fifo', 'bucket-tinylfu'])
+  for (const p of ['bucket-lru', 'bucket-s3fifo', 'bucket-tinylfu']) t.true(sim.hitRatio[p] <= sim.hitRatio['bucket-min'] + 1e-9, `${p} ${JSON.stringify(sim.hitRatio)}`)
   const text = cli('bench', f)
   t.regex(text.stdout, /cache: hits=\d+, misses=\d+, bypassed=\d+ \(\d+ sectors\), hit ratio=\d+\.\d\d%/)
   t.regex(text.stdout, /paced: \(groupid=1,/)

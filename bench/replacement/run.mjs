@@ -5,20 +5,30 @@
 // bucket-granular simulations of lru, s3fifo and tinylfu (64 KiB buckets).
 //
 // Workloads over a working set of UBCACHE_REPL_BLOCKS 4 KiB blocks (default 262144, 1 GiB),
-// UBCACHE_REPL_REQUESTS reads each (default 400000), seeds fixed:
+// UBCACHE_REPL_REQUESTS reads each (default 400000), seeds fixed (UBCACHE_REPL_QD: the
+// engine's queue depth, default 8):
 // - zipf-scan: Zipf (θ 0.9) reads over the first half, one read in three from scans of
 //   fresh blocks of the second half (runs of 256, read once: a scan the sequential cutoff
 //   missed; the cutoff is off for all runs);
 // - loop: Zipf (θ 0.9) reads, one in two from a loop over 12% of the working set (larger
 //   than the largest cache);
 // - shifting: Zipf (θ 1.0) reads whose hot set moves by a quarter of the working set four
-//   times in the run.
+//   times in the run;
+// - cloudphysics: a public block trace, CloudPhysics' VSCSI sample (113,872 requests of a
+//   VM's disk; 4 KiB block accesses over 269,210 blocks), as the PyPI
+//   registry serves it in the mimircache 0.0.2.70 source package (data/trace.csv;
+//   downloaded once into /var/tmp/ubcache-traces, or UBCACHE_REPL_TRACE names the file).
+//   Every request's blocks are read in order (its writes too: what they leave in a cache),
+//   the blocks numbered densely in order of first access, an access to the block just
+//   accessed left out. Without network access the
+//   workload is left out, with a line saying so.
 // Caches of 1%, 5% and 10% of the working set (64 KiB buckets). Progress on stderr; a table,
 // then the last stdout line is one JSON object:
 // {"min_gain_vs_lru_pts", "scan_gain_vs_lru_pts", "share_at_or_above_arc", "mean_ratio_to_opt"}
 // for the best new policy (s3fifo or tinylfu, the one whose worst gain over lru is
 // largest; its name in "policy") against bcache's lru, block-granular ARC and OPT.
 
+import { execFileSync } from 'node:child_process'
 import fs from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
@@ -36,12 +46,62 @@ const NEW = ['s3fifo', 'tinylfu']
 const SIMS = ['opt', 'lru', 'arc', 's3fifo', 'sieve']
 // The same policies at bucket granularity (64 KiB buckets: 16 blocks), as the engine evicts.
 const BUCKET_SIMS = ['bucket-lru', 'bucket-s3fifo', 'bucket-tinylfu']
-const QD = 8
+const QD = Number(process.env.UBCACHE_REPL_QD ?? 8)
+// UBCACHE_REPL_WORKLOADS: a comma-separated subset of the workloads below (default all).
+const only = process.env.UBCACHE_REPL_WORKLOADS?.split(',')
 const log = (s) => process.stderr.write(s + '\n')
 
 // The harness's own generators: a seeded uniform source and Zipf ranks scattered over the blocks.
 const { blockChooser, seededRandom } = require(join(root, 'dist', 'bench', 'distributions.js'))
 const zipf = (n, theta, rand) => blockChooser({ kind: 'zipf', theta }, n, rand)
+
+/** The CloudPhysics trace's CSV (`version,time,op,size,lbn`, lbn in 512-byte sectors), fetched from PyPI once. */
+async function cloudPhysicsCsv() {
+  const given = process.env.UBCACHE_REPL_TRACE
+  if (given) return given
+  const dest = '/var/tmp/ubcache-traces/cloudphysics-trace.csv'
+  if (fs.existsSync(dest)) return dest
+  try {
+    log('bench:replacement: fetching the CloudPhysics trace from PyPI (mimircache 0.0.2.70)')
+    const meta = await (await fetch('https://pypi.org/pypi/mimircache/json')).json()
+    const sdist = meta.releases['0.0.2.70'].find((u) => u.filename.endsWith('.tar.gz'))
+    const tgz = Buffer.from(await (await fetch(sdist.url)).arrayBuffer())
+    fs.mkdirSync(dirname(dest), { recursive: true })
+    const tmp = fs.mkdtempSync(join(dirname(dest), 'dl-'))
+    fs.writeFileSync(join(tmp, 'm.tgz'), tgz)
+    execFileSync('tar', ['xzf', join(tmp, 'm.tgz'), '-C', tmp, 'mimircache-0.0.2.70/data/trace.csv'])
+    fs.renameSync(join(tmp, 'mimircache-0.0.2.70', 'data', 'trace.csv'), dest)
+    fs.rmSync(tmp, { recursive: true, force: true })
+    return dest
+  } catch (err) {
+    log(`bench:replacement: the CloudPhysics trace could not be fetched (${err.message}): that workload is left out`)
+    return undefined
+  }
+}
+
+/**
+ * Every request's 4 KiB blocks in order, numbered densely by first access; an access to the
+ * block just accessed is left out (the trace has runs of 512-byte requests inside one
+ * block: a 4 KiB cache sees one access, and the engine at QD 8 would count the rest as
+ * misses on a fill still in flight).
+ */
+function cloudPhysicsTrace(csv) {
+  const lines = fs.readFileSync(csv, 'utf8').split('\n').slice(1)
+  const ids = new Map()
+  const out = []
+  for (const line of lines) {
+    const f = line.split(',')
+    if (f.length < 5) continue
+    const at = Number(f[4]) * 512
+    const size = Math.max(Number(f[3]), 1)
+    for (let b = Math.floor(at / 4096); b <= Math.floor((at + size - 1) / 4096); b++) {
+      let id = ids.get(b)
+      if (id === undefined) ids.set(b, (id = ids.size))
+      if (out.length === 0 || out[out.length - 1] !== id) out.push(id)
+    }
+  }
+  return { trace: Uint32Array.from(out), blocks: ids.size }
+}
 
 const WORKLOADS = {
   'zipf-scan': () => {
@@ -58,7 +118,7 @@ const WORKLOADS = {
         }
       } else t[i++] = hot()
     }
-    return t
+    return { trace: t, blocks: W }
   },
   loop: () => {
     const rand = seededRandom(12)
@@ -72,19 +132,22 @@ const WORKLOADS = {
         at = (at + 1) % loopLen
       } else t[i] = hot()
     }
-    return t
+    return { trace: t, blocks: W }
   },
   shifting: () => {
     const rand = seededRandom(13)
     const hot = zipf(W, 1.0, rand)
     const t = new Uint32Array(N)
     for (let i = 0; i < N; i++) t[i] = (hot() + Math.floor((i * 4) / N) * (W / 4)) % W
-    return t
+    return { trace: t, blocks: W }
   },
 }
+const csv = !only || only.includes('cloudphysics') ? await cloudPhysicsCsv() : undefined
+if (csv) WORKLOADS.cloudphysics = () => cloudPhysicsTrace(csv)
+for (const name of Object.keys(WORKLOADS)) if (only && !only.includes(name)) delete WORKLOADS[name]
 
-/** Runs `trace` through a cache set of `cacheBytes` with `policy`; the hit ratio and the blocks it held. */
-async function engineRun(trace, policy, cacheBytes) {
+/** Runs `trace` over `blocks` blocks through a cache set of `cacheBytes` with `policy`; the hit ratio and the blocks it held. */
+async function engineRun(trace, blocks, policy, cacheBytes) {
   fs.rmSync(dir, { recursive: true, force: true })
   fs.mkdirSync(dir, { recursive: true })
   const cache = join(dir, 'cache.img')
@@ -93,7 +156,7 @@ async function engineRun(trace, policy, cacheBytes) {
   fs.writeFileSync(cache, '')
   fs.truncateSync(cache, cacheBytes + (8 << 20))
   fs.writeFileSync(backing, '')
-  fs.truncateSync(backing, W * 4096)
+  fs.truncateSync(backing, blocks * 4096)
   await lib.makeCache(cache, { bucketSize: '64k', replacement: policy })
   const reg = new lib.Registry({ bypass: { sequentialCutoff: 0 } })
   try {
@@ -121,14 +184,15 @@ async function engineRun(trace, policy, cacheBytes) {
 
 const rows = []
 for (const [name, make] of Object.entries(WORKLOADS)) {
-  const trace = make()
+  const { trace, blocks: size } = make()
+  log(`bench:replacement: ${name}: ${trace.length} reads over ${size} blocks`)
   for (const share of SIZES) {
-    const cacheBytes = Math.floor(W * share) * 4096
+    const cacheBytes = Math.floor(size * share) * 4096
     const row = { workload: name, share, engine: {}, sim: {} }
     let blocks = 0
     for (const p of POLICIES) {
       const t0 = Date.now()
-      const r = await engineRun(trace, p, cacheBytes)
+      const r = await engineRun(trace, size, p, cacheBytes)
       row.engine[p] = r.hitRatio
       blocks = Math.max(blocks, r.blocks)
       log(`bench:replacement: ${name} ${share * 100}% ${p}: hit ratio ${r.hitRatio.toFixed(4)}, ${r.blocks} blocks held (${((Date.now() - t0) / 1000).toFixed(1)} s)`)

@@ -10,7 +10,7 @@ import { openDevice, type RawDevice } from '../device'
 import { makeBacking, makeCache } from '../format'
 import { Registry } from '../registry'
 import type { CachedDevice } from '../registry/cached-device'
-import { BUCKET_MIN, SIM_POLICIES, simulateCache } from '../sim'
+import { BUCKET_MIN, BUCKET_POLICIES, SIM_POLICIES, simulateCache } from '../sim'
 import { crc32c } from './crc32c'
 import type { Job } from './jobfile'
 import { JobFileError } from './jobfile'
@@ -504,7 +504,14 @@ async function run(job: Job, target: Target, progress?: (p: { ios: number; elaps
       const hitRatio: Record<string, number> = {}
       for (const p of SIM_POLICIES) hitRatio[p] = (await simulateCache(p, trace, [target.cacheBlocks]))[0].hitRatio
       // Whole buckets, as the cache must evict them.
-      if (target.bucketBlocks) hitRatio[BUCKET_MIN] = (await simulateCache(BUCKET_MIN, trace, [target.cacheBlocks], { bucketBlocks: target.bucketBlocks }))[0].hitRatio
+      if (target.bucketBlocks) {
+        const opts = { bucketBlocks: target.bucketBlocks }
+        hitRatio[BUCKET_MIN] = (await simulateCache(BUCKET_MIN, trace, [target.cacheBlocks], opts))[0].hitRatio
+        // bcache's lru and ubcache's s3fifo and tinylfu evicting whole buckets (docs/replacement.md).
+        if (target.cacheBlocks >= 2 * target.bucketBlocks) {
+          for (const p of BUCKET_POLICIES) hitRatio[p] = (await simulateCache(p, trace, [target.cacheBlocks], opts))[0].hitRatio
+        }
+      }
       simulated = { cacheBlocks: target.cacheBlocks, blockSize: cbs, accesses: recorded.blocks, hitRatio }
     }
     report.cache = {
