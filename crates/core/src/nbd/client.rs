@@ -1,19 +1,22 @@
-//! An asynchronous NBD client: many requests in flight on one connection, replies matched
-//! by cookie in whatever order they come, and a connection that is lost made again.
+//! An asynchronous NBD client: many requests in flight, replies matched by cookie in
+//! whatever order they come, and a connection that is lost made again.
 //!
-//! Two threads serve a client. The *sender* connects (with backoff after a failure), runs
-//! the handshake, and writes requests as they are queued; the *reader* of each connection
-//! reads replies into the requests' own buffers and hands completions over: to the engine
-//! (a queue and an eventfd, [`NbdClient::take_completions`]) or to a caller waiting on one
-//! request ([`NbdClient::execute`]).
+//! A client has one connection, or up to [`NbdOptions::connections`] when the server
+//! advertises `NBD_FLAG_CAN_MULTI_CONN` (a flush on any covers the writes answered on all),
+//! sharing one queue. Two threads serve each connection. The *sender* connects (with
+//! backoff after a failure), runs the handshake (TLS for `nbds`, see `tls`), and writes its
+//! share of the queued requests; the *reader* reads replies into the requests' own buffers
+//! and hands completions over: to the engine (a queue and an eventfd,
+//! [`NbdClient::take_completions`]) or to a caller waiting on one request
+//! ([`NbdClient::execute`]).
 //!
 //! Faults: when a connection breaks (the server died, a reply broke the protocol), every
 //! request sent on it and not yet answered is queued again, in the order it was first
-//! made, ahead of newer ones, and goes out on the next connection; a flush is sent again
-//! after the writes it followed. A request answered before the loss stays answered. A
-//! request not answered within [`NbdOptions::request_timeout`] of being made fails with
-//! [`ErrorKind::TimedOut`], naming the remote and why it was not answered; a reply that
-//! still comes for it is read and dropped.
+//! made, ahead of newer ones, and goes out on the next connection up; a flush that was on
+//! it is sent again after the writes it followed. A request answered before the loss stays
+//! answered. A request not answered within [`NbdOptions::request_timeout`] of being made
+//! fails with [`ErrorKind::TimedOut`], naming the remote and why it was not answered; a
+//! reply that still comes for it is read and dropped.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
