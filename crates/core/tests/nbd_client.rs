@@ -655,3 +655,49 @@ fn several_connections_when_the_server_allows_multi_conn_one_otherwise() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(dev.remote().unwrap().stats().connections, 1);
 }
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Node's thread gets SIGCHLD from every child process; a handshake on it must not take
+/// the `EINTR` of an interrupted read for a failure (OpenSSL does, unless the read is made
+/// again). Signals without SA_RESTART hit the opening thread all through 20 TLS opens.
+#[test]
+fn tls_handshakes_ride_out_signals() {
+    if !have_nbdkit() {
+        return;
+    }
+    let s = Scratch::new("nbd-tls-eintr");
+    let psk = s.0.join("keys.psk");
+    std::fs::write(&psk, "alice:00112233445566778899aabbccddeeff\n").unwrap();
+    let sock = s.0.join("sock");
+    let _srv = Server::start(&sock, &["--tls=require", &format!("--tls-psk={}", psk.display()), "memory", "1M"]);
+    let uri = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", sock.display(), psk.display());
+    // SAFETY: a handler that does nothing, installed without SA_RESTART.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore_signal as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = 0;
+        assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+    }
+    // SAFETY: pthread_self of this thread, signalled while it runs the opens below.
+    let me = unsafe { libc::pthread_self() } as usize;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let pester = std::thread::spawn(move || {
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: the thread is alive until `stop` is set and this thread joined.
+            unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR2) };
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    });
+    let mut failures = Vec::new();
+    for _ in 0..20 {
+        if let Err(e) = Device::open(&uri, &OpenOptions::default()) {
+            failures.push(e.message().to_string());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pester.join().unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+}

@@ -108,13 +108,44 @@ impl Transport for UnixStream {
     }
 }
 
+/// The socket as OpenSSL sees it: a read or write a signal interrupted is made again.
+/// OpenSSL takes `EINTR` for a failure (a handshake on Node's thread, which gets SIGCHLD
+/// from every child process, failed so), and std's `read` and `write` pass it on.
+#[derive(Debug)]
+struct Restarting<T>(T);
+
+impl<T: Read> Read for Restarting<T> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.read(b) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<T: Write> Write for Restarting<T> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.write(b) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Runs the TLS handshake on `sock` (after the server acknowledged `STARTTLS`) and starts
 /// the relay. Returns the client's end of the relay: plain bytes in, TLS on the wire.
 pub(crate) fn start<T: Transport>(sock: T, uri: &NbdUri, timeout: Duration) -> Result<UnixStream> {
     let who = uri.text.as_str();
     let settings = uri.tls.as_ref().expect("start is called for nbds URIs");
     let ssl = session(settings, &uri.address, who)?;
-    let stream = match ssl.connect(sock) {
+    let stream = match ssl.connect(Restarting(sock)) {
         Ok(s) => s,
         Err(HandshakeError::SetupFailure(e)) => return Err(stack(who, "TLS setup")(e)),
         Err(HandshakeError::Failure(m)) => {
@@ -137,7 +168,7 @@ pub(crate) fn start<T: Transport>(sock: T, uri: &NbdUri, timeout: Duration) -> R
     };
     let (mine, theirs) = UnixStream::pair().map_err(|e| Error::io(format!("{who}: TLS relay socket"), e))?;
     let ready = || -> std::io::Result<()> {
-        stream.get_ref().set_nonblocking(true)?;
+        stream.get_ref().0.set_nonblocking(true)?;
         theirs.set_nonblocking(true)
     };
     ready().map_err(|e| Error::io(format!("{who}: TLS relay socket"), e))?;
@@ -237,7 +268,7 @@ impl Pipe {
 
 /// Moves bytes between the client's plain socket and the TLS session until either side
 /// closes; then closes the other.
-fn relay<T: Transport>(mut tls: SslStream<T>, mut plain: UnixStream) {
+fn relay<T: Transport>(mut tls: SslStream<Restarting<T>>, mut plain: UnixStream) {
     let (mut up, mut down) = (Pipe::new(), Pipe::new());
     let (mut remote_eof, mut local_eof) = (false, false);
     loop {
@@ -310,7 +341,7 @@ fn relay<T: Transport>(mut tls: SslStream<T>, mut plain: UnixStream) {
                 revents: 0,
             },
             libc::pollfd {
-                fd: tls.get_ref().as_raw_fd(),
+                fd: tls.get_ref().0.as_raw_fd(),
                 events: if !remote_eof && down.has_room() { libc::POLLIN } else { 0 }
                     | if tls_wants_write { libc::POLLOUT } else { 0 },
                 revents: 0,
