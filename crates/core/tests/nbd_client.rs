@@ -551,6 +551,13 @@ fn tls_with_a_pre_shared_key_rides_out_a_restart_and_wrong_keys_are_refused() {
     assert!(err.message().contains("no key for \"bob\""), "{}", err.message());
     let u = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", sock.display(), s.0.join("none").display());
     assert!(refused(&u).message().contains("cannot read the PSK file"));
+    // A key that is not hex (here four bytes, two of them one character) is named, not a panic.
+    let odd = s.0.join("odd.psk");
+    std::fs::write(&odd, "alice:0\u{e9}0\n").unwrap();
+    let u = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", sock.display(), odd.display());
+    let err = refused(&u);
+    assert_eq!(err.kind(), ErrorKind::Tls);
+    assert!(err.message().contains("is not an even number of hex digits"), "{}", err.message());
     // A server without TLS: an nbds URI is refused rather than sent in the clear.
     let plain = Server::start(&s.0.join("plain"), &["--tls=off", "memory", "1M"]);
     let u = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", plain.sock.display(), psk.display());

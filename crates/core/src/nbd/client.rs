@@ -751,13 +751,23 @@ fn reader_loop(shared: Arc<Shared>, mut sock: Sock, gen: u64) {
                         }
                     }
                     drop(st);
+                    shared.work.notify_one();
                     return Err(e);
                 }
                 Ok(status) => {
-                    let e = st.entries.get_mut(&cookie).expect("only the reader removes sent entries");
+                    // The connection may have been declared lost while the body was read
+                    // (`lost` dropped an abandoned entry, or queued this one again and another
+                    // connection's sender skipped it for want of its request).
+                    let Some(e) = st.entries.get_mut(&cookie) else { continue };
                     e.req = req;
                     if let Err(err) = status {
                         e.error.get_or_insert(err);
+                    }
+                    if !done && e.sent_on.is_none() && !st.queue.contains(&cookie) {
+                        st.queue.push_front(cookie);
+                        drop(st);
+                        shared.work.notify_one();
+                        continue;
                     }
                     if done {
                         if abandoned {

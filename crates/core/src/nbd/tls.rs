@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use openssl::error::ErrorStack;
 use openssl::ssl::{
-    ErrorCode, HandshakeError, Ssl, SslConnector, SslContext, SslFiletype, SslMethod, SslStream, SslVerifyMode,
-    SslVersion,
+    ErrorCode, HandshakeError, Ssl, SslConnector, SslContext, SslFiletype, SslMethod, SslMode, SslStream,
+    SslVerifyMode, SslVersion,
 };
 
 use crate::error::{Error, ErrorKind, Result};
@@ -66,7 +66,7 @@ fn read_psk(path: &Path, identity: &str, who: &str) -> Result<Vec<u8>> {
             continue;
         }
         let hex = hex.trim();
-        if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 512 {
+        if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 512 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(tls_error(
                 who,
                 format_args!(
@@ -190,6 +190,8 @@ fn session(t: &TlsSettings, address: &NbdAddress, who: &str) -> Result<Ssl> {
         ctx.set_max_proto_version(Some(SslVersion::TLS1_2)).map_err(stack(who, "TLS setup"))?;
         ctx.set_cipher_list("ECDHE-PSK:DHE-PSK:PSK:!aNULL:!eNULL:!MD5:!3DES:!RC4").map_err(stack(who, "TLS setup"))?;
         ctx.set_verify(SslVerifyMode::NONE);
+        // As `SslConnector` sets them: the relay may retry a write with more bytes behind it.
+        ctx.set_mode(SslMode::ENABLE_PARTIAL_WRITE | SslMode::ACCEPT_MOVING_WRITE_BUFFER);
         ctx.set_psk_client_callback(move |_ssl, _hint, id_out, key_out| {
             let id = identity.as_bytes();
             // The identity goes out NUL-terminated.
@@ -347,9 +349,20 @@ fn relay<T: Transport>(mut tls: SslStream<Restarting<T>>, mut plain: UnixStream)
                 revents: 0,
             },
         ];
-        // SAFETY: two valid pollfds on descriptors this thread owns.
+        // A descriptor waited on for nothing is left out: its hangup would end the wait
+        // again and again (poll reports hangups unasked) with nothing to do.
+        if fds[1].events == 0 {
+            fds[1].fd = -1;
+        }
+        // SAFETY: two pollfds on descriptors this thread owns (or -1: ignored).
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+        // The client's end hung up (closed, or shut down after a stalled reply): the
+        // connection is over, whatever is still buffered either way.
+        if fds[0].revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            let _ = tls.shutdown();
             return;
         }
     }
