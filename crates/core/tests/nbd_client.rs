@@ -86,18 +86,35 @@ fn engine(choice: EngineChoice) -> Box<dyn IoEngine> {
     open_engine(&EngineOptions { choice, ..Default::default() }).unwrap()
 }
 
+/// Drives the engine until `n` requests completed.
+fn completions(e: &mut dyn IoEngine, n: usize) -> Vec<IoCompletion> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        e.poll(&mut out, Some(Duration::from_secs(1))).unwrap();
+    }
+    out
+}
+
 /// Submits all, drives the engine until every one completed; completions in tag order.
 fn run_all(e: &mut dyn IoEngine, reqs: Vec<IoRequest>) -> Vec<IoCompletion> {
     let n = reqs.len();
     for r in reqs {
         e.submit(r);
     }
-    let mut out = Vec::new();
-    while out.len() < n {
-        e.poll(&mut out, Some(Duration::from_secs(1))).unwrap();
-    }
+    let mut out = completions(e, n);
     out.sort_by_key(|c| c.user_data);
     out
+}
+
+/// The first `mib` MiB of device `id` read back through the client as `model` holds them,
+/// and the served file holds `model` whole.
+fn assert_reads_back(e: &mut dyn IoEngine, id: DevId, mib: u64, model: &[u8], img: &Path) {
+    let reads: Vec<IoRequest> = (0..mib).map(|i| IoRequest::read(id, i << 20, AlignedBuf::new(1 << 20), i)).collect();
+    for c in run_all(e, reads) {
+        let off = c.offset as usize;
+        assert!(c.into_buf().unwrap()[..] == model[off..off + (1 << 20)]);
+    }
+    assert!(std::fs::read(img).unwrap() == model);
 }
 
 fn remote(uri: &str, nbd: NbdOptions) -> Arc<Device> {
@@ -235,22 +252,13 @@ fn a_killed_server_is_reconnected_and_nothing_acknowledged_is_lost() {
             std::thread::sleep(Duration::from_millis(200));
             srv.restart();
         }
-        let mut out = Vec::new();
-        while out.len() < 33 {
-            e.poll(&mut out, Some(Duration::from_secs(1))).unwrap();
-        }
-        for c in &out {
+        for c in &completions(e.as_mut(), 33) {
             assert!(c.result.is_ok(), "round {round}: {:?}", c.result);
         }
     }
     assert!(client.stats().reconnects >= 3, "{:?}", client.stats());
     // Every acknowledged write reads back, through the client and in the file itself.
-    let reads: Vec<IoRequest> = (0..8u64).map(|i| IoRequest::read(id, i << 20, AlignedBuf::new(1 << 20), i)).collect();
-    for c in run_all(e.as_mut(), reads) {
-        let off = c.offset as usize;
-        assert!(c.into_buf().unwrap()[..] == model[off..off + (1 << 20)]);
-    }
-    assert!(std::fs::read(&img).unwrap() == model);
+    assert_reads_back(e.as_mut(), id, 8, &model, &img);
 }
 
 #[test]
@@ -518,20 +526,12 @@ fn tls_with_a_pre_shared_key_rides_out_a_restart_and_wrong_keys_are_refused() {
         if round == 1 {
             srv.restart();
         }
-        let mut out = Vec::new();
-        while out.len() < 33 {
-            e.poll(&mut out, Some(Duration::from_secs(1))).unwrap();
-        }
+        let out = completions(e.as_mut(), 33);
         assert!(out.iter().all(|c| c.result.is_ok()), "round {round}: {:?}", out.iter().find(|c| c.result.is_err()));
     }
     assert!(client.stats().reconnects >= 1, "{:?}", client.stats());
     // Large reads come back whole through the relay, and the file holds every write.
-    let reads: Vec<IoRequest> = (0..4u64).map(|i| IoRequest::read(id, i << 20, AlignedBuf::new(1 << 20), i)).collect();
-    for c in run_all(e.as_mut(), reads) {
-        let off = c.offset as usize;
-        assert!(c.into_buf().unwrap()[..] == model[off..off + (1 << 20)]);
-    }
-    assert!(std::fs::read(&img).unwrap() == model);
+    assert_reads_back(e.as_mut(), id, 4, &model, &img);
 
     let refused = |uri: &str| Device::open(uri, &OpenOptions::default()).unwrap_err();
     // A plain client is refused by a server that requires TLS.
@@ -632,22 +632,13 @@ fn several_connections_when_the_server_allows_multi_conn_one_otherwise() {
                 e.submit(r);
             }
             srv.restart();
-            let mut out = Vec::new();
-            while out.len() < 96 {
-                e.poll(&mut out, Some(Duration::from_secs(1))).unwrap();
-            }
-            assert!(out.iter().all(|c| c.result.is_ok()));
+            assert!(completions(e.as_mut(), 96).iter().all(|c| c.result.is_ok()));
         }
         assert!(run_all(e.as_mut(), reqs).iter().all(|c| c.result.is_ok()));
         tag += 1;
         assert!(run_all(e.as_mut(), vec![IoRequest::flush(id, tag)])[0].result.is_ok());
     }
-    let reads: Vec<IoRequest> = (0..8u64).map(|i| IoRequest::read(id, i << 20, AlignedBuf::new(1 << 20), i)).collect();
-    for c in run_all(e.as_mut(), reads) {
-        let off = c.offset as usize;
-        assert!(c.into_buf().unwrap()[..] == model[off..off + (1 << 20)]);
-    }
-    assert!(std::fs::read(&img).unwrap() == model);
+    assert_reads_back(e.as_mut(), id, 8, &model, &img);
     // Every connection came back after the restart.
     wait_for(3);
     assert!(client.stats().reconnects >= 3, "{:?}", client.stats());

@@ -121,8 +121,10 @@ impl OpenBuckets {
                 .position(|&s| self.slots[s as usize].sectors_free == 0 || same_kind(&self.slots[s as usize]))
                 .unwrap_or(0)
         });
-        let open = self.slots.iter().filter(|o| o.sectors_free > 0).count();
-        if self.slots[self.lru[chosen] as usize].sectors_free == 0 && open >= self.limit {
+        // Counted only when a bucket would be opened: not on every write into an open one.
+        if self.slots[self.lru[chosen] as usize].sectors_free == 0
+            && self.slots.iter().filter(|o| o.sectors_free > 0).count() >= self.limit
+        {
             // No bucket more: share the least recently used open one of this kind, or close
             // the least recently used open one (`alloc_sectors` gives up its rest).
             let open_pos = |kind: bool| {

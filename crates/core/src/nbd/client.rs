@@ -102,6 +102,24 @@ impl Sock {
     }
 }
 
+impl AsRawFd for Sock {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl tls::Transport for Sock {
+    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_nonblocking(on),
+            Sock::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
 impl Read for Sock {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
         match self {
@@ -163,10 +181,7 @@ fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Sock, ExportInfo)> {
     if uri.tls.is_some() {
         proto::starttls(&mut sock, who)?;
         // From here the client speaks to the TLS relay (see `tls`).
-        sock = Sock::Unix(match sock {
-            Sock::Tcp(s) => tls::start(s, uri, timeout)?,
-            Sock::Unix(s) => tls::start(s, uri, timeout)?,
-        });
+        sock = Sock::Unix(tls::start(sock, uri, timeout)?);
         sock.set_timeouts(Some(timeout)).map_err(|e| Error::io(format!("{who}: socket"), e))?;
     }
     let info = proto::negotiate(&mut sock, &uri.export, no_zeroes, who)?;

@@ -91,21 +91,10 @@ fn read_psk(path: &Path, identity: &str, who: &str) -> Result<Vec<u8>> {
     ))
 }
 
-/// A socket the TLS session runs over (TCP or Unix), in blocking mode for the handshake.
-pub(crate) trait Transport: Read + Write + AsRawFd + Send + std::fmt::Debug + 'static {
+/// A socket the TLS session runs over (the client's TCP or Unix socket), in blocking mode
+/// for the handshake.
+pub(crate) trait Transport: Read + Write + AsRawFd + Send + 'static {
     fn set_nonblocking(&self, on: bool) -> std::io::Result<()>;
-}
-
-impl Transport for std::net::TcpStream {
-    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
-        std::net::TcpStream::set_nonblocking(self, on)
-    }
-}
-
-impl Transport for UnixStream {
-    fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
-        UnixStream::set_nonblocking(self, on)
-    }
 }
 
 /// The socket as OpenSSL sees it: a read or write a signal interrupted is made again.
